@@ -1,0 +1,24 @@
+"""Number formats and ``quantize()``: the foundation every other layer builds on."""
+
+from .parse import FORMS, parse_format
+from .quantize import compile_enabled, max_abs_int_bits, quantize
+from .types import (
+    BF16,
+    E4M3,
+    E5M2,
+    FP16,
+    FP32,
+    TORCH_DTYPES,
+    BlockFloat,
+    DynamicFixedPoint,
+    FixedPoint,
+    FloatFormat,
+    Format,
+    Uniform,
+)
+
+__all__ = [
+    "FORMS", "parse_format", "quantize", "max_abs_int_bits", "compile_enabled",
+    "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
+    "FP32", "BF16", "FP16", "E4M3", "E5M2", "TORCH_DTYPES",
+]

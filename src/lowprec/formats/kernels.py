@@ -1,0 +1,197 @@
+"""The rounding kernels: pure tensor code, run eagerly or fused by torch.compile (see ``quantize.py``).
+
+One core serves every power-of-two grid format (floating point, fixed point, dynamic fixed point, block
+floating point). A value x = sig * 2**(E - M) (sig the integer significand with its implicit bit, M the
+container's fraction bits) is rounded to a multiple of the quantum 2**Q, Q = max(E - man_bits, qmin):
+``man_bits`` bounds the relative precision (floats) and ``qmin`` the absolute one (the subnormal quantum of a
+float, the step of a fixed-point word, a block's step). The rounding is integer arithmetic on the bits, so it
+is exact: no double rounding, ties decided on the true value.
+
+All kernels work on a float32 (int32 bits) or float64 (int64 bits) container; callers upcast half types.
+
+Stochastic rounding draws its random bits from a counter-based hash of (key, element index): the key is
+drawn once per call from a torch.Generator, so the same generator state gives the same bits, on any device
+and whether or not the kernel is compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+
+NEAREST, STOCHASTIC, TOWARD_ZERO = 0, 1, 2
+ROUNDINGS = {"nearest": NEAREST, "stochastic": STOCHASTIC, "toward_zero": TOWARD_ZERO}
+
+
+class _Bits:
+    """Bit layout of a float container."""
+
+    def __init__(self, dtype: torch.dtype, itype: torch.dtype, man: int, bias: int, rand_bits: int):
+        self.dtype, self.itype, self.man, self.bias, self.rand_bits = dtype, itype, man, bias, rand_bits
+        width = torch.iinfo(itype).bits
+        self.sign = -(2 ** (width - 1))
+        self.abs = 2 ** (width - 1) - 1
+        self.frac = 2**man - 1
+        self.emin = 1 - bias
+        self.inf = (2 * bias + 1) << man
+
+
+_LAYOUT = {
+    torch.float32: _Bits(torch.float32, torch.int32, 23, 127, 31),
+    torch.float64: _Bits(torch.float64, torch.int64, 52, 1023, 62),
+}
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A 32-bit integer finaliser (xorshift-multiply, constants < 2**31 so int64 products never overflow)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _M32
+    return h ^ (h >> 15)
+
+
+def random_bits(shape: torch.Size, key: Tensor, nbits: int, device: torch.device) -> Tensor:
+    """Uniform random integers in [0, 2**nbits) (nbits <= 62), int64, one per element of ``shape``.
+
+    ``key`` is an int64 scalar tensor. Element i gets hash(key, i): deterministic and order-free.
+    """
+    i = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
+    k0 = key & _M32
+    k1 = (key >> 32) & _M32
+    h = _mix32((i & _M32) ^ k0)
+    h = _mix32(h ^ k1 ^ (i >> 32))
+    if nbits <= 32:
+        return h >> (32 - nbits)
+    h2 = _mix32(h ^ 0x5BD1E995 ^ k0)
+    return ((h << 30) | (h2 >> 2)) >> (62 - nbits)
+
+
+def round_to_grid(
+    x: Tensor, man_bits: int, qmin: Tensor | int, rounding: int, key: Tensor | None
+) -> Tensor:
+    """Round |x| onto the grid 2**max(E - man_bits, qmin), keeping the sign; no range limits applied.
+
+    ``x`` is float32 or float64. Finite inputs only give meaningful results (callers mask inf/NaN).
+    nearest: ties to even. toward_zero: truncation. stochastic: up with probability (distance to the lower
+    grid point) / quantum, exact while the discarded part has at most ``rand_bits`` (31 / 62) bits, otherwise
+    the probability is truncated to that many bits (an error below 2**-31 of a quantum).
+    """
+    L = _LAYOUT[x.dtype]
+    bits = x.view(L.itype)
+    a = bits & L.abs
+    ef = a >> L.man
+    sig = (a & L.frac) | ((ef > 0).to(L.itype) << L.man)
+    e = torch.clamp(ef, min=1) - L.bias
+    q = torch.clamp(e - man_bits, min=qmin)
+    true_shift = torch.clamp(q - e + L.man, min=0, max=2 * L.bias + L.man)
+    shift = torch.clamp(true_shift, max=L.man + 2)
+    lower = sig >> shift
+    rem = sig - (lower << shift)
+    if rounding == NEAREST:
+        unit = torch.ones_like(shift) << shift
+        up = (2 * rem > unit) | ((2 * rem == unit) & ((lower & 1) == 1))
+    elif rounding == STOCHASTIC:
+        r = random_bits(x.shape, key, L.rand_bits, x.device).to(L.itype)
+        k1 = torch.clamp(L.rand_bits - true_shift, min=0)
+        k2 = torch.clamp(true_shift - L.rand_bits, min=0, max=L.man + 2)
+        up = (r >> k1) < (rem >> k2)
+    else:
+        up = torch.zeros_like(rem, dtype=torch.bool)
+    up = up.to(L.itype)
+    # shift <= M: clear the low bits and add one quantum at bit `shift` (a carry moves into the exponent).
+    # shift > M: |x| < 2**Q, so the result is 0 or exactly 2**Q.
+    pow2 = torch.where(
+        q >= L.emin, (q + L.bias) << L.man, torch.ones_like(q) << torch.clamp(q - L.emin + L.man, min=0)
+    )
+    out = torch.where(shift <= L.man, ((a >> shift) << shift) + (up << shift), up * pow2)
+    return (out | (bits & L.sign)).view(x.dtype)
+
+
+def float_grid(
+    x: Tensor,
+    man_bits: int,
+    emin: int,
+    subnormals: bool,
+    max_value: Tensor,
+    saturate: bool,
+    rounding: int,
+    key: Tensor | None,
+) -> Tensor:
+    """Any rounding onto a floating-point format, with its overflow, flush and NaN rules."""
+    y = round_to_grid(x, man_bits, emin - man_bits, rounding, key)
+    ay = y.abs()
+    if not subnormals:
+        y = torch.where(ay < 2.0**emin, torch.zeros_like(y).copysign(x), y)
+    finite_over = ay > max_value
+    if saturate:
+        big = max_value
+    elif rounding == TOWARD_ZERO:
+        # IEEE: truncation never rounds a finite value up to inf; only inf stays inf.
+        big = torch.where(torch.isinf(x), float("inf"), max_value)
+    else:
+        big = torch.full_like(y, float("inf"))
+    y = torch.where(finite_over | torch.isinf(x), big.copysign(x), y)
+    return torch.where(torch.isnan(x), x, y)
+
+
+def float_nearest_fp32(
+    x: Tensor, man_bits: int, emin: int, subnormals: bool, max_bits: int, saturate: bool
+) -> Tensor:
+    """Fast path: round-to-nearest-even of a float32 tensor onto a float format, bit-identical to
+    ``float_grid(..., NEAREST)``.
+
+    Normal range: one integer add-and-mask on the bits. The format's subnormal range (when it lies above
+    float32's, i.e. emin > -126) is rounded with an exactly scaled ``torch.round`` (ties to even).
+    """
+    bits = x.view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    s = 23 - man_bits
+    if s > 0:
+        r = (a + ((1 << (s - 1)) - 1) + ((a >> s) & 1)) & ~((1 << s) - 1)
+    else:
+        r = a
+    min_normal_bits = (emin + 127) << 23
+    if emin > -126:
+        sub = (torch.round(x.abs() * 2.0 ** (man_bits - emin)) * 2.0 ** (emin - man_bits)).view(torch.int32)
+        r = torch.where(a < min_normal_bits, sub, r)
+    if not subnormals:
+        r = torch.where(r < min_normal_bits, 0, r)
+    r = torch.where(r > max_bits, max_bits if saturate else 0x7F800000, r)
+    r = torch.where(a > 0x7F800000, a, r)
+    return (r | (bits & -(2**31))).view(torch.float32)
+
+
+def fixed_grid(
+    x: Tensor, qmin: Tensor | int, lo: Tensor, hi: Tensor, rounding: int, key: Tensor | None
+) -> Tensor:
+    """Any rounding onto a saturating fixed-point grid of step 2**qmin; NaN propagates, +-inf saturate."""
+    y = round_to_grid(x, 4096, qmin, rounding, key)
+    y = torch.where(torch.isinf(x), x, y)
+    return torch.where(torch.isnan(x), x, torch.clamp(y, lo, hi))
+
+
+def fixed_nearest(x: Tensor, scale: Tensor, kmin: int, kmax: int) -> Tensor:
+    """Fast path: clamp(round(x * 2**frac), kmin, kmax) / 2**frac, ties to even; exact (power-of-two
+    scaling; the clamp also saturates +-inf, and NaN propagates)."""
+    return torch.clamp(torch.round(x * scale), kmin, kmax) / scale
+
+
+def uniform_grid(
+    x: Tensor, levels: int, signed: bool, binary: bool, rounding: int, key: Tensor | None
+) -> Tensor:
+    """WRPN k-bit uniform quantizer: round(clip(x) * n) / n on [-1, 1] (signed) or [0, 1] (unsigned)."""
+    if binary:
+        return torch.where(torch.isnan(x), x, torch.where(x < 0, -1.0, 1.0).to(x.dtype))
+    v = torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels
+    if rounding == NEAREST:
+        k = torch.round(v)
+    elif rounding == TOWARD_ZERO:
+        k = torch.trunc(v)
+    else:
+        low = torch.floor(v)
+        u = random_bits(x.shape, key, 24, x.device).to(x.dtype) * 2.0**-24
+        k = low + (u < v - low).to(x.dtype)
+    return k / levels

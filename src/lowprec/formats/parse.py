@@ -1,0 +1,100 @@
+"""``parse_format``: format strings to format values (the inverse of their ``repr``)."""
+
+from __future__ import annotations
+
+import re
+
+from .types import (
+    BF16,
+    E4M3,
+    E5M2,
+    FP16,
+    FP32,
+    BlockFloat,
+    DynamicFixedPoint,
+    FixedPoint,
+    FloatFormat,
+    Format,
+    Uniform,
+)
+
+__all__ = ["parse_format", "FORMS"]
+
+#: Every accepted spelling, shown in error messages.
+FORMS = (
+    "fp32 | bf16 | fp16 | e4m3 | e5m2 | int8 | int16 | "
+    "float<e=E,m=M[,subnormals=on|off][,overflow=inf|saturate][,finite]> | fixed<WORD,FRAC> | "
+    "dfx<BITS> | uniform<K[,unsigned]> | bfp<BITS,BLOCK>"
+)
+
+_NAMES: dict[str, Format] = {
+    "fp32": FP32, "float32": FP32,
+    "bf16": BF16, "bfloat16": BF16,
+    "fp16": FP16, "float16": FP16, "half": FP16,
+    "e4m3": E4M3, "fp8_e4m3": E4M3, "float8_e4m3fn": E4M3,
+    "e5m2": E5M2, "fp8_e5m2": E5M2, "float8_e5m2": E5M2,
+    "int8": DynamicFixedPoint(8),
+    "int16": DynamicFixedPoint(16),
+}
+
+_FORM = re.compile(r"^(?P<kind>[a-z]+)\s*<(?P<args>[^<>]*)>$")
+_ON = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
+
+
+def _int(text: str, what: str, spec: str) -> int:
+    if not re.fullmatch(r"[+-]?\d{1,6}", text):
+        raise ValueError(f"{what} must be an integer in {spec!r}, got {text!r}")
+    return int(text)
+
+
+def _float_format(args: list[str], spec: str) -> FloatFormat:
+    opts: dict[str, object] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep and key == "finite":
+            opts["finite"] = True
+        elif key in ("e", "m"):
+            opts[key] = _int(value, key, spec)
+        elif key == "subnormals" and value in _ON:
+            opts["subnormals"] = _ON[value]
+        elif key == "overflow" and value in ("inf", "saturate"):
+            opts["overflow"] = value
+        else:
+            raise ValueError(f"unknown float option {arg!r} in {spec!r}; accepted: {FORMS}")
+    if "e" not in opts or "m" not in opts:
+        raise ValueError(f"a float format needs both e= and m=, e.g. 'float<e=5,m=10>'; got {spec!r}")
+    return FloatFormat(
+        opts["e"], opts["m"], opts.get("subnormals", True), opts.get("overflow", "inf"), opts.get("finite", False)
+    )
+
+
+def parse_format(spec: str) -> Format:
+    """Parse a format string such as ``"fp16"``, ``"float<e=5,m=10>"``, ``"fixed<16,8>"``, ``"dfx<8>"``.
+
+    Case and spaces are ignored. ``repr(parse_format(s))`` parses back to an equal format. Raises ValueError
+    naming the accepted forms for anything else.
+    """
+    if isinstance(spec, Format):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a format is given as a string, got {type(spec).__name__}")
+    text = re.sub(r"\s+", "", spec.lower())
+    if text in _NAMES:
+        return _NAMES[text]
+    match = _FORM.match(text)
+    if not match:
+        raise ValueError(f"unknown number format {spec!r}; accepted: {FORMS}")
+    kind, args = match["kind"], [a for a in match["args"].split(",")]
+    if kind == "float":
+        return _float_format(args, spec)
+    if kind == "fixed" and len(args) == 2:
+        return FixedPoint(_int(args[0], "word", spec), _int(args[1], "frac", spec))
+    if kind == "dfx" and len(args) == 1:
+        return DynamicFixedPoint(_int(args[0], "bits", spec))
+    if kind == "uniform" and len(args) in (1, 2):
+        if len(args) == 2 and args[1] not in ("unsigned", "signed"):
+            raise ValueError(f"uniform takes 'signed' or 'unsigned' as second argument, got {args[1]!r}")
+        return Uniform(_int(args[0], "k", spec), signed=len(args) == 1 or args[1] == "signed")
+    if kind == "bfp" and len(args) == 2:
+        return BlockFloat(_int(args[0], "bits", spec), _int(args[1], "block", spec))
+    raise ValueError(f"cannot parse number format {spec!r}; accepted: {FORMS}")

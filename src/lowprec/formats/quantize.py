@@ -1,0 +1,204 @@
+"""``quantize()``: round a tensor onto a number format.
+
+Validation and dispatch only; the numerics are in ``kernels.py``. Large tensors run through kernels fused
+by ``torch.compile`` (one pass over memory); small ones, and every tensor when no compiler is available or
+``LOWPREC_COMPILE=0``, run the same kernels eagerly. Both give the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .parse import parse_format
+from .types import BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
+
+__all__ = ["quantize", "max_abs_int_bits", "compile_enabled"]
+
+#: Tensors with at least this many elements use the compiled kernels.
+COMPILE_MIN_NUMEL = 1 << 16
+
+# Each (kernel, static parameters) pair is one compiled graph of ``_apply``; allow enough of them.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+_compile_failed = False
+
+
+def compile_enabled() -> bool:
+    """Whether large tensors go through torch.compile (off with LOWPREC_COMPILE=0 or after a failure)."""
+    return not _compile_failed and os.environ.get("LOWPREC_COMPILE", "1") != "0"
+
+
+def _apply(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
+    """Upcast half types, run ``kernel``, cast back, write ``out``: one fused pass when compiled."""
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    y = kernel(wide, *args).to(x.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+@functools.cache
+def _compiled_apply() -> Callable:
+    return torch.compile(_apply, dynamic=True)
+
+
+def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
+    global _compile_failed
+    if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
+        try:
+            return _compiled_apply()(kernel, x, out, *args)
+        except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
+            _compile_failed = True
+            warnings.warn(
+                f"lowprec: torch.compile failed ({type(err).__name__}: {err}); quantizing eagerly from now on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _apply(kernel, x, out, *args)
+
+
+def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One int64 per call from ``generator`` (or the device's default generator)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the generator lives on {generator.device} but the tensor on {device}; "
+            f"create it with torch.Generator(device={str(device)!r})"
+        )
+    return torch.randint(0, 2**62, (), generator=generator, device=device, dtype=torch.int64)
+
+
+def max_abs_int_bits(x: Tensor, dim_block: int | None = None) -> Tensor:
+    """The max-abs exponent rule: the smallest integer r with max|x| < 2**r (as an int32 tensor, no sync).
+
+    With ``dim_block``, one r per row of ``x.reshape(-1, dim_block)``. All-zero (or empty) input gives the
+    smallest exponent of the container (any r works for zeros). NaN and inf are ignored.
+    """
+    a = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
+    amax = a.reshape(-1, dim_block).amax(dim=1, keepdim=True) if dim_block else a.amax()
+    _, exponent = torch.frexp(amax)  # amax = f * 2**exponent, f in [0.5, 1): 2**(exponent-1) <= amax < 2**exponent
+    floor = container_of(x.dtype).smallest_exponent
+    return torch.where(amax > 0, exponent, floor).to(torch.int32)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The container the kernels compute in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fixed(
+    x: Tensor, out: Tensor | None, word: int, frac: Tensor | int, rounding: int, key: Tensor | None
+) -> Tensor:
+    """Fixed-point rounding with a (possibly tensor-valued) number of fraction bits."""
+    wide = _wide(x.dtype)
+    c = container_of(x.dtype)  # keep every grid point representable in x's own dtype
+    frac_t = torch.as_tensor(frac, dtype=torch.int32, device=x.device)
+    frac_t = torch.clamp(frac_t, max=-c.smallest_exponent, min=word - 1 - c.emax)
+    step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
+    kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
+    if rounding == kernels.NEAREST:
+        return _run(kernels.fixed_nearest, x, out, 1.0 / step, kmin, kmax)
+    lo, hi = kmin * step, kmax * step
+    qmin = -frac_t.to(torch.int32 if wide == torch.float32 else torch.int64)
+    return _run(kernels.fixed_grid, x, out, qmin, lo, hi, rounding, key)
+
+
+def _dispatch(
+    x: Tensor, out: Tensor | None, fmt: Format, rounding: int, key: Tensor | None, int_bits
+) -> Tensor:
+    if isinstance(fmt, FloatFormat):
+        if _wide(x.dtype) == torch.float32 and rounding == kernels.NEAREST:
+            max_bits = int(torch.tensor(fmt.max_value, dtype=torch.float32).view(torch.int32))
+            saturate = fmt.overflow == "saturate"
+            return _run(
+                kernels.float_nearest_fp32, x, out, fmt.man_bits, fmt.emin, fmt.subnormals, max_bits, saturate
+            )
+        max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
+        saturate = fmt.overflow == "saturate"
+        return _run(
+            kernels.float_grid, x, out, fmt.man_bits, fmt.emin, fmt.subnormals, max_value, saturate,
+            rounding, key,
+        )
+    if isinstance(fmt, FixedPoint):
+        return _fixed(x, out, fmt.word, fmt.frac, rounding, key)
+    if isinstance(fmt, DynamicFixedPoint):
+        r = max_abs_int_bits(x) if int_bits is None else torch.as_tensor(int_bits, device=x.device)
+        return _fixed(x, out, fmt.bits, fmt.bits - 1 - r, rounding, key)
+    if isinstance(fmt, BlockFloat):
+        flat = x.reshape(-1)
+        pad = (-flat.numel()) % fmt.block
+        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, fmt.block)
+        r = max_abs_int_bits(blocks, fmt.block)
+        y = _fixed(blocks, None, fmt.bits, fmt.bits - 1 - r, rounding, key).reshape(-1)[: flat.numel()]
+        y = y.view(x.shape)
+        return y if out is None else out.copy_(y)
+    if isinstance(fmt, Uniform):
+        binary = fmt.signed and fmt.bits == 1
+        return _run(kernels.uniform_grid, x, out, fmt.levels, fmt.signed, binary, rounding, key)
+    raise TypeError(f"not a lowprec format: {fmt!r}")
+
+
+def _identity_for(fmt: Format, dtype: torch.dtype) -> bool:
+    """True when every value of ``dtype`` already lies in ``fmt`` with the same rules (nothing to do)."""
+    if not isinstance(fmt, FloatFormat) or not fmt.subnormals or fmt.overflow != "inf" or fmt.finite:
+        return False
+    c = container_of(dtype)
+    return fmt.man_bits >= c.man_bits and fmt.emin <= c.emin and fmt.emax >= c.emax
+
+
+def quantize(
+    x: Tensor,
+    fmt: Format | str,
+    rounding: str = "nearest",
+    *,
+    generator: torch.Generator | None = None,
+    int_bits: int | Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Round every element of ``x`` onto the number format ``fmt``; the result has x's dtype and shape.
+
+    rounding:
+      * ``"nearest"``: to the nearest value, ties to even (the IEEE default; torch's own casts).
+      * ``"stochastic"``: up or down with probabilities proportional to the distance (unbiased). Random bits
+        come from ``generator`` (or the device's default generator): the same state gives the same result.
+      * ``"toward_zero"``: truncation; never rounds a finite value to inf.
+
+    Overflow, NaN, inf, subnormals and the sign of zero follow the format (docs/formats.md): -0 stays -0,
+    NaN stays the same NaN. ``int_bits`` sets the exponent of a ``dfx`` format (default: the max-abs rule
+    on x). ``out`` receives the result in place (no allocation: the fastest way to quantize). When x's own
+    dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned.
+
+    Raises TypeError for a non-float tensor, ValueError for a format x's dtype cannot hold exactly, an
+    unknown rounding, a generator on another device, or a mismatched ``out``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if isinstance(fmt, str):
+        fmt = parse_format(fmt)
+    elif not isinstance(fmt, Format):
+        raise TypeError(f"fmt must be a lowprec format or a format string, got {type(fmt).__name__}")
+    if rounding not in kernels.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; use one of {sorted(kernels.ROUNDINGS)}")
+    container_of(x.dtype)
+    fmt.check_fits(x.dtype)
+    if int_bits is not None and not isinstance(fmt, DynamicFixedPoint):
+        raise ValueError(f"int_bits only applies to dynamic fixed point (dfx<bits>), not {fmt!r}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(
+            f"out must match x: got {tuple(out.shape)} {out.dtype} on {out.device}, "
+            f"need {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    mode = kernels.ROUNDINGS[rounding]
+    key = _draw_key(generator, x.device) if mode == kernels.STOCHASTIC else None
+    if _identity_for(fmt, x.dtype):
+        return x if out is None else out.copy_(x)
+    return _dispatch(x, out, fmt, mode, key, int_bits)
