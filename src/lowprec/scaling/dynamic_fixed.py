@@ -1,19 +1,18 @@
 """Exponent state of one dynamic-fixed-point group (one tensor role of one layer).
 
-Two rules move the exponent r (the number of integer bits of a ``dfx<bits>`` word, so the range is about
-+-2**r and the step 2**(r - bits + 1)):
+The exponent r is the number of integer bits of a ``dfx<bits>`` word (range about +-2**r, step
+2**(r - bits + 1)). Courbariaux et al. (2014), Algorithm 1 as coded by the authors, moves it by the measured
+overflow rate: over an interval of ``interval`` observed batches, average the per-batch overflow rate at r
+and at r - 1; then
+    if rate(r) > max_rate:        r += 1
+    elif rate(r - 1) > max_rate:  keep r
+    else:                         r -= 1
+and reset the counters. The overflow rate of a batch is the fraction of its elements whose round-to-nearest
+value reaches the largest positive code in magnitude (saturated values included), the authors'
+``mean(|Q(x)| >= max)``.
 
-* ``"overflow"``: Courbariaux et al. (2014), Algorithm 1 as coded by the authors. Over an interval of
-  ``interval`` observed batches, average the per-batch overflow rate at r and at r - 1; then
-      if rate(r) > max_rate:        r += 1
-      elif rate(r - 1) > max_rate:  keep r
-      else:                         r -= 1
-  and reset the counters. The overflow rate of a batch is the fraction of its elements whose
-  round-to-nearest value reaches the largest positive code in magnitude (saturated values included), the
-  authors' ``mean(|Q(x)| >= max)``.
-* ``"maxabs"``: r is the max-abs exponent (smallest r with max|x| < 2**r) of the largest magnitude seen over
-  the interval (an amax history of length ``interval``). Park et al. leave the rule open; this is the
-  Flexpoint / Das et al. choice they cite.
+The other rule, the max-abs exponent of the tensor itself at every quantization (Flexpoint / Das et al., the
+choice Park et al. cite), needs no state: it is what ``quantize(x, "dfx<b>")`` does without ``int_bits``.
 
 Observations accumulate as tensors (no host sync per batch); only ``update()`` at the end of an interval
 reads them.
@@ -26,12 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, FixedPoint, max_abs_int_bits, parse_format, quantize
+from ..formats import DynamicFixedPoint, FixedPoint, parse_format, quantize
 
 __all__ = ["DynamicExponent"]
-
-_RULES = ("overflow", "maxabs")
-
 
 class DynamicExponent:
     """The moving exponent of one dynamic-fixed-point tensor group.
@@ -46,22 +42,19 @@ class DynamicExponent:
         fmt: DynamicFixedPoint | str,
         int_bits: int = 5,
         *,
-        rule: str = "overflow",
         max_overflow_rate: float = 1e-4,
         interval: int = 100,
     ):
         fmt = parse_format(fmt)
         if not isinstance(fmt, DynamicFixedPoint):
             raise ValueError(f"DynamicExponent needs a dynamic fixed point format (dfx<bits>), got {fmt!r}")
-        if rule not in _RULES:
-            raise ValueError(f"unknown exponent rule {rule!r}; use one of {_RULES}")
         if not 0.0 <= max_overflow_rate < 1.0:
             raise ValueError(f"max_overflow_rate must lie in [0, 1), got {max_overflow_rate}")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (batches), got {interval!r}")
         if isinstance(int_bits, bool) or not isinstance(int_bits, int):
             raise TypeError(f"int_bits must be an int, got {int_bits!r}")
-        self.fmt, self.rule = fmt, rule
+        self.fmt = fmt
         self.max_overflow_rate, self.interval = max_overflow_rate, interval
         self.int_bits = int_bits
         self._reset()
@@ -69,7 +62,6 @@ class DynamicExponent:
     def _reset(self) -> None:
         self.batches = 0
         self._rate_sum: Tensor | None = None  # [rate at r, rate at r-1], summed over batches
-        self._max_exponent: Tensor | None = None
 
     @property
     def format(self) -> FixedPoint:
@@ -87,12 +79,8 @@ class DynamicExponent:
 
     def observe(self, x: Tensor) -> None:
         """Record one batch's statistics for the next update."""
-        if self.rule == "overflow":
-            rates = self.overflow_rates(x)
-            self._rate_sum = rates if self._rate_sum is None else self._rate_sum.to(rates.device) + rates
-        else:
-            r = max_abs_int_bits(x.detach())
-            self._max_exponent = r if self._max_exponent is None else torch.maximum(self._max_exponent.to(r.device), r)
+        rates = self.overflow_rates(x)
+        self._rate_sum = rates if self._rate_sum is None else self._rate_sum.to(rates.device) + rates
         self.batches += 1
 
     def quantize(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
@@ -104,14 +92,11 @@ class DynamicExponent:
         """Apply the rule if an interval is complete; returns True if it ran (r may or may not move)."""
         if self.batches < self.interval:
             return False
-        if self.rule == "overflow" and self._rate_sum is not None:
-            rate_r, rate_below = (self._rate_sum / self.batches).tolist()
-            if rate_r > self.max_overflow_rate:
-                self.int_bits += 1
-            elif rate_below <= self.max_overflow_rate:
-                self.int_bits -= 1
-        elif self._max_exponent is not None:
-            self.int_bits = int(self._max_exponent)
+        rate_r, rate_below = (self._rate_sum / self.batches).tolist()
+        if rate_r > self.max_overflow_rate:
+            self.int_bits += 1
+        elif rate_below <= self.max_overflow_rate:
+            self.int_bits -= 1
         self._reset()
         return True
 
@@ -119,27 +104,22 @@ class DynamicExponent:
         return {
             "format": repr(self.fmt),
             "int_bits": self.int_bits,
-            "rule": self.rule,
             "max_overflow_rate": self.max_overflow_rate,
             "interval": self.interval,
             "batches": self.batches,
             "rate_sum": None if self._rate_sum is None else self._rate_sum.cpu(),
-            "max_exponent": None if self._max_exponent is None else self._max_exponent.cpu(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["format"] != repr(self.fmt) or state["rule"] != self.rule:
-            raise ValueError(
-                f"checkpoint holds a {state['rule']} exponent for {state['format']}, "
-                f"this group is a {self.rule} exponent for {self.fmt!r}"
-            )
+        if state["format"] != repr(self.fmt):
+            raise ValueError(f"checkpoint holds an exponent for {state['format']}, this group is {self.fmt!r}")
         self.int_bits = int(state["int_bits"])
         self.max_overflow_rate, self.interval = state["max_overflow_rate"], state["interval"]
         self.batches = state["batches"]
-        self._rate_sum, self._max_exponent = state["rate_sum"], state["max_exponent"]
+        self._rate_sum = state["rate_sum"]
 
     def __repr__(self) -> str:
         return (
-            f"DynamicExponent({self.fmt!r}, int_bits={self.int_bits}, rule={self.rule!r}, "
+            f"DynamicExponent({self.fmt!r}, int_bits={self.int_bits}, "
             f"max_overflow_rate={self.max_overflow_rate}, interval={self.interval})"
         )

@@ -1,0 +1,282 @@
+"""``Policy``: which number format (and rounding) each tensor role of a model gets.
+
+A policy is a small immutable value, written and read as prose::
+
+    Policy.parse("weight=int8, activation=int8, grads=int16, master=int8, accumulator=int16")
+    Policy.parse("weight=fp16, activation=fp16, grads=fp16, loss_scale=dynamic")
+    Policy.preset("wrpn-4-4")          # WRPN 4-bit weights and activations, first/last layer fp32
+
+Roles (per quantized layer unless noted):
+
+=================  ==========================================================================================
+weight             the weight as the layer's forward and backward see it (the "propagation" copy)
+bias               the bias as the layer sees it
+activation         the layer's input x
+output             the layer's output z = x W + b (pre-activation)
+output_grad        dE/dz arriving from above (Courbariaux's dE/dz, Park's classifier error y - t)
+activation_grad    dE/dx sent below
+weight_grad        dE/dW
+bias_grad          dE/db
+master             the stored parameters, after each update (None: float32, MPT's master copy;
+                   a format: parameters live in it, Courbariaux's "update" width, Park's INT8)
+optimizer_state    every optimizer buffer (momentum, Adam moments)
+accumulator        Park's lazy-update accumulator (None: no lazy update)
+accumulation       partial sums inside matmuls/convolutions (None: float32, MPT; a format: emulate a
+                   low-precision accumulator in chunks of ``accumulation_chunk``)
+=================  ==========================================================================================
+
+A role given no format (``none``) is left in float32. ``grads`` sets the four gradient roles, ``activations``
+sets activation and output, ``params`` sets weight and bias.
+
+Per-module overrides: ``"...; fc3: weight=int16"`` or ``policy.override("fc3", weight="int16")``. Patterns are
+shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``@last`` name the first and last
+quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
+Later overrides win.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from ..formats import DynamicFixedPoint, Format, parse_format
+from ..formats.kernels import ROUNDINGS
+
+__all__ = ["Quant", "Policy", "ROLES", "LAYER_ROLES"]
+
+LAYER_ROLES = (
+    "weight", "bias", "activation", "output", "output_grad", "activation_grad", "weight_grad", "bias_grad",
+)
+ROLES = LAYER_ROLES + ("master", "optimizer_state", "accumulator", "accumulation")
+ALIASES = {
+    "grads": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
+    "activations": ("activation", "output"),
+    "params": ("weight", "bias"),
+}
+SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
+            "accumulation_chunk", "classifier_rule")
+
+
+@dataclass(frozen=True)
+class Quant:
+    """A format and a rounding mode for one role. Written ``fp16`` or ``fp16/stochastic``."""
+
+    format: Format
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.format, Format):
+            object.__setattr__(self, "format", parse_format(self.format))
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; use one of {sorted(ROUNDINGS)}")
+
+    @classmethod
+    def parse(cls, text: str | Quant | Format | None) -> Quant | None:
+        """``"int8"``, ``"fp16/stochastic"``, ``"none"`` (-> None), a Format, or a Quant."""
+        if text is None or isinstance(text, Quant):
+            return text
+        if isinstance(text, Format):
+            return cls(text)
+        spec, _, rounding = str(text).strip().partition("/")
+        if spec.lower() in ("none", "", "full"):
+            return None
+        return cls(parse_format(spec), rounding or "nearest")
+
+    @property
+    def bits(self) -> int | None:
+        """Width of the format in bits, where it has one (dfx, fixed, uniform, bfp, float)."""
+        f = self.format
+        for attr in ("bits", "word"):
+            if hasattr(f, attr):
+                return getattr(f, attr)
+        return 1 + f.exp_bits + f.man_bits if hasattr(f, "exp_bits") else None
+
+    def __str__(self) -> str:
+        return repr(self.format) + ("" if self.rounding == "nearest" else f"/{self.rounding}")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside angle brackets (format strings contain commas)."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "<") - (ch == ">")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand(assignments: Mapping[str, Any]) -> dict[str, Quant | None]:
+    roles: dict[str, Quant | None] = {}
+    for key, value in assignments.items():
+        names = ALIASES.get(key, (key,))
+        for name in names:
+            if name not in ROLES:
+                raise ValueError(
+                    f"unknown role {key!r}; roles: {', '.join(ROLES)}; shorthands: {', '.join(ALIASES)}"
+                )
+            roles[name] = Quant.parse(value)
+    return roles
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Formats per role, per-module overrides and the scale settings of one training recipe."""
+
+    roles: tuple[tuple[str, Quant | None], ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, Quant | None], ...]], ...] = ()
+    loss_scale: str = "none"  # "none" | "dynamic" | "static:<S>"
+    exponent_rule: str = "overflow"  # dfx exponents: "overflow" (Courbariaux) | "maxabs"
+    max_overflow_rate: float = 1e-4
+    exponent_interval: int = 100
+    init_int_bits: int = 5
+    accumulation_chunk: int = 32
+    classifier_rule: bool = False  # give @last at least classifier_bits(C) bits (Park eq. 5)
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        got = dict(self.roles)
+        object.__setattr__(self, "roles", tuple((r, got.get(r)) for r in ROLES))
+        if not re.fullmatch(r"none|dynamic|static:[0-9.eE+\-]+", self.loss_scale):
+            raise ValueError(f"loss_scale must be 'none', 'dynamic' or 'static:<S>', got {self.loss_scale!r}")
+        if self.loss_scale.startswith("static:") and not float(self.loss_scale[7:]) > 0:
+            raise ValueError(f"a static loss scale must be positive, got {self.loss_scale!r}")
+        if self.exponent_rule not in ("overflow", "maxabs"):
+            raise ValueError(f"exponent_rule must be 'overflow' or 'maxabs', got {self.exponent_rule!r}")
+        if not 0 <= self.max_overflow_rate < 1:
+            raise ValueError(f"max_overflow_rate must lie in [0, 1), got {self.max_overflow_rate}")
+        if self.exponent_interval < 1 or self.accumulation_chunk < 1:
+            raise ValueError("exponent_interval and accumulation_chunk must be >= 1")
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, **assignments: Any) -> Policy:
+        """``Policy.of(weight="int8", grads="int16", loss_scale="dynamic")``."""
+        settings = {k: assignments.pop(k) for k in list(assignments) if k in SETTINGS}
+        return cls(tuple(_expand(assignments).items()), **settings)
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        """Parse ``"role=format[/rounding],...; pattern: role=format,..."`` (see the module docstring)."""
+        if not isinstance(text, str):
+            raise TypeError(f"Policy.parse takes a string, got {type(text).__name__}")
+        policy = cls()
+        for i, segment in enumerate(_split_top(text, ";")):
+            pattern = None
+            head, colon, rest = segment.partition(":")
+            if colon and "=" not in head and "<" not in head:
+                pattern, segment = head.strip(), rest
+            assignments: dict[str, Any] = {}
+            for item in _split_top(segment, ","):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise ValueError(f"expected role=format, got {item!r} in {text!r}")
+                assignments[key.strip()] = value.strip()
+            if pattern is None:
+                settings = {k: _setting(k, assignments.pop(k)) for k in list(assignments) if k in SETTINGS}
+                roles = dict(policy.roles)
+                roles.update(_expand(assignments))
+                policy = replace(policy, roles=tuple(roles.items()), **settings)
+            else:
+                policy = policy.override(pattern, **assignments)
+        return policy
+
+    @classmethod
+    def preset(cls, name: str) -> Policy:
+        """A named recipe: fp32, mixed-fp16, mixed-bf16, int8, int8-lazy, int16, wrpn-<w>-<a>, fixed-20,
+        dfx-10-12, fp8-e4m3, fp8-e5m2, fp8-hybrid."""
+        from .presets import preset
+
+        return preset(name)
+
+    def with_roles(self, **assignments: Any) -> Policy:
+        """A copy with some roles (or settings) changed."""
+        settings = {k: assignments.pop(k) for k in list(assignments) if k in SETTINGS}
+        roles = dict(self.roles)
+        roles.update(_expand(assignments))
+        return replace(self, roles=tuple(roles.items()), name=None, **settings)
+
+    def override(self, pattern: str, **assignments: Any) -> Policy:
+        """A copy where modules matching ``pattern`` (fnmatch, or @first/@last) get these roles."""
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError("an override needs a non-empty module-name pattern")
+        entry = (pattern, tuple(_expand(assignments).items()))
+        return replace(self, overrides=self.overrides + (entry,), name=None)
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def get(self, role: str) -> Quant | None:
+        if role not in ROLES:
+            raise KeyError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        return dict(self.roles)[role]
+
+    def for_module(self, name: str, *, first: bool = False, last: bool = False) -> Policy:
+        """The policy of one module: the base roles with every matching override applied in order."""
+        roles = dict(self.roles)
+        for pattern, assigned in self.overrides:
+            hit = (pattern == "@first" and first) or (pattern == "@last" and last) or (
+                not pattern.startswith("@") and fnmatch.fnmatchcase(name, pattern)
+            )
+            if hit:
+                roles.update(assigned)
+        return replace(self, roles=tuple(roles.items()), overrides=())
+
+    @property
+    def quantizes_anything(self) -> bool:
+        return any(q is not None for _, q in self.roles) or any(
+            q is not None for _, a in self.overrides for _, q in a
+        )
+
+    @property
+    def uses_dynamic_fixed_point(self) -> bool:
+        quants = [q for _, q in self.roles] + [q for _, a in self.overrides for _, q in a]
+        return any(q is not None and isinstance(q.format, DynamicFixedPoint) for q in quants)
+
+    # -- printing ------------------------------------------------------------------------------------------
+    def spec(self) -> str:
+        """The policy as a string that ``Policy.parse`` reads back to an equal policy."""
+        base = [f"{r}={q}" for r, q in self.roles if q is not None]
+        defaults = Policy()
+        base += [f"{k}={getattr(self, k)}" for k in SETTINGS if getattr(self, k) != getattr(defaults, k)]
+        parts = [",".join(base)] if base else []
+        for pattern, assigned in self.overrides:
+            parts.append(f"{pattern}: " + ",".join(f"{r}={q if q else 'none'}" for r, q in assigned))
+        return "; ".join(parts)
+
+    def table(self) -> str:
+        """A readable table: one line per role, then overrides and settings."""
+        title = f"Policy {self.name}" if self.name else "Policy"
+        lines = [title, "-" * len(title)]
+        lines += [f"  {r:<16} {q if q else 'fp32 (not quantized)'}" for r, q in self.roles]
+        for pattern, assigned in self.overrides:
+            lines.append(f"  override {pattern}: " + ", ".join(f"{r}={q if q else 'fp32'}" for r, q in assigned))
+        lines.append(f"  loss scale       {self.loss_scale}")
+        if self.uses_dynamic_fixed_point:
+            lines.append(
+                f"  dfx exponents    rule={self.exponent_rule}, max overflow rate={self.max_overflow_rate}, "
+                f"interval={self.exponent_interval} batches, start r={self.init_int_bits}"
+            )
+        if self.classifier_rule:
+            lines.append("  classifier rule  @last gets >= classifier_bits(C) bits (Park eq. 5)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _setting(key: str, value: str) -> Any:
+    if key in ("max_overflow_rate",):
+        return float(value)
+    if key in ("exponent_interval", "init_int_bits", "accumulation_chunk"):
+        return int(value)
+    if key == "classifier_rule":
+        if value.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+            raise ValueError(f"classifier_rule must be on or off, got {value!r}")
+        return value.lower() in ("on", "true", "yes", "1")
+    if key == "loss_scale" and re.fullmatch(r"[0-9.eE+\-]+", value):
+        return f"static:{value}"
+    return value
