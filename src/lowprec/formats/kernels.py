@@ -175,8 +175,8 @@ def fixed_grid(
 
 def fixed_nearest(x: Tensor, scale: Tensor, kmin: int, kmax: int) -> Tensor:
     """Fast path: clamp(round(x * 2**frac), kmin, kmax) / 2**frac, ties to even; exact (power-of-two
-    scaling; the clamp also saturates +-inf, and NaN propagates)."""
-    return torch.clamp(torch.round(x * scale), kmin, kmax) / scale
+    scaling; the clamp also saturates +-inf; a NaN input is returned as it is)."""
+    return torch.where(torch.isnan(x), x, torch.clamp(torch.round(x * scale), kmin, kmax) / scale)
 
 
 def uniform_grid(
@@ -194,4 +194,4 @@ def uniform_grid(
         low = torch.floor(v)
         u = random_bits(x.shape, key, 24, x.device).to(x.dtype) * 2.0**-24
         k = low + (u < v - low).to(x.dtype)
-    return k / levels
+    return torch.where(torch.isnan(x), x, k / levels)

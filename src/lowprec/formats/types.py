@@ -260,7 +260,7 @@ class Uniform(Format):
     * unsigned (activations): clip to [0, 1], n = 2**k-1 levels, values i/n for 0 <= i <= n.
 
     Values are computed in float32 as round(clip(x)*n)/n: ties are decided on fl(x*n) (to even), and the
-    stored levels are fl32(i/n). NaN propagates; +-inf clip to the ends.
+    stored levels are fl32(i/n). A NaN input is returned as it is; +-inf clip to the ends.
     """
 
     bits: int

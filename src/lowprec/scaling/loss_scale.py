@@ -13,13 +13,14 @@ the values written back, on whatever device the grads live, with one host sync p
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LossScaler", "LossScaleCollapse", "StepResult"]
+__all__ = ["LossScaleCollapse", "LossScaler", "StepResult"]
 
 _KINDS = ("none", "static", "dynamic")
 _MIN_SCALE = 2.0**-126  # smallest normal fp32: the lower clamp when floor=None
@@ -99,11 +100,15 @@ class LossScaler:
             hi = None if cap is None else _positive("cap", cap, "> 0 (or None)")
             if (lo is not None and init < lo) or (hi is not None and init > hi):
                 raise ValueError(f"need floor <= init <= cap, got floor={floor!r}, init={init!r}, cap={cap!r}")
-            self.config = dict(
-                init=init, growth_factor=g, backoff_factor=b,
-                growth_interval=_count("growth_interval", growth_interval),
-                floor=lo, cap=hi, hysteresis=_count("hysteresis", hysteresis),
-            )
+            self.config = {
+                "init": init,
+                "growth_factor": g,
+                "backoff_factor": b,
+                "growth_interval": _count("growth_interval", growth_interval),
+                "floor": lo,
+                "cap": hi,
+                "hysteresis": _count("hysteresis", hysteresis),
+            }
         self._scale = init
         self.growth_tracker = 0  # consecutive clean steps (dynamic only)
         self.hysteresis_left = self.config.get("hysteresis", 1)
@@ -119,11 +124,26 @@ class LossScaler:
         return cls("static", scale)
 
     @classmethod
-    def dynamic(cls, init: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                growth_interval: int = 2000, floor: float | None = 1.0, cap: float | None = 2.0**24,
-                hysteresis: int = 1) -> LossScaler:
-        return cls("dynamic", init, growth_factor=growth_factor, backoff_factor=backoff_factor,
-                   growth_interval=growth_interval, floor=floor, cap=cap, hysteresis=hysteresis)
+    def dynamic(
+        cls,
+        init: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        floor: float | None = 1.0,
+        cap: float | None = 2.0**24,
+        hysteresis: int = 1,
+    ) -> LossScaler:
+        return cls(
+            "dynamic",
+            init,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            floor=floor,
+            cap=cap,
+            hysteresis=hysteresis,
+        )
 
     @property
     def scale(self) -> float:
@@ -212,16 +232,24 @@ class LossScaler:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything for a bit-exact resume (taken between steps: pending unscale_ results are not saved)."""
-        return {"kind": self.kind, "config": dict(self.config), "scale": self._scale,
-                "growth_tracker": self.growth_tracker, "hysteresis_left": self.hysteresis_left,
-                "overflow_streak": self.overflow_streak}
+        return {
+            "kind": self.kind,
+            "config": dict(self.config),
+            "scale": self._scale,
+            "growth_tracker": self.growth_tracker,
+            "hysteresis_left": self.hysteresis_left,
+            "overflow_streak": self.overflow_streak,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["kind"] != self.kind:
             raise ValueError(f"checkpoint holds a {state['kind']!r} loss scaler, this one is {self.kind!r}")
         keys = sorted(set(state["config"]) | set(self.config))
-        diff = [f"{k}: checkpoint {state['config'].get(k)!r} vs {self.config.get(k)!r}" for k in keys
-                if state["config"].get(k) != self.config.get(k)]
+        diff = [
+            f"{k}: checkpoint {state['config'].get(k)!r} vs {self.config.get(k)!r}"
+            for k in keys
+            if state["config"].get(k) != self.config.get(k)
+        ]
         if diff:
             raise ValueError(f"checkpoint loss scaler config differs: {'; '.join(diff)}")
         self._scale = float(state["scale"])
