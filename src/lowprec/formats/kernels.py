@@ -113,18 +113,20 @@ def round_to_grid(
 def float_grid(
     x: Tensor,
     man_bits: int,
-    emin: int,
-    subnormals: bool,
+    qmin: int,
+    min_normal: float,
+    flush: bool,
     max_value: Tensor,
     saturate: bool,
     rounding: int,
     key: Tensor | None,
 ) -> Tensor:
-    """Any rounding onto a floating-point format, with its overflow, flush and NaN rules."""
-    y = round_to_grid(x, man_bits, emin - man_bits, rounding, key)
+    """Any rounding onto a floating-point format (``qmin`` = emin - man_bits, the subnormal quantum's exponent),
+    with its overflow, flush (results below ``min_normal``) and NaN rules."""
+    y = round_to_grid(x, man_bits, qmin, rounding, key)
     ay = y.abs()
-    if not subnormals:
-        y = torch.where(ay < 2.0**emin, torch.zeros_like(y).copysign(x), y)
+    if flush:
+        y = torch.where(ay < min_normal, torch.zeros_like(y).copysign(x), y)
     finite_over = ay > max_value
     if saturate:
         big = max_value
@@ -138,28 +140,38 @@ def float_grid(
 
 
 def float_nearest_fp32(
-    x: Tensor, man_bits: int, emin: int, subnormals: bool, max_bits: int, saturate: bool
+    x: Tensor,
+    shift: int,
+    half_minus_one: int,
+    odd_bit: int,
+    keep_mask: int,
+    min_normal_bits: int,
+    max_bits: int,
+    overflow_bits: int,
+    sub_scale: float,
+    sub_branch: bool,
+    flush: bool,
 ) -> Tensor:
     """Fast path: round-to-nearest-even of a float32 tensor onto a float format, bit-identical to
     ``float_grid(..., NEAREST)``.
 
-    Normal range: one integer add-and-mask on the bits. The format's subnormal range (when it lies above
-    float32's, i.e. emin > -126) is rounded with an exactly scaled ``torch.round`` (ties to even).
+    Normal range: one integer add-and-mask on the bits: with ``shift`` = 23 - man_bits > 0, add
+    2**(shift-1) - 1 (``half_minus_one``) plus the lowest kept bit (``odd_bit`` = 1), then clear the low
+    ``shift`` bits (``keep_mask`` = -2**shift); with shift = 0 nothing changes. The format's subnormal range
+    (``sub_branch``: when it lies above float32's, emin > -126) is rounded with ``torch.round`` (ties to even)
+    after an exact power-of-two scaling by ``sub_scale`` = 2**(man_bits - emin). Results above ``max_bits``
+    become ``overflow_bits`` (inf, or max when saturating); ``flush`` zeroes results below the smallest normal.
+    All parameters are precomputed by the caller: no Python arithmetic here, so compiled graphs never break.
     """
     bits = x.view(torch.int32)
     a = bits & 0x7FFFFFFF
-    s = 23 - man_bits
-    if s > 0:
-        r = (a + ((1 << (s - 1)) - 1) + ((a >> s) & 1)) & ~((1 << s) - 1)
-    else:
-        r = a
-    min_normal_bits = (emin + 127) << 23
-    if emin > -126:
-        sub = (torch.round(x.abs() * 2.0 ** (man_bits - emin)) * 2.0 ** (emin - man_bits)).view(torch.int32)
+    r = (a + half_minus_one + ((a >> shift) & odd_bit)) & keep_mask
+    if sub_branch:
+        sub = (torch.round(x.abs() * sub_scale) / sub_scale).view(torch.int32)
         r = torch.where(a < min_normal_bits, sub, r)
-    if not subnormals:
+    if flush:
         r = torch.where(r < min_normal_bits, 0, r)
-    r = torch.where(r > max_bits, max_bits if saturate else 0x7F800000, r)
+    r = torch.where(r > max_bits, overflow_bits, r)
     r = torch.where(a > 0x7F800000, a, r)
     return (r | (bits & -(2**31))).view(torch.float32)
 

@@ -95,6 +95,10 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _f32_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
 def _fixed(
     x: Tensor, out: Tensor | None, word: int, frac: Tensor | int, rounding: int, key: Tensor | None
 ) -> Tensor:
@@ -116,17 +120,19 @@ def _dispatch(
     x: Tensor, out: Tensor | None, fmt: Format, rounding: int, key: Tensor | None, int_bits
 ) -> Tensor:
     if isinstance(fmt, FloatFormat):
+        saturate = fmt.overflow == "saturate"
         if _wide(x.dtype) == torch.float32 and rounding == kernels.NEAREST:
-            max_bits = int(torch.tensor(fmt.max_value, dtype=torch.float32).view(torch.int32))
-            saturate = fmt.overflow == "saturate"
+            max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
             return _run(
-                kernels.float_nearest_fp32, x, out, fmt.man_bits, fmt.emin, fmt.subnormals, max_bits, saturate
+                kernels.float_nearest_fp32, x, out, shift, max((1 << shift >> 1) - 1, 0), int(shift > 0),
+                -(1 << shift), (fmt.emin + 127) << 23, max_bits,
+                max_bits if saturate else 0x7F800000, 2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126,
+                not fmt.subnormals,
             )
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
-        saturate = fmt.overflow == "saturate"
         return _run(
-            kernels.float_grid, x, out, fmt.man_bits, fmt.emin, fmt.subnormals, max_value, saturate,
-            rounding, key,
+            kernels.float_grid, x, out, fmt.man_bits, fmt.emin - fmt.man_bits, fmt.min_normal,
+            not fmt.subnormals, max_value, saturate, rounding, key,
         )
     if isinstance(fmt, FixedPoint):
         return _fixed(x, out, fmt.word, fmt.frac, rounding, key)
