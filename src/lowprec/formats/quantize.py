@@ -53,7 +53,14 @@ def _compiled_apply() -> Callable:
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
     global _compile_failed
     if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
+        # Elementwise kernels do not care about shape: a flat view gives one compiled graph for all ranks.
+        flat = x.is_contiguous() and (out is None or out.is_contiguous()) and all(
+            not isinstance(a, Tensor) or a.dim() == 0 for a in args
+        )
         try:
+            if flat:
+                y = _compiled_apply()(kernel, x.view(-1), None if out is None else out.view(-1), *args)
+                return y.view(x.shape) if out is None else out
             return _compiled_apply()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
             _compile_failed = True
@@ -80,14 +87,13 @@ def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor
 def max_abs_int_bits(x: Tensor, dim_block: int | None = None) -> Tensor:
     """The max-abs exponent rule: the smallest integer r with max|x| < 2**r (as an int32 tensor, no sync).
 
-    With ``dim_block``, one r per row of ``x.reshape(-1, dim_block)``. All-zero (or empty) input gives the
-    smallest exponent of the container (any r works for zeros). NaN and inf are ignored.
+    With ``dim_block``, one r per row of ``x.reshape(-1, dim_block)``. All-zero (or empty) input gives 0
+    (any r represents zeros exactly). NaN and inf are ignored.
     """
     a = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
     amax = a.reshape(-1, dim_block).amax(dim=1, keepdim=True) if dim_block else a.amax()
     _, exponent = torch.frexp(amax)  # amax = f * 2**exponent, f in [0.5, 1): 2**(exponent-1) <= amax < 2**exponent
-    floor = container_of(x.dtype).smallest_exponent
-    return torch.where(amax > 0, exponent, floor).to(torch.int32)
+    return torch.where(amax > 0, exponent, 0).to(torch.int32)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -106,7 +112,8 @@ def _fixed(
     wide = _wide(x.dtype)
     c = container_of(x.dtype)  # keep every grid point representable in x's own dtype
     frac_t = torch.as_tensor(frac, dtype=torch.int32, device=x.device)
-    frac_t = torch.clamp(frac_t, max=-c.smallest_exponent, min=word - 1 - c.emax)
+    # the step no finer than x's dtype holds and 2**frac finite in the compute dtype; the range within x's dtype
+    frac_t = torch.clamp(frac_t, max=min(-c.smallest_exponent, container_of(wide).emax), min=word - 1 - c.emax)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if rounding == kernels.NEAREST:
