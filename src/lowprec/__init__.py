@@ -17,6 +17,9 @@ from .formats import (
 )
 from .policy import classifier_bits
 from .scaling import DynamicExponent
+from . import nn
+from .nn import convert, widen
+from .train import Trainer
 
 __version__ = "0.1.0"
 
@@ -24,3 +27,5 @@ __all__ = [
     "parse_format", "quantize", "classifier_bits", "DynamicExponent",
     "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
 ]
+__all__ += ["Trainer"]
+__all__ += ["convert", "widen", "nn"]

@@ -1,0 +1,28 @@
+"""Converted models: layers whose forward and backward quantize each tensor role per a policy.
+
+>>> import lowprec as lp
+>>> model = lp.convert(model, "int8")               # or a Policy, or "weight=int8,activations=int8,..."
+>>> for name, role, q in lp.nn.quantizers(model): ...
+>>> lp.nn.update_exponents(model)                   # once per batch: dynamic fixed point exponents
+>>> with lp.nn.calibrating(model): ...              # full-precision run that only measures exponents
+>>> wide = lp.widen(model_factory, 2)               # WRPN: every hidden layer twice as wide
+
+Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
+op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
+convert.py, state.py (quantizers, exponents, calibration), widen.py. nn/ depends on policy/, scaling/ and
+formats/ only.
+"""
+
+from .convert import CONVERSIONS, convert
+from .functions import QConvFunction, QLinearFunction, QuantizeFunction
+from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
+from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
+from .state import calibrating, quantizers, update_exponents
+from .widen import widen
+
+__all__ = [
+    "convert", "widen", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
+    "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
+    "QLinearFunction", "QConvFunction", "QuantizeFunction",
+]

@@ -1,0 +1,178 @@
+"""The autograd Functions of the quantized layers: one per op, forward and backward written out.
+
+Numerics of a weight layer (``QLinearFunction``, ``QConvFunction``), Courbariaux's D1 and MPT's T3::
+
+    forward:   xq = Q_activation(x)   wq = Q_weight(W)   bq = Q_bias(b)
+               z  = op(xq, wq, bq)           products of low-precision values, accumulated in float32
+               zq = Q_output(z)              (or in an emulated narrow accumulator, see roles.Accumulator)
+    backward:  gq = Q_output_grad(dE/dzq)
+               dE/dx = Q_activation_grad(op_input_grad(gq, wq))     dE/dW = Q_weight_grad(op_weight_grad(gq, xq))
+               dE/db = Q_bias_grad(sum of gq)
+
+xq and wq (the quantized values) are what backward uses, as in the papers. Every quantizer is crossed by a
+straight-through estimator (roles.straight_through): the identity, or WRPN's clipped STE for Uniform formats,
+applied before the gradient role rounds the result. A role the policy does not set is an identity quantizer
+and costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+
+from ..policy import Quantizer
+from .roles import Accumulator, quantize_roles, straight_through
+
+__all__ = ["QLinearFunction", "QConvFunction", "QuantizeFunction", "LinearOp", "ConvOp", "quantize_boundary"]
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """z = x W^T + b over the last dimension of x; an ``accumulator`` emulates a narrow accumulator in all
+    three matmuls (forward, dE/dx, dE/dW); the bias is added and dE/db summed in float32."""
+
+    accumulator: Accumulator | None = None
+
+    def _matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b if self.accumulator is None else self.accumulator.matmul(a, b)
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if self.accumulator is None:
+            return F.linear(x, w, b)
+        z = self.accumulator.matmul(x, w.t())
+        return z if b is None else z + b
+
+    def input_grad(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return self._matmul(g, w)
+
+    def weight_grad(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return self._matmul(g.reshape(-1, g.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+
+    def bias_grad(self, g: Tensor) -> Tensor:
+        return g.reshape(-1, g.shape[-1]).sum(0)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input}
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """A batched ``dim``-d convolution with explicit integer padding; accumulates in float32."""
+
+    dim: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def _geometry(self) -> tuple[Any, ...]:
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return _CONV[self.dim](x, w, b, *self._geometry())
+
+    def input_grad(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return _CONV_INPUT_GRAD[self.dim](x.shape, w, g, *self._geometry())
+
+    def weight_grad(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return _CONV_WEIGHT_GRAD[self.dim](x, w.shape, g, *self._geometry())
+
+    def bias_grad(self, g: Tensor) -> Tensor:
+        return g.sum(dim=[0, *range(2, g.dim())])
+
+
+def _forward(ctx: Any, op: LinearOp | ConvOp, x: Tensor, weight: Tensor, bias: Tensor | None,
+             quantizers: Mapping[str, Quantizer]) -> Tensor:
+    (xq, mx), (wq, mw), (bq, mb) = quantize_roles(quantizers, activation=x, weight=weight, bias=bias)
+    ((zq, mz),) = quantize_roles(quantizers, output=op.forward(xq, wq, bq))
+    ctx.save_for_backward(xq, wq, mx, mw, mb, mz)
+    ctx.op, ctx.quantizers = op, quantizers
+    return zq
+
+
+def _backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    xq, wq, mx, mw, mb, mz = ctx.saved_tensors
+    op, quantizers = ctx.op, ctx.quantizers
+    ((gq, _),) = quantize_roles(quantizers, output_grad=straight_through(grad_z, mz))
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grads = quantize_roles(
+        quantizers,
+        activation_grad=straight_through(op.input_grad(gq, xq, wq), mx) if need_x else None,
+        weight_grad=straight_through(op.weight_grad(gq, xq, wq), mw) if need_w else None,
+        bias_grad=straight_through(op.bias_grad(gq), mb) if need_b else None,
+    )
+    return tuple(g for g, _ in grads)  # type: ignore[return-value]
+
+
+class QLinearFunction(Function):
+    """``QLinearFunction.apply(x, weight, bias, quantizers, accumulator=None)``: a quantized ``F.linear``.
+
+    ``quantizers`` maps the LAYER_ROLES to Quantizers; ``accumulator`` (a roles.Accumulator) emulates a
+    low-precision accumulator, None accumulates in float32. See the module docstring for the numerics.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
+                quantizers: Mapping[str, Quantizer], accumulator: Accumulator | None = None) -> Tensor:
+        return _forward(ctx, LinearOp(accumulator), x, weight, bias, quantizers)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+        return (*_backward(ctx, grad_z), None, None)
+
+
+class QConvFunction(Function):
+    """``QConvFunction.apply(x, weight, bias, quantizers, op)``: a quantized convolution (``op``: a ConvOp,
+    batched input, explicit padding); backward through ``torch.nn.grad.conv{1,2}d_input/_weight``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
+                quantizers: Mapping[str, Quantizer], op: ConvOp) -> Tensor:
+        return _forward(ctx, op, x, weight, bias, quantizers)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+        return (*_backward(ctx, grad_z), None, None)
+
+
+class QuantizeFunction(Function):
+    """``QuantizeFunction.apply(x, quantizers, forward_role, backward_role)``: a role boundary.
+
+    Forward: ``quantizers[forward_role](x)``. Backward: the STE of that quantizer, then
+    ``quantizers[backward_role]`` on the gradient. Used where the op in between is plain float32 autograd
+    (batch-norm's normalisation, an embedding lookup, the recurrent weights shared by all time steps).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, quantizers: Mapping[str, Quantizer], forward_role: str,
+                backward_role: str) -> Tensor:
+        ((y, mask),) = quantize_roles(quantizers, **{forward_role: x})
+        ctx.save_for_backward(mask)
+        ctx.quantizers, ctx.backward_role = quantizers, backward_role
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (mask,) = ctx.saved_tensors
+        ((g, _),) = quantize_roles(ctx.quantizers, **{ctx.backward_role: straight_through(grad, mask)})
+        return g, None, None, None
+
+
+def quantize_boundary(x: Tensor, quantizers: Mapping[str, Quantizer], forward_role: str,
+                      backward_role: str) -> Tensor:
+    """``x`` through a role boundary (QuantizeFunction); ``x`` itself when neither role is quantized."""
+    if not (quantizers[forward_role].enabled or quantizers[backward_role].enabled):
+        return x
+    return QuantizeFunction.apply(x, quantizers, forward_role, backward_role)

@@ -1,0 +1,221 @@
+"""Quantized layers: torch layers whose forward and backward round each tensor role per a policy.
+
+Each class subclasses the torch layer it replaces (``QLinear`` is an ``nn.Linear``): same constructor, same
+parameter names and shapes, so state dicts and optimizers carry over. The extra keyword ``policy`` (a Policy,
+preset name or policy string; default fp32) sets the roles; ``lowprec.convert`` builds them from existing
+layers instead and resolves overrides, ``@first``/``@last`` and the classifier rule per module.
+
+Every layer holds ``policy`` (its resolved Policy) and ``quantizers`` (role -> Quantizer, all LAYER_ROLES;
+roles the layer does not have are identities; ``"accumulation"`` too where the policy emulates a narrow
+accumulator). A layer whose quantizers are all identities runs the torch layer's own forward: bit for bit
+the unconverted layer.
+
+Where each role applies:
+
+* QLinear, QConv1d, QConv2d: all eight roles, through QLinearFunction / QConvFunction (functions.py).
+  Accumulation emulation (the ``accumulation`` role) covers QLinear; convolutions accumulate in float32.
+* QBatchNorm1d/2d (Park et al.): activation on the input, output on the result, output_grad and
+  activation_grad at the same two boundaries; statistics, normalisation and the affine parameters stay
+  float32 (MPT: reductions in fp32). WRPN's clip formats (Uniform) are not applied here: they replace the ReLU
+  in front of a weight layer and would clip batch-norm's signed input.
+* QEmbedding: weight (the table, once per forward) and output; weight_grad and output_grad in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..formats import Uniform
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
+from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
+from .resolve import as_policy
+from .roles import Accumulator
+
+__all__ = [
+    "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
+]
+
+_EXTRA_STATE = "_extra_state"  # torch's state-dict key suffix for get_extra_state()
+
+
+class QuantizedModule:
+    """Mixin of every quantized layer (put first in the bases, before the torch layer)."""
+
+    #: The roles this layer's op has; the others stay identities whatever the policy says.
+    OP_ROLES: tuple[str, ...] = LAYER_ROLES
+    #: Whether the layer's matmuls emulate the policy's ``accumulation`` role.
+    ACCUMULATES: bool = False
+    #: Whether the layer counts for @first/@last (weight layers do; batch-norm does not).
+    COUNTS_AS_LAYER: bool = True
+
+    policy: Policy
+    quantizers: dict[str, Quantizer]
+    accumulator: Accumulator | None
+
+    def __init__(self, *args: Any, policy: Policy | str = "fp32", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        resolved = as_policy(policy).for_module("")
+        self.check_supported(self, resolved)
+        self.configure(resolved)
+
+    # -- conversion -----------------------------------------------------------------------------------------
+    @classmethod
+    def check_supported(cls, module: nn.Module, policy: Policy) -> None:
+        """Raise (NotImplementedError) if ``module`` cannot run quantized under ``policy``; before adopt()."""
+
+    @classmethod
+    def quantizes_under(cls, policy: Policy) -> bool:
+        """Whether a resolved module policy sets any role this layer has."""
+        roles = cls.OP_ROLES + (("accumulation",) if cls.ACCUMULATES else ())
+        return any(policy.get(role) is not None for role in roles)
+
+    @classmethod
+    def adopt(cls, module: nn.Module, policy: Policy) -> QuantizedModule:
+        """Turn ``module`` (an instance of the torch layer this class extends) into this class, in place:
+        its parameters, buffers and hooks stay the same objects."""
+        module.__class__ = cls
+        module.configure(policy)  # type: ignore[attr-defined]
+        return module  # type: ignore[return-value]
+
+    def configure(self, policy: Policy) -> None:
+        """Build the quantizers of a resolved module policy (fresh dynamic-fixed-point exponents)."""
+        self.policy = policy
+        self.quantizers = {role: Quantizer(self._role_quant(role), policy) for role in LAYER_ROLES}
+        self.accumulator = None
+        if self.ACCUMULATES and policy.get("accumulation") is not None:
+            self.quantizers["accumulation"] = Quantizer(policy.get("accumulation"), policy)
+            self.accumulator = Accumulator(self.quantizers["accumulation"], policy.accumulation_chunk)
+
+    def _role_quant(self, role: str) -> Quant | None:
+        if role not in self.OP_ROLES or (role in ("bias", "bias_grad") and not self._has_bias()):
+            return None
+        return self.policy.get(role)
+
+    def _has_bias(self) -> bool:
+        return getattr(self, "bias", None) is not None
+
+    @property
+    def quantizing(self) -> bool:
+        """False when every role is an identity: the layer then runs the plain torch forward."""
+        return any(q.enabled for q in self.quantizers.values())
+
+    # -- state: the quantizers' exponents travel in the module's state dict ---------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {role: q.state_dict() for role, q in self.quantizers.items()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.quantizers):
+            raise ValueError(
+                f"the checkpoint has quantizers for {sorted(state)}, this layer has {sorted(self.quantizers)} "
+                "(was it converted under another policy?)"
+            )
+        for role, s in state.items():
+            self.quantizers[role].load_state_dict(s)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        # A state dict of the unconverted model has no quantizer state: keep the fresh quantizers.
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + _EXTRA_STATE
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        roles = ", ".join(f"{role}={q.quant}" for role, q in self.quantizers.items() if q.enabled)
+        return super().extra_repr() + f", quantized: {roles or 'nothing'}"  # type: ignore[misc]
+
+
+class QLinear(QuantizedModule, nn.Linear):
+    """``nn.Linear`` with quantized roles (QLinearFunction) and optional accumulation emulation."""
+
+    ACCUMULATES = True
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.quantizing:
+            return super().forward(input)
+        return QLinearFunction.apply(input, self.weight, self.bias, self.quantizers, self.accumulator)
+
+
+class _QConv(QuantizedModule):
+    """Shared forward of QConv1d/QConv2d: non-zero padding modes and string padding become an explicit
+    ``F.pad`` of the input (as torch does), then QConvFunction with integer padding."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.quantizing:
+            return super().forward(input)  # type: ignore[misc]
+        dim = len(self.kernel_size)
+        unbatched = input.dim() == dim + 1
+        x = input.unsqueeze(0) if unbatched else input
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * dim
+        op = ConvOp(dim, self.stride, padding, self.dilation, self.groups)
+        y = QConvFunction.apply(x, self.weight, self.bias, self.quantizers, op)
+        return y.squeeze(0) if unbatched else y
+
+
+class QConv1d(_QConv, nn.Conv1d):
+    """``nn.Conv1d`` with quantized roles (QConvFunction)."""
+
+
+class QConv2d(_QConv, nn.Conv2d):
+    """``nn.Conv2d`` with quantized roles (QConvFunction)."""
+
+
+class _QBatchNorm(QuantizedModule):
+    """Batch-norm between quantized boundaries; the normalisation itself is torch's, in float32."""
+
+    OP_ROLES = ("activation", "output", "output_grad", "activation_grad")
+    COUNTS_AS_LAYER = False
+
+    def _role_quant(self, role: str) -> Quant | None:
+        quant = super()._role_quant(role)
+        return None if quant is not None and isinstance(quant.format, Uniform) else quant
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.quantizing:
+            return super().forward(input)  # type: ignore[misc]
+        x = quantize_boundary(input, self.quantizers, "activation", "activation_grad")
+        return quantize_boundary(super().forward(x), self.quantizers, "output", "output_grad")  # type: ignore[misc]
+
+
+class QBatchNorm1d(_QBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with quantized input and output (Park et al.); statistics in float32."""
+
+
+class QBatchNorm2d(_QBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with quantized input and output (Park et al.); statistics in float32."""
+
+
+class QEmbedding(QuantizedModule, nn.Embedding):
+    """``nn.Embedding`` whose table is quantized (weight role) before the lookup, and its output (output
+    role); weight_grad rounds the (dense) table gradient. ``sparse=True`` is not supported when quantizing."""
+
+    OP_ROLES = ("weight", "output", "output_grad", "weight_grad")
+
+    @classmethod
+    def check_supported(cls, module: nn.Module, policy: Policy) -> None:
+        if module.sparse and cls.quantizes_under(policy):
+            raise NotImplementedError(
+                "a quantized Embedding needs dense gradients: build it with sparse=False, or keep it in fp32 "
+                "with a per-module override (e.g. '<name>: weight=none,output=none,grads=none')"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.quantizing:
+            return super().forward(input)
+        if self.max_norm is not None:  # renormalise the stored table, as F.embedding does
+            with torch.no_grad():
+                torch.embedding_renorm_(self.weight, input.contiguous(), self.max_norm, self.norm_type)
+        weight = quantize_boundary(self.weight, self.quantizers, "weight", "weight_grad")
+        y = F.embedding(input, weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq)
+        return quantize_boundary(y, self.quantizers, "output", "output_grad")

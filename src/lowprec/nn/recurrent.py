@@ -1,0 +1,198 @@
+"""Quantized recurrent layers: QLSTM and QGRU (unidirectional, any depth, batch_first) and their cells.
+
+The recurrence is written out in Python, one time step at a time, with the same parameters (names, shapes,
+gate order i,f,g,o for LSTM and r,z,n for GRU) as torch's layers. Numerics per forward:
+
+* The weights and biases of each layer are quantized once (weight / bias roles; weight_grad / bias_grad round
+  their gradient once, summed over all time steps) through a role boundary.
+* Each matmul is a QLinearFunction: the input-to-hidden one over the whole sequence at once, the
+  hidden-to-hidden one at every step. It quantizes its input (activation role: x_t, or h_{t-1}), its result
+  (output role: the gate pre-activations W x + b, U h + b), dE/dz (output_grad) and dE/dx or dE/dh
+  (activation_grad), and emulates the policy's accumulator if any.
+* The gates, the cell state c and the new h are computed in float32 (MPT: point-wise ops in fp32). The
+  returned hidden states are these float32 values; whatever consumes them (the next step, the next layer)
+  quantizes them as its activation.
+
+For dynamic fixed point with the overflow rule, every quantized tensor is one observation of its group, so a
+recurrent layer's groups see several per batch (the weight and bias groups two per layer, the activation,
+output and gradient groups one per matmul: 1 + T per layer): their ``exponent_interval`` counts observations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..policy import Policy, Quantizer
+from .functions import QLinearFunction, quantize_boundary
+from .layers import QuantizedModule
+from .roles import IDENTITY, Accumulator
+
+__all__ = ["QLSTM", "QGRU", "QLSTMCell", "QGRUCell"]
+
+State = tuple[Tensor, ...]
+Step = Callable[[Tensor, State, Tensor, "Tensor | None", Mapping[str, Quantizer], "Accumulator | None"], State]
+
+_PARAM_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # applied once per forward, not per matmul
+
+
+def lstm_step(zx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+              roles: Mapping[str, Quantizer], accumulator: Accumulator | None) -> State:
+    """One LSTM step from the input projection zx = W_ih x_t + b_ih: returns (h_t, c_t)."""
+    h, c = state
+    gates = zx + QLinearFunction.apply(h, w_hh, b_hh, roles, accumulator)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_step(zx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+             roles: Mapping[str, Quantizer], accumulator: Accumulator | None) -> State:
+    """One GRU step from the input projection zx = W_ih x_t + b_ih: returns (h_t,)."""
+    (h,) = state
+    zh = QLinearFunction.apply(h, w_hh, b_hh, roles, accumulator)
+    x_r, x_z, x_n = zx.chunk(3, dim=-1)
+    h_r, h_z, h_n = zh.chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return ((1 - z) * n + z * h,)
+
+
+class _QRecurrent(QuantizedModule):
+    """What QLSTM, QGRU and the cells share: parameter quantization, state packing, the step."""
+
+    ACCUMULATES = True
+    _STATES: int  # tensors in the recurrent state: 2 for LSTM (h, c), 1 for GRU (h)
+    _step: Step
+
+    def _has_bias(self) -> bool:
+        return bool(self.bias)
+
+    def _weights(self, suffix: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(W_ih, W_hh, b_ih, b_hh) of one layer, through the weight and bias role boundaries."""
+        q = self.quantizers
+        w_ih, w_hh = (quantize_boundary(getattr(self, n + suffix), q, "weight", "weight_grad")
+                      for n in ("weight_ih", "weight_hh"))
+        if not self.bias:
+            return w_ih, w_hh, None, None
+        b_ih, b_hh = (quantize_boundary(getattr(self, n + suffix), q, "bias", "bias_grad")
+                      for n in ("bias_ih", "bias_hh"))
+        return w_ih, w_hh, b_ih, b_hh
+
+    def _matmul_roles(self) -> dict[str, Quantizer]:
+        """The roles of each matmul: the parameters are already quantized."""
+        return {**self.quantizers, **{role: IDENTITY for role in _PARAM_ROLES}}
+
+    def _pack(self, hx: Any, zeros: Callable[[], Tensor], unsqueeze: int | None) -> State:
+        """torch's hx ((h, c) or h, or None) as a tuple of state tensors, batched."""
+        if hx is None:
+            return (zeros(),) * self._STATES
+        state = tuple(hx) if self._STATES > 1 else (hx,)
+        return state if unsqueeze is None else tuple(s.unsqueeze(unsqueeze) for s in state)
+
+    def _unpack(self, state: State, squeeze: int | None) -> Any:
+        """A state tuple back in torch's form ((h, c) or h)."""
+        if squeeze is not None:
+            state = tuple(s.squeeze(squeeze) for s in state)
+        return state if self._STATES > 1 else state[0]
+
+
+class _QRNN(_QRecurrent):
+    """The multi-layer recurrence of QLSTM and QGRU."""
+
+    @classmethod
+    def check_supported(cls, module: nn.Module, policy: Policy) -> None:
+        if not cls.quantizes_under(policy):
+            return
+        if module.bidirectional:
+            raise NotImplementedError(
+                f"lowprec's quantized {type(module).__name__} is unidirectional: bidirectional=True is not "
+                "supported (run a second layer on the time-reversed input, or keep this layer in fp32 with a "
+                "per-module override)"
+            )
+        if getattr(module, "proj_size", 0):
+            raise NotImplementedError("lowprec's quantized LSTM does not support proj_size > 0")
+
+    def forward(self, input: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        if not self.quantizing:
+            return super().forward(input, hx)  # type: ignore[misc]
+        if isinstance(input, PackedSequence):
+            raise TypeError(
+                f"lowprec's quantized {type(self).__name__[1:]} does not take a PackedSequence: pass the padded "
+                "batch (torch.nn.utils.rnn.pad_sequence) and the sequence lengths, and read each sequence's "
+                "output at step length - 1"
+            )
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if self.batch_first and batched:
+            x = x.transpose(0, 1)
+        state = self._pack(hx, lambda: x.new_zeros(self.num_layers, x.shape[1], self.hidden_size),
+                           None if batched else 1)
+        roles = self._matmul_roles()
+        finals = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self._weights(f"_l{layer}")
+            zx = QLinearFunction.apply(x, w_ih, b_ih, roles, self.accumulator)
+            s = tuple(part[layer] for part in state)
+            outputs = []
+            for zx_t in zx.unbind(0):
+                s = self._step(zx_t, s, w_hh, b_hh, roles, self.accumulator)
+                outputs.append(s[0])
+            x = torch.stack(outputs)
+            finals.append(s)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        if self.batch_first and batched:
+            x = x.transpose(0, 1)
+        last = tuple(torch.stack(parts) for parts in zip(*finals))
+        return (x if batched else x.squeeze(1)), self._unpack(last, None if batched else 1)
+
+
+class _QCell(_QRecurrent):
+    """One step of QLSTMCell and QGRUCell. The weights are quantized at every call (every step), so their
+    gradient is rounded per step and summed over the steps of the caller's loop in float32."""
+
+    def forward(self, input: Tensor, hx: Any = None) -> Any:
+        if not self.quantizing:
+            return super().forward(input, hx)  # type: ignore[misc]
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        state = self._pack(hx, lambda: x.new_zeros(x.shape[0], self.hidden_size), None if batched else 0)
+        w_ih, w_hh, b_ih, b_hh = self._weights("")
+        roles = self._matmul_roles()
+        zx = QLinearFunction.apply(x, w_ih, b_ih, roles, self.accumulator)
+        return self._unpack(self._step(zx, state, w_hh, b_hh, roles, self.accumulator), None if batched else 0)
+
+
+class QLSTM(_QRNN, nn.LSTM):
+    """``nn.LSTM`` with quantized matmuls (see the module docstring); unidirectional, no proj_size."""
+
+    _STATES = 2
+    _step = staticmethod(lstm_step)
+
+
+class QGRU(_QRNN, nn.GRU):
+    """``nn.GRU`` with quantized matmuls (see the module docstring); unidirectional."""
+
+    _STATES = 1
+    _step = staticmethod(gru_step)
+
+
+class QLSTMCell(_QCell, nn.LSTMCell):
+    """``nn.LSTMCell`` with quantized matmuls."""
+
+    _STATES = 2
+    _step = staticmethod(lstm_step)
+
+
+class QGRUCell(_QCell, nn.GRUCell):
+    """``nn.GRUCell`` with quantized matmuls."""
+
+    _STATES = 1
+    _step = staticmethod(gru_step)

@@ -1,0 +1,128 @@
+"""``widen(model, beta)``: WRPN's wide reduced-precision networks (Mishra et al., spec W4).
+
+"We maintain the depth parameter same as baseline network but widen the filter maps": every weight layer's
+outputs (Linear out_features, Conv out_channels, LSTM/GRU hidden_size) are multiplied by beta, rounded to an
+int, at least 1 (``round(width * beta)``, as lowprec.models' ``width`` does), except the last weight
+layer's (the classes). Each layer's inputs follow the widths the layers before it now produce, so the first
+layer's inputs (the data) stay as they are. Batch-norm ``num_features`` follow their input. Embeddings are not
+widened (their width is the data's). The widened layers are built fresh (new random initial values: WRPN
+trains from scratch); everything else in the model is kept.
+
+How an input width follows: with the previous weight layer (in ``named_modules()`` order) turning width p into
+p', an input of width w becomes ``(w // p) * p'`` when w is a multiple of p (a Linear after a Flatten of p
+channels times H*W positions, a concatenation of equal branches), else ``round(w * p' / p)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .layers import QuantizedModule
+
+__all__ = ["widen"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RNNS = (nn.LSTM, nn.GRU)
+_CELLS = (nn.LSTMCell, nn.GRUCell)
+_WEIGHT_LAYERS = (nn.Linear, *_CONVS, *_RNNS, *_CELLS)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+Widths = tuple[int, int]  # (old, new) width of the activations the previous weight layer produces
+
+
+def _scaled(width: int, beta: float) -> int:
+    return max(1, round(width * beta))
+
+
+def _follow(width: int, previous: Widths | None) -> int:
+    if previous is None:
+        return width
+    old, new = previous
+    return width // old * new if width % old == 0 else max(1, round(width * new / old))
+
+
+def _factory(module: nn.Module) -> dict[str, Any]:
+    """device and dtype of the module's floating-point tensors, for its rebuilt twin."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def _widen_layer(m: nn.Module, previous: Widths | None, beta: float, last: bool) -> tuple[nn.Module, Widths]:
+    """The rebuilt weight layer and the (old, new) width of what it produces."""
+    fk = _factory(m)
+    if isinstance(m, nn.Linear):
+        old_in, old_out = m.in_features, m.out_features
+    elif isinstance(m, _CONVS):
+        old_in, old_out = m.in_channels, m.out_channels
+    else:
+        if getattr(m, "proj_size", 0):
+            raise NotImplementedError("widen does not support an LSTM with proj_size > 0")
+        old_in, old_out = m.input_size, m.hidden_size
+    new_in = _follow(old_in, previous)
+    new_out = old_out if last else _scaled(old_out, beta)
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(new_in, new_out, bias=m.bias is not None, **fk)
+    elif isinstance(m, _CONVS):
+        groups = m.groups
+        if groups > 1 and groups == old_in:  # depthwise: one group per input channel, channel multiplier kept
+            groups = new_in
+            new_out = old_out if last else old_out // m.groups * new_in
+        if new_in % groups or new_out % groups:
+            raise ValueError(
+                f"widen: {type(m).__name__} with groups={m.groups} cannot take {new_in} -> {new_out} channels; "
+                "pick a beta that keeps the channel counts divisible by the groups"
+            )
+        new = type(m)(new_in, new_out, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                      m.bias is not None, m.padding_mode, **fk)
+    elif isinstance(m, _RNNS):
+        new = type(m)(new_in, new_out, m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional, **fk)
+    else:
+        new = type(m)(new_in, new_out, m.bias, **fk)
+    directions = 2 if getattr(m, "bidirectional", False) else 1
+    return new.train(m.training), (old_out * directions, new_out * directions)
+
+
+def widen(model_or_factory: nn.Module | Callable[[], nn.Module], beta: float) -> nn.Module:
+    """A widened copy of the model (or of ``model_or_factory()``): every weight layer's outputs times
+    ``beta`` except the last's, inputs following (see the module docstring). Widen the plain model, then
+    ``convert`` it. Modules with parameters that widen cannot resize (LayerNorm, custom ones) are kept and
+    named in one UserWarning: the widened model may not run through them."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    model = copy.deepcopy(model_or_factory) if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"widen takes an nn.Module or a callable returning one, got {type(model).__name__}")
+    if any(isinstance(m, QuantizedModule) for m in model.modules()):
+        raise TypeError("widen the plain model, then convert it: this model already has quantized layers")
+    names = [name for name, m in model.named_modules() if type(m) in _WEIGHT_LAYERS]
+    last = names[-1] if names else None
+    previous: Widths | None = None
+    rebuilt: dict[str, nn.Module] = {}
+    kept: list[str] = []
+    for name, m in model.named_modules():
+        if type(m) in _WEIGHT_LAYERS:
+            rebuilt[name], previous = _widen_layer(m, previous, beta, name == last)
+        elif type(m) in _NORMS:
+            rebuilt[name] = type(m)(_follow(m.num_features, previous), m.eps, m.momentum, m.affine,
+                                    m.track_running_stats, **_factory(m)).train(m.training)
+        elif type(m) is nn.Embedding:
+            previous = (m.embedding_dim, m.embedding_dim)
+        elif next(m.parameters(recurse=False), None) is not None:
+            kept.append(f"{name or '(root)'} ({type(m).__name__})")
+    if kept:
+        warnings.warn(f"lowprec.widen: these modules have parameters and were not resized: {', '.join(kept)}",
+                      UserWarning, stacklevel=2)
+    for name, new in rebuilt.items():
+        if not name:
+            return new
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model

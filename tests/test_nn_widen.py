@@ -1,0 +1,78 @@
+"""lowprec.widen: WRPN's widening of every hidden layer by beta."""
+
+import pytest
+import torch
+from test_nn_models import lenet, mlp
+from torch import nn
+
+import lowprec as lp
+
+
+def _shapes(model):
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def test_lenet_doubles_every_hidden_width_and_keeps_data_and_classes():
+    wide = lp.widen(lenet(), 2)
+    assert _shapes(wide) == {
+        "0.weight": (12, 1, 5, 5), "0.bias": (12,),
+        "3.weight": (32, 12, 5, 5), "3.bias": (32,),
+        "7.weight": (64, 512), "7.bias": (64,),  # Flatten of 32 channels x 4 x 4
+        "9.weight": (10, 64), "9.bias": (10,),
+    }
+    assert wide(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_mlp_from_a_factory_at_fractional_beta():
+    wide = lp.widen(mlp, 1.5)
+    assert [(m.in_features, m.out_features) for m in wide if isinstance(m, nn.Linear)] == [
+        (784, 72), (72, 36), (36, 10)
+    ]
+    assert wide(torch.randn(3, 784)).shape == (3, 10)
+
+
+def test_original_is_untouched_and_widened_layers_are_fresh():
+    model = mlp()
+    wide = lp.widen(model, 2)
+    assert model[0].out_features == 48 and wide[0].out_features == 96
+    assert wide[2] is not model[2] and type(wide[2]) is nn.Dropout
+
+
+def test_batchnorm_follows_and_recurrent_hidden_sizes_scale():
+    convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(8, 5))
+    wide = lp.widen(convnet, 3)
+    assert wide[1].num_features == 24 and wide[5].in_features == 24 and wide[5].out_features == 5
+    assert wide(torch.randn(2, 3, 6, 6)).shape == (2, 5)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(30, 6)
+            self.lstm = nn.LSTM(6, 10, num_layers=2, batch_first=True)
+            self.head = nn.Linear(10, 4)
+
+        def forward(self, tokens):
+            return self.head(self.lstm(self.embedding(tokens))[0])
+
+    tagger = lp.widen(Tagger(), 2)
+    assert tagger.embedding.embedding_dim == 6
+    assert (tagger.lstm.input_size, tagger.lstm.hidden_size, tagger.lstm.num_layers) == (6, 20, 2)
+    assert tagger.lstm.batch_first and (tagger.head.in_features, tagger.head.out_features) == (20, 4)
+    assert tagger(torch.randint(0, 30, (2, 5))).shape == (2, 5, 4)
+
+
+def test_widened_model_converts_under_wrpn():
+    q = lp.convert(lp.widen(lenet, 2), "wrpn-4-4")
+    assert q(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert q[3].quantizing and not q[0].quantizing and not q[9].quantizing
+
+
+def test_bad_arguments():
+    for beta in (0, -1, float("nan"), True):
+        with pytest.raises(ValueError, match="beta"):
+            lp.widen(mlp(), beta)
+    with pytest.raises(TypeError, match="widen the plain model"):
+        lp.widen(lp.convert(mlp(), "int8"), 2)
+    with pytest.warns(UserWarning, match="1 \\(LayerNorm\\)"):
+        lp.widen(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), 2)
