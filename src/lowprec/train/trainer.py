@@ -1,0 +1,228 @@
+"""``Trainer``: everything a training step does after the forward pass, in the order the papers prescribe.
+
+``trainer.step(loss)`` =
+
+1. ``backward(loss)``: (S·loss).backward(), S the loss scale (fp32 product, ``LossScaler.scale_loss``).
+2. ``unscale_()``: every gradient divided by S in place, before clipping and weight decay see it (MPT §3.2);
+   the inf/NaN check of all gradients (one host sync) names the parameters that overflowed.
+3. If any gradient is inf/NaN: the step is skipped (no optimizer step, no re-quantization), grads are zeroed.
+4. Otherwise: clip the total gradient norm (``clip_grad_norm``), run the optimizer (its weight decay works on
+   unscaled fp32 gradients), store each parameter per its update mode (``update.py``: fp32 master, storage
+   in the master format, or Park's lazy update), round the optimizer state to ``optimizer_state``
+   (``state.py``), zero the grads.
+5. The loss scaler advances (``LossScaler.update``: backoff on overflow, growth after clean steps).
+6. Dynamic fixed point exponents advance by their rule: the layers' (``lowprec.nn.update_exponents``) and the
+   trainer's own master / accumulator / optimizer-state groups. They advance on skipped steps too: the
+   batch was observed, and an overflow is exactly what the overflow-rate rule must see.
+
+Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
+clipping or gradient inspection), ``apply_update``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import update_exponents as update_layer_exponents
+from ..nn.resolve import as_policy
+from ..policy import Policy, Quantizer
+from ..scaling import LossScaler, StepResult
+from .params import check_optimizer_covers, parameter_slots
+from .state import OptimizerStateFormats
+from .update import step_parameters
+from .warmup import warmup_exponents
+
+__all__ = ["Trainer", "TrainStepResult", "scaler_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStepResult(StepResult):
+    """The loss scaler's ``StepResult`` (skipped, scale, next_scale, overflow_modules: the names of the
+    parameters whose gradients were inf/NaN, growth_tracker) plus the step index and the gradient norm."""
+
+    step: int  # 0-based index of this step (skipped steps count)
+    grad_norm: Tensor | None  # total gradient norm before clipping (None unless clip_grad_norm is set)
+
+
+def scaler_for(policy: Policy) -> LossScaler:
+    """The loss scaler a policy's ``loss_scale`` setting names (dynamic: LossScaler.dynamic() defaults)."""
+    if policy.loss_scale == "dynamic":
+        return LossScaler.dynamic()
+    if policy.loss_scale.startswith("static:"):
+        return LossScaler.static(float(policy.loss_scale[len("static:"):]))
+    return LossScaler.none()
+
+
+class Trainer:
+    """The training step of one model under one policy (see the module docstring).
+
+    ``model``: usually ``lowprec.convert(model, policy)``; a plain module works too. ``optimizer``: any
+    ``torch.optim`` optimizer over exactly the model's trainable parameters (``lowprec.train.SGD``/``AdamW``
+    avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string.
+    ``scaler``: default from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled
+    gradients. Building the trainer rounds every parameter once to its master format.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        policy: Policy | str = "fp32",
+        *,
+        scaler: LossScaler | None = None,
+        clip_grad_norm: float | None = None,
+    ):
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+        self.model, self.optimizer = model, optimizer
+        self.policy = as_policy(policy)
+        self.scaler = scaler if scaler is not None else scaler_for(self.policy)
+        self.clip_grad_norm = clip_grad_norm
+        check_optimizer_covers(model, optimizer)
+        self.slots = parameter_slots(model, self.policy)
+        self.state_formats = OptimizerStateFormats(self.slots)
+        self.steps = 0
+        self._unscaled: tuple[bool, list[str]] | None = None
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def step(self, loss: Tensor) -> TrainStepResult:
+        """backward + apply_update: everything after the forward pass. Returns what happened."""
+        self.backward(loss)
+        return self.apply_update()
+
+    def backward(self, loss: Tensor) -> None:
+        """(S·loss).backward(). May be called several times before ``apply_update`` (gradient accumulation)."""
+        if self._unscaled is not None:
+            raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
+        self.scaler.scale_loss(loss).backward()
+
+    def unscale_(self) -> tuple[bool, list[str]]:
+        """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
+        if self._unscaled is None:
+            self._unscaled = self.scaler.unscale_(self.model.named_parameters())
+        return self._unscaled
+
+    def apply_update(self) -> TrainStepResult:
+        """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents."""
+        found_inf, _ = self.unscale_()
+        grad_norm = None if found_inf else self._update_parameters()
+        self.zero_grad()
+        result = self.scaler.update(found_inf)
+        self.update_exponents()
+        step, self.steps = self.steps, self.steps + 1
+        return TrainStepResult(**{f.name: getattr(result, f.name) for f in dataclasses.fields(StepResult)},
+                               step=step, grad_norm=grad_norm)
+
+    def _update_parameters(self) -> Tensor | None:
+        """Clip, optimizer step, storage rule, optimizer-state formats; the norm before clipping (if clipped)."""
+        grad_norm = None
+        if self.clip_grad_norm is not None:
+            grads = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
+        step_parameters(self.optimizer, self.slots)
+        self.state_formats.apply_(self.optimizer)
+        return grad_norm
+
+    def update_exponents(self) -> None:
+        """Advance every dynamic fixed point exponent one batch (layers' and the trainer's own groups)."""
+        update_layer_exponents(self.model)
+        for _, _, q in self.quantizers():
+            q.update()
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (set to None) and any pending unscale: abandons a step in progress."""
+        self.model.zero_grad(set_to_none=True)
+        self._unscaled = None
+
+    # -- inspection -------------------------------------------------------------------------------------------
+    def quantizers(self) -> Iterator[tuple[str, str, Quantizer]]:
+        """(parameter name, role, Quantizer) for the trainer's master, accumulator and optimizer-state groups;
+        optimizer-state names are ``"<param>:<buffer>"`` and appear after the first step."""
+        for slot in self.slots:
+            for role, q in slot.quantizers():
+                yield slot.name, role, q
+        for key, q in self.state_formats.items():
+            yield key, "optimizer_state", q
+
+    # -- range warm-up ----------------------------------------------------------------------------------------
+    def warmup_exponents(
+        self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor], steps: int | None = None
+    ) -> int:
+        """Courbariaux's range initialisation: train in full precision on ``batches`` (``steps`` of them, default
+        all) while every dynamic fixed point group observes its tensors and moves its exponent, then restore the
+        initial parameters, accumulators and optimizer state. No loss scaling; the scaler is untouched.
+        ``loss_fn(model, batch)`` returns the loss. Returns the number of steps taken."""
+        accumulators = [(s.acc, s.acc.clone()) for s in self.slots if s.acc is not None]
+
+        def update() -> None:
+            self._update_parameters()
+            self.zero_grad()
+            self.update_exponents()
+
+        self._set_observe_only(True)
+        try:
+            return warmup_exponents(self.model, self.optimizer, batches, loss_fn, steps, update=update)
+        finally:
+            self._set_observe_only(False)
+            for acc, saved in accumulators:
+                acc.copy_(saved)
+
+    def _set_observe_only(self, flag: bool) -> None:
+        for slot in self.slots:
+            for _, q in slot.quantizers():
+                q.observe_only = flag
+        self.state_formats.set_observe_only(flag)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a bit-exact resume needs: model (its quantizer exponents included, through the model's own
+        state_dict), optimizer, loss scaler, accumulators, the trainer's quantizer groups, the torch RNG states
+        (CPU, and CUDA when present: stochastic rounding and dropout draw from them) and the step counter.
+        As with torch's state_dicts, tensors are shared with the live objects: torch.save or deepcopy it."""
+        return {
+            "policy": self.policy.spec(),
+            "steps": self.steps,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "accumulators": {s.name: s.acc for s in self.slots if s.acc is not None},
+            "quantizers": {
+                "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
+                "optimizer_state": self.state_formats.state_dict(),
+            },
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()`` into a trainer built the same way (same model, optimizer type, policy)."""
+        if state["policy"] != self.policy.spec():
+            raise ValueError(
+                f"checkpoint was trained under policy {state['policy']!r}, this trainer has {self.policy.spec()!r}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.scaler.load_state_dict(state["scaler"])
+        accumulators = {s.name: s.acc for s in self.slots if s.acc is not None}
+        if set(accumulators) != set(state["accumulators"]):
+            raise ValueError("checkpoint accumulators do not match this trainer's lazy-update parameters")
+        for name, acc in accumulators.items():
+            acc.copy_(state["accumulators"][name])
+        groups = state["quantizers"]["params"]
+        for s in self.slots:
+            for role, q in s.quantizers():
+                q.load_state_dict(groups[f"{s.name}:{role}"])
+        self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.steps = state["steps"]
+        self._unscaled = None

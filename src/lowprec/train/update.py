@@ -1,0 +1,140 @@
+"""How each parameter is stored after an optimizer step: the three update modes of the papers.
+
+The mode of a parameter is read from its policy's ``master`` and ``accumulator`` roles:
+
+* ``master=None`` (Micikevicius et al., MPT; also WRPN's shadow weights): the parameter *is* the fp32 master
+  copy; the optimizer updates it in fp32 and nothing else happens here. The low-precision copy is made by the
+  layer's ``weight`` quantizer in each forward.
+* ``master=F``, ``accumulator=None`` (Courbariaux et al.'s update width; Park et al.'s plain INT8): the
+  parameter lives in F, there is no fp32 copy: ``θ <- Q_F(θ + Δ)``, i.e. the optimizer's fp32 result rounded
+  once to F. An update smaller than half of θ's quantum in F is lost (swamping).
+* ``master=F``, ``accumulator=A`` (Park et al.'s lazy update, their Algorithm 1 with the sign of the residual
+  step corrected, see spec/papers.md §5 item 5)::
+
+      acc  = Q_A(acc + Δ)           # Δ: this step's optimizer update (−η·g, momentum or Adam step, decay)
+      θnew = Q_F(θ + acc)           # only the part of acc above θ's quantum "sticks"
+      acc  = Q_A(acc − (θnew − θ))  # keep the residual; the paper prints "acc + (θ_update − θ)"
+      θ    = θnew
+
+  One accumulator per parameter element, in the parameter's dtype (fp32 for emulated formats), initialised to
+  0. Each sum is formed in that dtype and rounded once by Q (in fp32 the sums are exact when the two grids
+  span at most 24 bits together: an INT8 θ and an INT16 accumulator a few θ quanta in size span 22). Weight decay is part of Δ, so a decay step below
+  θ's quantum is not lost but accumulates until it moves θ (the failure of torch/optimi bf16 training).
+
+Q rounds with the role's rounding mode (ties to even for "nearest"). Dynamic fixed point formats use the
+policy's exponent rule through one ``lowprec.policy.Quantizer`` per parameter and role (Courbariaux's separate
+groups for W and b): "maxabs" takes the exponent from the rounded tensor itself; "overflow" keeps a moving
+exponent that observes once per step the tensor it rounds (master: θ + Δ, or θ + acc in the lazy update;
+accumulator: acc + Δ); the residual rounding reuses the accumulator's exponent without recording it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..formats import quantize
+from ..policy import Policy, Quantizer
+from .optim import DeltaOptimizer
+
+__all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_"]
+
+
+def check_update_roles(policy: Policy, where: str) -> None:
+    """ValueError for update roles that make no sense together (an accumulator without a master format)."""
+    accumulator = policy.get("accumulator")
+    if accumulator is not None and policy.get("master") is None:
+        raise ValueError(
+            f"{where}: accumulator={accumulator} is set but master is not. The lazy update (Park et al.) "
+            "accumulates what a low-precision parameter cannot absorb; with an fp32 master copy (master=none) "
+            "nothing is lost. Set master=<format> (e.g. master=int8) or accumulator=none."
+        )
+
+
+def assign_(dst: Tensor, src: Tensor) -> None:
+    """dst <- src in place (nothing to do when a quantizer returned its input itself)."""
+    if src is not dst:
+        dst.copy_(src)
+
+
+def _round_unobserved(q: Quantizer, x: Tensor) -> Tensor:
+    """``q``'s rounding of x at its current exponent, without adding x to the exponent statistics."""
+    if q.exponent is None:  # a static format or the max-abs rule: q keeps no statistics
+        return q(x)
+    if q.observe_only:
+        return x
+    return quantize(x, q.quant.format, q.quant.rounding, int_bits=q.exponent.int_bits)
+
+
+class ParamSlot:
+    """One trainable parameter with its storage format (``master``), lazy-update accumulator and
+    optimizer-state format, as its module's policy gives them. Building it rounds the parameter once into its
+    master format (without counting that as an observed batch of a moving exponent)."""
+
+    def __init__(self, name: str, param: Tensor, policy: Policy):
+        check_update_roles(policy, name)
+        master, accumulator = policy.get("master"), policy.get("accumulator")
+        self.name, self.param, self.policy = name, param, policy
+        self.master = Quantizer(master, policy) if master is not None else None
+        self.accumulator = Quantizer(accumulator, policy) if accumulator is not None else None
+        self.acc = torch.zeros_like(param, memory_format=torch.preserve_format) if accumulator else None
+        self.state_quant = policy.get("optimizer_state")
+        if self.master is not None:  # start inside the master format (not an observed batch)
+            with torch.no_grad():
+                assign_(param, _round_unobserved(self.master, param))
+
+    @property
+    def lazy(self) -> bool:
+        return self.accumulator is not None
+
+    def quantizers(self) -> list[tuple[str, Quantizer]]:
+        """(role, quantizer) of the master and accumulator roles this parameter has."""
+        return [(r, q) for r, q in (("master", self.master), ("accumulator", self.accumulator)) if q is not None]
+
+    @torch.no_grad()
+    def store_(self) -> None:
+        """θ <- Q_master(θ) in place (nothing for an fp32 master)."""
+        if self.master is not None:
+            assign_(self.param, self.master(self.param))
+
+    @torch.no_grad()
+    def lazy_update_(self, delta: Tensor) -> None:
+        """Park's lazy update of θ by Δ (module docstring), in place on θ and the accumulator."""
+        theta, acc = self.param, self.acc
+        assign_(acc, self.accumulator(acc + delta))
+        new = self.master(theta + acc)
+        assign_(acc, _round_unobserved(self.accumulator, acc - (new - theta)))
+        assign_(theta, new)
+
+
+@torch.no_grad()
+def step_parameters(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]) -> None:
+    """One optimizer step, then each parameter's storage rule (parameters without a gradient are untouched).
+
+    Lazy parameters need Δ itself: a ``DeltaOptimizer`` (lowprec.train.SGD/AdamW) computes it directly; for any
+    other optimizer θ is snapshot, ``optimizer.step()`` runs in fp32, Δ = θ_after − θ_before (exact in fp32 when
+    the two are within a factor 2: Sterbenz) and θ is restored before the lazy update.
+    """
+    lazy = {id(s.param): s for s in slots if s.lazy and s.param.grad is not None}
+    deltas: dict[int, Tensor] = {}
+    if isinstance(optimizer, DeltaOptimizer):
+        params, updates = optimizer.compute_deltas()
+        direct = [(p, d) for p, d in zip(params, updates) if id(p) not in lazy]
+        if direct:
+            torch._foreach_add_([p for p, _ in direct], [d for _, d in direct])
+        deltas = {id(p): d for p, d in zip(params, updates) if id(p) in lazy}
+    else:
+        before = {k: s.param.detach().clone() for k, s in lazy.items()}
+        optimizer.step()
+        for k, s in lazy.items():
+            deltas[k] = s.param - before[k]
+            s.param.copy_(before[k])
+    for s in slots:
+        if s.param.grad is None:
+            continue
+        if id(s.param) in lazy:
+            s.lazy_update_(deltas[id(s.param)])
+        else:
+            s.store_()
