@@ -1,10 +1,13 @@
 """lowprec: train PyTorch models in reduced and mixed numeric precision, exactly as the papers describe.
 
 >>> import lowprec as lp
->>> fmt = lp.parse_format("fp16")
->>> y = lp.quantize(x, fmt, rounding="nearest")
+>>> y = lp.quantize(x, "fp16")                           # exact, ties to even
+>>> model = lp.convert(model, lp.Policy.preset("int8-lazy"))
+>>> trainer = lp.Trainer(model, optimizer, "int8-lazy")
+>>> result = trainer.step(loss)                          # result.skipped, result.scale, result.overflow_modules
 """
 
+from . import nn
 from .formats import (
     BlockFloat,
     DynamicFixedPoint,
@@ -15,17 +18,16 @@ from .formats import (
     parse_format,
     quantize,
 )
-from .policy import classifier_bits
-from .scaling import DynamicExponent
-from . import nn
 from .nn import convert, widen
+from .policy import Policy, Quant, Quantizer, classifier_bits
+from .scaling import DynamicExponent, LossScaleCollapse, LossScaler, StepResult
 from .train import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "parse_format", "quantize", "classifier_bits", "DynamicExponent",
-    "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
+    "parse_format", "quantize", "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
+    "Policy", "Quant", "Quantizer", "classifier_bits",
+    "DynamicExponent", "LossScaler", "LossScaleCollapse", "StepResult",
+    "convert", "widen", "nn", "Trainer",
 ]
-__all__ += ["Trainer"]
-__all__ += ["convert", "widen", "nn"]

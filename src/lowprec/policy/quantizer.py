@@ -49,6 +49,13 @@ class Quantizer:
             return self.exponent.quantize(x, self.quant.rounding)
         return quantize(x, self.quant.format, self.quant.rounding)
 
+    def round(self, x: Tensor) -> Tensor:
+        """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
+        if self.quant is None or self.observe_only:
+            return x
+        int_bits = self.exponent.int_bits if self.exponent is not None else None
+        return quantize(x, self.quant.format, self.quant.rounding, int_bits=int_bits)
+
     @torch.no_grad()
     def update(self) -> None:
         """Advance the exponent rule (no-op for static formats)."""

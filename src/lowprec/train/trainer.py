@@ -129,6 +129,12 @@ class Trainer:
         self.state_formats.apply_(self.optimizer)
         return grad_norm
 
+    def requantize_(self) -> None:
+        """Round every parameter back into its master format, e.g. after a constraint the caller applied to the
+        weights (Courbariaux et al.: max-norm, then re-quantization to the update width)."""
+        for slot in self.slots:
+            slot.store_(observe=False)
+
     def update_exponents(self) -> None:
         """Advance every dynamic fixed point exponent one batch (layers' and the trainer's own groups)."""
         update_layer_exponents(self.model)

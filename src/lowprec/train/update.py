@@ -35,7 +35,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..formats import quantize
 from ..policy import Policy, Quantizer
 from .optim import DeltaOptimizer
 
@@ -59,15 +58,6 @@ def assign_(dst: Tensor, src: Tensor) -> None:
         dst.copy_(src)
 
 
-def _round_unobserved(q: Quantizer, x: Tensor) -> Tensor:
-    """``q``'s rounding of x at its current exponent, without adding x to the exponent statistics."""
-    if q.exponent is None:  # a static format or the max-abs rule: q keeps no statistics
-        return q(x)
-    if q.observe_only:
-        return x
-    return quantize(x, q.quant.format, q.quant.rounding, int_bits=q.exponent.int_bits)
-
-
 class ParamSlot:
     """One trainable parameter with its storage format (``master``), lazy-update accumulator and
     optimizer-state format, as its module's policy gives them. Building it rounds the parameter once into its
@@ -83,7 +73,7 @@ class ParamSlot:
         self.state_quant = policy.get("optimizer_state")
         if self.master is not None:  # start inside the master format (not an observed batch)
             with torch.no_grad():
-                assign_(param, _round_unobserved(self.master, param))
+                assign_(param, self.master.round(param))
 
     @property
     def lazy(self) -> bool:
@@ -94,10 +84,11 @@ class ParamSlot:
         return [(r, q) for r, q in (("master", self.master), ("accumulator", self.accumulator)) if q is not None]
 
     @torch.no_grad()
-    def store_(self) -> None:
-        """θ <- Q_master(θ) in place (nothing for an fp32 master)."""
+    def store_(self, observe: bool = True) -> None:
+        """θ <- Q_master(θ) in place (nothing for an fp32 master); ``observe=False`` keeps θ out of a moving
+        exponent's statistics (a re-rounding after a constraint such as max-norm, not a new batch)."""
         if self.master is not None:
-            assign_(self.param, self.master(self.param))
+            assign_(self.param, self.master(self.param) if observe else self.master.round(self.param))
 
     @torch.no_grad()
     def lazy_update_(self, delta: Tensor) -> None:
@@ -105,7 +96,7 @@ class ParamSlot:
         theta, acc = self.param, self.acc
         assign_(acc, self.accumulator(acc + delta))
         new = self.master(theta + acc)
-        assign_(acc, _round_unobserved(self.accumulator, acc - (new - theta)))
+        assign_(acc, self.accumulator.round(acc - (new - theta)))
         assign_(theta, new)
 
 

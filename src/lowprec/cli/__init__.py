@@ -1,0 +1,5 @@
+"""The command line: ``lowprec`` / ``python -m lowprec``."""
+
+from .main import main
+
+__all__ = ["main"]

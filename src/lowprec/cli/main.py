@@ -1,0 +1,154 @@
+"""The ``lowprec`` command: train, compare, data. It only wires the layers below together."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "int8", "int8-lazy", "dfx-10-12", "wrpn-4-4"]
+
+
+def _progress_factory(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    def factory(recipe):
+        progress = Progress(TextColumn(f"[bold]{recipe.label:<18}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console,
+                            disable=not console.is_terminal and os.environ.get("CI") is not None)
+        state = {}
+
+        def update(step: int, total: int, loss: float) -> None:
+            if "task" not in state:
+                progress.start()
+                state["task"] = progress.add_task(recipe.label, total=total, loss=loss)
+            progress.update(state["task"], completed=step, loss=loss)
+            if step == total:
+                progress.stop()
+
+        return update
+
+    return factory
+
+
+def _print_table(console, results, title: str) -> None:
+    from rich.table import Table
+
+    from ..experiments.compare import format_table
+
+    rows = format_table(results)
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
+def _task_with(args):
+    from dataclasses import replace
+
+    from ..experiments import get_task
+
+    task = get_task(args.task)
+    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_limit", "test_limit")
+               if getattr(args, k, None) is not None}
+    return replace(task, **changes)
+
+
+def cmd_compare(args) -> int:
+    from rich.console import Console
+
+    from ..experiments import compare, load_task_data, parse_recipe
+
+    console = Console()
+    task = _task_with(args)
+    recipes = [parse_recipe(r) for r in args.recipes]
+    data = load_task_data(task, args.data_root)
+    out = Path(args.out or f"runs/compare-{task.name}")
+    console.print(f"[bold]{task.name}[/]: {task.paper}\ndata: {data.source}; {task.epochs} epochs; seed {args.seed}; "
+                  f"output {out}/")
+    results = compare(task, recipes, data, seed=args.seed, out_dir=out, resume=args.resume,
+                      progress_factory=_progress_factory(console))
+    _print_table(console, results, f"{task.name} ({data.source}, {task.epochs} epochs, seed {args.seed})")
+    console.print(f"table: {out / 'results.csv'}   plot: {out / 'convergence.png'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    args.recipes = [args.recipe]
+    return cmd_compare(args)
+
+
+def cmd_data(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import data_dir, dataset_status
+
+    console = Console()
+    table = Table(title=f"data sets (data directory: {data_dir()}; set LOWPREC_DATA to change)")
+    for column in ("name", "present", "where", "how to obtain"):
+        table.add_column(column)
+    for s in dataset_status():
+        table.add_row(s.name, "yes" if s.present else "no", str(s.path), s.how_to_obtain)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowprec", description="Train PyTorch models in reduced and mixed precision.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--task", default="mnist-lenet", help="task name (see `lowprec tasks`)")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--batch-size", type=int, dest="batch_size")
+        p.add_argument("--lr", type=float)
+        p.add_argument("--train-limit", type=int, dest="train_limit", help="use the first N training examples")
+        p.add_argument("--test-limit", type=int, dest="test_limit")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--data-root", dest="data_root", help="data folder (default $LOWPREC_DATA or ~/.cache/lowprec, "
+                       "then the MNIST subset shipped with lowprec)")
+        p.add_argument("--out", help="output folder (default runs/compare-<task>)")
+        p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+
+    p = sub.add_parser("compare", help="train several recipes on one task: table + convergence plot")
+    common(p)
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
+                   help="presets, PRESET+key=value,..., policy strings or .toml files")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train one recipe on one task")
+    common(p)
+    p.add_argument("--recipe", default="fp32")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tasks", help="list the tasks")
+    p.set_defaults(func=lambda a: print("\n".join(f"{t.name:<22} {t.paper}" for t in _tasks())) or 0)
+
+    p = sub.add_parser("data", help="which data sets are present and how to obtain the others")
+    p.add_argument("action", nargs="?", default="list", choices=["list"])
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def _tasks():
+    from ..experiments import TASKS
+
+    return TASKS.values()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lowprec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

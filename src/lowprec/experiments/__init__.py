@@ -1,0 +1,13 @@
+"""Recipes -> runs -> result tables, plots, logs, checkpoints."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .compare import compare, format_table, plot_runs
+from .recipes import Recipe, parse_recipe
+from .runner import RunResult, evaluate, run
+from .tasks import TASKS, Task, TaskData, get_task, load_task_data
+
+__all__ = [
+    "CheckpointError", "load_checkpoint", "save_checkpoint", "compare", "format_table", "plot_runs",
+    "Recipe", "parse_recipe", "RunResult", "evaluate", "run", "TASKS", "Task", "TaskData", "get_task",
+    "load_task_data",
+]

@@ -1,0 +1,67 @@
+"""Checkpoints that survive a crash: atomic write, a format version and a checksum.
+
+The file is written to a temporary name in the same folder, flushed to disk, then renamed over the old
+checkpoint (``os.replace`` is atomic on POSIX and Windows): a kill at any moment leaves either the previous
+checkpoint or the new one, never a torn file. The payload is a ``torch.save`` of the state with a header
+holding the version and the SHA-256 of the serialised state, verified on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "VERSION"]
+
+VERSION = 1
+_MAGIC = b"LOWPREC-CKPT\n"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupt, truncated, of another version, or for another run."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = _MAGIC + f"{VERSION} {hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; CheckpointError if it is not intact."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if not raw.startswith(_MAGIC):
+        raise CheckpointError(f"{path}: not a lowprec checkpoint")
+    line_end = raw.find(b"\n", len(_MAGIC))
+    try:
+        version, digest, size = raw[len(_MAGIC) : line_end].decode().split()
+        version, size = int(version), int(size)
+    except ValueError:
+        raise CheckpointError(f"{path}: damaged header") from None
+    if version != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this lowprec reads {VERSION}")
+    payload = raw[line_end + 1 :]
+    if len(payload) != size or hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch ({len(payload)} of {size} bytes): truncated or corrupt")
+    return torch.load(io.BytesIO(payload), weights_only=False)

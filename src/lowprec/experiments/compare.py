@@ -1,0 +1,93 @@
+"""Compare recipes on one task: a table like the papers' tables and one convergence plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .recipes import Recipe
+from .runner import RunResult, run
+from .tasks import Task, TaskData
+
+__all__ = ["compare", "write_table", "plot_runs", "format_table"]
+
+
+def compare(
+    task: Task,
+    recipes: Sequence[Recipe],
+    data: TaskData,
+    *,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress_factory: Callable[[Recipe], Callable[[int, int, float], None]] | None = None,
+) -> list[RunResult]:
+    """Run every recipe (each in ``out_dir/<label>``), then write ``results.csv`` and ``convergence.png``."""
+    out = Path(out_dir) if out_dir is not None else None
+    results = []
+    for recipe in recipes:
+        run_dir = out / _slug(recipe.label) if out else None
+        progress = progress_factory(recipe) if progress_factory else None
+        results.append(run(task, recipe, data, seed=seed, out_dir=run_dir, resume=resume, progress=progress))
+    if out is not None:
+        write_table(results, out / "results.csv")
+        plot_runs(results, out / "convergence.png", title=f"{task.name}: {data.source}")
+    return results
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def format_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
+    """Rows of strings: recipe, final and best test accuracy, final train loss, skipped steps, seconds."""
+    base = next((r for r in results if r.recipe == "fp32"), None)
+    rows = []
+    for r in results:
+        row = {
+            "recipe": r.recipe,
+            "test acc %": f"{r.final_accuracy:.2f}",
+            "best %": f"{r.best_accuracy:.2f}",
+            "train loss": f"{r.history[-1]['train_loss']:.4f}" if r.history else "-",
+            "skipped": str(r.skipped_steps),
+            "seconds": f"{r.seconds:.1f}",
+        }
+        if base is not None:
+            row["vs fp32"] = f"{r.final_accuracy - base.final_accuracy:+.2f}"
+        rows.append(row)
+    return rows
+
+
+def write_table(results: Sequence[RunResult], path: Path) -> None:
+    rows = format_table(results)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_runs(results: Sequence[RunResult], path: Path, title: str = "") -> None:
+    """Training loss per step (smoothed) and test accuracy per epoch, one line per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results:
+        window = max(1, len(r.losses) // 50)
+        smooth = [sum(r.losses[max(0, i - window + 1) : i + 1]) / len(r.losses[max(0, i - window + 1) : i + 1])
+                  for i in range(len(r.losses))]
+        ax_loss.plot(range(1, len(smooth) + 1), smooth, label=r.recipe, lw=1.2)
+        ax_acc.plot([h["epoch"] for h in r.history], [h["test_accuracy"] for h in r.history], marker="o",
+                    label=r.recipe)
+    ax_loss.set(xlabel="step", ylabel="training loss (moving mean)", yscale="log", title="convergence")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+    ax_acc.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3, which="both")
+    ax_acc.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

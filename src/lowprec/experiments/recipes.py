@@ -1,0 +1,100 @@
+"""Recipes: a precision policy plus the model/training changes that go with it.
+
+A recipe is written as ``PRESET[+key=value,...]`` or a path to a TOML file:
+
+* ``int8-lazy``                          a policy preset as it is
+* ``mixed-fp16+loss_scale=static:8``     a preset with policy roles/settings changed (``Policy.with_roles``)
+* ``wrpn-4-4+width=2``                   model arguments (``width``) and training settings (``lr``,
+                                         ``epochs``, ``batch_size``, ``loss_multiplier``) are recognised
+* ``weight=fp16,grads=fp16``             no preset: a policy string (``Policy.parse``)
+* ``recipes/my.toml``                    ``label = "..."``, ``preset = "..."`` or ``policy = "..."``,
+                                         and optional tables ``[policy_roles]``, ``[model]``, ``[train]``
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..policy import Policy
+from ..policy.presets import PRESETS
+
+__all__ = ["Recipe", "parse_recipe", "MODEL_KEYS", "TRAIN_KEYS"]
+
+MODEL_KEYS = {"width": float}
+TRAIN_KEYS = {"lr": float, "epochs": int, "batch_size": int, "loss_multiplier": float, "momentum": float,
+              "weight_decay": float}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A labelled policy with model and training overrides."""
+
+    label: str
+    policy: Policy
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_preset(name: str) -> bool:
+    return name in PRESETS or re.fullmatch(r"wrpn-\d+-\d+", name) is not None
+
+
+def _split(assignments: dict[str, str]) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    roles, model, train = {}, {}, {}
+    for key, value in assignments.items():
+        if key in MODEL_KEYS:
+            model[key] = MODEL_KEYS[key](value)
+        elif key in TRAIN_KEYS:
+            train[key] = TRAIN_KEYS[key](value)
+        else:
+            roles[key] = value
+    return roles, model, train
+
+
+def _with(policy: Policy, roles: dict[str, Any]) -> Policy:
+    if not roles:
+        return policy
+    if "loss_scale" in roles and re.fullmatch(r"[0-9.eE+\-]+", str(roles["loss_scale"])):
+        roles["loss_scale"] = f"static:{roles['loss_scale']}"
+    return policy.with_roles(**roles)
+
+
+def parse_recipe(text: str) -> Recipe:
+    """Parse a recipe string or TOML file path (see the module docstring); ValueError on anything else."""
+    text = text.strip()
+    if text.endswith(".toml"):
+        return _from_toml(Path(text))
+    head, plus, tail = text.partition("+")
+    if _is_preset(head):
+        assignments = dict(item.split("=", 1) for item in tail.split(",") if item) if plus else {}
+        if any("=" not in item for item in tail.split(",") if item):
+            raise ValueError(f"recipe {text!r}: expected key=value after '+'")
+        roles, model, train = _split(assignments)
+        return Recipe(text, _with(Policy.preset(head), roles), model, train)
+    if "=" not in text:
+        raise ValueError(
+            f"unknown recipe {text!r}: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>), "
+            "PRESET+key=value,..., a policy string (weight=int8,...) or a .toml file"
+        )
+    return Recipe(text, Policy.parse(text))
+
+
+def _from_toml(path: Path) -> Recipe:
+    if not path.exists():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    if ("preset" in data) == ("policy" in data):
+        raise ValueError(f"{path}: give exactly one of 'preset' or 'policy'")
+    policy = Policy.preset(data["preset"]) if "preset" in data else Policy.parse(data["policy"])
+    policy = _with(policy, dict(data.get("policy_roles", {})))
+    unknown = set(data.get("model", {})) - set(MODEL_KEYS) | set(data.get("train", {})) - set(TRAIN_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; model: {list(MODEL_KEYS)}, train: {list(TRAIN_KEYS)}")
+    return Recipe(data.get("label", path.stem), policy, dict(data.get("model", {})), dict(data.get("train", {})))

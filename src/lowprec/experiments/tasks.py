@@ -1,0 +1,112 @@
+"""Tasks: a model, a data set and the training schedule of one of the papers' experiments, CPU-sized.
+
+Every schedule here is shortened from the paper's (stated per task); ``epochs`` and the data limits can be
+changed per run. Data comes from the folder given by ``data_root`` (or $LOWPREC_DATA), falling back to the MNIST
+subset shipped with the package where the task uses MNIST.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Task", "TASKS", "get_task", "load_task_data", "TaskData"]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Inputs (a tuple: the model is called as ``model(*inputs)``) and labels, for train and test."""
+
+    train_inputs: tuple[Tensor, ...]
+    train_labels: Tensor
+    test_inputs: tuple[Tensor, ...]
+    test_labels: Tensor
+    source: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    paper: str
+    model: str
+    dataset: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"  # "sgd" | "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" | "inv" (Caffe: lr (1 + 1e-4 it)^-0.75) | "linear" (to lr/10)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_norm: float | None = None  # Courbariaux's max column norm, applied after every update
+    loss_multiplier: float = 1.0  # scales the loss (and so every gradient) to build underflow cases
+    train_limit: int | None = None
+    test_limit: int | None = None
+    flatten: bool = False
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("mnist-lenet", "Park et al. Table 1 (MNIST LeNet): paper 99.10 / 95.28 / 99.24 for fp32 / int8 / "
+             "int8-lazy after 10k iterations of batch 64 (Caffe solver); here 2 epochs by default",
+             "lenet", "mnist", epochs=2, batch_size=64, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="inv"),
+        Task("pimnist-maxout", "Courbariaux et al. PI-MNIST maxout MLP: paper test error 1.05 / 1.10 / 1.39 / 1.28 "
+             "% for fp32 / fp16 / fixed-20 / dfx-10-12 after 800 epochs; here 10 by default",
+             "maxout-mlp", "mnist", epochs=10, batch_size=100, lr=0.05, momentum=0.6, schedule="linear",
+             max_norm=1.9365, flatten=True),
+        Task("fashion-cnn", "WRPN analog (no paper number): Fashion-MNIST CNN at width 1x/2x and w/a bits",
+             "small-cnn", "fashion-mnist", epochs=3, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        Task("mnist-cnn-underflow", "MPT analog of the SSD case: a CNN whose gradients sit below the fp16 range "
+             "(loss multiplied by 2**-24) so unscaled fp16 loses them and a loss scale recovers them",
+             "small-cnn", "mnist", epochs=2, batch_size=128, lr=0.05 * 2**24, momentum=0.9,
+             loss_multiplier=2.0**-24),
+        Task("digits-lstm", "Park et al. Table 4 shape (LSTM 200 -> FC 200 -> classes) on free spoken digits "
+             "MFCC (TIDIGITS is not free): paper 97.62 / 75.21 / 97.41 on TIDIGITS",
+             "lstm", "spoken-digits", epochs=15, batch_size=32, lr=1e-3, optimizer="adam", momentum=0.0),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}") from None
+
+
+def _mnist_like(loader: Callable, root: Path | None, task: Task) -> TaskData:
+    x, y = loader("train", root=root, limit=task.train_limit)
+    xt, yt = loader("test", root=root, limit=task.test_limit)
+    if task.flatten:
+        x, xt = x.flatten(1), xt.flatten(1)
+    return TaskData((x,), y, (xt,), yt, f"{len(y)} train / {len(yt)} test images")
+
+
+def _dataset_root(task: Task, data_root: str | Path | None) -> Path | None:
+    from ..data import data_dir
+
+    base = Path(data_root) if data_root is not None else data_dir()
+    candidate = base / task.dataset
+    return candidate if candidate.exists() else (base if data_root is not None else None)
+
+
+def load_task_data(task: Task, data_root: str | Path | None = None) -> TaskData:
+    """Load the task's data from ``data_root`` (a folder holding the data set's folder, or the data set's
+    folder itself); default $LOWPREC_DATA or ~/.cache/lowprec, then the shipped MNIST subset."""
+    from .. import data
+
+    root = _dataset_root(task, data_root)
+    if task.dataset == "mnist":
+        return _mnist_like(data.load_mnist, root, task)
+    if task.dataset == "fashion-mnist":
+        return _mnist_like(data.load_fashion_mnist, root, task)
+    if task.dataset == "spoken-digits":
+        train = data.load_spoken_digits(root=root, split="train")
+        test = data.load_spoken_digits(root=root, split="test")
+        return TaskData(train[:2], train[2], test[:2], test[2], f"{len(train[2])} train / {len(test[2])} test clips")
+    raise ValueError(f"task {task.name}: unknown data set {task.dataset!r}")
