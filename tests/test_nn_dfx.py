@@ -10,7 +10,7 @@ from test_nn_models import lenet
 import lowprec as lp
 from lowprec.policy import LAYER_ROLES, Policy
 
-POLICY = Policy.preset("dfx-10-12").with_roles(exponent_interval=3)
+POLICY = Policy.preset("dfx-10-12").with_roles(exponent_interval=3, init_int_bits=5)  # the authors' start
 X, LABELS = torch.rand(4, 1, 28, 28), torch.tensor([3, 1, 4, 1])
 
 

@@ -76,3 +76,15 @@ def test_bad_arguments():
         lp.widen(lp.convert(mlp(), "int8"), 2)
     with pytest.warns(UserWarning, match="1 \\(LayerNorm\\)"):
         lp.widen(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), 2)
+
+
+def test_fill_clip_range_gives_wrpn_weights_nonzero_levels():
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
+                                     nn.Linear(300, 10)), "wrpn-4-4")
+    hidden = model[2]
+    seen = lambda: lp.quantize(hidden.weight.detach(), "uniform<4>")  # noqa: E731
+    assert torch.count_nonzero(seen()) == 0  # default init: |w| < 1/sqrt(300) < 1/14, all round to 0
+    assert lp.nn.fill_clip_range(model) == ["2"]  # only the inner layer: @first/@last stay fp32
+    assert hidden.weight.abs().max().item() == 1.0
+    assert torch.count_nonzero(seen()) > 0.5 * hidden.weight.numel()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "int8", "int8-lazy", "dfx-10-12", "wrpn-4-4"]
+DEFAULT_RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "int8", "int8-lazy", "fixed-20"]
 
 
 def _progress_factory(console):

@@ -70,9 +70,10 @@ def parse_recipe(text: str) -> Recipe:
         return _from_toml(Path(text))
     head, plus, tail = text.partition("+")
     if _is_preset(head):
-        assignments = dict(item.split("=", 1) for item in tail.split(",") if item) if plus else {}
-        if any("=" not in item for item in tail.split(",") if item):
-            raise ValueError(f"recipe {text!r}: expected key=value after '+'")
+        items = [item.strip() for item in tail.split(",") if item.strip()]
+        if plus and (not items or any("=" not in item for item in items)):
+            raise ValueError(f"recipe {text!r}: expected key=value,... after '+'")
+        assignments = dict(item.split("=", 1) for item in items)
         roles, model, train = _split(assignments)
         return Recipe(text, _with(Policy.preset(head), roles), model, train)
     if "=" not in text:

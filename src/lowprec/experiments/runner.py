@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import apply_max_norm, build_model
-from ..nn import convert
-from ..train import Trainer
+from ..nn import convert, fill_clip_range
+from ..train import SGD, AdamW, Trainer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .recipes import Recipe
 from .tasks import Task, TaskData
@@ -51,9 +51,11 @@ class RunResult:
 
 
 def _optimizer(task: Task, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """lowprec's multi-tensor SGD/AdamW (torch.optim semantics; they hand the lazy update its Δ directly).
+    Adam with L2 weight decay is not offered: the "adam" tasks use AdamW's decoupled decay (0 by default)."""
     if task.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
+    return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def _lr_at(task: Task, base: float, step: int, total: int) -> float:
@@ -107,6 +109,7 @@ def run(
                 "weight_decay": task.weight_decay, **recipe.train}
     torch.manual_seed(seed)
     model = convert(build_model(task.model, **{**task.model_kwargs, **recipe.model}), recipe.policy)
+    fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
     result = RunResult(task.name, recipe.label, seed)

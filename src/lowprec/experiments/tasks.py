@@ -56,9 +56,10 @@ TASKS: dict[str, Task] = {
              "int8-lazy after 10k iterations of batch 64 (Caffe solver); here 2 epochs by default",
              "lenet", "mnist", epochs=2, batch_size=64, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="inv"),
         Task("pimnist-maxout", "Courbariaux et al. PI-MNIST maxout MLP: paper test error 1.05 / 1.10 / 1.39 / 1.28 "
-             "% for fp32 / fp16 / fixed-20 / dfx-10-12 after 800 epochs; here 10 by default",
+             "% for fp32 / fp16 / fixed-20 / dfx-10-12 after 800 epochs; here 10 by default. Their softmax "
+             "gradient is (y - t) / 10 summed over the batch of 100: the mean loss times 10",
              "maxout-mlp", "mnist", epochs=10, batch_size=100, lr=0.05, momentum=0.6, schedule="linear",
-             max_norm=1.9365, flatten=True),
+             max_norm=1.9365, flatten=True, loss_multiplier=10.0),
         Task("fashion-cnn", "WRPN analog (no paper number): Fashion-MNIST CNN at width 1x/2x and w/a bits",
              "small-cnn", "fashion-mnist", epochs=3, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4),
         Task("mnist-cnn-underflow", "MPT analog of the SSD case: a CNN whose gradients sit below the fp16 range "

@@ -18,10 +18,10 @@ from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .state import calibrating, quantizers, update_exponents
-from .widen import widen
+from .widen import fill_clip_range, widen
 
 __all__ = [
-    "convert", "widen", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "convert", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

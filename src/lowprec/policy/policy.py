@@ -134,7 +134,7 @@ class Policy:
     exponent_rule: str = "overflow"  # dfx exponents: "overflow" (Courbariaux) | "maxabs"
     max_overflow_rate: float = 1e-4
     exponent_interval: int = 100
-    init_int_bits: int = 5
+    init_int_bits: int | None = 5  # None ("auto"): each group starts at its first tensor's max-abs exponent
     accumulation_chunk: int = 32
     classifier_rule: bool = False  # give @last at least classifier_bits(C) bits (Park eq. 5)
     name: str | None = field(default=None, compare=False)
@@ -241,7 +241,8 @@ class Policy:
         """The policy as a string that ``Policy.parse`` reads back to an equal policy."""
         base = [f"{r}={q}" for r, q in self.roles if q is not None]
         defaults = Policy()
-        base += [f"{k}={getattr(self, k)}" for k in SETTINGS if getattr(self, k) != getattr(defaults, k)]
+        base += [f"{k}={'auto' if getattr(self, k) is None else getattr(self, k)}"
+                 for k in SETTINGS if getattr(self, k) != getattr(defaults, k)]
         parts = [",".join(base)] if base else []
         for pattern, assigned in self.overrides:
             parts.append(f"{pattern}: " + ",".join(f"{r}={q if q else 'none'}" for r, q in assigned))
@@ -258,7 +259,8 @@ class Policy:
         if self.uses_dynamic_fixed_point:
             lines.append(
                 f"  dfx exponents    rule={self.exponent_rule}, max overflow rate={self.max_overflow_rate}, "
-                f"interval={self.exponent_interval} batches, start r={self.init_int_bits}"
+                f"interval={self.exponent_interval} batches, "
+                f"start r={'max-abs of the first batch' if self.init_int_bits is None else self.init_int_bits}"
             )
         if self.classifier_rule:
             lines.append("  classifier rule  @last gets >= classifier_bits(C) bits (Park eq. 5)")
@@ -271,6 +273,8 @@ class Policy:
 def _setting(key: str, value: str) -> Any:
     if key in ("max_overflow_rate",):
         return float(value)
+    if key == "init_int_bits" and value.lower() in ("auto", "none"):
+        return None
     if key in ("exponent_interval", "init_int_bits", "accumulation_chunk"):
         return int(value)
     if key == "classifier_rule":

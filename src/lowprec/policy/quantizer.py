@@ -30,6 +30,7 @@ class Quantizer:
         self.exponent: DynamicExponent | None = None
         p = policy or Policy()
         if quant is not None and isinstance(quant.format, DynamicFixedPoint) and p.exponent_rule == "overflow":
+            # init_int_bits None: the exponent starts at the max-abs exponent of the first tensor it sees
             self.exponent = DynamicExponent(
                 quant.format, p.init_int_bits, max_overflow_rate=p.max_overflow_rate, interval=p.exponent_interval
             )
@@ -53,7 +54,10 @@ class Quantizer:
         """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
         if self.quant is None or self.observe_only:
             return x
-        int_bits = self.exponent.int_bits if self.exponent is not None else None
+        int_bits = None
+        if self.exponent is not None:
+            self.exponent.start(x)
+            int_bits = self.exponent.int_bits
         return quantize(x, self.quant.format, self.quant.rounding, int_bits=int_bits)
 
     @torch.no_grad()

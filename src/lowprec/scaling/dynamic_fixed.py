@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, FixedPoint, parse_format, quantize
+from ..formats import DynamicFixedPoint, FixedPoint, max_abs_int_bits, parse_format, quantize
 
 __all__ = ["DynamicExponent"]
 
@@ -33,6 +33,7 @@ class DynamicExponent:
     """The moving exponent of one dynamic-fixed-point tensor group.
 
     >>> g = DynamicExponent("dfx<10>", int_bits=5, max_overflow_rate=1e-4, interval=100)
+    >>> g = DynamicExponent("dfx<10>", int_bits=None)   # start at the max-abs exponent of the first batch
     >>> y = g.quantize(x)        # quantize at the current r and record x's overflow statistics
     >>> g.update()               # once per batch; r moves by at most one at the end of each interval
     """
@@ -40,7 +41,7 @@ class DynamicExponent:
     def __init__(
         self,
         fmt: DynamicFixedPoint | str,
-        int_bits: int = 5,
+        int_bits: int | None = 5,
         *,
         max_overflow_rate: float = 1e-4,
         interval: int = 100,
@@ -52,8 +53,8 @@ class DynamicExponent:
             raise ValueError(f"max_overflow_rate must lie in [0, 1), got {max_overflow_rate}")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive int (batches), got {interval!r}")
-        if isinstance(int_bits, bool) or not isinstance(int_bits, int):
-            raise TypeError(f"int_bits must be an int, got {int_bits!r}")
+        if int_bits is not None and (isinstance(int_bits, bool) or not isinstance(int_bits, int)):
+            raise TypeError(f"int_bits must be an int or None (start from the first tensor seen), got {int_bits!r}")
         self.fmt = fmt
         self.max_overflow_rate, self.interval = max_overflow_rate, interval
         self.int_bits = int_bits
@@ -68,8 +69,14 @@ class DynamicExponent:
         """The fixed-point format this group has now."""
         return self.fmt.at(self.int_bits)
 
+    def start(self, x: Tensor) -> None:
+        """``int_bits=None``: start at the max-abs exponent of the first tensor seen (one host sync, once)."""
+        if self.int_bits is None:
+            self.int_bits = int(max_abs_int_bits(x.detach()))
+
     def overflow_rates(self, x: Tensor) -> Tensor:
         """[rate at r, rate at r - 1] for one batch (float tensors, no sync)."""
+        self.start(x)
         a = x.detach().abs().float().reshape(-1)
         rates = []
         for r in (self.int_bits, self.int_bits - 1):
@@ -113,7 +120,7 @@ class DynamicExponent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["format"] != repr(self.fmt):
             raise ValueError(f"checkpoint holds an exponent for {state['format']}, this group is {self.fmt!r}")
-        self.int_bits = int(state["int_bits"])
+        self.int_bits = None if state["int_bits"] is None else int(state["int_bits"])
         self.max_overflow_rate, self.interval = state["max_overflow_rate"], state["interval"]
         self.batches = state["batches"]
         self._rate_sum = state["rate_sum"]
