@@ -120,3 +120,26 @@ def test_data_command_lists_datasets(capsys, monkeypatch, tmp_path):
     assert main(["data", "list"]) == 0
     text = capsys.readouterr().out
     assert "mnist" in text and "cifar10" in text
+
+
+def test_gradient_census_matches_a_direct_count():
+    from lowprec.experiments import gradient_census
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    mult = 2.0**-14
+    census = gradient_census(model, [((x,), y)], "fp16", scales=[1.0, 1024.0], loss_multiplier=mult)
+    # direct: dE/dz of both layers by autograd on the same batch
+    z1 = model[0](x)
+    z1.retain_grad()
+    z2 = model[2](model[1](z1))
+    z2.retain_grad()
+    (torch.nn.functional.cross_entropy(z2, y) * mult).backward()
+    grads = torch.cat([z1.grad.reshape(-1), z2.grad.reshape(-1)])
+    assert census.total == grads.numel() == 64 * 35
+    assert census.zero_fp32 == int((grads == 0).sum())
+    for s in (1.0, 1024.0):
+        want = int(((grads != 0) & ((grads * s).half() == 0)).sum())
+        assert census.lost[s] == want
+    assert census.lost[1.0] > census.lost[1024.0]  # scaling recovers gradients

@@ -82,6 +82,34 @@ def cmd_train(args) -> int:
     return cmd_compare(args)
 
 
+def cmd_underflow(args) -> int:
+    """MPT Fig. 3 as numbers: the share of activation gradients a format flushes to zero, per loss scale."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..experiments import gradient_census, load_task_data
+    from ..models import build_model
+
+    task = _task_with(args)
+    data = load_task_data(task, args.data_root)
+    torch.manual_seed(args.seed)
+    model = build_model(task.model, **task.model_kwargs)
+    b = task.batch_size
+    batches = [(tuple(t[i : i + b] for t in data.train_inputs), data.train_labels[i : i + b])
+               for i in range(0, min(args.batches * b, len(data.train_labels)), b)]
+    census = gradient_census(model, batches, args.format, args.scales, task.loss_multiplier)
+    table = Table(title=f"{task.name}: activation gradients (dE/dz of every layer) lost in {args.format}, "
+                        f"{census.total:,} values over {len(batches)} batches at initialisation")
+    for column in ("loss scale S", "lost to zero %", "overflow %"):
+        table.add_column(column, justify="right")
+    for s in args.scales:
+        table.add_row(f"{s:g}", f"{100 * census.lost_fraction(s):.2f}", f"{100 * census.overflow[s] / census.total:.4f}")
+    Console().print(table)
+    Console().print(f"already zero in fp32: {100 * census.zero_fp32 / census.total:.2f} %")
+    return 0
+
+
 def cmd_data(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -125,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--recipe", default="fp32")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("underflow", help="share of activation gradients a format flushes to zero, per loss scale")
+    common(p)
+    p.add_argument("--format", default="fp16")
+    p.add_argument("--scales", nargs="+", type=float, default=[1, 8, 256, 4096, 65536])
+    p.add_argument("--batches", type=int, default=4)
+    p.set_defaults(func=cmd_underflow)
 
     p = sub.add_parser("tasks", help="list the tasks")
     p.set_defaults(func=lambda a: print("\n".join(f"{t.name:<22} {t.paper}" for t in _tasks())) or 0)
