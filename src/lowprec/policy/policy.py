@@ -157,8 +157,7 @@ class Policy:
     @classmethod
     def of(cls, **assignments: Any) -> Policy:
         """``Policy.of(weight="int8", grads="int16", loss_scale="dynamic")``."""
-        settings = {k: assignments.pop(k) for k in list(assignments) if k in SETTINGS}
-        return cls(tuple(_expand(assignments).items()), **settings)
+        return cls(tuple(_expand(assignments).items()), **_settings(assignments))
 
     @classmethod
     def parse(cls, text: str) -> Policy:
@@ -178,7 +177,7 @@ class Policy:
                     raise ValueError(f"expected role=format, got {item!r} in {text!r}")
                 assignments[key.strip()] = value.strip()
             if pattern is None:
-                settings = {k: _setting(k, assignments.pop(k)) for k in list(assignments) if k in SETTINGS}
+                settings = _settings(assignments)
                 roles = dict(policy.roles)
                 roles.update(_expand(assignments))
                 policy = replace(policy, roles=tuple(roles.items()), **settings)
@@ -196,7 +195,7 @@ class Policy:
 
     def with_roles(self, **assignments: Any) -> Policy:
         """A copy with some roles (or settings) changed."""
-        settings = {k: assignments.pop(k) for k in list(assignments) if k in SETTINGS}
+        settings = _settings(assignments)
         roles = dict(self.roles)
         roles.update(_expand(assignments))
         return replace(self, roles=tuple(roles.items()), name=None, **settings)
@@ -268,6 +267,12 @@ class Policy:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _settings(assignments: dict[str, Any]) -> dict[str, Any]:
+    """Pop the settings (not roles) out of ``assignments``; string values are parsed as in policy strings."""
+    return {k: _setting(k, v) if isinstance(v, str) else v
+            for k, v in [(k, assignments.pop(k)) for k in list(assignments) if k in SETTINGS]}
 
 
 def _setting(key: str, value: str) -> Any:
