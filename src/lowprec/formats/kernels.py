@@ -191,6 +191,25 @@ def fixed_nearest(x: Tensor, scale: Tensor, kmin: int, kmax: int) -> Tensor:
     return torch.where(torch.isnan(x), x, torch.clamp(torch.round(x * scale), kmin, kmax) / scale)
 
 
+def dfx_maxabs_fp32(
+    x: Tensor, kmin: int, kmax: int, top: int, frac_lo: int, frac_hi: int, rounding: int, key: Tensor | None
+) -> Tensor:
+    """Dynamic fixed point with the max-abs exponent of x itself, in one graph (a reduction, then the rounding).
+
+    r = the frexp exponent of max|x| over finite elements (smallest r with max|x| < 2**r), read from the float32
+    bits (an all-zero or subnormal max gives -126, clamped like any r); frac = clamp(top - r, frac_lo, frac_hi)
+    with top = bits - 1. Then fixed-point rounding onto [kmin, kmax] * 2**-frac, as ``fixed_nearest`` /
+    ``fixed_grid``.
+    """
+    peak = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
+    r = (peak.view(torch.int32) >> 23) - 126
+    frac = torch.clamp(top - r, frac_lo, frac_hi)
+    if rounding == NEAREST:
+        return fixed_nearest(x, ((frac + 127) << 23).view(torch.float32), kmin, kmax)
+    step = ((127 - frac) << 23).view(torch.float32)
+    return fixed_grid(x, -frac, kmin * step, kmax * step, rounding, key)
+
+
 def uniform_grid(
     x: Tensor, levels: int, signed: bool, binary: bool, rounding: int, key: Tensor | None
 ) -> Tensor:

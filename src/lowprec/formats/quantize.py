@@ -105,15 +105,20 @@ def _f32_bits(value: float) -> int:
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
 
 
+def _frac_range(word: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Fraction bits a ``word``-bit fixed point may have in ``dtype``: the step no finer than the dtype holds
+    and 2**frac finite in the compute dtype; the range no wider than the dtype's."""
+    c = container_of(dtype)
+    return word - 1 - c.emax, min(-c.smallest_exponent, container_of(_wide(dtype)).emax)
+
+
 def _fixed(
     x: Tensor, out: Tensor | None, word: int, frac: Tensor | int, rounding: int, key: Tensor | None
 ) -> Tensor:
     """Fixed-point rounding with a (possibly tensor-valued) number of fraction bits."""
     wide = _wide(x.dtype)
-    c = container_of(x.dtype)  # keep every grid point representable in x's own dtype
-    frac_t = torch.as_tensor(frac, dtype=torch.int32, device=x.device)
-    # the step no finer than x's dtype holds and 2**frac finite in the compute dtype; the range within x's dtype
-    frac_t = torch.clamp(frac_t, max=min(-c.smallest_exponent, container_of(wide).emax), min=word - 1 - c.emax)
+    lo, hi = _frac_range(word, x.dtype)
+    frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if rounding == kernels.NEAREST:
@@ -144,6 +149,10 @@ def _dispatch(
     if isinstance(fmt, FixedPoint):
         return _fixed(x, out, fmt.word, fmt.frac, rounding, key)
     if isinstance(fmt, DynamicFixedPoint):
+        if int_bits is None and _wide(x.dtype) == torch.float32:  # max-abs rule fused with the rounding
+            lo, hi = _frac_range(fmt.bits, x.dtype)
+            kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
+            return _run(kernels.dfx_maxabs_fp32, x, out, kmin, kmax, fmt.bits - 1, lo, hi, rounding, key)
         r = max_abs_int_bits(x) if int_bits is None else torch.as_tensor(int_bits, device=x.device)
         return _fixed(x, out, fmt.bits, fmt.bits - 1 - r, rounding, key)
     if isinstance(fmt, BlockFloat):
