@@ -174,3 +174,21 @@ def test_float64_stochastic_lands_on_a_neighbour(fmt):
     below_y = torch.nextafter(y, torch.zeros_like(y))
     assert torch.equal(lp.quantize(below_y, fmt, "toward_zero")[above], lo[above])
     assert 0.2 < above.double().mean() < 0.8
+
+
+@given(fmt=float_formats, seed=st.integers(0, 2**16))
+def test_fast_float32_path_equals_the_generic_core(fmt, seed):
+    """quantize()'s float32 fast path and the generic integer core (used for float64) give the same bits."""
+    from lowprec.formats import kernels
+
+    x = torch.from_numpy(_random_f32(4096, seed))
+    key = torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+    max_value = torch.tensor(fmt.max_value, dtype=torch.float32)
+    for rounding in ("nearest", "stochastic", "toward_zero"):
+        mode = kernels.ROUNDINGS[rounding]
+        generic = kernels.float_grid(x, fmt.man_bits, fmt.emin - fmt.man_bits, fmt.min_normal, not fmt.subnormals,
+                                     max_value, fmt.overflow == "saturate", mode, key)
+        fast = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(seed))  # draws that key
+        same = (fast.view(torch.int32) == generic.view(torch.int32)) | (torch.isnan(fast) & torch.isnan(generic))
+        assert same.all(), (fmt, rounding, x[~same][:3], fast[~same][:3], generic[~same][:3])
+

@@ -139,39 +139,59 @@ def float_grid(
     return torch.where(torch.isnan(x), x, y)
 
 
-def float_nearest_fp32(
+def float_fast_fp32(
     x: Tensor,
+    rounding: int,
+    key: Tensor | None,
     shift: int,
+    rshift: int,
     half_minus_one: int,
     odd_bit: int,
     keep_mask: int,
     min_normal_bits: int,
     max_bits: int,
     overflow_bits: int,
+    inf_bits: int,
     sub_scale: float,
     sub_branch: bool,
     flush: bool,
 ) -> Tensor:
-    """Fast path: round-to-nearest-even of a float32 tensor onto a float format, bit-identical to
-    ``float_grid(..., NEAREST)``.
+    """Fast path for float32 tensors onto a float format, any rounding; bit-identical to ``float_grid``.
 
-    Normal range: one integer add-and-mask on the bits: with ``shift`` = 23 - man_bits > 0, add
-    2**(shift-1) - 1 (``half_minus_one``) plus the lowest kept bit (``odd_bit`` = 1), then clear the low
-    ``shift`` bits (``keep_mask`` = -2**shift); with shift = 0 nothing changes. The format's subnormal range
-    (``sub_branch``: when it lies above float32's, emin > -126) is rounded with ``torch.round`` (ties to even)
-    after an exact power-of-two scaling by ``sub_scale`` = 2**(man_bits - emin). Results above ``max_bits``
-    become ``overflow_bits`` (inf, or max when saturating); ``flush`` zeroes results below the smallest normal.
-    All parameters are precomputed by the caller: no Python arithmetic here, so compiled graphs never break.
+    Normal range, on the bits with ``shift`` = 23 - man_bits (``keep_mask`` = -2**shift clears the discarded
+    bits): nearest adds 2**(shift-1) - 1 (``half_minus_one``) plus the lowest kept bit (``odd_bit``, 0 when
+    shift = 0) and masks, so a carry rounds up (into the exponent too); toward_zero masks; stochastic adds one
+    quantum when R >> ``rshift`` (R the 31 random bits of ``random_bits``, rshift = 31 - shift) is below the
+    discarded bits, the same event as in ``round_to_grid``. The format's subnormal range (``sub_branch``:
+    emin > -126) is rounded on v = |x| * 2**(man_bits - emin) (exact): round / trunc / floor(v) + [R <
+    floor(frac(v) * 2**31)]. Results above ``max_bits`` become ``overflow_bits``; +-inf inputs ``inf_bits``;
+    ``flush`` zeroes results below the smallest normal; NaN is returned as it is. All parameters are
+    precomputed by the caller: no Python arithmetic here, so compiled graphs never break.
     """
     bits = x.view(torch.int32)
     a = bits & 0x7FFFFFFF
-    r = (a + half_minus_one + ((a >> shift) & odd_bit)) & keep_mask
+    if rounding == NEAREST:
+        r = (a + half_minus_one + ((a >> shift) & odd_bit)) & keep_mask
+    elif rounding == TOWARD_ZERO:
+        r = a & keep_mask
+    else:
+        rand = random_bits(x.shape, key, 31, x.device).to(torch.int32)
+        up = ((rand >> rshift) < (a & ~keep_mask)).to(torch.int32)
+        r = (a & keep_mask) + (up << shift)
     if sub_branch:
-        sub = (torch.round(x.abs() * sub_scale) / sub_scale).view(torch.int32)
-        r = torch.where(a < min_normal_bits, sub, r)
+        v = x.abs() * sub_scale
+        if rounding == NEAREST:
+            k = torch.round(v)
+        elif rounding == TOWARD_ZERO:
+            k = torch.trunc(v)
+        else:
+            low = torch.floor(v)
+            k = low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(torch.float32)
+        r = torch.where(a < min_normal_bits, (k / sub_scale).view(torch.int32), r)
     if flush:
         r = torch.where(r < min_normal_bits, 0, r)
     r = torch.where(r > max_bits, overflow_bits, r)
+    r = torch.where(a == 0x7F800000, inf_bits, r)
     r = torch.where(a > 0x7F800000, a, r)
     return (r | (bits & -(2**31))).view(torch.float32)
 

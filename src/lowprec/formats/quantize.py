@@ -133,13 +133,14 @@ def _dispatch(
 ) -> Tensor:
     if isinstance(fmt, FloatFormat):
         saturate = fmt.overflow == "saturate"
-        if _wide(x.dtype) == torch.float32 and rounding == kernels.NEAREST:
+        if _wide(x.dtype) == torch.float32:
             max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
+            big = max_bits if saturate else 0x7F800000
+            overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
             return _run(
-                kernels.float_nearest_fp32, x, out, shift, max((1 << shift >> 1) - 1, 0), int(shift > 0),
-                -(1 << shift), (fmt.emin + 127) << 23, max_bits,
-                max_bits if saturate else 0x7F800000, 2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126,
-                not fmt.subnormals,
+                kernels.float_fast_fp32, x, out, rounding, key, shift, 31 - shift, max((1 << shift >> 1) - 1, 0),
+                int(shift > 0), -(1 << shift), (fmt.emin + 127) << 23, max_bits, overflow, big,
+                2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126, not fmt.subnormals,
             )
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
         return _run(
