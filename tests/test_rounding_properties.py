@@ -192,3 +192,21 @@ def test_fast_float32_path_equals_the_generic_core(fmt, seed):
         same = (fast.view(torch.int32) == generic.view(torch.int32)) | (torch.isnan(fast) & torch.isnan(generic))
         assert same.all(), (fmt, rounding, x[~same][:3], fast[~same][:3], generic[~same][:3])
 
+
+
+@given(fmt=fixed_formats, seed=st.integers(0, 2**16))
+def test_fast_fixed_path_equals_the_generic_core(fmt, seed):
+    from lowprec.formats import kernels
+
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy((rng.standard_normal(4096) * 2.0 ** rng.integers(-30, 30, 4096)).astype(np.float32))
+    x[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    key = torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+    step = torch.tensor(fmt.step, dtype=torch.float32)
+    kmin, kmax = -(2 ** (fmt.word - 1)), 2 ** (fmt.word - 1) - 1
+    for rounding in ("nearest", "stochastic", "toward_zero"):
+        mode = kernels.ROUNDINGS[rounding]
+        generic = kernels.fixed_grid(x, -fmt.frac, kmin * step, kmax * step, mode, key)
+        fast = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(seed))
+        same = (fast.view(torch.int32) == generic.view(torch.int32)) | (torch.isnan(fast) & torch.isnan(generic))
+        assert same.all(), (fmt, rounding, x[~same][:3], fast[~same][:3], generic[~same][:3])

@@ -148,6 +148,7 @@ def float_fast_fp32(
     half_minus_one: int,
     odd_bit: int,
     keep_mask: int,
+    discard_mask: int,
     min_normal_bits: int,
     max_bits: int,
     overflow_bits: int,
@@ -159,7 +160,7 @@ def float_fast_fp32(
     """Fast path for float32 tensors onto a float format, any rounding; bit-identical to ``float_grid``.
 
     Normal range, on the bits with ``shift`` = 23 - man_bits (``keep_mask`` = -2**shift clears the discarded
-    bits): nearest adds 2**(shift-1) - 1 (``half_minus_one``) plus the lowest kept bit (``odd_bit``, 0 when
+    bits, ``discard_mask`` = 2**shift - 1 keeps only them): nearest adds 2**(shift-1) - 1 (``half_minus_one``) plus the lowest kept bit (``odd_bit``, 0 when
     shift = 0) and masks, so a carry rounds up (into the exponent too); toward_zero masks; stochastic adds one
     quantum when R >> ``rshift`` (R the 31 random bits of ``random_bits``, rshift = 31 - shift) is below the
     discarded bits, the same event as in ``round_to_grid``. The format's subnormal range (``sub_branch``:
@@ -176,7 +177,7 @@ def float_fast_fp32(
         r = a & keep_mask
     else:
         rand = random_bits(x.shape, key, 31, x.device).to(torch.int32)
-        up = ((rand >> rshift) < (a & ~keep_mask)).to(torch.int32)
+        up = ((rand >> rshift) < (a & discard_mask)).to(torch.int32)
         r = (a & keep_mask) + (up << shift)
     if sub_branch:
         v = x.abs() * sub_scale
@@ -205,10 +206,24 @@ def fixed_grid(
     return torch.where(torch.isnan(x), x, torch.clamp(y, lo, hi))
 
 
-def fixed_nearest(x: Tensor, scale: Tensor, kmin: int, kmax: int) -> Tensor:
-    """Fast path: clamp(round(x * 2**frac), kmin, kmax) / 2**frac, ties to even; exact (power-of-two
-    scaling; the clamp also saturates +-inf; a NaN input is returned as it is)."""
-    return torch.where(torch.isnan(x), x, torch.clamp(torch.round(x * scale), kmin, kmax) / scale)
+def fixed_fast(x: Tensor, scale: Tensor, kmin: int, kmax: int, rounding: int, key: Tensor | None) -> Tensor:
+    """Fast path onto a saturating fixed-point grid, any rounding; bit-identical to ``fixed_grid``.
+
+    v = |x| * 2**frac (``scale``; exact, a power of two) is rounded to an integer k: nearest ``round`` (ties to
+    even), toward_zero ``trunc``, stochastic floor(v) + [R < floor(frac(v) * 2**31)] with R the 31 random bits of
+    ``random_bits`` (the same event as ``round_to_grid``); then sign(x)*k is clamped to [kmin, kmax] (which also
+    saturates +-inf) and divided by ``scale``. A NaN input is returned as it is.
+    """
+    v = x.abs() * scale
+    if rounding == NEAREST:
+        k = torch.round(v)
+    elif rounding == TOWARD_ZERO:
+        k = torch.trunc(v)
+    else:
+        low = torch.floor(v)
+        rand = random_bits(x.shape, key, 31, x.device).to(torch.int32)
+        k = low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(x.dtype)
+    return torch.where(torch.isnan(x), x, torch.clamp(k.copysign(x), kmin, kmax) / scale)
 
 
 def dfx_maxabs_fp32(
@@ -218,16 +233,25 @@ def dfx_maxabs_fp32(
 
     r = the frexp exponent of max|x| over finite elements (smallest r with max|x| < 2**r), read from the float32
     bits (an all-zero or subnormal max gives -126, clamped like any r); frac = clamp(top - r, frac_lo, frac_hi)
-    with top = bits - 1. Then fixed-point rounding onto [kmin, kmax] * 2**-frac, as ``fixed_nearest`` /
-    ``fixed_grid``.
+    with top = bits - 1. Then fixed-point rounding onto [kmin, kmax] * 2**-frac, as ``fixed_fast``.
     """
     peak = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
     r = (peak.view(torch.int32) >> 23) - 126
     frac = torch.clamp(top - r, frac_lo, frac_hi)
-    if rounding == NEAREST:
-        return fixed_nearest(x, ((frac + 127) << 23).view(torch.float32), kmin, kmax)
-    step = ((127 - frac) << 23).view(torch.float32)
-    return fixed_grid(x, -frac, kmin * step, kmax * step, rounding, key)
+    return fixed_fast(x, ((frac + 127) << 23).view(torch.float32), kmin, kmax, rounding, key)
+
+
+def block_fp32(
+    x: Tensor, block: int, pad: int, kmin: int, kmax: int, top: int, frac_lo: int, frac_hi: int, rounding: int,
+    key: Tensor | None,
+) -> Tensor:
+    """Block floating point of a flat float32 tensor: zero-pad to whole blocks, give each block the max-abs
+    exponent of its finite elements (as ``dfx_maxabs_fp32``), round with ``fixed_fast``, drop the padding."""
+    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block)
+    peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
+    frac = torch.clamp(top - ((peak.view(torch.int32) >> 23) - 126), frac_lo, frac_hi)
+    y = fixed_fast(blocks, ((frac + 127) << 23).view(torch.float32), kmin, kmax, rounding, key)
+    return y.view(-1)[: x.numel()]
 
 
 def uniform_grid(

@@ -121,8 +121,8 @@ def _fixed(
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
-    if rounding == kernels.NEAREST:
-        return _run(kernels.fixed_nearest, x, out, 1.0 / step, kmin, kmax)
+    if wide == torch.float32:
+        return _run(kernels.fixed_fast, x, out, 1.0 / step, kmin, kmax, rounding, key)
     lo, hi = kmin * step, kmax * step
     qmin = -frac_t.to(torch.int32 if wide == torch.float32 else torch.int64)
     return _run(kernels.fixed_grid, x, out, qmin, lo, hi, rounding, key)
@@ -139,7 +139,7 @@ def _dispatch(
             overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
             return _run(
                 kernels.float_fast_fp32, x, out, rounding, key, shift, 31 - shift, max((1 << shift >> 1) - 1, 0),
-                int(shift > 0), -(1 << shift), (fmt.emin + 127) << 23, max_bits, overflow, big,
+                int(shift > 0), -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits, overflow, big,
                 2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126, not fmt.subnormals,
             )
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
@@ -157,12 +157,17 @@ def _dispatch(
         r = max_abs_int_bits(x) if int_bits is None else torch.as_tensor(int_bits, device=x.device)
         return _fixed(x, out, fmt.bits, fmt.bits - 1 - r, rounding, key)
     if isinstance(fmt, BlockFloat):
-        flat = x.reshape(-1)
-        pad = (-flat.numel()) % fmt.block
-        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, fmt.block)
+        kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
+        pad = (-x.numel()) % fmt.block
+        if _wide(x.dtype) == torch.float32:
+            lo, hi = _frac_range(fmt.bits, x.dtype)
+            flat_out = out.view(-1) if out is not None and out.is_contiguous() else None
+            y = _run(kernels.block_fp32, x.reshape(-1), flat_out, fmt.block, pad, kmin, kmax, fmt.bits - 1, lo, hi,
+                     rounding, key).view(x.shape)
+            return y if out is None or flat_out is not None else out.copy_(y)
+        blocks = torch.nn.functional.pad(x.reshape(-1), (0, pad)).view(-1, fmt.block)
         r = max_abs_int_bits(blocks, fmt.block)
-        y = _fixed(blocks, None, fmt.bits, fmt.bits - 1 - r, rounding, key).reshape(-1)[: flat.numel()]
-        y = y.view(x.shape)
+        y = _fixed(blocks, None, fmt.bits, fmt.bits - 1 - r, rounding, key).reshape(-1)[: x.numel()].view(x.shape)
         return y if out is None else out.copy_(y)
     if isinstance(fmt, Uniform):
         binary = fmt.signed and fmt.bits == 1

@@ -157,7 +157,8 @@ class Policy:
     @classmethod
     def of(cls, **assignments: Any) -> Policy:
         """``Policy.of(weight="int8", grads="int16", loss_scale="dynamic")``."""
-        return cls(tuple(_expand(assignments).items()), **_settings(assignments))
+        settings = _settings(assignments)
+        return cls(tuple(_expand(assignments).items()), **settings)
 
     @classmethod
     def parse(cls, text: str) -> Policy:
