@@ -164,7 +164,9 @@ def _dispatch(
             flat_out = out.view(-1) if out is not None and out.is_contiguous() else None
             y = _run(kernels.block_fp32, x.reshape(-1), flat_out, fmt.block, pad, kmin, kmax, fmt.bits - 1, lo, hi,
                      rounding, key).view(x.shape)
-            return y if out is None or flat_out is not None else out.copy_(y)
+            if out is None:
+                return y
+            return out if flat_out is not None else out.copy_(y)
         blocks = torch.nn.functional.pad(x.reshape(-1), (0, pad)).view(-1, fmt.block)
         r = max_abs_int_bits(blocks, fmt.block)
         y = _fixed(blocks, None, fmt.bits, fmt.bits - 1 - r, rounding, key).reshape(-1)[: x.numel()].view(x.shape)
