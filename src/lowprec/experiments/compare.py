@@ -73,6 +73,7 @@ def plot_runs(results: Sequence[RunResult], path: Path, title: str = "") -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results:
@@ -84,6 +85,7 @@ def plot_runs(results: Sequence[RunResult], path: Path, title: str = "") -> None
                     label=r.recipe)
     ax_loss.set(xlabel="step", ylabel="training loss (moving mean)", yscale="log", title="convergence")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3, which="both")
     ax_acc.legend(fontsize=8)
