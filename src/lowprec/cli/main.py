@@ -53,7 +53,7 @@ def _task_with(args):
     from ..experiments import get_task
 
     task = get_task(args.task)
-    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "train_limit", "test_limit")
+    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "schedule", "train_limit", "test_limit")
                if getattr(args, k, None) is not None}
     return replace(task, **changes)
 
@@ -71,7 +71,7 @@ def cmd_compare(args) -> int:
     console.print(f"[bold]{task.name}[/]: {task.paper}\ndata: {data.source}; {task.epochs} epochs; seed {args.seed}; "
                   f"output {out}/")
     results = compare(task, recipes, data, seed=args.seed, out_dir=out, resume=args.resume,
-                      progress_factory=_progress_factory(console))
+                      progress_factory=_progress_factory(console), device=args.device)
     _print_table(console, results, f"{task.name} ({data.source}, {task.epochs} epochs, seed {args.seed})")
     console.print(f"table: {out / 'results.csv'}   plot: {out / 'convergence.png'}")
     return 0
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int)
         p.add_argument("--batch-size", type=int, dest="batch_size")
         p.add_argument("--lr", type=float)
+        p.add_argument("--schedule", choices=["constant", "inv", "linear"], help="learning-rate schedule "
+                       "(inv: Caffe's lr (1 + 1e-4 step)^-0.75; linear: down to lr/10 at the end)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         p.add_argument("--train-limit", type=int, dest="train_limit", help="use the first N training examples")
         p.add_argument("--test-limit", type=int, dest="test_limit")
         p.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ def compare(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress_factory: Callable[[Recipe], Callable[[int, int, float], None]] | None = None,
+    device: str = "cpu",
 ) -> list[RunResult]:
     """Run every recipe (each in ``out_dir/<label>``), then write ``results.csv`` and ``convergence.png``."""
     out = Path(out_dir) if out_dir is not None else None
@@ -29,7 +30,8 @@ def compare(
     for recipe in recipes:
         run_dir = out / _slug(recipe.label) if out else None
         progress = progress_factory(recipe) if progress_factory else None
-        results.append(run(task, recipe, data, seed=seed, out_dir=run_dir, resume=resume, progress=progress))
+        results.append(run(task, recipe, data, seed=seed, out_dir=run_dir, resume=resume, progress=progress,
+                           device=device))
     if out is not None:
         write_table(results, out / "results.csv")
         plot_runs(results, out / "convergence.png", title=f"{task.name}: {data.source}")

@@ -97,19 +97,24 @@ def run(
     resume: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
     after_step: Callable[[int, Any], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> RunResult:
-    """Train ``task`` under ``recipe`` on ``data``; evaluate on the test split after every epoch.
+    """Train ``task`` under ``recipe`` on ``data`` on ``device``; evaluate on the test split after every epoch.
 
     ``progress(step, total_steps, loss)`` is called after every step; ``after_step(step, step_result)`` too
     (tests use it to interrupt runs). With ``out_dir``, metrics, TensorBoard logs and an atomic checkpoint are
     written every epoch; ``resume`` continues from that checkpoint (bit-exactly).
     """
-    settings = {"lr": task.lr, "epochs": task.epochs, "batch_size": task.batch_size,
+    settings = {"lr": task.lr, "epochs": task.epochs, "batch_size": task.batch_size, "schedule": task.schedule,
                 "loss_multiplier": task.loss_multiplier, "momentum": task.momentum,
                 "weight_decay": task.weight_decay, **recipe.train}
     torch.manual_seed(seed)
     model = convert(build_model(task.model, **{**task.model_kwargs, **recipe.model}), recipe.policy)
     fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
+    model.to(device)
+    data = TaskData(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
+                      for v in (data.train_inputs, data.train_labels, data.test_inputs, data.test_labels)),
+                    data.source)
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
     result = RunResult(task.name, recipe.label, seed)
@@ -134,7 +139,7 @@ def run(
 
     started = time.perf_counter() - result.seconds
     for epoch in range(start_epoch, settings["epochs"]):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
         epoch_loss, epoch_steps = 0.0, 0
         for b in range(steps_per_epoch):
             step = epoch * steps_per_epoch + b
