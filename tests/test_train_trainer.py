@@ -211,3 +211,15 @@ def test_load_rejects_a_checkpoint_of_another_policy():
     _, _, other = build(RESUME_POLICIES["int8-lazy"])
     with pytest.raises(ValueError, match="policy"):
         other.load_state_dict(trainer.state_dict())
+
+
+def test_adam_with_int8_state_warns():
+    model = torch.nn.Linear(4, 2)
+    with pytest.warns(UserWarning, match="optimizer_state=dfx<8> with an Adam-type optimizer"):
+        Trainer(model, torch.optim.Adam(model.parameters()), "int8")
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        Trainer(model, torch.optim.Adam(model.parameters()), Policy.preset("int8").with_roles(optimizer_state="int16"))
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "int8")

@@ -135,6 +135,9 @@ def run(
         trainer.load_state_dict(state["trainer"])
         result = RunResult(**state["result"])
         start_epoch = state["epoch"] + 1
+    elif out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
     writer = _writer(out) if out else None
 
     started = time.perf_counter() - result.seconds

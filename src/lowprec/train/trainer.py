@@ -21,6 +21,8 @@ clipping or gradient inspection), ``apply_update``.
 
 from __future__ import annotations
 
+import warnings
+
 import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +61,21 @@ def scaler_for(policy: Policy) -> LossScaler:
     return LossScaler.none()
 
 
+def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
+    """Park et al.: Adam's second moment (beta2 = 0.999) needs 16 bits; in 8 it rounds to zero and the step
+    m / (sqrt(v) + eps) explodes. Warn when a policy stores Adam's state in a fixed-point word under 16 bits."""
+    if not any("betas" in group for group in optimizer.param_groups):
+        return
+    narrow = {str(s.state_quant) for s in slots if s.state_quant is not None and s.state_quant.bits is not None
+              and not hasattr(s.state_quant.format, "exp_bits") and s.state_quant.bits < 16}
+    if narrow:
+        warnings.warn(
+            f"optimizer_state={', '.join(sorted(narrow))} with an Adam-type optimizer: its second moment needs "
+            "at least 16 fixed-point bits (Park et al.); use optimizer_state=int16 (or SGD with momentum)",
+            UserWarning, stacklevel=3,
+        )
+
+
 class Trainer:
     """The training step of one model under one policy (see the module docstring).
 
@@ -87,6 +104,7 @@ class Trainer:
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
         self.state_formats = OptimizerStateFormats(self.slots)
+        _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
         self._unscaled: tuple[bool, list[str]] | None = None
 
