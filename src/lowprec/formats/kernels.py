@@ -69,6 +69,18 @@ def random_bits(shape: torch.Size, key: Tensor, nbits: int, device: torch.device
     return ((h << 30) | (h2 >> 2)) >> (62 - nbits)
 
 
+def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
+    """v rounded to an integer (as floats): nearest ties to even, toward_zero truncates, stochastic is
+    floor(v) + [R < floor(frac(v) * 2**31)] with ``rand`` the 31-bit integers R of ``random_bits`` (frac(v) is
+    exact, so the probability of rounding up is frac(v) truncated to 31 bits)."""
+    if rounding == NEAREST:
+        return torch.round(v)
+    if rounding == TOWARD_ZERO:
+        return torch.trunc(v)
+    low = torch.floor(v)
+    return low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(v.dtype)
+
+
 def round_to_grid(
     x: Tensor, man_bits: int, qmin: Tensor | int, rounding: int, key: Tensor | None
 ) -> Tensor:
@@ -180,14 +192,7 @@ def float_fast_fp32(
         up = ((rand >> rshift) < (a & discard_mask)).to(torch.int32)
         r = (a & keep_mask) + (up << shift)
     if sub_branch:
-        v = x.abs() * sub_scale
-        if rounding == NEAREST:
-            k = torch.round(v)
-        elif rounding == TOWARD_ZERO:
-            k = torch.trunc(v)
-        else:
-            low = torch.floor(v)
-            k = low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(torch.float32)
+        k = round_integer(x.abs() * sub_scale, rounding, rand if rounding == STOCHASTIC else None)
         r = torch.where(a < min_normal_bits, (k / sub_scale).view(torch.int32), r)
     if flush:
         r = torch.where(r < min_normal_bits, 0, r)
@@ -214,15 +219,8 @@ def fixed_fast(x: Tensor, scale: Tensor, kmin: int, kmax: int, rounding: int, ke
     ``random_bits`` (the same event as ``round_to_grid``); then sign(x)*k is clamped to [kmin, kmax] (which also
     saturates +-inf) and divided by ``scale``. A NaN input is returned as it is.
     """
-    v = x.abs() * scale
-    if rounding == NEAREST:
-        k = torch.round(v)
-    elif rounding == TOWARD_ZERO:
-        k = torch.trunc(v)
-    else:
-        low = torch.floor(v)
-        rand = random_bits(x.shape, key, 31, x.device).to(torch.int32)
-        k = low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(x.dtype)
+    rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
+    k = round_integer(x.abs() * scale, rounding, rand)
     return torch.where(torch.isnan(x), x, torch.clamp(k.copysign(x), kmin, kmax) / scale)
 
 
@@ -260,13 +258,6 @@ def uniform_grid(
     """WRPN k-bit uniform quantizer: round(clip(x) * n) / n on [-1, 1] (signed) or [0, 1] (unsigned)."""
     if binary:
         return torch.where(torch.isnan(x), x, torch.where(x < 0, -1.0, 1.0).to(x.dtype))
-    v = torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels
-    if rounding == NEAREST:
-        k = torch.round(v)
-    elif rounding == TOWARD_ZERO:
-        k = torch.trunc(v)
-    else:
-        low = torch.floor(v)
-        u = random_bits(x.shape, key, 24, x.device).to(x.dtype) * 2.0**-24
-        k = low + (u < v - low).to(x.dtype)
+    rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
+    k = round_integer(torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels, rounding, rand)
     return torch.where(torch.isnan(x), x, k / levels)
