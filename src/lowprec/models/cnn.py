@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import scaled
+from .common import kaiming_conv_init, pooled_head, scaled
 
 __all__ = ["SmallCNN"]
 
@@ -34,11 +34,8 @@ class SmallCNN(nn.Module):
             ]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(c_in, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        self.pool, self.fc = pooled_head(c_in, num_classes)
+        kaiming_conv_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import scaled
+from .common import kaiming_conv_init, pooled_head, scaled
 
 __all__ = ["BasicBlock", "PadShortcut", "ResNet", "resnet20"]
 
@@ -76,11 +76,8 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*stage))
             c_in = c_out
         self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(c_in, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        self.pool, self.fc = pooled_head(c_in, num_classes)
+        kaiming_conv_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, H, W) -> (N, num_classes) logits."""
