@@ -221,5 +221,8 @@ def test_adam_with_int8_state_warns():
 
     with w.catch_warnings():
         w.simplefilter("error")
-        Trainer(model, torch.optim.Adam(model.parameters()), Policy.preset("int8").with_roles(optimizer_state="int16"))
+        int16_state = Policy.preset("int8").with_roles(optimizer_state="int16")
+        Trainer(model, torch.optim.Adam(model.parameters(), eps=1e-3), int16_state)
         Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "int8")
+    with pytest.warns(UserWarning, match="eps"):
+        Trainer(model, torch.optim.Adam(model.parameters()), int16_state)  # eps 1e-8

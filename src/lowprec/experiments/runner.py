@@ -54,7 +54,7 @@ def _optimizer(task: Task, params, lr: float, momentum: float, weight_decay: flo
     """lowprec's multi-tensor SGD/AdamW (torch.optim semantics; they hand the lazy update its Δ directly).
     Adam with L2 weight decay is not offered: the "adam" tasks use AdamW's decoupled decay (0 by default)."""
     if task.optimizer == "adam":
-        return AdamW(params, lr=lr, weight_decay=weight_decay)
+        return AdamW(params, lr=lr, weight_decay=weight_decay, eps=task.adam_eps)
     return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 

@@ -63,15 +63,19 @@ def scaler_for(policy: Policy) -> LossScaler:
 
 def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
     """Park et al.: Adam's second moment (beta2 = 0.999) needs 16 bits; in 8 it rounds to zero and the step
-    m / (sqrt(v) + eps) explodes. Warn when a policy stores Adam's state in a fixed-point word under 16 bits."""
+    m / (sqrt(v) + eps) explodes. Warn when a policy stores Adam's state in a fixed-point word under 16 bits, or
+    in any fixed-point word with eps below 1e-4 (a second moment rounded to 0 makes a step of lr * m / eps)."""
     if not any("betas" in group for group in optimizer.param_groups):
         return
-    narrow = {str(s.state_quant) for s in slots if s.state_quant is not None and s.state_quant.bits is not None
-              and not hasattr(s.state_quant.format, "exp_bits") and s.state_quant.bits < 16}
-    if narrow:
+    fixed = {s.state_quant for s in slots if s.state_quant is not None and s.state_quant.bits is not None
+             and not hasattr(s.state_quant.format, "exp_bits")}
+    narrow = sorted(str(q) for q in fixed if q.bits < 16)
+    small_eps = min((g.get("eps", 1.0) for g in optimizer.param_groups), default=1.0) < 1e-4
+    if narrow or (fixed and small_eps):
         warnings.warn(
-            f"optimizer_state={', '.join(sorted(narrow))} with an Adam-type optimizer: its second moment needs "
-            "at least 16 fixed-point bits (Park et al.); use optimizer_state=int16 (or SGD with momentum)",
+            f"optimizer_state={', '.join(narrow or sorted(str(q) for q in fixed))} with an Adam-type optimizer: "
+            "its second moment needs at least 16 fixed-point bits (Park et al.: optimizer_state=int16) and an eps "
+            "of about 1e-3, as their INT16 Adam used: a moment rounded to 0 makes a step of lr * m / eps",
             UserWarning, stacklevel=3,
         )
 
