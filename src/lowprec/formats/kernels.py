@@ -211,17 +211,24 @@ def fixed_grid(
     return torch.where(torch.isnan(x), x, torch.clamp(y, lo, hi))
 
 
-def fixed_fast(x: Tensor, scale: Tensor, kmin: int, kmax: int, rounding: int, key: Tensor | None) -> Tensor:
+def fixed_fast(
+    x: Tensor, scale: Tensor, inv_scale: Tensor, kmin: int, kmax: int, rounding: int, key: Tensor | None
+) -> Tensor:
     """Fast path onto a saturating fixed-point grid, any rounding; bit-identical to ``fixed_grid``.
 
     v = |x| * 2**frac (``scale``; exact, a power of two) is rounded to an integer k: nearest ``round`` (ties to
     even), toward_zero ``trunc``, stochastic floor(v) + [R < floor(frac(v) * 2**31)] with R the 31 random bits of
     ``random_bits`` (the same event as ``round_to_grid``); then sign(x)*k is clamped to [kmin, kmax] (which also
-    saturates +-inf) and divided by ``scale``. A NaN input is returned as it is.
+    saturates +-inf) and multiplied by ``inv_scale`` = 2**-frac (exact). A NaN input is returned as it is.
     """
     rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
     k = round_integer(x.abs() * scale, rounding, rand)
-    return torch.where(torch.isnan(x), x, torch.clamp(k.copysign(x), kmin, kmax) / scale)
+    return torch.where(torch.isnan(x), x, torch.clamp(k.copysign(x), kmin, kmax) * inv_scale)
+
+
+def _pow2(e: Tensor) -> Tensor:
+    """2**e as float32 from an int32 exponent in [-126, 127] (built from the bits)."""
+    return ((e + 127) << 23).view(torch.float32)
 
 
 def dfx_maxabs_fp32(
@@ -236,7 +243,7 @@ def dfx_maxabs_fp32(
     peak = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
     r = (peak.view(torch.int32) >> 23) - 126
     frac = torch.clamp(top - r, frac_lo, frac_hi)
-    return fixed_fast(x, ((frac + 127) << 23).view(torch.float32), kmin, kmax, rounding, key)
+    return fixed_fast(x, _pow2(frac), _pow2(-frac), kmin, kmax, rounding, key)
 
 
 def block_fp32(
@@ -248,7 +255,7 @@ def block_fp32(
     blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block)
     peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
     frac = torch.clamp(top - ((peak.view(torch.int32) >> 23) - 126), frac_lo, frac_hi)
-    y = fixed_fast(blocks, ((frac + 127) << 23).view(torch.float32), kmin, kmax, rounding, key)
+    y = fixed_fast(blocks, _pow2(frac), _pow2(-frac), kmin, kmax, rounding, key)
     return y.view(-1)[: x.numel()]
 
 

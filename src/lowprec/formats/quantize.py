@@ -107,9 +107,9 @@ def _f32_bits(value: float) -> int:
 
 def _frac_range(word: int, dtype: torch.dtype) -> tuple[int, int]:
     """Fraction bits a ``word``-bit fixed point may have in ``dtype``: the step no finer than the dtype holds
-    and 2**frac finite in the compute dtype; the range no wider than the dtype's."""
+    and 2**frac and 2**-frac normal numbers in the compute dtype; the range no wider than the dtype's."""
     c = container_of(dtype)
-    return word - 1 - c.emax, min(-c.smallest_exponent, container_of(_wide(dtype)).emax)
+    return word - 1 - c.emax, min(-c.smallest_exponent, container_of(_wide(dtype)).emax - 1)
 
 
 def _fixed(
@@ -122,7 +122,7 @@ def _fixed(
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if wide == torch.float32:
-        return _run(kernels.fixed_fast, x, out, 1.0 / step, kmin, kmax, rounding, key)
+        return _run(kernels.fixed_fast, x, out, 1.0 / step, step, kmin, kmax, rounding, key)
     lo, hi = kmin * step, kmax * step
     qmin = -frac_t.to(torch.int32 if wide == torch.float32 else torch.int64)
     return _run(kernels.fixed_grid, x, out, qmin, lo, hi, rounding, key)
