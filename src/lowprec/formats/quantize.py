@@ -53,7 +53,7 @@ def _compiled_apply() -> Callable:
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
     global _compile_failed
     if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
-        # Elementwise kernels do not care about shape: a flat view gives one compiled graph for all ranks.
+        # The kernels act per element (or per whole tensor): a flat view gives one compiled graph for all ranks.
         flat = x.is_contiguous() and (out is None or out.is_contiguous()) and all(
             not isinstance(a, Tensor) or a.dim() == 0 for a in args
         )
