@@ -247,16 +247,15 @@ def dfx_maxabs_fp32(
 
 
 def block_fp32(
-    x: Tensor, block: int, pad: int, kmin: int, kmax: int, top: int, frac_lo: int, frac_hi: int, rounding: int,
+    x: Tensor, block: int, kmin: int, kmax: int, top: int, frac_lo: int, frac_hi: int, rounding: int,
     key: Tensor | None,
 ) -> Tensor:
-    """Block floating point of a flat float32 tensor: zero-pad to whole blocks, give each block the max-abs
-    exponent of its finite elements (as ``dfx_maxabs_fp32``), round with ``fixed_fast``, drop the padding."""
-    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block)
+    """Block floating point of a flat float32 tensor whose length is a multiple of ``block``: each block gets the
+    max-abs exponent of its finite elements (as ``dfx_maxabs_fp32``) and is rounded with ``fixed_fast``."""
+    blocks = x.view(-1, block)
     peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
     frac = torch.clamp(top - ((peak.view(torch.int32) >> 23) - 126), frac_lo, frac_hi)
-    y = fixed_fast(blocks, _pow2(frac), _pow2(-frac), kmin, kmax, rounding, key)
-    return y.view(-1)[: x.numel()]
+    return fixed_fast(blocks, _pow2(frac), _pow2(-frac), kmin, kmax, rounding, key).view(-1)
 
 
 def uniform_grid(

@@ -159,15 +159,17 @@ def _dispatch(
     if isinstance(fmt, BlockFloat):
         kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
         pad = (-x.numel()) % fmt.block
+        flat = torch.nn.functional.pad(x.reshape(-1), (0, pad)) if pad else x.reshape(-1)  # a copy only if ragged
         if _wide(x.dtype) == torch.float32:
             lo, hi = _frac_range(fmt.bits, x.dtype)
-            flat_out = out.view(-1) if out is not None and out.is_contiguous() else None
-            y = _run(kernels.block_fp32, x.reshape(-1), flat_out, fmt.block, pad, kmin, kmax, fmt.bits - 1, lo, hi,
-                     rounding, key).view(x.shape)
-            if out is None:
-                return y
-            return out if flat_out is not None else out.copy_(y)
-        blocks = torch.nn.functional.pad(x.reshape(-1), (0, pad)).view(-1, fmt.block)
+            direct = out is not None and not pad and out.is_contiguous()
+            y = _run(kernels.block_fp32, flat, out.view(-1) if direct else None, fmt.block, kmin, kmax,
+                     fmt.bits - 1, lo, hi, rounding, key)
+            if direct:
+                return out
+            y = y[: x.numel()].view(x.shape)
+            return y if out is None else out.copy_(y)
+        blocks = flat.view(-1, fmt.block)
         r = max_abs_int_bits(blocks, fmt.block)
         y = _fixed(blocks, None, fmt.bits, fmt.bits - 1 - r, rounding, key).reshape(-1)[: x.numel()].view(x.shape)
         return y if out is None else out.copy_(y)
