@@ -24,9 +24,6 @@ __all__ = ["quantize", "max_abs_int_bits", "compile_enabled"]
 #: Tensors with at least this many elements use the compiled kernels.
 COMPILE_MIN_NUMEL = 1 << 16
 
-# Each (kernel, static parameters) pair is one compiled graph of ``_apply``; allow enough of them.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-
 _compile_failed = False
 
 
@@ -47,6 +44,9 @@ def _apply(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
 
 @functools.cache
 def _compiled_apply() -> Callable:
+    # Each (kernel, static parameters) pair is one compiled graph of ``_apply``; allow enough of them. Set here,
+    # at the first compilation, so that importing lowprec does not import torch's compiler (a second).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(_apply, dynamic=True)
 
 
