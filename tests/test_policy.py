@@ -55,6 +55,11 @@ def test_wrpn_presets_keep_first_and_last_full_precision():
         Policy.preset("wrpn-0-4")
 
 
+def test_design_spelling_grad_sets_every_gradient_role():
+    p = Policy.parse("weight=int8,grad=int16")
+    assert {str(p.get(r)) for r in ("output_grad", "activation_grad", "weight_grad", "bias_grad")} == {"dfx<16>"}
+
+
 def test_parse_shorthands_rounding_and_settings():
     p = Policy.parse("params=fp16/stochastic, grads=e5m2, activations=bf16, master=fp32, loss_scale=1024")
     assert p.get("weight") == Quant(lp.parse_format("fp16"), "stochastic") == p.get("bias")
@@ -143,3 +148,5 @@ def test_quantizer_observe_only_and_state():
 def test_policy_table_is_readable():
     text = str(Policy.preset("int8-lazy"))
     assert "accumulator      dfx<16>" in text and "classifier rule" in text and "rule=maxabs" in text
+    assert "interval" not in text  # the overflow rule's settings do not apply to max-abs exponents
+    assert "interval=100 batches" in str(Policy.preset("dfx-10-12"))

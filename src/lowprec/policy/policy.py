@@ -25,8 +25,8 @@ accumulation       partial sums inside matmuls/convolutions (None: float32, MPT;
                    low-precision accumulator in chunks of ``accumulation_chunk``)
 =================  ==========================================================================================
 
-A role given no format (``none``) is left in float32. ``grads`` sets the four gradient roles, ``activations``
-sets activation and output, ``params`` sets weight and bias.
+A role given no format (``none``) is left in float32. ``grads`` (or ``grad``) sets the four gradient roles,
+``activations`` sets activation and output, ``params`` sets weight and bias.
 
 Per-module overrides: ``"...; fc3: weight=int16"`` or ``policy.override("fc3", weight="int16")``. Patterns are
 shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``@last`` name the first and last
@@ -52,6 +52,7 @@ LAYER_ROLES = (
 ROLES = LAYER_ROLES + ("master", "optimizer_state", "accumulator", "accumulation")
 ALIASES = {
     "grads": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
+    "grad": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
     "activations": ("activation", "output"),
     "params": ("weight", "bias"),
 }
@@ -256,9 +257,11 @@ class Policy:
         for pattern, assigned in self.overrides:
             lines.append(f"  override {pattern}: " + ", ".join(f"{r}={q if q else 'fp32'}" for r, q in assigned))
         lines.append(f"  loss scale       {self.loss_scale}")
-        if self.uses_dynamic_fixed_point:
+        if self.uses_dynamic_fixed_point and self.exponent_rule == "maxabs":
+            lines.append("  dfx exponents    rule=maxabs (each tensor's own max|x|, at every use)")
+        elif self.uses_dynamic_fixed_point:
             lines.append(
-                f"  dfx exponents    rule={self.exponent_rule}, max overflow rate={self.max_overflow_rate}, "
+                f"  dfx exponents    rule=overflow, max overflow rate={self.max_overflow_rate}, "
                 f"interval={self.exponent_interval} batches, "
                 f"start r={'max-abs of the first batch' if self.init_int_bits is None else self.init_int_bits}"
             )
