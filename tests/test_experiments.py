@@ -35,9 +35,11 @@ def test_recipe_forms(tmp_path):
     r = parse_recipe("weight=fp16,grads=e5m2")
     assert r.policy.get("weight_grad") == lp.Quant.parse("e5m2")
     toml = tmp_path / "r.toml"
-    toml.write_text('label = "mine"\npreset = "int8"\n[policy_roles]\naccumulator = "int16"\n[model]\nwidth = 2\n')
+    toml.write_text('label = "mine"\npreset = "int8"\n[policy_roles]\naccumulator = "int16"\nloss_scale = 8\n'
+                    '[model]\nwidth = 2\n')
     r = parse_recipe(str(toml))
     assert r.label == "mine" and r.policy.get("accumulator") == lp.Quant.parse("int16") and r.model == {"width": 2}
+    assert r.policy.loss_scale == "static:8"
     for bad, match in [("int9", "unknown recipe"), ("int8+width", "key=value"), (str(tmp_path / "no.toml"), "not found")]:
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             parse_recipe(bad)

@@ -13,14 +13,13 @@ A recipe is written as ``PRESET[+key=value,...]`` or a path to a TOML file:
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..policy import Policy
-from ..policy.presets import PRESETS
+from ..policy.presets import PRESETS, is_preset
 
 __all__ = ["Recipe", "parse_recipe", "MODEL_KEYS", "TRAIN_KEYS"]
 
@@ -39,10 +38,6 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
 
 
-def _is_preset(name: str) -> bool:
-    return name in PRESETS or re.fullmatch(r"wrpn-\d+-\d+", name) is not None
-
-
 def _split(assignments: dict[str, str]) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
     roles, model, train = {}, {}, {}
     for key, value in assignments.items():
@@ -56,11 +51,7 @@ def _split(assignments: dict[str, str]) -> tuple[dict[str, str], dict[str, Any],
 
 
 def _with(policy: Policy, roles: dict[str, Any]) -> Policy:
-    if not roles:
-        return policy
-    if "loss_scale" in roles and re.fullmatch(r"[0-9.eE+\-]+", str(roles["loss_scale"])):
-        roles["loss_scale"] = f"static:{roles['loss_scale']}"
-    return policy.with_roles(**roles)
+    return policy.with_roles(**roles) if roles else policy
 
 
 def parse_recipe(text: str) -> Recipe:
@@ -69,7 +60,7 @@ def parse_recipe(text: str) -> Recipe:
     if text.endswith(".toml"):
         return _from_toml(Path(text))
     head, plus, tail = text.partition("+")
-    if _is_preset(head):
+    if is_preset(head):
         items = [item.strip() for item in tail.split(",") if item.strip()]
         if plus and (not items or any("=" not in item for item in items)):
             raise ValueError(f"recipe {text!r}: expected key=value,... after '+'")

@@ -7,10 +7,10 @@ import warnings
 
 from torch import nn
 
-from ..policy import Policy
+from ..policy import Policy, as_policy
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
-from .resolve import as_policy, module_policy
+from .resolve import module_policy
 
 __all__ = ["convert", "CONVERSIONS"]
 

@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..formats import Uniform
-from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
-from .resolve import as_policy
 from .roles import Accumulator
 
 __all__ = [

@@ -10,25 +10,13 @@ from torch import nn
 from ..formats import BlockFloat, DynamicFixedPoint, FixedPoint, Uniform
 from ..policy import Policy, Quant, classifier_bits
 
-__all__ = ["as_policy", "module_policy", "CLASSIFIER_ROLES"]
+__all__ = ["module_policy", "CLASSIFIER_ROLES"]
 
 #: The classifier path of Park et al. eq. 5: the last layer's weights and the values and gradients between it
 #: and the softmax.
 CLASSIFIER_ROLES = ("weight", "output", "output_grad")
 
 _GRID_FORMATS = (FixedPoint, DynamicFixedPoint, Uniform, BlockFloat)  # a fixed step: round-off eq. 4 applies
-
-
-def as_policy(policy: Policy | str) -> Policy:
-    """A Policy, a preset name (``Policy.preset``) or a policy string (``Policy.parse``).
-
-    A string is a preset name unless it assigns something (contains ``=``) or is empty (no quantization)."""
-    if isinstance(policy, Policy):
-        return policy
-    if not isinstance(policy, str):
-        raise TypeError(f"policy must be a Policy, a preset name or a policy string, got {type(policy).__name__}")
-    text = policy.strip()
-    return Policy.parse(text) if "=" in text or not text else Policy.preset(text)
 
 
 def _bits(quant: Quant | None) -> int | None:

@@ -1,7 +1,7 @@
 """Policies: which format each tensor role gets, per-module overrides, presets, the classifier rule."""
 
 from .classifier import classifier_bits
-from .policy import LAYER_ROLES, ROLES, Policy, Quant
+from .policy import LAYER_ROLES, ROLES, Policy, Quant, as_policy
 from .quantizer import Quantizer
 
-__all__ = ["classifier_bits", "Policy", "Quant", "Quantizer", "ROLES", "LAYER_ROLES"]
+__all__ = ["classifier_bits", "Policy", "Quant", "as_policy", "Quantizer", "ROLES", "LAYER_ROLES"]

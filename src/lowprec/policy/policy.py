@@ -44,7 +44,7 @@ from typing import Any, Mapping
 from ..formats import DynamicFixedPoint, Format, parse_format
 from ..formats.kernels import ROUNDINGS
 
-__all__ = ["Quant", "Policy", "ROLES", "LAYER_ROLES"]
+__all__ = ["Quant", "Policy", "as_policy", "ROLES", "LAYER_ROLES"]
 
 LAYER_ROLES = (
     "weight", "bias", "activation", "output", "output_grad", "activation_grad", "weight_grad", "bias_grad",
@@ -275,11 +275,15 @@ class Policy:
 
 def _settings(assignments: dict[str, Any]) -> dict[str, Any]:
     """Pop the settings (not roles) out of ``assignments``; string values are parsed as in policy strings."""
-    return {k: _setting(k, v) if isinstance(v, str) else v
-            for k, v in [(k, assignments.pop(k)) for k in list(assignments) if k in SETTINGS]}
+    return {k: _setting(k, assignments.pop(k)) for k in list(assignments) if k in SETTINGS}
 
 
-def _setting(key: str, value: str) -> Any:
+def _setting(key: str, value: Any) -> Any:
+    """A setting's value from a policy string (or a Python value: a number as loss_scale means static)."""
+    if key == "loss_scale" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"static:{value}"
+    if not isinstance(value, str):
+        return value
     if key in ("max_overflow_rate",):
         return float(value)
     if key == "init_int_bits" and value.lower() in ("auto", "none"):
@@ -293,3 +297,15 @@ def _setting(key: str, value: str) -> Any:
     if key == "loss_scale" and re.fullmatch(r"[0-9.eE+\-]+", value):
         return f"static:{value}"
     return value
+
+
+def as_policy(policy: Policy | str) -> Policy:
+    """A Policy, a preset name (``Policy.preset``) or a policy string (``Policy.parse``).
+
+    A string is a preset name unless it assigns something (contains ``=``) or is empty (no quantization)."""
+    if isinstance(policy, Policy):
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a Policy, a preset name or a policy string, got {type(policy).__name__}")
+    text = policy.strip()
+    return Policy.parse(text) if "=" in text or not text else Policy.preset(text)

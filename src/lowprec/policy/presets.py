@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from .policy import Policy
 
-__all__ = ["preset", "PRESETS"]
+__all__ = ["preset", "is_preset", "PRESETS"]
 
 _ALL = "params={f},activations={f},grads={f}"
 
@@ -49,9 +49,17 @@ def _wrpn(weight_bits: int, act_bits: int) -> str:
     return ",".join(parts) + "; @first: weight=none,activation=none; @last: weight=none,activation=none"
 
 
+_WRPN = re.compile(r"wrpn-(\d+)-(\d+)")
+
+
+def is_preset(name: str) -> bool:
+    """Whether ``name`` names a preset (a fixed one or any wrpn-<w>-<a>)."""
+    return name in PRESETS or _WRPN.fullmatch(name) is not None
+
+
 def preset(name: str) -> Policy:
     """The policy of a named recipe; ValueError listing the names for anything else."""
-    wrpn = re.fullmatch(r"wrpn-(\d+)-(\d+)", name)
+    wrpn = _WRPN.fullmatch(name)
     if wrpn:
         w, a = int(wrpn[1]), int(wrpn[2])
         if not (1 <= w <= 16 or w == 32) or not (1 <= a <= 16 or a == 32):
