@@ -1,6 +1,6 @@
 """Full-precision range warm-up of dynamic fixed point exponents (Courbariaux et al., as in the authors' code).
 
-Every exponent starts at ``init_int_bits``. Before low-precision training, the authors train ``range_init_epoch``
+Every exponent starts at ``init_int_bits`` (the authors: 5). Before low-precision training, they train ``range_init_epoch``
 epochs at full precision while each group measures its overflow rate and moves its exponent, then reset the
 parameters to their initial random values. Here: with ``lowprec.nn.calibrating(model)`` active (every layer
 quantizer observes and returns its input unchanged) the model trains in fp32 for the given steps, the
