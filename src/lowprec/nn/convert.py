@@ -8,6 +8,7 @@ import warnings
 from torch import nn
 
 from ..policy import Policy, as_policy
+from .native import to_native
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import module_policy
@@ -47,12 +48,17 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     ``inplace=True`` (then the model itself, its layers changed in place: optimizers built on its
     parameters stay valid).
 
+    A policy with ``path=native`` (fp16/bf16 only) gives the native model of ``lowprec.nn.native`` instead:
+    parameters and activations really stored in that dtype, reductions in float32.
+
     Raises NotImplementedError (before changing anything) for a layer configuration the quantized layers do
     not support (a bidirectional LSTM, a sparse Embedding) when its policy quantizes it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
     policy = as_policy(policy)
+    if policy.path == "native":
+        return to_native(model, policy, inplace=inplace)
     if not inplace:
         model = copy.deepcopy(model)
     plan, unknown = [], []

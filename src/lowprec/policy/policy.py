@@ -28,6 +28,9 @@ accumulation       partial sums inside matmuls/convolutions (None: float32, MPT;
 A role given no format (``none``) is left in float32. ``grads`` (or ``grad``) sets the four gradient roles,
 ``activations`` sets activation and output, ``params`` sets weight and bias.
 
+``path=native`` (fp16/bf16 policies only) runs the model in the format's torch dtype instead of emulating it in
+float32 containers: real memory and speed gains, see ``lowprec.nn.native``.
+
 Per-module overrides: ``"...; fc3: weight=int16"`` or ``policy.override("fc3", weight="int16")``. Patterns are
 shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``@last`` name the first and last
 quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
@@ -57,7 +60,8 @@ ALIASES = {
     "params": ("weight", "bias"),
 }
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
-            "accumulation_chunk", "classifier_rule")
+            "accumulation_chunk", "classifier_rule", "path")
+PATHS = ("emulated", "native")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class Policy:
     init_int_bits: int | None = 5  # None ("auto"): each group starts at its first tensor's max-abs exponent
     accumulation_chunk: int = 32
     classifier_rule: bool = False  # give @last at least classifier_bits(C) bits (Park eq. 5)
+    path: str = "emulated"  # "emulated": fp32 containers rounded per role | "native": real fp16/bf16 tensors
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +156,8 @@ class Policy:
             raise ValueError(f"exponent_rule must be 'overflow' or 'maxabs', got {self.exponent_rule!r}")
         if not 0 <= self.max_overflow_rate < 1:
             raise ValueError(f"max_overflow_rate must lie in [0, 1), got {self.max_overflow_rate}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be 'emulated' or 'native', got {self.path!r}")
         if self.exponent_interval < 1 or self.accumulation_chunk < 1:
             raise ValueError("exponent_interval and accumulation_chunk must be >= 1")
 
@@ -257,6 +264,8 @@ class Policy:
         for pattern, assigned in self.overrides:
             lines.append(f"  override {pattern}: " + ", ".join(f"{r}={q if q else 'fp32'}" for r, q in assigned))
         lines.append(f"  loss scale       {self.loss_scale}")
+        if self.path == "native":
+            lines.append("  path             native (tensors stored in the format's torch dtype, fp32 master weights)")
         if self.uses_dynamic_fixed_point and self.exponent_rule == "maxabs":
             lines.append("  dfx exponents    rule=maxabs (each tensor's own max|x|, at every use)")
         elif self.uses_dynamic_fixed_point:

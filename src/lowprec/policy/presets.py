@@ -17,6 +17,9 @@ PRESETS: dict[str, str] = {
     # Micikevicius et al.: fp16 storage of everything, fp32 master weights and optimizer state, loss scaling
     "mixed-fp16": _ALL.format(f="fp16") + ",loss_scale=dynamic",
     "mixed-bf16": _ALL.format(f="bf16"),
+    # the same recipes on the native path: real fp16/bf16 tensors, fp32 master weights (lowprec.nn.native)
+    "native-fp16": _ALL.format(f="fp16") + ",loss_scale=dynamic,path=native",
+    "native-bf16": _ALL.format(f="bf16") + ",path=native",
     # Park et al.: dynamic fixed point everywhere, parameters stored in INT8 (no fp32 master)
     # (Park leave the exponent rule open: max-abs of each tensor, as Flexpoint / Das et al. whom they cite)
     "int8": _ALL.format(f="int8") + ",master=int8,optimizer_state=int8,classifier_rule=on,exponent_rule=maxabs",

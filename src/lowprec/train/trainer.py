@@ -15,6 +15,10 @@
    trainer's own master / accumulator / optimizer-state groups. They advance on skipped steps too: the
    batch was observed, and an overflow is exactly what the overflow-rate rule must see.
 
+Under torch.distributed (a Trainer built after ``init_process_group``) the inf/NaN verdict and the exponent
+counters are agreed across ranks (``distributed.py``): every rank skips the same steps and holds the same
+loss scale and exponents.
+
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection), ``apply_update``.
 """
@@ -31,13 +35,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..nn import quantizers as layer_quantizers
 from ..nn import update_exponents as update_layer_exponents
 from ..formats import FloatFormat
 from ..policy import Policy, Quantizer, as_policy
 from ..scaling import LossScaler, StepResult
-from .params import check_optimizer_covers, parameter_slots
+from . import distributed
+from .params import check_optimizer_covers, model_differences, parameter_slots
 from .state import OptimizerStateFormats
-from .update import step_parameters
+from .update import step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
 __all__ = ["Trainer", "TrainStepResult", "scaler_for"]
@@ -107,10 +113,17 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
+        use_master_copies(optimizer, self.slots)
         self.state_formats = OptimizerStateFormats(self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
         self._unscaled: tuple[bool, list[str]] | None = None
+        self.distributed = distributed.is_initialized()
+        if self.distributed:
+            self.scaler.agree = distributed.all_max
+            for _, _, q in layer_quantizers(model):
+                if q.exponent is not None:
+                    q.exponent.agree = distributed.all_max
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, loss: Tensor) -> TrainStepResult:
@@ -123,11 +136,18 @@ class Trainer:
         if self._unscaled is not None:
             raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
         self.scaler.scale_loss(loss).backward()
+        self._gather_grads()
+
+    def _gather_grads(self) -> None:
+        """Native fp16/bf16 parameters: move their gradients into the float32 master copies (update.py)."""
+        for slot in self.slots:
+            slot.gather_grad_()
 
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
         if self._unscaled is None:
-            self._unscaled = self.scaler.unscale_(self.model.named_parameters())
+            self._gather_grads()
+            self._unscaled = self.scaler.unscale_((s.name, s.holder) for s in self.slots)
         return self._unscaled
 
     def apply_update(self) -> TrainStepResult:
@@ -145,7 +165,7 @@ class Trainer:
         """Clip, optimizer step, storage rule, optimizer-state formats; the norm before clipping (if clipped)."""
         grad_norm = None
         if self.clip_grad_norm is not None:
-            grads = [p for p in self.model.parameters() if p.grad is not None]
+            grads = [s.holder for s in self.slots if s.holder.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
         step_parameters(self.optimizer, self.slots)
         self.state_formats.apply_(self.optimizer)
@@ -158,7 +178,11 @@ class Trainer:
             slot.store_(observe=False)
 
     def update_exponents(self) -> None:
-        """Advance every dynamic fixed point exponent one batch (layers' and the trainer's own groups)."""
+        """Advance every dynamic fixed point exponent one batch (layers' and the trainer's own groups); under
+        torch.distributed the counters of the groups at the end of an interval are summed over the ranks first."""
+        if self.distributed:
+            groups = [q for _, _, q in layer_quantizers(self.model)] + [q for _, _, q in self.quantizers()]
+            distributed.sum_exponent_counters(q.exponent for q in groups if q.exponent is not None)
         update_layer_exponents(self.model)
         for _, _, q in self.quantizers():
             q.update()
@@ -166,6 +190,9 @@ class Trainer:
     def zero_grad(self) -> None:
         """Drop every gradient (set to None) and any pending unscale: abandons a step in progress."""
         self.model.zero_grad(set_to_none=True)
+        for slot in self.slots:
+            if slot.master_copy is not None:
+                slot.master_copy.grad = None
         self._unscaled = None
 
     # -- inspection -------------------------------------------------------------------------------------------
@@ -220,6 +247,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "accumulators": {s.name: s.acc for s in self.slots if s.acc is not None},
+            "master_copies": {s.name: s.master_copy for s in self.slots if s.master_copy is not None},
             "quantizers": {
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
                 "optimizer_state": self.state_formats.state_dict(),
@@ -231,11 +259,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` into a trainer built the same way (same model, optimizer type, policy)."""
+        """Restore a ``state_dict()`` into a trainer built the same way (same model, optimizer type, policy);
+        ValueError naming what differs otherwise."""
         if state["policy"] != self.policy.spec():
             raise ValueError(
                 f"checkpoint was trained under policy {state['policy']!r}, this trainer has {self.policy.spec()!r}"
             )
+        differences = model_differences(state["model"], self.model.state_dict())
+        if differences:
+            raise ValueError(f"checkpoint holds another model: {'; '.join(differences)}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
@@ -244,6 +276,11 @@ class Trainer:
             raise ValueError("checkpoint accumulators do not match this trainer's lazy-update parameters")
         for name, acc in accumulators.items():
             acc.copy_(state["accumulators"][name])
+        masters = {s.name: s.master_copy for s in self.slots if s.master_copy is not None}
+        if set(masters) != set(state.get("master_copies", {})):
+            raise ValueError("checkpoint master copies do not match this trainer's fp16/bf16 (native) parameters")
+        for name, master in masters.items():
+            master.copy_(state["master_copies"][name])
         groups = state["quantizers"]["params"]
         for s in self.slots:
             for role, q in s.quantizers():

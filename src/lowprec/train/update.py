@@ -4,7 +4,9 @@ The mode of a parameter is read from its policy's ``master`` and ``accumulator``
 
 * ``master=None`` (Micikevicius et al., MPT; also WRPN's shadow weights): the parameter *is* the fp32 master
   copy; the optimizer updates it in fp32 and nothing else happens here. The low-precision copy is made by the
-  layer's ``weight`` quantizer in each forward.
+  layer's ``weight`` quantizer in each forward. A native fp16/bf16 parameter (``lowprec.nn.native``) gets a
+  separate fp32 master copy instead: the optimizer holds the copy, gradients are added into it in fp32, and
+  after each step the parameter becomes the copy rounded to its dtype (nearest even).
 * ``master=F``, ``accumulator=None`` (Courbariaux et al.'s update width; Park et al.'s plain INT8): the
   parameter lives in F, there is no fp32 copy: ``θ <- Q_F(θ + Δ)``, i.e. the optimizer's fp32 result rounded
   once to F. An update smaller than half of θ's quantum in F is lost (swamping).
@@ -38,7 +40,9 @@ from torch import Tensor
 from ..policy import Policy, Quantizer
 from .optim import DeltaOptimizer
 
-__all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_"]
+__all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_", "use_master_copies"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_update_roles(policy: Policy, where: str) -> None:
@@ -50,6 +54,20 @@ def check_update_roles(policy: Policy, where: str) -> None:
             "accumulates what a low-precision parameter cannot absorb; with an fp32 master copy (master=none) "
             "nothing is lost. Set master=<format> (e.g. master=int8) or accumulator=none."
         )
+
+
+def use_master_copies(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]) -> None:
+    """Point the optimizer at the float32 master copies of native parameters (before its first step)."""
+    masters = {id(s.param): s.master_copy for s in slots if s.master_copy is not None}
+    if not masters:
+        return
+    if optimizer.state:
+        raise ValueError(
+            "the optimizer already holds state for fp16/bf16 parameters; build lowprec.Trainer before the first "
+            "optimizer step, so that the optimizer updates float32 master copies from the start"
+        )
+    for group in optimizer.param_groups:
+        group["params"] = [masters.get(id(p), p) for p in group["params"]]
 
 
 def assign_(dst: Tensor, src: Tensor) -> None:
@@ -71,9 +89,28 @@ class ParamSlot:
         self.accumulator = Quantizer(accumulator, policy) if accumulator is not None else None
         self.acc = torch.zeros_like(param, memory_format=torch.preserve_format) if accumulator else None
         self.state_quant = policy.get("optimizer_state")
+        # native fp16/bf16 parameter (lowprec.nn.native) under an fp32 master: the optimizer updates this copy
+        self.master_copy = param.detach().float() if master is None and param.dtype in _HALF else None
         if self.master is not None:  # start inside the master format (not an observed batch)
             with torch.no_grad():
                 assign_(param, self.master.round(param))
+
+    @property
+    def holder(self) -> Tensor:
+        """The tensor the optimizer updates and whose ``.grad`` holds the step's gradient: the float32 master
+        copy of a native parameter, the parameter itself otherwise."""
+        return self.param if self.master_copy is None else self.master_copy
+
+    @torch.no_grad()
+    def gather_grad_(self) -> None:
+        """Native parameter: add its gradient, in float32, to the master copy's and drop it (exact: fp16 and
+        bf16 values are float32 values; a sum of several backward passes is formed in float32)."""
+        grad = self.param.grad
+        if self.master_copy is None or grad is None:
+            return
+        master = self.master_copy
+        master.grad = grad.float() if master.grad is None else master.grad.add_(grad)
+        self.param.grad = None
 
     @property
     def lazy(self) -> bool:
@@ -86,8 +123,15 @@ class ParamSlot:
     @torch.no_grad()
     def store_(self, observe: bool = True) -> None:
         """θ <- Q_master(θ) in place (nothing for an fp32 master); ``observe=False`` keeps θ out of a moving
-        exponent's statistics (a re-rounding after a constraint such as max-norm, not a new batch)."""
-        if self.master is not None:
+        exponent's statistics (a re-rounding after a constraint such as max-norm, not a new batch). A native
+        parameter is its master copy rounded to its dtype (nearest even); with ``observe=False`` (after the
+        caller changed the parameter) the changed elements are copied into the master first."""
+        if self.master_copy is not None:
+            if not observe:
+                changed = self.param != self.master_copy.to(self.param.dtype)
+                self.master_copy.copy_(torch.where(changed, self.param.float(), self.master_copy))
+            self.param.copy_(self.master_copy)
+        elif self.master is not None:
             assign_(self.param, self.master(self.param) if observe else self.master.round(self.param))
 
     @torch.no_grad()
@@ -123,7 +167,7 @@ def step_parameters(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]
             deltas[k] = s.param - before[k]
             s.param.copy_(before[k])
     for s in slots:
-        if s.param.grad is None:
+        if s.holder.grad is None:
             continue
         if id(s.param) in lazy:
             s.lazy_update_(deltas[id(s.param)])

@@ -1,0 +1,180 @@
+"""The native path: a model that really stores (and, where the hardware can, computes) in fp16 or bf16.
+
+``convert(model, policy)`` comes here when ``policy.path == "native"`` (presets ``native-bf16``,
+``native-fp16``). Instead of float32 containers rounded at every role boundary (the emulated path), the
+tensors *are* the format: half the bytes, and the device's own fp16/bf16 kernels. What the model becomes:
+
+* Storage dtype S: the policy's format (bf16 or fp16). Every parameter and floating buffer of a weight layer
+  (and of any other module with parameters) is cast to S, round to nearest even (torch's cast). The model's
+  floating inputs are cast to S at its entrance, so activations and activation gradients live in S.
+* Compute dtype C: S where the device multiplies S natively (bf16: CUDA, and CPUs with AVX512-BF16 or AMX, as
+  oneDNN reports; fp16: CUDA, and CPUs with AVX512-FP16/AMX-FP16). Otherwise C = float32 and one warning:
+  each weight layer then casts its input and parameters to float32, computes, and rounds its output to S
+  (fp16 storage, fp32 compute: the memory saving without the speed). Products are accumulated in float32
+  either way (oneDNN, cuBLAS), as in MPT.
+* Reductions in float32 (MPT §3.3): batch-norm, layer-norm, group-norm and instance-norm modules and
+  Softmax/LogSoftmax modules keep float32 parameters and statistics, compute on the float32 value of their S
+  input and round their result to S once. (torch.autocast on CPU runs these in bf16.) The model's floating
+  outputs are returned in float32, so the softmax and the loss the caller computes from them are float32.
+* Master weights: ``lowprec.Trainer`` keeps a float32 master copy of every S parameter, lets the optimizer
+  update the masters and rounds them back into the parameters after each step (``train.update``); gradients
+  are copied to float32 before they are unscaled, clipped or applied.
+
+Limits (ValueError naming the cause): the eight layer roles must all be the same fp16 or bf16 format with
+nearest rounding (autograd keeps one dtype through a layer); no master, accumulator or accumulation role and
+no per-module overrides (use the emulated path for those); fp8 has no native path yet. Reductions that a
+module's own forward calls as functions (``F.softmax`` inside a custom forward) are not seen: they run in S.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..formats import BF16, FP16, FloatFormat
+from ..policy import LAYER_ROLES, Policy
+
+__all__ = ["to_native", "native_dtype", "compute_dtype", "FLOAT32_MODULES"]
+
+_DTYPES = {BF16: torch.bfloat16, FP16: torch.float16}
+
+#: Modules computed in float32 on the native path (reductions whose sums must not be rounded to S).
+FLOAT32_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax,
+)
+
+
+def native_dtype(policy: Policy) -> torch.dtype:
+    """The torch dtype a native policy stores tensors in; ValueError when the policy has no native form."""
+    quants = {policy.get(role) for role in LAYER_ROLES}
+    fmt = next(iter(quants)).format if len(quants) == 1 and None not in quants else None
+    if fmt is None or not isinstance(fmt, FloatFormat):
+        shown = ", ".join(f"{r}={policy.get(r) or 'fp32'}" for r in LAYER_ROLES)
+        raise ValueError(
+            f"path=native needs one fp16 or bf16 format for all eight layer roles, got {shown}. Set them "
+            "together (params=bf16,activations=bf16,grads=bf16) or use path=emulated."
+        )
+    if fmt not in _DTYPES:
+        hint = " (fp8 has no native path yet: use the emulated fp8 presets)" if fmt.exp_bits + fmt.man_bits == 7 else ""
+        raise ValueError(f"path=native supports fp16 and bf16, not {fmt!r}{hint}; use path=emulated")
+    rounding = next(iter(quants)).rounding
+    if rounding != "nearest":
+        raise ValueError(f"path=native rounds like torch's casts (nearest); {rounding} rounding needs path=emulated")
+    for role in ("master", "accumulator", "accumulation"):
+        if policy.get(role) is not None:
+            raise ValueError(
+                f"path=native keeps float32 master weights and accumulates in float32; {role}={policy.get(role)} "
+                "needs path=emulated"
+            )
+    if policy.overrides:
+        raise ValueError(
+            f"path=native applies one dtype to the whole model; per-module overrides "
+            f"({', '.join(p for p, _ in policy.overrides)}) need path=emulated"
+        )
+    return _DTYPES[fmt]
+
+
+@functools.cache
+def _native_on(dtype: torch.dtype, device_type: str) -> bool:
+    if device_type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+        probe = getattr(torch.ops.mkldnn, check, None)
+        return bool(probe is not None and probe())
+    return False
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """``dtype`` where ``device`` multiplies it natively, else float32."""
+    return dtype if _native_on(dtype, torch.device(device).type) else torch.float32
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside tuples, lists and dicts) cast to ``dtype``; everything else as it is."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+class _Float32Compute:
+    """Mixin: compute in float32 on the upcast input, return the result in the input's dtype."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return super().forward(x.float(), *args, **kwargs).to(x.dtype)  # type: ignore[misc]
+
+
+class _StorageOnly:
+    """Mixin of a layer stored in a dtype the device cannot multiply: compute in float32, return storage."""
+
+    _lowprec_storage: torch.dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        params = {f"layer.{name}": p.float() for name, p in self.named_parameters()}  # type: ignore[attr-defined]
+        out = functional_call(_Plain(self), params, _cast(args, torch.float32), _cast(kwargs, torch.float32))
+        return _cast(out, self._lowprec_storage)
+
+
+class _Plain(nn.Module):
+    """A view of a _StorageOnly layer that runs the torch layer's own forward (for functional_call)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        base = next(c for c in type(self.layer).__mro__[1:] if c is not _StorageOnly and issubclass(c, nn.Module))
+        return base.forward(self.layer, *args, **kwargs)
+
+
+@functools.cache
+def _with_mixin(mixin: type, cls: type[nn.Module]) -> type[nn.Module]:
+    return type(f"Native{cls.__name__}", (mixin, cls), {"__module__": __name__})
+
+
+def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.Module:
+    """The model on the native path of ``policy`` (module docstring). A deep copy unless ``inplace``."""
+    storage = native_dtype(policy)
+    if not inplace:
+        model = copy.deepcopy(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    slow = compute_dtype(storage, device) == torch.float32
+    if slow:
+        warnings.warn(
+            f"lowprec: {device.type} has no native {storage} matmul; storing in {storage} and computing in "
+            "float32 (memory saved, no speed-up)", UserWarning, stacklevel=3,
+        )
+    for module in model.modules():
+        if isinstance(module, FLOAT32_MODULES):
+            module.float()
+            module.__class__ = _with_mixin(_Float32Compute, type(module))
+            continue
+        own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if not own:
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_floating_point():
+                module._parameters[key] = nn.Parameter(p.detach().to(storage), requires_grad=p.requires_grad)
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.to(storage)
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()
+        if slow:
+            module.__class__ = _with_mixin(_StorageOnly, type(module))
+            module._lowprec_storage = storage
+    model.register_forward_pre_hook(lambda _, args, kwargs: (_cast(args, storage), _cast(kwargs, storage)),
+                                    with_kwargs=True)
+    model.register_forward_hook(lambda _, args, out: _cast(out, torch.float32))
+    model.lowprec_native = storage
+    return model
