@@ -15,11 +15,19 @@ The other rule, the max-abs exponent of the tensor itself at every quantization 
 choice Park et al. cite), needs no state: it is what ``quantize(x, "dfx<b>")`` does without ``int_bits``.
 
 Observations accumulate as tensors (no host sync per batch); only ``update()`` at the end of an interval
-reads them.
+reads them. An empty tensor is an observed batch with no overflow (so that every process counts the same
+batches) and does not start an exponent.
+
+Across processes (torch.distributed data parallelism) each rank observes its own data. ``counters()`` /
+``set_counters()`` expose the interval's sums so that ``lowprec.train.distributed.sum_exponent_counters``
+can add them over all ranks before ``update()``: every rank then moves r by the pooled overflow rate and all
+ranks hold the same exponent. ``agree`` (None by default; ``lowprec.Trainer`` sets it under torch.distributed)
+is applied to the max-abs start exponent of ``int_bits=None``, so all ranks start at the largest one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +66,7 @@ class DynamicExponent:
         self.fmt = fmt
         self.max_overflow_rate, self.interval = max_overflow_rate, interval
         self.int_bits = int_bits
+        self.agree: Callable[[Tensor], Tensor] | None = None  # cross-process MAX of the start exponent
         self._reset()
 
     def _reset(self) -> None:
@@ -70,13 +79,17 @@ class DynamicExponent:
         return self.fmt.at(self.int_bits)
 
     def start(self, x: Tensor) -> None:
-        """``int_bits=None``: start at the max-abs exponent of the first tensor seen (one host sync, once)."""
-        if self.int_bits is None:
-            self.int_bits = int(max_abs_int_bits(x.detach()))
+        """``int_bits=None``: start at the max-abs exponent of the first non-empty tensor seen (one host sync,
+        once; one MAX over the processes when ``agree`` is set)."""
+        if self.int_bits is None and x.numel() > 0:
+            r = max_abs_int_bits(x.detach())
+            self.int_bits = int(r if self.agree is None else self.agree(r))
 
     def overflow_rates(self, x: Tensor) -> Tensor:
-        """[rate at r, rate at r - 1] for one batch (float tensors, no sync)."""
+        """[rate at r, rate at r - 1] for one batch (float tensors, no sync; zeros for an empty tensor)."""
         self.start(x)
+        if x.numel() == 0:
+            return torch.zeros(2, device=x.device)
         a = x.detach().abs().float().reshape(-1)
         rates = []
         for r in (self.int_bits, self.int_bits - 1):
@@ -95,9 +108,24 @@ class DynamicExponent:
         self.observe(x)
         return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
 
+    @property
+    def due(self) -> bool:
+        """Whether the next ``update()`` applies the rule (an interval of observations is complete)."""
+        return self.batches >= self.interval
+
+    def counters(self) -> Tensor:
+        """This interval's sums as one float64 tensor: [rate at r, rate at r - 1, batches observed]."""
+        sums = self._rate_sum.double() if self._rate_sum is not None else torch.zeros(2, dtype=torch.float64)
+        return torch.cat([sums, sums.new_tensor([float(self.batches)])])
+
+    def set_counters(self, counters: Tensor) -> None:
+        """Replace this interval's sums (e.g. by their totals over all processes); the inverse of ``counters``."""
+        self.batches = int(counters[2])
+        self._rate_sum = counters[:2].float() if self.batches else None
+
     def update(self) -> bool:
         """Apply the rule if an interval is complete; returns True if it ran (r may or may not move)."""
-        if self.batches < self.interval:
+        if not self.due:
             return False
         rate_r, rate_below = (self._rate_sum / self.batches).tolist()
         if rate_r > self.max_overflow_rate:

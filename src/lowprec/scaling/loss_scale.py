@@ -8,12 +8,21 @@ Numerics. ``scale_loss`` returns ``loss.float() * S`` (fp32, so an fp16 loss can
 result back in the gradient's own dtype, so fp16/bf16 gradients are allowed (torch's GradScaler refuses fp16).
 Dividing by a power of two is exact unless the result is subnormal in the grad's dtype. The inf/NaN test runs on
 the values written back, on whatever device the grads live, with one host sync per ``unscale_`` call.
+
+The loss counts too: ``scale_loss`` records whether the loss is finite (no sync), and ``unscale_`` checks it in
+the same sync. A NaN loss whose gradients are finite (the mean over an empty batch: NaN loss, zero gradients)
+is therefore skipped like an overflow, not applied; it is reported under the name ``"loss"`` when no
+parameter's gradient is non-finite.
+
+Across processes: ``agree`` (None by default) is applied to the vector of non-finite flags right before the
+host sync; under torch.distributed ``lowprec.Trainer`` sets it to an element-wise MAX over all ranks
+(``lowprec.train.distributed.all_max``), so one rank's overflow skips the step on every rank.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +122,7 @@ class LossScaler:
         self.growth_tracker = 0  # consecutive clean steps (dynamic only)
         self.hysteresis_left = self.config.get("hysteresis", 1)
         self.overflow_streak = 0  # consecutive overflowing steps, for the collapse message
+        self.agree: Callable[[Tensor], Tensor] | None = None  # cross-process MAX of the flags (module docstring)
         self._clear_pending()
 
     @classmethod
@@ -152,9 +162,11 @@ class LossScaler:
 
     def _clear_pending(self) -> None:
         self._found_inf, self._bad_names, self._unscaled = False, [], set()
+        self._loss_finite: list[Tensor] = []  # one flag per scale_loss call since the last unscale_
 
     def scale_loss(self, loss: Tensor) -> Tensor:
-        """``loss.float() * S`` (fp32 result whatever the loss dtype)."""
+        """``loss.float() * S`` (fp32 result whatever the loss dtype); records whether the loss is finite."""
+        self._loss_finite.append(torch.isfinite(loss.detach()).all())
         return loss.float() * self._scale
 
     def unscale_(
@@ -165,6 +177,8 @@ class LossScaler:
         Accepts ``model.parameters()`` (names are then ``"params[i]"``), ``model.named_parameters()`` or a module.
         May be called for several disjoint parameter sets between two ``update()`` calls (results accumulate);
         unscaling the same parameter twice raises RuntimeError. Dense grads only; params without grad are skipped.
+        A non-finite loss since the last ``unscale_`` counts as found; it is named ``"loss"`` when no gradient is.
+        With ``agree`` set, every process must unscale the same parameters (it reduces one flag per name).
         """
         if isinstance(params, torch.nn.Module):
             params = params.named_parameters()
@@ -178,8 +192,6 @@ class LossScaler:
             self._unscaled.add(id(p))
             names.append(name)
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        if not names:
-            return False, []
         flags = []
         for (device, dtype), grads in groups.items():
             if dtype == torch.float32:
@@ -189,9 +201,20 @@ class LossScaler:
                 torch._foreach_div_(tmp, self._scale)
                 torch._foreach_copy_(grads, tmp)
             flags += [torch.isfinite(g).all() for g in grads]
+        loss_checked = bool(self._loss_finite)
+        if loss_checked:
+            names.append("loss")
+            flags.append(torch.stack([f.to(self._loss_finite[0].device) for f in self._loss_finite]).all())
+            self._loss_finite = []
+        if not names:
+            return False, []
         dev = flags[0].device
-        finite = torch.stack([f.to(dev, non_blocking=True) for f in flags]).tolist()  # the one host sync
-        bad = [n for n, ok in zip(names, finite) if not ok]
+        nonfinite = ~torch.stack([f.to(dev, non_blocking=True) for f in flags])
+        if self.agree is not None:
+            nonfinite = self.agree(nonfinite)
+        bad = [n for n, flag in zip(names, nonfinite.tolist()) if flag]  # the one host sync
+        if loss_checked and len(bad) > 1 and bad[-1] == "loss":
+            bad.pop()  # the gradients already name the overflow
         self._found_inf = self._found_inf or bool(bad)
         self._bad_names += bad
         return bool(bad), bad
@@ -220,7 +243,7 @@ class LossScaler:
         return StepResult(inf, used, self._scale, bad, self.growth_tracker)
 
     def _collapse_message(self, new: float, bad: tuple[str, ...]) -> str:
-        where = f" Non-finite grads this step in: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}." if bad else ""
+        where = f" Non-finite this step: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}." if bad else ""
         return (
             f"loss scale collapsed below the floor {self.config['floor']:g} after {self.overflow_streak + 1} "
             f"consecutive overflowing steps (scale {self._scale:g} * backoff {self.config['backoff_factor']:g} = "

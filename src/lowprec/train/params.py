@@ -24,7 +24,7 @@ from ..nn import QuantizedModule
 from ..policy import Policy
 from .update import ParamSlot, check_update_roles
 
-__all__ = ["parameter_slots", "check_optimizer_covers", "UPDATE_ROLES"]
+__all__ = ["parameter_slots", "check_optimizer_covers", "model_differences", "UPDATE_ROLES"]
 
 UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
@@ -85,3 +85,24 @@ def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -
             f"the optimizer holds {foreign} parameter(s) that are not trainable parameters of the model (was it "
             "built over the model before lowprec.convert, or over another model?)"
         )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def model_differences(saved: dict, live: dict) -> list[str]:
+    """How a saved model state dict differs from a live one: missing and unexpected entries, tensor shapes and
+    dtypes (empty when they match). Quantizer states are compared by the policy check, not here."""
+    tensors = {k for k, v in live.items() if isinstance(v, torch.Tensor)}
+    stored = {k for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    out = []
+    if missing := sorted(tensors - stored):
+        out.append(f"this model has {_listed(missing)}, the checkpoint does not")
+    if unexpected := sorted(stored - tensors):
+        out.append(f"the checkpoint has {_listed(unexpected)}, this model does not")
+    for k in sorted(tensors & stored):
+        a, b = saved[k], live[k]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            out.append(f"{k}: checkpoint {tuple(a.shape)} {a.dtype}, this model {tuple(b.shape)} {b.dtype}")
+    return out

@@ -1,0 +1,147 @@
+"""Data-parallel training with torch.distributed: what lowprec's scale state agrees on across processes.
+
+Launch with torchrun (``python -m torch.distributed.run``, or ``lowprec train --nproc N``); gloo on CPU,
+NCCL on GPU. Wrap the converted model in ``torch.nn.parallel.DistributedDataParallel`` for the forward pass
+and give ``lowprec.Trainer`` the inner model, built after ``init_process_group``. The Trainer then keeps
+every rank's state identical:
+
+* Loss scaling: the vector of non-finite flags (one per parameter, plus the loss) is reduced with MAX over the
+  ranks inside ``LossScaler.unscale_``, right before its single host sync (``all_max``): one rank's overflow
+  skips the step on every rank, every rank backs off the scale, every rank reports the same names. With plain
+  DDP an inf already spreads through the gradient all-reduce; the agreement also covers an inf or NaN that
+  appears after it (a comm hook, a sharded optimizer, code between backward and the step) and a non-finite
+  loss whose gradients are finite.
+* Dynamic fixed point, "overflow" rule: each rank observes its own activations and gradients, so overflow
+  rates differ. Before the exponents move, the interval's counters of every group (overflow rate at r and at
+  r - 1, batches) are summed over the ranks in one all-reduce (``sum_exponent_counters``); every rank then
+  applies Courbariaux's rule to the pooled rate and holds the same exponent. With ``init_int_bits=auto`` the
+  start exponent is the MAX over the ranks of each rank's first max-abs exponent.
+* Dynamic fixed point, "maxabs" rule: stateless; each tensor takes its exponent from its own max|x|. Weights,
+  master weights and optimizer state are the same on every rank, so their exponents are too; activations and
+  the gradients each rank computes before the all-reduce take their exponent from that rank's own batch, as
+  any per-tensor computation on local data does. Nothing needs agreeing: the parameters stay identical.
+* Parameters: DDP's averaged gradients are identical on every rank, so identical optimizer steps keep them
+  identical. Stochastic rounding of the master weights draws from torch's global RNG: every rank must use
+  the same seed and draw the same amounts (same batch shapes), which the runner arranges (``shard``).
+
+``quantized_allreduce_hook(fmt)`` is a DDP comm hook that sends gradients through the all-reduce in a
+reduced format. Costs: one small all-reduce per step for the flags (on the existing sync), one per exponent
+interval for the counters, one per ``auto`` start. None of it runs without an initialised process group.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..formats import Format, parse_format, quantize
+from ..scaling import DynamicExponent
+
+__all__ = [
+    "is_initialized", "rank", "world_size", "all_max", "sum_exponent_counters", "quantized_allreduce_hook",
+    "init_from_env", "shard",
+]
+
+
+def is_initialized() -> bool:
+    """Whether a torch.distributed process group is up (lowprec's collectives run only then)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def _device() -> torch.device:
+    """Where the default group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_max(t: Tensor) -> Tensor:
+    """Element-wise maximum of ``t`` over all ranks (bool, integer or float), on ``t``'s device and dtype."""
+    work = t.to(_device(), torch.uint8 if t.dtype == torch.bool else t.dtype, copy=True)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return work.to(t.device, t.dtype)
+
+
+def sum_exponent_counters(exponents: Iterable[DynamicExponent]) -> None:
+    """Sum the counters of every exponent whose interval is complete over all ranks, in one all-reduce.
+
+    Call on every rank before the exponents' ``update()``, with the groups in the same order on every rank
+    (the model's own order). Groups not ``due`` are left alone; a no-op without a process group."""
+    due = [e for e in exponents if e.due]
+    if not due or not is_initialized():
+        return
+    counters = torch.stack([e.counters().to(_device()) for e in due])
+    dist.all_reduce(counters, op=dist.ReduceOp.SUM)
+    for e, c in zip(due, counters.cpu()):
+        e.set_counters(c)
+
+
+def quantized_allreduce_hook(fmt: Format | str) -> Callable:
+    """A DDP comm hook averaging gradients in the number format ``fmt`` (e.g. the policy's gradient format).
+
+    ``ddp.register_comm_hook(None, quantized_allreduce_hook(policy.get("weight_grad").format))``. For each
+    parameter's gradient in the bucket: divide by the world size, round to ``fmt`` (round to nearest; dfx takes
+    each gradient's own max-abs exponent), all-reduce (SUM, in the bucket's dtype), round the sum to ``fmt``
+    again. The last rounding acts on values that are identical on every rank, so every rank receives the same
+    gradients. Non-finite values pass through unrounded (a saturating format would otherwise turn an inf into
+    its largest value and hide an overflow from the loss scaler). This emulates the numerics of a
+    reduced-precision all-reduce; it moves the same bytes as fp32 (for bandwidth use torch's
+    ``fp16_compress_hook`` / ``bf16_compress_hook``). The hook's ``state`` is the process group (None: all ranks).
+    """
+    fmt = parse_format(fmt)
+
+    def round_each(grads: list[Tensor]) -> None:
+        for g in grads:
+            g.copy_(torch.where(torch.isfinite(g), quantize(g, fmt), g))
+
+    def hook(state, bucket):  # no annotations: DDP compares them to real types (they are strings here)
+        group = state if state is not None else dist.group.WORLD
+        buffer = bucket.buffer()
+        buffer.div_(dist.get_world_size(group))
+        round_each(bucket.gradients())
+        future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+        def finish(fut):
+            round_each(bucket.gradients())
+            return fut.value()[0]
+
+        return future.then(finish)
+
+    return hook
+
+
+def init_from_env(device: str | torch.device = "cpu") -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR/PORT in the environment).
+
+    Does nothing (returns False) outside torchrun or when a group is already up. gloo for a CPU device, NCCL
+    for CUDA (each process then uses the GPU of its LOCAL_RANK). Returns True when this call created it."""
+    if is_initialized() or "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def shard(order: Tensor) -> Tensor:
+    """This rank's share of an epoch's example order, as DistributedSampler does it: the order is padded by
+    repeating its start to a multiple of the world size, and rank k takes positions k, k + W, k + 2W, ... All
+    ranks get equally many examples (so equal steps and batch shapes); with one process, ``order`` itself."""
+    n, w = len(order), world_size()
+    if w == 1 or n == 0:
+        return order
+    total = -(-n // w) * w
+    return order.repeat(-(-total // n))[:total][rank() :: w]

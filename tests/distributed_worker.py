@@ -1,0 +1,104 @@
+"""One rank of the two-process run in test_distributed.py (launched by torchrun, gloo backend).
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 distributed_worker.py OUT_DIR
+
+Phase 1 trains a converted MLP under DDP with a dynamic loss scale and dynamic fixed point gradients (overflow
+rule, interval 2, start exponents from the first tensor), each rank on its own data. Rank 1 alone gets an inf in
+its input at step INF_DATA_STEP (DDP's all-reduce spreads it) and an inf written into one of its gradients after
+the all-reduce at step INF_GRAD_STEP (only lowprec's agreement can spread that one). Phase 2 averages gradients
+through ``quantized_allreduce_hook("bf16")`` and records what each rank expects from its neighbour's local
+gradients. Each rank writes OUT_DIR/rank<r>.pt.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lowprec as lp
+from lowprec.train import distributed
+
+STEPS = 8
+INF_DATA_STEP = 2
+INF_GRAD_STEP = 5
+POLICY = ("weight=dfx<8>,activations=fp16,output_grad=dfx<10>,activation_grad=dfx<10>,weight_grad=dfx<10>,"
+          "master=dfx<12>,exponent_rule=overflow,exponent_interval=2,init_int_bits=auto,max_overflow_rate=0.01")
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def local_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data, of its own scale
+    return [(torch.randn(8, 6, generator=g) * (1 + 3 * rank), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(STEPS)]
+
+
+def layer_exponents(model: torch.nn.Module) -> dict[str, tuple[int | None, list[float]]]:
+    return {f"{name}:{role}": (q.exponent.int_bits, q.exponent.counters().tolist())
+            for name, role, q in lp.nn.quantizers(model) if q.exponent is not None}
+
+
+def train_with_agreement(rank: int) -> dict:
+    model = lp.convert(mlp(), POLICY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = lp.Trainer(model, optimizer, POLICY,
+                         scaler=lp.LossScaler.dynamic(init=2.0**10, growth_interval=3))
+    ddp = DDP(model)
+    steps, before_update = [], []
+    for step, (x, y) in enumerate(local_batches(rank)):
+        if step == INF_DATA_STEP and rank == 1:
+            x[0, 0] = float("inf")
+        trainer.backward(F.cross_entropy(ddp(x).float(), y))
+        if step == INF_GRAD_STEP and rank == 1:
+            model[0].weight.grad[0, 0] = float("inf")
+        before_update.append(layer_exponents(model))
+        result = trainer.apply_update()
+        steps.append({"skipped": result.skipped, "scale": result.scale, "next_scale": result.next_scale,
+                      "overflow_modules": result.overflow_modules})
+    return {
+        "steps": steps,
+        "before_update": before_update,
+        "exponents": layer_exponents(model),
+        "trainer_exponents": {f"{n}:{r}": q.exponent.int_bits for n, r, q in trainer.quantizers()
+                              if q.exponent is not None},
+        "scaler": trainer.scaler.state_dict(),
+        "weights": {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+    }
+
+
+def quantized_hook_gradients(rank: int) -> dict:
+    model = mlp()
+    x, y = local_batches(rank)[0]
+    F.cross_entropy(model(x), y).backward()
+    local = [p.grad.clone() for p in model.parameters()]
+    gathered = [[torch.empty_like(g) for _ in range(2)] for g in local]
+    for g, out in zip(local, gathered):
+        dist.all_gather(out, g)
+    model.zero_grad()
+    ddp = DDP(model)
+    ddp.register_comm_hook(None, distributed.quantized_allreduce_hook("bf16"))
+    F.cross_entropy(ddp(x), y).backward()
+    bf16 = lambda t: t.bfloat16().float()  # noqa: E731
+    return {
+        "reduced": [p.grad.clone() for p in model.parameters()],
+        "expected": [bf16(bf16(a / 2) + bf16(b / 2)) for a, b in gathered],
+    }
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {"world_size": dist.get_world_size(), "agreement": train_with_agreement(rank),
+               "hook": quantized_hook_gradients(rank)}
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,129 @@
+"""Data-parallel training: two CPU processes under torchrun (gloo) agree on skips, scale and exponents."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowprec as lp
+from lowprec.train import distributed
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import distributed_worker as worker  # noqa: E402
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``script`` in ``nproc`` processes on this machine (rendezvous on a free localhost port)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(HERE / "distributed_worker.py", str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _pooled_rule(r: int, counters: list[torch.Tensor], max_rate: float) -> int:
+    """Courbariaux's rule on the counters summed over the ranks, in DynamicExponent.update's arithmetic."""
+    total = sum(counters)
+    rate_r, rate_below = (total[:2].float() / int(total[2])).tolist()
+    return r + 1 if rate_r > max_rate else r if rate_below > max_rate else r - 1
+
+
+def test_an_inf_on_one_rank_skips_the_step_on_both(ranks):
+    steps = [[s["skipped"] for s in rank["agreement"]["steps"]] for rank in ranks]
+    expected = [step in (worker.INF_DATA_STEP, worker.INF_GRAD_STEP) for step in range(worker.STEPS)]
+    assert steps[0] == steps[1] == expected
+    # the gradient inf was written on rank 1 after DDP's all-reduce: only the agreement tells rank 0
+    assert ranks[0]["agreement"]["steps"][worker.INF_GRAD_STEP]["overflow_modules"] == ("0.weight",)
+    assert ranks[0]["agreement"]["steps"] == ranks[1]["agreement"]["steps"]
+
+
+def test_ranks_keep_identical_weights_and_scaler_state(ranks):
+    a, b = (rank["agreement"] for rank in ranks)
+    assert a["weights"].keys() == b["weights"].keys()
+    for key, value in a["weights"].items():
+        assert torch.equal(value, b["weights"][key]), key
+    assert a["scaler"] == b["scaler"]
+    # one backoff per skipped step from 2**10; never 3 clean steps in a row (growth_interval 3), so no growth
+    assert [s["scale"] for s in a["steps"]] == [2.0**10] * 3 + [2.0**9] * 3 + [2.0**8] * 2
+    assert a["scaler"]["scale"] == 2.0**8 and a["scaler"]["growth_tracker"] == 2
+
+
+def test_exponents_move_by_the_overflow_rate_pooled_over_ranks(ranks):
+    a, b = (rank["agreement"] for rank in ranks)
+    assert a["exponents"] == b["exponents"] and a["trainer_exponents"] == b["trainer_exponents"]
+    max_rate = lp.Policy.parse(worker.POLICY).max_overflow_rate
+    checked = decided_by_pooling = 0
+    for step in range(worker.STEPS):
+        after = a["before_update"][step + 1] if step + 1 < worker.STEPS else a["exponents"]
+        for group, (r, counters) in a["before_update"][step].items():
+            other_r, other_counters = b["before_update"][step][group]
+            assert r == other_r, (step, group)
+            if r is None or counters[2] < 2:  # never started, or its interval is not complete
+                continue
+            mine, theirs = torch.tensor(counters), torch.tensor(other_counters)
+            new = _pooled_rule(r, [mine, theirs], max_rate)
+            assert after[group][0] == new, (step, group)
+            checked += 1
+            decided_by_pooling += _pooled_rule(r, [mine], max_rate) != _pooled_rule(r, [theirs], max_rate)
+    assert checked >= 20
+    assert decided_by_pooling >= 1  # alone, the two ranks would have moved this exponent differently
+
+
+def test_quantized_allreduce_hook_averages_in_the_format(ranks):
+    a, b = (rank["hook"] for rank in ranks)
+    for reduced, expected, other in zip(a["reduced"], a["expected"], b["reduced"]):
+        assert torch.equal(reduced, expected)
+        assert torch.equal(reduced, other)
+        assert torch.equal(reduced, reduced.bfloat16().float())
+
+
+def test_without_a_process_group_everything_is_local():
+    assert not distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    order = torch.randperm(10)
+    assert distributed.shard(order) is order
+    model = lp.convert(torch.nn.Linear(3, 2), "weight=dfx<8>")
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "weight=dfx<8>")
+    assert not trainer.distributed and trainer.scaler.agree is None
+    g = lp.DynamicExponent("dfx<8>", int_bits=3, interval=1)
+    g.observe(torch.ones(4) * 100)
+    before = g.counters()
+    distributed.sum_exponent_counters([g])
+    assert torch.equal(g.counters(), before)
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (10, 3), (1, 4), (12, 4)])
+def test_shards_are_equal_sized_and_cover_the_order(monkeypatch, n, world):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    parts = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts.append(distributed.shard(order))
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == -(-n // world)
+    assert set(torch.cat(parts).tolist()) == set(order.tolist())
+    assert torch.equal(torch.stack(parts, 1).reshape(-1)[:n], order)  # interleaved, as DistributedSampler
+
+
+def test_exponent_counters_round_trip():
+    g = lp.DynamicExponent("dfx<8>", int_bits=2, interval=4)
+    assert g.counters().tolist() == [0.0, 0.0, 0.0] and not g.due
+    for x in (torch.tensor([5.0, 0.5]), torch.tensor([1.0, 1.99]), torch.empty(0)):
+        g.observe(x)
+    counters = g.counters()
+    assert counters.tolist() == [0.5, 1.0, 3.0]  # the empty batch counts, with no overflow
+    h = lp.DynamicExponent("dfx<8>", int_bits=2, interval=4)
+    h.set_counters(counters * 2)  # as if a second rank had seen the same
+    assert h.batches == 6 and h.due and h.update() and h.int_bits == 3
