@@ -91,7 +91,10 @@ def max_abs_int_bits(x: Tensor, dim_block: int | None = None) -> Tensor:
     (any r represents zeros exactly). NaN and inf are ignored.
     """
     a = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
-    amax = a.reshape(-1, dim_block).amax(dim=1, keepdim=True) if dim_block else a.amax()
+    if dim_block:
+        amax = a.reshape(-1, dim_block).amax(dim=1, keepdim=True)
+    else:
+        amax = a.amax() if a.numel() else a.new_zeros(())
     _, exponent = torch.frexp(amax)  # amax = f * 2**exponent, f in [0.5, 1): 2**(exponent-1) <= amax < 2**exponent
     return torch.where(amax > 0, exponent, 0).to(torch.int32)
 
@@ -207,7 +210,8 @@ def quantize(
     Overflow, NaN, inf, subnormals and the sign of zero follow the format (docs/formats.md): -0 stays -0,
     NaN stays the same NaN. ``int_bits`` sets the exponent of a ``dfx`` format (default: the max-abs rule
     on x). ``out`` receives the result in place (no allocation: the fastest way to quantize). When x's own
-    dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned.
+    dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned. An empty tensor
+    gives an empty tensor, in every format.
 
     Raises TypeError for a non-float tensor, ValueError for a format x's dtype cannot hold exactly, an
     unknown rounding, a generator on another device, or a mismatched ``out``.
@@ -231,6 +235,6 @@ def quantize(
         )
     mode = kernels.ROUNDINGS[rounding]
     key = _draw_key(generator, x.device) if mode == kernels.STOCHASTIC else None
-    if _identity_for(fmt, x.dtype):
+    if _identity_for(fmt, x.dtype) or x.numel() == 0:
         return x if out is None else out.copy_(x)
     return _dispatch(x, out, fmt, mode, key, int_bits)
