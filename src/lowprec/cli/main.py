@@ -58,20 +58,62 @@ def _task_with(args):
     return replace(task, **changes)
 
 
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``lowprec <argv>`` (less ``--nproc``) in ``nproc`` processes on this machine with torchrun
+    (torch.distributed.run, rendezvous on a free local port)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--module", "lowprec", *rest])
+    except ChildFailedError as err:
+        print(f"lowprec: error: a training process failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _join_process_group(args) -> bool:
+    """Under torchrun: join the process group, each rank on its own GPU for a CUDA device. True if joined here."""
+    from ..train import distributed
+
+    if "LOCAL_RANK" in os.environ and str(args.device).startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return distributed.init_from_env(args.device)
+
+
 def cmd_compare(args) -> int:
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, args.argv)
+    joined = _join_process_group(args)
+    try:
+        return _compare(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _compare(args) -> int:
     from rich.console import Console
 
     from ..experiments import compare, load_task_data, parse_recipe
+    from ..train import distributed
 
-    console = Console()
+    console = Console(quiet=distributed.rank() != 0)
     task = _task_with(args)
     recipes = [parse_recipe(r) for r in args.recipes]
     data = load_task_data(task, args.data_root)
     out = Path(args.out or f"runs/compare-{task.name}")
-    console.print(f"[bold]{task.name}[/]: {task.paper}\ndata: {data.source}; {task.epochs} epochs; seed {args.seed}; "
-                  f"output {out}/")
+    ranks = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    console.print(f"[bold]{task.name}[/]: {task.paper}\ndata: {data.source}; {task.epochs} epochs; seed {args.seed}"
+                  f"{ranks}; output {out}/")
     results = compare(task, recipes, data, seed=args.seed, out_dir=out, resume=args.resume,
-                      progress_factory=_progress_factory(console), device=args.device)
+                      progress_factory=_progress_factory(console) if distributed.rank() == 0 else None,
+                      device=args.device, checkpoint_every=args.checkpoint_every)
     _print_table(console, results, f"{task.name} ({data.source}, {task.epochs} epochs, seed {args.seed})")
     console.print(f"table: {out / 'results.csv'}   plot: {out / 'convergence.png'}")
     return 0
@@ -146,14 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="output folder (default runs/compare-<task>)")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
 
+    def training(p):
+        p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", metavar="STEPS",
+                       help="also checkpoint every STEPS steps (default: after every epoch only)")
+        p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
+                       "gloo on CPU, NCCL on GPU); under torchrun already, its own process count applies")
+
     p = sub.add_parser("compare", help="train several recipes on one task: table + convergence plot")
     common(p)
+    training(p)
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
                    help="presets, PRESET+key=value,..., policy strings or .toml files")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="train one recipe on one task")
     common(p)
+    training(p)
     p.add_argument("--recipe", default="fp32")
     p.set_defaults(func=cmd_train)
 
@@ -180,10 +230,14 @@ def _tasks():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..scaling import LossScaleCollapse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, LossScaleCollapse) as err:
         print(f"lowprec: error: {err}", file=sys.stderr)
         return 2
 

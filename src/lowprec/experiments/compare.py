@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..train import distributed
 from .recipes import Recipe
 from .runner import RunResult, run
 from .tasks import Task, TaskData
@@ -23,16 +24,18 @@ def compare(
     resume: bool = False,
     progress_factory: Callable[[Recipe], Callable[[int, int, float], None]] | None = None,
     device: str = "cpu",
+    checkpoint_every: int | None = None,
 ) -> list[RunResult]:
-    """Run every recipe (each in ``out_dir/<label>``), then write ``results.csv`` and ``convergence.png``."""
+    """Run every recipe (each in ``out_dir/<label>``), then write ``results.csv`` and ``convergence.png``
+    (rank 0 only under torch.distributed)."""
     out = Path(out_dir) if out_dir is not None else None
     results = []
     for recipe in recipes:
         run_dir = out / _slug(recipe.label) if out else None
         progress = progress_factory(recipe) if progress_factory else None
         results.append(run(task, recipe, data, seed=seed, out_dir=run_dir, resume=resume, progress=progress,
-                           device=device))
-    if out is not None:
+                           device=device, checkpoint_every=checkpoint_every))
+    if out is not None and distributed.rank() == 0:
         write_table(results, out / "results.csv")
         plot_runs(results, out / "convergence.png", title=f"{task.name}: {data.source}")
     return results

@@ -1,8 +1,15 @@
 """One training run: a task trained under one recipe, with metrics, logs, checkpoints and resume.
 
 The run directory holds ``metrics.csv`` (one row per epoch), TensorBoard event files (when tensorboard is
-installed), ``checkpoint.pt`` (written atomically after every epoch) and ``result.json`` when finished.
-``resume=True`` continues from the checkpoint and reaches the same final weights as an uninterrupted run.
+installed), ``checkpoint.pt`` (written atomically after every epoch, and every ``checkpoint_every`` steps) and
+``result.json`` when finished. ``resume=True`` continues from the checkpoint, mid-epoch included, and reaches
+the same final weights as an uninterrupted run: the checkpoint holds the next step, the epoch's running loss
+and the trainer's state with torch's RNG; each epoch's example order is a function of (seed, epoch).
+
+Under torch.distributed (torchrun) the model runs wrapped in DistributedDataParallel, every rank uses the same
+seed and trains on its shard of each epoch's order (``lowprec.train.distributed.shard``), the logged loss is
+the mean over the ranks, every rank evaluates the whole test set (so all ranks draw the same random numbers),
+and rank 0 alone writes metrics, logs and checkpoints. A checkpoint resumes only with the same number of ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import nn
 
 from ..models import apply_max_norm, build_model
 from ..nn import convert, fill_clip_range
-from ..train import SGD, AdamW, Trainer
+from ..train import SGD, AdamW, Trainer, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .recipes import Recipe
 from .tasks import Task, TaskData
@@ -98,16 +105,20 @@ def run(
     progress: Callable[[int, int, float], None] | None = None,
     after_step: Callable[[int, Any], None] | None = None,
     device: str | torch.device = "cpu",
+    checkpoint_every: int | None = None,
 ) -> RunResult:
     """Train ``task`` under ``recipe`` on ``data`` on ``device``; evaluate on the test split after every epoch.
 
     ``progress(step, total_steps, loss)`` is called after every step; ``after_step(step, step_result)`` too
     (tests use it to interrupt runs). With ``out_dir``, metrics, TensorBoard logs and an atomic checkpoint are
-    written every epoch; ``resume`` continues from that checkpoint (bit-exactly).
+    written every epoch, and every ``checkpoint_every`` steps; ``resume`` continues from the latest checkpoint
+    (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run. Raises
+    ValueError for settings that cannot train (no examples, a batch size or epoch count below 1).
     """
     settings = {"lr": task.lr, "epochs": task.epochs, "batch_size": task.batch_size, "schedule": task.schedule,
                 "loss_multiplier": task.loss_multiplier, "momentum": task.momentum,
                 "weight_decay": task.weight_decay, **recipe.train}
+    _check_settings(settings, len(data.train_labels), checkpoint_every)
     torch.manual_seed(seed)
     model = convert(build_model(task.model, **{**task.model_kwargs, **recipe.model}), recipe.policy)
     fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
@@ -117,77 +128,140 @@ def run(
                     data.source)
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
+    net = _data_parallel(model, device)
     result = RunResult(task.name, recipe.label, seed)
     n, batch = len(data.train_labels), settings["batch_size"]
-    steps_per_epoch = math.ceil(n / batch)
+    steps_per_epoch = math.ceil(math.ceil(n / distributed.world_size()) / batch)
     total = settings["epochs"] * steps_per_epoch
-    start_epoch = 0
+    step, epoch_sums = 0, (0.0, 0)  # the next step to run; the running loss sum and steps of its epoch
 
+    writes = out_dir is not None and distributed.rank() == 0
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     identity = {"task": task.name, "recipe": recipe.label, "policy": recipe.policy.spec(), "seed": seed,
-                "settings": settings}
+                "world_size": distributed.world_size(), "settings": settings}
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state["identity"] != identity:
-            diff = {k for k in identity if state["identity"].get(k) != identity[k]}
-            raise CheckpointError(f"{ckpt_path} belongs to another run (differs in: {', '.join(sorted(diff))})")
+        state = _load_resumable(ckpt_path, identity)
         trainer.load_state_dict(state["trainer"])
         result = RunResult(**state["result"])
-        start_epoch = state["epoch"] + 1
-    elif out is not None:
+        step, epoch_sums = state["next_step"], tuple(state["epoch_sums"])
+        if writes:
+            _rewrite_metrics(out, result.history)  # rows logged after the checkpoint are logged again
+    elif writes:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    writer = _writer(out) if out else None
+    writer = _writer(out) if writes else None
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {"identity": identity, "next_step": step, "epoch_sums": epoch_sums,
+                                    "trainer": trainer.state_dict(), "result": asdict(result)})
 
     started = time.perf_counter() - result.seconds
-    for epoch in range(start_epoch, settings["epochs"]):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
-        epoch_loss, epoch_steps = 0.0, 0
-        for b in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + b
+    for epoch in range(step // steps_per_epoch, settings["epochs"]):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        order = distributed.shard(order).to(device)
+        if step == epoch * steps_per_epoch:
+            epoch_sums = (0.0, 0)
+        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[b * batch : (b + 1) * batch]
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(task, settings["lr"], step, total)
-            logits = model(*(t[idx] for t in data.train_inputs))
+            logits = net(*(t[idx] for t in data.train_inputs))
             loss = F.cross_entropy(logits.float(), data.train_labels[idx])
             step_result = trainer.step(loss * settings["loss_multiplier"])
             if task.max_norm is not None and not step_result.skipped:
                 apply_max_norm(model, task.max_norm)
                 trainer.requantize_()
-            value = loss.item()
+            value = distributed.mean_over_ranks(loss.detach())
             result.losses.append(value)
             result.skipped_steps += int(step_result.skipped)
-            epoch_loss, epoch_steps = epoch_loss + value, epoch_steps + 1
+            epoch_sums = (epoch_sums[0] + value, epoch_sums[1] + 1)
+            step += 1
+            if writes and checkpoint_every and step % checkpoint_every == 0 and b + 1 < steps_per_epoch:
+                checkpoint()
             if progress:
-                progress(step + 1, total, value)
+                progress(step, total, value)
             if after_step:
-                after_step(step, step_result)
-        row = {"epoch": epoch + 1, "train_loss": epoch_loss / max(epoch_steps, 1),
+                after_step(step - 1, step_result)
+        row = {"epoch": epoch + 1, "train_loss": epoch_sums[0] / max(epoch_sums[1], 1),
                "test_accuracy": evaluate(model, data.test_inputs, data.test_labels),
-               "loss_scale": float(step_result.next_scale), "skipped_steps": result.skipped_steps,
+               "loss_scale": float(trainer.scaler.scale), "skipped_steps": result.skipped_steps,
                "seconds": time.perf_counter() - started}
         result.history.append(row)
         result.seconds = row["seconds"]
-        if out is not None:
+        if writes:
             _log_epoch(out, writer, row)
-            save_checkpoint(ckpt_path, {"identity": identity, "epoch": epoch, "trainer": trainer.state_dict(),
-                                        "result": asdict(result)})
-    if out is not None:
+            checkpoint()
+    if writes:
         (out / "result.json").write_text(json.dumps(asdict(result) | {"identity": identity}, indent=1))
         if writer:
             writer.close()
     return result
 
 
-def _log_epoch(out: Path, writer, row: dict[str, float]) -> None:
-    path = out / "metrics.csv"
+def _check_settings(settings: dict[str, Any], examples: int, checkpoint_every: int | None) -> None:
+    """ValueError for settings a run cannot train with, naming the setting and the fix."""
+    if examples < 1:
+        raise ValueError("the training split is empty: no examples to train on (check train_limit and the data)")
+    for key in ("batch_size", "epochs"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                         or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be an integer >= 1 (steps) or None, got {checkpoint_every!r}")
+
+
+def _data_parallel(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """The module the forward pass goes through: DDP around ``model`` under torch.distributed, else ``model``."""
+    if not distributed.is_initialized():
+        return model
+    device = torch.device(device)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+_RESUMABLE = ("identity", "next_step", "epoch_sums", "trainer", "result")
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """``key: checkpoint X, this run Y`` for every differing entry of two (nested) dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(saved.get(k), now.get(k), f"{where}.{k}" if where else str(k))]
+    return [] if saved == now else [f"{where}: checkpoint {saved!r}, this run {now!r}"]
+
+
+def _load_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at ``path`` if it is intact and belongs to this run; CheckpointError saying what differs."""
+    state = load_checkpoint(path)
+    missing = [k for k in _RESUMABLE if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a run checkpoint of this lowprec (no {', '.join(missing)}); "
+                              "start afresh without --resume or remove it")
+    diff = _differences(state["identity"], identity)
+    if diff:
+        raise CheckpointError(f"{path} belongs to another run; it differs in {'; '.join(diff)}. Resume with the "
+                              "same settings, or use another output folder")
+    return state
+
+
+def _rewrite_metrics(out: Path, history: list[dict[str, float]]) -> None:
+    (out / "metrics.csv").unlink(missing_ok=True)
+    for row in history:
+        _append_row(out / "metrics.csv", row)
+
+
+def _append_row(path: Path, row: dict[str, float]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()
         w.writerow(row)
+
+
+def _log_epoch(out: Path, writer, row: dict[str, float]) -> None:
+    _append_row(out / "metrics.csv", row)
     if writer is not None:
         for key, value in row.items():
             if key != "epoch":

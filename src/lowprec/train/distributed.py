@@ -42,8 +42,8 @@ from ..formats import Format, parse_format, quantize
 from ..scaling import DynamicExponent
 
 __all__ = [
-    "is_initialized", "rank", "world_size", "all_max", "sum_exponent_counters", "quantized_allreduce_hook",
-    "init_from_env", "shard",
+    "is_initialized", "rank", "world_size", "all_max", "mean_over_ranks", "sum_exponent_counters",
+    "quantized_allreduce_hook", "init_from_env", "shard",
 ]
 
 
@@ -72,6 +72,15 @@ def all_max(t: Tensor) -> Tensor:
     work = t.to(_device(), torch.uint8 if t.dtype == torch.bool else t.dtype, copy=True)
     dist.all_reduce(work, op=dist.ReduceOp.MAX)
     return work.to(t.device, t.dtype)
+
+
+def mean_over_ranks(value: Tensor) -> float:
+    """The mean of a scalar tensor over all ranks, as a Python float (``value.item()`` in one process)."""
+    if not is_initialized():
+        return value.item()
+    work = value.detach().to(_device(), torch.float64).reshape(1)
+    dist.all_reduce(work)
+    return work.item() / dist.get_world_size()
 
 
 def sum_exponent_counters(exponents: Iterable[DynamicExponent]) -> None:
