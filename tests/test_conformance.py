@@ -11,6 +11,8 @@ import torch
 import lowprec as lp
 from lowprec.formats import TORCH_DTYPES
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 PRESETS = ["fp16", "bf16", "e4m3", "e5m2"]
 
 

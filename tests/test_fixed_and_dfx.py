@@ -8,6 +8,8 @@ import lowprec as lp
 from lowprec.formats import FixedPoint
 from lowprec.scaling import DynamicExponent
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def test_courbariaux_fixed_point_saturates():
     # Q_fxp(1000; NOB=3 without sign, NOIB=2) == 3.5 is fixed<4,1> here (4 bits with the sign, 1 fraction bit)

@@ -12,6 +12,8 @@ import lowprec as lp
 from lowprec.formats import FixedPoint, FloatFormat
 from reference import fixed_reference, float_reference, neighbours
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 float_formats = st.builds(
     FloatFormat,
     exp_bits=st.integers(2, 8),

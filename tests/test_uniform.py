@@ -5,6 +5,8 @@ import torch
 
 import lowprec as lp
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def test_two_bit_weights_are_ternary():
     x = torch.linspace(-3, 3, 1001)

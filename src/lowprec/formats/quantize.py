@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import host, kernels
 from .parse import parse_format
-from .types import BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
+from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
 __all__ = ["quantize", "max_abs_int_bits", "compile_enabled"]
 
@@ -25,6 +25,13 @@ __all__ = ["quantize", "max_abs_int_bits", "compile_enabled"]
 COMPILE_MIN_NUMEL = 1 << 16
 
 _compile_failed = False
+
+#: Whether float32 tensors rounded to nearest or toward zero take the few-op paths of ``host.py`` (the same
+#: bits; tests switch them off to check the kernels themselves).
+FAST_PATHS = True
+
+#: Formats whose nearest rounding is torch's own cast.
+_CASTS = {fmt: dtype for fmt, dtype in TORCH_DTYPES.items() if dtype != torch.float32}
 
 
 def compile_enabled() -> bool:
@@ -121,9 +128,11 @@ def _fixed(
     """Fixed-point rounding with a (possibly tensor-valued) number of fraction bits."""
     wide = _wide(x.dtype)
     lo, hi = _frac_range(word, x.dtype)
+    kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
+    if _fast(x, rounding) and (not isinstance(frac, Tensor) or (x.device.type == "cpu" and frac.numel() == 1)):
+        return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax, rounding)
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
-    kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if wide == torch.float32:
         return _run(kernels.fixed_fast, x, out, 1.0 / step, step, kmin, kmax, rounding, key)
     lo, hi = kmin * step, kmax * step
@@ -131,10 +140,17 @@ def _fixed(
     return _run(kernels.fixed_grid, x, out, qmin, lo, hi, rounding, key)
 
 
+def _fast(x: Tensor, rounding: int) -> bool:
+    """Whether ``host.py`` serves this call: a float32 tensor, nearest or toward-zero rounding."""
+    return FAST_PATHS and x.dtype == torch.float32 and rounding != kernels.STOCHASTIC
+
+
 def _dispatch(
     x: Tensor, out: Tensor | None, fmt: Format, rounding: int, key: Tensor | None, int_bits
 ) -> Tensor:
     if isinstance(fmt, FloatFormat):
+        if fmt in _CASTS and _fast(x, rounding) and rounding == kernels.NEAREST:
+            return host.cast_round_trip(x, out, _CASTS[fmt])
         saturate = fmt.overflow == "saturate"
         if _wide(x.dtype) == torch.float32:
             max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
@@ -153,10 +169,18 @@ def _dispatch(
     if isinstance(fmt, FixedPoint):
         return _fixed(x, out, fmt.word, fmt.frac, rounding, key)
     if isinstance(fmt, DynamicFixedPoint):
+        if int_bits is None and _fast(x, rounding) and x.device.type == "cpu":
+            r = host.max_abs_exponent(x)
+            if r is not None:
+                lo, hi = _frac_range(fmt.bits, x.dtype)
+                kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
+                return host.dfx_host_exponent(x, out, r, fmt.bits - 1, lo, hi, kmin, kmax, rounding)
         if int_bits is None and _wide(x.dtype) == torch.float32:  # max-abs rule fused with the rounding
             lo, hi = _frac_range(fmt.bits, x.dtype)
             kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
             return _run(kernels.dfx_maxabs_fp32, x, out, kmin, kmax, fmt.bits - 1, lo, hi, rounding, key)
+        if isinstance(int_bits, int):
+            return _fixed(x, out, fmt.bits, fmt.bits - 1 - int_bits, rounding, key)
         r = max_abs_int_bits(x) if int_bits is None else torch.as_tensor(int_bits, device=x.device)
         return _fixed(x, out, fmt.bits, fmt.bits - 1 - r, rounding, key)
     if isinstance(fmt, BlockFloat):
@@ -178,6 +202,8 @@ def _dispatch(
         return y if out is None else out.copy_(y)
     if isinstance(fmt, Uniform):
         binary = fmt.signed and fmt.bits == 1
+        if not binary and _fast(x, rounding):
+            return host.uniform_scaled(x, out, fmt.levels, fmt.signed, rounding)
         return _run(kernels.uniform_grid, x, out, fmt.levels, fmt.signed, binary, rounding, key)
     raise TypeError(f"not a lowprec format: {fmt!r}")
 

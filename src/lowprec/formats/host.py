@@ -1,0 +1,78 @@
+"""Fast paths for the common cases, in a few whole-tensor torch ops: bit-identical to ``kernels.py``.
+
+Emulated training quantizes dozens of tensors per step, most of them small: there the cost of a quantize call
+is the number of ops it dispatches, not memory traffic. These paths dispatch 1 to 5 vectorised ops:
+
+* ``cast_round_trip``: nearest rounding of a float32 tensor onto fp16, bf16, e4m3 or e5m2 is torch's own cast
+  there and back (``x.to(bf16).float()``), which is what the formats are defined to equal (round to nearest
+  even, subnormals, overflow as torch's cast; tests/test_conformance.py checks the kernels against it), with
+  NaN passed through unchanged as everywhere in lowprec.
+* ``fixed_scaled``: nearest / toward-zero fixed point with a known number of fraction bits f, on float32:
+  ``round(x * 2**f)`` (``torch.round`` rounds ties to even; x * 2**f is exact, or below 2**-126 where it rounds
+  to 0 anyway), clamped to the word (saturates +-inf), times 2**-f (exact). NaN stays NaN (every op
+  propagates it), -0 and negative values that round to 0 keep their sign, as ``kernels.fixed_fast``.
+* ``dfx_host_exponent``: dynamic fixed point with the max-abs exponent on a CPU tensor: the exponent is
+  computed on the host from ``torch.aminmax`` (reading a CPU scalar costs no device sync), then
+  ``fixed_scaled``. A tensor holding NaN or inf takes the general kernel (the exponent must skip them).
+* ``uniform_scaled``: WRPN's round(clip(x) * n) / n for nearest and toward zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernels import NEAREST, TOWARD_ZERO
+
+__all__ = ["cast_round_trip", "fixed_scaled", "dfx_host_exponent", "uniform_scaled", "max_abs_exponent"]
+
+_SMALLEST_NORMAL = 2.0**-126
+
+
+def _target(x: Tensor, out: Tensor | None) -> Tensor:
+    return torch.empty_like(x) if out is None else out
+
+
+def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x rounded to ``dtype`` by torch's cast (nearest even), returned in x's dtype; a NaN is returned as it is
+    (the cast would make every NaN the canonical one)."""
+    y = x.to(dtype)
+    if dtype.itemsize == 1:  # torch does not promote float8 in where()
+        y = y.to(x.dtype)
+    return torch.where(torch.isnan(x), x, y, out=out)
+
+
+def _round_(y: Tensor, rounding: int) -> Tensor:
+    return y.round_() if rounding == NEAREST else y.trunc_()
+
+
+def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, rounding: int) -> Tensor:
+    """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring); ``rounding`` nearest or toward zero.
+    2**frac and 2**-frac must be normal float32 numbers (the caller's fraction range guarantees it)."""
+    y = torch.mul(x, 2.0**frac, out=_target(x, out))
+    return _round_(y, rounding).clamp_(kmin, kmax).mul_(2.0**-frac)
+
+
+def max_abs_exponent(x: Tensor) -> int | None:
+    """r with 2**(r-1) <= max|x| < 2**r (-126 for an all-zero or subnormal max, as ``kernels.dfx_maxabs_fp32``),
+    or None when x holds NaN or inf."""
+    low, high = torch.aminmax(x)
+    peak = max(-low.item(), high.item())
+    if not math.isfinite(peak):
+        return None
+    return math.frexp(peak)[1] if peak >= _SMALLEST_NORMAL else -126
+
+
+def dfx_host_exponent(
+    x: Tensor, out: Tensor | None, r: int, top: int, frac_lo: int, frac_hi: int, kmin: int, kmax: int, rounding: int
+) -> Tensor:
+    """Dynamic fixed point at int bits ``r`` (from ``max_abs_exponent``): frac = clamp(top - r), then fixed point."""
+    return fixed_scaled(x, out, min(max(top - r, frac_lo), frac_hi), kmin, kmax, rounding)
+
+
+def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool, rounding: int) -> Tensor:
+    """round(clamp(x, -1 or 0, 1) * levels) / levels, as ``kernels.uniform_grid`` (NaN propagates)."""
+    y = torch.clamp(x, -1.0 if signed else 0.0, 1.0, out=_target(x, out))
+    return _round_(y.mul_(levels), rounding).div_(levels)
