@@ -7,10 +7,12 @@ rule, interval 2, start exponents from the first tensor), each rank on its own d
 its input at step INF_DATA_STEP (DDP's all-reduce spreads it) and an inf written into one of its gradients after
 the all-reduce at step INF_GRAD_STEP (only lowprec's agreement can spread that one). Phase 2 averages gradients
 through ``quantized_allreduce_hook("bf16")`` and records what each rank expects from its neighbour's local
-gradients. Each rank writes OUT_DIR/rank<r>.pt.
+gradients. Phase 3 trains a task with the runner three times (uninterrupted; interrupted on every rank after
+step STOP_STEP; resumed) with checkpoints every 2 steps. Each rank writes OUT_DIR/rank<r>.pt.
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,11 +21,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowprec as lp
+from lowprec.experiments import get_task, load_task_data, parse_recipe, run
 from lowprec.train import distributed
 
 STEPS = 8
 INF_DATA_STEP = 2
 INF_GRAD_STEP = 5
+# 95 examples a rank: 3 steps an epoch, the last of 31 examples
+RUN_TASK = replace(get_task("mnist-lenet"), epochs=2, train_limit=190, test_limit=50, batch_size=32)
+STOP_STEP = 4
 POLICY = ("weight=dfx<8>,activations=fp16,output_grad=dfx<10>,activation_grad=dfx<10>,weight_grad=dfx<10>,"
           "master=dfx<12>,exponent_rule=overflow,exponent_interval=2,init_int_bits=auto,max_overflow_rate=0.01")
 
@@ -91,11 +97,31 @@ def quantized_hook_gradients(rank: int) -> dict:
     }
 
 
+class Interrupt(Exception):
+    pass
+
+
+def resumed_runs(out: Path) -> dict:
+    data, recipe = load_task_data(RUN_TASK), parse_recipe("mixed-fp16")
+    full = run(RUN_TASK, recipe, data, seed=2, out_dir=out / "full", checkpoint_every=2)
+
+    def stop(step: int, _) -> None:
+        if step == STOP_STEP:
+            raise Interrupt
+
+    try:
+        run(RUN_TASK, recipe, data, seed=2, out_dir=out / "cut", checkpoint_every=2, after_step=stop)
+    except Interrupt:
+        pass
+    resumed = run(RUN_TASK, recipe, data, seed=2, out_dir=out / "cut", checkpoint_every=2, resume=True)
+    return {"full": full.losses, "resumed": resumed.losses}
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {"world_size": dist.get_world_size(), "agreement": train_with_agreement(rank),
-               "hook": quantized_hook_gradients(rank)}
+               "hook": quantized_hook_gradients(rank), "runs": resumed_runs(out)}
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
