@@ -31,10 +31,6 @@ __all__ = ["cast_round_trip", "fixed_scaled", "dfx_host_exponent", "uniform_scal
 _SMALLEST_NORMAL = 2.0**-126
 
 
-def _target(x: Tensor, out: Tensor | None) -> Tensor:
-    return torch.empty_like(x) if out is None else out
-
-
 def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
     """x rounded to ``dtype`` by torch's cast (nearest even), returned in x's dtype; a NaN is returned as it is
     (the cast would make every NaN the canonical one)."""
@@ -51,7 +47,7 @@ def _round_(y: Tensor, rounding: int) -> Tensor:
 def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, rounding: int) -> Tensor:
     """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring); ``rounding`` nearest or toward zero.
     2**frac and 2**-frac must be normal float32 numbers (the caller's fraction range guarantees it)."""
-    y = torch.mul(x, 2.0**frac, out=_target(x, out))
+    y = torch.mul(x, 2.0**frac) if out is None else torch.mul(x, 2.0**frac, out=out)
     return _round_(y, rounding).clamp_(kmin, kmax).mul_(2.0**-frac)
 
 
@@ -74,5 +70,6 @@ def dfx_host_exponent(
 
 def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool, rounding: int) -> Tensor:
     """round(clamp(x, -1 or 0, 1) * levels) / levels, as ``kernels.uniform_grid`` (NaN propagates)."""
-    y = torch.clamp(x, -1.0 if signed else 0.0, 1.0, out=_target(x, out))
+    lo = -1.0 if signed else 0.0
+    y = torch.clamp(x, lo, 1.0) if out is None else torch.clamp(x, lo, 1.0, out=out)
     return _round_(y.mul_(levels), rounding).div_(levels)

@@ -58,10 +58,11 @@ class LinearOp:
     def bias_grad(self, g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1]).sum(0)
 
+    def input_and_weight_grads(self, g: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
+        return (self.input_grad(g, x, w) if need_x else None), (self.weight_grad(g, x, w) if need_w else None)
+
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
-_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input}
-_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,16 @@ class ConvOp:
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return _CONV[self.dim](x, w, b, *self._geometry())
 
-    def input_grad(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
-        return _CONV_INPUT_GRAD[self.dim](x.shape, w, g, *self._geometry())
-
-    def weight_grad(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
-        return _CONV_WEIGHT_GRAD[self.dim](x, w.shape, g, *self._geometry())
-
     def bias_grad(self, g: Tensor) -> Tensor:
         return g.sum(dim=[0, *range(2, g.dim())])
+
+    def input_and_weight_grads(self, g: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
+        """Both gradients from one ``convolution_backward`` call (what autograd's own convolution does)."""
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, self.stride, self.padding, self.dilation, False, [0] * self.dim, self.groups,
+            [need_x, need_w, False],
+        )
+        return dx, dw
 
 
 def _forward(ctx: Any, op: LinearOp | ConvOp, x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -104,10 +107,11 @@ def _backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, Tensor | None, T
     op, quantizers = ctx.op, ctx.quantizers
     ((gq, _),) = quantize_roles(quantizers, output_grad=straight_through(grad_z, mz))
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw = op.input_and_weight_grads(gq, xq, wq, need_x, need_w)
     grads = quantize_roles(
         quantizers,
-        activation_grad=straight_through(op.input_grad(gq, xq, wq), mx) if need_x else None,
-        weight_grad=straight_through(op.weight_grad(gq, xq, wq), mw) if need_w else None,
+        activation_grad=straight_through(dx, mx) if need_x else None,
+        weight_grad=straight_through(dw, mw) if need_w else None,
         bias_grad=straight_through(op.bias_grad(gq), mb) if need_b else None,
     )
     return tuple(g for g, _ in grads)  # type: ignore[return-value]

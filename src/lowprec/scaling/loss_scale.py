@@ -194,22 +194,25 @@ class LossScaler:
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
         flags = []
         for (device, dtype), grads in groups.items():
-            if dtype == torch.float32:
+            if self._scale == 1.0:
+                pass  # x / 1 == x
+            elif dtype == torch.float32:
                 torch._foreach_div_(grads, self._scale)
             else:
                 tmp = [g.float() for g in grads]
                 torch._foreach_div_(tmp, self._scale)
                 torch._foreach_copy_(grads, tmp)
-            flags += [torch.isfinite(g).all() for g in grads]
+            # one finite flag per tensor from its max-abs (inf or NaN when the tensor holds one): three ops in all
+            flags.append(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite())
         loss_checked = bool(self._loss_finite)
         if loss_checked:
             names.append("loss")
-            flags.append(torch.stack([f.to(self._loss_finite[0].device) for f in self._loss_finite]).all())
+            flags.append(torch.stack([f.to(self._loss_finite[0].device) for f in self._loss_finite]).all()[None])
             self._loss_finite = []
         if not names:
             return False, []
         dev = flags[0].device
-        nonfinite = ~torch.stack([f.to(dev, non_blocking=True) for f in flags])
+        nonfinite = ~torch.cat([f.to(dev, non_blocking=True) for f in flags])
         if self.agree is not None:
             nonfinite = self.agree(nonfinite)
         bad = [n for n, flag in zip(names, nonfinite.tolist()) if flag]  # the one host sync
