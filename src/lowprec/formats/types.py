@@ -185,6 +185,10 @@ class FloatFormat(Format):
         return f"float<{','.join(opts)}>"
 
 
+#: The fraction bits a fixed-point format may have (a step from 2**100 down to 2**-100).
+FRAC_RANGE = (-100, 100)
+
+
 @dataclass(frozen=True, repr=False)
 class FixedPoint(Format):
     """Two's-complement fixed point: ``word`` bits (sign included), ``frac`` of them after the binary point.
@@ -200,7 +204,7 @@ class FixedPoint(Format):
     def __post_init__(self) -> None:
         form = "fixed<word=2..53,frac=-100..100>"
         _check_int("word", self.word, 2, 53, form)
-        _check_int("frac", self.frac, -100, 100, form)
+        _check_int("frac", self.frac, *FRAC_RANGE, form)
 
     @property
     def step(self) -> float:

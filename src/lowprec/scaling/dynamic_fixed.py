@@ -7,7 +7,11 @@ and at r - 1; then
     if rate(r) > max_rate:        r += 1
     elif rate(r - 1) > max_rate:  keep r
     else:                         r -= 1
-and reset the counters. The overflow rate of a batch is the fraction of its elements whose round-to-nearest
+and reset the counters. r stays within the exponents a fixed-point word can take (``FRAC_RANGE``): a group that
+only ever sees zeros (a dead unit's gradient) rests at the lowest r, one that sees inf at the highest, instead of
+failing after a hundred intervals.
+
+The overflow rate of a batch is the fraction of its elements whose round-to-nearest
 value reaches the largest positive code in magnitude (saturated values included), the authors'
 ``mean(|Q(x)| >= max)``.
 
@@ -34,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..formats import DynamicFixedPoint, FixedPoint, max_abs_int_bits, parse_format, quantize
+from ..formats.types import FRAC_RANGE
 
 __all__ = ["DynamicExponent"]
 
@@ -65,6 +70,10 @@ class DynamicExponent:
             raise TypeError(f"int_bits must be an int or None (start from the first tensor seen), got {int_bits!r}")
         self.fmt = fmt
         self.max_overflow_rate, self.interval = max_overflow_rate, interval
+        if int_bits is not None and self._bounded(int_bits) != int_bits:
+            top = fmt.bits - 1
+            raise ValueError(f"int_bits for {fmt!r} must lie in [{top - FRAC_RANGE[1] + 1}, {top - FRAC_RANGE[0]}] "
+                             f"(fixed<{fmt.bits},frac> needs frac in {list(FRAC_RANGE)}), got {int_bits}")
         self.int_bits = int_bits
         self.agree: Callable[[Tensor], Tensor] | None = None  # cross-process MAX of the start exponent
         self._reset()
@@ -83,7 +92,7 @@ class DynamicExponent:
         once; one MAX over the processes when ``agree`` is set)."""
         if self.int_bits is None and x.numel() > 0:
             r = max_abs_int_bits(x.detach())
-            self.int_bits = int(r if self.agree is None else self.agree(r))
+            self.int_bits = self._bounded(int(r if self.agree is None else self.agree(r)))
 
     def overflow_rates(self, x: Tensor) -> Tensor:
         """[rate at r, rate at r - 1] for one batch (float tensors, no sync; zeros for an empty tensor)."""
@@ -109,6 +118,12 @@ class DynamicExponent:
         self.observe(x)
         return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
 
+    def _bounded(self, r: int) -> int:
+        """r clamped so that r and r - 1 (whose rate is measured too) are integer bits of fixed<bits, frac> with
+        frac in FRAC_RANGE."""
+        top = self.fmt.bits - 1
+        return min(max(r, top - FRAC_RANGE[1] + 1), top - FRAC_RANGE[0])
+
     @property
     def due(self) -> bool:
         """Whether the next ``update()`` applies the rule (an interval of observations is complete)."""
@@ -130,9 +145,9 @@ class DynamicExponent:
             return False
         rate_r, rate_below = (self._rate_sum / self.batches).tolist()
         if rate_r > self.max_overflow_rate:
-            self.int_bits += 1
+            self.int_bits = self._bounded(self.int_bits + 1)
         elif rate_below <= self.max_overflow_rate:
-            self.int_bits -= 1
+            self.int_bits = self._bounded(self.int_bits - 1)
         self._reset()
         return True
 
