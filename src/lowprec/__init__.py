@@ -5,6 +5,7 @@
 >>> model = lp.convert(model, lp.Policy.preset("int8-lazy"))
 >>> trainer = lp.Trainer(model, optimizer, "int8-lazy")
 >>> result = trainer.step(loss)                          # result.skipped, result.scale, result.overflow_modules
+>>> report = lp.inspect(model, (x, y), "mixed-fp16")     # histograms, underflow/overflow, loss-scale advice
 """
 
 from . import nn
@@ -18,6 +19,7 @@ from .formats import (
     parse_format,
     quantize,
 )
+from .diagnostics import inspect
 from .nn import convert, widen
 from .policy import Policy, Quant, Quantizer, classifier_bits
 from .scaling import DynamicExponent, LossScaleCollapse, LossScaler, StepResult
@@ -29,5 +31,5 @@ __all__ = [
     "parse_format", "quantize", "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "Policy", "Quant", "Quantizer", "classifier_bits",
     "DynamicExponent", "LossScaler", "LossScaleCollapse", "StepResult",
-    "convert", "widen", "nn", "Trainer",
+    "convert", "widen", "nn", "Trainer", "inspect",
 ]

@@ -99,9 +99,14 @@ class Census:
     total: int = 0
     zeros: int = 0  # exactly zero in float32
     nonfinite: int = 0  # inf or NaN in float32
-    amax: float = 0.0  # largest finite |x|
     log2_counts: tuple[int, ...] = (0,) * (LOG2_MAX - LOG2_MIN + 1)  # floor(log2|x|) = LOG2_MIN + i
     formats: tuple[FormatCounts, ...] = field(default=())
+
+    @property
+    def int_bits(self) -> int:
+        """The max-abs exponent: the smallest r with |x| < 2**r for every finite x (0 for no non-zero x)."""
+        top = max((i for i, n in enumerate(self.log2_counts) if n), default=None)
+        return 0 if top is None else LOG2_MIN + top + 1
 
     @property
     def nonzero(self) -> int:
@@ -133,7 +138,7 @@ class Census:
             raise ValueError(f"censuses of different formats: {sorted(mine)} and {sorted(theirs)}")
         return Census(
             self.total + other.total, self.zeros + other.zeros, self.nonfinite + other.nonfinite,
-            max(self.amax, other.amax), tuple(a + b for a, b in zip(self.log2_counts, other.log2_counts)),
+            tuple(a + b for a, b in zip(self.log2_counts, other.log2_counts)),
             tuple(mine[name] + theirs[name] for name in mine),
         )
 
@@ -225,15 +230,21 @@ class _Histogram:
     rows: Tensor  # (2, _NE + 2) int64
 
     @classmethod
-    def of(cls, m: Tensor, e: Tensor, negative: Tensor, cuts: Tensor) -> _Histogram:
+    def of(cls, flat: Tensor, cuts: Tensor) -> tuple[_Histogram, int, int]:
+        """The histogram of a flat float32 tensor, its zeros and its non-finite elements (one pass each)."""
         nc = len(cuts) + 1
-        column = torch.bucketize(m, cuts, right=True)  # cuts[column - 1] <= m < cuts[column]
-        key = (negative.to(torch.int64) * _NE + (e - _E0).to(torch.int64)) * nc + column
-        h = torch.bincount(key, minlength=2 * _NE * nc).view(2, _NE, nc)
+        m, e = torch.frexp(flat)  # zeros: m = 0, e = 0
+        column = torch.bucketize(m.abs(), cuts, right=True)  # cuts[column - 1] <= |m| < cuts[column]; 0: zeros
+        key = ((m < 0).to(torch.int64) * _NE + (e - _E0).to(torch.int64)) * nc + column
+        finite = torch.isfinite(flat)
+        key = torch.where(finite, key, 2 * _NE * nc)  # inf and NaN to a slot of their own
+        h = torch.bincount(key, minlength=2 * _NE * nc + 1)[:-1].view(2, _NE, nc)
+        zeros = int(h[0, -_E0, 0] + h[1, -_E0, 0])
+        h[:, -_E0, 0] = 0
         h = torch.nn.functional.pad(h, (0, 0, 1, 1))  # an empty row below and above the exponent range
         below = h.cumsum(2)[:, :, :-1]
         rows = h.sum(2).cumsum(1) - h.sum(2)
-        return cls(cuts, below, rows)
+        return cls(cuts, below, rows), zeros, flat.numel() - int(finite.sum())
 
     def at_most(self, side: int, bound: float, strict: bool) -> list[int]:
         """For every k in SCALE_EXPONENTS: elements of ``side`` with |x|·2**k <= bound (< bound if strict)."""
@@ -296,17 +307,11 @@ def census(x: Tensor, formats: Iterable[Format | str] = ()) -> Census:
     every loss scale 2**k, k in SCALE_EXPONENTS (module docstring)."""
     fmts = [parse_format(f) if isinstance(f, str) else f for f in formats]
     flat = x.detach().reshape(-1).float()
-    finite = torch.isfinite(flat)
-    counted = finite & (flat != 0)
-    values = flat[counted]
-    a = values.abs()
-    m, e = torch.frexp(a)  # |x| = m·2**e, m in [0.5, 1): floor(log2|x|) = e - 1
-    hist = _Histogram.of(m, e, values < 0, _cuts(f for f in fmts if not _scale_invariant(f)))
+    hist, zeros, nonfinite = _Histogram.of(flat, _cuts(f for f in fmts if not _scale_invariant(f)))
+    counted = torch.isfinite(flat) & (flat != 0) if any(map(_scale_invariant, fmts)) else None
     counts = tuple(
         _direct_counts(f, flat, counted) if _scale_invariant(f) else _grid_counts(f, hist) for f in fmts
     )
     per_exponent = hist.rows.sum(0).diff()[1:]  # elements with exponent _E0 + i, both signs
-    return Census(
-        total=flat.numel(), zeros=int((flat == 0).sum()), nonfinite=flat.numel() - int(finite.sum()),
-        amax=float(a.max()) if a.numel() else 0.0, log2_counts=tuple(per_exponent.tolist()), formats=counts,
-    )
+    return Census(total=flat.numel(), zeros=zeros, nonfinite=nonfinite, log2_counts=tuple(per_exponent.tolist()),
+                  formats=counts)

@@ -1,0 +1,272 @@
+"""``lp.inspect(model, batch, policy)``: what a policy's formats would do to a model's numbers, before training.
+
+The model is converted under the policy (a deep copy: the caller's model is untouched, and conversion warns
+as it would for training, e.g. about the classifier rule), then trained for ``steps`` steps in float32 with
+every quantizer of every converted layer replaced by a recorder: each role's tensor, exactly where the layer
+would round it (its input x, weight W, bias b, output z in forward; dE/dz, dE/dx, dE/dW, dE/db in backward),
+goes into a census (``census.py``) and on unchanged. After each optimizer step its buffers (momentum, Adam's
+moments) are censused as the parameter's layer's ``optimizer_state``. Nothing is stored but the counts.
+
+The gradients are recorded unscaled (the loss is not multiplied): the census counts them at every loss scale
+2**k at once, as MPT Fig. 3 shows the float32 histogram against the fp16 range. The values are those of
+float32 training; in a low-precision run each layer's input has itself been rounded, so the counts describe
+the formats' first-order effect, not a low-precision run's exact tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..formats import Format, parse_format
+from ..nn import QuantizedModule, convert
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
+from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, start_exponents
+from .census import LOG2_MIN, Census, census
+
+__all__ = ["ROLES", "Entry", "InspectReport", "inspect"]
+
+#: The roles an inspection records, in table order.
+ROLES = LAYER_ROLES + ("optimizer_state",)
+
+Batch = tuple[Any, Tensor]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The census of one role of one module; ``format`` is the policy's format for it (None: float32)."""
+
+    module: str
+    role: str
+    format: str | None
+    census: Census
+
+
+class _Recorder(Quantizer):
+    """A role's quantizer while inspecting: hands every tensor to ``record`` and returns it unchanged (no
+    straight-through masking: the run is plain float32)."""
+
+    def __init__(self, record: Callable[[Tensor], None]):
+        super().__init__(None)
+        self._record = record
+
+    @property
+    def enabled(self) -> bool:  # the layer must call it even for roles the policy leaves in float32
+        return True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._record(x)
+        return x
+
+    def round(self, x: Tensor) -> Tensor:
+        return x
+
+
+def cross_entropy_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """The default loss: cross-entropy of ``model(*inputs)`` (in float32) against ``labels``."""
+    inputs, labels = batch
+    inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return F.cross_entropy(model(*inputs).float(), labels)
+
+
+class _Sums:
+    """Running censuses per (module, role), in first-seen order."""
+
+    def __init__(self, extra: Sequence[Format], observe: Callable[[str, str, Tensor], None] | None):
+        self.extra, self.observe = extra, observe
+        self.entries: dict[tuple[str, str], tuple[str | None, Census]] = {}
+
+    def recorder(self, module: str, role: str, quant: Quant | None) -> Callable[[Tensor], None]:
+        fmt = None if quant is None else repr(quant.format)
+        fmts = list(dict.fromkeys(([quant.format] if quant else []) + list(self.extra)))
+
+        def record(x: Tensor) -> None:
+            if self.observe is not None:
+                self.observe(module, role, x.detach())
+            _, total = self.entries.get((module, role), (fmt, Census()))
+            self.entries[module, role] = (fmt, total + census(x, fmts))
+
+        return record
+
+
+def _record_layers(model: nn.Module, sums: _Sums) -> dict[str, Quant | None]:
+    """Swap every converted layer's quantizers for recorders; returns each weight layer's optimizer_state."""
+    state_formats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            module.quantizers = {role: _Recorder(sums.recorder(name, role, q.quant))
+                                 for role, q in module.quantizers.items() if role in LAYER_ROLES}
+            module.accumulator = None  # float32 accumulation
+            # the trainer's rule (train/params.py): weight layers take their policy's state format, others fp32
+            state_formats[name] = module.policy.get("optimizer_state") if module.COUNTS_AS_LAYER else None
+    return state_formats
+
+
+def inspect(
+    model: nn.Module,
+    batch: Batch | Sequence[Batch],
+    policy: Policy | str = "fp32",
+    *,
+    steps: int = 3,
+    formats: Iterable[Format | str] = (),
+    loss_fn: Callable[[nn.Module, Batch], Tensor] = cross_entropy_loss,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    max_lost: float = 1e-3,
+    observe: Callable[[str, str, Tensor], None] | None = None,
+) -> InspectReport:
+    """Train a float32 copy of ``model`` for ``steps`` steps and census every role of every converted layer
+    (module docstring) in its ``policy`` format and in each of ``formats``.
+
+    ``batch``: ``(inputs, labels)`` (inputs a tensor or a tuple of tensors), or a list of them used in turn.
+    ``loss_fn(model, batch)``: default cross-entropy. ``optimizer(parameters)``: default lowprec's SGD with
+    lr 0.01 and momentum 0.9. ``max_lost``: the share of non-zero gradients the loss-scale advice may lose.
+    ``observe(module, role, tensor)``, if given, sees every recorded tensor (e.g. to keep some for analysis).
+    """
+    from ..train import SGD
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    pol = as_policy(policy)
+    batches = list(batch) if isinstance(batch, list) else [batch]
+    work = convert(model, replace(pol, path="emulated") if getattr(pol, "path", "emulated") != "emulated" else pol)
+    sums = _Sums([parse_format(f) if isinstance(f, str) else f for f in formats], observe)
+    state_formats = _record_layers(work, sums)
+    opt = optimizer(work.parameters()) if optimizer else SGD(work.parameters(), lr=0.01, momentum=0.9)
+    owners = {p: name.rpartition(".")[0] for name, p in work.named_parameters()}
+    work.train()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(work, batches[step % len(batches)]).backward()
+        opt.step()
+        for p, state in opt.state.items():
+            owner = owners.get(p)
+            if owner not in state_formats:
+                continue
+            record = sums.recorder(owner, "optimizer_state", state_formats[owner])
+            for buffer, value in sorted(state.items()):
+                if buffer != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    record(value)
+    order = {name: i for i, (name, _) in enumerate(work.named_modules())}
+    entries = tuple(
+        Entry(module, role, fmt, c)
+        for (module, role), (fmt, c) in sorted(sums.entries.items(), key=lambda kv: (order[kv[0][0]], ROLES.index(kv[0][1])))
+    )
+    raw = [(e.module, e.role, e.format, e.census) for e in entries]
+    return InspectReport(
+        model=type(model).__name__, policy=pol.name or pol.spec() or "fp32", steps=steps, entries=entries,
+        advice=advise_loss_scale(raw, max_lost), exponents=tuple(sorted(start_exponents(raw).items())),
+    )
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What ``inspect`` found: one Entry per (module, role), the loss-scale advice and the dfx exponents."""
+
+    model: str
+    policy: str
+    steps: int
+    entries: tuple[Entry, ...]
+    advice: LossScaleAdvice
+    exponents: tuple[tuple[tuple[str, str], int], ...]  # ((module, role), r): dfx starting exponents
+
+    def entry(self, module: str, role: str) -> Entry:
+        for e in self.entries:
+            if (e.module, e.role) == (module, role):
+                return e
+        raise KeyError(f"no census for {module!r} {role!r}")
+
+    def by_role(self) -> list[tuple[str, str | None, Census]]:
+        """(role, format, census summed over the modules with that format), in role order."""
+        groups: dict[tuple[str, str | None], Census] = {}
+        for e in self.entries:
+            groups[e.role, e.format] = groups.get((e.role, e.format), Census()) + e.census
+        return sorted(((r, f, c) for (r, f), c in groups.items()), key=lambda g: (ROLES.index(g[0]), str(g[1])))
+
+    def rows(self, per_module: bool = False) -> list[dict[str, str]]:
+        """Table rows: values, % exactly zero, and in the format (shares of the non-zero values) % lost to
+        zero, % subnormal, % overflowing at S = 1 and, for gradients, % lost at the advised S."""
+        groups = ([(e.module, e.role, e.format, e.census) for e in self.entries] if per_module
+                  else [("all", r, f, c) for r, f, c in self.by_role()])
+        scale = self.advice.scale
+        rows = []
+        for module, role, fmt, c in groups:
+            row = {"module": module, "role": role, "format": fmt or "fp32", "values": f"{c.total:,}",
+                   "zero %": _pct(c.zeros, c.total), "lost %": "", "subnormal %": "", "overflow %": "",
+                   "lost % at S": ""}
+            if fmt is not None:
+                lost, sub, over = c.counts(fmt).at(1.0)
+                row.update({"lost %": _pct(lost, c.nonzero), "subnormal %": _pct(sub, c.nonzero),
+                            "overflow %": _pct(over, c.nonzero)})
+                if role in GRADIENT_ROLES and scale is not None:
+                    row["lost % at S"] = _pct(c.counts(fmt).at(scale)[0], c.nonzero)
+            rows.append(row)
+        return rows
+
+    def table(self, per_module: bool = False) -> str:
+        """The rows as aligned text, then the advice."""
+        rows = self.rows(per_module)
+        columns = list(rows[0]) if rows else []
+        widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in columns}
+        lines = ["  ".join(k.ljust(widths[k]) for k in columns)]
+        lines += ["  ".join(r[k].ljust(widths[k]) for k in columns) for r in rows]
+        return "\n".join(lines + self.notes())
+
+    def notes(self) -> list[str]:
+        """The advice as sentences."""
+        notes = [self.advice.summary()]
+        if self.exponents:
+            notes.append("dfx starting exponents (max-abs): " + ", ".join(
+                f"{m or '(root)'}.{r}={e}" for (m, r), e in self.exponents))
+        return notes
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the report as JSON (histograms as {log2_min, counts}, counts at S = 1 and the advised S)."""
+        scales = sorted({1.0} | ({self.advice.scale} if self.advice.scale else set()))
+        doc = {
+            "model": self.model, "policy": self.policy, "steps": self.steps,
+            "advice": {"loss_scale": self.advice.__dict__ | {"formats": list(self.advice.formats)},
+                       "dfx_start_exponents": [{"module": m, "role": r, "int_bits": e}
+                                               for (m, r), e in self.exponents]},
+            "entries": [_entry_json(e, scales) for e in self.entries],
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
+        return path
+
+    def plot(self, directory: str | Path) -> list[Path]:
+        """One PNG per role (MPT Fig. 3 style, the format's range shaded): ``<directory>/<role>.png``."""
+        from .plots import plot_role
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for role in ROLES:
+            groups = [(f, c) for r, f, c in self.by_role() if r == role]
+            if groups:
+                scale = self.advice.scale if role in GRADIENT_ROLES else None
+                paths.append(plot_role(directory / f"{role}.png", self, role, groups, scale))
+        return paths
+
+
+def _pct(n: int, of: int) -> str:
+    return f"{100 * n / of:.3f}" if of else "-"
+
+
+def _entry_json(e: Entry, scales: list[float]) -> dict[str, Any]:
+    c = e.census
+    nonempty = [i for i, n in enumerate(c.log2_counts) if n]
+    lo, hi = (nonempty[0], nonempty[-1] + 1) if nonempty else (0, 0)
+    return {
+        "module": e.module, "role": e.role, "format": e.format, "values": c.total, "zeros": c.zeros,
+        "nonfinite": c.nonfinite, "int_bits": c.int_bits,
+        "log2_histogram": {"log2_min": LOG2_MIN + lo, "counts": list(c.log2_counts[lo:hi])},
+        "formats": {fc.format: {f"{s:g}": dict(zip(("lost", "subnormal", "overflow"), fc.at(s))) for s in scales}
+                    for fc in c.formats},
+    }
