@@ -11,7 +11,7 @@ from ..policy import Policy, as_policy
 from .native import to_native
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
-from .resolve import module_policy
+from .resolve import check_override_roles, module_policy
 
 __all__ = ["convert", "CONVERSIONS"]
 
@@ -52,7 +52,8 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     parameters and activations really stored in that dtype, reductions in float32.
 
     Raises NotImplementedError (before changing anything) for a layer configuration the quantized layers do
-    not support (a bidirectional LSTM, a sparse Embedding) when its policy quantizes it.
+    not support (a bidirectional LSTM, a sparse Embedding) when its policy quantizes it, and ValueError for an
+    override that gives a format to a role no module it matches has (``resolve.check_override_roles``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
@@ -70,6 +71,7 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
             unknown.append(f"{name or '(root)'} ({type(module).__name__})")
     layers = [name for name, _, cls in plan if cls.COUNTS_AS_LAYER]
     first, last = (layers[0], layers[-1]) if layers else (None, None)
+    check_override_roles(policy, model, plan, first, last)
     resolved = []
     for name, module, cls in plan:
         if cls.COUNTS_AS_LAYER:

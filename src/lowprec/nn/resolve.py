@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 
 from torch import nn
 
 from ..formats import BlockFloat, DynamicFixedPoint, FixedPoint, Uniform
-from ..policy import Policy, Quant, classifier_bits
+from ..policy import LAYER_ROLES, ROLES, Policy, Quant, classifier_bits
 
-__all__ = ["module_policy", "CLASSIFIER_ROLES"]
+__all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES"]
+
+#: The roles the trainer applies to the parameters of weight layers (the other parameters stay fp32).
+_UPDATE_ROLES = tuple(r for r in ROLES if r not in LAYER_ROLES and r != "accumulation")
 
 #: The classifier path of Park et al. eq. 5: the last layer's weights and the values and gradients between it
 #: and the softmax.
@@ -61,3 +66,45 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
             stacklevel=3,
         )
     return resolved
+
+
+def _roles_of(cls: type) -> tuple[str, ...]:
+    """The roles a quantized layer class has: its op's, accumulation where it emulates one, the update roles for
+    weight layers."""
+    return (cls.OP_ROLES + (("accumulation",) if cls.ACCUMULATES else ())
+            + (_UPDATE_ROLES if cls.COUNTS_AS_LAYER else ()))
+
+
+def check_override_roles(policy: Policy, model: nn.Module, plan: Sequence[tuple[str, nn.Module, type]],
+                         first: str | None, last: str | None) -> None:
+    """Every per-module override must reach a module that has the roles it sets.
+
+    ``plan``: (name, module, quantized class) of the modules ``convert`` converts; ``first``/``last``: the names
+    @first/@last stand for. ValueError when an override gives a format to a role that none of the modules it
+    matches has (``bn1: weight=int8`` on a batch-norm, ``relu: activation=int8`` on a module lowprec does not
+    convert, ``conv1: accumulation=fp16`` on a convolution); setting a role to none is always allowed. An
+    override whose pattern matches no module of this model at all only warns: a policy may serve several models.
+    """
+    converted = {name: cls for name, _, cls in plan}
+    for pattern, assigned in policy.overrides:
+        if pattern.startswith("@"):
+            hits = [n for n in ((first,) if pattern == "@first" else (last,) if pattern == "@last" else ()) if n]
+        else:
+            hits = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            warnings.warn(f"policy override {pattern!r} matches no module of this {type(model).__name__}",
+                          UserWarning, stacklevel=3)
+            continue
+        for role, quant in assigned:
+            if quant is None or any(n in converted and role in _roles_of(converted[n]) for n in hits):
+                continue
+            modules = dict(model.named_modules())
+            found = "; ".join(
+                f"{n} ({type(modules[n]).__name__}) has roles {', '.join(_roles_of(converted[n]))}" if n in converted
+                else f"{n} ({type(modules[n]).__name__}) is not a layer lowprec quantizes"
+                for n in hits[:4]
+            )
+            raise ValueError(
+                f"policy override '{pattern}: {role}={quant}' gives {role} a format, but no module it matches has "
+                f"that role: {found}. Remove {role} from the override, or point the pattern at a layer that has it"
+            )
