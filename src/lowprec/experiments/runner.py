@@ -113,12 +113,14 @@ def run(
     (tests use it to interrupt runs). With ``out_dir``, metrics, TensorBoard logs and an atomic checkpoint are
     written every epoch, and every ``checkpoint_every`` steps; ``resume`` continues from the latest checkpoint
     (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run. Raises
-    ValueError for settings that cannot train (no examples, a batch size or epoch count below 1).
+    ValueError for settings that cannot train (no examples, a batch size or epoch count below 1) and for data
+    holding NaN or inf (a Trainer would skip every step that sees them; a run refuses such data up front).
     """
     settings = {"lr": task.lr, "epochs": task.epochs, "batch_size": task.batch_size, "schedule": task.schedule,
                 "loss_multiplier": task.loss_multiplier, "momentum": task.momentum,
                 "weight_decay": task.weight_decay, **recipe.train}
     _check_settings(settings, len(data.train_labels), checkpoint_every)
+    _check_finite(data)
     torch.manual_seed(seed)
     model = convert(build_model(task.model, **{**task.model_kwargs, **recipe.model}), recipe.policy)
     fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
@@ -210,6 +212,17 @@ def _check_settings(settings: dict[str, Any], examples: int, checkpoint_every: i
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                          or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be an integer >= 1 (steps) or None, got {checkpoint_every!r}")
+
+
+def _check_finite(data: TaskData) -> None:
+    """ValueError naming the split, the count and the first example of any NaN or inf in the inputs."""
+    for split, inputs in (("train", data.train_inputs), ("test", data.test_inputs)):
+        for i, t in enumerate(inputs):
+            bad = ~torch.isfinite(t) if t.is_floating_point() else None
+            if bad is not None and bad.any():
+                first = int(bad.reshape(len(t), -1).any(1).nonzero()[0])
+                raise ValueError(f"the {split} inputs[{i}] hold {int(bad.sum())} NaN/inf values (first in example "
+                                 f"{first}): clean or drop those examples")
 
 
 def _data_parallel(model: nn.Module, device: str | torch.device) -> nn.Module:
