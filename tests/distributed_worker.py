@@ -8,7 +8,9 @@ its input at step INF_DATA_STEP (DDP's all-reduce spreads it) and an inf written
 the all-reduce at step INF_GRAD_STEP (only lowprec's agreement can spread that one). Phase 2 averages gradients
 through ``quantized_allreduce_hook("bf16")`` and records what each rank expects from its neighbour's local
 gradients. Phase 3 trains a task with the runner three times (uninterrupted; interrupted on every rank after
-step STOP_STEP; resumed) with checkpoints every 2 steps. Each rank writes OUT_DIR/rank<r>.pt.
+step STOP_STEP; resumed) with checkpoints every 2 steps. Phase 4 shards a native-bf16 model with FSDP
+(``fully_shard``) and writes an inf into rank 1's shard of one gradient at step INF_SHARD_STEP. Each rank writes
+OUT_DIR/rank<r>.pt.
 """
 
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowprec as lp
@@ -30,6 +33,7 @@ INF_GRAD_STEP = 5
 # 95 examples a rank: 3 steps an epoch, the last of 31 examples
 RUN_TASK = replace(get_task("mnist-lenet"), epochs=2, train_limit=190, test_limit=50, batch_size=32)
 STOP_STEP = 4
+FSDP_STEPS, INF_SHARD_STEP, FSDP_LR = 4, 2, 0.05
 POLICY = ("weight=dfx<8>,activations=fp16,output_grad=dfx<10>,activation_grad=dfx<10>,weight_grad=dfx<10>,"
           "master=dfx<12>,exponent_rule=overflow,exponent_interval=2,init_int_bits=auto,max_overflow_rate=0.01")
 
@@ -117,11 +121,32 @@ def resumed_runs(out: Path) -> dict:
     return {"full": full.losses, "resumed": resumed.losses}
 
 
+def fsdp_native(rank: int) -> dict:
+    model = lp.convert(mlp(), "native-bf16")
+    reduce_fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # average the bf16 gradients in float32
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mp_policy=reduce_fp32)
+    fully_shard(model, mp_policy=reduce_fp32)
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=FSDP_LR), "native-bf16")
+    skipped = []
+    for step, (x, y) in enumerate(local_batches(rank)[:FSDP_STEPS]):
+        trainer.backward(F.cross_entropy(model(x), y))
+        if step == INF_SHARD_STEP and rank == 1:
+            trainer.slots[0].holder.grad.to_local()[0, 0] = float("inf")  # this rank's shard of 0.weight's grad
+        skipped.append(trainer.apply_update().skipped)
+    return {
+        "skipped": skipped,
+        "dtypes": [p.dtype for p in model.parameters()],
+        "masters": [s.holder.full_tensor() for s in trainer.slots],
+        "weights": [p.full_tensor() for p in model.parameters()],
+    }
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {"world_size": dist.get_world_size(), "agreement": train_with_agreement(rank),
-               "hook": quantized_hook_gradients(rank), "runs": resumed_runs(out)}
+               "hook": quantized_hook_gradients(rank), "runs": resumed_runs(out), "fsdp": fsdp_native(rank)}
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

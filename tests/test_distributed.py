@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lowprec as lp
 from lowprec.experiments import load_checkpoint
@@ -164,3 +165,23 @@ def test_cli_nproc_launches_ranks_and_a_one_process_resume_is_refused(tmp_path, 
     monkeypatch.setenv("LOWPREC_DATA", env["LOWPREC_DATA"])
     assert main([*args, "--resume"]) == 2
     assert "world_size: checkpoint 2, this run 1" in capsys.readouterr().err
+
+
+def test_fsdp_shards_a_native_bf16_model_and_agrees_on_skips(ranks):
+    a, b = (rank["fsdp"] for rank in ranks)
+    expected = [step == worker.INF_SHARD_STEP for step in range(worker.FSDP_STEPS)]
+    assert a["skipped"] == b["skipped"] == expected  # the inf sat in rank 1's shard only
+    assert set(a["dtypes"]) == {torch.bfloat16}
+    for mine, theirs in zip(a["masters"] + a["weights"], b["masters"] + b["weights"]):
+        assert torch.equal(mine, theirs)
+    # one process on both ranks' batches, the skipped step left out, trains the same float32 masters (up to the
+    # order of the float32 gradient sums)
+    model = lp.convert(worker.mlp(), "native-bf16")
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=worker.FSDP_LR), "native-bf16")
+    batches = list(zip(worker.local_batches(0), worker.local_batches(1)))[: worker.FSDP_STEPS]
+    for step, ((x0, y0), (x1, y1)) in enumerate(batches):
+        if step != worker.INF_SHARD_STEP:
+            loss = (F.cross_entropy(model(x0), y0) + F.cross_entropy(model(x1), y1)) / 2
+            assert not trainer.step(loss).skipped
+    for sharded, single in zip(a["masters"], (s.holder for s in trainer.slots)):
+        torch.testing.assert_close(sharded, single, rtol=0, atol=1e-6)
