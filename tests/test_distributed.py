@@ -156,15 +156,18 @@ def test_cli_nproc_launches_ranks_and_a_one_process_resume_is_refused(tmp_path, 
     args = ["train", "--recipe", "int8", "--epochs", "1", "--train-limit", "128", "--test-limit", "50",
             "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWPREC_COMPILE": "0", "LOWPREC_DATA": str(tmp_path / "none")}
-    done = subprocess.run([sys.executable, "-m", "lowprec", *args, "--nproc", "2"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "lowprec", *args, "--nproc", "2", "--allreduce-format", "grad"],
+                          env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stdout and done.stdout.count("test acc") == 1  # rank 0 alone prints
     state = load_checkpoint(tmp_path / "int8" / "checkpoint.pt")
     assert state["identity"]["world_size"] == 2 and state["next_step"] == 1  # 64 examples a rank: one step
+    assert state["identity"]["allreduce_format"] == "grad"  # int8's gradient format, dfx<8>
     monkeypatch.setenv("LOWPREC_DATA", env["LOWPREC_DATA"])
-    assert main([*args, "--resume"]) == 2
+    assert main([*args, "--resume", "--allreduce-format", "grad"]) == 2
     assert "world_size: checkpoint 2, this run 1" in capsys.readouterr().err
+    assert main(["train", "--recipe", "fp32", "--allreduce-format", "grad", "--epochs", "1"]) == 2
+    assert "the policy leaves weight_grad in float32" in capsys.readouterr().err
 
 
 def test_fsdp_shards_a_native_bf16_model_and_agrees_on_skips(ranks):

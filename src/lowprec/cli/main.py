@@ -113,7 +113,8 @@ def _compare(args) -> int:
                   f"{ranks}; output {out}/")
     results = compare(task, recipes, data, seed=args.seed, out_dir=out, resume=args.resume,
                       progress_factory=_progress_factory(console) if distributed.rank() == 0 else None,
-                      device=args.device, checkpoint_every=args.checkpoint_every)
+                      device=args.device, checkpoint_every=args.checkpoint_every,
+                      allreduce_format=args.allreduce_format)
     _print_table(console, results, f"{task.name} ({data.source}, {task.epochs} epochs, seed {args.seed})")
     console.print(f"table: {out / 'results.csv'}   plot: {out / 'convergence.png'}")
     return 0
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also checkpoint every STEPS steps (default: after every epoch only)")
         p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
                        "gloo on CPU, NCCL on GPU); under torchrun already, its own process count applies")
+        p.add_argument("--allreduce-format", dest="allreduce_format", metavar="FORMAT",
+                       help="average gradients across processes in this number format ('grad': the policy's "
+                       "weight_grad format); default float32")
 
     p = sub.add_parser("compare", help="train several recipes on one task: table + convergence plot")
     common(p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..train import distributed
 from .recipes import Recipe
@@ -24,17 +24,17 @@ def compare(
     resume: bool = False,
     progress_factory: Callable[[Recipe], Callable[[int, int, float], None]] | None = None,
     device: str = "cpu",
-    checkpoint_every: int | None = None,
+    **run_options: Any,
 ) -> list[RunResult]:
     """Run every recipe (each in ``out_dir/<label>``), then write ``results.csv`` and ``convergence.png``
-    (rank 0 only under torch.distributed)."""
+    (rank 0 only under torch.distributed). ``run_options`` go to every ``run`` (checkpoint_every, ...)."""
     out = Path(out_dir) if out_dir is not None else None
     results = []
     for recipe in recipes:
         run_dir = out / _slug(recipe.label) if out else None
         progress = progress_factory(recipe) if progress_factory else None
         results.append(run(task, recipe, data, seed=seed, out_dir=run_dir, resume=resume, progress=progress,
-                           device=device, checkpoint_every=checkpoint_every))
+                           device=device, **run_options))
     if out is not None and distributed.rank() == 0:
         write_table(results, out / "results.csv")
         plot_runs(results, out / "convergence.png", title=f"{task.name}: {data.source}")

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats import Format, parse_format
 from ..models import apply_max_norm, build_model
 from ..nn import convert, fill_clip_range
+from ..policy import Policy
 from ..train import SGD, AdamW, Trainer, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .recipes import Recipe
@@ -106,13 +108,16 @@ def run(
     after_step: Callable[[int, Any], None] | None = None,
     device: str | torch.device = "cpu",
     checkpoint_every: int | None = None,
+    allreduce_format: str | None = None,
 ) -> RunResult:
     """Train ``task`` under ``recipe`` on ``data`` on ``device``; evaluate on the test split after every epoch.
 
     ``progress(step, total_steps, loss)`` is called after every step; ``after_step(step, step_result)`` too
     (tests use it to interrupt runs). With ``out_dir``, metrics, TensorBoard logs and an atomic checkpoint are
     written every epoch, and every ``checkpoint_every`` steps; ``resume`` continues from the latest checkpoint
-    (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run. Raises
+    (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run. Under
+    torch.distributed, ``allreduce_format`` averages the gradients in that format (``"grad"``: the policy's
+    weight_grad format; ``distributed.quantized_allreduce_hook``) instead of float32. Raises
     ValueError for settings that cannot train (no examples, a batch size or epoch count below 1) and for data
     holding NaN or inf (a Trainer would skip every step that sees them; a run refuses such data up front).
     """
@@ -130,7 +135,7 @@ def run(
                     data.source)
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
-    net = _data_parallel(model, device)
+    net = _data_parallel(model, device, _allreduce_format(recipe.policy, allreduce_format))
     result = RunResult(task.name, recipe.label, seed)
     n, batch = len(data.train_labels), settings["batch_size"]
     steps_per_epoch = math.ceil(math.ceil(n / distributed.world_size()) / batch)
@@ -141,7 +146,7 @@ def run(
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     identity = {"task": task.name, "recipe": recipe.label, "policy": recipe.policy.spec(), "seed": seed,
-                "world_size": distributed.world_size(), "settings": settings}
+                "world_size": distributed.world_size(), "allreduce_format": allreduce_format, "settings": settings}
     if resume and ckpt_path is not None and ckpt_path.exists():
         state = _load_resumable(ckpt_path, identity)
         trainer.load_state_dict(state["trainer"])
@@ -225,12 +230,26 @@ def _check_finite(data: TaskData) -> None:
                                  f"{first}): clean or drop those examples")
 
 
-def _data_parallel(model: nn.Module, device: str | torch.device) -> nn.Module:
-    """The module the forward pass goes through: DDP around ``model`` under torch.distributed, else ``model``."""
+def _allreduce_format(policy: Policy, name: str | None) -> Format | None:
+    """The format gradients are averaged in across ranks: None (float32), a format string, or "grad"."""
+    if name != "grad":
+        return None if name is None else parse_format(name)
+    grad = policy.get("weight_grad")
+    if grad is None:
+        raise ValueError("allreduce_format='grad' but the policy leaves weight_grad in float32; name a format")
+    return grad.format
+
+
+def _data_parallel(model: nn.Module, device: str | torch.device, allreduce: Format | None) -> nn.Module:
+    """The module the forward pass goes through: DDP around ``model`` under torch.distributed (averaging the
+    gradients in ``allreduce`` when given), else ``model``."""
     if not distributed.is_initialized():
         return model
     device = torch.device(device)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if allreduce is not None:
+        ddp.register_comm_hook(None, distributed.quantized_allreduce_hook(allreduce))
+    return ddp
 
 
 _RESUMABLE = ("identity", "next_step", "epoch_sums", "trainer", "result")
