@@ -27,6 +27,12 @@ every rank's state identical:
 ``quantized_allreduce_hook(fmt)`` is a DDP comm hook that sends gradients through the all-reduce in a
 reduced format. Costs: one small all-reduce per step for the flags (on the existing sync), one per exponent
 interval for the counters, one per ``auto`` start. None of it runs without an initialised process group.
+
+FSDP (``torch.distributed.fsdp.fully_shard``) works with the native path (``native-bf16``/``native-fp16``): the
+Trainer's float32 master copies are DTensor shards like the parameters, and the finite flags computed from the
+sharded gradients are DTensors that torch reduces over the shards (one small all-reduce per parameter) before
+``all_max``. Pass ``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` to average the fp16/bf16 gradients in
+float32. The emulated path's per-layer quantizers see only what FSDP hands each layer (whole tensors).
 """
 
 from __future__ import annotations
