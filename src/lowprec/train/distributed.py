@@ -32,7 +32,9 @@ FSDP (``torch.distributed.fsdp.fully_shard``) works with the native path (``nati
 Trainer's float32 master copies are DTensor shards like the parameters, and the finite flags computed from the
 sharded gradients are DTensors that torch reduces over the shards (one small all-reduce per parameter) before
 ``all_max``. Pass ``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` to average the fp16/bf16 gradients in
-float32. The emulated path's per-layer quantizers see only what FSDP hands each layer (whole tensors).
+float32. Only the native path is tested under FSDP; emulated policies run, but their update-role quantizers
+(master, optimizer_state, accumulator) then round DTensor shards, and per-tensor dfx exponents are not
+guaranteed to be the exponents of the whole tensor.
 """
 
 from __future__ import annotations
