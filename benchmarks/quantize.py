@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import hashlib
-import importlib.metadata
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -35,11 +32,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor
 
 import lowprec as lp
+from common import Row, load_qtorch, lowprec_source, machine, markdown_table, others_busy_seconds, print_table, write_section
 
 FORMATS = ["fp16", "bf16", "e4m3", "e5m2", "fixed<16,8>", "dfx<8>", "uniform<4>", "bfp<8,16>"]
 ROUNDINGS = ["nearest", "stochastic", "toward_zero"]
@@ -68,10 +64,8 @@ MIN_TIMED_SECONDS = 0.5
 QUIET_SHARE = 0.10
 MAX_TRIES = 4
 
-BEGIN, END = "<!-- quantize:begin -->", "<!-- quantize:end -->"
 SEED = 0
 
-Row = list[str]
 QuantizeFn = Callable[[Tensor, str], Tensor]
 
 
@@ -111,17 +105,6 @@ def make_input(numel: int) -> Tensor:
     return z * torch.exp2(k.float())
 
 
-def others_busy_seconds() -> float:
-    """CPU time (s) spent by every other process since boot: /proc/stat's busy time minus this process's."""
-    try:
-        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except OSError:  # not Linux: interference is not measured
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - own.user - own.system
-
-
 @dataclass(frozen=True)
 class Timing:
     melem_per_s: float  # numel / median seconds per call, in millions
@@ -155,18 +138,6 @@ def measure(fn: Callable[[], object], numel: int, repeats: int) -> Timing:
     return best
 
 
-def load_qtorch(disabled: bool) -> tuple[ModuleType | None, str]:
-    """QPyTorch's quant module (its C++ extension compiles on first import), or None and the reason."""
-    if disabled:
-        return None, "skipped (--no-qtorch)"
-    try:
-        import qtorch.quant
-    except Exception as err:  # noqa: BLE001 (not installed, no compiler, ABI mismatch with this torch, ...)
-        lines = str(err).strip().splitlines()
-        return None, f"not available ({type(err).__name__}: {lines[-1] if lines else 'no message'})"
-    return qtorch.quant, f"qtorch {importlib.metadata.version('qtorch')}, CPU extension"
-
-
 #: The QPyTorch call closest to each lowprec format: (description, call(qtorch.quant, x, rounding)).
 QTORCH_EQUIVALENTS: dict[str, tuple[str, Callable[[ModuleType, Tensor, str], Tensor]]] = {
     "fp16": ("float_quantize(x, exp=5, man=10)", lambda q, x, r: q.float_quantize(x, exp=5, man=10, rounding=r)),
@@ -188,28 +159,6 @@ QTORCH_EQUIVALENTS: dict[str, tuple[str, Callable[[ModuleType, Tensor, str], Ten
 }
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads), Python {platform.python_version()}, {platform.system()}"
-    )
-
-
-def lowprec_source() -> str:
-    """lowprec's version and a hash of its source files (the working tree need not be committed)."""
-    root = Path(lp.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return f"lowprec {lp.__version__}, source sha256 {digest.hexdigest()[:12]}"
 
 
 def verdict(rounding: str, ceiling_ratio: float, speedup: float | None) -> str:
@@ -293,31 +242,8 @@ def count_bit_mismatches(x: Tensor, formats: list[str], qtorch_fns: dict[str, Qu
     return rows
 
 
-def markdown_table(header: Row, rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
-def print_table(title: str, header: Row, rows: list[Row]) -> None:
-    table = Table(title=title)
-    for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the quantize block of ``path`` (or append it; create the file if missing)."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# lowprec benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -407,7 +333,7 @@ Round to nearest on the same input, counted as differing float32 bit patterns.
 
 {markdown_table(mismatch_header, mismatch_rows)}
 """
-    write_section(args.output, section)
+    write_section(args.output, "quantize", section)
     print(f"wrote {args.output}")
 
 

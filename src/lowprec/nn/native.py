@@ -9,13 +9,16 @@ tensors *are* the format: half the bytes, and the device's own fp16/bf16 kernels
   floating inputs are cast to S at its entrance, so activations and activation gradients live in S.
 * Compute dtype C: S where the device multiplies S natively (bf16: CUDA, and CPUs with AVX512-BF16 or AMX, as
   oneDNN reports; fp16: CUDA, and CPUs with AVX512-FP16/AMX-FP16). Otherwise C = float32 and one warning:
-  each weight layer then casts its input and parameters to float32, computes, and rounds its output to S
-  (fp16 storage, fp32 compute: the memory saving without the speed). Products are accumulated in float32
-  either way (oneDNN, cuBLAS), as in MPT.
-* Reductions in float32 (MPT §3.3): batch-norm, layer-norm, group-norm and instance-norm modules and
-  Softmax/LogSoftmax modules keep float32 parameters and statistics, compute on the float32 value of their S
-  input and round their result to S once. (torch.autocast on CPU runs these in bf16.) The model's floating
-  outputs are returned in float32, so the softmax and the loss the caller computes from them are float32.
+  each weight layer then casts its input and parameters to float32, computes, and rounds its output to S,
+  under activation checkpointing so that only the S tensors are kept for backward (fp16 storage, fp32
+  compute: the memory saving, at the price of computing each layer's forward twice). Products are accumulated
+  in float32 either way (oneDNN, cuBLAS), as in MPT.
+* Reductions in float32 (MPT §3.3): batch-norm, layer-norm, group-norm and instance-norm modules keep float32
+  parameters, running statistics and affine terms and run torch's mixed-dtype kernels on their S input: the
+  mean and variance are accumulated in float32 and the output is rounded to S once (the input saved for
+  backward stays in S). Softmax/LogSoftmax modules compute on the float32 value of their input and round
+  their result to S. (torch.autocast on CPU runs all of these in bf16.) The model's floating outputs are
+  returned in float32, so the softmax and the loss the caller computes from them are float32.
 * Master weights: ``lowprec.Trainer`` keeps a float32 master copy of every S parameter, lets the optimizer
   update the masters and rounds them back into the parameters after each step (``train.update``); gradients
   are copied to float32 before they are unscaled, clipped or applied.
@@ -36,18 +39,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from ..formats import BF16, FP16, FloatFormat
 from ..policy import LAYER_ROLES, Policy
 
-__all__ = ["to_native", "native_dtype", "compute_dtype", "FLOAT32_MODULES"]
+__all__ = ["to_native", "native_dtype", "compute_dtype", "NORM_MODULES", "FLOAT32_MODULES"]
 
 _DTYPES = {BF16: torch.bfloat16, FP16: torch.float16}
 
-#: Modules computed in float32 on the native path (reductions whose sums must not be rounded to S).
-FLOAT32_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax,
-)
+#: Normalization layers: float32 parameters and statistics, torch's mixed-dtype kernels on S inputs.
+NORM_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+#: Modules computed on the float32 value of their input.
+FLOAT32_MODULES: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax)
 
 
 def native_dtype(policy: Policy) -> torch.dtype:
@@ -115,11 +119,15 @@ class _Float32Compute:
 
 
 class _StorageOnly:
-    """Mixin of a layer stored in a dtype the device cannot multiply: compute in float32, return storage."""
+    """Mixin of a layer stored in a dtype the device cannot multiply: compute in float32, return storage; the
+    float32 copies are recomputed in backward (checkpointing) instead of being kept."""
 
     _lowprec_storage: torch.dtype
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(self._compute_in_float32, *args, use_reentrant=False, **kwargs)
+
+    def _compute_in_float32(self, *args: Any, **kwargs: Any) -> Any:
         params = {f"layer.{name}": p.float() for name, p in self.named_parameters()}  # type: ignore[attr-defined]
         out = functional_call(_Plain(self), params, _cast(args, torch.float32), _cast(kwargs, torch.float32))
         return _cast(out, self._lowprec_storage)
@@ -155,8 +163,10 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
             "float32 (memory saved, no speed-up)", UserWarning, stacklevel=3,
         )
     for module in model.modules():
-        if isinstance(module, FLOAT32_MODULES):
+        if isinstance(module, NORM_MODULES):
             module.float()
+            continue
+        if isinstance(module, FLOAT32_MODULES):
             module.__class__ = _with_mixin(_Float32Compute, type(module))
             continue
         own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]

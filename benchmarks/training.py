@@ -1,0 +1,351 @@
+"""Benchmark of whole training steps: the native bf16 path against fp32 and torch.autocast, the cost of
+emulating each preset policy (beside QPyTorch doing the same roles), and peak training memory per recipe.
+
+Run from the repository root:
+
+    python benchmarks/training.py             # full run (about 10 minutes on 2 cores): rewrites the
+                                              # <!-- training:begin/end --> block of BENCHMARKS.md
+    python benchmarks/training.py --quick     # fewer rounds and models, prints only
+
+Timing. All configurations of one model are built first and then timed in interleaved rounds: a round runs
+``--steps`` training steps of every configuration in turn, on the same fixed random batch, so that a slow
+spell of a shared machine hits all of them alike. A step time is the median over rounds; a ratio is the median
+over rounds of the per-round ratio to the baseline timed in that round. Baselines, written with PyTorch alone:
+``fp32`` (model, torch.optim.SGD(momentum=0.9), zero_grad, forward, loss.backward(), step) and ``autocast``
+(the same fp32 model with the forward under torch.autocast("cpu", bfloat16); bf16 needs no loss scaling).
+lowprec's configurations use lowprec.Trainer (torch.optim.SGD for the native path, whose fp32 master copies it
+swaps in; lowprec.train.SGD, the same arithmetic, for the emulated presets).
+
+Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
+one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
+exact for what lives across steps (weights, fp32 master copies, optimizer state, lazy-update accumulators,
+gradients: their bytes) and the rest of the peak is the step's own (saved activations and workspace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lowprec as lp
+from common import Row, load_qtorch, lowprec_source, machine, markdown_table, print_table, write_section
+from lowprec.diagnostics.memory import measure_peak_memory
+from lowprec.models import build_model
+
+warnings.filterwarnings("ignore", category=UserWarning)  # fp16 on this CPU warns that it computes in fp32
+
+SEED = 0
+LR, MOMENTUM = 0.01, 0.9
+EMULATED = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "int8", "int8-lazy", "int16", "fixed-20",
+            "dfx-10-12", "wrpn-4-4"]
+MEMORY_RECIPES = ["native-bf16", "native-fp16", "mixed-fp16", "int8-lazy", "int16"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and the fixed batch its steps train on."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    batch: tuple[int, ...]
+    note: str
+
+    def data(self) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(SEED)
+        return torch.randn(self.batch, generator=gen), torch.randint(0, 10, (self.batch[0],), generator=gen)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, 10))
+
+
+WORKLOADS = {
+    "mlp": Workload("mlp", mlp, (128, 1, 28, 28), "784-1024-1024-10 MLP, batch 128"),
+    "lenet": Workload("lenet", lambda: build_model("lenet"), (64, 1, 28, 28), "Caffe LeNet, batch 64 (Park)"),
+    "resnet20": Workload("resnet20", lambda: build_model("resnet20"), (32, 3, 32, 32), "ResNet-20, 3x32x32, batch 32"),
+    "lstm": Workload("lstm", lambda: build_model("lstm"), (64, 50, 13), "LSTM(200) classifier, 50 MFCC frames, batch 64"),
+}
+
+Step = Callable[[], object]
+
+
+# -- the configurations -------------------------------------------------------------------------------------------
+def plain_step(work: Workload, autocast: bool = False) -> tuple[Step, tuple[object, ...]]:
+    torch.manual_seed(SEED)
+    model = work.build()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    x, y = work.data()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+
+    return step, (model, opt)
+
+
+def lowprec_step(work: Workload, recipe: str) -> tuple[Step, tuple[object, ...]]:
+    torch.manual_seed(SEED)
+    model = lp.convert(work.build(), recipe)
+    sgd = torch.optim.SGD if recipe.startswith("native") else lp.train.SGD
+    trainer = lp.Trainer(model, sgd(model.parameters(), lr=LR, momentum=MOMENTUM), recipe)
+    x, y = work.data()
+    return (lambda: trainer.step(F.cross_entropy(model(x), y))), (trainer,)
+
+
+def qtorch_lenet_step(work: Workload, widths: tuple[int, int, int, int | None]) -> tuple[Step, tuple[object, ...]]:
+    """LeNet with QPyTorch quantizing the same roles it can express: every layer's input and output (forward
+    ``act`` bits, backward ``grad`` bits, block floating point with one exponent per tensor: its dfx), weights,
+    gradients and momentum through OptimLP, and its fp32-copy accumulator rounded to ``acc`` bits."""
+    from qtorch import BlockFloatingPoint
+    from qtorch.optim import OptimLP
+    from qtorch.quant import Quantizer, block_quantize
+
+    act, grad, weight, acc = widths
+    torch.manual_seed(SEED)
+    layers = [m for m in work.build().modules() if not isinstance(m, nn.Sequential) and m is not None][1:]
+
+    def q() -> nn.Module:
+        return Quantizer(BlockFloatingPoint(act, dim=-1), BlockFloatingPoint(grad, dim=-1), "nearest", "nearest")
+
+    seq: list[nn.Module] = []
+    for layer in layers:
+        seq += [q(), layer, q()] if isinstance(layer, (nn.Conv2d, nn.Linear)) else [layer]
+    model = nn.Sequential(*seq)
+
+    def bq(bits: int) -> Callable[[Tensor], Tensor]:
+        return lambda t: block_quantize(t, bits, dim=-1, rounding="nearest")
+
+    opt = OptimLP(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), weight_quant=bq(weight),
+                  grad_quant=bq(grad), momentum_quant=bq(weight), acc_quant=bq(acc) if acc else None)
+    x, y = work.data()
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step, (model, opt)
+
+
+QTORCH_ROLES = {"int8-lazy": (8, 8, 8, 16), "dfx-10-12": (10, 10, 12, None)}
+
+
+# -- timing -------------------------------------------------------------------------------------------------------
+def time_rounds(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds per step of each configuration in each round (interleaved; see the module docstring)."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
+
+def ms(times: dict[str, list[float]], name: str) -> str:
+    return f"{statistics.median(times[name]) * 1e3:.2f}"
+
+
+# -- the sections -------------------------------------------------------------------------------------------------
+def native_section(workloads: list[Workload], rounds: int, per_round: int) -> tuple[Row, list[Row]]:
+    header = ["model", "fp32 ms/step", "autocast bf16 ms/step", "native-bf16 ms/step", "native vs fp32",
+              "native vs autocast", "autocast vs fp32"]
+    rows = []
+    for work in workloads:
+        steps = {"fp32": plain_step(work)[0], "autocast": plain_step(work, autocast=True)[0],
+                 "native": lowprec_step(work, "native-bf16")[0]}
+        t = time_rounds(steps, rounds, per_round)
+        rows.append([work.note, ms(t, "fp32"), ms(t, "autocast"), ms(t, "native"),
+                     f"{1 / ratio(t, 'native', 'fp32'):.2f}x faster", f"{1 / ratio(t, 'native', 'autocast'):.2f}x faster",
+                     f"{1 / ratio(t, 'autocast', 'fp32'):.2f}x faster"])
+        print(f"  native: {work.name} done", file=sys.stderr)
+    return header, rows
+
+
+def emulation_section(workloads: list[Workload], rounds: int, per_round: int, qtorch_ok: bool) -> tuple[Row, list[Row]]:
+    header = ["model", "fp32 ms/step"] + EMULATED + ["QPyTorch int8-lazy roles", "QPyTorch dfx-10-12 roles"]
+    rows = []
+    for work in workloads:
+        steps = {"plain": plain_step(work)[0]}
+        steps.update({r: lowprec_step(work, r)[0] for r in EMULATED})
+        if qtorch_ok and work.name == "lenet":
+            steps.update({f"qtorch {r}": qtorch_lenet_step(work, w)[0] for r, w in QTORCH_ROLES.items()})
+        t = time_rounds(steps, rounds, per_round)
+        row = [work.note, ms(t, "plain")] + [f"{ratio(t, r, 'plain'):.2f}" for r in EMULATED]
+        row += [f"{ratio(t, f'qtorch {r}', 'plain'):.2f} ({ratio(t, f'qtorch {r}', r):.1f}x lowprec)"
+                if f"qtorch {r}" in t else "-" for r in QTORCH_ROLES]
+        rows.append(row)
+        print(f"  emulation: {work.name} done", file=sys.stderr)
+    return header, rows
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def memory_split(config: str, work: Workload) -> dict[str, float]:
+    """Peak and its split (MiB) for one training step of ``config`` after two warm-up steps."""
+    if config in ("fp32", "autocast"):
+        step, held = plain_step(work, autocast=config == "autocast")
+        model, opt = held
+        params, masters, accs = list(model.parameters()), [], []
+    else:
+        step, held = lowprec_step(work, config)
+        opt = held[0].optimizer
+        params = list(held[0].model.parameters())
+        masters = [s.master_copy for s in held[0].slots]
+        accs = [s.acc for s in held[0].slots]
+    for _ in range(2):
+        step()
+    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
+    grads = [p for p in (masters if any(m is not None for m in masters) else params) if p is not None]
+    peak = measure_peak_memory(step, held=held)
+    mib = 2.0**20
+    split = {"weights": _bytes(params) / mib, "master copies": _bytes(masters) / mib,
+             "gradients": _bytes(grads) / mib, "optimizer state": _bytes(state) / mib,
+             "accumulators": _bytes(accs) / mib}
+    split["activations + workspace"] = peak / mib - sum(split.values())
+    split["peak"] = peak / mib
+    return split
+
+
+def memory_section(workloads: list[Workload], configs: list[str]) -> tuple[Row, list[Row]]:
+    columns = ["weights", "master copies", "gradients", "optimizer state", "accumulators", "activations + workspace",
+               "peak"]
+    header = ["model", "recipe"] + [f"{c} MiB" for c in columns] + ["peak vs fp32"]
+    rows = []
+    for work in workloads:
+        base = None
+        for config in ["fp32", "autocast", *configs]:
+            split = memory_split(config, work)
+            base = base or split["peak"]
+            rows.append([work.note, config] + [f"{split[c]:.1f}" for c in columns] + [f"{split['peak'] / base:.2f}"])
+        print(f"  memory: {work.name} done", file=sys.stderr)
+    return header, rows
+
+
+def accuracy_section(epochs: int, seeds: list[int]) -> tuple[Row, list[Row]]:
+    """The MLP trained on the shipped MNIST subset: fp32, autocast bf16, native bf16 (test accuracy, time)."""
+    from lowprec.data import load_mnist
+
+    x, y = load_mnist()
+    xt, yt = load_mnist("test")
+    header = ["recipe", "test accuracy % (mean ± sd)", "training seconds (mean)"]
+    rows = []
+    for config in ("fp32", "autocast", "native-bf16"):
+        accs, secs = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            native = config == "native-bf16"
+            model = lp.convert(mlp(), config) if native else mlp()
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=MOMENTUM)
+            if native:
+                trainer = lp.Trainer(model, opt, config)
+            gen = torch.Generator().manual_seed(seed)
+            start = time.perf_counter()
+            for _ in range(epochs):
+                for idx in torch.randperm(len(x), generator=gen).split(128):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config == "autocast"):
+                        out = model(x[idx])
+                    loss = F.cross_entropy(out.float(), y[idx])
+                    if native:
+                        trainer.step(loss)
+                    else:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+            secs.append(time.perf_counter() - start)
+            with torch.no_grad():
+                accs.append(100 * (model(xt).float().argmax(1) == yt).float().mean().item())
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        rows.append([config, f"{statistics.mean(accs):.2f} ± {sd:.2f}", f"{statistics.mean(secs):.1f}"])
+    return header, rows
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, MLP and LeNet only, no file written")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, quick 4)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per configuration per round (default 3)")
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--no-qtorch", action="store_true", help="skip the QPyTorch comparison")
+    parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
+                        "for a full run, none for --quick)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    names = args.models.split(",") if args.models else (["mlp", "lenet"] if args.quick else list(WORKLOADS))
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    workloads = [WORKLOADS[n] for n in names]
+    rounds = args.rounds or (4 if args.quick else 15)
+    output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
+    command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
+    qtorch_module, qtorch_status = load_qtorch(args.no_qtorch)
+    source = lowprec_source()
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    sections = []
+    header, rows = native_section(workloads, rounds, args.steps)
+    print_table("native bf16 vs fp32 and torch.autocast (step time)", header, rows)
+    sections.append(("### 1. Native bf16: training step time", header, rows))
+    header, rows = accuracy_section(epochs=1 if args.quick else 3, seeds=[0] if args.quick else [0, 1, 2])
+    print_table("MLP on MNIST (shipped 10k/2k subset)", header, rows)
+    sections.append(("### 1b. Native bf16: the same accuracy (MLP, shipped MNIST subset, "
+                     f"{1 if args.quick else 3} epochs, seeds {'0' if args.quick else '0, 1, 2'})", header, rows))
+    header, rows = emulation_section(workloads, rounds, args.steps, qtorch_module is not None)
+    print_table("emulation overhead: step time / fp32 step", header, rows)
+    sections.append(("### 2. Emulation overhead: step time of each preset / plain fp32 step", header, rows))
+    mem_workloads = [w for w in workloads if w.name != "resnet20"]
+    mem_workloads.append(Workload("resnet20-b128", lambda: build_model("resnet20"), (128, 3, 32, 32),
+                                  "ResNet-20, batch 128 (activation-heavy)"))
+    header, rows = memory_section(mem_workloads, MEMORY_RECIPES)
+    print_table("peak training memory", header, rows)
+    sections.append(("### 3. Peak training memory per recipe (MiB)", header, rows))
+
+    if output is None:
+        return
+    if lowprec_source() != source:
+        raise SystemExit("lowprec's source changed during the run; not writing the results")
+    minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
+    body = [f"## Training steps (`{command}`)\n",
+            f"- Run: {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} minutes; {source}",
+            f"- Machine: {machine()}",
+            f"- Timing: {rounds} interleaved rounds of {args.steps} steps per configuration; medians (see the "
+            "script's docstring). QPyTorch: " + qtorch_status, ""]
+    for title, header, rows in sections:
+        body += [title, "", markdown_table(header, rows), ""]
+    write_section(output, "training", "\n".join(body))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
