@@ -168,6 +168,8 @@ def test_cli_nproc_launches_ranks_and_a_one_process_resume_is_refused(tmp_path, 
     assert "world_size: checkpoint 2, this run 1" in capsys.readouterr().err
     assert main(["train", "--recipe", "fp32", "--allreduce-format", "grad", "--epochs", "1"]) == 2
     assert "the policy leaves weight_grad in float32" in capsys.readouterr().err
+    assert main(["train", "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err
 
 
 def test_fsdp_shards_a_native_bf16_model_and_agrees_on_skips(ranks):
