@@ -45,7 +45,8 @@ class StepResult:
     skipped: bool  # the optimizer step must not be (or was not) applied
     scale: float  # the scale this step's loss was multiplied by
     next_scale: float  # the scale for the next step
-    overflow_modules: tuple[str, ...]  # parameter names whose grads were inf/NaN (from unscale_)
+    overflow_modules: tuple[str, ...]  # parameter names whose grads were inf/NaN (from unscale_); ("loss",)
+    # when only the loss itself was non-finite
     growth_tracker: int  # consecutive clean steps counted towards the next growth
 
 

@@ -52,7 +52,8 @@ __all__ = ["Trainer", "TrainStepResult", "scaler_for"]
 @dataclasses.dataclass(frozen=True)
 class TrainStepResult(StepResult):
     """The loss scaler's ``StepResult`` (skipped, scale, next_scale, overflow_modules: the names of the
-    parameters whose gradients were inf/NaN, growth_tracker) plus the step index and the gradient norm."""
+    parameters whose gradients were inf/NaN, or ``("loss",)`` when only the loss was, growth_tracker) plus the
+    step index and the gradient norm."""
 
     step: int  # 0-based index of this step (skipped steps count)
     grad_norm: Tensor | None  # total gradient norm before clipping (None unless clip_grad_norm is set)
