@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from ..formats import Format, parse_format, quantize
 from ..scaling import DynamicExponent
@@ -78,6 +77,8 @@ def _device() -> torch.device:
 
 def all_max(t: Tensor) -> Tensor:
     """Element-wise maximum of ``t`` over all ranks (bool, integer or float), on ``t``'s device and dtype."""
+    from torch.distributed.tensor import DTensor  # only here: a process group is up
+
     if isinstance(t, DTensor):  # flags computed from FSDP's sharded gradients
         t = t.full_tensor()
     work = t.to(_device(), torch.uint8 if t.dtype == torch.bool else t.dtype, copy=True)
