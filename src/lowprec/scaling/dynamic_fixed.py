@@ -31,6 +31,7 @@ is applied to the max-abs start exponent of ``int_bits=None``, so all ranks star
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -95,16 +96,20 @@ class DynamicExponent:
             self.int_bits = self._bounded(int(r if self.agree is None else self.agree(r)))
 
     def overflow_rates(self, x: Tensor) -> Tensor:
-        """[rate at r, rate at r - 1] for one batch (float tensors, no sync; zeros for an empty tensor)."""
+        """[rate at r, rate at r - 1] for one batch: the fraction of |x| above max - step/2 of each format (float
+        tensors; zeros for an empty tensor). No host sync on a GPU; on a CPU, where reading a scalar is free, the
+        peak |x| is read first and a count whose threshold the peak does not exceed is skipped (it is 0)."""
         self.start(x)
         if x.numel() == 0:
             return torch.zeros(2, device=x.device)
         a = x.detach().abs()
         a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # thresholds exact, not rounded to half
+        thresholds = [f.max_value - f.step / 2 for f in (self.fmt.at(self.int_bits), self.fmt.at(self.int_bits - 1))]
+        peak = a.max().item() if a.device.type == "cpu" else math.inf  # NaN: count everything
         # count(|x| > t) as the sum of sign(relu(|x| - t)): the sign of a rounded difference is exact, and float
         # ops are vectorised where a bool compare-and-sum is not (2x faster); nansum skips NaN as ">" would
-        counts = [torch.nansum(torch.sub(a, f.max_value - f.step / 2).relu_().sign_())
-                  for f in (self.fmt.at(self.int_bits), self.fmt.at(self.int_bits - 1))]
+        counts = [torch.nansum(torch.sub(a, t).relu_().sign_()) if not peak <= t else a.new_zeros(())
+                  for t in thresholds]
         return torch.stack(counts) / float(x.numel())
 
     def observe(self, x: Tensor) -> None:
