@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "int8", "int8-lazy", "fixed-20"]
+DEFAULT_RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "native-bf16", "fp8-hybrid", "int8", "int8-lazy", "fixed-20"]
 
 
 def _progress_factory(console):
@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", nargs="+", type=float, default=[1, 8, 256, 4096, 65536])
     p.add_argument("--batches", type=int, default=4)
     p.set_defaults(func=cmd_underflow)
+
+    from .diagnose import add_parsers as add_diagnostics
+
+    add_diagnostics(sub)  # inspect, memory
 
     p = sub.add_parser("tasks", help="list the tasks")
     p.set_defaults(func=lambda a: print("\n".join(f"{t.name:<22} {t.paper}" for t in _tasks())) or 0)
