@@ -8,11 +8,21 @@ memory, and what went wrong when a step overflowed (see docs/diagnostics.md).
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, set_start_exponents, start_exponents
 from .census import Census, FormatCounts, census
 from .inspection import Entry, InspectReport, inspect
-from .memory import PeakMemory, measure_peak_memory, profile_peak_memory
+from .memory import (
+    COMPONENTS,
+    MemoryEstimate,
+    PeakMemory,
+    estimate_memory,
+    measure_peak_memory,
+    measure_step_memory,
+    profile_peak_memory,
+    wrpn_footprint,
+)
 
 __all__ = [
     "Census", "FormatCounts", "census",
     "Entry", "InspectReport", "inspect",
     "GRADIENT_ROLES", "LossScaleAdvice", "advise_loss_scale", "start_exponents", "set_start_exponents",
     "PeakMemory", "measure_peak_memory", "profile_peak_memory",
+    "COMPONENTS", "MemoryEstimate", "estimate_memory", "measure_step_memory", "wrpn_footprint",
 ]

@@ -189,8 +189,9 @@ class InspectReport:
         return sorted(((r, f, c) for (r, f), c in groups.items()), key=lambda g: (ROLES.index(g[0]), str(g[1])))
 
     def rows(self, per_module: bool = False) -> list[dict[str, str]]:
-        """Table rows: values, % exactly zero, and in the format (shares of the non-zero values) % lost to
-        zero, % subnormal, % overflowing at S = 1 and, for gradients, % lost at the advised S."""
+        """Table rows, per role (summed over the modules with the same format) or per module and role: values,
+        % exactly zero, and in the format (shares of the non-zero values) % lost to zero, % subnormal,
+        % overflowing at S = 1 and, for gradients, % lost at the advised S."""
         groups = ([(e.module, e.role, e.format, e.census) for e in self.entries] if per_module
                   else [("all", r, f, c) for r, f, c in self.by_role()])
         scale = self.advice.scale
@@ -205,7 +206,7 @@ class InspectReport:
                             "overflow %": _pct(over, c.nonzero)})
                 if role in GRADIENT_ROLES and scale is not None:
                     row["lost % at S"] = _pct(c.counts(fmt).at(scale)[0], c.nonzero)
-            rows.append(row)
+            rows.append(row if per_module else {k: v for k, v in row.items() if k != "module"})
         return rows
 
     def table(self, per_module: bool = False) -> str:

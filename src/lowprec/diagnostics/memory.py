@@ -23,7 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-__all__ = ["PeakMemory", "measure_peak_memory", "profile_peak_memory"]
+__all__ = [
+    "PeakMemory", "measure_peak_memory", "profile_peak_memory",
+    "COMPONENTS", "MemoryEstimate", "estimate_memory", "measure_step_memory", "wrpn_footprint",
+]
 
 _FREE_MARK = "lowprec.memory.free:"
 
@@ -471,3 +474,16 @@ def measure_step_memory(
             return profile_peak_memory(step, held=(work, opt, trainer, batch))
         applied += not step().skipped
     raise RuntimeError(f"no steady state: fewer than {warmup} of 50 training steps were applied (all overflowed)")
+
+
+def wrpn_footprint(width: float, weight_bits: int, act_bits: int) -> dict[str, float]:
+    """Mishra et al.'s footprint model (spec 2d), relative to the float32 network at width 1: a network
+    widened by ``width`` (beta) with ``weight_bits``-bit weights and ``act_bits``-bit activations, first and
+    last layer kept in float32. 2x wide at 4/4 bits: inner weights 0.5x, activations 0.25x, MACs 4x."""
+    return {
+        "inner-layer weight memory": width**2 * weight_bits / 32,
+        "first/last-layer weight memory": width,
+        "activation memory": width * act_bits / 32,
+        "MACs": width**2,
+        "bit cost per MAC": weight_bits * act_bits / (32 * 32),
+    }

@@ -1,0 +1,151 @@
+"""``lowprec inspect`` and ``lowprec memory``: the diagnostics on the command line (wiring only)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+#: Input shapes for models run on made-up data (a model without a task, and every ``lowprec memory`` run).
+EXAMPLE_INPUTS = {"lenet": (1, 28, 28), "small-cnn": (1, 28, 28), "conv-maxout": (1, 28, 28),
+                  "maxout-mlp": (784,), "resnet20": (3, 32, 32)}
+
+
+def _example_batch(model: str, batch: int, seed: int):
+    import torch
+
+    if model not in EXAMPLE_INPUTS:
+        raise ValueError(f"no example input for model {model!r}; models: {', '.join(EXAMPLE_INPUTS)}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *EXAMPLE_INPUTS[model], generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def _inspect_setup(args):
+    """(model, batches, loss multiplier, where the data came from) for a task name or a model name."""
+    import torch
+
+    from ..experiments import TASKS, load_task_data
+    from ..models import build_model
+
+    task = TASKS.get(args.target) or next((t for t in TASKS.values() if t.model == args.target), None)
+    torch.manual_seed(args.seed)
+    if task is None:
+        batches = [_example_batch(args.target, args.batch, args.seed + i) for i in range(args.steps)]
+        return build_model(args.target), batches, 1.0, f"{args.target} on random N(0,1) inputs"
+    data = load_task_data(task, args.data_root)
+    b = args.batch
+    batches = [(data.train_inputs[0][i * b : (i + 1) * b], data.train_labels[i * b : (i + 1) * b])
+               for i in range(args.steps)]
+    return build_model(task.model, **task.model_kwargs), batches, task.loss_multiplier, f"task {task.name}"
+
+
+def cmd_inspect(args) -> int:
+    import torch.nn.functional as F
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..diagnostics import inspect
+    from ..experiments import parse_recipe
+
+    console = Console()
+    recipe = parse_recipe(args.recipe)
+    model, batches, multiplier, source = _inspect_setup(args)
+    multiplier *= args.loss_multiplier
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]).float(), batch[1]) * multiplier
+
+    report = inspect(model, batches, recipe.policy, steps=args.steps, formats=args.format, loss_fn=loss_fn,
+                     max_lost=args.max_lost)
+    rows = report.rows(per_module=args.per_module)
+    table = Table(title=f"{report.model} under {recipe.label}: {source}, batch {args.batch}, {args.steps} float32 "
+                        "steps (lost / subnormal / overflow: % of the non-zero values)")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column in ("module", "role", "format") else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    for note in report.notes():
+        console.print(note)
+    out = Path(args.out)
+    pngs = report.plot(out)
+    console.print(f"json: {report.to_json(out / 'report.json')}   pictures: {', '.join(p.name for p in pngs)} in {out}/")
+    return 0
+
+
+def cmd_memory(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..diagnostics import COMPONENTS, estimate_memory, measure_step_memory, wrpn_footprint
+    from ..diagnostics.plots import plot_memory
+    from ..experiments import parse_recipe
+    from ..models import build_model
+
+    console = Console()
+    batch = _example_batch(args.model, args.batch, args.seed)
+    estimates = []
+    for text in args.recipe or ["fp32"]:
+        recipe = parse_recipe(text)
+        model = build_model(args.model, **recipe.model)
+        est = estimate_memory(model, recipe.policy, batch, optimizer=args.optimizer, label=recipe.label)
+        if not args.no_measure:
+            from dataclasses import replace
+
+            est = replace(est, measured=measure_step_memory(model, recipe.policy, batch,
+                                                           optimizer=args.optimizer).peak)
+        estimates.append(est)
+        wrpn = re.fullmatch(r"wrpn-(\d+)-(\d+)", recipe.policy.name or "")
+        if wrpn:
+            formula = wrpn_footprint(recipe.model.get("width", 1.0), int(wrpn[1]), int(wrpn[2]))
+            console.print(f"{recipe.label}: WRPN footprint vs fp32 at width 1 (Mishra et al., spec 2d): "
+                          + ", ".join(f"{k} {v:g}x" for k, v in formula.items()))
+    mib = lambda n: f"{n / 2**20:.2f}"  # noqa: E731
+    table = Table(title=f"{args.model}, batch {args.batch}, optimizer {args.optimizer}: one training step, MiB "
+                        "(emulated: what the process holds; ideal: every tensor at its format's width)")
+    for column in ("recipe", *COMPONENTS, "estimate", "measured", "error %", "ideal", "ideal vs first"):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for est in estimates:
+        measured = "-" if est.measured is None else mib(est.measured)
+        error = "-" if est.error is None else f"{100 * est.error:+.1f}"
+        table.add_row(est.recipe, *(mib(est.emulated[c]) for c in COMPONENTS), mib(est.total), measured, error,
+                      mib(est.total_ideal), f"{est.total_ideal / estimates[0].total_ideal:.3f}")
+    console.print(table)
+    out = Path(args.out or f"runs/memory-{args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_memory(out / "memory.png", estimates, f"{args.model}, batch {args.batch}: estimated memory of a "
+                                                     "training step per component")
+    console.print(f"bar chart: {png}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register ``inspect`` and ``memory`` on the main parser's subcommands."""
+    p = sub.add_parser("inspect", help="histograms, underflow/overflow per layer and role, loss-scale advice")
+    p.add_argument("target", help="a task (mnist-lenet, ...) or a model (lenet, resnet20, ...; random inputs "
+                   "unless a task uses it)")
+    p.add_argument("--recipe", default="mixed-fp16", help="the policy whose formats are counted")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--format", action="append", default=[], help="also count in this format (repeatable)")
+    p.add_argument("--max-lost", type=float, default=1e-3, dest="max_lost",
+                   help="share of non-zero gradients the advised loss scale may lose (default 0.001)")
+    p.add_argument("--loss-multiplier", type=float, default=1.0, dest="loss_multiplier",
+                   help="multiply the loss (moves every gradient; builds underflow cases)")
+    p.add_argument("--per-module", action="store_true", dest="per_module", help="one row per module and role")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", dest="data_root")
+    p.add_argument("--out", default="runs/inspect", help="folder for the PNGs and report.json")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("memory", help="estimated (and measured) memory of a training step per recipe")
+    p.add_argument("model", choices=sorted(EXAMPLE_INPUTS))
+    p.add_argument("--recipe", action="append", help="repeatable; default fp32")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd-plain", "adam"])
+    p.add_argument("--no-measure", action="store_true", dest="no_measure", help="estimate only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for memory.png (default runs/memory-<model>)")
+    p.set_defaults(func=cmd_memory)
+
+
+__all__ = ["add_parsers", "cmd_inspect", "cmd_memory", "EXAMPLE_INPUTS"]
