@@ -1,0 +1,89 @@
+"""Memory: the measurement counts what it should; the estimate is within 15 % of the measured peak of a training
+step for every recipe on LeNet and ResNet-20; the WRPN formulas; the bar chart."""
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+
+from lowprec.diagnostics import estimate_memory, measure_peak_memory, measure_step_memory, wrpn_footprint
+from lowprec.diagnostics.memory import profile_peak_memory
+from lowprec.diagnostics.plots import plot_memory
+from lowprec.models import build_model
+
+MB = 1 << 20
+RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "int8", "int8-lazy", "wrpn-4-4", "dfx-10-12"]
+
+
+def test_measured_peak_of_known_allocations():
+    def work():
+        a = torch.empty(MB, dtype=torch.uint8)
+        b = torch.empty(2 * MB, dtype=torch.uint8)
+        del a
+        c = torch.empty(MB // 2, dtype=torch.uint8)
+        return b, c
+
+    m = profile_peak_memory(work)
+    assert (m.baseline, m.peak, m.final) == (0, 3 * MB, 0)  # the result is dropped after fn returns
+
+
+def test_held_tensors_count_until_freed():
+    model = torch.nn.Linear(512, 512)
+    model(torch.randn(4, 512)).sum().backward()
+    held = sum(p.numel() * 4 for p in model.parameters()) * 2  # parameters and their gradients
+
+    def step():
+        model.zero_grad(set_to_none=True)  # frees the gradients: the peak must not count them twice
+        model(torch.randn(4, 512)).sum().backward()
+
+    m = profile_peak_memory(step, held=(model,))
+    assert m.baseline == held
+    assert held <= m.peak < held + 64 * 1024  # gradients re-created, plus small activations
+    assert measure_peak_memory(step, held=(model,)) == m.peak
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name,shape,batch", [("lenet", (1, 28, 28), 16), ("resnet20", (3, 32, 32), 4)])
+def test_estimate_within_15_percent_of_the_measured_peak(name, shape, batch, recipe):
+    torch.manual_seed(0)
+    model = build_model(name)
+    data = (torch.randn(batch, *shape), torch.randint(0, 10, (batch,)))
+    estimate = estimate_memory(model, recipe, data)
+    measured = measure_step_memory(model, recipe, data).peak
+    assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, measured)
+    params = sum(p.numel() for p in model.parameters())
+    assert estimate.emulated["gradients"] == 4 * params
+    assert estimate.emulated["optimizer state"] == 4 * params  # SGD momentum, float32 containers
+    assert (estimate.emulated["accumulators"] > 0) == (recipe == "int8-lazy")
+    assert estimate.total_ideal <= estimate.total
+
+
+def test_ideal_view_follows_the_formats():
+    model = build_model("lenet")
+    data = (torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,)))
+    fp32, mixed, int8 = (estimate_memory(model, r, data).ideal for r in ("fp32", "mixed-fp16", "int8"))
+    params = sum(p.numel() for p in model.parameters())
+    assert fp32["weights"] == 4 * params and fp32["master copy"] == 0
+    assert mixed["weights"] == 2 * params and mixed["master copy"] == 4 * params  # MPT: fp16 copy + fp32 master
+    assert int8["weights"] == params and int8["master copy"] == 0  # Park: parameters stored in INT8
+
+
+def test_wrpn_formulas_match_a_widened_lenet():
+    f = wrpn_footprint(2, 4, 4)
+    assert (f["inner-layer weight memory"], f["activation memory"], f["MACs"]) == (0.5, 0.25, 4)
+    assert wrpn_footprint(2, 4, 2)["activation memory"] == 0.125
+
+    def inner_weights(width):  # conv2 and fc1: both sides widened
+        m = build_model("lenet", width=width)
+        return m.features[3].weight.numel() + m.classifier[1].weight.numel()
+
+    ratio = inner_weights(2) * 4 / (inner_weights(1) * 32)  # 4-bit weights at width 2 vs fp32 at width 1
+    assert ratio == pytest.approx(f["inner-layer weight memory"])
+
+
+def test_memory_bar_chart(tmp_path):
+    model = build_model("lenet")
+    data = (torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,)))
+    estimates = [estimate_memory(model, r, data) for r in ("fp32", "int8-lazy")]
+    path = plot_memory(tmp_path / "memory.png", estimates, "LeNet")
+    assert path.stat().st_size > 15_000
+    assert mpimg.imread(path).std() > 0.05
