@@ -118,13 +118,19 @@ class _Float32Compute:
         return super().forward(x.float(), *args, **kwargs).to(x.dtype)  # type: ignore[misc]
 
 
-class _StorageOnly:
-    """Mixin of a layer stored in a dtype the device cannot multiply: compute in float32, return storage; the
-    float32 copies are recomputed in backward (checkpointing) instead of being kept."""
+class _NativeLayer:
+    """Mixin of a layer whose parameters are stored in S: the torch layer's own forward where the device
+    multiplies S natively; otherwise float32 compute on float32 copies of the inputs and parameters, rounded to
+    S, with the copies recomputed in backward (checkpointing) instead of being kept. Decided per call by the
+    device the parameters are on, so a model may be converted first and moved to a GPU later."""
 
     _lowprec_storage: torch.dtype
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        device = next(p for p in self._parameters.values() if p is not None).device.type  # type: ignore[attr-defined]
+        if _native_on(self._lowprec_storage, device):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        _warn_storage_only(self._lowprec_storage, device)
         return checkpoint(self._compute_in_float32, *args, use_reentrant=False, **kwargs)
 
     def _compute_in_float32(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,15 +139,23 @@ class _StorageOnly:
         return _cast(out, self._lowprec_storage)
 
 
+@functools.cache
+def _warn_storage_only(dtype: torch.dtype, device_type: str) -> None:
+    warnings.warn(
+        f"lowprec: {device_type} has no native {dtype} matmul; storing in {dtype} and computing in float32 "
+        "(memory saved, no speed-up)", UserWarning, stacklevel=4,
+    )
+
+
 class _Plain(nn.Module):
-    """A view of a _StorageOnly layer that runs the torch layer's own forward (for functional_call)."""
+    """A view of a _NativeLayer that runs the torch layer's own forward (for functional_call)."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        base = next(c for c in type(self.layer).__mro__[1:] if c is not _StorageOnly and issubclass(c, nn.Module))
+        base = next(c for c in type(self.layer).__mro__[1:] if c is not _NativeLayer and issubclass(c, nn.Module))
         return base.forward(self.layer, *args, **kwargs)
 
 
@@ -155,13 +169,6 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
     storage = native_dtype(policy)
     if not inplace:
         model = copy.deepcopy(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    slow = compute_dtype(storage, device) == torch.float32
-    if slow:
-        warnings.warn(
-            f"lowprec: {device.type} has no native {storage} matmul; storing in {storage} and computing in "
-            "float32 (memory saved, no speed-up)", UserWarning, stacklevel=3,
-        )
     for module in model.modules():
         if isinstance(module, NORM_MODULES):
             module.float()
@@ -180,8 +187,8 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
                 module._buffers[key] = b.to(storage)
         if isinstance(module, nn.RNNBase):
             module._init_flat_weights()
-        if slow:
-            module.__class__ = _with_mixin(_StorageOnly, type(module))
+        if any(p is not None for p in module._parameters.values()):
+            module.__class__ = _with_mixin(_NativeLayer, type(module))
             module._lowprec_storage = storage
     model.register_forward_pre_hook(lambda _, args, kwargs: (_cast(args, storage), _cast(kwargs, storage)),
                                     with_kwargs=True)
