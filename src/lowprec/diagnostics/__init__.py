@@ -8,6 +8,7 @@ memory, and what went wrong when a step overflowed (see docs/diagnostics.md).
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, set_start_exponents, start_exponents
 from .census import Census, FormatCounts, census
 from .inspection import Entry, InspectReport, inspect
+from .overflow import OverflowSource, attribute_overflow, describe_skipped_step, explain_overflow
 from .memory import (
     COMPONENTS,
     MemoryEstimate,
@@ -24,5 +25,6 @@ __all__ = [
     "Entry", "InspectReport", "inspect",
     "GRADIENT_ROLES", "LossScaleAdvice", "advise_loss_scale", "start_exponents", "set_start_exponents",
     "PeakMemory", "measure_peak_memory", "profile_peak_memory",
+    "OverflowSource", "attribute_overflow", "describe_skipped_step", "explain_overflow",
     "COMPONENTS", "MemoryEstimate", "estimate_memory", "measure_step_memory", "wrpn_footprint",
 ]

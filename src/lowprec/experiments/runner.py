@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..diagnostics.overflow import describe_skipped_step
 from ..formats import Format, parse_format
 from ..models import apply_max_norm, build_model
 from ..nn import convert, fill_clip_range
@@ -36,6 +38,8 @@ from .recipes import Recipe
 from .tasks import Task, TaskData
 
 __all__ = ["RunResult", "run", "evaluate"]
+
+log = logging.getLogger("lowprec.train")
 
 
 @dataclass
@@ -182,6 +186,8 @@ def run(
             value = distributed.mean_over_ranks(loss.detach())
             result.losses.append(value)
             result.skipped_steps += int(step_result.skipped)
+            if step_result.skipped and distributed.rank() == 0:  # which modules and roles overflowed: no extra work
+                log.warning(describe_skipped_step(step, step_result))
             epoch_sums = (epoch_sums[0] + value, epoch_sums[1] + 1)
             step += 1
             if writes and checkpoint_every and step % checkpoint_every == 0 and b + 1 < steps_per_epoch:
