@@ -29,6 +29,16 @@ def _bits(quant: Quant | None) -> int | None:
     return quant.bits if quant is not None and isinstance(quant.format, _GRID_FORMATS) else None
 
 
+def _widened(quant: Quant, bits: int) -> Quant:
+    """The same kind of format at ``bits`` bits (fixed point becomes dynamic fixed point, as the rule does)."""
+    f = quant.format
+    if isinstance(f, Uniform):
+        return replace(quant, format=Uniform(bits, f.signed))
+    if isinstance(f, BlockFloat):
+        return replace(quant, format=BlockFloat(bits, f.block))
+    return replace(quant, format=DynamicFixedPoint(bits))
+
+
 def _num_classes(module: nn.Module) -> int | None:
     """The classes a last layer scores: a Linear's out_features or a (1x1) convolution's out_channels."""
     classes = getattr(module, "out_features", getattr(module, "out_channels", None))
@@ -40,7 +50,9 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
 
     With ``classifier_rule`` on, every classifier-path role (weight, output, output_grad) held in a fixed or
     dynamic fixed point format narrower than ``classifier_bits(C)`` becomes ``dfx<classifier_bits(C)>`` (same
-    rounding). With the rule off, a UserWarning names the roles with fewer bits than the rule asks for.
+    rounding). A UserWarning names the roles left with fewer bits than the rule asks for (the rule off, or a
+    format it cannot widen: WRPN's uniform, block floating point) and the fix: classifier_rule=on or an ``@last``
+    override. Float formats are exempt: their step scales with the value, so the 1/C components survive.
     """
     resolved = policy.for_module(name, first=first, last=last)
     classes = _num_classes(module) if last else None
@@ -58,10 +70,14 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
         resolved = replace(resolved.with_roles(**widened), name=resolved.name)
     if short:
         roles = ", ".join(f"{r}={q}" for r, q in short.items())
-        advice = "" if resolved.classifier_rule else "; set classifier_rule=on to widen them"
+        override = "@last: " + ",".join(f"{r}={_widened(q, need)}" for r, q in short.items())
+        fix = f"an override {override!r}"
+        if not resolved.classifier_rule and any(isinstance(q.format, (FixedPoint, DynamicFixedPoint))
+                                                for q in short.values()):
+            fix = f"classifier_rule=on, or {fix}"
         warnings.warn(
             f"lowprec.convert: the last layer {name or type(module).__name__!r} scores {classes} classes, for "
-            f"which Park et al.'s rule (eq. 5) asks for {need} bits, but it gets {roles}{advice}",
+            f"which Park et al.'s rule (eq. 5) asks for {need} bits, but it gets {roles}; fix: {fix}",
             UserWarning,
             stacklevel=3,
         )
