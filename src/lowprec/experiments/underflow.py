@@ -1,8 +1,10 @@
 """How many activation gradients a format loses, before and after loss scaling (MPT Fig. 3, measured).
 
 The model runs in fp32; a backward hook on every Linear/Conv layer records dE/dz (the gradient arriving at the
-layer's output, the tensor MPT histograms). For each loss scale S the fraction of elements that are non-zero in
-fp32 but become 0 when S·dE/dz is rounded to the format is counted, along with those that overflow.
+layer's output, the tensor MPT histograms). For each loss scale S (a power of two) the fraction of elements
+that are non-zero in fp32 but become 0 when S·dE/dz is rounded to the format is counted, along with those that
+overflow. The counting is ``lowprec.diagnostics.census`` (exact, every scale at once); ``lowprec.inspect``
+gives the same numbers per layer and role, with histograms and the advised scale.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Iterable, Sequence
 
 import warnings
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats import FloatFormat, parse_format, quantize
+from ..diagnostics import Census, census
+from ..formats import FloatFormat, parse_format
 
 __all__ = ["GradientCensus", "gradient_census"]
 
@@ -43,31 +45,26 @@ def gradient_census(
     loss_multiplier: float = 1.0,
 ) -> GradientCensus:
     """Run fp32 forward/backward on ``batches`` ((inputs, labels) pairs, cross-entropy loss times
-    ``loss_multiplier``) and count, per loss scale, the activation gradients ``fmt`` loses."""
+    ``loss_multiplier``) and count, per loss scale (powers of two from 1 to 2**40), the activation gradients
+    ``fmt`` loses."""
     fmt = parse_format(fmt)
-    grads: list[Tensor] = []
-    hooks = [m.register_full_backward_hook(lambda _m, _gi, go: grads.append(go[0].detach().reshape(-1)))
+    total = Census()
+
+    def record(_module: nn.Module, _grad_in: object, grad_out: tuple[Tensor, ...]) -> None:
+        nonlocal total
+        total = total + census(grad_out[0], [fmt])
+
+    hooks = [m.register_full_backward_hook(record)
              for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    total = zero = 0
-    lost = {s: 0 for s in scales}
-    overflow = {s: 0 for s in scales}
     try:
         for inputs, labels in batches:
             model.zero_grad()
             with warnings.catch_warnings():  # the first layer's input needs no grad: its hook still sees dE/dz
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 (F.cross_entropy(model(*inputs).float(), labels) * loss_multiplier).backward()
-            for g in grads:
-                nonzero = g != 0
-                total += g.numel()
-                zero += int((~nonzero).sum())
-                for s in scales:
-                    q = quantize(g * s, fmt)
-                    lost[s] += int((nonzero & (q == 0)).sum())
-                    over = torch.isinf(q) if fmt.overflow == "inf" else (g * s).abs() > fmt.max_value
-                    overflow[s] += int(over.sum())
-            grads.clear()
     finally:
         for h in hooks:
             h.remove()
-    return GradientCensus(total, zero, lost, overflow)
+    counts = total.counts(fmt)
+    return GradientCensus(total.total, total.zeros, {s: counts.at(s)[0] for s in scales},
+                          {s: counts.at(s)[2] for s in scales})
