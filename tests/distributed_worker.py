@@ -148,6 +148,7 @@ def main(out: Path) -> None:
     results = {"world_size": dist.get_world_size(), "agreement": train_with_agreement(rank),
                "hook": quantized_hook_gradients(rank), "runs": resumed_runs(out), "fsdp": fsdp_native(rank)}
     torch.save(results, out / f"rank{rank}.pt")
+    dist.barrier()  # both ranks done before either tears its connections down
     dist.destroy_process_group()
 
 

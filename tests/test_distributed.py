@@ -25,7 +25,8 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    causes = [line for line in (done.stdout + done.stderr).splitlines() if "[rank" in line or "terminate" in line]
+    assert done.returncode == 0, "\n".join(causes[-60:]) or done.stderr[-3000:]
     return done
 
 

@@ -88,13 +88,16 @@ def cmd_compare(args) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc, args.argv)
     joined = _join_process_group(args)
-    try:
+    if not joined:
         return _compare(args)
-    finally:
-        if joined:
-            import torch.distributed as dist
+    import torch.distributed as dist
 
-            dist.destroy_process_group()
+    try:
+        code = _compare(args)
+        dist.barrier()  # every rank done before any tears its connections down
+        return code
+    finally:
+        dist.destroy_process_group()
 
 
 def _compare(args) -> int:
