@@ -321,7 +321,8 @@ def _backward_workspace(saved: list[tuple[Tensor, nn.Module | None]], policy: An
     two gradients of its size are in flight (see the comment below); at a layer whose weight gradient is
     rounded or masked, the unrounded dE/dW is in flight (the result is the gradient, counted as such).
     Returns the largest of these moments minus all saved activations (>= 0)."""
-    rounds = policy.get("output_grad")
+    native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
+    rounds = None if native else policy.get("output_grad")
     held, moments, done = 0, [0], set()
     for t, layer in saved:
         size = t.numel() * t.element_size()
