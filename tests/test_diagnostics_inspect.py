@@ -119,3 +119,16 @@ def test_inspect_leaves_the_model_alone(mnist_batch):
     before = [p.detach().clone() for p in model.parameters()]
     lp.inspect(model, mnist_batch, "int8", steps=1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_pictures_appear_in_the_docs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "diagnostics.md").read_text()
+    for name in ("diagnostics-lenet-activation-grad.png", "diagnostics-underflow-output-grad.png",
+                 "diagnostics-memory-lenet.png"):
+        assert f"](img/{name})" in doc
+        path = root / "docs" / "img" / name
+        assert path.stat().st_size > 15_000 and mpimg.imread(path).std() > 0.05
+    assert "docs/diagnostics.md" in (root / "README.md").read_text()
