@@ -382,70 +382,73 @@ def estimate_memory(
     ``torch.autograd.graph.saved_tensors_hooks``, what autograd keeps during one forward pass (no backward
     runs). See MemoryEstimate for the two views and the phases.
     """
-    from ..nn import QuantizedModule
     from ..policy import as_policy
+    from ..train import DeltaOptimizer
 
     pol = as_policy(policy)
     work, opt, trainer = _step_setup(model, pol, optimizer)
-    layer_of = {id(p): m for m in work.modules() if isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER
-                for p in m.parameters(recurse=False)}
     params = [p for p in work.parameters() if p.requires_grad]
-    trainable = sum(p.numel() * p.element_size() for p in params)
-    stored = sum(t.numel() * t.element_size() for t in (*work.parameters(), *work.buffers()))
-    accumulators = sum(s.acc.numel() * s.acc.element_size() for s in trainer.slots if s.acc is not None)
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
-    master = sum(t.numel() * t.element_size() for t in masters)
-    stepped = masters or params  # what the optimizer updates (native: the fp32 master copies)
+    stepped = masters or params  # what the optimizer updates (native path: the fp32 master copies)
     n_state = _STATE_BUFFERS[optimizer]
-    state = n_state * sum(t.numel() * t.element_size() for t in stepped)
-
-    exclude = {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)}
-    saved = _saved_tensors(work, batch, loss_fn, exclude)
-    copies = activations = 0
-    ideal_copies = ideal_activations = 0.0
-    base_act = _bits(pol.get("activation"))
-    for t, layer in saved:
-        size = t.numel() * t.element_size()
-        if _is_weight_copy(t, layer):
-            copies += size
-            continue
-        activations += size
-        if t.is_floating_point():
-            act = _bits(layer.policy.get("activation")) if layer is not None else base_act
-            ideal_activations += t.numel() * act / 8
-        else:
-            ideal_activations += size
+    saved = _saved_tensors(work, batch, loss_fn,
+                           {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
+    activations = [(t, layer) for t, layer in saved if not _is_weight_copy(t, layer)]
     workspace = _backward_workspace(saved, pol)
-
-    ideal = dict.fromkeys(COMPONENTS, 0.0)
-    for p in params:
-        layer = layer_of.get(id(p))
-        lp_ = layer.policy if layer is not None else None
-        kept = lp_.get("master") or lp_.get("weight") if lp_ else None  # the stored (or propagated) copy
-        ideal["weights"] += p.numel() * _bits(kept) / 8
-        if lp_ and lp_.get("master") is None and lp_.get("weight") is not None:
-            ideal["master copy"] += p.numel() * 4  # MPT's fp32 master, WRPN's shadow weights
-        ideal["gradients"] += p.numel() * _bits(lp_.get("weight_grad") if lp_ else None) / 8
-        ideal["optimizer state"] += n_state * p.numel() * _bits(lp_.get("optimizer_state") if lp_ else None) / 8
-        if lp_ and lp_.get("accumulator") is not None:
-            ideal["accumulators"] += p.numel() * _bits(lp_.get("accumulator")) / 8
-    ideal["weights"] += sum(b.numel() * b.element_size() for b in work.buffers())
-    ideal["saved activations"] = ideal_activations
-    ideal["backward workspace"] = workspace * _bits(pol.get("activation_grad")) / 32
-
     emulated = {
-        "weights": stored, "master copy": master, "weight copies": copies, "gradients": trainable,
-        "optimizer state": state, "accumulators": accumulators, "saved activations": activations,
+        "weights": _bytes((*work.parameters(), *work.buffers())),
+        "master copy": _bytes(masters),
+        "weight copies": _bytes(t for t, layer in saved if _is_weight_copy(t, layer)),
+        "gradients": _bytes(params),
+        "optimizer state": n_state * _bytes(stepped),
+        "accumulators": _bytes(s.acc for s in trainer.slots if s.acc is not None),
+        "saved activations": _bytes(t for t, _ in activations),
         "backward workspace": workspace,
     }
-    from ..train import DeltaOptimizer
-
-    update = _update_workspace(trainer, stepped, isinstance(opt, DeltaOptimizer))
+    ideal = _ideal_view(work, pol, n_state, activations, workspace)
     return MemoryEstimate(
         model=type(model).__name__, recipe=label or pol.name or pol.spec() or "fp32", batch=len(batch[1]),
-        optimizer=optimizer, emulated=emulated, ideal={k: int(round(v)) for k, v in ideal.items()},
-        update_workspace=update,
+        optimizer=optimizer, emulated=emulated, ideal=ideal,
+        update_workspace=_update_workspace(trainer, stepped, isinstance(opt, DeltaOptimizer)),
     )
+
+
+def _bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _ideal_view(work: nn.Module, policy: Any, n_state: int, activations: list[tuple[Tensor, nn.Module | None]],
+                workspace: int) -> dict[str, int]:
+    """Every component at its format's width (MemoryEstimate). A weight layer's parameters take its policy's
+    formats (stored: the master format, else the weight's; an fp32 master beside a quantized weight, as MPT
+    and WRPN keep; gradients at weight_grad; state at optimizer_state; the accumulator); other parameters and
+    buffers stay float32. Saved floating tensors take the activation width of the layer that saved them (the
+    base policy's outside layers), others their own size."""
+    from ..nn import QuantizedModule
+
+    layer_of = {id(p): m.policy for m in work.modules() if isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER
+                for p in m.parameters(recurse=False)}
+    ideal = dict.fromkeys(COMPONENTS, 0.0)
+    for p in work.parameters():
+        if not p.requires_grad:
+            continue
+        pol = layer_of.get(id(p))
+        get = (lambda role: pol.get(role)) if pol is not None else (lambda role: None)  # noqa: E731
+        n = p.numel()
+        ideal["weights"] += n * _bits(get("master") or get("weight")) / 8
+        ideal["master copy"] += 4 * n if get("master") is None and get("weight") is not None else 0
+        ideal["gradients"] += n * _bits(get("weight_grad")) / 8
+        ideal["optimizer state"] += n_state * n * _bits(get("optimizer_state")) / 8
+        ideal["accumulators"] += n * _bits(get("accumulator")) / 8 if get("accumulator") is not None else 0
+    ideal["weights"] += _bytes(work.buffers())
+    base = _bits(policy.get("activation"))
+    for t, layer in activations:
+        if t.is_floating_point():
+            ideal["saved activations"] += t.numel() * (_bits(layer.policy.get("activation")) if layer else base) / 8
+        else:
+            ideal["saved activations"] += t.numel() * t.element_size()
+    ideal["backward workspace"] = workspace * _bits(policy.get("activation_grad")) / 32
+    return {k: int(round(v)) for k, v in ideal.items()}
 
 
 def measure_step_memory(
