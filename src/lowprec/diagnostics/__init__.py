@@ -9,16 +9,8 @@ from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, set_star
 from .census import Census, FormatCounts, census
 from .inspection import Entry, InspectReport, inspect
 from .overflow import OverflowSource, attribute_overflow, describe_skipped_step, explain_overflow
-from .memory import (
-    COMPONENTS,
-    MemoryEstimate,
-    PeakMemory,
-    estimate_memory,
-    measure_peak_memory,
-    measure_step_memory,
-    profile_peak_memory,
-    wrpn_footprint,
-)
+from .footprint import COMPONENTS, MemoryEstimate, estimate_memory, measure_step_memory, wrpn_footprint
+from .memory import PeakMemory, measure_peak_memory, profile_peak_memory
 
 __all__ = [
     "Census", "FormatCounts", "census",

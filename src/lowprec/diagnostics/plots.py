@@ -24,7 +24,7 @@ from .census import LOG2_MIN, Census, _thresholds  # noqa: E402
 
 if TYPE_CHECKING:
     from .inspection import InspectReport
-    from .memory import MemoryEstimate
+    from .footprint import MemoryEstimate
 
 __all__ = ["plot_role", "plot_memory"]
 
@@ -101,7 +101,7 @@ def plot_role(path: Path, report: InspectReport, role: str, groups: Sequence[tup
 def plot_memory(path: Path, estimates: Sequence[MemoryEstimate], title: str) -> Path:
     """Stacked bars of the estimated bytes per component for each recipe, emulated and ideal side by side,
     with the measured peak (where measured) as a black marker on the emulated bar."""
-    from .memory import COMPONENTS
+    from .footprint import COMPONENTS
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(estimates) + 2), 4.5))
     colors = plt.get_cmap("tab10").colors

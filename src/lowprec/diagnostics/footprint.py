@@ -1,0 +1,355 @@
+"""The memory of a training step, estimated per component (and measured, for comparison).
+
+Two views of the same step (``MemoryEstimate``): *emulated*, what the process holds (emulated formats in
+float32 containers), and *ideal*, every tensor packed at its format's width (Park et al. Fig. 4). The counts,
+the phases and the workspace model are described in docs/diagnostics.md; ``measure_step_memory`` checks the
+emulated estimate against the measured peak (``profile_peak_memory``). WRPN's footprint formulas
+(spec 2d) are ``wrpn_footprint``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .memory import PeakMemory, profile_peak_memory
+
+__all__ = ["COMPONENTS", "MemoryEstimate", "estimate_memory", "measure_step_memory", "wrpn_footprint"]
+
+#: The components of a training step's memory, in bar-chart order.
+COMPONENTS = ("weights", "master copy", "weight copies", "gradients", "optimizer state", "accumulators",
+              "saved activations", "backward workspace")
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component (COMPONENTS) of one training step of ``model`` under ``recipe``.
+
+    ``emulated``: what the process holds: emulated formats live in float32 containers, so a parameter costs 4
+    bytes whatever its format, and each quantized layer keeps a rounded copy of its weight for backward
+    ("weight copies"). ``ideal``: every tensor packed at its format's width (int8: 1 byte, fp16: 2, uniform<4>:
+    half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed precision and WRPN appears
+    as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
+    when measured. The total of a view is the larger of its two phases (see ``docs/diagnostics.md``):
+    backward (everything but the update workspace) and update (state, gradients and the optimizer's Δ).
+    """
+
+    model: str
+    recipe: str
+    batch: int
+    optimizer: str
+    emulated: dict[str, int]
+    ideal: dict[str, int]
+    update_workspace: int  # emulated bytes of the optimizer step's temporaries (Δ and rounding copies)
+    measured: int | None = None
+
+    @property
+    def total(self) -> int:
+        """The emulated estimate of the peak: max(backward phase, update phase)."""
+        return _peak(self.emulated, self.update_workspace)
+
+    @property
+    def total_ideal(self) -> int:
+        return _peak(self.ideal, 0)
+
+    @property
+    def error(self) -> float | None:
+        """(estimate - measured) / measured, when measured."""
+        return None if self.measured is None else (self.total - self.measured) / self.measured
+
+
+def _peak(view: dict[str, int], update_workspace: int) -> int:
+    state = view["weights"] + view["master copy"] + view["optimizer state"] + view["accumulators"]
+    backward = state + view["weight copies"] + view["gradients"] + view["saved activations"] + view[
+        "backward workspace"]
+    update = state + view["gradients"] + update_workspace
+    return max(backward, update)
+
+
+def _bits(quant: Any, default: int = 32) -> float:
+    bits = None if quant is None else quant.bits
+    return float(default if bits is None else bits)
+
+
+def _storage_key(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor],
+                   exclude: set[int]) -> list[tuple[Tensor, nn.Module | None]]:
+    """Every distinct tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the
+    parameters, left out), in the order saved, with the innermost quantized layer running when it was saved."""
+    from ..nn import QuantizedModule
+
+    stack: list[nn.Module] = []
+    saved: dict[int, tuple[Tensor, nn.Module | None]] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key not in exclude and key not in saved:
+            saved[key] = (t, stack[-1] if stack else None)
+        return t
+
+    def enter(module: nn.Module, _inputs: Any) -> None:
+        stack.append(module)
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        stack.pop()
+
+    layers = [m for m in model.modules() if isinstance(m, QuantizedModule)]
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(saved.values())
+
+
+def _is_weight_copy(t: Tensor, layer: nn.Module | None) -> bool:
+    """A tensor a quantized layer saved with the shape of one of its parameters: its rounded weight or bias
+    (or their straight-through masks)."""
+    return layer is not None and any(t.shape == p.shape for p in layer.parameters(recurse=False))
+
+
+def _optimizer(name: str, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    from ..train import SGD, AdamW
+
+    if name == "sgd":
+        return SGD(params, lr=0.01, momentum=0.9)
+    if name == "sgd-plain":
+        return SGD(params, lr=0.01)
+    if name == "adam":
+        return AdamW(params, lr=1e-3, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer {name!r}; use sgd (momentum 0.9), sgd-plain or adam")
+
+
+_STATE_BUFFERS = {"sgd": 1, "sgd-plain": 0, "adam": 2}
+
+
+def _step_setup(model: nn.Module, policy: Any, optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """The converted copy, its optimizer and its Trainer, as ``lowprec train`` builds them."""
+    from ..nn import convert
+    from ..train import Trainer
+
+    work = convert(model, policy)
+    opt = _optimizer(optimizer, [p for p in work.parameters() if p.requires_grad])
+    return work, opt, Trainer(work, opt, policy)
+
+
+def cross_entropy_step_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """The loss of a classification step, as ``lowprec train`` computes it."""
+    return torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+
+
+def _rounding_scratch(quant: Any, policy: Any, numel: int) -> int:
+    """Bytes one rounding of a ``numel``-element float32 tensor needs beyond its input and output, measured
+    once per (format, size) on the quantizer the layers use: fused (compiled) kernels need none, eager ones a
+    few temporaries. 0 for an unquantized role."""
+    if quant is None or numel == 0:
+        return 0
+    return _scratch(str(quant), policy, numel)
+
+
+@functools.lru_cache(maxsize=64)
+def _scratch(quant: str, policy: Any, numel: int) -> int:
+    from ..policy import Quant, Quantizer
+
+    rounder = Quantizer(Quant.parse(quant), policy)
+    x = torch.randn(numel)
+    rounder(x)  # the first call may compile the kernel
+    measured = profile_peak_memory(lambda: rounder(x), held=(x,))
+    return max(measured.peak - measured.baseline - numel * 4, 0)
+
+
+def _clipped(quant: Any) -> bool:
+    """WRPN's clip formats: their straight-through estimator masks the gradient (a masked copy)."""
+    from ..formats import Uniform
+
+    return quant is not None and isinstance(quant.format, Uniform)
+
+
+def _backward_workspace(saved: list[tuple[Tensor, nn.Module | None]], policy: Any) -> int:
+    """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
+
+    Walking the saved activations in reverse, at activation i the tensors saved up to i are still held and
+    two gradients of its size are in flight (see the comment below); at a layer whose weight gradient is
+    rounded or masked, the unrounded dE/dW is in flight (the result is the gradient, counted as such).
+    Returns the largest of these moments minus all saved activations (>= 0)."""
+    native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
+    rounds = None if native else policy.get("output_grad")
+    held, moments, done = 0, [0], set()
+    for t, layer in saved:
+        size = t.numel() * t.element_size()
+        if _is_weight_copy(t, layer):
+            q = layer.policy.get("weight_grad")
+            w = getattr(layer, "weight", None)
+            if id(layer) not in done and isinstance(w, Tensor) and (q is not None or _clipped(layer.policy.get("weight"))):
+                moments.append(held + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel()))
+            done.add(id(layer))
+            continue
+        if t.is_floating_point():
+            # the backward of the op that saved it: its output's and its input's gradients (or, clipping,
+            # the raw and the masked one) side by side, the tensor still held; then, at the layer below, the
+            # gradient and its rounded copy with the kernel's scratch, the tensor freed
+            moments.append(held + size + 2 * size)
+            if rounds is not None:
+                moments.append(held + 2 * size + _rounding_scratch(rounds, policy, t.numel()))
+        held += size
+    return max(max(moments) - held, 0)
+
+
+def _update_workspace(trainer: Any, stepped: list[Tensor], delta_optimizer: bool) -> int:
+    """Temporaries of the optimizer step: the updates Δ of every parameter (lowprec's SGD/AdamW compute them
+    all before applying them; on the native path the float32 master copies' gradients as well), then, one parameter at a time, the rounding into the master format (Δ still
+    held), Park's lazy update (three parameter-sized temporaries), and the rounding of the optimizer state."""
+    delta = sum(t.numel() * t.element_size() for t in stepped) if delta_optimizer else 0
+    masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
+    delta += sum(t.numel() * t.element_size() for t in masters)  # native path: the masters' float32 gradients
+    largest = max((t.numel() * 4 for t in stepped), default=0)
+    phases = [delta]
+    for slot in trainer.slots:
+        n = slot.param.numel()
+        master = slot.policy.get("master")
+        if slot.lazy:
+            phases.append(delta + 3 * n * 4 + _rounding_scratch(master, slot.policy, n))
+        elif master is not None:
+            phases.append(delta + n * 4 + _rounding_scratch(master, slot.policy, n))
+        if slot.state_quant is not None:
+            phases.append(n * 4 + _rounding_scratch(slot.state_quant, slot.policy, n))
+    return max(phases) if largest else 0
+
+
+def estimate_memory(
+    model: nn.Module,
+    policy: Any,
+    batch: Batch,
+    *,
+    optimizer: str = "sgd",
+    label: str | None = None,
+    loss_fn: Callable[[nn.Module, Batch], Tensor] = cross_entropy_step_loss,
+) -> MemoryEstimate:
+    """Estimate the bytes of one steady-state training step of ``model`` (unconverted; it is not changed)
+    under ``policy`` on ``batch`` with ``optimizer`` ("sgd": momentum 0.9, "sgd-plain", "adam").
+
+    Parameters, gradients, optimizer state and accumulators are counted from the tensors the converted model
+    and its Trainer hold (and the optimizer's buffers per parameter); saved activations by recording, with
+    ``torch.autograd.graph.saved_tensors_hooks``, what autograd keeps during one forward pass (no backward
+    runs). See MemoryEstimate for the two views and the phases.
+    """
+    from ..policy import as_policy
+    from ..train import DeltaOptimizer
+
+    pol = as_policy(policy)
+    work, opt, trainer = _step_setup(model, pol, optimizer)
+    params = [p for p in work.parameters() if p.requires_grad]
+    masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
+    stepped = masters or params  # what the optimizer updates (native path: the fp32 master copies)
+    n_state = _STATE_BUFFERS[optimizer]
+    saved = _saved_tensors(work, batch, loss_fn,
+                           {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
+    activations = [(t, layer) for t, layer in saved if not _is_weight_copy(t, layer)]
+    workspace = _backward_workspace(saved, pol)
+    emulated = {
+        "weights": _bytes((*work.parameters(), *work.buffers())),
+        "master copy": _bytes(masters),
+        "weight copies": _bytes(t for t, layer in saved if _is_weight_copy(t, layer)),
+        "gradients": _bytes(params),
+        "optimizer state": n_state * _bytes(stepped),
+        "accumulators": _bytes(s.acc for s in trainer.slots if s.acc is not None),
+        "saved activations": _bytes(t for t, _ in activations),
+        "backward workspace": workspace,
+    }
+    ideal = _ideal_view(work, pol, n_state, activations, workspace)
+    return MemoryEstimate(
+        model=type(model).__name__, recipe=label or pol.name or pol.spec() or "fp32", batch=len(batch[1]),
+        optimizer=optimizer, emulated=emulated, ideal=ideal,
+        update_workspace=_update_workspace(trainer, stepped, isinstance(opt, DeltaOptimizer)),
+    )
+
+
+def _bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _ideal_view(work: nn.Module, policy: Any, n_state: int, activations: list[tuple[Tensor, nn.Module | None]],
+                workspace: int) -> dict[str, int]:
+    """Every component at its format's width (MemoryEstimate). A weight layer's parameters take its policy's
+    formats (stored: the master format, else the weight's; an fp32 master beside a quantized weight, as MPT
+    and WRPN keep; gradients at weight_grad; state at optimizer_state; the accumulator); other parameters and
+    buffers stay float32. Saved floating tensors take the activation width of the layer that saved them (the
+    base policy's outside layers), others their own size."""
+    from ..nn import QuantizedModule
+
+    layer_of = {id(p): m.policy for m in work.modules() if isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER
+                for p in m.parameters(recurse=False)}
+    ideal = dict.fromkeys(COMPONENTS, 0.0)
+    for p in work.parameters():
+        if not p.requires_grad:
+            continue
+        pol = layer_of.get(id(p))
+        get = (lambda role: pol.get(role)) if pol is not None else (lambda role: None)  # noqa: E731
+        n = p.numel()
+        ideal["weights"] += n * _bits(get("master") or get("weight")) / 8
+        ideal["master copy"] += 4 * n if get("master") is None and get("weight") is not None else 0
+        ideal["gradients"] += n * _bits(get("weight_grad")) / 8
+        ideal["optimizer state"] += n_state * n * _bits(get("optimizer_state")) / 8
+        ideal["accumulators"] += n * _bits(get("accumulator")) / 8 if get("accumulator") is not None else 0
+    ideal["weights"] += _bytes(work.buffers())
+    base = _bits(policy.get("activation"))
+    for t, layer in activations:
+        if t.is_floating_point():
+            ideal["saved activations"] += t.numel() * (_bits(layer.policy.get("activation")) if layer else base) / 8
+        else:
+            ideal["saved activations"] += t.numel() * t.element_size()
+    ideal["backward workspace"] = workspace * _bits(policy.get("activation_grad")) / 32
+    return {k: int(round(v)) for k, v in ideal.items()}
+
+
+def measure_step_memory(
+    model: nn.Module,
+    policy: Any,
+    batch: Batch,
+    *,
+    optimizer: str = "sgd",
+    warmup: int = 2,
+    loss_fn: Callable[[nn.Module, Batch], Tensor] = cross_entropy_step_loss,
+) -> PeakMemory:
+    """The measured peak of one steady-state training step, the converted model, optimizer, Trainer and batch
+    held (``profile_peak_memory``). Steady state: ``warmup`` steps that were applied (not skipped for an
+    overflow: a dynamic loss scale starting high skips the first ones, and the optimizer state exists only
+    after an applied step) come first; RuntimeError if 50 steps do not give them."""
+    from ..policy import as_policy
+
+    pol = as_policy(policy)
+    work, opt, trainer = _step_setup(model, pol, optimizer)
+
+    def step() -> Any:
+        return trainer.step(loss_fn(work, batch))
+
+    applied = sum(not step().skipped for _ in range(warmup))
+    for _ in range(50):
+        if applied >= warmup:
+            return profile_peak_memory(step, held=(work, opt, trainer, batch))
+        applied += not step().skipped
+    raise RuntimeError(f"no steady state: fewer than {warmup} of 50 training steps were applied (all overflowed)")
+
+
+def wrpn_footprint(width: float, weight_bits: int, act_bits: int) -> dict[str, float]:
+    """Mishra et al.'s footprint model (spec 2d), relative to the float32 network at width 1: a network
+    widened by ``width`` (beta) with ``weight_bits``-bit weights and ``act_bits``-bit activations, first and
+    last layer kept in float32. 2x wide at 4/4 bits: inner weights 0.5x, activations 0.25x, MACs 4x."""
+    return {
+        "inner-layer weight memory": width**2 * weight_bits / 32,
+        "first/last-layer weight memory": width,
+        "activation memory": width * act_bits / 32,
+        "MACs": width**2,
+        "bit cost per MAC": weight_bits * act_bits / (32 * 32),
+    }
