@@ -8,9 +8,10 @@ by ``torch.compile`` (one pass over memory); small ones, and every tensor when n
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,10 +20,12 @@ from . import host, kernels
 from .parse import parse_format
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
-__all__ = ["quantize", "max_abs_int_bits", "compile_enabled"]
+__all__ = ["quantize", "quantize_and_count", "count_above", "max_abs_int_bits", "compile_enabled"]
 
 #: Tensors with at least this many elements use the compiled kernels.
 COMPILE_MIN_NUMEL = 1 << 16
+#: ``quantize_and_count`` compiles from this size on (it replaces about ten eager passes with one).
+COUNTING_COMPILE_MIN_NUMEL = 1 << 14
 
 _compile_failed = False
 
@@ -58,7 +61,6 @@ def _compiled_apply() -> Callable:
 
 
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
-    global _compile_failed
     if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
         # The kernels act per element (or per whole tensor): a flat view gives one compiled graph for all ranks.
         flat = x.is_contiguous() and (out is None or out.is_contiguous()) and all(
@@ -70,13 +72,59 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
                 return y.view(x.shape) if out is None else out
             return _compiled_apply()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
-            _compile_failed = True
-            warnings.warn(
-                f"lowprec: torch.compile failed ({type(err).__name__}: {err}); quantizing eagerly from now on.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _disable_compile(err)
     return _apply(kernel, x, out, *args)
+
+
+def _disable_compile(err: Exception) -> None:
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(
+        f"lowprec: torch.compile failed ({type(err).__name__}: {err}); quantizing eagerly from now on.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+@functools.cache
+def _compiled_counting() -> Callable:
+    _compiled_apply()  # the recompile limit
+    return torch.compile(kernels.fixed_counting, dynamic=True)
+
+
+def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
+    """How many elements of |x| exceed each threshold (float32 counts, exact below 2**24; NaN never counts).
+
+    Eager, in vectorised float ops: count(|x| > t) = nansum(sign(relu(|x| - t))), exact because the sign of a
+    rounded difference is the sign of the exact one (a bool compare-and-sum is not vectorised on CPUs). On a CPU,
+    where reading a scalar is free, the peak |x| is read first and a threshold it does not exceed counts 0."""
+    a = x.detach().abs()
+    a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # thresholds exact, not rounded to half
+    peak = a.max().item() if a.device.type == "cpu" and a.numel() else math.inf  # NaN: count everything
+    counts = [torch.nansum(torch.sub(a, t).relu_().sign_()) if not peak <= t else a.new_zeros(()) for t in thresholds]
+    return torch.stack(counts).float()
+
+
+def quantize_and_count(
+    x: Tensor, fmt: FixedPoint, rounding: str, thresholds: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """``(quantize(x, fmt, rounding), count_above(x, thresholds))``, the same bits and numbers, in one compiled pass
+    over x for float32 tensors of COUNTING_COMPILE_MIN_NUMEL elements or more rounded to nearest or toward zero
+    (a dynamic fixed point group observing and rounding each tensor); eagerly otherwise."""
+    mode = kernels.ROUNDINGS[rounding]
+    if (x.dtype == torch.float32 and mode != kernels.STOCHASTIC and x.numel() >= COUNTING_COMPILE_MIN_NUMEL
+            and compile_enabled() and x.is_contiguous()):
+        lo, hi = _frac_range(fmt.word, x.dtype)
+        frac = min(max(fmt.frac, lo), hi)
+        scale, inv = (torch.tensor(2.0**e, device=x.device) for e in (frac, -frac))
+        above = torch.tensor(thresholds, dtype=torch.float32, device=x.device)
+        try:
+            y, counts = _compiled_counting()(x.detach().view(-1), scale, inv, -(2 ** (fmt.word - 1)),
+                                             2 ** (fmt.word - 1) - 1, mode, above)
+            return y.view(x.shape), counts.float()
+        except Exception as err:  # noqa: BLE001 (no compiler, ...): the eager ops give the same result
+            _disable_compile(err)
+    return quantize(x, fmt, rounding), count_above(x, thresholds)
 
 
 def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:

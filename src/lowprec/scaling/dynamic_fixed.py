@@ -31,14 +31,15 @@ is applied to the max-abs start exponent of ``int_bits=None``, so all ranks star
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, FixedPoint, max_abs_int_bits, parse_format, quantize
+from ..formats import (
+    DynamicFixedPoint, FixedPoint, count_above, max_abs_int_bits, parse_format, quantize, quantize_and_count,
+)
 from ..formats.types import FRAC_RANGE
 
 __all__ = ["DynamicExponent"]
@@ -95,33 +96,36 @@ class DynamicExponent:
             r = max_abs_int_bits(x.detach())
             self.int_bits = self._bounded(int(r if self.agree is None else self.agree(r)))
 
+    def thresholds(self) -> tuple[float, float]:
+        """|x| above which a value counts as an overflow at r and at r - 1: max - step/2 of each format."""
+        return tuple(f.max_value - f.step / 2 for f in (self.fmt.at(self.int_bits), self.fmt.at(self.int_bits - 1)))
+
     def overflow_rates(self, x: Tensor) -> Tensor:
-        """[rate at r, rate at r - 1] for one batch: the fraction of |x| above max - step/2 of each format (float
-        tensors; zeros for an empty tensor). No host sync on a GPU; on a CPU, where reading a scalar is free, the
-        peak |x| is read first and a count whose threshold the peak does not exceed is skipped (it is 0)."""
+        """[rate at r, rate at r - 1] for one batch: the fraction of |x| above each of ``thresholds()`` (a float
+        tensor, no host sync on a GPU; zeros for an empty tensor)."""
         self.start(x)
         if x.numel() == 0:
             return torch.zeros(2, device=x.device)
-        a = x.detach().abs()
-        a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # thresholds exact, not rounded to half
-        thresholds = [f.max_value - f.step / 2 for f in (self.fmt.at(self.int_bits), self.fmt.at(self.int_bits - 1))]
-        peak = a.max().item() if a.device.type == "cpu" else math.inf  # NaN: count everything
-        # count(|x| > t) as the sum of sign(relu(|x| - t)): the sign of a rounded difference is exact, and float
-        # ops are vectorised where a bool compare-and-sum is not (2x faster); nansum skips NaN as ">" would
-        counts = [torch.nansum(torch.sub(a, t).relu_().sign_()) if not peak <= t else a.new_zeros(())
-                  for t in thresholds]
-        return torch.stack(counts) / float(x.numel())
+        return count_above(x, self.thresholds()) / float(x.numel())
 
     def observe(self, x: Tensor) -> None:
         """Record one batch's statistics for the next update."""
-        rates = self.overflow_rates(x)
+        self._record(self.overflow_rates(x))
+
+    def _record(self, rates: Tensor) -> None:
         self._rate_sum = rates if self._rate_sum is None else self._rate_sum.to(rates.device) + rates
         self.batches += 1
 
     def quantize(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
-        """Observe ``x`` then quantize it at the current exponent."""
-        self.observe(x)
-        return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
+        """Observe ``x`` then quantize it at the current exponent (one pass over x where it pays:
+        ``quantize_and_count``)."""
+        self.start(x)
+        if x.numel() == 0 or rounding == "stochastic":
+            self.observe(x)
+            return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
+        y, counts = quantize_and_count(x, self.fmt.at(self.int_bits), rounding, self.thresholds())
+        self._record(counts / float(x.numel()))
+        return y
 
     def _bounded(self, r: int) -> int:
         """r clamped so that r and r - 1 (whose rate is measured too) are integer bits of fixed<bits, frac> with
