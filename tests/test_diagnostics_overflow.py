@@ -32,6 +32,9 @@ def test_skipped_step_names_the_module_and_role():
     assert attribute_overflow(result.overflow_modules) == (OverflowSource("0", "weight_grad", "0.weight"),)
     line = describe_skipped_step(7, result)
     assert line.startswith("step 7 skipped") and "0.weight_grad" in line
+    nan_loss = trainer.step(model(x / 1e5).sum() * float("nan"))
+    assert nan_loss.skipped and attribute_overflow(nan_loss.overflow_modules)[0].role in ("loss", "weight_grad")
+    assert "step 8 skipped" in describe_skipped_step(8, nan_loss)
 
 
 def test_post_mortem_finds_the_origin_and_leaves_the_model_alone():

@@ -41,9 +41,13 @@ class OverflowSource:
 
 def attribute_overflow(parameter_names: Iterable[str]) -> tuple[OverflowSource, ...]:
     """(module, role) of each parameter whose gradient was inf/NaN: ``bias...`` parameters give
-    ``bias_grad``, all others (weights, recurrent weights, batch-norm scales) ``weight_grad``."""
+    ``bias_grad``, all others (weights, recurrent weights, batch-norm scales) ``weight_grad``. The name
+    ``"loss"`` (the trainer's report of a non-finite loss with finite gradients) gives the role ``loss``."""
     sources = []
     for name in parameter_names:
+        if name == "loss":
+            sources.append(OverflowSource("", "loss"))
+            continue
         module, _, leaf = name.rpartition(".")
         sources.append(OverflowSource(module, "bias_grad" if leaf.startswith("bias") else "weight_grad", name))
     return tuple(sources)
@@ -52,7 +56,7 @@ def attribute_overflow(parameter_names: Iterable[str]) -> tuple[OverflowSource, 
 def describe_skipped_step(step: int, result: Any) -> str:
     """One line for a skipped step: the loss scale's move and the modules and roles that overflowed."""
     sources = attribute_overflow(result.overflow_modules)
-    where = ", ".join(str(s) for s in sources) if sources else "none of the gradients (the loss was not finite)"
+    where = ", ".join("the loss" if s.role == "loss" else str(s) for s in sources) or "an unnamed tensor"
     return (f"step {step} skipped (loss scale {result.scale:g} -> {result.next_scale:g}): inf/NaN in {where}; "
             "lowprec.diagnostics.explain_overflow(model, batch, loss_fn, scale) names the first layer and role")
 
