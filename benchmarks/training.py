@@ -13,8 +13,9 @@ spell of a shared machine hits all of them alike. A step time is the median over
 over rounds of the per-round ratio to the baseline timed in that round. Baselines, written with PyTorch alone:
 ``fp32`` (model, torch.optim.SGD(momentum=0.9), zero_grad, forward, loss.backward(), step) and ``autocast``
 (the same fp32 model with the forward under torch.autocast("cpu", bfloat16); bf16 needs no loss scaling).
-lowprec's configurations use lowprec.Trainer (torch.optim.SGD for the native path, whose fp32 master copies it
-swaps in; lowprec.train.SGD, the same arithmetic, for the emulated presets).
+lowprec's configurations use lowprec.Trainer with torch.optim.SGD (for the native path the Trainer points it at
+its fp32 master copies), or lowprec.train.SGD, the same arithmetic, for the lazy-update presets, to which it hands
+each step's update without a parameter snapshot.
 
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
@@ -102,7 +103,8 @@ def plain_step(work: Workload, autocast: bool = False) -> tuple[Step, tuple[obje
 def lowprec_step(work: Workload, recipe: str) -> tuple[Step, tuple[object, ...]]:
     torch.manual_seed(SEED)
     model = lp.convert(work.build(), recipe)
-    sgd = torch.optim.SGD if recipe.startswith("native") else lp.train.SGD
+    lazy = lp.Policy.preset(recipe).get("accumulator") is not None
+    sgd = lp.train.SGD if lazy else torch.optim.SGD  # lowprec's SGD hands the lazy update its step directly
     trainer = lp.Trainer(model, sgd(model.parameters(), lr=LR, momentum=MOMENTUM), recipe)
     x, y = work.data()
     return (lambda: trainer.step(F.cross_entropy(model(x), y))), (trainer,)

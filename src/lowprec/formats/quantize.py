@@ -24,8 +24,9 @@ __all__ = ["quantize", "quantize_and_count", "count_above", "max_abs_int_bits", 
 
 #: Tensors with at least this many elements use the compiled kernels.
 COMPILE_MIN_NUMEL = 1 << 16
-#: ``quantize_and_count`` compiles from this size on (it replaces about ten eager passes with one).
-COUNTING_COMPILE_MIN_NUMEL = 1 << 14
+#: ``quantize_and_count`` compiles from this size on (one pass instead of about ten; below it the compiled
+#: call costs more than it saves on a 2-core CPU: 54 vs 41 us at 20k elements, 301 vs 427 us at 737k).
+COUNTING_COMPILE_MIN_NUMEL = 1 << 19
 
 _compile_failed = False
 
