@@ -1,20 +1,27 @@
-"""Fast paths for the common cases, in a few whole-tensor torch ops: bit-identical to ``kernels.py``.
+"""Fast paths for the common case, in a few whole-tensor torch ops: bit-identical to ``kernels.py``.
 
 Emulated training quantizes dozens of tensors per step, most of them small: there the cost of a quantize call
-is the number of ops it dispatches, not memory traffic. These paths dispatch 1 to 5 vectorised ops:
+is the number of ops it dispatches, not memory traffic. ``quantize`` sends float32 tensors rounded to nearest
+here while they are small enough (``HOST_MAX_NUMEL``, ``COMPILE_MIN_NUMEL`` for casts); larger ones go to the
+compiled kernels, whose single pass over memory wins once memory is the limit. These paths dispatch 1 to 5
+vectorised ops:
 
 * ``cast_round_trip``: nearest rounding of a float32 tensor onto fp16, bf16, e4m3 or e5m2 is torch's own cast
   there and back (``x.to(bf16).float()``), which is what the formats are defined to equal (round to nearest
   even, subnormals, overflow as torch's cast; tests/test_conformance.py checks the kernels against it), with
   NaN passed through unchanged as everywhere in lowprec.
-* ``fixed_scaled``: nearest / toward-zero fixed point with a known number of fraction bits f, on float32:
+* ``fixed_scaled``: fixed point with a known number of fraction bits f, on float32:
   ``round(x * 2**f)`` (``torch.round`` rounds ties to even; x * 2**f is exact, or below 2**-126 where it rounds
   to 0 anyway), clamped to the word (saturates +-inf), times 2**-f (exact). NaN stays NaN (every op
-  propagates it), -0 and negative values that round to 0 keep their sign, as ``kernels.fixed_fast``.
+  propagates it; a final sum detects it and puts the input's NaN back bit for bit, signalling ones too), -0
+  and negative values that round to 0 keep their sign, as ``kernels.fixed_fast``.
 * ``dfx_host_exponent``: dynamic fixed point with the max-abs exponent on a CPU tensor: the exponent is
   computed on the host from ``torch.aminmax`` (reading a CPU scalar costs no device sync), then
   ``fixed_scaled``. A tensor holding NaN or inf takes the general kernel (the exponent must skip them).
-* ``uniform_scaled``: WRPN's round(clip(x) * n) / n for nearest and toward zero.
+* ``uniform_scaled``: WRPN's round(clip(x) * n) / n.
+
+(Each also truncates toward zero when asked, but ``torch.trunc`` is not vectorised on CPUs: the kernels do that
+faster, and ``quantize`` sends only round-to-nearest here.)
 """
 
 from __future__ import annotations
@@ -48,7 +55,15 @@ def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int,
     """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring); ``rounding`` nearest or toward zero.
     2**frac and 2**-frac must be normal float32 numbers (the caller's fraction range guarantees it)."""
     y = torch.mul(x, 2.0**frac) if out is None else torch.mul(x, 2.0**frac, out=out)
-    return _round_(y, rounding).clamp_(kmin, kmax).mul_(2.0**-frac)
+    return _keep_nan(x, _round_(y, rounding).clamp_(kmin, kmax).mul_(2.0**-frac))
+
+
+def _keep_nan(x: Tensor, y: Tensor) -> Tensor:
+    """y with x's NaNs put back bit for bit (arithmetic quiets a signalling NaN); one fast sum finds whether
+    there are any (y is finite elsewhere; an inf-inf false alarm only costs the where())."""
+    if torch.isnan(y.sum()):
+        torch.where(torch.isnan(x), x, y, out=y)
+    return y
 
 
 def max_abs_exponent(x: Tensor) -> int | None:
@@ -72,4 +87,4 @@ def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool, rou
     """round(clamp(x, -1 or 0, 1) * levels) / levels, as ``kernels.uniform_grid`` (NaN propagates)."""
     lo = -1.0 if signed else 0.0
     y = torch.clamp(x, lo, 1.0) if out is None else torch.clamp(x, lo, 1.0, out=out)
-    return _round_(y.mul_(levels), rounding).div_(levels)
+    return _keep_nan(x, _round_(y.mul_(levels), rounding).div_(levels))

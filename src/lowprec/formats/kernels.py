@@ -274,9 +274,10 @@ def block_fp32(
 def uniform_grid(
     x: Tensor, levels: int, signed: bool, binary: bool, rounding: int, key: Tensor | None
 ) -> Tensor:
-    """WRPN k-bit uniform quantizer: round(clip(x) * n) / n on [-1, 1] (signed) or [0, 1] (unsigned)."""
+    """WRPN k-bit uniform quantizer: round(clip(x) * n) / n on [-1, 1] (signed) or [0, 1] (unsigned); NaN and
+    +-0 are returned as they are."""
     if binary:
         return torch.where(torch.isnan(x), x, torch.where(x < 0, -1.0, 1.0).to(x.dtype))
     rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
     k = round_integer(torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels, rounding, rand)
-    return torch.where(torch.isnan(x), x, k / levels)
+    return torch.where(torch.isnan(x) | (x == 0), x, k / levels)  # NaN and -0 as they are (compiled max() drops -0)

@@ -1,0 +1,66 @@
+"""The few-op paths of formats/host.py give the kernels' bits on any float32 input, whatever its size."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import lowprec as lp
+from lowprec.formats import host, kernels
+
+quantize_module = importlib.import_module("lowprec.formats.quantize")
+
+
+def _random_bits(n: int, seed: int) -> torch.Tensor:
+    """Any float32 bit pattern: NaNs with payloads, infs, subnormals, -0, and every binade."""
+    bits = np.random.default_rng(seed).integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    x = torch.from_numpy(bits.view(np.int32).copy()).view(torch.float32)
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1.5, -2.5])
+    return x
+
+
+def _kernels(x, fmt, monkeypatch):
+    monkeypatch.setattr(quantize_module, "FAST_PATHS", False)
+    y = lp.quantize(x, fmt)
+    monkeypatch.setattr(quantize_module, "FAST_PATHS", True)
+    return y
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "e4m3", "e5m2"])
+def test_cast_round_trip_equals_the_float_kernel(name, monkeypatch):
+    x = _random_bits(200_000, 1)
+    fmt = lp.parse_format(name)
+    got = host.cast_round_trip(x, None, quantize_module._CASTS[fmt])
+    assert _same(got, _kernels(x, fmt, monkeypatch))  # NaN payloads included
+
+
+@pytest.mark.parametrize("name", ["fixed<16,8>", "fixed<8,0>", "fixed<24,30>", "uniform<4>", "uniform<3,unsigned>"])
+def test_fixed_and_uniform_paths_equal_the_kernels(name, monkeypatch):
+    x = _random_bits(200_000, 2)
+    x[6:1000] = torch.linspace(-300, 300, 994)  # the in-range part of the grids, ties included
+    fmt = lp.parse_format(name)
+    assert _same(lp.quantize(x, fmt), _kernels(x, fmt, monkeypatch))
+
+
+@pytest.mark.parametrize("scale", [2.0**-140, 2.0**-20, 1.0, 2.0**60])
+def test_dfx_host_exponent_equals_the_kernel(scale, monkeypatch):
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(3)) * scale
+    fmt = lp.parse_format("dfx<8>")
+    assert host.max_abs_exponent(x) is not None
+    assert _same(lp.quantize(x, fmt), _kernels(x, fmt, monkeypatch))
+    x[5] = float("nan")  # a NaN: the exponent must skip it, the general kernel does
+    assert host.max_abs_exponent(x) is None
+    assert _same(lp.quantize(x, fmt), _kernels(x, fmt, monkeypatch))
+
+
+def test_only_nearest_and_float32_take_the_host_paths():
+    x = torch.randn(10)
+    assert quantize_module._fast(x, kernels.NEAREST)
+    assert not quantize_module._fast(x, kernels.TOWARD_ZERO)
+    assert not quantize_module._fast(x.double(), kernels.NEAREST)
+    assert not quantize_module._fast(torch.randn(quantize_module.HOST_MAX_NUMEL), kernels.NEAREST)
