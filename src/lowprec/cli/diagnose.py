@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import re
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def cmd_inspect(args) -> int:
     from ..diagnostics import inspect
     from ..experiments import parse_recipe
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     recipe = parse_recipe(args.recipe)
     model, batches, multiplier, source = _inspect_setup(args)
     multiplier *= args.loss_multiplier
@@ -81,7 +83,7 @@ def cmd_memory(args) -> int:
     from ..experiments import parse_recipe
     from ..models import build_model
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     batch = _example_batch(args.model, args.batch, args.seed)
     estimates = []
     for text in args.recipe or ["fp32"]:
