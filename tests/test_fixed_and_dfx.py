@@ -152,20 +152,13 @@ def test_fixed_values_are_multiples_of_the_step(word, frac):
     assert torch.all((k >= -(2 ** (word - 1))) & (k <= 2 ** (word - 1) - 1))
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])
-@pytest.mark.parametrize("numel", [1000, 1 << 19])  # eager, and the compiled one-pass kernel
-def test_quantize_and_count_equals_quantize_and_a_direct_count(rounding, numel):
-    from lowprec.formats import count_above, quantize_and_count
+def test_count_above_equals_a_direct_count():
+    from lowprec.formats import count_above
 
-    gen = torch.Generator().manual_seed(numel)
-    x = torch.randn(numel, generator=gen) * 2.0 ** torch.randint(-6, 6, (numel,), generator=gen)
-    x[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 2.75, -2.75])  # 2.75: a tie
-    x[7:40] = torch.arange(-16, 17) * 2.0**-3 + 2.0**-4  # ties of fixed<10,3>
-    fmt = FixedPoint(10, 3)
-    thresholds = (63.9375, 31.96875)
-    y, counts = quantize_and_count(x, fmt, rounding, thresholds)
-    expected = lp.quantize(x, fmt, rounding)
-    assert torch.equal(y.view(torch.int32), expected.view(torch.int32))
-    direct = [(x.abs() > t).sum().item() for t in thresholds]  # NaN > t is False
-    assert counts.tolist() == direct == count_above(x, thresholds).tolist()
-    assert direct[1] > direct[0] > 0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, generator=gen) * 2.0 ** torch.randint(-6, 6, (5000,), generator=gen)
+    x[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 63.9375, -31.96875])  # NaN never counts
+    thresholds = (63.9375, 31.96875, 1e9)
+    direct = [(x.abs() > t).sum().item() for t in thresholds]
+    assert count_above(x, thresholds).tolist() == direct
+    assert direct[1] > direct[0] > direct[2] == 2  # the infs

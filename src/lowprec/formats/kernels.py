@@ -226,19 +226,6 @@ def fixed_fast(
     return torch.where(torch.isnan(x), x, torch.clamp(k.copysign(x), kmin, kmax) * inv_scale)
 
 
-def fixed_counting(
-    x: Tensor, scale: Tensor, inv_scale: Tensor, kmin: int, kmax: int, rounding: int, above: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Nearest or toward-zero fixed-point rounding (as ``fixed_fast``) together with the number of |x| above each
-    of the thresholds ``above`` (NaN never counts): what a dynamic fixed point group with the overflow-rate rule
-    needs of each tensor, in one pass over x once compiled."""
-    a = x.abs()
-    counts = torch.stack([(a > above[i]).sum() for i in range(above.shape[0])])
-    v = x * scale
-    k = torch.round(v) if rounding == NEAREST else torch.trunc(v)
-    return torch.where(torch.isnan(x), x, torch.clamp(k, kmin, kmax) * inv_scale), counts
-
-
 def _pow2(e: Tensor) -> Tensor:
     """2**e as float32 from an int32 exponent in [-126, 127] (built from the bits)."""
     return ((e + 127) << 23).view(torch.float32)

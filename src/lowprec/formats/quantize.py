@@ -20,13 +20,10 @@ from . import host, kernels
 from .parse import parse_format
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
-__all__ = ["quantize", "quantize_and_count", "count_above", "max_abs_int_bits", "compile_enabled"]
+__all__ = ["quantize", "count_above", "max_abs_int_bits", "compile_enabled"]
 
 #: Tensors with at least this many elements use the compiled kernels.
 COMPILE_MIN_NUMEL = 1 << 16
-#: ``quantize_and_count`` compiles from this size on (one pass instead of about ten; below it the compiled
-#: call costs more than it saves on a 2-core CPU: 54 vs 41 us at 20k elements, 301 vs 427 us at 737k).
-COUNTING_COMPILE_MIN_NUMEL = 1 << 19
 
 _compile_failed = False
 
@@ -91,12 +88,6 @@ def _disable_compile(err: Exception) -> None:
     )
 
 
-@functools.cache
-def _compiled_counting() -> Callable:
-    _compiled_apply()  # the recompile limit
-    return torch.compile(kernels.fixed_counting, dynamic=True)
-
-
 def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     """How many elements of |x| exceed each threshold (float32 counts, exact below 2**24; NaN never counts).
 
@@ -108,28 +99,6 @@ def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     peak = a.max().item() if a.device.type == "cpu" and a.numel() else math.inf  # NaN: count everything
     counts = [torch.nansum(torch.sub(a, t).relu_().sign_()) if not peak <= t else a.new_zeros(()) for t in thresholds]
     return torch.stack(counts).float()
-
-
-def quantize_and_count(
-    x: Tensor, fmt: FixedPoint, rounding: str, thresholds: Sequence[float]
-) -> tuple[Tensor, Tensor]:
-    """``(quantize(x, fmt, rounding), count_above(x, thresholds))``, the same bits and numbers, in one compiled pass
-    over x for float32 tensors of COUNTING_COMPILE_MIN_NUMEL elements or more rounded to nearest or toward zero
-    (a dynamic fixed point group observing and rounding each tensor); eagerly otherwise."""
-    mode = kernels.ROUNDINGS[rounding]
-    if (x.dtype == torch.float32 and mode != kernels.STOCHASTIC and x.numel() >= COUNTING_COMPILE_MIN_NUMEL
-            and compile_enabled() and x.is_contiguous()):
-        lo, hi = _frac_range(fmt.word, x.dtype)
-        frac = min(max(fmt.frac, lo), hi)
-        scale, inv = (torch.tensor(2.0**e, device=x.device) for e in (frac, -frac))
-        above = torch.tensor(thresholds, dtype=torch.float32, device=x.device)
-        try:
-            y, counts = _compiled_counting()(x.detach().view(-1), scale, inv, -(2 ** (fmt.word - 1)),
-                                             2 ** (fmt.word - 1) - 1, mode, above)
-            return y.view(x.shape), counts.float()
-        except Exception as err:  # noqa: BLE001 (no compiler, ...): the eager ops give the same result
-            _disable_compile(err)
-    return quantize(x, fmt, rounding), count_above(x, thresholds)
 
 
 def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:

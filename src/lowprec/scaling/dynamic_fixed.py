@@ -37,9 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import (
-    DynamicFixedPoint, FixedPoint, count_above, max_abs_int_bits, parse_format, quantize, quantize_and_count,
-)
+from ..formats import DynamicFixedPoint, FixedPoint, count_above, max_abs_int_bits, parse_format, quantize
 from ..formats.types import FRAC_RANGE
 
 __all__ = ["DynamicExponent"]
@@ -110,22 +108,14 @@ class DynamicExponent:
 
     def observe(self, x: Tensor) -> None:
         """Record one batch's statistics for the next update."""
-        self._record(self.overflow_rates(x))
-
-    def _record(self, rates: Tensor) -> None:
+        rates = self.overflow_rates(x)
         self._rate_sum = rates if self._rate_sum is None else self._rate_sum.to(rates.device) + rates
         self.batches += 1
 
     def quantize(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
-        """Observe ``x`` then quantize it at the current exponent (one pass over x where it pays:
-        ``quantize_and_count``)."""
-        self.start(x)
-        if x.numel() == 0 or rounding == "stochastic":
-            self.observe(x)
-            return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
-        y, counts = quantize_and_count(x, self.fmt.at(self.int_bits), rounding, self.thresholds())
-        self._record(counts / float(x.numel()))
-        return y
+        """Observe ``x`` then quantize it at the current exponent."""
+        self.observe(x)
+        return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
 
     def _bounded(self, r: int) -> int:
         """r clamped so that r and r - 1 (whose rate is measured too) are integer bits of fixed<bits, frac> with
