@@ -194,3 +194,16 @@ def test_native_on_cuda(recipe):
     dtype = native_dtype(lp.Policy.preset(recipe))
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert not losses[-1].skipped
+
+
+def test_tied_weights_stay_tied_and_the_original_model_is_untouched():
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight  # tied, as in language models
+    plain = nn.Sequential(embedding, head)
+    model = _native(plain)
+    assert model[1].weight is model[0].weight and model[0].weight.dtype == torch.bfloat16
+    assert plain[0].weight.dtype == torch.float32  # convert() works on a copy
+    out = model(torch.tensor([[1, 2, 3]]))
+    out.sum().backward()
+    assert model[0].weight.grad.dtype == torch.bfloat16

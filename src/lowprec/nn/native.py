@@ -176,12 +176,9 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
         if isinstance(module, FLOAT32_MODULES):
             module.__class__ = _with_mixin(_Float32Compute, type(module))
             continue
-        own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-        if not own:
-            continue
-        for key, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None and p.is_floating_point():
-                module._parameters[key] = nn.Parameter(p.detach().to(storage), requires_grad=p.requires_grad)
+                p.data = p.detach().to(storage)  # the same Parameter object: ties, hooks, optimizers stay valid
         for key, b in module._buffers.items():
             if b is not None and b.is_floating_point():
                 module._buffers[key] = b.to(storage)
@@ -193,5 +190,4 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
     model.register_forward_pre_hook(lambda _, args, kwargs: (_cast(args, storage), _cast(kwargs, storage)),
                                     with_kwargs=True)
     model.register_forward_hook(lambda _, args, out: _cast(out, torch.float32))
-    model.lowprec_native = storage
     return model
