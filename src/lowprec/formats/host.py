@@ -15,13 +15,13 @@ vectorised ops:
   to 0 anyway), clamped to the word (saturates +-inf), times 2**-f (exact). NaN stays NaN (every op
   propagates it; a final sum detects it and puts the input's NaN back bit for bit, signalling ones too), -0
   and negative values that round to 0 keep their sign, as ``kernels.fixed_fast``.
-* ``dfx_host_exponent``: dynamic fixed point with the max-abs exponent on a CPU tensor: the exponent is
-  computed on the host from ``torch.aminmax`` (reading a CPU scalar costs no device sync), then
+* ``max_abs_exponent``: dynamic fixed point's max-abs exponent of a CPU tensor, computed on the host from
+  ``torch.aminmax`` (reading a CPU scalar costs no device sync); ``quantize`` then rounds with
   ``fixed_scaled``. A tensor holding NaN or inf takes the general kernel (the exponent must skip them).
 * ``uniform_scaled``: WRPN's round(clip(x) * n) / n.
 
-(Each also truncates toward zero when asked, but ``torch.trunc`` is not vectorised on CPUs: the kernels do that
-faster, and ``quantize`` sends only round-to-nearest here.)
+Only round-to-nearest comes here: ``torch.trunc`` is not vectorised on CPUs and stochastic rounding needs the
+kernels' random bits.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, TOWARD_ZERO
-
-__all__ = ["cast_round_trip", "fixed_scaled", "dfx_host_exponent", "uniform_scaled", "max_abs_exponent"]
+__all__ = ["cast_round_trip", "fixed_scaled", "uniform_scaled", "max_abs_exponent"]
 
 _SMALLEST_NORMAL = 2.0**-126
 
@@ -47,15 +45,11 @@ def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor
     return torch.where(torch.isnan(x), x, y, out=out)
 
 
-def _round_(y: Tensor, rounding: int) -> Tensor:
-    return y.round_() if rounding == NEAREST else y.trunc_()
-
-
-def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, rounding: int) -> Tensor:
-    """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring); ``rounding`` nearest or toward zero.
-    2**frac and 2**-frac must be normal float32 numbers (the caller's fraction range guarantees it)."""
+def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int) -> Tensor:
+    """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring), ties to even. 2**frac and 2**-frac
+    must be normal float32 numbers (the caller's fraction range guarantees it)."""
     y = torch.mul(x, 2.0**frac) if out is None else torch.mul(x, 2.0**frac, out=out)
-    return _keep_nan(x, _round_(y, rounding).clamp_(kmin, kmax).mul_(2.0**-frac))
+    return _keep_nan(x, y.round_().clamp_(kmin, kmax).mul_(2.0**-frac))
 
 
 def _keep_nan(x: Tensor, y: Tensor) -> Tensor:
@@ -76,15 +70,8 @@ def max_abs_exponent(x: Tensor) -> int | None:
     return math.frexp(peak)[1] if peak >= _SMALLEST_NORMAL else -126
 
 
-def dfx_host_exponent(
-    x: Tensor, out: Tensor | None, r: int, top: int, frac_lo: int, frac_hi: int, kmin: int, kmax: int, rounding: int
-) -> Tensor:
-    """Dynamic fixed point at int bits ``r`` (from ``max_abs_exponent``): frac = clamp(top - r), then fixed point."""
-    return fixed_scaled(x, out, min(max(top - r, frac_lo), frac_hi), kmin, kmax, rounding)
-
-
-def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool, rounding: int) -> Tensor:
-    """round(clamp(x, -1 or 0, 1) * levels) / levels, as ``kernels.uniform_grid`` (NaN propagates)."""
+def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool) -> Tensor:
+    """round(clamp(x, -1 or 0, 1) * levels) / levels, ties to even, as ``kernels.uniform_grid`` (NaN propagates)."""
     lo = -1.0 if signed else 0.0
     y = torch.clamp(x, lo, 1.0) if out is None else torch.clamp(x, lo, 1.0, out=out)
-    return _keep_nan(x, _round_(y.mul_(levels), rounding).div_(levels))
+    return _keep_nan(x, y.mul_(levels).round_().div_(levels))

@@ -63,6 +63,7 @@ def _compiled_apply() -> Callable:
 
 
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
+    global _compile_failed
     if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
         # The kernels act per element (or per whole tensor): a flat view gives one compiled graph for all ranks.
         flat = x.is_contiguous() and (out is None or out.is_contiguous()) and all(
@@ -74,18 +75,13 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
                 return y.view(x.shape) if out is None else out
             return _compiled_apply()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
-            _disable_compile(err)
+            _compile_failed = True
+            warnings.warn(
+                f"lowprec: torch.compile failed ({type(err).__name__}: {err}); quantizing eagerly from now on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _apply(kernel, x, out, *args)
-
-
-def _disable_compile(err: Exception) -> None:
-    global _compile_failed
-    _compile_failed = True
-    warnings.warn(
-        f"lowprec: torch.compile failed ({type(err).__name__}: {err}); quantizing eagerly from now on.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
 
 
 def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
@@ -152,7 +148,7 @@ def _fixed(
     lo, hi = _frac_range(word, x.dtype)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
-        return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax, rounding)
+        return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax)
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     if wide == torch.float32:
@@ -194,11 +190,7 @@ def _dispatch(
         return _fixed(x, out, fmt.word, fmt.frac, rounding, key)
     if isinstance(fmt, DynamicFixedPoint):
         if int_bits is None and _fast(x, rounding):
-            r = host.max_abs_exponent(x)
-            if r is not None:
-                lo, hi = _frac_range(fmt.bits, x.dtype)
-                kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
-                return host.dfx_host_exponent(x, out, r, fmt.bits - 1, lo, hi, kmin, kmax, rounding)
+            int_bits = host.max_abs_exponent(x)  # None when x holds NaN/inf: the kernel's rule skips them
         if int_bits is None and _wide(x.dtype) == torch.float32:  # max-abs rule fused with the rounding
             lo, hi = _frac_range(fmt.bits, x.dtype)
             kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
@@ -227,7 +219,7 @@ def _dispatch(
     if isinstance(fmt, Uniform):
         binary = fmt.signed and fmt.bits == 1
         if not binary and _fast(x, rounding):
-            return host.uniform_scaled(x, out, fmt.levels, fmt.signed, rounding)
+            return host.uniform_scaled(x, out, fmt.levels, fmt.signed)
         return _run(kernels.uniform_grid, x, out, fmt.levels, fmt.signed, binary, rounding, key)
     raise TypeError(f"not a lowprec format: {fmt!r}")
 
