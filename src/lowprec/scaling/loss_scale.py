@@ -171,7 +171,7 @@ class LossScaler:
         return loss.float() * self._scale
 
     def unscale_(
-        self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | torch.nn.Module
+        self, params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | torch.nn.Module, *, divide: bool = True
     ) -> tuple[bool, list[str]]:
         """Divide every ``.grad`` in place by S; return (any grad non-finite, names of those params).
 
@@ -180,6 +180,7 @@ class LossScaler:
         unscaling the same parameter twice raises RuntimeError. Dense grads only; params without grad are skipped.
         A non-finite loss since the last ``unscale_`` counts as found; it is named ``"loss"`` when no gradient is.
         With ``agree`` set, every process must unscale the same parameters (it reduces one flag per name).
+        ``divide=False`` only checks: the caller divides by S inside its own update (lowprec's fused SGD step).
         """
         if isinstance(params, torch.nn.Module):
             params = params.named_parameters()
@@ -195,7 +196,7 @@ class LossScaler:
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
         flags = []
         for (device, dtype), grads in groups.items():
-            if self._scale == 1.0:
+            if self._scale == 1.0 or not divide:
                 pass  # x / 1 == x
             elif dtype == torch.float32:
                 torch._foreach_div_(grads, self._scale)

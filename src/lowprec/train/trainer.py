@@ -21,6 +21,11 @@ loss scale and exponents.
 
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection), ``apply_update``.
+
+A natively stored model (``lowprec.nn.native``) under SGD takes steps 2-4 in one compiled pass per parameter
+group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates the fp32
+master and momentum and rounds the parameter. An explicit ``unscale_()``, a second ``backward`` before
+``apply_update`` (gradient accumulation, summed in fp32) or clipping take the unfused path for that step.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from ..policy import Policy, Quantizer, as_policy
 from ..scaling import LossScaler, StepResult
 from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_slots
+from .fused import FusedSGD
 from .state import OptimizerStateFormats
 from .update import step_parameters, use_master_copies
 from .warmup import warmup_exponents
@@ -115,6 +121,7 @@ class Trainer:
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
         use_master_copies(optimizer, self.slots)
+        self.fused = FusedSGD.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -136,8 +143,10 @@ class Trainer:
         """(S·loss).backward(). May be called several times before ``apply_update`` (gradient accumulation)."""
         if self._unscaled is not None:
             raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
+        self._gather_grads()  # an earlier backward's fp16/bf16 gradients of this step: summed in fp32
         self.scaler.scale_loss(loss).backward()
-        self._gather_grads()
+        if self.fused is None:
+            self._gather_grads()
 
     def _gather_grads(self) -> None:
         """Native fp16/bf16 parameters: move their gradients into the float32 master copies (update.py)."""
@@ -153,8 +162,25 @@ class Trainer:
 
     def apply_update(self) -> TrainStepResult:
         """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents."""
+        if self._unscaled is None and self.fused is not None and self.fused.ready(self.slots):
+            return self._fused_update()
         found_inf, _ = self.unscale_()
         grad_norm = None if found_inf else self._update_parameters()
+        return self._finish_step(found_inf, grad_norm)
+
+    def _fused_update(self) -> TrainStepResult:
+        """Check the fp16/bf16 gradients as they are, then one fused SGD pass (``fused.py``)."""
+        found_inf, _ = self._unscaled = self.scaler.unscale_(((s.name, s.param) for s in self.slots), divide=False)
+        scale = self.scaler.scale
+        if not found_inf and not self.fused.step(scale):  # the compiler failed, nothing changed: unfused
+            self._gather_grads()
+            grads = [s.holder.grad for s in self.slots if s.holder.grad is not None]
+            if scale != 1.0:
+                torch._foreach_div_(grads, scale)
+            self._update_parameters()
+        return self._finish_step(found_inf, None)
+
+    def _finish_step(self, found_inf: bool, grad_norm: Tensor | None) -> TrainStepResult:
         self.zero_grad()
         result = self.scaler.update(found_inf)
         self.update_exponents()
