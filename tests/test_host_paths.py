@@ -64,3 +64,31 @@ def test_only_nearest_and_float32_take_the_host_paths():
     assert not quantize_module._fast(x, kernels.TOWARD_ZERO)
     assert not quantize_module._fast(x.double(), kernels.NEAREST)
     assert not quantize_module._fast(torch.randn(quantize_module.HOST_MAX_NUMEL), kernels.NEAREST)
+
+
+@pytest.mark.parametrize("bits, int_bits", [(10, 3), (8, 0), (12, -20), (10, 40)])
+@pytest.mark.parametrize("scale", [2.0**-30, 1.0, 2.0**35])
+def test_quantize_counting_equals_quantize_and_count_above(bits, int_bits, scale, monkeypatch):
+    """The shared pass gives the bits of the kernels and exactly count_above's counts, ties at the thresholds
+    and at the edge of the word included."""
+    fmt = lp.parse_format(f"dfx<{bits}>")
+    g = lp.scaling.DynamicExponent(fmt, int_bits=int_bits)
+    thresholds = g.thresholds()
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(bits)) * scale * 2.0**int_bits
+    step = fmt.at(int_bits).step
+    x[:8] = torch.tensor([thresholds[0], -thresholds[0], thresholds[1], -thresholds[1],
+                          thresholds[1] + step / 4, fmt.at(int_bits).max_value + step, -0.0, step / 2])
+    y, counts = lp.formats.quantize_counting(x, fmt, int_bits, thresholds)
+    assert _same(y, _kernels(x, fmt.at(int_bits), monkeypatch))
+    assert counts.tolist() == [float((x.abs() > t).sum()) for t in thresholds]
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), 3e38])
+def test_quantize_counting_hands_nan_inf_and_overflowing_scale_to_the_general_paths(special, monkeypatch):
+    fmt = lp.parse_format("dfx<8>")
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(5))
+    x[17] = special
+    assert host.fixed_counting(x, fmt.bits - 1 - 2, -128, 127, (1.0,)) is None  # 3e38 * 2**5 is inf
+    y, counts = lp.formats.quantize_counting(x, fmt, 2, (1.0, 1.5))
+    assert _same(y, _kernels(x, fmt.at(2), monkeypatch))
+    assert counts.tolist() == [float((x.abs() > t).sum()) for t in (1.0, 1.5)]

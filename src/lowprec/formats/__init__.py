@@ -1,7 +1,7 @@
 """Number formats and ``quantize()``: the foundation every other layer builds on."""
 
 from .parse import FORMS, parse_format
-from .quantize import compile_enabled, count_above, max_abs_int_bits, quantize
+from .quantize import compile_enabled, count_above, max_abs_int_bits, quantize, quantize_counting
 from .types import (
     BF16,
     E4M3,
@@ -18,7 +18,7 @@ from .types import (
 )
 
 __all__ = [
-    "FORMS", "parse_format", "quantize", "count_above", "max_abs_int_bits", "compile_enabled",
+    "FORMS", "parse_format", "quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled",
     "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "FP32", "BF16", "FP16", "E4M3", "E5M2", "TORCH_DTYPES",
 ]

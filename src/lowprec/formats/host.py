@@ -18,6 +18,10 @@ vectorised ops:
 * ``max_abs_exponent``: dynamic fixed point's max-abs exponent of a CPU tensor, computed on the host from
   ``torch.aminmax`` (reading a CPU scalar costs no device sync); ``quantize`` then rounds with
   ``fixed_scaled``. A tensor holding NaN or inf takes the general kernel (the exponent must skip them).
+* ``fixed_counting``: ``fixed_scaled`` and ``count_above`` of the same tensor (the overflow-rate rule of dynamic
+  fixed point observes every tensor it rounds) sharing the scaled copy s = x * 2**f: |s| is compared with the
+  scaled thresholds (exact: the scaling is exact wherever it matters), its peak skips the counts it cannot
+  reach, the clamp when no value can round past the word, and the NaN check (a finite peak has no NaN).
 * ``uniform_scaled``: WRPN's round(clip(x) * n) / n.
 
 Only round-to-nearest comes here: ``torch.trunc`` is not vectorised on CPUs and stochastic rounding needs the
@@ -31,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["cast_round_trip", "fixed_scaled", "uniform_scaled", "max_abs_exponent"]
+__all__ = ["cast_round_trip", "fixed_scaled", "fixed_counting", "uniform_scaled", "max_abs_exponent"]
 
 _SMALLEST_NORMAL = 2.0**-126
 
@@ -50,6 +54,27 @@ def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int)
     must be normal float32 numbers (the caller's fraction range guarantees it)."""
     y = torch.mul(x, 2.0**frac) if out is None else torch.mul(x, 2.0**frac, out=out)
     return _keep_nan(x, y.round_().clamp_(kmin, kmax).mul_(2.0**-frac))
+
+
+def fixed_counting(
+    x: Tensor, frac: int, kmin: int, kmax: int, thresholds: tuple[float, ...]
+) -> tuple[Tensor, list[float]] | None:
+    """(``fixed_scaled(x, None, frac, kmin, kmax)``, [count of |x| > t for t in thresholds]), or None when x holds
+    NaN or a value whose scaled copy is inf (the caller then takes the general paths)."""
+    scale = 2.0**frac
+    s = torch.mul(x, scale)
+    a = s.abs()
+    peak = a.max().item()
+    if not math.isfinite(peak):
+        return None
+    needed = [t * scale for t in thresholds if peak > t * scale]
+    counts = {}
+    for i, t in enumerate(needed):  # the last count overwrites |s| itself
+        counts[t] = torch.gt(a, t, out=a if i == len(needed) - 1 else torch.empty_like(a)).sum().item()
+    s.round_()
+    if peak > kmax - 0.5:  # only then can a value round past the word (kmin = -kmax - 1 holds the rest)
+        s.clamp_(kmin, kmax)
+    return s.mul_(2.0**-frac), [counts.get(t * scale, 0.0) for t in thresholds]
 
 
 def _keep_nan(x: Tensor, y: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from . import host, kernels
 from .parse import parse_format
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
-__all__ = ["quantize", "count_above", "max_abs_int_bits", "compile_enabled"]
+__all__ = ["quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled"]
 
 #: Tensors with at least this many elements use the compiled kernels.
 COMPILE_MIN_NUMEL = 1 << 16
@@ -87,14 +87,44 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
 def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     """How many elements of |x| exceed each threshold (float32 counts, exact below 2**24; NaN never counts).
 
-    Eager, in vectorised float ops: count(|x| > t) = nansum(sign(relu(|x| - t))), exact because the sign of a
-    rounded difference is the sign of the exact one (a bool compare-and-sum is not vectorised on CPUs). On a CPU,
-    where reading a scalar is free, the peak |x| is read first and a threshold it does not exceed counts 0."""
+    Each count is ``gt(|x|, t)`` written as 0/1 into a float32 buffer and summed: exact (integers below 2**24)
+    and vectorised, where a bool sum is not on CPUs. On a CPU, where reading a scalar is free, the peak |x| is
+    read first: a threshold it does not exceed counts 0 without a pass, and the counts come back as one tensor
+    built from host numbers instead of a stack of device scalars."""
     a = x.detach().abs()
     a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # thresholds exact, not rounded to half
-    peak = a.max().item() if a.device.type == "cpu" and a.numel() else math.inf  # NaN: count everything
-    counts = [torch.nansum(torch.sub(a, t).relu_().sign_()) if not peak <= t else a.new_zeros(()) for t in thresholds]
-    return torch.stack(counts).float()
+    on_host = a.device.type == "cpu"
+    peak = a.max().item() if on_host and a.numel() else math.inf  # NaN: count everything (NaN never counts)
+    needed = [t for t in thresholds if not peak <= t]
+    counts = {}
+    for i, t in enumerate(needed):  # the last count may overwrite |x| itself
+        out = a if i == len(needed) - 1 else torch.empty_like(a)
+        counts[t] = torch.gt(a, t, out=out).sum()
+    if on_host:
+        return torch.tensor([counts[t].item() if t in counts else 0.0 for t in thresholds])
+    return torch.stack([counts[t] if t in counts else a.new_zeros(()) for t in thresholds]).float()
+
+
+def quantize_counting(
+    x: Tensor,
+    fmt: DynamicFixedPoint,
+    int_bits: int,
+    thresholds: Sequence[float],
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(quantize(x, fmt, rounding, generator=generator, int_bits=int_bits), count_above(x, thresholds))``: what the overflow-rate
+    rule of dynamic fixed point does to every tensor it rounds. A float32 CPU tensor rounded to nearest shares
+    one scaled copy between the two (``host.fixed_counting``); the results are those of the two calls."""
+    fmt.check_fits(x.dtype)
+    if (isinstance(fmt, DynamicFixedPoint) and isinstance(int_bits, int) and x.numel()
+            and _fast(x, kernels.ROUNDINGS.get(rounding))):
+        lo, hi = _frac_range(fmt.bits, x.dtype)
+        kmax = 2 ** (fmt.bits - 1) - 1
+        got = host.fixed_counting(x, min(max(fmt.bits - 1 - int_bits, lo), hi), -kmax - 1, kmax, tuple(thresholds))
+        if got is not None:
+            return got[0], torch.tensor(got[1])
+    return quantize(x, fmt, rounding, generator=generator, int_bits=int_bits), count_above(x, thresholds)
 
 
 def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:

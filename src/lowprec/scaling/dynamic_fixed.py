@@ -18,8 +18,9 @@ value reaches the largest positive code in magnitude (saturated values included)
 The other rule, the max-abs exponent of the tensor itself at every quantization (Flexpoint / Das et al., the
 choice Park et al. cite), needs no state: it is what ``quantize(x, "dfx<b>")`` does without ``int_bits``.
 
-Observations accumulate as tensors (no host sync per batch); only ``update()`` at the end of an interval
-reads them. An empty tensor is an observed batch with no overflow (so that every process counts the same
+Observations accumulate as a list of per-batch rate tensors (no host sync per batch, no arithmetic either);
+only ``update()`` at the end of an interval sums and reads them. A tensor rounded at the current exponent is
+observed in the same pass (``formats.quantize_counting``). An empty tensor is an observed batch with no overflow (so that every process counts the same
 batches) and does not start an exponent.
 
 Across processes (torch.distributed data parallelism) each rank observes its own data. ``counters()`` /
@@ -31,16 +32,23 @@ is applied to the max-abs start exponent of ``int_bits=None``, so all ranks star
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, FixedPoint, count_above, max_abs_int_bits, parse_format, quantize
+from ..formats import (DynamicFixedPoint, FixedPoint, count_above, max_abs_int_bits, parse_format, quantize,
+                       quantize_counting)
 from ..formats.types import FRAC_RANGE
 
 __all__ = ["DynamicExponent"]
+
+@functools.lru_cache(maxsize=None)
+def _thresholds(fmt: DynamicFixedPoint, int_bits: int) -> tuple[float, float]:
+    return tuple(f.max_value - f.step / 2 for f in (fmt.at(int_bits), fmt.at(int_bits - 1)))
+
 
 class DynamicExponent:
     """The moving exponent of one dynamic-fixed-point tensor group.
@@ -80,7 +88,15 @@ class DynamicExponent:
 
     def _reset(self) -> None:
         self.batches = 0
-        self._rate_sum: Tensor | None = None  # [rate at r, rate at r-1], summed over batches
+        self._rates: list[Tensor] = []  # [rate at r, rate at r-1] of each observed batch (or their sum)
+
+    @property
+    def _rate_sum(self) -> Tensor | None:
+        """[rate at r, rate at r - 1] summed over this interval's batches (None before the first)."""
+        if not self._rates:
+            return None
+        device = self._rates[-1].device
+        return torch.stack([r.to(device) for r in self._rates]).sum(dim=0)
 
     @property
     def format(self) -> FixedPoint:
@@ -96,7 +112,7 @@ class DynamicExponent:
 
     def thresholds(self) -> tuple[float, float]:
         """|x| above which a value counts as an overflow at r and at r - 1: max - step/2 of each format."""
-        return tuple(f.max_value - f.step / 2 for f in (self.fmt.at(self.int_bits), self.fmt.at(self.int_bits - 1)))
+        return _thresholds(self.fmt, self.int_bits)
 
     def overflow_rates(self, x: Tensor) -> Tensor:
         """[rate at r, rate at r - 1] for one batch: the fraction of |x| above each of ``thresholds()`` (a float
@@ -108,14 +124,21 @@ class DynamicExponent:
 
     def observe(self, x: Tensor) -> None:
         """Record one batch's statistics for the next update."""
-        rates = self.overflow_rates(x)
-        self._rate_sum = rates if self._rate_sum is None else self._rate_sum.to(rates.device) + rates
+        self._record(self.overflow_rates(x))
+
+    def _record(self, rates: Tensor) -> None:
+        self._rates.append(rates)
         self.batches += 1
 
     def quantize(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
-        """Observe ``x`` then quantize it at the current exponent."""
-        self.observe(x)
-        return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
+        """Observe ``x`` then quantize it at the current exponent (both from one pass where possible)."""
+        self.start(x)
+        if x.numel() == 0:
+            self.observe(x)
+            return quantize(x, self.fmt, rounding, int_bits=self.int_bits)
+        y, counts = quantize_counting(x, self.fmt, self.int_bits, self.thresholds(), rounding, generator)
+        self._record(counts / float(x.numel()))
+        return y
 
     def _bounded(self, r: int) -> int:
         """r clamped so that r and r - 1 (whose rate is measured too) are integer bits of fixed<bits, frac> with
@@ -136,7 +159,7 @@ class DynamicExponent:
     def set_counters(self, counters: Tensor) -> None:
         """Replace this interval's sums (e.g. by their totals over all processes); the inverse of ``counters``."""
         self.batches = int(counters[2])
-        self._rate_sum = counters[:2].float() if self.batches else None
+        self._rates = [counters[:2].float()] if self.batches else []
 
     def update(self) -> bool:
         """Apply the rule if an interval is complete; returns True if it ran (r may or may not move)."""
@@ -166,7 +189,7 @@ class DynamicExponent:
         self.int_bits = None if state["int_bits"] is None else int(state["int_bits"])
         self.max_overflow_rate, self.interval = state["max_overflow_rate"], state["interval"]
         self.batches = state["batches"]
-        self._rate_sum = state["rate_sum"]
+        self._rates = [] if state["rate_sum"] is None else [state["rate_sum"]]
 
     def __repr__(self) -> str:
         return (
