@@ -8,14 +8,16 @@ Run from the repository root:
     python benchmarks/training.py --quick     # fewer rounds and models, prints only
 
 Timing. All configurations of one model are built first and then timed in interleaved rounds: a round runs
-``--steps`` training steps of every configuration in turn, on the same fixed random batch, so that a slow
-spell of a shared machine hits all of them alike. A step time is the median over rounds; a ratio is the median
-over rounds of the per-round ratio to the baseline timed in that round. Baselines, written with PyTorch alone:
-``fp32`` (model, torch.optim.SGD(momentum=0.9), zero_grad, forward, loss.backward(), step) and ``autocast``
-(the same fp32 model with the forward under torch.autocast("cpu", bfloat16); bf16 needs no loss scaling).
-lowprec's configurations use lowprec.Trainer with torch.optim.SGD (for the native path the Trainer points it at
-its fp32 master copies), or lowprec.train.SGD, the same arithmetic, for the lazy-update presets, to which it hands
-each step's update without a parameter snapshot.
+every configuration in turn, on the same fixed random batch, so that a slow spell of a shared machine hits all
+of them alike; each configuration runs one untimed step (its caches were just evicted by the others: training
+runs steps back to back) and then ``--steps`` timed steps. A step time is the median over rounds; a ratio is
+the median over rounds of the per-round ratio to the baseline timed in that round. Baselines, written with
+PyTorch alone: ``fp32`` (model, torch.optim.SGD(momentum=0.9), zero_grad, forward, loss.backward(), step),
+``autocast`` (the same fp32 model with the forward under torch.autocast("cpu", bfloat16); bf16 needs no loss
+scaling) and ``autocast + fused SGD`` (the same with torch.optim.SGD(fused=True), torch's fastest update).
+lowprec's configurations use lowprec.Trainer with torch.optim.SGD (for the native path the Trainer updates its
+fp32 master copies in one compiled pass, lowprec/train/fused.py), or lowprec.train.SGD, the same arithmetic,
+for the lazy-update presets, to which it hands each step's update without a parameter snapshot.
 
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
@@ -84,10 +86,10 @@ Step = Callable[[], object]
 
 
 # -- the configurations -------------------------------------------------------------------------------------------
-def plain_step(work: Workload, autocast: bool = False) -> tuple[Step, tuple[object, ...]]:
+def plain_step(work: Workload, autocast: bool = False, fused: bool = False) -> tuple[Step, tuple[object, ...]]:
     torch.manual_seed(SEED)
     model = work.build()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, fused=fused or None)
     x, y = work.data()
 
     def step() -> None:
@@ -157,6 +159,7 @@ def time_rounds(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            step()
             start = time.perf_counter()
             for _ in range(per_round):
                 step()
@@ -174,16 +177,16 @@ def ms(times: dict[str, list[float]], name: str) -> str:
 
 # -- the sections -------------------------------------------------------------------------------------------------
 def native_section(workloads: list[Workload], rounds: int, per_round: int) -> tuple[Row, list[Row]]:
-    header = ["model", "fp32 ms/step", "autocast bf16 ms/step", "native-bf16 ms/step", "native vs fp32",
-              "native vs autocast", "autocast vs fp32"]
+    header = ["model", "fp32 ms/step", "autocast bf16 ms/step", "autocast + fused SGD ms/step",
+              "native-bf16 ms/step", "native vs fp32", "native vs autocast", "native vs autocast + fused SGD"]
     rows = []
     for work in workloads:
         steps = {"fp32": plain_step(work)[0], "autocast": plain_step(work, autocast=True)[0],
+                 "autocast-fused": plain_step(work, autocast=True, fused=True)[0],
                  "native": lowprec_step(work, "native-bf16")[0]}
         t = time_rounds(steps, rounds, per_round)
-        rows.append([work.note, ms(t, "fp32"), ms(t, "autocast"), ms(t, "native"),
-                     f"{1 / ratio(t, 'native', 'fp32'):.2f}x faster", f"{1 / ratio(t, 'native', 'autocast'):.2f}x faster",
-                     f"{1 / ratio(t, 'autocast', 'fp32'):.2f}x faster"])
+        rows.append([work.note, ms(t, "fp32"), ms(t, "autocast"), ms(t, "autocast-fused"), ms(t, "native")]
+                    + [f"{1 / ratio(t, 'native', base):.2f}x faster" for base in ("fp32", "autocast", "autocast-fused")])
         print(f"  native: {work.name} done", file=sys.stderr)
     return header, rows
 
@@ -293,7 +296,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, MLP and LeNet only, no file written")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, quick 4)")
-    parser.add_argument("--steps", type=int, default=3, help="steps per configuration per round (default 3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration per round, after "
+                        "one untimed step (default 5)")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--no-qtorch", action="store_true", help="skip the QPyTorch comparison")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
@@ -341,7 +345,8 @@ def main() -> None:
     body = [f"## Training steps (`{command}`)\n",
             f"- Run: {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} minutes; {source}",
             f"- Machine: {machine()}",
-            f"- Timing: {rounds} interleaved rounds of {args.steps} steps per configuration; medians (see the "
+            f"- Timing: {rounds} interleaved rounds of 1 untimed + {args.steps} timed steps per configuration; "
+            "medians (see the "
             "script's docstring). QPyTorch: " + qtorch_status, ""]
     for title, header, rows in sections:
         body += [title, "", markdown_table(header, rows), ""]
