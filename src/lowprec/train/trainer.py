@@ -22,7 +22,7 @@ loss scale and exponents.
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection), ``apply_update``.
 
-A natively stored model (``lowprec.nn.native``) under SGD takes steps 2-4 in one compiled pass per parameter
+A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass per parameter
 group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates the fp32
 master and momentum and rounds the parameter. An explicit ``unscale_()``, a second ``backward`` before
 ``apply_update`` (gradient accumulation, summed in fp32) or clipping take the unfused path for that step.
@@ -47,7 +47,7 @@ from ..policy import Policy, Quantizer, as_policy
 from ..scaling import LossScaler, StepResult
 from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_slots
-from .fused import FusedSGD
+from .fused import FusedUpdate
 from .state import OptimizerStateFormats
 from .update import step_parameters, use_master_copies
 from .warmup import warmup_exponents
@@ -121,7 +121,7 @@ class Trainer:
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
         use_master_copies(optimizer, self.slots)
-        self.fused = FusedSGD.build(optimizer, self.slots, clip=clip_grad_norm is not None)
+        self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -169,7 +169,7 @@ class Trainer:
         return self._finish_step(found_inf, grad_norm)
 
     def _fused_update(self) -> TrainStepResult:
-        """Check the fp16/bf16 gradients as they are, then one fused SGD pass (``fused.py``)."""
+        """Check the fp16/bf16 gradients as they are, then one fused optimizer pass (``fused.py``)."""
         found_inf, _ = self._unscaled = self.scaler.unscale_(((s.name, s.param) for s in self.slots), divide=False)
         scale = self.scaler.scale
         if not found_inf and not self.fused.step(scale):  # the compiler failed, nothing changed: unfused
