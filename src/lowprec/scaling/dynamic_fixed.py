@@ -18,9 +18,10 @@ value reaches the largest positive code in magnitude (saturated values included)
 The other rule, the max-abs exponent of the tensor itself at every quantization (Flexpoint / Das et al., the
 choice Park et al. cite), needs no state: it is what ``quantize(x, "dfx<b>")`` does without ``int_bits``.
 
-Observations accumulate as a list of per-batch rate tensors (no host sync per batch, no arithmetic either);
-only ``update()`` at the end of an interval sums and reads them. A tensor rounded at the current exponent is
-observed in the same pass (``formats.quantize_counting``). An empty tensor is an observed batch with no overflow (so that every process counts the same
+Rates are summed in float64: on the host for CPU tensors (reading a CPU scalar is free, and no small tensors
+pile up between two updates), on the device for others (no host sync per batch); only ``update()`` at the end
+of an interval reads them. A tensor rounded at the current exponent is observed in the same pass
+(``formats.quantize_counting``). An empty tensor is an observed batch with no overflow (so that every process counts the same
 batches) and does not start an exponent.
 
 Across processes (torch.distributed data parallelism) each rank observes its own data. ``counters()`` /
@@ -88,15 +89,16 @@ class DynamicExponent:
 
     def _reset(self) -> None:
         self.batches = 0
-        self._rates: list[Tensor] = []  # [rate at r, rate at r-1] of each observed batch (or their sum)
+        self._host_sum = [0.0, 0.0]  # [rate at r, rate at r-1] of the CPU batches, summed
+        self._device_sum: Tensor | None = None  # the same for batches on another device (float64 tensor)
 
     @property
     def _rate_sum(self) -> Tensor | None:
-        """[rate at r, rate at r - 1] summed over this interval's batches (None before the first)."""
-        if not self._rates:
+        """[rate at r, rate at r - 1] summed over this interval's batches (float64; None before the first)."""
+        if not self.batches:
             return None
-        device = self._rates[-1].device
-        return torch.stack([r.to(device) for r in self._rates]).sum(dim=0)
+        host = torch.tensor(self._host_sum, dtype=torch.float64)
+        return host if self._device_sum is None else self._device_sum + host.to(self._device_sum.device)
 
     @property
     def format(self) -> FixedPoint:
@@ -127,8 +129,19 @@ class DynamicExponent:
         self._record(self.overflow_rates(x))
 
     def _record(self, rates: Tensor) -> None:
-        self._rates.append(rates)
+        if rates.device.type == "cpu":
+            self._host_sum = [a + b for a, b in zip(self._host_sum, rates.tolist())]
+        else:
+            rates = rates.double()
+            self._device_sum = rates if self._device_sum is None else self._device_sum + rates
         self.batches += 1
+
+    def _set_sum(self, sums: Tensor | None) -> None:
+        self._host_sum, self._device_sum = [0.0, 0.0], None
+        if sums is not None and sums.device.type == "cpu":
+            self._host_sum = sums.double().tolist()
+        elif sums is not None:
+            self._device_sum = sums.double()
 
     def quantize(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
         """Observe ``x`` then quantize it at the current exponent (both from one pass where possible)."""
@@ -153,13 +166,13 @@ class DynamicExponent:
 
     def counters(self) -> Tensor:
         """This interval's sums as one float64 tensor: [rate at r, rate at r - 1, batches observed]."""
-        sums = self._rate_sum.double() if self._rate_sum is not None else torch.zeros(2, dtype=torch.float64)
+        sums = self._rate_sum if self.batches else torch.zeros(2, dtype=torch.float64)
         return torch.cat([sums, sums.new_tensor([float(self.batches)])])
 
     def set_counters(self, counters: Tensor) -> None:
         """Replace this interval's sums (e.g. by their totals over all processes); the inverse of ``counters``."""
+        self._set_sum(counters[:2] if int(counters[2]) else None)
         self.batches = int(counters[2])
-        self._rates = [counters[:2].float()] if self.batches else []
 
     def update(self) -> bool:
         """Apply the rule if an interval is complete; returns True if it ran (r may or may not move)."""
@@ -188,8 +201,8 @@ class DynamicExponent:
             raise ValueError(f"checkpoint holds an exponent for {state['format']}, this group is {self.fmt!r}")
         self.int_bits = None if state["int_bits"] is None else int(state["int_bits"])
         self.max_overflow_rate, self.interval = state["max_overflow_rate"], state["interval"]
+        self._set_sum(state["rate_sum"])
         self.batches = state["batches"]
-        self._rates = [] if state["rate_sum"] is None else [state["rate_sum"]]
 
     def __repr__(self) -> str:
         return (
