@@ -19,6 +19,11 @@ lowprec's configurations use lowprec.Trainer with torch.optim.SGD (for the nativ
 fp32 master copies in one compiled pass, lowprec/train/fused.py), or lowprec.train.SGD, the same arithmetic,
 for the lazy-update presets, to which it hands each step's update without a parameter snapshot.
 
+Allocator. The process keeps freed blocks for reuse (``lowprec.train.retain_freed_memory``, as ``lowprec train``
+does), for every configuration, the PyTorch baselines included: with glibc's defaults large blocks go back to
+the kernel when freed and each step page-faults them in again, which makes the emulated steps both slower and
+far noisier (``--glibc-defaults`` measures that way).
+
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
 exact for what lives across steps (weights, fp32 master copies, optimizer state, lazy-update accumulators,
@@ -300,6 +305,7 @@ def parse_args() -> argparse.Namespace:
                         "one untimed step (default 5)")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--no-qtorch", action="store_true", help="skip the QPyTorch comparison")
+    parser.add_argument("--glibc-defaults", action="store_true", help="leave malloc as it is (see the docstring)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
                         "for a full run, none for --quick)")
     return parser.parse_args()
@@ -315,6 +321,7 @@ def main() -> None:
     rounds = args.rounds or (4 if args.quick else 15)
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
+    retained = not args.glibc_defaults and lp.train.retain_freed_memory()
     qtorch_module, qtorch_status = load_qtorch(args.no_qtorch)
     source = lowprec_source()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -345,6 +352,8 @@ def main() -> None:
     body = [f"## Training steps (`{command}`)\n",
             f"- Run: {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} minutes; {source}",
             f"- Machine: {machine()}",
+            "- Allocator: " + ("freed blocks kept for reuse (lowprec.train.retain_freed_memory), every configuration"
+                               if retained else "the C library's defaults"),
             f"- Timing: {rounds} interleaved rounds of 1 untimed + {args.steps} timed steps per configuration; "
             "medians (see the "
             "script's docstring). QPyTorch: " + qtorch_status, ""]

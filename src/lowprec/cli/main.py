@@ -87,6 +87,9 @@ def cmd_compare(args) -> int:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc, args.argv)
+    from ..train import retain_freed_memory
+
+    retain_freed_memory()  # training reallocates the same blocks every step (lowprec/train/allocator.py)
     joined = _join_process_group(args)
     if not joined:
         return _compare(args)

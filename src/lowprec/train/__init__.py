@@ -4,6 +4,7 @@
 >>> result = trainer.step(loss_fn(model(x), y))      # result.skipped, result.scale, result.overflow_modules
 """
 
+from .allocator import retain_freed_memory
 from .optim import SGD, AdamW, DeltaOptimizer
 from .trainer import Trainer, TrainStepResult, scaler_for
 from .update import ParamSlot, step_parameters
@@ -11,5 +12,5 @@ from .warmup import warmup_exponents
 
 __all__ = [
     "Trainer", "TrainStepResult", "SGD", "AdamW", "DeltaOptimizer", "warmup_exponents",
-    "ParamSlot", "step_parameters", "scaler_for",
+    "ParamSlot", "step_parameters", "scaler_for", "retain_freed_memory",
 ]
