@@ -94,7 +94,7 @@ def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     a = x.detach().abs()
     a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # thresholds exact, not rounded to half
     on_host = a.device.type == "cpu"
-    peak = a.max().item() if on_host and a.numel() else math.inf  # NaN: count everything (NaN never counts)
+    peak = a.amax().item() if on_host and a.numel() else math.inf  # NaN: count everything (NaN never counts)
     needed = [t for t in thresholds if not peak <= t]
     counts = {}
     for i, t in enumerate(needed):  # the last count may overwrite |x| itself

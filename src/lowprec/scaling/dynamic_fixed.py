@@ -126,13 +126,17 @@ class DynamicExponent:
 
     def observe(self, x: Tensor) -> None:
         """Record one batch's statistics for the next update."""
-        self._record(self.overflow_rates(x))
+        self.start(x)
+        self._record(count_above(x, self.thresholds()) if x.numel() else None, x.numel())
 
-    def _record(self, rates: Tensor) -> None:
-        if rates.device.type == "cpu":
-            self._host_sum = [a + b for a, b in zip(self._host_sum, rates.tolist())]
+    def _record(self, counts: Tensor | None, numel: int) -> None:
+        """Add one batch's rates, counts / numel (an empty batch: none)."""
+        if counts is None:
+            pass
+        elif counts.device.type == "cpu":
+            self._host_sum = [a + c / numel for a, c in zip(self._host_sum, counts.tolist())]
         else:
-            rates = rates.double()
+            rates = counts.double() / numel
             self._device_sum = rates if self._device_sum is None else self._device_sum + rates
         self.batches += 1
 
@@ -150,7 +154,7 @@ class DynamicExponent:
             self.observe(x)
             return quantize(x, self.fmt, rounding, int_bits=self.int_bits)
         y, counts = quantize_counting(x, self.fmt, self.int_bits, self.thresholds(), rounding, generator)
-        self._record(counts / float(x.numel()))
+        self._record(counts, x.numel())
         return y
 
     def _bounded(self, r: int) -> int:
