@@ -225,14 +225,19 @@ def memory_split(config: str, work: Workload) -> dict[str, float]:
         params, masters, accs = list(model.parameters()), [], []
     else:
         step, held = lowprec_step(work, config)
-        opt = held[0].optimizer
-        params = list(held[0].model.parameters())
-        masters = [s.master_copy for s in held[0].slots]
-        accs = [s.acc for s in held[0].slots]
+        trainer = held[0]
+        opt = trainer.optimizer
+        params = list(trainer.model.parameters())
+        masters = [s.master_copy for s in trainer.slots]
+        accs = [s.acc for s in trainer.slots]
     for _ in range(2):
         step()
     state = [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
-    grads = [p for p in (masters if any(m is not None for m in masters) else params) if p is not None]
+    if masters:  # the fused update keeps each parameter's own gradient; the unfused one an fp32 master gradient
+        fused = trainer.fused is not None and not trainer.fused.failed
+        grads = [s.param if fused or s.master_copy is None else s.master_copy for s in trainer.slots]
+    else:
+        grads = params
     peak = measure_peak_memory(step, held=held)
     mib = 2.0**20
     split = {"weights": _bytes(params) / mib, "master copies": _bytes(masters) / mib,
