@@ -3,7 +3,7 @@ emulating each preset policy (beside QPyTorch doing the same roles), and peak tr
 
 Run from the repository root:
 
-    python benchmarks/training.py             # full run (about 10 minutes on 2 cores): rewrites the
+    python benchmarks/training.py             # full run (about 3 minutes on 2 cores): rewrites the
                                               # <!-- training:begin/end --> block of BENCHMARKS.md
     python benchmarks/training.py --quick     # fewer rounds and models, prints only
 
