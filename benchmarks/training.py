@@ -191,7 +191,7 @@ def native_section(workloads: list[Workload], rounds: int, per_round: int) -> tu
                  "native": lowprec_step(work, "native-bf16")[0]}
         t = time_rounds(steps, rounds, per_round)
         rows.append([work.note, ms(t, "fp32"), ms(t, "autocast"), ms(t, "autocast-fused"), ms(t, "native")]
-                    + [f"{1 / ratio(t, 'native', base):.2f}x faster" for base in ("fp32", "autocast", "autocast-fused")])
+                    + [f"{1 / ratio(t, 'native', b):.2f}x faster" for b in ("fp32", "autocast", "autocast-fused")])
         print(f"  native: {work.name} done", file=sys.stderr)
     return header, rows
 

@@ -35,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["cast_round_trip", "fixed_scaled", "fixed_counting", "uniform_scaled", "max_abs_exponent"]
+__all__ = ["cast_round_trip", "fixed_scaled", "fixed_counting", "counts_above", "uniform_scaled", "max_abs_exponent"]
 
 _SMALLEST_NORMAL = 2.0**-126
 
@@ -67,14 +67,23 @@ def fixed_counting(
     peak = a.amax().item()  # amax: 2.5x faster than max() on CPUs; both propagate NaN
     if not math.isfinite(peak):
         return None
-    needed = [t * scale for t in thresholds if peak > t * scale]
-    counts = {}
-    for i, t in enumerate(needed):  # the last count overwrites |s| itself
-        counts[t] = torch.gt(a, t, out=a if i == len(needed) - 1 else torch.empty_like(a)).sum().item()
+    counts = [0.0 if c is None else c.item() for c in counts_above(a, [t * scale for t in thresholds], peak)]
     s.round_()
     if peak > kmax - 0.5:  # only then can a value round past the word (kmin = -kmax - 1 holds the rest)
         s.clamp_(kmin, kmax)
-    return s.mul_(2.0**-frac), [counts.get(t * scale, 0.0) for t in thresholds]
+    return s.mul_(2.0**-frac), counts
+
+
+def counts_above(a: Tensor, thresholds: list[float], peak: float) -> list[Tensor | None]:
+    """count(a > t) for each threshold as a 0-d tensor, None where ``peak`` (a's max, inf if unknown) does not
+    exceed t. Each count is ``gt`` written as 0/1 into a float buffer and summed: exact below 2**24 elements and
+    vectorised, where a bool sum is not on CPUs; NaN never counts. The last count overwrites ``a``."""
+    needed = [i for i, t in enumerate(thresholds) if not peak <= t]
+    counts: list[Tensor | None] = [None] * len(thresholds)
+    for i in needed:
+        out = a if i == needed[-1] else torch.empty_like(a)
+        counts[i] = torch.gt(a, thresholds[i], out=out).sum()
+    return counts
 
 
 def _keep_nan(x: Tensor, y: Tensor) -> Tensor:

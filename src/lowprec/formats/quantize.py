@@ -87,22 +87,17 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
 def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     """How many elements of |x| exceed each threshold (float32 counts, exact below 2**24; NaN never counts).
 
-    Each count is ``gt(|x|, t)`` written as 0/1 into a float32 buffer and summed: exact (integers below 2**24)
-    and vectorised, where a bool sum is not on CPUs. On a CPU, where reading a scalar is free, the peak |x| is
-    read first: a threshold it does not exceed counts 0 without a pass, and the counts come back as one tensor
-    built from host numbers instead of a stack of device scalars."""
+    ``host.counts_above``: a 0/1 compare summed per threshold. On a CPU, where reading a scalar is free, the peak
+    |x| is read first (a threshold it does not exceed counts 0 without a pass) and the counts come back as one
+    tensor built from host numbers instead of a stack of device scalars."""
     a = x.detach().abs()
     a = a if a.dtype in (torch.float32, torch.float64) else a.float()  # thresholds exact, not rounded to half
     on_host = a.device.type == "cpu"
     peak = a.amax().item() if on_host and a.numel() else math.inf  # NaN: count everything (NaN never counts)
-    needed = [t for t in thresholds if not peak <= t]
-    counts = {}
-    for i, t in enumerate(needed):  # the last count may overwrite |x| itself
-        out = a if i == len(needed) - 1 else torch.empty_like(a)
-        counts[t] = torch.gt(a, t, out=out).sum()
+    counts = host.counts_above(a, list(thresholds), peak)
     if on_host:
-        return torch.tensor([counts[t].item() if t in counts else 0.0 for t in thresholds])
-    return torch.stack([counts[t] if t in counts else a.new_zeros(()) for t in thresholds]).float()
+        return torch.tensor([0.0 if c is None else c.item() for c in counts])
+    return torch.stack([a.new_zeros(()) if c is None else c for c in counts]).float()
 
 
 def quantize_counting(
@@ -113,9 +108,10 @@ def quantize_counting(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(quantize(x, fmt, rounding, generator=generator, int_bits=int_bits), count_above(x, thresholds))``: what the overflow-rate
-    rule of dynamic fixed point does to every tensor it rounds. A float32 CPU tensor rounded to nearest shares
-    one scaled copy between the two (``host.fixed_counting``); the results are those of the two calls."""
+    """``(quantize(x, fmt, rounding, generator=generator, int_bits=int_bits), count_above(x, thresholds))``:
+    what the overflow-rate rule of dynamic fixed point does to every tensor it rounds. A float32 CPU tensor
+    rounded to nearest shares one scaled copy between the two (``host.fixed_counting``); the results are those
+    of the two calls."""
     fmt.check_fits(x.dtype)
     if (isinstance(fmt, DynamicFixedPoint) and isinstance(int_bits, int) and x.numel()
             and _fast(x, kernels.ROUNDINGS.get(rounding))):

@@ -21,8 +21,8 @@ choice Park et al. cite), needs no state: it is what ``quantize(x, "dfx<b>")`` d
 Rates are summed in float64: on the host for CPU tensors (reading a CPU scalar is free, and no small tensors
 pile up between two updates), on the device for others (no host sync per batch); only ``update()`` at the end
 of an interval reads them. A tensor rounded at the current exponent is observed in the same pass
-(``formats.quantize_counting``). An empty tensor is an observed batch with no overflow (so that every process counts the same
-batches) and does not start an exponent.
+(``formats.quantize_counting``). An empty tensor is an observed batch with no overflow (so that every process
+counts the same batches) and does not start an exponent.
 
 Across processes (torch.distributed data parallelism) each rank observes its own data. ``counters()`` /
 ``set_counters()`` expose the interval's sums so that ``lowprec.train.distributed.sum_exponent_counters``
@@ -45,6 +45,7 @@ from ..formats import (DynamicFixedPoint, FixedPoint, count_above, max_abs_int_b
 from ..formats.types import FRAC_RANGE
 
 __all__ = ["DynamicExponent"]
+
 
 @functools.lru_cache(maxsize=None)
 def _thresholds(fmt: DynamicFixedPoint, int_bits: int) -> tuple[float, float]:

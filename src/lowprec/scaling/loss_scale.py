@@ -180,7 +180,7 @@ class LossScaler:
         unscaling the same parameter twice raises RuntimeError. Dense grads only; params without grad are skipped.
         A non-finite loss since the last ``unscale_`` counts as found; it is named ``"loss"`` when no gradient is.
         With ``agree`` set, every process must unscale the same parameters (it reduces one flag per name).
-        ``divide=False`` only checks: the caller divides by S inside its own update (lowprec's fused SGD step).
+        ``divide=False`` only checks: the caller divides by S inside its own update (lowprec's fused optimizer step).
         """
         if isinstance(params, torch.nn.Module):
             params = params.named_parameters()

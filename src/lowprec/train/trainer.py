@@ -22,10 +22,11 @@ loss scale and exponents.
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection), ``apply_update``.
 
-A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass per parameter
-group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates the fp32
-master and momentum and rounds the parameter. An explicit ``unscale_()``, a second ``backward`` before
-``apply_update`` (gradient accumulation, summed in fp32) or clipping take the unfused path for that step.
+A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass
+per parameter group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates
+the fp32 master and the optimizer state and rounds the parameter. An explicit ``unscale_()``, a second
+``backward`` before ``apply_update`` (gradient accumulation, summed in fp32) or clipping take the unfused path
+for that step.
 """
 
 from __future__ import annotations
