@@ -97,6 +97,9 @@ def _adam_kernel(masters: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 
 @functools.cache
 def _compiled(kernel: Callable) -> Callable:
+    # One graph per group's shapes, dtypes and static flags: a process that trains several models needs more
+    # than torch's default of 8, past which it would run the kernel eagerly (correct, but many passes).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(kernel, dynamic=False, fullgraph=True)
 
 
