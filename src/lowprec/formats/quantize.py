@@ -2,7 +2,9 @@
 
 Validation and dispatch only; the numerics are in ``kernels.py``. Large tensors run through kernels fused
 by ``torch.compile`` (one pass over memory); small ones, and every tensor when no compiler is available or
-``LOWPREC_COMPILE=0``, run the same kernels eagerly. Both give the same bits.
+``LOWPREC_COMPILE=0``, run the same kernels eagerly. Both give the same bits. Called from code a user compiles,
+these functions are opaque (``torch.compiler.disable``): the user's graph breaks around them and they run as
+here, since their own compiled kernels cannot nest inside another graph.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
     return _apply(kernel, x, out, *args)
 
 
+@torch.compiler.disable
 def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     """How many elements of |x| exceed each threshold (float32 counts, exact below 2**24; NaN never counts).
 
@@ -100,6 +103,7 @@ def count_above(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     return torch.stack([a.new_zeros(()) if c is None else c for c in counts]).float()
 
 
+@torch.compiler.disable
 def quantize_counting(
     x: Tensor,
     fmt: DynamicFixedPoint,
@@ -258,6 +262,7 @@ def _identity_for(fmt: Format, dtype: torch.dtype) -> bool:
     return fmt.man_bits >= c.man_bits and fmt.emin <= c.emin and fmt.emax >= c.emax
 
 
+@torch.compiler.disable
 def quantize(
     x: Tensor,
     fmt: Format | str,

@@ -39,7 +39,8 @@ class Quantizer:
     def enabled(self) -> bool:
         return self.quant is not None
 
-    def __call__(self, x: Tensor) -> Tensor:
+    @torch.compiler.disable  # stateful (exponent statistics) and runs its own compiled kernels: opaque to a
+    def __call__(self, x: Tensor) -> Tensor:  # user's torch.compile, which graph-breaks around it
         if self.quant is None:
             return x
         if self.observe_only:
@@ -50,6 +51,7 @@ class Quantizer:
             return self.exponent.quantize(x, self.quant.rounding)
         return quantize(x, self.quant.format, self.quant.rounding)
 
+    @torch.compiler.disable
     def round(self, x: Tensor) -> Tensor:
         """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
         if self.quant is None or self.observe_only:
