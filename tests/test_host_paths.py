@@ -51,7 +51,7 @@ def test_fixed_and_uniform_paths_equal_the_kernels(name, monkeypatch):
 def test_dfx_host_exponent_equals_the_kernel(scale, monkeypatch):
     x = torch.randn(300_000, generator=torch.Generator().manual_seed(3)) * scale
     fmt = lp.parse_format("dfx<8>")
-    assert host.max_abs_exponent(x) is not None
+    assert host.max_abs_exponent(x)[1] == x.abs().max().item()
     assert _same(lp.quantize(x, fmt), _kernels(x, fmt, monkeypatch))
     x[5] = float("nan")  # a NaN: the exponent must skip it, the general kernel does
     assert host.max_abs_exponent(x) is None
@@ -92,3 +92,15 @@ def test_quantize_counting_hands_nan_inf_and_overflowing_scale_to_the_general_pa
     y, counts = lp.formats.quantize_counting(x, fmt, 2, (1.0, 1.5))
     assert _same(y, _kernels(x, fmt.at(2), monkeypatch))
     assert counts.tolist() == [float((x.abs() > t).sum()) for t in (1.0, 1.5)]
+
+
+@pytest.mark.parametrize("peak", [127.5 / 128, -127.5 / 128, 127.25 / 128, 126.5 / 128, -1.0, 0.5, 2.0**-130])
+def test_dfx_maxabs_host_path_clamps_exactly_when_the_peak_rounds_past_the_word(peak, monkeypatch):
+    """max|x| scaled to 127.5 rounds (ties to even) to 128 and must saturate at 127; below it no value can pass
+    the word and the host path skips the clamp: both agree with the kernel bit for bit."""
+    fmt = lp.parse_format("dfx<8>")
+    x = torch.linspace(-0.7, 0.7, 1001) * abs(peak)
+    x[17] = peak
+    assert _same(lp.quantize(x, fmt), _kernels(x, fmt, monkeypatch))
+    if abs(peak) == 127.5 / 128:
+        assert lp.quantize(x, fmt)[17].item() == (127 / 128 if peak > 0 else -1.0)

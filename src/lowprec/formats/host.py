@@ -17,7 +17,8 @@ vectorised ops:
   and negative values that round to 0 keep their sign, as ``kernels.fixed_fast``.
 * ``max_abs_exponent``: dynamic fixed point's max-abs exponent of a CPU tensor, computed on the host from
   its min and max (reading a CPU scalar costs no device sync); ``quantize`` then rounds with
-  ``fixed_scaled``. A tensor holding NaN or inf takes the general kernel (the exponent must skip them).
+  ``fixed_scaled``, which the known peak spares the NaN check and, unless a value can round past the word,
+  the clamp. A tensor holding NaN or inf takes the general kernel (the exponent must skip them).
 * ``fixed_counting``: ``fixed_scaled`` and ``count_above`` of the same tensor (the overflow-rate rule of dynamic
   fixed point observes every tensor it rounds) sharing the scaled copy s = x * 2**f: |s| is compared with the
   scaled thresholds (exact: the scaling is exact wherever it matters), its peak skips the counts it cannot
@@ -49,11 +50,22 @@ def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor
     return torch.where(torch.isnan(x), x, y, out=out)
 
 
-def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int) -> Tensor:
+def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, peak: float | None = None) -> Tensor:
     """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring), ties to even. 2**frac and 2**-frac
-    must be normal float32 numbers (the caller's fraction range guarantees it)."""
+    must be normal float32 numbers (the caller's fraction range guarantees it). ``peak``, a finite max|x| the
+    caller already knows, drops the NaN check and (when no value can round past the word) the clamp."""
     y = torch.mul(x, 2.0**frac) if out is None else torch.mul(x, 2.0**frac, out=out)
-    return _keep_nan(x, y.round_().clamp_(kmin, kmax).mul_(2.0**-frac))
+    y = _round_scaled(y, frac, kmin, kmax, math.inf if peak is None else peak * 2.0**frac)
+    return y if peak is not None else _keep_nan(x, y)
+
+
+def _round_scaled(s: Tensor, frac: int, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
+    """s = x * 2**frac, in place: round (ties to even), clamp to [kmin, kmax] unless max|s| = ``scaled_peak``
+    rounds inside (below kmax + 1/2; kmin = -kmax - 1 then holds every negative value), times 2**-frac."""
+    s.round_()
+    if not scaled_peak < kmax + 0.5:
+        s.clamp_(kmin, kmax)
+    return s.mul_(2.0**-frac)
 
 
 def fixed_counting(
@@ -68,10 +80,7 @@ def fixed_counting(
     if not math.isfinite(peak):
         return None
     counts = [0.0 if c is None else c.item() for c in counts_above(a, [t * scale for t in thresholds], peak)]
-    s.round_()
-    if peak > kmax - 0.5:  # only then can a value round past the word (kmin = -kmax - 1 holds the rest)
-        s.clamp_(kmin, kmax)
-    return s.mul_(2.0**-frac), counts
+    return _round_scaled(s, frac, kmin, kmax, peak), counts
 
 
 def counts_above(a: Tensor, thresholds: list[float], peak: float) -> list[Tensor | None]:
@@ -94,13 +103,13 @@ def _keep_nan(x: Tensor, y: Tensor) -> Tensor:
     return y
 
 
-def max_abs_exponent(x: Tensor) -> int | None:
-    """r with 2**(r-1) <= max|x| < 2**r (-126 for an all-zero or subnormal max, as ``kernels.dfx_maxabs_fp32``),
-    or None when x holds NaN or inf."""
+def max_abs_exponent(x: Tensor) -> tuple[int, float] | None:
+    """(r, max|x|) with 2**(r-1) <= max|x| < 2**r (r = -126 for an all-zero or subnormal max, as
+    ``kernels.dfx_maxabs_fp32``), or None when x holds NaN or inf."""
     peak = max(-x.amin().item(), x.amax().item())  # two vectorised reductions beat aminmax's one on CPUs
     if not math.isfinite(peak):
         return None
-    return math.frexp(peak)[1] if peak >= _SMALLEST_NORMAL else -126
+    return (math.frexp(peak)[1] if peak >= _SMALLEST_NORMAL else -126), peak
 
 
 def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool) -> Tensor:

@@ -171,14 +171,16 @@ def _frac_range(word: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _fixed(
-    x: Tensor, out: Tensor | None, word: int, frac: Tensor | int, rounding: int, key: Tensor | None
+    x: Tensor, out: Tensor | None, word: int, frac: Tensor | int, rounding: int, key: Tensor | None,
+    peak: float | None = None,
 ) -> Tensor:
-    """Fixed-point rounding with a (possibly tensor-valued) number of fraction bits."""
+    """Fixed-point rounding with a (possibly tensor-valued) number of fraction bits; ``peak``: max|x| when known
+    (finite), for the host path."""
     wide = _wide(x.dtype)
     lo, hi = _frac_range(word, x.dtype)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
-        return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax)
+        return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax, peak)
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     if wide == torch.float32:
@@ -220,7 +222,9 @@ def _dispatch(
         return _fixed(x, out, fmt.word, fmt.frac, rounding, key)
     if isinstance(fmt, DynamicFixedPoint):
         if int_bits is None and _fast(x, rounding):
-            int_bits = host.max_abs_exponent(x)  # None when x holds NaN/inf: the kernel's rule skips them
+            found = host.max_abs_exponent(x)  # None when x holds NaN/inf: the kernel's rule skips them
+            if found is not None:
+                return _fixed(x, out, fmt.bits, fmt.bits - 1 - found[0], rounding, key, peak=found[1])
         if int_bits is None and _wide(x.dtype) == torch.float32:  # max-abs rule fused with the rounding
             lo, hi = _frac_range(fmt.bits, x.dtype)
             kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
