@@ -5,8 +5,8 @@ as such blocks are freed) straight back to the kernel on free, and trims the top
 threshold. A training step frees and reallocates the same activations, gradients and rounding temporaries
 every step, so each one is page-faulted in again. Emulated low precision makes many such temporaries (each
 rounded tensor, each exponent's overflow count), and whether they are refaulted depends on how the heap
-happens to be laid out: on a 2-core machine the emulated LeNet step measured 1.9-2.0x an fp32 step with
-glibc's defaults and 1.44x with the blocks kept (int8-lazy; dfx-10-12 1.9-2.1x against 1.44-1.48x).
+happens to be laid out: on a 2-core machine the emulated LeNet int8-lazy step measured anywhere from 1.40x
+to 2.0x an fp32 step with glibc's defaults, from one process to the next, and 1.40-1.50x with the blocks kept.
 
 ``retain_freed_memory()`` sets the mmap threshold to its maximum (32 MiB: larger blocks still come from mmap)
 and the trim threshold to 1 GiB, so that freed blocks stay in the heap and are reused. The process's resident
