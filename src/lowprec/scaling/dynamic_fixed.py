@@ -120,15 +120,17 @@ class DynamicExponent:
     def overflow_rates(self, x: Tensor) -> Tensor:
         """[rate at r, rate at r - 1] for one batch: the fraction of |x| above each of ``thresholds()`` (a float
         tensor, no host sync on a GPU; zeros for an empty tensor)."""
-        self.start(x)
-        if x.numel() == 0:
-            return torch.zeros(2, device=x.device)
-        return count_above(x, self.thresholds()) / float(x.numel())
+        counts = self._counts(x)
+        return torch.zeros(2, device=x.device) if counts is None else counts / float(x.numel())
 
     def observe(self, x: Tensor) -> None:
         """Record one batch's statistics for the next update."""
+        self._record(self._counts(x), x.numel())
+
+    def _counts(self, x: Tensor) -> Tensor | None:
+        """How many elements of |x| exceed each of ``thresholds()`` (None for an empty tensor)."""
         self.start(x)
-        self._record(count_above(x, self.thresholds()) if x.numel() else None, x.numel())
+        return count_above(x, self.thresholds()) if x.numel() else None
 
     def _record(self, counts: Tensor | None, numel: int) -> None:
         """Add one batch's rates, counts / numel (an empty batch: none)."""
