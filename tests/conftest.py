@@ -28,3 +28,10 @@ def both_paths(request, monkeypatch):
 
     monkeypatch.setattr(importlib.import_module("lowprec.formats.quantize"), "FAST_PATHS", request.param)
     return request.param
+
+
+@pytest.fixture
+def eager_update(monkeypatch):
+    """Native models' Trainer takes the eager update (its compiled one is tested in test_fused.py): spares a
+    test the compile of the fused step."""
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")

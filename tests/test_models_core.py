@@ -39,6 +39,8 @@ CASES: dict[str, Case] = {
     "lstm": Case(run=_run_lstm),
     "char-lstm": Case(kwargs={"vocab_size": 11}, run=lambda m: m(torch.randint(0, 11, (3, 6))), shape=(3, 6, 11)),
     "dcgan": Case(run=_run_gan, shape=(3,)),
+    "gpt": Case(kwargs={"vocab_size": 11, "block_size": 8, "n_embd": 16, "n_head": 2},
+                run=lambda m: m(torch.randint(0, 11, (3, 6))), shape=(3, 6, 11)),
 }
 
 
@@ -61,7 +63,7 @@ def backward(model: nn.Module, name: str) -> torch.Tensor:
 
 def test_every_registered_model_has_a_case():
     assert set(CASES) == set(MODELS) == {
-        "lenet", "maxout-mlp", "conv-maxout", "small-cnn", "resnet20", "lstm", "char-lstm", "dcgan"}
+        "lenet", "maxout-mlp", "conv-maxout", "small-cnn", "resnet20", "lstm", "char-lstm", "dcgan", "gpt"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,7 +1,7 @@
 """The papers' models as plain ``torch.nn`` modules, and a registry of them by name.
 
 Every model is built from standard layers only (``nn.Linear``, ``nn.Conv2d``, ``nn.LSTM``, ``nn.BatchNorm2d``,
-``nn.Embedding``, pooling, activations) plus parameter-free helpers (:class:`Maxout`, :class:`MaskDropout`,
+``nn.Embedding``, ``nn.LayerNorm``, pooling, activations; the GPT's attention is functional matmul/softmax or SDPA) plus parameter-free helpers (:class:`Maxout`, :class:`MaskDropout`,
 :class:`PadShortcut`), so ``lowprec.convert(model, policy)`` can swap the parameterised layers for quantized ones
 by type. Layers are registered in the order the data flows through them, so the first and last quantizable
 layers in module order (``@first`` / ``@last`` in a policy) are the network's input and classifier layers.
@@ -17,6 +17,7 @@ resnet20       :func:`resnet20`                  He et al. ResNet-20; Park Table
 lstm           :class:`LSTMClassifier`           Park et al. Table 4, TIDIGITS LSTM
 char-lstm      :class:`CharLSTM`                 CPU analog of MPT's LSTM language models
 dcgan          :class:`DCGAN`                    MPT / Park DCGAN, small
+gpt            :class:`GPT`                      beyond the papers: a small char-level GPT (nanoGPT-style)
 =============  ================================  ===================================================
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from .cnn import SmallCNN
 from .gan import DCGAN, Discriminator, Generator
+from .gpt import GPT
 from .lenet import LeNet
 from .maxout import (
     MAX_COL_NORM,
@@ -48,6 +50,7 @@ __all__ = [
     "CharLSTM",
     "ConvMaxoutMNIST",
     "Discriminator",
+    "GPT",
     "Generator",
     "LSTMClassifier",
     "LeNet",
@@ -71,6 +74,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lstm": LSTMClassifier,
     "char-lstm": CharLSTM,
     "dcgan": DCGAN,
+    "gpt": GPT,
 }
 
 

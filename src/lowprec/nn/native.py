@@ -19,9 +19,21 @@ tensors *are* the format: half the bytes, and the device's own fp16/bf16 kernels
   backward stays in S). Softmax/LogSoftmax modules compute on the float32 value of their input and round
   their result to S. (torch.autocast on CPU runs all of these in bf16.) The model's floating outputs are
   returned in float32, so the softmax and the loss the caller computes from them are float32.
+* Attention runs in S: ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``/``DecoderLayer``)
+  becomes a native layer whose bf16/fp16 projections feed torch's fused scaled-dot-product attention, and a
+  model's own ``F.scaled_dot_product_attention`` or ``q @ k.transpose(-2, -1)`` runs on its S operands. The
+  fused CPU and CUDA attention kernels keep the softmax's running max and sum in float32 and round P once;
+  a hand-written softmax runs in float32 only where the model asks for it (``F.softmax(scores.float())``, as
+  lowprec's GPT does): functional calls are not intercepted on this path.
+* Weight tying is kept: parameters are cast in place (``p.data``), so a parameter shared by two modules (a
+  GPT's token embedding and LM head) stays ONE Parameter, stored once in S, with one float32 master copy in
+  the Trainer (``named_parameters()`` lists it once); its gradient sums both uses in S.
 * Master weights: ``lowprec.Trainer`` keeps a float32 master copy of every S parameter, lets the optimizer
   update the masters and rounds them back into the parameters after each step (``train.update``); gradients
   are copied to float32 before they are unscaled, clipped or applied.
+* Pickling: a native model pickles whole (``torch.save(model)``, ``copy.deepcopy``; load it with
+  ``torch.load(..., weights_only=False)`` as any whole pickled model). Its layer classes (``NativeLinear``,
+  ...) are built at run time and rebuilt on load; its entrance and exit casts are module-level hooks.
 
 Limits (ValueError naming the cause): the eight layer roles must all be the same fp16 or bf16 format with
 nearest rounding (autograd keeps one dtype through a layer); no master, accumulator or accumulation role and
@@ -111,14 +123,31 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-class _Float32Compute:
+def _native_instance(mixin: type, cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``cls`` with ``mixin`` in front: how a pickled native module is rebuilt."""
+    native = _with_mixin(mixin, cls)
+    return native.__new__(native)
+
+
+class _NativeMixin:
+    """Base of the mixins below. The classes ``to_native`` builds (``NativeLinear``, ...) exist only at run
+    time, so a native module pickles (``torch.save`` of a whole model, ``copy.deepcopy``) as "the mixin over
+    the torch class, with this state", which ``_native_instance`` rebuilds on load."""
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        mixin, cls = type(self).__bases__
+        state = super().__reduce_ex__(max(int(protocol), 2))[2:]  # type: ignore[misc]  # (state, items, ...)
+        return (_native_instance, (mixin, cls), *state)
+
+
+class _Float32Compute(_NativeMixin):
     """Mixin: compute in float32 on the upcast input, return the result in the input's dtype."""
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return super().forward(x.float(), *args, **kwargs).to(x.dtype)  # type: ignore[misc]
 
 
-class _NativeLayer:
+class _NativeLayer(_NativeMixin):
     """Mixin of a layer whose parameters are stored in S: the torch layer's own forward where the device
     multiplies S natively; otherwise float32 compute on float32 copies of the inputs and parameters, rounded to
     S, with the copies recomputed in backward (checkpointing) instead of being kept. Decided per call by the
@@ -187,7 +216,18 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
         if any(p is not None for p in module._parameters.values()):
             module.__class__ = _with_mixin(_NativeLayer, type(module))
             module._lowprec_storage = storage
-    model.register_forward_pre_hook(lambda _, args, kwargs: (_cast(args, storage), _cast(kwargs, storage)),
-                                    with_kwargs=True)
-    model.register_forward_hook(lambda _, args, out: _cast(out, torch.float32))
+    # module-level functions (not lambdas), so that the model pickles
+    model.register_forward_pre_hook(functools.partial(_cast_inputs, storage), with_kwargs=True)
+    model.register_forward_hook(_outputs_to_float32)
     return model
+
+
+def _cast_inputs(storage: torch.dtype, _module: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Forward pre-hook of a native model: its floating inputs cast to the storage dtype."""
+    return _cast(args, storage), _cast(kwargs, storage)
+
+
+def _outputs_to_float32(_module: nn.Module, _args: tuple[Any, ...], out: Any) -> Any:
+    """Forward hook of a native model: its floating outputs returned in float32."""
+    return _cast(out, torch.float32)
