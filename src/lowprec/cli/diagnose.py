@@ -37,16 +37,17 @@ def _inspect_setup(args):
     b = args.batch
     batches = [(data.train_inputs[0][i * b : (i + 1) * b], data.train_labels[i * b : (i + 1) * b])
                for i in range(args.steps)]
-    return build_model(task.model, **task.model_kwargs), batches, task.loss_multiplier, f"task {task.name}"
+    model = build_model(task.model, **task.model_kwargs, **data.model_kwargs)
+    return model, batches, task.loss_multiplier, f"task {task.name}"
 
 
 def cmd_inspect(args) -> int:
-    import torch.nn.functional as F
     from rich.console import Console
     from rich.table import Table
 
     from ..diagnostics import inspect
     from ..experiments import parse_recipe
+    from ..train import cross_entropy
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     recipe = parse_recipe(args.recipe)
@@ -54,7 +55,7 @@ def cmd_inspect(args) -> int:
     multiplier *= args.loss_multiplier
 
     def loss_fn(m, batch):
-        return F.cross_entropy(m(batch[0]).float(), batch[1]) * multiplier
+        return cross_entropy(m(batch[0]), batch[1]) * multiplier
 
     report = inspect(model, batches, recipe.policy, steps=args.steps, formats=args.format, loss_fn=loss_fn,
                      max_lost=args.max_lost)

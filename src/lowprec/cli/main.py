@@ -143,7 +143,7 @@ def cmd_underflow(args) -> int:
     task = _task_with(args)
     data = load_task_data(task, args.data_root)
     torch.manual_seed(args.seed)
-    model = build_model(task.model, **task.model_kwargs)
+    model = build_model(task.model, **task.model_kwargs, **data.model_kwargs)
     b = task.batch_size
     batches = [(tuple(t[i : i + b] for t in data.train_inputs), data.train_labels[i : i + b])
                for i in range(0, min(args.batches * b, len(data.train_labels)), b)]

@@ -2,7 +2,7 @@
 
 Real data sets live in data_dir() ($LOWPREC_DATA, default ~/.cache/lowprec), one sub-folder each
 (DATASET_FOLDERS); dataset_status() reports what is there and how to obtain the rest. A small MNIST subset
-ships with the package (SHIPPED_MNIST) and the char-LSTM corpus defaults to Python's pydoc_data, so examples
+ships with the package (SHIPPED_MNIST) and the char-LSTM / GPT corpus defaults to Python's pydoc_data, so examples
 and tests run offline with nothing downloaded.
 """
 
@@ -14,7 +14,7 @@ from .sources import how_to_obtain
 from .spoken_digits import SpokenDigits, load_spoken_digits, pack
 from .status import DatasetStatus, dataset_status
 from .svhn import load_svhn
-from .text import char_batches, load_text
+from .text import char_batches, char_windows, load_text
 
 __all__ = [
     "DATASET_FOLDERS",
@@ -23,6 +23,7 @@ __all__ = [
     "IDXError",
     "SpokenDigits",
     "char_batches",
+    "char_windows",
     "data_dir",
     "dataset_dir",
     "dataset_status",

@@ -1,12 +1,14 @@
-"""Character corpora for a char-LSTM: any UTF-8 text file, or Python's own documentation as an offline default."""
+"""Character corpora for char-level language models (char-LSTM, GPT): any UTF-8 text file, or Python's own
+documentation as an offline default."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-__all__ = ["char_batches", "default_corpus", "load_text"]
+__all__ = ["char_batches", "char_windows", "default_corpus", "load_text"]
 
 
 def default_corpus() -> str:
@@ -64,3 +66,19 @@ def char_batches(encoded: torch.Tensor, seq_len: int, batch_size: int) -> tuple[
         return s.reshape(batch_size, n_batches, seq_len).transpose(0, 1).contiguous()
 
     return cut(streams[:, :span]), cut(streams[:, 1 : span + 1])
+
+
+def char_windows(encoded: Tensor, seq_len: int, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Cut a corpus into independent windows for a model without carried state (a GPT): (inputs, targets),
+    each int64 (n, seq_len), window i holding characters [i*seq_len, (i+1)*seq_len) and its targets the
+    characters one further on (``targets[i, t] == encoded[i*seq_len + t + 1]``). Windows do not overlap; the
+    tail that does not fill one (with its next character) is dropped; ``limit`` keeps the first ``limit``.
+    ValueError if not even one window fits or for a seq_len or limit below 1.
+    """
+    if seq_len < 1 or (limit is not None and limit < 1):
+        raise ValueError(f"seq_len and limit must be >= 1, got {seq_len}, {limit}")
+    n = (len(encoded) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"a corpus of {len(encoded)} characters is too short for one window of {seq_len} (+1)")
+    n = min(n, limit) if limit is not None else n
+    return encoded[: n * seq_len].view(n, seq_len), encoded[1 : n * seq_len + 1].view(n, seq_len)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..train import cross_entropy
 from .memory import PeakMemory, profile_peak_memory
 
 __all__ = ["COMPONENTS", "MemoryEstimate", "estimate_memory", "measure_step_memory", "wrpn_footprint"]
@@ -145,8 +146,8 @@ def _step_setup(model: nn.Module, policy: Any, optimizer: str) -> tuple[nn.Modul
 
 
 def cross_entropy_step_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """The loss of a classification step, as ``lowprec train`` computes it."""
-    return torch.nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
+    """The loss of a training step, as ``lowprec train`` computes it (``lowprec.train.cross_entropy``)."""
+    return cross_entropy(model(batch[0]), batch[1])
 
 
 def _rounding_scratch(quant: Any, policy: Any, numel: int) -> int:

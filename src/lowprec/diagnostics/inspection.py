@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..formats import Format, parse_format
 from ..nn import QuantizedModule, convert
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
+from ..train import cross_entropy
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, start_exponents
 from .census import LOG2_MIN, Census, census
 
@@ -69,10 +69,11 @@ class _Recorder(Quantizer):
 
 
 def cross_entropy_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """The default loss: cross-entropy of ``model(*inputs)`` (in float32) against ``labels``."""
+    """The default loss: cross-entropy of ``model(*inputs)`` (in float32) against ``labels`` (one per example,
+    or one per position of a language model: ``lowprec.train.cross_entropy``)."""
     inputs, labels = batch
     inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    return F.cross_entropy(model(*inputs).float(), labels)
+    return cross_entropy(model(*inputs), labels)
 
 
 class _Sums:

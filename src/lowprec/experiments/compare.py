@@ -46,7 +46,12 @@ def _slug(label: str) -> str:
 
 
 def format_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
-    """Rows of strings: recipe, final and best test accuracy, final train loss, skipped steps, seconds."""
+    """Rows of strings: recipe, final and best test accuracy, final train loss, skipped steps, seconds, and the
+    accuracy difference to the fp32 run. For a language-model task (its history holds ``val_loss``): recipe,
+    final validation loss (nats per token), perplexity, best perplexity, per-token accuracy, final train loss,
+    skipped steps, seconds, and the validation-loss difference to the fp32 run."""
+    if results and all(r.history and "val_loss" in r.history[-1] for r in results):
+        return _language_model_table(results)
     base = next((r for r in results if r.recipe == "fp32"), None)
     rows = []
     for r in results:
@@ -64,6 +69,27 @@ def format_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
     return rows
 
 
+def _language_model_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
+    base = next((r for r in results if r.recipe == "fp32"), None)
+    rows = []
+    for r in results:
+        last = r.history[-1]
+        row = {
+            "recipe": r.recipe,
+            "val loss": f"{last['val_loss']:.4f}",
+            "perplexity": f"{last['perplexity']:.3f}",
+            "best ppl": f"{min(h['perplexity'] for h in r.history):.3f}",
+            "token acc %": f"{last['test_accuracy']:.2f}",
+            "train loss": f"{last['train_loss']:.4f}",
+            "skipped": str(r.skipped_steps),
+            "seconds": f"{r.seconds:.1f}",
+        }
+        if base is not None:
+            row["vs fp32"] = f"{last['val_loss'] - base.history[-1]['val_loss']:+.4f}"
+        rows.append(row)
+    return rows
+
+
 def write_table(results: Sequence[RunResult], path: Path) -> None:
     rows = format_table(results)
     with path.open("w", newline="") as f:
@@ -73,23 +99,26 @@ def write_table(results: Sequence[RunResult], path: Path) -> None:
 
 
 def plot_runs(results: Sequence[RunResult], path: Path, title: str = "") -> None:
-    """Training loss per step (smoothed) and test accuracy per epoch, one line per recipe."""
+    """Training loss per step (smoothed) and test accuracy per epoch (validation perplexity for a language
+    model), one line per recipe."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    language_model = any(r.history and "perplexity" in r.history[0] for r in results)
+    metric, ylabel, panel = (("perplexity", "validation perplexity", "perplexity") if language_model
+                             else ("test_accuracy", "test accuracy (%)", "accuracy"))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results:
         window = max(1, len(r.losses) // 50)
         smooth = [sum(r.losses[max(0, i - window + 1) : i + 1]) / len(r.losses[max(0, i - window + 1) : i + 1])
                   for i in range(len(r.losses))]
         ax_loss.plot(range(1, len(smooth) + 1), smooth, label=r.recipe, lw=1.2)
-        ax_acc.plot([h["epoch"] for h in r.history], [h["test_accuracy"] for h in r.history], marker="o",
-                    label=r.recipe)
+        ax_acc.plot([h["epoch"] for h in r.history], [h[metric] for h in r.history], marker="o", label=r.recipe)
     ax_loss.set(xlabel="step", ylabel="training loss (moving mean)", yscale="log", title="convergence")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
+    ax_acc.set(xlabel="epoch", ylabel=ylabel, title=panel)
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3, which="both")

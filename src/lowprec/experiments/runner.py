@@ -19,12 +19,11 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..diagnostics.overflow import describe_skipped_step
@@ -32,12 +31,12 @@ from ..formats import Format, parse_format
 from ..models import apply_max_norm, build_model
 from ..nn import convert, fill_clip_range
 from ..policy import Policy
-from ..train import SGD, AdamW, Trainer, distributed
+from ..train import SGD, AdamW, Trainer, cross_entropy, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .recipes import Recipe
 from .tasks import Task, TaskData
 
-__all__ = ["RunResult", "run", "evaluate"]
+__all__ = ["RunResult", "run", "evaluate", "evaluate_loss"]
 
 log = logging.getLogger("lowprec.train")
 
@@ -80,16 +79,32 @@ def _lr_at(task: Task, base: float, step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Accuracy in percent."""
+def _scores(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
+            batch_size: int) -> tuple[float, float]:
+    """(correct predictions, summed cross-entropy) over every label (every position of a language model), in
+    eval mode, ``batch_size`` examples at a time."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct, loss = 0.0, 0.0
     for i in range(0, len(labels), batch_size):
         logits = model(*(t[i : i + batch_size] for t in inputs))
         correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum().item()
+        loss += cross_entropy(logits, labels[i : i + batch_size], reduction="sum").item()
     model.train(was_training)
-    return 100.0 * correct / max(len(labels), 1)
+    return correct, loss
+
+
+def evaluate(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Accuracy in percent over every label: per example, or per position of a language model's (N, T) labels."""
+    return 100.0 * _scores(model, inputs, labels, batch_size)[0] / max(labels.numel(), 1)
+
+
+def evaluate_loss(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
+                  batch_size: int = 500) -> tuple[float, float]:
+    """(accuracy in percent, mean cross-entropy in nats) over every label; perplexity is exp(loss)."""
+    correct, loss = _scores(model, inputs, labels, batch_size)
+    n = max(labels.numel(), 1)
+    return 100.0 * correct / n, loss / n
 
 
 def _writer(out_dir: Path):
@@ -131,12 +146,13 @@ def run(
     _check_settings(settings, len(data.train_labels), checkpoint_every)
     _check_finite(data)
     torch.manual_seed(seed)
-    model = convert(build_model(task.model, **{**task.model_kwargs, **recipe.model}), recipe.policy)
+    model = convert(build_model(task.model, **{**task.model_kwargs, **data.model_kwargs, **recipe.model}),
+                    recipe.policy)
     fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
     model.to(device)
-    data = TaskData(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
-                      for v in (data.train_inputs, data.train_labels, data.test_inputs, data.test_labels)),
-                    data.source)
+    data = replace(data, **{k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
+                            for k, v in (("train_inputs", data.train_inputs), ("train_labels", data.train_labels),
+                                         ("test_inputs", data.test_inputs), ("test_labels", data.test_labels))})
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
     net = _data_parallel(model, device, _allreduce_format(recipe.policy, allreduce_format))
@@ -178,7 +194,7 @@ def run(
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(task, settings["lr"], step, total)
             logits = net(*(t[idx] for t in data.train_inputs))
-            loss = F.cross_entropy(logits.float(), data.train_labels[idx])
+            loss = cross_entropy(logits, data.train_labels[idx])
             step_result = trainer.step(loss * settings["loss_multiplier"])
             if task.max_norm is not None and not step_result.skipped:
                 apply_max_norm(model, task.max_norm)
@@ -197,7 +213,7 @@ def run(
             if after_step:
                 after_step(step - 1, step_result)
         row = {"epoch": epoch + 1, "train_loss": epoch_sums[0] / max(epoch_sums[1], 1),
-               "test_accuracy": evaluate(model, data.test_inputs, data.test_labels),
+               **_held_out_metrics(task, model, data),
                "loss_scale": float(trainer.scaler.scale), "skipped_steps": result.skipped_steps,
                "seconds": time.perf_counter() - started}
         result.history.append(row)
@@ -210,6 +226,14 @@ def run(
         if writer:
             writer.close()
     return result
+
+
+def _held_out_metrics(task: Task, model: nn.Module, data: TaskData) -> dict[str, float]:
+    """``test_accuracy``; for a language model also ``val_loss`` (nats per token) and ``perplexity``."""
+    if not task.language_model:
+        return {"test_accuracy": evaluate(model, data.test_inputs, data.test_labels)}
+    accuracy, loss = evaluate_loss(model, data.test_inputs, data.test_labels)
+    return {"test_accuracy": accuracy, "val_loss": loss, "perplexity": math.inf if loss > 700 else math.exp(loss)}
 
 
 def _check_settings(settings: dict[str, Any], examples: int, checkpoint_every: int | None) -> None:

@@ -14,11 +14,11 @@ from typing import Iterable, Sequence
 
 import warnings
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diagnostics import Census, census
 from ..formats import FloatFormat, parse_format
+from ..train import cross_entropy
 
 __all__ = ["GradientCensus", "gradient_census"]
 
@@ -61,7 +61,7 @@ def gradient_census(
             model.zero_grad()
             with warnings.catch_warnings():  # the first layer's input needs no grad: its hook still sees dE/dz
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                (F.cross_entropy(model(*inputs).float(), labels) * loss_multiplier).backward()
+                (cross_entropy(model(*inputs), labels) * loss_multiplier).backward()
     finally:
         for h in hooks:
             h.remove()

@@ -5,6 +5,7 @@
 """
 
 from .allocator import retain_freed_memory
+from .loss import cross_entropy
 from .optim import SGD, AdamW, DeltaOptimizer
 from .trainer import Trainer, TrainStepResult, scaler_for
 from .update import ParamSlot, step_parameters
@@ -12,5 +13,5 @@ from .warmup import warmup_exponents
 
 __all__ = [
     "Trainer", "TrainStepResult", "SGD", "AdamW", "DeltaOptimizer", "warmup_exponents",
-    "ParamSlot", "step_parameters", "scaler_for", "retain_freed_memory",
+    "ParamSlot", "step_parameters", "scaler_for", "retain_freed_memory", "cross_entropy",
 ]
