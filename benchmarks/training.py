@@ -1,11 +1,14 @@
 """Benchmark of whole training steps: the native bf16 path against fp32 and torch.autocast, the cost of
-emulating each preset policy (beside QPyTorch doing the same roles), and peak training memory per recipe.
+emulating each preset policy (beside QPyTorch doing the same roles), peak training memory per recipe, and a
+transformer: the zoo's GPT trained with AdamW under every configuration in one table.
 
 Run from the repository root:
 
     python benchmarks/training.py             # full run (about 3 minutes on 2 cores): rewrites the
                                               # <!-- training:begin/end --> block of BENCHMARKS.md
     python benchmarks/training.py --quick     # fewer rounds and models, prints only
+    python benchmarks/training.py --gpt-only  # only the GPT section (4 layers, d=256, 4 heads, T=128, batch 32)
+    python benchmarks/training.py --gpt-only --gpt-size 1,32,2,16,4 --rounds 1 --steps 1   # a smoke test
 
 Timing. All configurations of one model are built first and then timed in interleaved rounds: a round runs
 every configuration in turn, on the same fixed random batch, so that a slow spell of a shared machine hits all
@@ -23,6 +26,13 @@ Allocator. The process keeps freed blocks for reuse (``lowprec.train.retain_free
 does), for every configuration, the PyTorch baselines included: with glibc's defaults large blocks go back to
 the kernel when freed and each step page-faults them in again, which makes the emulated steps both slower and
 far noisier (``--glibc-defaults`` measures that way).
+
+GPT. ``lowprec.models.GPT`` (hand-written attention, tied embedding/head, vocabulary 128) on a fixed batch of
+random token ids, next-token cross-entropy at every position, AdamW (lr 3e-4) in every configuration:
+``fp32`` (torch.optim.AdamW), ``autocast bf16`` (the same under torch.autocast), ``native-bf16`` (lowprec.Trainer
+with torch.optim.AdamW on the fp32 masters) and each emulated preset (lowprec.Trainer with torch.optim.AdamW, or
+lowprec.train.AdamW for the lazy-update presets), all timed in the same interleaved rounds; every entry is the
+ratio of its step time to the fp32 step (below 1: faster).
 
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
@@ -50,12 +60,15 @@ from torch import Tensor, nn
 import lowprec as lp
 from common import Row, load_qtorch, lowprec_source, machine, markdown_table, print_table, write_section
 from lowprec.diagnostics.memory import measure_peak_memory
-from lowprec.models import build_model
+from lowprec.models import GPT, build_model
+from lowprec.train import cross_entropy
 
 warnings.filterwarnings("ignore", category=UserWarning)  # fp16 on this CPU warns that it computes in fp32
 
 SEED = 0
 LR, MOMENTUM = 0.01, 0.9
+ADAMW_LR = 3e-4
+GPT_VOCAB = 128
 EMULATED = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "int8", "int8-lazy", "int16", "fixed-20",
             "dfx-10-12", "wrpn-4-4"]
 MEMORY_RECIPES = ["native-bf16", "native-fp16", "mixed-fp16", "int8-lazy", "int16"]
@@ -63,16 +76,36 @@ MEMORY_RECIPES = ["native-bf16", "native-fp16", "mixed-fp16", "int8-lazy", "int1
 
 @dataclass(frozen=True)
 class Workload:
-    """A model and the fixed batch its steps train on."""
+    """A model and the fixed batch its steps train on: N(0, 1) inputs and 10 classes, or, with ``vocab``, token
+    ids of shape ``batch`` and the next token at every position; SGD with momentum, or AdamW."""
 
     name: str
     build: Callable[[], nn.Module]
     batch: tuple[int, ...]
     note: str
+    vocab: int | None = None
+    adamw: bool = False
 
     def data(self) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(SEED)
+        if self.vocab is not None:
+            tokens = torch.randint(0, self.vocab, self.batch, generator=gen)
+            return tokens, tokens.roll(-1, dims=1)
         return torch.randn(self.batch, generator=gen), torch.randint(0, 10, (self.batch[0],), generator=gen)
+
+    def optimizer(self, params, lazy: bool = False, fused: bool = False) -> torch.optim.Optimizer:
+        """torch's SGD(momentum) or AdamW; lowprec's (same arithmetic) for the lazy update, which it feeds."""
+        extra = {"fused": True} if fused else {}
+        if self.adamw:
+            return (lp.train.AdamW if lazy else torch.optim.AdamW)(params, lr=ADAMW_LR, **extra)
+        return (lp.train.SGD if lazy else torch.optim.SGD)(params, lr=LR, momentum=MOMENTUM, **extra)
+
+
+def gpt_workload(n_layer: int, n_embd: int, n_head: int, block_size: int, batch: int) -> Workload:
+    return Workload("gpt", lambda: GPT(GPT_VOCAB, block_size=block_size, n_layer=n_layer, n_embd=n_embd,
+                                       n_head=n_head),
+                    (batch, block_size), f"GPT {n_layer} layers, d={n_embd}, {n_head} heads, T={block_size}, "
+                    f"batch {batch}, AdamW", vocab=GPT_VOCAB, adamw=True)
 
 
 def mlp() -> nn.Module:
@@ -94,14 +127,14 @@ Step = Callable[[], object]
 def plain_step(work: Workload, autocast: bool = False, fused: bool = False) -> tuple[Step, tuple[object, ...]]:
     torch.manual_seed(SEED)
     model = work.build()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, fused=fused or None)
+    opt = work.optimizer(model.parameters(), fused=fused)
     x, y = work.data()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
-        F.cross_entropy(out.float(), y).backward()
+        cross_entropy(out, y).backward()
         opt.step()
 
     return step, (model, opt)
@@ -110,11 +143,10 @@ def plain_step(work: Workload, autocast: bool = False, fused: bool = False) -> t
 def lowprec_step(work: Workload, recipe: str) -> tuple[Step, tuple[object, ...]]:
     torch.manual_seed(SEED)
     model = lp.convert(work.build(), recipe)
-    lazy = lp.Policy.preset(recipe).get("accumulator") is not None
-    sgd = lp.train.SGD if lazy else torch.optim.SGD  # lowprec's SGD hands the lazy update its step directly
-    trainer = lp.Trainer(model, sgd(model.parameters(), lr=LR, momentum=MOMENTUM), recipe)
+    lazy = lp.Policy.preset(recipe).get("accumulator") is not None  # lowprec's optimizers hand it its step
+    trainer = lp.Trainer(model, work.optimizer(model.parameters(), lazy=lazy), recipe)
     x, y = work.data()
-    return (lambda: trainer.step(F.cross_entropy(model(x), y))), (trainer,)
+    return (lambda: trainer.step(cross_entropy(model(x), y))), (trainer,)
 
 
 def qtorch_lenet_step(work: Workload, widths: tuple[int, int, int, int | None]) -> tuple[Step, tuple[object, ...]]:
@@ -211,6 +243,19 @@ def emulation_section(workloads: list[Workload], rounds: int, per_round: int, qt
         rows.append(row)
         print(f"  emulation: {work.name} done", file=sys.stderr)
     return header, rows
+
+
+def gpt_section(work: Workload, rounds: int, per_round: int) -> tuple[Row, list[Row]]:
+    """One row: the fp32 step time, and every configuration's step time as a ratio to it (same rounds)."""
+    configs = ["autocast bf16", "native-bf16", *EMULATED]
+    header = ["model", "fp32 ms/step"] + [f"{c} / fp32" for c in configs] + ["native-bf16 / autocast"]
+    steps = {"plain": plain_step(work)[0], "autocast bf16": plain_step(work, autocast=True)[0]}
+    steps.update({r: lowprec_step(work, r)[0] for r in ["native-bf16", *EMULATED]})
+    t = time_rounds(steps, rounds, per_round)
+    row = [work.note, ms(t, "plain")] + [f"{ratio(t, c, 'plain'):.2f}" for c in configs]
+    row.append(f"{ratio(t, 'native-bf16', 'autocast bf16'):.2f}")
+    print(f"  gpt: {work.name} done", file=sys.stderr)
+    return header, [row]
 
 
 def _bytes(tensors) -> int:
@@ -311,6 +356,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--no-qtorch", action="store_true", help="skip the QPyTorch comparison")
     parser.add_argument("--glibc-defaults", action="store_true", help="leave malloc as it is (see the docstring)")
+    parser.add_argument("--gpt-size", default="4,256,4,128,32", help="the GPT row's n_layer,n_embd,n_head,T,batch "
+                        "(default 4,256,4,128,32)")
+    parser.add_argument("--gpt-only", action="store_true", help="time only the GPT (prints; writes no file)")
+    parser.add_argument("--no-gpt", action="store_true", help="skip the GPT section")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
                         "for a full run, none for --quick)")
     return parser.parse_args()
@@ -324,6 +373,13 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     workloads = [WORKLOADS[n] for n in names]
     rounds = args.rounds or (4 if args.quick else 15)
+    try:
+        gpt = gpt_workload(*(int(v) for v in args.gpt_size.split(",")))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--gpt-size: expected five integers n_layer,n_embd,n_head,T,batch ({err})") from None
+    if args.gpt_only:
+        print_table("GPT training step: each configuration / fp32", *gpt_section(gpt, rounds, args.steps))
+        return
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
     retained = not args.glibc_defaults and lp.train.retain_freed_memory()
@@ -348,6 +404,11 @@ def main() -> None:
     header, rows = memory_section(mem_workloads, MEMORY_RECIPES)
     print_table("peak training memory", header, rows)
     sections.append(("### 3. Peak training memory per recipe (MiB)", header, rows))
+    if not args.no_gpt:
+        header, rows = gpt_section(gpt, rounds, args.steps)
+        print_table("GPT training step: each configuration / fp32", header, rows)
+        sections.append(("### 4. A transformer: GPT training step (AdamW), each configuration / plain fp32 step",
+                         header, rows))
 
     if output is None:
         return
