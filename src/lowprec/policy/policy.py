@@ -35,6 +35,12 @@ Per-module overrides: ``"...; fc3: weight=int16"`` or ``policy.override("fc3", w
 shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``@last`` name the first and last
 quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
 Later overrides win.
+
+``PRESET+assignments`` (the command line's recipe form, e.g. ``"int8-lazy+optimizer_state=fp32"`` or
+``"wrpn-4-4+activation=uniform<8,unsigned>; fc3: weight=none"``) is the preset's policy with the assignments,
+settings and overrides after the ``+`` applied on top, as ``Policy.with_roles`` / ``Policy.override`` would.
+``Policy.parse``, ``as_policy`` and so everything that takes a policy string (``lowprec.convert``, the
+Trainer, ``lowprec.inspect``, the CLI's recipes) read this one grammar.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from typing import Any, Mapping
 from ..formats import DynamicFixedPoint, Format, parse_format
 from ..formats.kernels import ROUNDINGS
 
-__all__ = ["Quant", "Policy", "as_policy", "ROLES", "LAYER_ROLES"]
+__all__ = ["Quant", "Policy", "as_policy", "split_top", "ROLES", "LAYER_ROLES"]
 
 LAYER_ROLES = (
     "weight", "bias", "activation", "output", "output_grad", "activation_grad", "weight_grad", "bias_grad",
@@ -102,8 +108,8 @@ class Quant:
         return repr(self.format) + ("" if self.rounding == "nearest" else f"/{self.rounding}")
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside angle brackets (format strings contain commas)."""
+def split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside angle brackets (format strings contain commas); empty parts dropped."""
     parts, depth, cur = [], 0, []
     for ch in text:
         depth += (ch == "<") - (ch == ">")
@@ -170,29 +176,30 @@ class Policy:
 
     @classmethod
     def parse(cls, text: str) -> Policy:
-        """Parse ``"role=format[/rounding],...; pattern: role=format,..."`` (see the module docstring)."""
+        """Parse ``"role=format[/rounding],...; pattern: role=format,..."``, a preset name, or
+        ``"PRESET+role=format,...; pattern: ..."`` (the preset with these changes; see the module docstring)."""
         if not isinstance(text, str):
             raise TypeError(f"Policy.parse takes a string, got {type(text).__name__}")
-        policy = cls()
-        for i, segment in enumerate(_split_top(text, ";")):
-            pattern = None
-            head, colon, rest = segment.partition(":")
-            if colon and "=" not in head and "<" not in head:
-                pattern, segment = head.strip(), rest
-            assignments: dict[str, Any] = {}
-            for item in _split_top(segment, ","):
-                key, eq, value = item.partition("=")
-                if not eq:
-                    raise ValueError(f"expected role=format, got {item!r} in {text!r}")
-                assignments[key.strip()] = value.strip()
-            if pattern is None:
-                settings = _settings(assignments)
-                roles = dict(policy.roles)
-                roles.update(_expand(assignments))
-                policy = replace(policy, roles=tuple(roles.items()), **settings)
-            else:
-                policy = policy.override(pattern, **assignments)
-        return policy
+        from .presets import is_preset, preset
+
+        stripped = text.strip()
+        head, plus, tail = stripped.partition("+")
+        if not is_preset(head.strip()):
+            return _parse_onto(cls(), stripped, text)
+        if plus and "=" not in tail:
+            raise ValueError(f"policy {text!r}: expected role=format,... after '+' (e.g. 'int8-lazy+master=int16')")
+        base = preset(head.strip())
+        if not plus:
+            return base
+        try:
+            policy = _parse_onto(base, tail, text)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (in {text!r}: after '+' come policy roles and settings; a recipe's model and training "
+                "settings such as width= or lr= are read by the lowprec command line only: in Python, build the "
+                "model (lowprec.widen) and the optimizer with them)"
+            ) from None
+        return replace(policy, name=stripped)
 
     @classmethod
     def preset(cls, name: str) -> Policy:
@@ -282,6 +289,30 @@ class Policy:
         return self.table()
 
 
+def _parse_onto(policy: Policy, text: str, whole: str) -> Policy:
+    """``policy`` with the roles, settings and overrides of the policy string ``text`` applied (``whole``: the
+    string the user wrote, for messages)."""
+    for segment in split_top(text, ";"):
+        pattern = None
+        head, colon, rest = segment.partition(":")
+        if colon and "=" not in head and "<" not in head:
+            pattern, segment = head.strip(), rest
+        assignments: dict[str, Any] = {}
+        for item in split_top(segment, ","):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"expected role=format, got {item!r} in {whole!r}")
+            assignments[key.strip()] = value.strip()
+        if pattern is None:
+            settings = _settings(assignments)
+            roles = dict(policy.roles)
+            roles.update(_expand(assignments))
+            policy = replace(policy, roles=tuple(roles.items()), **settings)
+        else:
+            policy = policy.override(pattern, **assignments)
+    return policy
+
+
 def _settings(assignments: dict[str, Any]) -> dict[str, Any]:
     """Pop the settings (not roles) out of ``assignments``; string values are parsed as in policy strings."""
     return {k: _setting(k, assignments.pop(k)) for k in list(assignments) if k in SETTINGS}
@@ -309,12 +340,14 @@ def _setting(key: str, value: Any) -> Any:
 
 
 def as_policy(policy: Policy | str) -> Policy:
-    """A Policy, a preset name (``Policy.preset``) or a policy string (``Policy.parse``).
+    """A Policy, a preset name (``Policy.preset``) or a policy string (``Policy.parse``, which also reads
+    ``PRESET+role=format,...``).
 
-    A string is a preset name unless it assigns something (contains ``=``) or is empty (no quantization)."""
+    A string is a preset name unless it assigns or changes something (contains ``=`` or ``+``) or is empty
+    (no quantization)."""
     if isinstance(policy, Policy):
         return policy
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a Policy, a preset name or a policy string, got {type(policy).__name__}")
     text = policy.strip()
-    return Policy.parse(text) if "=" in text or not text else Policy.preset(text)
+    return Policy.parse(text) if "=" in text or "+" in text or not text else Policy.preset(text)
