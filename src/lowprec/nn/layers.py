@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _EXTRA_STATE = "_extra_state"  # torch's state-dict key suffix for get_extra_state()
+_METADATA_KEY = "lowprec_quantizers"  # a layer's quantizer state in the state dict's _metadata
 
 
 class QuantizedModule:
@@ -97,16 +98,30 @@ class QuantizedModule:
     def _has_bias(self) -> bool:
         return getattr(self, "bias", None) is not None
 
+    def parameter_roles(self) -> dict[str, str]:
+        """Each parameter the layer rounds before using it, and the role that rounds it (weight or bias)."""
+        return {n: n for n in ("weight", "bias") if n in self.OP_ROLES and getattr(self, n, None) is not None}
+
     @property
     def quantizing(self) -> bool:
         """False when every role is an identity: the layer then runs the plain torch forward."""
         return any(q.enabled for q in self.quantizers.values())
 
-    # -- state: the quantizers' exponents travel in the module's state dict ---------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
+    # -- state: the quantizers' exponents travel in the state dict's metadata, not in its keys ----------------
+    # A converted model's state_dict() has exactly the plain model's keys (it loads into the unconverted model
+    # with strict=True); each layer's quantizer state (dfx exponents and their statistics) rides in the state
+    # dict's ``_metadata`` entry of that layer, which torch.save, copy.deepcopy and load_state_dict carry.
+    def _quantizer_state(self) -> dict[str, Any]:
         return {role: q.state_dict() for role, q in self.quantizers.items()}
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})[_METADATA_KEY] = self._quantizer_state()
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore quantizer state saved under the ``<layer>._extra_state`` key (earlier lowprec versions)."""
         if set(state) != set(self.quantizers):
             raise ValueError(
                 f"the checkpoint has quantizers for {sorted(state)}, this layer has {sorted(self.quantizers)} "
@@ -125,6 +140,8 @@ class QuantizedModule:
         key = prefix + _EXTRA_STATE
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)
+        if _METADATA_KEY in local_metadata:
+            self.set_extra_state(local_metadata[_METADATA_KEY])
 
     def extra_repr(self) -> str:
         roles = ", ".join(f"{role}={q.quant}" for role, q in self.quantizers.items() if q.enabled)

@@ -74,6 +74,10 @@ class _QRecurrent(QuantizedModule):
     def _has_bias(self) -> bool:
         return bool(self.bias)
 
+    def parameter_roles(self) -> dict[str, str]:
+        return {name: "weight" if name.startswith("weight") else "bias"
+                for name, p in self._parameters.items() if p is not None}
+
     def _weights(self, suffix: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(W_ih, W_hh, b_ih, b_hh) of one layer, through the weight and bias role boundaries."""
         q = self.quantizers
