@@ -82,12 +82,12 @@ def test_unconvert_gives_the_plain_model_whose_outputs_equal_the_converted_weigh
     # bit for bit the converted model with only its weight and bias roles, everything else in float32
     reference = lp.convert(original, _weights_only(policy))
     assert torch.equal(plain(X), reference(X))
-    # each weight is the independent rounding of the original one in the format its layer's policy gives it
+    # each weight is the independent rounding of the stored one in the format its layer's policy gives it
     for name, module in converted.named_modules():
         if isinstance(module, QuantizedModule):
             for pname, role in module.parameter_roles().items():
                 quant = module.policy.get(role)
-                want = getattr(original.get_submodule(name), pname).detach()
+                want = getattr(module, pname).detach()
                 if quant is not None:
                     want = lp.quantize(want, quant.format, quant.rounding)
                 assert torch.equal(getattr(plain.get_submodule(name), pname), want), (name, pname)

@@ -21,10 +21,10 @@ from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QL
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .state import calibrating, quantizers, update_exponents
 from .unconvert import unconvert
-from .widen import fill_clip_range, widen
+from .widen import fill_clip_range, widen, zero_weight_shares
 
 __all__ = [
-    "convert", "unconvert", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "convert", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

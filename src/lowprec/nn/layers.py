@@ -23,6 +23,7 @@ Where each role applies:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
-from .roles import Accumulator
+from .roles import Accumulator, clips_negatives
 
 __all__ = [
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
@@ -51,6 +52,10 @@ class QuantizedModule:
     ACCUMULATES: bool = False
     #: Whether the layer counts for @first/@last (weight layers do; batch-norm does not).
     COUNTS_AS_LAYER: bool = True
+    #: Whether the activation role always sees signed values (a recurrent layer's tanh hidden state).
+    SIGNED_INPUTS: bool = False
+    #: The layer's name in the model it was converted in (messages); empty for a layer built directly.
+    layer_name: str = ""
 
     policy: Policy
     quantizers: dict[str, Quantizer]
@@ -86,6 +91,9 @@ class QuantizedModule:
         self.policy = policy
         self.quantizers = {role: Quantizer(self._role_quant(role), policy) for role in LAYER_ROLES}
         self.accumulator = None
+        # WRPN's unsigned activation clip, until the first input has been checked for negative values
+        activation = self.quantizers["activation"]
+        self._unchecked_clip = activation.quant if clips_negatives(activation) else None
         if self.ACCUMULATES and policy.get("accumulation") is not None:
             self.quantizers["accumulation"] = Quantizer(policy.get("accumulation"), policy)
             self.accumulator = Accumulator(self.quantizers["accumulation"], policy.accumulation_chunk)
@@ -97,6 +105,22 @@ class QuantizedModule:
 
     def _has_bias(self) -> bool:
         return getattr(self, "bias", None) is not None
+
+    def _check_input_sign(self, x: Tensor) -> None:
+        """Once per configuration, when the activation role is WRPN's unsigned clip to [0, 1]: warn if the input
+        has negative values (it is not a ReLU's output, e.g. a LayerNorm's), which the clip turns into 0."""
+        clip, self._unchecked_clip = self._unchecked_clip, None
+        negative = float((x.detach() < 0).float().mean()) if x.numel() else 0.0
+        if negative > 0:
+            warnings.warn(
+                f"lowprec: layer {self.layer_name or type(self).__name__!r} quantizes its input with "
+                f"{clip}, WRPN's clip to [0, 1] meant for a ReLU's output, but "
+                f"{100 * negative:.1f}% of its input is negative (a signed input, e.g. a LayerNorm's output): the "
+                "clip turns those values into 0. Fix: put a ReLU in front of it, or give it a signed format or "
+                f"none (an override '{self.layer_name or '<name>'}: activation=uniform<k>' or 'activation=none')",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def parameter_roles(self) -> dict[str, str]:
         """Each parameter the layer rounds before using it, and the role that rounds it (weight or bias)."""
@@ -156,6 +180,8 @@ class QLinear(QuantizedModule, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
             return super().forward(input)
+        if self._unchecked_clip is not None:
+            self._check_input_sign(input)
         return QLinearFunction.apply(input, self.weight, self.bias, self.quantizers, self.accumulator)
 
 
@@ -166,6 +192,8 @@ class _QConv(QuantizedModule):
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
             return super().forward(input)  # type: ignore[misc]
+        if self._unchecked_clip is not None:
+            self._check_input_sign(input)
         dim = len(self.kernel_size)
         unbatched = input.dim() == dim + 1
         x = input.unsqueeze(0) if unbatched else input

@@ -68,6 +68,7 @@ class _QRecurrent(QuantizedModule):
     """What QLSTM, QGRU and the cells share: parameter quantization, state packing, the step."""
 
     ACCUMULATES = True
+    SIGNED_INPUTS = True  # the activation role also rounds h_{t-1}, a tanh output in (-1, 1)
     _STATES: int  # tensors in the recurrent state: 2 for LSTM (h, c), 1 for GRU (h)
     _step: Step
 

@@ -47,6 +47,6 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             param = getattr(module, name)
             param.copy_(module.quantizers[role].round(param))
         module.__class__ = _torch_class(type(module))
-        for attr in ("policy", "quantizers", "accumulator"):
+        for attr in ("policy", "quantizers", "accumulator", "layer_name", "_unchecked_clip"):
             module.__dict__.pop(attr, None)
     return from_native(model)

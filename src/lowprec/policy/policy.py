@@ -36,11 +36,11 @@ shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``
 quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
 Later overrides win.
 
-``PRESET+assignments`` (the command line's recipe form, e.g. ``"int8-lazy+optimizer_state=fp32"`` or
-``"wrpn-4-4+activation=uniform<8,unsigned>; fc3: weight=none"``) is the preset's policy with the assignments,
-settings and overrides after the ``+`` applied on top, as ``Policy.with_roles`` / ``Policy.override`` would.
-``Policy.parse``, ``as_policy`` and so everything that takes a policy string (``lowprec.convert``, the
-Trainer, ``lowprec.inspect``, the CLI's recipes) read this one grammar.
+``PRESET+assignments`` (the command line's recipe form, e.g. ``"int8-lazy+optimizer_state=none"`` or
+``"wrpn-4-4+activation=uniform<8,unsigned>; fc3: weight=none"``; only overrides: ``"wrpn-4-4; fc3: weight=none"``)
+is the preset's policy with the assignments, settings and overrides after it applied on top, as
+``Policy.with_roles`` / ``Policy.override`` would. ``Policy.parse``, ``as_policy`` and so everything that takes
+a policy string (``lowprec.convert``, the Trainer, ``lowprec.inspect``, the CLI's recipes) read this one grammar.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ ALIASES = {
     "params": ("weight", "bias"),
 }
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
-            "accumulation_chunk", "classifier_rule", "path")
+            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range")
 PATHS = ("emulated", "native")
 
 
@@ -149,6 +149,7 @@ class Policy:
     accumulation_chunk: int = 32
     classifier_rule: bool = False  # give @last at least classifier_bits(C) bits (Park eq. 5)
     path: str = "emulated"  # "emulated": fp32 containers rounded per role | "native": real fp16/bf16 tensors
+    fill_clip_range: bool = False  # convert scales WRPN's uniform<k> weights to reach +-1 (lowprec.nn.fill_clip_range)
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -177,22 +178,23 @@ class Policy:
     @classmethod
     def parse(cls, text: str) -> Policy:
         """Parse ``"role=format[/rounding],...; pattern: role=format,..."``, a preset name, or
-        ``"PRESET+role=format,...; pattern: ..."`` (the preset with these changes; see the module docstring)."""
+        ``"PRESET+role=format,...; pattern: ..."`` or ``"PRESET; pattern: ..."`` (the preset with these changes;
+        see the module docstring)."""
         if not isinstance(text, str):
             raise TypeError(f"Policy.parse takes a string, got {type(text).__name__}")
         from .presets import is_preset, preset
 
         stripped = text.strip()
-        head, plus, tail = stripped.partition("+")
+        head, plus, tail = stripped.partition(";")[0].partition("+")
         if not is_preset(head.strip()):
             return _parse_onto(cls(), stripped, text)
         if plus and "=" not in tail:
             raise ValueError(f"policy {text!r}: expected role=format,... after '+' (e.g. 'int8-lazy+master=int16')")
-        base = preset(head.strip())
-        if not plus:
+        base, rest = preset(head.strip()), stripped[len(head) + len(plus):]
+        if not rest.strip():
             return base
         try:
-            policy = _parse_onto(base, tail, text)
+            policy = _parse_onto(base, rest, text)
         except ValueError as err:
             raise ValueError(
                 f"{err} (in {text!r}: after '+' come policy roles and settings; a recipe's model and training "
@@ -283,6 +285,8 @@ class Policy:
             )
         if self.classifier_rule:
             lines.append("  classifier rule  @last gets >= classifier_bits(C) bits (Park eq. 5)")
+        if self.fill_clip_range:
+            lines.append("  fill clip range  convert scales uniform<k> weights to reach +-1 (WRPN from scratch)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -330,9 +334,9 @@ def _setting(key: str, value: Any) -> Any:
         return None
     if key in ("exponent_interval", "init_int_bits", "accumulation_chunk"):
         return int(value)
-    if key == "classifier_rule":
+    if key in ("classifier_rule", "fill_clip_range"):
         if value.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
-            raise ValueError(f"classifier_rule must be on or off, got {value!r}")
+            raise ValueError(f"{key} must be on or off, got {value!r}")
         return value.lower() in ("on", "true", "yes", "1")
     if key == "loss_scale" and re.fullmatch(r"[0-9.eE+\-]+", value):
         return f"static:{value}"
