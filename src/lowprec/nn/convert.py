@@ -54,7 +54,7 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     parameters and activations really stored in that dtype, reductions in float32.
 
     Raises NotImplementedError (before changing anything) for a layer configuration the quantized layers do
-    not support (a bidirectional LSTM, a sparse Embedding) when its policy quantizes it, and ValueError for an
+    not support (an LSTM with proj_size, a sparse Embedding) when its policy quantizes it, and ValueError for an
     override that gives a format to a role no module it matches has (``resolve.check_override_roles``).
     """
     if not isinstance(model, nn.Module):
