@@ -153,6 +153,10 @@ def test_packed_sequences_and_bidirectional_layers_match_torch_to_float_rounding
     x = x.transpose(0, 1).contiguous() if batch_first else x
     plain.zero_grad(set_to_none=True)
     _compare(plain, IDENTITY_FORMATS, x, hx)
+    wrong = _h0(cls, layers + 1, bidirectional, 3)  # one layer too many: torch's error, from both
+    for module in (plain, q):
+        with pytest.raises(RuntimeError, match=r"Expected hidden(\[0\])? size"):
+            module(x, wrong)
 
 
 @pytest.mark.parametrize("policy, fmt", [("mixed-fp16", "fp16"), ("int8", "dfx<8>")])

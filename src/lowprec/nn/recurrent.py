@@ -164,6 +164,11 @@ class _QRNN(_QRecurrent):
             data, layout = x.reshape(steps * batch, -1), _Layout((batch,) * steps, None, None)
         state = self._pack(hx, lambda: data.new_zeros(self.num_layers * directions, batch, self.hidden_size),
                            1 if unbatched else None)
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        for i, part in enumerate(state):
+            if tuple(part.shape) != expected:  # torch's own check and message
+                which = f"hidden[{i}]" if self._STATES > 1 else "hidden"
+                raise RuntimeError(f"Expected {which} size {expected}, got {list(part.shape)}")
         if layout.sorted_indices is not None:  # torch takes hx in the caller's order
             state = tuple(s.index_select(1, layout.sorted_indices) for s in state)
         finals = []
