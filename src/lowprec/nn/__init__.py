@@ -11,8 +11,8 @@
 Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
 op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
 convert.py, unconvert.py (the export back to plain torch layers), state.py (quantizers, exponents,
-calibration), widen.py. nn/ depends on policy/, scaling/ and
-formats/ only.
+calibration), widen.py (WRPN's widening and clip-range checks). nn/ depends on policy/, scaling/ and formats/
+only.
 """
 
 from .convert import CONVERSIONS, convert
@@ -24,7 +24,8 @@ from .unconvert import unconvert
 from .widen import fill_clip_range, widen, zero_weight_shares
 
 __all__ = [
-    "convert", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "convert", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers", "update_exponents",
+    "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

@@ -1,9 +1,11 @@
 """Quantized layers: torch layers whose forward and backward round each tensor role per a policy.
 
 Each class subclasses the torch layer it replaces (``QLinear`` is an ``nn.Linear``): same constructor, same
-parameter names and shapes, so state dicts and optimizers carry over. The extra keyword ``policy`` (a Policy,
-preset name or policy string; default fp32) sets the roles; ``lowprec.convert`` builds them from existing
-layers instead and resolves overrides, ``@first``/``@last`` and the classifier rule per module.
+parameter names and shapes, so state dicts and optimizers carry over (a converted model's state dict has exactly
+the plain model's keys; each layer's quantizer state rides in the state dict's metadata, see QuantizedModule).
+The extra keyword ``policy`` (a Policy, preset name or policy string; default fp32) sets the roles;
+``lowprec.convert`` builds them from existing layers instead and resolves overrides, ``@first``/``@last`` and
+the classifier rule per module.
 
 Every layer holds ``policy`` (its resolved Policy) and ``quantizers`` (role -> Quantizer, all LAYER_ROLES;
 roles the layer does not have are identities; ``"accumulation"`` too where the policy emulates a narrow

@@ -11,6 +11,10 @@ trains from scratch); everything else in the model is kept.
 How an input width follows: with the previous weight layer (in ``named_modules()`` order) turning width p into
 p', an input of width w becomes ``(w // p) * p'`` when w is a multiple of p (a Linear after a Flatten of p
 channels times H*W positions, a concatenation of equal branches), else ``round(w * p' / p)``.
+
+WRPN's weight clip range, for converted models: ``fill_clip_range`` scales the weights to reach +-1 (what
+``convert`` does under ``fill_clip_range=on``, the wrpn presets) and ``zero_weight_shares`` tells how many of
+each layer's weights round to 0 (what ``convert`` warns about otherwise).
 """
 
 from __future__ import annotations
