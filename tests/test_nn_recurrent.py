@@ -45,6 +45,9 @@ CASES = {
     "lstm-no-bias-unbatched": (lambda: nn.LSTM(3, 4, bias=False), (5, 3)),
     "gru": (lambda: nn.GRU(3, 5), (6, 2, 3)),
     "gru-2layer-batch-first": (lambda: nn.GRU(3, 5, num_layers=2, batch_first=True), (2, 6, 3)),
+    "lstm-bidirectional-2layer-unbatched-no-bias": (
+        lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, bias=False), (5, 3)),
+    "gru-bidirectional-batch-first": (lambda: nn.GRU(3, 5, bidirectional=True, batch_first=True), (2, 6, 3)),
     "lstm-cell": (lambda: nn.LSTMCell(3, 5), (2, 3)),
     "gru-cell-unbatched": (lambda: nn.GRUCell(3, 5), (3,)),
 }
