@@ -150,3 +150,37 @@ def test_policy_table_is_readable():
     assert "accumulator      dfx<16>" in text and "classifier rule" in text and "rule=maxabs" in text
     assert "interval" not in text  # the overflow rule's settings do not apply to max-abs exponents
     assert "interval=100 batches" in str(Policy.preset("dfx-10-12"))
+
+
+def test_preset_plus_recipe_strings_are_one_grammar_for_parse_as_policy_convert_and_trainer():
+    """The CLI's PRESET+key=value form means the same policy wherever a policy string is accepted."""
+    from lowprec.experiments import parse_recipe
+    from lowprec.policy import as_policy
+
+    text = "int8-lazy+optimizer_state=none,loss_scale=8; fc: weight=int16"
+    expected = (Policy.preset("int8-lazy").with_roles(optimizer_state="none", loss_scale="8")
+                .override("fc", weight="int16"))
+    assert Policy.parse(text) == as_policy(text) == expected
+    assert Policy.parse(text).name == text and expected.get("optimizer_state") is None
+    assert parse_recipe(text.replace("; fc: weight=int16", "") + ",lr=0.5").policy == Policy.preset(
+        "int8-lazy").with_roles(optimizer_state="none", loss_scale="8")
+    # brackets keep their commas: WRPN's unsigned activation format survives the '+' split
+    wide = "wrpn-4-4+activation=uniform<8,unsigned>"
+    assert str(Policy.parse(wide).get("activation")) == "uniform<8,unsigned>"
+    assert parse_recipe(wide + ",width=2").policy == Policy.parse(wide)
+    assert Policy.parse("int8") == Policy.preset("int8")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    converted = lp.convert(model, "int8-lazy+optimizer_state=none")
+    assert converted[0].policy.get("optimizer_state") is None and str(converted[0].policy.get("weight")) == "dfx<8>"
+    trainer = lp.Trainer(converted, torch.optim.SGD(converted.parameters(), lr=0.1), "int8-lazy+optimizer_state=none")
+    assert trainer.policy == Policy.preset("int8-lazy").with_roles(optimizer_state="none")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("int8-lazy+", "after '\\+'"),
+    ("int8-lazy+width=2", "width= or lr= are read by the lowprec command line only"),
+    ("mixed-fp16+wieght=fp16", "unknown role 'wieght'"),
+])
+def test_bad_preset_plus_strings_name_the_problem(text, match):
+    with pytest.raises(ValueError, match=match):
+        lp.convert(torch.nn.Linear(2, 2), text)

@@ -43,10 +43,11 @@ PRESETS: dict[str, str] = {
 
 def _wrpn(weight_bits: int, act_bits: int) -> str:
     """Mishra et al.: k-bit weights on [-1,1], k-bit activations on [0,1], fp32 shadow weights and gradients,
-    first and last layer full precision. 32 bits means not quantized."""
+    first and last layer full precision. 32 bits means not quantized. WRPN trains from scratch: convert
+    scales the initial weights to fill the clip range (fill_clip_range=on), else most round to 0."""
     parts = []
     if weight_bits != 32:
-        parts.append(f"weight=uniform<{weight_bits}>")
+        parts.append(f"weight=uniform<{weight_bits}>,fill_clip_range=on")
     if act_bits != 32:
         parts.append(f"activation=uniform<{act_bits},unsigned>")
     return ",".join(parts) + "; @first: weight=none,activation=none; @last: weight=none,activation=none"
