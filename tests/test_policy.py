@@ -39,7 +39,8 @@ def test_park_presets():
 def test_courbariaux_presets():
     p = Policy.preset("dfx-10-12")
     assert str(p.get("weight_grad")) == "dfx<10>" and str(p.get("master")) == "dfx<12>"
-    assert (p.exponent_rule, p.max_overflow_rate, p.exponent_interval) == ("overflow", 1e-4, 100)
+    assert (p.exponent_rule, p.max_overflow_rate, p.exponent_interval) == ("overflow", 1e-4, 10)
+    assert p.init_int_bits is None  # each group starts at the max-abs exponent of its first tensor
     assert str(Policy.preset("fixed-20").get("activation")) == "fixed<20,14>"
 
 
@@ -149,4 +150,4 @@ def test_policy_table_is_readable():
     text = str(Policy.preset("int8-lazy"))
     assert "accumulator      dfx<16>" in text and "classifier rule" in text and "rule=maxabs" in text
     assert "interval" not in text  # the overflow rule's settings do not apply to max-abs exponents
-    assert "interval=100 batches" in str(Policy.preset("dfx-10-12"))
+    assert "interval=10 batches" in str(Policy.preset("dfx-10-12"))

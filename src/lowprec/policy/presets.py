@@ -27,13 +27,16 @@ PRESETS: dict[str, str] = {
     + ",master=int8,optimizer_state=int8,accumulator=int16,classifier_rule=on,exponent_rule=maxabs",
     "int16": _ALL.format(f="int16") + ",master=int16,optimizer_state=int16,exponent_rule=maxabs",
     # Courbariaux et al.: 20-bit fixed point (5 integer bits), and dynamic fixed point 10-bit propagation /
-    # 12-bit update with the overflow-rate exponent rule. The authors start every exponent at 5 and adapt them
-    # in a 2-epoch full-precision warm-up (Trainer.warmup_exponents); the preset starts each group at the
-    # max-abs exponent of the first tensor it sees instead, so it trains without one (init_int_bits=5 and a
-    # warm-up give the authors' procedure).
+    # 12-bit update with the overflow-rate exponent rule (max rate 0.01 %). The authors start every exponent at
+    # 5, adapt them in a 2-epoch full-precision warm-up (Trainer.warmup_exponents) and then move them every 100
+    # batches. The preset starts each group at the max-abs exponent of the first tensor it sees instead and
+    # moves it every 10 batches: a fresh network's layer outputs grow by about two binades in their first ~30
+    # batches, which an exponent moving one binade per 100 batches cannot follow (the logits saturate and
+    # LeNet or the PI-MNIST maxout MLP stop learning; docs/training.md). init_int_bits=5,exponent_interval=100
+    # and a warm-up give the authors' procedure.
     "fixed-20": _ALL.format(f="fixed<20,14>") + ",master=fixed<20,14>,optimizer_state=fixed<20,14>",
     "dfx-10-12": _ALL.format(f="dfx<10>") + ",master=dfx<12>,optimizer_state=dfx<10>"
-    ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=100,init_int_bits=auto",
+    ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=10,init_int_bits=auto",
     # fp8: e4m3 forward, e5m2 gradients (the usual hybrid), or one of them for everything
     "fp8-hybrid": "params=e4m3,activations=e4m3,grads=e5m2,loss_scale=dynamic",
     "fp8-e4m3": _ALL.format(f="e4m3") + ",loss_scale=dynamic",
