@@ -44,6 +44,16 @@ def test_courbariaux_presets():
     assert str(Policy.preset("fixed-20").get("activation")) == "fixed<20,14>"
 
 
+def test_dfx_presets_exist_for_any_propagation_and_update_widths():
+    p = Policy.preset("dfx-8-14")
+    assert (p.name, str(p.get("activation")), str(p.get("weight_grad"))) == ("dfx-8-14", "dfx<8>", "dfx<8>")
+    assert (str(p.get("master")), str(p.get("optimizer_state"))) == ("dfx<14>", "dfx<8>")
+    assert p.spec() == Policy.preset("dfx-10-12").spec().replace("dfx<10>", "dfx<8>").replace("dfx<12>", "dfx<14>")
+    for bad in ("dfx-1-12", "dfx-10-33"):
+        with pytest.raises(ValueError, match="must be 2..32"):
+            Policy.preset(bad)
+
+
 def test_wrpn_presets_keep_first_and_last_full_precision():
     p = Policy.preset("wrpn-2-4")
     inner = p.for_module("features.3")
