@@ -115,7 +115,8 @@ def sweep(
     ``out_dir`` after each (rank 0 only under torch.distributed). Every recipe is parsed before the first cell
     trains, so a bad grid fails at once. ``on_cell(index, count, recipe, finished)`` is called before each cell
     (``recipe.label`` is the cell's recipe string; ``finished``: ``resume`` and the cell already has its
-    ``result.json``) and may return the cell's ``progress`` callback. ``run_options`` go to every ``run`` (device, checkpoint_every, ...)."""
+    ``result.json``) and may return the cell's ``progress`` callback. ``run_options`` go to every ``run``
+    (device, checkpoint_every, ...)."""
     cells = expand_grid(template, grid)
     recipes = [parse_recipe(c.recipe) for c in cells]
     out = Path(out_dir)

@@ -12,7 +12,7 @@ percent even in a 10-element bias group).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from ..scaling import DynamicExponent
 
@@ -34,7 +34,7 @@ class LaggingExponents:
     def __init__(self) -> None:
         self.warned = False
 
-    def check(self, updated: Iterable[tuple[str, DynamicExponent]]) -> list[tuple[str, float]]:
+    def check(self, updated: Sequence[tuple[str, DynamicExponent]]) -> list[tuple[str, float]]:
         """The (name, rate) of every just-updated group whose averaged overflow rate exceeded ``SATURATED``,
         worst first; a UserWarning naming them and the fix the first time there are any."""
         lagging = sorted(((name, e.last_rate) for name, e in updated
