@@ -72,7 +72,7 @@ def parse_recipe(text: str) -> Recipe:
         return Recipe(text, Policy.parse(head + ("+" + ",".join(policy) if policy else "")), model, train)
     if "=" not in text:
         raise ValueError(
-            f"unknown recipe {text!r}: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>), "
+            f"unknown recipe {text!r}: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>, dfx-<p>-<u>), "
             "PRESET+key=value,..., a policy string (weight=int8,...) or a .toml file"
         )
     return Recipe(text, Policy.parse(text))

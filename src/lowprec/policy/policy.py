@@ -206,7 +206,7 @@ class Policy:
     @classmethod
     def preset(cls, name: str) -> Policy:
         """A named recipe: fp32, mixed-fp16, mixed-bf16, int8, int8-lazy, int16, wrpn-<w>-<a>, fixed-20,
-        dfx-10-12, fp8-e4m3, fp8-e5m2, fp8-hybrid."""
+        dfx-10-12 (any dfx-<p>-<u>), fp8-e4m3, fp8-e5m2, fp8-hybrid."""
         from .presets import preset
 
         return preset(name)
