@@ -8,6 +8,7 @@ optimizers built before ``convert``, converting twice.
 import copy
 import importlib
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -105,3 +106,171 @@ def test_quantize_never_returns_a_view(fmt, numel, both_paths):
     x = torch.randn(numel // 4 + 1, 4)[: numel // 4] if numel % 4 == 0 else torch.randn(numel)
     y = lp.quantize(x, fmt)
     assert not y._is_view() and y.shape == x.shape and y.data_ptr() != x.data_ptr()
+
+
+# -- apply_update after a backward by hand, or after none --------------------------------------------------------
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _setup(policy: str, opt=torch.optim.SGD, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lp.convert(_mlp(), policy)
+        trainer = lp.Trainer(model, opt(model.parameters(), lr=0.1, **kw))
+    return model, trainer
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _loss(model, data=None):
+    x, y = data or _data()
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def _snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+INT8_LAZY_SCALED = replace(lp.Policy.preset("int8-lazy"), loss_scale="static:256")
+
+
+@pytest.mark.parametrize("policy", ["mixed-fp16", "native-fp16", INT8_LAZY_SCALED], ids=str)
+def test_hand_backward_then_apply_update_under_loss_scaling_is_refused(policy):
+    model, trainer = _setup(policy)
+    before, scale = _snapshot(model), trainer.scaler.scale
+    assert scale != 1.0
+    _loss(model).backward()
+    for call in (trainer.apply_update, trainer.unscale_):
+        with pytest.raises(RuntimeError, match=r"outside trainer.backward\(loss\).*times too small"):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(model), before))
+    assert trainer.steps == 0 and trainer.scaler.scale == scale
+    # mixed with the trainer's own backward: refused too
+    trainer.zero_grad()
+    trainer.backward(_loss(model))
+    _loss(model, _data(1)).backward()
+    with pytest.raises(RuntimeError, match="outside trainer.backward"):
+        trainer.apply_update()
+    # after zero_grad the trainer's own idiom works
+    trainer.zero_grad()
+    trainer.backward(_loss(model))
+    assert not trainer.apply_update().skipped and trainer.steps == 1
+
+
+def test_hand_backward_without_loss_scaling_updates_like_trainer_backward():
+    (a, ta), (b, tb) = _setup("int8-lazy"), _setup("int8-lazy")
+    assert ta.scaler.scale == 1.0
+    for seed in range(3):
+        _loss(a, _data(seed)).backward()
+        ta.apply_update()
+        tb.step(_loss(b, _data(seed)))
+    assert all(torch.equal(u, v) for u, v in zip(_snapshot(a), _snapshot(b)))
+
+
+@pytest.mark.parametrize("policy", ["fp32", "mixed-fp16", "native-bf16"])
+def test_apply_update_without_backward_is_refused(policy):
+    model, trainer = _setup(policy, momentum=0.9)
+    before = _snapshot(model)
+    for call in (trainer.apply_update, trainer.unscale_):
+        with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+            call()
+    trainer.step(_loss(model))  # a real step still works, then a second update without backward is refused
+    with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+        trainer.apply_update()
+    assert trainer.steps == 1 and not all(torch.equal(a, b) for a, b in zip(_snapshot(model), before))
+
+
+# -- the Trainer's policy against the model's ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["mixed-fp16", "native-bf16", "int8-lazy"])
+def test_trainer_without_policy_takes_the_converted_models_policy(policy):
+    model, trainer = _setup(policy)
+    assert trainer.policy == lp.Policy.preset(policy) == lp.nn.conversion_policy(model)
+    assert trainer.scaler.scale == lp.train.scaler_for(lp.Policy.preset(policy)).scale
+    if policy == "mixed-fp16":
+        assert trainer.scaler.scale == 2.0**16  # not the loss scale 1 of an fp32 default
+    plain = _mlp()
+    assert lp.Trainer(plain, torch.optim.SGD(plain.parameters(), lr=0.1)).policy == lp.Policy()
+
+
+@pytest.mark.parametrize("converted, given", [("mixed-fp16", "fp32"), ("mixed-fp16", "int8"),
+                                              ("int8", "mixed-bf16"), ("native-bf16", "mixed-bf16")])
+def test_trainer_refuses_a_policy_unlike_the_models_conversion(converted, given):
+    model, _ = _setup(converted)
+    with pytest.raises(ValueError, match="converted under .* the trainer was given"):
+        lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), given)
+
+
+def test_trainer_accepts_the_models_policy_with_its_own_loss_scale():
+    model, _ = _setup("mixed-fp16")
+    same = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mixed-fp16")
+    scaled = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        replace(lp.Policy.preset("mixed-fp16"), loss_scale="static:8"))
+    assert same.scaler.scale == 2.0**16 and scaled.scaler.scale == 8.0
+
+
+def test_trainer_refuses_a_quantizing_policy_on_an_unconverted_model():
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"quantizes .*activation.* convert it first"):
+        lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "int8")
+    stored = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), lp.Policy.of(master="fixed<8,4>"))
+    assert stored.slots[0].master is not None  # update roles alone: the trainer's own job, allowed
+
+
+# -- optimizers built before convert, converting twice -------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["int8", "native-bf16"])
+def test_optimizer_built_before_convert_is_refused(policy):
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = lp.convert(model, policy)
+    with pytest.raises(ValueError, match="before lowprec.convert.*update nothing"):
+        lp.Trainer(converted, optimizer)
+    before = _snapshot(converted)
+    _loss(converted).backward()
+    with pytest.raises(RuntimeError, match="would update nothing"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(converted), before))
+    # the original model trained with its own optimizer is not affected
+    _loss(model).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("policy", ["int8", "native-bf16"])
+def test_convert_inplace_keeps_the_optimizer_valid(policy):
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = lp.convert(model, policy, inplace=True)
+    assert converted is model and all(p is q for p, q in zip(params, converted.parameters()))
+    before = _snapshot(converted)
+    _loss(converted).backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(_snapshot(converted), before))
+
+
+@pytest.mark.parametrize("first, second", [("int8", "native-bf16"), ("native-bf16", "int8"), ("int8", "int8"),
+                                           ("mixed-fp16", "fp32"), ("native-fp16", "native-bf16")])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_converting_a_converted_model_is_refused(first, second, inplace):
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        once = lp.convert(model, first, inplace=inplace)
+        with pytest.raises(ValueError, match="already converted .*Convert the original model"):
+            lp.convert(once, second)
+        with pytest.raises(ValueError, match="already converted"):
+            lp.convert(nn.Sequential(once), second)  # a converted part of a bigger model
+        if not inplace:  # the original is as it was and converts under the second policy
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+            assert lp.nn.conversion_policy(lp.convert(model, second)) == lp.Policy.preset(second)

@@ -13,7 +13,7 @@ convert.py, state.py (quantizers, exponents, calibration), widen.py. nn/ depends
 formats/ only.
 """
 
-from .convert import CONVERSIONS, convert
+from .convert import CONVERSIONS, conversion_policy, convert
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
@@ -21,7 +21,7 @@ from .state import calibrating, quantizers, update_exponents
 from .widen import fill_clip_range, widen
 
 __all__ = [
-    "convert", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "convert", "conversion_policy", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

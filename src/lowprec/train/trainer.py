@@ -31,10 +31,11 @@ for that step.
 
 from __future__ import annotations
 
-import warnings
-
 import copy
 import dataclasses
+import functools
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -47,7 +48,7 @@ from ..formats import FloatFormat
 from ..policy import Policy, Quantizer, as_policy
 from ..scaling import LossScaler, StepResult
 from . import distributed
-from .params import check_optimizer_covers, model_differences, parameter_slots
+from .params import check_optimizer_covers, model_differences, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .state import OptimizerStateFormats
 from .update import step_parameters, use_master_copies
@@ -94,13 +95,29 @@ def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
         )
 
 
+def _watch_accumulation(trainer: Trainer) -> None:
+    """Note, per parameter, every gradient autograd accumulates outside ``trainer.backward`` (a hook after the
+    accumulation; a weak reference, so the hooks keep no trainer alive)."""
+    ref = weakref.ref(trainer)
+
+    def note(name: str, _param: Tensor) -> None:
+        owner = ref()
+        if owner is not None and not owner._in_backward:
+            owner._outside_backward.append(name)
+
+    for slot in trainer.slots:
+        slot.param.register_post_accumulate_grad_hook(functools.partial(note, slot.name))
+
+
 class Trainer:
     """The training step of one model under one policy (see the module docstring).
 
     ``model``: usually ``lowprec.convert(model, policy)``; a plain module works too. ``optimizer``: any
     ``torch.optim`` optimizer over exactly the model's trainable parameters (``lowprec.train.SGD``/``AdamW``
-    avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string.
-    ``scaler``: default from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled
+    avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string;
+    default (None) the policy ``convert`` gave the model (fp32 for a plain model). A policy whose layer roles
+    differ from the model's conversion, or that quantizes layer roles of a model without converted layers, is
+    refused (ValueError, ``params.trainer_policy``). ``scaler``: default from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled
     gradients. Building the trainer rounds every parameter once to its master format.
     """
 
@@ -108,7 +125,7 @@ class Trainer:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        policy: Policy | str = "fp32",
+        policy: Policy | str | None = None,
         *,
         scaler: LossScaler | None = None,
         clip_grad_norm: float | None = None,
@@ -116,7 +133,7 @@ class Trainer:
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
         self.model, self.optimizer = model, optimizer
-        self.policy = as_policy(policy)
+        self.policy = trainer_policy(model, policy)
         self.scaler = scaler if scaler is not None else scaler_for(self.policy)
         self.clip_grad_norm = clip_grad_norm
         check_optimizer_covers(model, optimizer)
@@ -127,6 +144,9 @@ class Trainer:
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
         self._unscaled: tuple[bool, list[str]] | None = None
+        self._in_backward = False
+        self._outside_backward: list[str] = []  # parameters autograd gave a gradient outside self.backward
+        _watch_accumulation(self)
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
@@ -145,7 +165,11 @@ class Trainer:
         if self._unscaled is not None:
             raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
         self._gather_grads()  # an earlier backward's fp16/bf16 gradients of this step: summed in fp32
-        self.scaler.scale_loss(loss).backward()
+        self._in_backward = True
+        try:
+            self.scaler.scale_loss(loss).backward()
+        finally:
+            self._in_backward = False
         if self.fused is None:
             self._gather_grads()
 
@@ -157,12 +181,36 @@ class Trainer:
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
         if self._unscaled is None:
+            self._check_gradients("unscale_()")
             self._gather_grads()
             self._unscaled = self.scaler.unscale_((s.name, s.holder) for s in self.slots)
         return self._unscaled
 
+    def _check_gradients(self, caller: str) -> None:
+        """RuntimeError, changing nothing, when the step has no gradient at all (it would be reported as a normal
+        step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a ``loss.backward()``
+        by hand) gave gradients that are not multiplied by S: unscaling would make them S times too small."""
+        if not any(s.param.grad is not None or s.holder.grad is not None for s in self.slots):
+            raise RuntimeError(
+                f"{caller}: no parameter has a gradient, so there is no step to take. Call trainer.backward(loss) "
+                "first (or trainer.step(loss), which does both)."
+            )
+        if self._outside_backward and self.scaler.scale != 1.0:
+            names = sorted(set(self._outside_backward))
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise RuntimeError(
+                f"{caller}: the gradients of {shown} come from a backward pass outside trainer.backward(loss) (a "
+                f"loss.backward() by hand?), so they are not multiplied by the loss scale {self.scaler.scale:g}; "
+                f"unscaling them would update with gradients {self.scaler.scale:g} times too small. Use "
+                "trainer.backward(loss) (or trainer.step(loss)); trainer.zero_grad() drops the gradients."
+            )
+
     def apply_update(self) -> TrainStepResult:
-        """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents."""
+        """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents.
+        RuntimeError (nothing changed) without any gradient, or with gradients from a ``loss.backward()`` by hand
+        under loss scaling (``_check_gradients``)."""
+        if self._unscaled is None:
+            self._check_gradients("apply_update()")
         if self._unscaled is None and self.fused is not None and self.fused.ready(self.slots):
             return self._fused_update()
         found_inf, _ = self.unscale_()
@@ -222,6 +270,7 @@ class Trainer:
             if slot.master_copy is not None:
                 slot.master_copy.grad = None
         self._unscaled = None
+        self._outside_backward = []
 
     # -- inspection -------------------------------------------------------------------------------------------
     def quantizers(self) -> Iterator[tuple[str, str, Quantizer]]:
