@@ -274,3 +274,46 @@ def test_converting_a_converted_model_is_refused(first, second, inplace):
         if not inplace:  # the original is as it was and converts under the second policy
             assert all(p.dtype == torch.float32 for p in model.parameters())
             assert lp.nn.conversion_policy(lp.convert(model, second)) == lp.Policy.preset(second)
+
+
+# -- clipping after unscale_ on the native path -------------------------------------------------------------------
+
+def _native_pair(policy: str, seed: int = 0):
+    """A native model with an fp32 batch-norm between two fp16/bf16 linear layers, and its Trainer."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lp.convert(nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)), policy)
+    return model, lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+@pytest.mark.parametrize("policy", ["native-bf16", "native-fp16"])
+def test_clip_after_unscale_on_native_path_sees_the_full_unscaled_gradients(policy):
+    data = [(torch.randn(8, 6) * 4, torch.randint(0, 3, (8,))) for _ in range(3)]
+    model, trainer = _native_pair(policy)
+    reference = copy.deepcopy(model)  # the fp32 reference: the same gradients, unscaled, as float64 numbers
+    own, own_trainer = _native_pair(policy)
+    builtin, builtin_trainer = _native_pair(policy)
+    builtin_trainer.clip_grad_norm = 0.5
+    for x, y in data:
+        _loss(reference, (x, y)).backward()
+        want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double())
+                                                     for p in reference.parameters()]))
+        reference.zero_grad()
+        trainer.backward(_loss(model, (x, y)))
+        trainer.unscale_()
+        with pytest.raises(RuntimeError, match="master copy.*trainer.master_params"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # would miss the fp16/bf16 gradients
+        got = trainer.clip_grad_norm_(0.5)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6 if policy == "native-bf16" else 1e-3)
+        assert got.item() > 0.5  # the clip was active
+        own_trainer.backward(_loss(own, (x, y)))
+        own_trainer.unscale_()
+        assert torch.equal(torch.nn.utils.clip_grad_norm_(own_trainer.master_params(), 0.5), got)
+        for t in (trainer, own_trainer):
+            assert not t.apply_update().skipped
+        builtin_trainer.step(_loss(builtin, (x, y)))
+        reference.load_state_dict(model.state_dict())
+    for a, b, c in zip(model.parameters(), own.parameters(), builtin.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert all(p.grad is None for p in model.parameters())

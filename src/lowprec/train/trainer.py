@@ -20,7 +20,9 @@ counters are agreed across ranks (``distributed.py``): every rank skips the same
 loss scale and exponents.
 
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
-clipping or gradient inspection), ``apply_update``.
+clipping or gradient inspection of ``master_params()``, or ``clip_grad_norm_``), ``apply_update``. The step's
+gradients must come from ``backward`` (under a loss scale, a ``loss.backward()`` by hand is refused) and a
+step needs at least one gradient; a native parameter's own ``.grad`` raises on use after ``unscale_``.
 
 A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass
 per parameter group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates
@@ -184,7 +186,28 @@ class Trainer:
             self._check_gradients("unscale_()")
             self._gather_grads()
             self._unscaled = self.scaler.unscale_((s.name, s.holder) for s in self.slots)
+            for slot in self.slots:
+                slot.refer_grad_to_master_()
         return self._unscaled
+
+    def master_params(self) -> list[Tensor]:
+        """The tensors the optimizer updates, one per trainable parameter: the parameter itself, or the float32
+        master copy of an fp16/bf16 (native) one. After ``unscale_()`` their ``.grad`` are the step's real
+        gradients (unscaled, float32 for native parameters): clip or inspect these, e.g.
+        ``torch.nn.utils.clip_grad_norm_(trainer.master_params(), 1.0)``. A native parameter's own ``.grad``
+        then raises on use: it no longer holds the gradient."""
+        return [s.holder for s in self.slots]
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Unscale (unless done), then clip the total ``norm_type`` norm of the step's gradients (those of
+        ``master_params()``) to ``max_norm`` in place, as ``torch.nn.utils.clip_grad_norm_``; returns the norm
+        before clipping (inf/NaN when a gradient overflowed: ``apply_update`` then skips the step)."""
+        self.unscale_()
+        return self._clip(max_norm, norm_type)
+
+    def _clip(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_([p for p in self.master_params() if p.grad is not None],
+                                              max_norm, norm_type)
 
     def _check_gradients(self, caller: str) -> None:
         """RuntimeError, changing nothing, when the step has no gradient at all (it would be reported as a normal
@@ -211,7 +234,8 @@ class Trainer:
         under loss scaling (``_check_gradients``)."""
         if self._unscaled is None:
             self._check_gradients("apply_update()")
-        if self._unscaled is None and self.fused is not None and self.fused.ready(self.slots):
+        if (self._unscaled is None and self.fused is not None and self.clip_grad_norm is None  # set after build
+                and self.fused.ready(self.slots)):
             return self._fused_update()
         found_inf, _ = self.unscale_()
         grad_norm = None if found_inf else self._update_parameters()
@@ -241,8 +265,7 @@ class Trainer:
         """Clip, optimizer step, storage rule, optimizer-state formats; the norm before clipping (if clipped)."""
         grad_norm = None
         if self.clip_grad_norm is not None:
-            grads = [s.holder for s in self.slots if s.holder.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
+            grad_norm = self._clip(self.clip_grad_norm)
         step_parameters(self.optimizer, self.slots)
         self.state_formats.apply_(self.optimizer)
         return grad_norm
