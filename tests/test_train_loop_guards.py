@@ -317,3 +317,18 @@ def test_clip_after_unscale_on_native_path_sees_the_full_unscaled_gradients(poli
     for a, b, c in zip(model.parameters(), own.parameters(), builtin.parameters(), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("policy, opt", [("native-bf16", torch.optim.SGD), ("int8-lazy", lp.train.SGD),
+                                         ("mixed-fp16", torch.optim.SGD)])
+def test_lr_scheduler_with_the_trainer_sets_each_steps_lr_without_warnings(policy, opt):
+    model, trainer = _setup(policy, opt)
+    scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=1, gamma=0.5)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler")
+        for seed in range(3):
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.step(_loss(model, _data(seed)))
+            scheduler.step()
+    assert lrs == [0.1, 0.05, 0.025]

@@ -254,6 +254,11 @@ class Trainer:
         return self._finish_step(found_inf, None)
 
     def _finish_step(self, found_inf: bool, grad_norm: Tensor | None) -> TrainStepResult:
+        if not found_inf:
+            # the fused step and lowprec's DeltaOptimizers update without optimizer.step(): tell an LR scheduler
+            # that the optimizer stepped (the flag its wrapped step() sets), so that it does not warn of a
+            # scheduler step before any optimizer step
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
         self.zero_grad()
         result = self.scaler.update(found_inf)
         self.update_exponents()
