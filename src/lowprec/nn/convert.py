@@ -35,7 +35,7 @@ CONVERSIONS: dict[type[nn.Module], type[QuantizedModule]] = {
 
 
 def _quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
-    if isinstance(module, QuantizedModule):  # converting again: re-configure under the new policy
+    if isinstance(module, QuantizedModule):  # a layer built as one (QLinear(...)): configured under the policy
         return type(module)
     return CONVERSIONS.get(type(module))
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantizedModule, conversion_policy
+from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
 from ..policy import LAYER_ROLES, Policy, as_policy
 from .update import ParamSlot, check_update_roles
@@ -89,10 +90,10 @@ def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
     too for a policy that quantizes layer roles on a model without converted layers (only ``convert`` applies
     them: the trainer alone would round nothing but the stored weights)."""
     converted = conversion_policy(model)
-    if converted is None and any(isinstance(m, QuantizedModule) for m in model.modules()):
+    if converted is None and any(isinstance(m, QuantizedModule) or is_native_layer(m) for m in model.modules()):
         if policy is None:
-            raise ValueError("the model's quantized layers were not made by lowprec.convert, so their policy is "
-                             "unknown: pass the policy to lowprec.Trainer")
+            raise ValueError("the model's quantized (or fp16/bf16 native) layers were not made by lowprec.convert, "
+                             "so their policy is unknown: pass the policy to lowprec.Trainer")
         return as_policy(policy)
     if policy is None:
         return converted if converted is not None else Policy()

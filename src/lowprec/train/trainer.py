@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ..nn import quantizers as layer_quantizers
 from ..nn import update_exponents as update_layer_exponents
 from ..formats import FloatFormat
-from ..policy import Policy, Quantizer, as_policy
+from ..policy import Policy, Quantizer
 from ..scaling import LossScaler, StepResult
 from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_slots, trainer_policy
