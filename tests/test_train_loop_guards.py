@@ -21,7 +21,7 @@ quantize_module = importlib.import_module("lowprec.formats.quantize")
 
 # -- in-place ops after a converted layer ----------------------------------------------------------------------
 
-INPLACE_POLICIES = ["mixed-fp16", "mixed-bf16", "fp8-e4m3", "fp8-e5m2", "int8", "weight=int8"]
+INPLACE_POLICIES = ["mixed-fp16", "mixed-bf16", "fp8-e4m3", "fp8-e5m2", "int8", "dfx-10-12", "wrpn-4-4", "weight=int8"]
 
 
 def _bn_relu() -> nn.Module:
