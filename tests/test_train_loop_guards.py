@@ -332,3 +332,15 @@ def test_lr_scheduler_with_the_trainer_sets_each_steps_lr_without_warnings(polic
             trainer.step(_loss(model, _data(seed)))
             scheduler.step()
     assert lrs == [0.1, 0.05, 0.025]
+
+
+def test_a_model_converted_in_parts_under_two_policies_needs_the_trainers_policy():
+    model = nn.Sequential(_mlp(), _mlp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lp.convert(model[0], "int8", inplace=True)
+        lp.convert(model[1], "mixed-fp16", inplace=True)
+    with pytest.raises(ValueError, match="different policies .*int8.*pass the policy"):
+        lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mixed-fp16")
+    assert trainer.scaler.scale == 2.0**16

@@ -21,7 +21,8 @@ from .state import calibrating, quantizers, update_exponents
 from .widen import fill_clip_range, widen
 
 __all__ = [
-    "convert", "conversion_policy", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "convert", "conversion_policy", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating",
+    "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

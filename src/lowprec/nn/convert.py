@@ -14,7 +14,7 @@ from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QL
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import check_override_roles, module_policy
 
-__all__ = ["convert", "conversion_policy", "CONVERSIONS"]
+__all__ = ["convert", "conversion_policy", "policy_label", "CONVERSIONS"]
 
 #: Where ``convert`` records the policy on the module it returns.
 _POLICY_ATTR = "_lowprec_policy"
@@ -40,15 +40,19 @@ def _quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
     return CONVERSIONS.get(type(module))
 
 
+def policy_label(policy: Policy) -> str:
+    """A policy as messages name it: its preset name (``mixed-fp16``), else its spec (``fp32`` when empty)."""
+    return policy.name or policy.spec() or "fp32"
+
+
 def conversion_policy(model: nn.Module) -> Policy | None:
     """The policy ``convert`` gave ``model`` (or the parts of it it converted); None where it never converted
     any. ValueError when parts were converted under different policies."""
     found = {getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)}
     if len(found) > 1:
-        raise ValueError(
-            f"parts of this model were converted under different policies ({', '.join(sorted(p.spec() or 'fp32' for p in found))}); "
-            "pass the policy explicitly"
-        )
+        shown = ", ".join(sorted(policy_label(p) for p in found))
+        raise ValueError(f"parts of this model were converted under different policies ({shown}); pass the policy "
+                         "explicitly")
     return next(iter(found), None)
 
 
@@ -58,10 +62,10 @@ def _check_not_converted(model: nn.Module, policy: Policy) -> None:
     done = [getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)]
     native = any(is_native_layer(m) for m in model.modules())
     if done or native:
-        before = (done[0].spec() or "fp32") if done else "a native policy"
+        before = policy_label(done[0]) if done else "a native policy"
         raise ValueError(
             f"lowprec.convert: this model is already converted (under {before}); converting it again under "
-            f"{policy.spec() or 'fp32'} would round its tensors under both policies. Convert the original model "
+            f"{policy_label(policy)} would round its tensors under both policies. Convert the original model "
             "instead: convert() returns a converted copy and leaves its argument as it was (unless inplace=True)."
         )
 

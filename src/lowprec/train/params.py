@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantizedModule, conversion_policy
+from ..nn.convert import policy_label
 from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
 from ..policy import LAYER_ROLES, Policy, as_policy
@@ -88,8 +89,14 @@ def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
     scale and store under another. Differences in the trainer's own settings are allowed: the loss scale, and
     the update roles (master, accumulator, optimizer_state; a UserWarning from ``parameter_slots``). ValueError
     too for a policy that quantizes layer roles on a model without converted layers (only ``convert`` applies
-    them: the trainer alone would round nothing but the stored weights)."""
-    converted = conversion_policy(model)
+    them: the trainer alone would round nothing but the stored weights). A model whose parts were converted
+    under different policies needs ``policy`` (it then decides the update roles and loss scale alone)."""
+    try:
+        converted = conversion_policy(model)
+    except ValueError:  # parts converted under different policies: only an explicit policy can serve them all
+        if policy is None:
+            raise
+        return as_policy(policy)
     if converted is None and any(isinstance(m, QuantizedModule) or is_native_layer(m) for m in model.modules()):
         if policy is None:
             raise ValueError("the model's quantized (or fp16/bf16 native) layers were not made by lowprec.convert, "
@@ -99,9 +106,12 @@ def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
         return converted if converted is not None else Policy()
     policy = as_policy(policy)
     if converted is not None and _layer_part(policy) != _layer_part(converted):
+        was, given = policy_label(converted), policy_label(policy)
+        if was == given:  # the same preset name, changed settings: show what differs
+            was, given = converted.spec(), policy.spec()
         raise ValueError(
-            f"lowprec.Trainer: the model was converted under {converted.spec() or 'fp32'!r} and the trainer was "
-            f"given {policy.spec() or 'fp32'!r}: its layers would round under one and the trainer scale the loss "
+            f"lowprec.Trainer: the model was converted under {was!r} and the trainer was "
+            f"given {given!r}: its layers would round under one and the trainer scale the loss "
             "and store the weights under the other. Leave the policy out (the trainer takes the model's) or pass "
             "the same one; a different loss scale goes in scaler=."
         )
@@ -109,7 +119,7 @@ def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
                          | {r for _, a in _layer_part(policy).overrides for r, q in a if q is not None})
     if converted is None and layer_roles:
         raise ValueError(
-            f"lowprec.Trainer: policy {policy.spec()!r} quantizes {', '.join(layer_roles)}, which only the "
+            f"lowprec.Trainer: policy {policy_label(policy)!r} quantizes {', '.join(layer_roles)}, which only the "
             "layers of a converted model apply, and this model has none: convert it first "
             "(model = lowprec.convert(model, policy)), or give the trainer only update roles "
             "(master, accumulator, optimizer_state) and a loss scale."
