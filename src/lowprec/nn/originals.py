@@ -44,10 +44,10 @@ def mark_replaced(model: nn.Module) -> None:
 def _refuse_replaced_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if args[1:] or kwargs.get("closure") is not None:  # (self, closure): the closure computes the gradients
         return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if any(p.grad is not None for p in params):  # a normal step: the first parameter usually answers
+    groups = optimizer.param_groups
+    if any(p.grad is not None for group in groups for p in group["params"]):  # a normal step: answered at once
         return
-    replaced = sum(is_replaced(p) for p in params)
+    replaced = sum(is_replaced(p) for group in groups for p in group["params"])
     if replaced:
         raise RuntimeError(
             f"{type(optimizer).__name__}.step(): none of its parameters has a gradient and {replaced} of them "
