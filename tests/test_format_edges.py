@@ -240,3 +240,31 @@ def test_dfx_issue_examples_on_float32(path):
     sub = torch.tensor([21, 714, -5]) * 2.0**-149  # all subnormal: r = -139, step 2**-146 = 8 * 2**-149
     assert lp.quantize(sub, "dfx<8>").tolist() == [24 * 2.0**-149, 712 * 2.0**-149, -8 * 2.0**-149]
     assert lp.quantize(sub, "bfp<8,3>").tolist() == lp.quantize(sub, "dfx<8>").tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", ["uniform<2>", "uniform<3>", "uniform<8>", "uniform<4,unsigned>", "uniform<16>"])
+def test_uniform_levels_are_the_containers_own_rounding_of_i_over_n(fmt, dtype, path):
+    """round(clip(x)·n)/n computed in the tensor's own dtype: i = round_half_even(fl(clip(x)·n)), the level
+    fl(i/n), both IEEE operations of that dtype (float64 tensors get float64 levels, e.g. uniform<3> of 1/3 is
+    0x3FD5555555555555; float32 ones fl32(i/n)). Reference: numpy scalars of the same dtype, exact ties
+    (i + 1/2)/n included."""
+    f = lp.parse_format(fmt)
+    n, lo = f.levels, (-1.0 if f.signed else 0.0)
+    npt = np.float64 if dtype == torch.float64 else np.float32
+    rng = np.random.default_rng(5)
+    v = np.concatenate([rng.uniform(-1.5, 1.5, 2000), (np.arange(-n, n) + 0.5) / n, [1 / 3, -0.0, 0.0, 2.0, -7.0]])
+    x = torch.from_numpy(v.astype(npt))
+    want = []
+    for t in x.numpy():
+        c = min(max(t, npt(lo)), npt(1.0))
+        i = np.round(npt(c) * npt(n))  # numpy rounds halves to even
+        want.append(t if t == 0 else npt(i) / npt(n))
+    _assert_same(lp.quantize(x, fmt), np.array(want, dtype=np.float64), x)
+
+
+def test_uniform_float64_issue_example(path):
+    y = lp.quantize(torch.tensor([1 / 3], dtype=torch.float64), "uniform<3>")
+    assert y.view(torch.int64).item() == 0x3FD5555555555555
+    y32 = lp.quantize(torch.tensor([1 / 3]), "uniform<3>")
+    assert y32.view(torch.int32).item() == 0x3EAAAAAB  # fl32(1/3)
