@@ -207,3 +207,39 @@ def test_parameters_start_inside_the_master_format():
     Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Policy.of(master="fixed<8,5>"))
     for p in model.parameters():
         assert torch.equal(quantize(p.detach(), "fixed<8,5>"), p.detach())
+
+
+@pytest.mark.parametrize("preset", ["int8-lazy", "int8"])
+def test_classifier_rule_widens_the_last_layers_master_so_the_stored_weight_is_on_the_wider_grid(preset):
+    """100 classes: classifier_bits(100) = 9, so the rule gives the last layer weight=dfx<9>, and its master,
+    optimizer state (and accumulator, where narrower) widen with it: after a step the stored weight lies on the
+    dfx<9> grid and not on the dfx<8> one (with master=dfx<8> the widening did nothing)."""
+    import lowprec as lp
+
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 100)), preset)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), preset)
+    slots = {s.name: s for s in trainer.slots}
+    last, first = slots["2.weight"], slots["0.weight"]
+    role = lambda slot, r: str(slot.policy.get(r).format)  # noqa: E731
+    assert role(last, "master") == "dfx<9>" and role(last, "optimizer_state") == "dfx<9>"
+    assert role(first, "master") == "dfx<8>"  # only the last layer widens
+    assert role(last, "master") == str(model[2].policy.get("master").format)  # convert and Trainer agree
+    if preset == "int8-lazy":
+        assert role(last, "accumulator") == "dfx<16>"  # already wider than 9 bits
+    x, y = torch.randn(64, 16), torch.randint(0, 100, (64,))
+    for _ in range(2):
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    # a two's-complement word of b bits holds integers k * step with |k| <= 2**(b-1): the stored weight's own
+    # finest power-of-two step gives the width it needs
+    assert _word_magnitude(model[2].weight) in range(129, 257)  # 9 bits, more than any 8-bit word holds
+    assert _word_magnitude(model[0].weight) <= 128
+
+
+def _word_magnitude(w: torch.Tensor) -> int:
+    """max |k| with w = k * step, step the largest power of two dividing every element of w."""
+    w = w.detach().double()
+    step = 2.0 ** (int(torch.frexp(w.abs().max())[1]))
+    while not torch.equal(torch.round(w / step), w / step):
+        step /= 2
+    return int((w / step).abs().max().item())

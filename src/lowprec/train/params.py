@@ -3,7 +3,9 @@
 The update roles (``master``, ``accumulator``, ``optimizer_state``) belong to the *weight layers*: the
 modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers. The parameters of each
 get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
-``@last`` the first and last weight layer in module order, as ``convert`` resolves them. Every other
+``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
+widens its master, accumulator and optimizer-state formats with its weight), as ``convert`` resolves them
+(``lowprec.nn.resolve.module_policy``). Every other
 parameter keeps an fp32 master and fp32 optimizer state: batch-norm's scale and shift (Park et al. keep
 batch-norm internals in full precision; lowprec.nn's batch-norm quantizes only its input and output) and
 modules ``convert`` does not know. A model without any converted layer (a plain ``nn.Module``) is treated
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantizedModule
+from ..nn.resolve import module_policy
 from ..policy import Policy
 from .update import ParamSlot, check_update_roles
 
@@ -46,7 +49,7 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
     policies: dict[str, Policy] = {}
     disagree = []
     for i, (name, module) in enumerate(layers):
-        policies[name] = policy.for_module(name, first=i == 0, last=i == len(layers) - 1)
+        policies[name] = module_policy(policy, name, module, first=i == 0, last=i == len(layers) - 1, warn=False)
         if isinstance(module, QuantizedModule) and any(
             module.policy.get(r) != policies[name].get(r) for r in UPDATE_ROLES
         ):
