@@ -243,3 +243,67 @@ def _word_magnitude(w: torch.Tensor) -> int:
     while not torch.equal(torch.round(w / step), w / step):
         step /= 2
     return int((w / step).abs().max().item())
+
+
+def _q_grid(value, step):
+    """round_half_even(value / step) * step on exact rationals."""
+    return round(value / step) * step
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_courbariaux_update_applies_the_rounded_velocity(opt):
+    """fixed-20 (update_rule=courbariaux): v <- Q(M v - LR g), W <- Q(W + v) on the fixed<20,14> grid, against an
+    exact-rational reference; the old order (apply the fp32 momentum, round the buffer afterwards) gives another
+    trajectory, so the check can fail."""
+    from fractions import Fraction
+
+    lr, mu, g, w0 = 2.0**-3, 0.75, 25 * 2.0**-13, 1.0  # LR·g = 6.25 grid steps: rounding matters
+    model = Scalar(w0)
+    trainer = Trainer(model, opt(model.parameters(), lr=lr, momentum=mu), "fixed-20")
+    got = []
+    for _ in range(6):
+        trainer.step((model.w * g).sum())
+        got.append(Fraction(model.w.item()))
+    step = Fraction(1, 2**14)
+    w, v, want = Fraction(w0), Fraction(0), []
+    b, w_old, old = Fraction(0), Fraction(w0), []
+    for i in range(6):
+        v = _q_grid(Fraction(mu) * v - Fraction(lr) * Fraction(g), step)
+        w = _q_grid(w + v, step)
+        want.append(w)
+        b = Fraction(g) if i == 0 else Fraction(mu) * b + Fraction(g)  # torch's buffer, applied unrounded
+        w_old = _q_grid(w_old - Fraction(lr) * b, step)
+        b = _q_grid(b, step)
+        old.append(w_old)
+    assert got == want
+    assert want != old
+    v_stored = trainer.optimizer.state[model.w]["momentum_buffer"]
+    assert Fraction(v_stored.item()) == v  # the velocity form, LR included, on the grid
+
+
+def test_courbariaux_update_with_dynamic_fixed_point_moves_the_weight_by_the_stored_rounded_velocity():
+    """dfx-10-12 on a layer: after each step the momentum buffer is its own dfx<10> rounding and the new weight
+    is the dfx<12> master rounding of old weight + that buffer."""
+    import lowprec as lp
+
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(8, 4)), "dfx-10-12")
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "dfx-10-12")
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    slot = next(s for s in trainer.slots if s.name == "0.weight")
+    for _ in range(3):
+        before = model[0].weight.detach().clone()
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+        v = trainer.optimizer.state[model[0].weight]["momentum_buffer"]
+        q = dict(trainer.state_formats.items())["0.weight:momentum_buffer"]
+        assert torch.equal(q.round(v), v)
+        assert torch.equal(slot.master.round(before + v), model[0].weight.detach())
+
+
+def test_courbariaux_update_refuses_an_optimizer_that_is_not_plain_sgd():
+    model = Scalar(1.0)
+    with pytest.raises(ValueError, match="update_rule=courbariaux.*AdamW.*update_rule=optimizer"):
+        Trainer(model, torch.optim.AdamW(model.parameters()), "dfx-10-12")
+    with pytest.raises(ValueError, match="nesterov"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), "fixed-20")
+    Trainer(model, torch.optim.AdamW(model.parameters()), Policy.preset("dfx-10-12").with_roles(update_rule="optimizer"))

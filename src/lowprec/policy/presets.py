@@ -31,9 +31,11 @@ PRESETS: dict[str, str] = {
     # in a 2-epoch full-precision warm-up (Trainer.warmup_exponents); the preset starts each group at the
     # max-abs exponent of the first tensor it sees instead, so it trains without one (init_int_bits=5 and a
     # warm-up give the authors' procedure).
-    "fixed-20": _ALL.format(f="fixed<20,14>") + ",master=fixed<20,14>,optimizer_state=fixed<20,14>",
+    # Their update applies the rounded velocity: v <- Q(M v - LR g), W <- Q(W + v) (update_rule=courbariaux).
+    "fixed-20": _ALL.format(f="fixed<20,14>") + ",master=fixed<20,14>,optimizer_state=fixed<20,14>"
+    ",update_rule=courbariaux",
     "dfx-10-12": _ALL.format(f="dfx<10>") + ",master=dfx<12>,optimizer_state=dfx<10>"
-    ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=100,init_int_bits=auto",
+    ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=100,init_int_bits=auto,update_rule=courbariaux",
     # fp8: e4m3 forward, e5m2 gradients (the usual hybrid), or one of them for everything
     "fp8-hybrid": "params=e4m3,activations=e4m3,grads=e5m2,loss_scale=dynamic",
     "fp8-e4m3": _ALL.format(f="e4m3") + ",loss_scale=dynamic",
