@@ -123,3 +123,22 @@ def test_classifier_bits():
             lp.classifier_bits(bad)
     with pytest.raises(ValueError, match="alpha"):
         lp.classifier_bits(10, alpha=1.0)
+
+
+@given(classes=st.one_of(st.integers(2, 2**70), st.integers(1, 70).map(lambda k: 2**k + 1),
+                         st.integers(1, 70).map(lambda k: 2**k)),
+       alpha=st.one_of(st.sampled_from([0.5, 0.25, 1 / 8, 0.75, 0.1, 1 / 3]), st.floats(1e-6, 0.999999)))
+def test_classifier_bits_is_exact_for_any_class_count(classes, alpha):
+    """The smallest BW with 2**BW > (C - 1) * 2 / alpha, decided on exact rationals: no float log2 rounding at
+    C - 1 just below a power of two (2**49 - 1 gave 52 instead of 51)."""
+    from fractions import Fraction
+
+    bound = Fraction(2 * (classes - 1)) / Fraction(alpha)
+    bw = lp.classifier_bits(classes, alpha)
+    assert 2**bw > bound >= 2 ** (bw - 1)
+
+
+def test_classifier_bits_just_below_a_power_of_two():
+    assert lp.classifier_bits(2**49) == 51  # log2(2**49 - 1) + 2 = 50.99999999999999...
+    assert lp.classifier_bits(2**49 + 1) == 52  # log2(2**49) + 2 = 51 exactly: BW must exceed it
+    assert lp.classifier_bits(2**60, alpha=0.25) == 63

@@ -34,8 +34,8 @@ def test_dfx_max_abs_rule_chooses_smallest_covering_exponent():
     assert max_abs_int_bits(torch.tensor([1.0])).item() == 1  # 1.0 is not < 2**0
     assert max_abs_int_bits(torch.tensor([0.0, 0.0])).item() == 0
     assert torch.equal(lp.quantize(torch.zeros(3), "dfx<8>"), torch.zeros(3))  # no 0 * inf
-    tiny = torch.tensor([2.0**-140, -(2.0**-149)])  # r = -139: the step is clamped to 2**-126 (2**frac, 2**-frac normal)
-    assert lp.quantize(tiny, "dfx<8>").tolist() == [0.0, -0.0]
+    tiny = torch.tensor([2.0**-140, -(2.0**-149)])  # r = -139: step 2**-146, so -2**-149 (1/8 step) rounds to -0
+    assert lp.quantize(tiny, "dfx<8>").tolist() == [2.0**-140, -0.0]
     y = lp.quantize(x, "dfx<8>")
     assert torch.equal(y, lp.quantize(x, "fixed<8,7>"))
     assert torch.equal(lp.quantize(x, "dfx<8>", int_bits=3), lp.quantize(x, "fixed<8,4>"))

@@ -207,3 +207,106 @@ def test_parameters_start_inside_the_master_format():
     Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Policy.of(master="fixed<8,5>"))
     for p in model.parameters():
         assert torch.equal(quantize(p.detach(), "fixed<8,5>"), p.detach())
+
+
+@pytest.mark.parametrize("preset", ["int8-lazy", "int8"])
+def test_classifier_rule_widens_the_last_layers_master_so_the_stored_weight_is_on_the_wider_grid(preset):
+    """100 classes: classifier_bits(100) = 9, so the rule gives the last layer weight=dfx<9>, and its master,
+    optimizer state (and accumulator, where narrower) widen with it: after a step the stored weight lies on the
+    dfx<9> grid and not on the dfx<8> one (with master=dfx<8> the widening did nothing)."""
+    import lowprec as lp
+
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 100)), preset)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), preset)
+    slots = {s.name: s for s in trainer.slots}
+    last, first = slots["2.weight"], slots["0.weight"]
+    role = lambda slot, r: str(slot.policy.get(r).format)  # noqa: E731
+    assert role(last, "master") == "dfx<9>" and role(last, "optimizer_state") == "dfx<9>"
+    assert role(first, "master") == "dfx<8>"  # only the last layer widens
+    assert role(last, "master") == str(model[2].policy.get("master").format)  # convert and Trainer agree
+    if preset == "int8-lazy":
+        assert role(last, "accumulator") == "dfx<16>"  # already wider than 9 bits
+    x, y = torch.randn(64, 16), torch.randint(0, 100, (64,))
+    for _ in range(2):
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    # a two's-complement word of b bits holds integers k * step with |k| <= 2**(b-1): the stored weight's own
+    # finest power-of-two step gives the width it needs
+    assert _word_magnitude(model[2].weight) in range(129, 257)  # 9 bits, more than any 8-bit word holds
+    assert _word_magnitude(model[0].weight) <= 128
+
+
+def _word_magnitude(w: torch.Tensor) -> int:
+    """max |k| with w = k * step, step the largest power of two dividing every element of w."""
+    w = w.detach().double()
+    step = 2.0 ** (int(torch.frexp(w.abs().max())[1]))
+    while not torch.equal(torch.round(w / step), w / step):
+        step /= 2
+    return int((w / step).abs().max().item())
+
+
+def _q_grid(value, step):
+    """round_half_even(value / step) * step on exact rationals."""
+    return round(value / step) * step
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_courbariaux_update_applies_the_rounded_velocity(opt):
+    """fixed-20 (update_rule=courbariaux): v <- Q(M v - LR g), W <- Q(W + v) on the fixed<20,14> grid, against an
+    exact-rational reference; the old order (apply the fp32 momentum, round the buffer afterwards) gives another
+    trajectory, so the check can fail."""
+    from fractions import Fraction
+
+    lr, mu, g, w0 = 2.0**-3, 0.75, 25 * 2.0**-13, 1.0  # LR·g = 6.25 grid steps: rounding matters
+    model = Scalar(w0)
+    update_roles = "master=fixed<20,14>,optimizer_state=fixed<20,14>,update_rule=courbariaux"  # fixed-20's
+    trainer = Trainer(model, opt(model.parameters(), lr=lr, momentum=mu), update_roles)
+    got = []
+    for _ in range(6):
+        trainer.step((model.w * g).sum())
+        got.append(Fraction(model.w.item()))
+    step = Fraction(1, 2**14)
+    w, v, want = Fraction(w0), Fraction(0), []
+    b, w_old, old = Fraction(0), Fraction(w0), []
+    for i in range(6):
+        v = _q_grid(Fraction(mu) * v - Fraction(lr) * Fraction(g), step)
+        w = _q_grid(w + v, step)
+        want.append(w)
+        b = Fraction(g) if i == 0 else Fraction(mu) * b + Fraction(g)  # torch's buffer, applied unrounded
+        w_old = _q_grid(w_old - Fraction(lr) * b, step)
+        b = _q_grid(b, step)
+        old.append(w_old)
+    assert got == want
+    assert want != old
+    v_stored = trainer.optimizer.state[model.w]["momentum_buffer"]
+    assert Fraction(v_stored.item()) == v  # the velocity form, LR included, on the grid
+
+
+def test_courbariaux_update_with_dynamic_fixed_point_moves_the_weight_by_the_stored_rounded_velocity():
+    """dfx-10-12 on a layer: after each step the momentum buffer is its own dfx<10> rounding and the new weight
+    is the dfx<12> master rounding of old weight + that buffer."""
+    import lowprec as lp
+
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(8, 4)), "dfx-10-12")
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "dfx-10-12")
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    slot = next(s for s in trainer.slots if s.name == "0.weight")
+    for _ in range(3):
+        before = model[0].weight.detach().clone()
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+        v = trainer.optimizer.state[model[0].weight]["momentum_buffer"]
+        q = dict(trainer.state_formats.items())["0.weight:momentum_buffer"]
+        assert torch.equal(q.round(v), v)
+        assert torch.equal(slot.master.round(before + v), model[0].weight.detach())
+
+
+def test_courbariaux_update_refuses_an_optimizer_that_is_not_plain_sgd():
+    import lowprec as lp
+
+    dfx, fixed = (lp.convert(nn.Sequential(nn.Linear(2, 2)), p) for p in ("dfx-10-12", "fixed-20"))
+    with pytest.raises(ValueError, match="update_rule=courbariaux.*AdamW.*update_rule=optimizer"):
+        Trainer(dfx, torch.optim.AdamW(dfx.parameters()))
+    with pytest.raises(ValueError, match="nesterov"):
+        Trainer(fixed, torch.optim.SGD(fixed.parameters(), lr=0.1, momentum=0.9, nesterov=True))
+    Trainer(dfx, torch.optim.AdamW(dfx.parameters()), "dfx-10-12+update_rule=optimizer")

@@ -12,7 +12,8 @@ vectorised ops:
   NaN passed through unchanged as everywhere in lowprec.
 * ``fixed_scaled``: fixed point with a known number of fraction bits f, on float32:
   ``round(x * 2**f)`` (``torch.round`` rounds ties to even; x * 2**f is exact, or below 2**-126 where it rounds
-  to 0 anyway), clamped to the word (saturates +-inf), times 2**-f (exact). NaN stays NaN (every op
+  to 0 anyway; f up to 149, float32's smallest subnormal step, scaling by two exact factors where 2**f is not a
+  normal float32), clamped to the word (saturates +-inf), times 2**-f (exact). NaN stays NaN (every op
   propagates it; a final sum detects it and puts the input's NaN back bit for bit, signalling ones too), -0
   and negative values that round to 0 keep their sign, as ``kernels.fixed_fast``.
 * ``max_abs_exponent``: dynamic fixed point's max-abs exponent of a CPU tensor, computed on the host from
@@ -38,9 +39,6 @@ from torch import Tensor
 
 __all__ = ["cast_round_trip", "fixed_scaled", "fixed_counting", "counts_above", "uniform_scaled", "max_abs_exponent"]
 
-_SMALLEST_NORMAL = 2.0**-126
-
-
 def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
     """x rounded to ``dtype`` by torch's cast (nearest even), returned in x's dtype; a NaN is returned as it is
     (the cast would make every NaN the canonical one)."""
@@ -51,12 +49,27 @@ def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor
 
 
 def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, peak: float | None = None) -> Tensor:
-    """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring), ties to even. 2**frac and 2**-frac
-    must be normal float32 numbers (the caller's fraction range guarantees it). ``peak``, a finite max|x| the
-    caller already knows, drops the NaN check and (when no value can round past the word) the clamp."""
-    y = torch.mul(x, 2.0**frac) if out is None else torch.mul(x, 2.0**frac, out=out)
+    """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring), ties to even; frac in [-126, 149]
+    (steps down to float32's smallest subnormal). ``peak``, a finite max|x| the caller already knows, drops the
+    NaN check and (when no value can round past the word) the clamp."""
+    y = _times_pow2(x, frac, out)
     y = _round_scaled(y, frac, kmin, kmax, math.inf if peak is None else peak * 2.0**frac)
     return y if peak is not None else _keep_nan(x, y)
+
+
+def _times_pow2(x: Tensor, e: int, out: Tensor | None = None) -> Tensor:
+    """x * 2**e, exact as ``kernels.times_pow2``: one multiplication while 2**e is a normal float32, otherwise
+    2**clamp(e, -126, 126) first and the rest second (into ``out`` when given, else a new tensor)."""
+    first = min(max(e, -126), 126)
+    y = torch.mul(x, 2.0**first) if out is None else torch.mul(x, 2.0**first, out=out)
+    return y if first == e else y.mul_(2.0 ** (e - first))
+
+
+def _scale_(s: Tensor, e: int) -> Tensor:
+    """s *= 2**e in place, in the exact factors of ``_times_pow2``."""
+    first = min(max(e, -126), 126)
+    s.mul_(2.0**first)
+    return s if first == e else s.mul_(2.0 ** (e - first))
 
 
 def _round_scaled(s: Tensor, frac: int, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
@@ -65,7 +78,7 @@ def _round_scaled(s: Tensor, frac: int, kmin: int, kmax: int, scaled_peak: float
     s.round_()
     if not scaled_peak < kmax + 0.5:
         s.clamp_(kmin, kmax)
-    return s.mul_(2.0**-frac)
+    return _scale_(s, -frac)
 
 
 def fixed_counting(
@@ -74,7 +87,7 @@ def fixed_counting(
     """(``fixed_scaled(x, None, frac, kmin, kmax)``, [count of |x| > t for t in thresholds]), or None when x holds
     NaN or a value whose scaled copy is inf (the caller then takes the general paths)."""
     scale = 2.0**frac
-    s = torch.mul(x, scale)
+    s = _times_pow2(x, frac)
     a = s.abs()
     peak = a.amax().item()  # amax: 2.5x faster than max() on CPUs; both propagate NaN
     if not math.isfinite(peak):
@@ -104,12 +117,12 @@ def _keep_nan(x: Tensor, y: Tensor) -> Tensor:
 
 
 def max_abs_exponent(x: Tensor) -> tuple[int, float] | None:
-    """(r, max|x|) with 2**(r-1) <= max|x| < 2**r (r = -126 for an all-zero or subnormal max, as
-    ``kernels.dfx_maxabs_fp32``), or None when x holds NaN or inf."""
+    """(r, max|x|) with 2**(r-1) <= max|x| < 2**r (a subnormal max too, as ``kernels.dfx_maxabs_fp32``; r = 0
+    for an all-zero x, which any r represents), or None when x holds NaN or inf."""
     peak = max(-x.amin().item(), x.amax().item())  # two vectorised reductions beat aminmax's one on CPUs
     if not math.isfinite(peak):
         return None
-    return (math.frexp(peak)[1] if peak >= _SMALLEST_NORMAL else -126), peak
+    return math.frexp(peak)[1], peak
 
 
 def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool) -> Tensor:

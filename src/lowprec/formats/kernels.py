@@ -157,7 +157,7 @@ def float_fast_fp32(
     key: Tensor | None,
     shift: int,
     rshift: int,
-    half_minus_one: int,
+    round_add: int,
     odd_bit: int,
     keep_mask: int,
     discard_mask: int,
@@ -172,11 +172,15 @@ def float_fast_fp32(
     """Fast path for float32 tensors onto a float format, any rounding; bit-identical to ``float_grid``.
 
     Normal range, on the bits with ``shift`` = 23 - man_bits (``keep_mask`` = -2**shift clears the discarded
-    bits, ``discard_mask`` = 2**shift - 1 keeps only them): nearest adds 2**(shift-1) - 1 (``half_minus_one``) plus the lowest kept bit (``odd_bit``, 0 when
-    shift = 0) and masks, so a carry rounds up (into the exponent too); toward_zero masks; stochastic adds one
-    quantum when R >> ``rshift`` (R the 31 random bits of ``random_bits``, rshift = 31 - shift) is below the
-    discarded bits, the same event as in ``round_to_grid``. The format's subnormal range (``sub_branch``:
-    emin > -126) is rounded on v = |x| * 2**(man_bits - emin) (exact): round / trunc / floor(v) + [R <
+    bits, ``discard_mask`` = 2**shift - 1 keeps only them): nearest adds ``round_add`` plus the lowest kept bit
+    times ``odd_bit`` and masks, so a carry rounds up (into the exponent too): ties to even. For 0 < shift < 23
+    the caller passes 2**(shift-1) - 1 and odd_bit 1; for shift = 0 nothing is discarded (0, 0); for shift = 23
+    (man_bits = 0) the lowest kept significand bit is the implicit 1 of every normal, always odd, so the caller
+    passes 2**22 and odd_bit 0 (a tie rounds up to the next power of two, the exponent's own bits play no part).
+    toward_zero masks; stochastic adds one quantum when R >> ``rshift`` (R the 31 random bits of
+    ``random_bits``, rshift = 31 - shift) is below the discarded bits, the same event as in ``round_to_grid``.
+    The format's subnormal range (``sub_branch``: emin > -126, or man_bits = 0, whose rule above holds only for
+    float32 normals) is rounded on v = |x| * 2**(man_bits - emin) (exact): round / trunc / floor(v) + [R <
     floor(frac(v) * 2**31)]. Results above ``max_bits`` become ``overflow_bits``; +-inf inputs ``inf_bits``;
     ``flush`` zeroes results below the smallest normal; NaN is returned as it is. All parameters are
     precomputed by the caller: no Python arithmetic here, so compiled graphs never break.
@@ -184,7 +188,7 @@ def float_fast_fp32(
     bits = x.view(torch.int32)
     a = bits & 0x7FFFFFFF
     if rounding == NEAREST:
-        r = (a + half_minus_one + ((a >> shift) & odd_bit)) & keep_mask
+        r = (a + round_add + ((a >> shift) & odd_bit)) & keep_mask
     elif rounding == TOWARD_ZERO:
         r = a & keep_mask
     else:
@@ -211,24 +215,47 @@ def fixed_grid(
     return torch.where(torch.isnan(x), x, torch.clamp(y, lo, hi))
 
 
-def fixed_fast(
-    x: Tensor, scale: Tensor, inv_scale: Tensor, kmin: int, kmax: int, rounding: int, key: Tensor | None
-) -> Tensor:
-    """Fast path onto a saturating fixed-point grid, any rounding; bit-identical to ``fixed_grid``.
-
-    v = |x| * 2**frac (``scale``; exact, a power of two) is rounded to an integer k: nearest ``round`` (ties to
-    even), toward_zero ``trunc``, stochastic floor(v) + [R < floor(frac(v) * 2**31)] with R the 31 random bits of
-    ``random_bits`` (the same event as ``round_to_grid``); then sign(x)*k is clamped to [kmin, kmax] (which also
-    saturates +-inf) and multiplied by ``inv_scale`` = 2**-frac (exact). A NaN input is returned as it is.
-    """
-    rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
-    k = round_integer(x.abs() * scale, rounding, rand)
-    return torch.where(torch.isnan(x), x, torch.clamp(k.copysign(x), kmin, kmax) * inv_scale)
-
-
 def _pow2(e: Tensor) -> Tensor:
     """2**e as float32 from an int32 exponent in [-126, 127] (built from the bits)."""
     return ((e + 127) << 23).view(torch.float32)
+
+
+def times_pow2(x: Tensor, e: Tensor) -> Tensor:
+    """x * 2**e for float32 x and int32 exponents e in [-149, 149], where 2**e itself need not be a normal
+    float32 (or any float32): two power-of-two factors, 2**clamp(e, -126, 126) first, then the rest (|rest| <= 23).
+
+    Exact wherever fixed-point rounding needs it: scaling up (e >= 0) only overflows (to inf, which saturates);
+    scaling an integer k (|k| <= 2**31) down to a representable k * 2**e passes through the normal k * 2**-126.
+    """
+    first = torch.clamp(e, -126, 126)
+    return x * _pow2(first) * _pow2(e - first)
+
+
+def fixed_fast(
+    x: Tensor, frac: Tensor, kmin: int, kmax: int, rounding: int, key: Tensor | None
+) -> Tensor:
+    """Fast path onto a saturating fixed-point grid of step 2**-frac, any rounding; bit-identical to ``fixed_grid``.
+
+    v = |x| * 2**frac (``times_pow2``: exact, also for steps down to float32's smallest subnormal 2**-149) is
+    rounded to an integer k: nearest ``round`` (ties to even), toward_zero ``trunc``, stochastic
+    floor(v) + [R < floor(frac(v) * 2**31)] with R the 31 random bits of ``random_bits`` (the same event as
+    ``round_to_grid``); then sign(x)*k is clamped to [kmin, kmax] (which also saturates +-inf) and multiplied by
+    2**-frac (exact). ``frac``: an int32 tensor broadcasting against x, in [-126, 149]. A NaN input is returned
+    as it is.
+    """
+    rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
+    k = round_integer(times_pow2(x.abs(), frac), rounding, rand)
+    return torch.where(torch.isnan(x), x, times_pow2(torch.clamp(k.copysign(x), kmin, kmax), -frac))
+
+
+def _maxabs_frac(peak: Tensor, top: int, frac_lo: int, frac_hi: int) -> Tensor:
+    """frac = clamp(top - r, frac_lo, frac_hi) with r the frexp exponent of ``peak`` >= 0 (the smallest r with
+    peak < 2**r), read from the float32 bits; a subnormal peak is first scaled by 2**64 (exact) so that its
+    exponent is read exactly too. A zero peak gives the finest step frac_hi."""
+    sub = peak < 2.0**-126
+    scaled = torch.where(sub, peak * 2.0**64, peak)
+    r = (scaled.view(torch.int32) >> 23) - 126 - (sub.to(torch.int32) << 6)
+    return torch.clamp(top - r, frac_lo, frac_hi)
 
 
 def dfx_maxabs_fp32(
@@ -236,14 +263,12 @@ def dfx_maxabs_fp32(
 ) -> Tensor:
     """Dynamic fixed point with the max-abs exponent of x itself, in one graph (a reduction, then the rounding).
 
-    r = the frexp exponent of max|x| over finite elements (smallest r with max|x| < 2**r), read from the float32
-    bits (an all-zero or subnormal max gives -126, clamped like any r); frac = clamp(top - r, frac_lo, frac_hi)
-    with top = bits - 1. Then fixed-point rounding onto [kmin, kmax] * 2**-frac, as ``fixed_fast``.
+    r = the frexp exponent of max|x| over finite elements (smallest r with max|x| < 2**r; subnormal maxima
+    included), frac = clamp(top - r, frac_lo, frac_hi) with top = bits - 1 (``_maxabs_frac``). Then fixed-point
+    rounding onto [kmin, kmax] * 2**-frac, as ``fixed_fast``.
     """
     peak = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
-    r = (peak.view(torch.int32) >> 23) - 126
-    frac = torch.clamp(top - r, frac_lo, frac_hi)
-    return fixed_fast(x, _pow2(frac), _pow2(-frac), kmin, kmax, rounding, key)
+    return fixed_fast(x, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key)
 
 
 def block_fp32(
@@ -254,8 +279,7 @@ def block_fp32(
     max-abs exponent of its finite elements (as ``dfx_maxabs_fp32``) and is rounded with ``fixed_fast``."""
     blocks = x.view(-1, block)
     peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
-    frac = torch.clamp(top - ((peak.view(torch.int32) >> 23) - 126), frac_lo, frac_hi)
-    return fixed_fast(blocks, _pow2(frac), _pow2(-frac), kmin, kmax, rounding, key).view(-1)
+    return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(-1)
 
 
 def uniform_grid(

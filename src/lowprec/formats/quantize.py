@@ -47,9 +47,15 @@ def compile_enabled() -> bool:
 
 
 def _apply(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
-    """Upcast half types, run ``kernel``, cast back, write ``out``: one fused pass when compiled."""
-    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    y = kernel(wide, *args).to(x.dtype)
+    """Upcast half types, run ``kernel``, cast back, write ``out``: one fused pass when compiled.
+
+    A half type's NaN does not survive the round trip through float32 (torch's casts canonicalise it, dropping
+    sign and payload), so x's NaNs are put back bit for bit, selected on the 16-bit integer views."""
+    if x.dtype in (torch.float32, torch.float64):
+        y = kernel(x, *args)
+    else:
+        y = kernel(x.float(), *args).to(x.dtype)
+        y = torch.where(torch.isnan(x), x.view(torch.int16), y.view(torch.int16)).view(x.dtype)
     if out is None:
         return y
     out.copy_(y)
@@ -165,10 +171,12 @@ def _f32_bits(value: float) -> int:
 
 
 def _frac_range(word: int, dtype: torch.dtype) -> tuple[int, int]:
-    """Fraction bits a ``word``-bit fixed point may have in ``dtype``: the step no finer than the dtype holds
-    and 2**frac and 2**-frac normal numbers in the compute dtype; the range no wider than the dtype's."""
+    """Fraction bits a ``word``-bit fixed point may have in ``dtype``: the step no finer than the dtype's smallest
+    subnormal (2**-149 in float32, 2**-1074 in float64, 2**-133 in bfloat16, 2**-24 in float16); the range no
+    wider than the dtype's. (The float32 kernels scale by 2**frac in two exact factors where 2**frac is not a
+    normal float32: ``kernels.times_pow2``.)"""
     c = container_of(dtype)
-    return word - 1 - c.emax, min(-c.smallest_exponent, container_of(_wide(dtype)).emax - 1)
+    return word - 1 - c.emax, -c.smallest_exponent
 
 
 def _fixed(
@@ -183,12 +191,11 @@ def _fixed(
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
         return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax, peak)
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
-    step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     if wide == torch.float32:
-        return _run(kernels.fixed_fast, x, out, 1.0 / step, step, kmin, kmax, rounding, key)
+        return _run(kernels.fixed_fast, x, out, frac_t, kmin, kmax, rounding, key)
+    step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     lo, hi = kmin * step, kmax * step
-    qmin = -frac_t.to(torch.int32 if wide == torch.float32 else torch.int64)
-    return _run(kernels.fixed_grid, x, out, qmin, lo, hi, rounding, key)
+    return _run(kernels.fixed_grid, x, out, -frac_t.to(torch.int64), lo, hi, rounding, key)
 
 
 def _fast(x: Tensor, rounding: int, limit: int = HOST_MAX_NUMEL) -> bool:
@@ -209,10 +216,13 @@ def _dispatch(
             max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
             big = max_bits if saturate else 0x7F800000
             overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
+            # m = 0: the lowest kept significand bit is the implicit 1 of every normal (odd), so a normal tie
+            # rounds up; float32 subnormals (no implicit 1) then take the subnormal branch even when emin = -126.
+            round_add, odd_bit = ((1 << shift >> 1) - 1, 1) if 0 < shift < 23 else (1 << shift >> 1, 0)
             return _run(
-                kernels.float_fast_fp32, x, out, rounding, key, shift, 31 - shift, max((1 << shift >> 1) - 1, 0),
-                int(shift > 0), -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits, overflow, big,
-                2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126, not fmt.subnormals,
+                kernels.float_fast_fp32, x, out, rounding, key, shift, 31 - shift, round_add, odd_bit,
+                -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits, overflow, big,
+                2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126 or fmt.man_bits == 0, not fmt.subnormals,
             )
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
         return _run(

@@ -263,8 +263,9 @@ class Uniform(Format):
       k = 1 is binary: sign(x) in {-1, +1} (x >= 0, -0 included, maps to +1).
     * unsigned (activations): clip to [0, 1], n = 2**k-1 levels, values i/n for 0 <= i <= n.
 
-    Values are computed in float32 as round(clip(x)*n)/n: ties are decided on fl(x*n) (to even), and the
-    stored levels are fl32(i/n). A NaN input is returned as it is; +-inf clip to the ends.
+    Values are computed in the tensor's own dtype (float32 or float64) as round(clip(x)*n)/n: ties are decided
+    on fl(x*n) (to even), and the stored levels are fl(i/n) in that dtype (fl32 on float32 tensors, fl64 on
+    float64 ones). A NaN input is returned as it is; +-inf clip to the ends.
     """
 
     bits: int

@@ -45,30 +45,39 @@ def _num_classes(module: nn.Module) -> int | None:
     return classes if isinstance(classes, int) and classes >= 2 else None
 
 
-def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, last: bool) -> Policy:
+def _narrower(resolved: Policy, roles: Sequence[str], need: int) -> dict[str, Quant]:
+    """The roles among ``roles`` held in a fixed-step format narrower than ``need`` bits."""
+    return {r: q for r in roles if (bits := _bits(q := resolved.get(r))) is not None and bits < need}
+
+
+def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, last: bool,
+                  warn: bool = True) -> Policy:
     """``policy.for_module(name, first=, last=)``, then, for the last layer, Park's classifier rule.
 
     With ``classifier_rule`` on, every classifier-path role (weight, output, output_grad) held in a fixed or
     dynamic fixed point format narrower than ``classifier_bits(C)`` becomes ``dfx<classifier_bits(C)>`` (same
-    rounding). A UserWarning names the roles left with fewer bits than the rule asks for (the rule off, or a
-    format it cannot widen: WRPN's uniform, block floating point) and the fix: classifier_rule=on or an ``@last``
-    override. Float formats are exempt: their step scales with the value, so the 1/C components survive.
+    rounding), and so do the layer's update roles (master, optimizer_state, accumulator) narrower than that:
+    the stored weight lies on its master's grid, so a weight role wider than the master would widen nothing.
+    With ``warn``, a UserWarning names the classifier-path roles left with fewer bits than the rule asks for
+    (the rule off, or a format it cannot widen: WRPN's uniform, block floating point) and the fix:
+    classifier_rule=on or an ``@last`` override. Float formats are exempt: their step scales with the value, so
+    the 1/C components survive. ``convert`` and the Trainer both resolve a layer's policy here, so they agree.
     """
     resolved = policy.for_module(name, first=first, last=last)
     classes = _num_classes(module) if last else None
     if classes is None:
         return resolved
     need = classifier_bits(classes)
-    short = {r: q for r in CLASSIFIER_ROLES if (bits := _bits(q := resolved.get(r))) is not None and bits < need}
+    short = _narrower(resolved, CLASSIFIER_ROLES, need)
     if resolved.classifier_rule:
         widened = {
             r: Quant(DynamicFixedPoint(need), q.rounding)
-            for r, q in short.items()
+            for r, q in _narrower(resolved, CLASSIFIER_ROLES + _UPDATE_ROLES, need).items()
             if isinstance(q.format, (FixedPoint, DynamicFixedPoint))
         }
         short = {r: q for r, q in short.items() if r not in widened}
         resolved = replace(resolved.with_roles(**widened), name=resolved.name)
-    if short:
+    if short and warn:
         roles = ", ".join(f"{r}={q}" for r, q in short.items())
         override = "@last: " + ",".join(f"{r}={_widened(q, need)}" for r, q in short.items())
         fix = f"an override {override!r}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 __all__ = ["classifier_bits"]
 
@@ -19,10 +19,19 @@ def classifier_bits(num_classes: int, alpha: float = 0.5) -> int:
     which is alpha = 1/8, not the alpha = 0.5 it recommends (that gives 11.96, i.e. 12 bits); its INT8
     classifiers for 44 and 58 classes agree only with alpha = 0.5. ``classifier_bits(1000, alpha=1/8)``
     reproduces the paper's 14.
+
+    Exact for any C: BW > log2((C - 1) * 2 / alpha) is decided on the rational (C - 1) * 2 / alpha (alpha's
+    exact binary value) with integer arithmetic, never a rounded logarithm (``classifier_bits(2**49)`` is 51).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
-    bound = math.log2(num_classes - 1) + math.log2(2.0 / alpha)
-    return math.floor(bound) + 1
+    return _floor_log2(Fraction(2 * (num_classes - 1)) / Fraction(alpha)) + 1
+
+
+def _floor_log2(value: Fraction) -> int:
+    """floor(log2(value)) of a positive rational, exactly (integer arithmetic only)."""
+    p, q = value.numerator, value.denominator
+    k = p.bit_length() - q.bit_length()  # 2**(k-1) < p/q < 2**(k+1)
+    return k if (p << max(-k, 0)) >= (q << max(k, 0)) else k - 1

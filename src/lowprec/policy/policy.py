@@ -31,6 +31,11 @@ A role given no format (``none``) is left in float32. ``grads`` (or ``grad``) se
 ``path=native`` (fp16/bf16 policies only) runs the model in the format's torch dtype instead of emulating it in
 float32 containers: real memory and speed gains, see ``lowprec.nn.native``.
 
+``update_rule`` says how an SGD step uses a rounded momentum: ``optimizer`` (the default) lets the optimizer update
+from its own state as torch does and rounds the state to ``optimizer_state`` afterwards; ``courbariaux`` (the
+fixed-20 and dfx-10-12 presets) is Courbariaux et al.'s update, v <- Q(M·v − LR·g), W <- Q(W + v): the ROUNDED
+velocity moves the weight (``lowprec.train.update``).
+
 Per-module overrides: ``"...; fc3: weight=int16"`` or ``policy.override("fc3", weight="int16")``. Patterns are
 shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``@last`` name the first and last
 quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
@@ -66,8 +71,9 @@ ALIASES = {
     "params": ("weight", "bias"),
 }
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
-            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range")
+            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule")
 PATHS = ("emulated", "native")
+UPDATE_RULES = ("optimizer", "courbariaux")
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,7 @@ class Policy:
     classifier_rule: bool = False  # give @last at least classifier_bits(C) bits (Park eq. 5)
     path: str = "emulated"  # "emulated": fp32 containers rounded per role | "native": real fp16/bf16 tensors
     fill_clip_range: bool = False  # convert scales WRPN's uniform<k> weights to reach +-1 (lowprec.nn.fill_clip_range)
+    update_rule: str = "optimizer"  # "optimizer": torch's update, state rounded after | "courbariaux": v <- Q(Mv - LR g)
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +172,8 @@ class Policy:
             raise ValueError(f"max_overflow_rate must lie in [0, 1), got {self.max_overflow_rate}")
         if self.path not in PATHS:
             raise ValueError(f"path must be 'emulated' or 'native', got {self.path!r}")
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be 'optimizer' or 'courbariaux', got {self.update_rule!r}")
         if self.exponent_interval < 1 or self.accumulation_chunk < 1:
             raise ValueError("exponent_interval and accumulation_chunk must be >= 1")
 
@@ -287,6 +296,8 @@ class Policy:
             lines.append("  classifier rule  @last gets >= classifier_bits(C) bits (Park eq. 5)")
         if self.fill_clip_range:
             lines.append("  fill clip range  convert scales uniform<k> weights to reach +-1 (WRPN from scratch)")
+        if self.update_rule == "courbariaux":
+            lines.append("  update rule      courbariaux: v <- Q(M v - LR g), W <- Q(W + v) (SGD)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

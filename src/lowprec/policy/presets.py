@@ -16,7 +16,8 @@ def _dfx(prop_bits: int, update_bits: int) -> str:
     """Courbariaux's dynamic fixed point: every layer role and the momentum in dfx<prop_bits>, the stored
     parameters in dfx<update_bits> (bit counts include the sign), overflow-rate exponents (see PRESETS)."""
     return (_ALL.format(f=f"dfx<{prop_bits}>") + f",master=dfx<{update_bits}>,optimizer_state=dfx<{prop_bits}>"
-            ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=10,init_int_bits=auto")
+            ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=10,init_int_bits=auto"
+            ",update_rule=courbariaux")
 
 
 PRESETS: dict[str, str] = {
@@ -42,7 +43,9 @@ PRESETS: dict[str, str] = {
     # batches, which an exponent moving one binade per 100 batches cannot follow (the logits saturate and
     # LeNet or the PI-MNIST maxout MLP stop learning; docs/training.md). init_int_bits=5,exponent_interval=100
     # and a warm-up give the authors' procedure.
-    "fixed-20": _ALL.format(f="fixed<20,14>") + ",master=fixed<20,14>,optimizer_state=fixed<20,14>",
+    # Their update applies the rounded velocity: v <- Q(M v - LR g), W <- Q(W + v) (update_rule=courbariaux).
+    "fixed-20": _ALL.format(f="fixed<20,14>") + ",master=fixed<20,14>,optimizer_state=fixed<20,14>"
+    ",update_rule=courbariaux",
     "dfx-10-12": _dfx(10, 12),  # and any dfx-<p>-<u>
     # fp8: e4m3 forward, e5m2 gradients (the usual hybrid), or one of them for everything
     "fp8-hybrid": "params=e4m3,activations=e4m3,grads=e5m2,loss_scale=dynamic",

@@ -119,7 +119,8 @@ class FusedUpdate:
             return None
         if not any(s.master_copy is not None for s in slots):
             return None
-        if any(s.master is not None or s.accumulator is not None or s.state_quant is not None for s in slots):
+        if any(s.master is not None or s.accumulator is not None or s.state_quant is not None or s.courbariaux
+               for s in slots):
             return None
         flags = ("amsgrad", "maximize", "capturable", "differentiable")
         if any(g.get(flag) for g in optimizer.param_groups for flag in flags):

@@ -3,7 +3,9 @@
 The update roles (``master``, ``accumulator``, ``optimizer_state``) belong to the *weight layers*: the
 modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers. The parameters of each
 get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
-``@last`` the first and last weight layer in module order, as ``convert`` resolves them. Every other
+``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
+widens its master, accumulator and optimizer-state formats with its weight), as ``convert`` resolves them
+(``lowprec.nn.resolve.module_policy``). Every other
 parameter keeps an fp32 master and fp32 optimizer state: batch-norm's scale and shift (Park et al. keep
 batch-norm internals in full precision; lowprec.nn's batch-norm quantizes only its input and output) and
 modules ``convert`` does not know. A model without any converted layer (a plain ``nn.Module``) is treated
@@ -25,6 +27,7 @@ from ..nn import QuantizedModule, conversion_policy
 from ..nn.convert import policy_label
 from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
+from ..nn.resolve import module_policy
 from ..policy import Policy, as_policy
 from .update import ParamSlot, check_update_roles
 
@@ -50,7 +53,7 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
     policies: dict[str, Policy] = {}
     disagree = []
     for i, (name, module) in enumerate(layers):
-        policies[name] = policy.for_module(name, first=i == 0, last=i == len(layers) - 1)
+        policies[name] = module_policy(policy, name, module, first=i == 0, last=i == len(layers) - 1, warn=False)
         if isinstance(module, QuantizedModule) and any(
             module.policy.get(r) != policies[name].get(r) for r in UPDATE_ROLES
         ):
@@ -72,12 +75,13 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
 
 
 def _layer_part(policy: Policy) -> Policy:
-    """What the converted layers use of a policy: the trainer's own settings (update roles, loss scale) dropped."""
+    """What the converted layers use of a policy: the trainer's own settings (update roles, loss scale, update
+    rule) dropped."""
     def keep(roles):
         return tuple((r, q) for r, q in roles if r not in UPDATE_ROLES)
 
     overrides = tuple((pattern, keep(assigned)) for pattern, assigned in policy.overrides if keep(assigned))
-    return replace(policy, roles=keep(policy.roles), overrides=overrides, loss_scale="none")
+    return replace(policy, roles=keep(policy.roles), overrides=overrides, loss_scale="none", update_rule="optimizer")
 
 
 def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
@@ -86,8 +90,8 @@ def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
 
     ValueError when ``policy`` differs from the model's conversion in what the layers use (a layer role, its
     rounding, exponent settings, overrides, the path): the layers would round under one policy and the trainer
-    scale and store under another. Differences in the trainer's own settings are allowed: the loss scale, and
-    the update roles (master, accumulator, optimizer_state; a UserWarning from ``parameter_slots``). ValueError
+    scale and store under another. Differences in the trainer's own settings are allowed: the loss scale, the
+    update rule, and the update roles (master, accumulator, optimizer_state; a UserWarning from ``parameter_slots``). ValueError
     too for a policy that quantizes layer roles on a model without converted layers (only ``convert`` applies
     them: the trainer alone would round nothing but the stored weights). A model whose parts were converted
     under different policies needs ``policy`` (it then decides the update roles and loss scale alone)."""

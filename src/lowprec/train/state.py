@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..policy import Quantizer
 from .update import ParamSlot, assign_
@@ -41,12 +42,20 @@ class OptimizerStateFormats:
 
     @torch.no_grad()
     def apply_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Round every buffer of the slots under the optimizer's own update rule (Courbariaux's update rounds its
+        velocity itself, through ``round_buffer``)."""
         for slot in self._slots:
+            if slot.courbariaux:
+                continue
             state = optimizer.state.get(slot.param, {})
             for buffer in sorted(state):
                 value = state[buffer]
                 if buffer != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                     assign_(value, self._quantizer(slot, buffer)(value))
+
+    def round_buffer(self, slot: ParamSlot, value: Tensor, buffer: str = "momentum_buffer") -> Tensor:
+        """``value`` rounded to the slot's optimizer_state format by that buffer's quantizer (as is without one)."""
+        return self._quantizer(slot, buffer)(value) if slot.state_quant is not None else value
 
     def items(self) -> Iterator[tuple[str, Quantizer]]:
         """("<param name>:<buffer name>", quantizer) for every buffer seen so far."""

@@ -54,7 +54,7 @@ from .params import check_optimizer_covers, model_differences, parameter_slots, 
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
 from .state import OptimizerStateFormats
-from .update import step_parameters, use_master_copies
+from .update import check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
 __all__ = ["Trainer", "TrainStepResult", "scaler_for"]
@@ -145,6 +145,7 @@ class Trainer:
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
+        check_courbariaux_optimizer(optimizer, self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
         self.lagging = LaggingExponents()
@@ -274,7 +275,16 @@ class Trainer:
         grad_norm = None
         if self.clip_grad_norm is not None:
             grad_norm = self._clip(self.clip_grad_norm)
-        step_parameters(self.optimizer, self.slots)
+        rule = [s for s in self.slots if s.courbariaux and s.holder.grad is not None]
+        held = [s.holder.grad for s in rule]
+        for s in rule:  # hidden from the optimizer's own step
+            s.holder.grad = None
+        try:
+            step_parameters(self.optimizer, self.slots)
+        finally:
+            for s, grad in zip(rule, held):
+                s.holder.grad = grad
+        courbariaux_step_(self.optimizer, rule, self.state_formats.round_buffer)
         self.state_formats.apply_(self.optimizer)
         return grad_norm
 

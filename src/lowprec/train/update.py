@@ -23,6 +23,18 @@ The mode of a parameter is read from its policy's ``master`` and ``accumulator``
   span at most 24 bits together: an INT8 θ and an INT16 accumulator a few θ quanta in size span 22). Weight decay is part of Δ, so a decay step below
   θ's quantum is not lost but accumulates until it moves θ (the failure of torch/optimi bf16 training).
 
+Orthogonal to the three modes, the policy's ``update_rule`` says where a rounded momentum enters:
+
+* ``optimizer`` (default; MPT, WRPN, Park's INT8/INT16 presets): the optimizer steps as torch does, from its
+  state in fp32 (the momentum of the previous step as rounded), and Δ is applied; the new state is then rounded
+  to ``optimizer_state`` (``state.py``). The update of a step thus uses that step's unrounded momentum.
+* ``courbariaux`` (fixed-20, dfx-10-12; Courbariaux et al., spec D1), SGD only (``courbariaux_step_``)::
+
+      v = Q_state(M·v − LR·(g + wd·θ))   # the velocity, LR included, kept as optimizer.state[θ]["momentum_buffer"]
+      θ = Q_F(θ + v)                     # the ROUNDED velocity moves the weight (or the lazy update by Δ = v)
+
+  The optimizer's param group supplies LR, M (``momentum``) and wd; nesterov, dampening and maximize are refused.
+
 Q rounds with the role's rounding mode (ties to even for "nearest"). Dynamic fixed point formats use the
 policy's exponent rule through one ``lowprec.policy.Quantizer`` per parameter and role (Courbariaux's separate
 groups for W and b): "maxabs" takes the exponent from the rounded tensor itself; "overflow" keeps a moving
@@ -32,15 +44,16 @@ accumulator: acc + Δ); the residual rounding reuses the accumulator's exponent 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..policy import Policy, Quantizer
-from .optim import DeltaOptimizer
+from .optim import SGD, DeltaOptimizer
 
-__all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_", "use_master_copies"]
+__all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_", "use_master_copies", "courbariaux_step_",
+           "check_courbariaux_optimizer"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -103,6 +116,7 @@ class ParamSlot:
         self.accumulator = Quantizer(accumulator, policy) if accumulator is not None else None
         self.acc = torch.zeros_like(param, memory_format=torch.preserve_format) if accumulator else None
         self.state_quant = policy.get("optimizer_state")
+        self.courbariaux = policy.update_rule == "courbariaux"
         # native fp16/bf16 parameter (lowprec.nn.native) under an fp32 master: the optimizer updates this copy
         self.master_copy = param.detach().float() if master is None and param.dtype in _HALF else None
         if self.master is not None:  # start inside the master format (not an observed batch)
@@ -194,4 +208,49 @@ def step_parameters(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]
         if id(s.param) in lazy:
             s.lazy_update_(deltas[id(s.param)])
         else:
+            s.store_()
+
+
+def check_courbariaux_optimizer(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]) -> None:
+    """ValueError unless the optimizer can drive Courbariaux's update for the slots that ask for it: SGD
+    (torch.optim.SGD or lowprec.train.SGD) without nesterov, dampening or maximize."""
+    rule = {id(s.holder) for s in slots if s.courbariaux}
+    if not rule:
+        return
+    fix = ("Use torch.optim.SGD(params, lr, momentum=M) (plain momentum), or keep the optimizer's own update "
+           "with update_rule=optimizer (e.g. 'dfx-10-12+update_rule=optimizer').")
+    if not isinstance(optimizer, (torch.optim.SGD, SGD)):
+        raise ValueError(f"update_rule=courbariaux (v <- Q(M v - LR g), W <- Q(W + v)) is SGD with momentum; got "
+                         f"{type(optimizer).__name__}. {fix}")
+    for group in optimizer.param_groups:
+        if any(id(p) in rule for p in group["params"]) and (
+            group.get("nesterov") or group.get("dampening", 0) != 0 or group.get("maximize")
+        ):
+            raise ValueError("update_rule=courbariaux takes plain momentum: nesterov, dampening and maximize are "
+                             f"not part of it. {fix}")
+
+
+@torch.no_grad()
+def courbariaux_step_(
+    optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot], round_velocity: Callable[[ParamSlot, Tensor], Tensor]
+) -> None:
+    """Courbariaux et al.'s update (module docstring) of every slot with a gradient: v = round_velocity(slot,
+    M·v − LR·(g + wd·θ)) (the slot's optimizer_state format), stored as the optimizer's momentum buffer, then
+    θ = Q_master(θ + v) (or Park's lazy update by v)."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for s in slots:
+        theta = s.holder
+        if theta.grad is None:
+            continue
+        group = groups[id(theta)]
+        lr, mu, wd = float(group["lr"]), float(group.get("momentum", 0.0)), float(group.get("weight_decay", 0.0))
+        g = theta.grad if wd == 0 else theta.grad + wd * theta
+        state = optimizer.state[theta]
+        v = g * -lr if mu == 0 or "momentum_buffer" not in state else state["momentum_buffer"] * mu - g * lr
+        v = round_velocity(s, v)
+        state["momentum_buffer"] = v
+        if s.lazy:
+            s.lazy_update_(v)
+        else:
+            theta.add_(v)
             s.store_()
