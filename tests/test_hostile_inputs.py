@@ -115,7 +115,7 @@ def test_cli_reports_a_collapsed_scale_as_an_error(monkeypatch, capsys):
 
     cli = sys.modules["lowprec.cli.main"]
 
-    def collapse(args):
+    def collapse(*args):
         raise lp.LossScaleCollapse("loss scale collapsed below the floor 1")
 
     monkeypatch.setattr(cli, "_compare", collapse)

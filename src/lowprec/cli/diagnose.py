@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import re
+import sys
 from pathlib import Path
+
+from .argtypes import count, fraction, positive, seed
 
 #: Input shapes for models run on made-up data (a model without a task, and every ``lowprec memory`` run).
 EXAMPLE_INPUTS = {"lenet": (1, 28, 28), "small-cnn": (1, 28, 28), "conv-maxout": (1, 28, 28),
@@ -126,15 +127,15 @@ def add_parsers(sub) -> None:
     p.add_argument("target", help="a task (mnist-lenet, ...) or a model (lenet, resnet20, ...; random inputs "
                    "unless a task uses it)")
     p.add_argument("--recipe", default="mixed-fp16", help="the policy whose formats are counted")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=count, default=64)
+    p.add_argument("--steps", type=count, default=3)
     p.add_argument("--format", action="append", default=[], help="also count in this format (repeatable)")
-    p.add_argument("--max-lost", type=float, default=1e-3, dest="max_lost",
+    p.add_argument("--max-lost", type=fraction, default=1e-3, dest="max_lost",
                    help="share of non-zero gradients the advised loss scale may lose (default 0.001)")
-    p.add_argument("--loss-multiplier", type=float, default=1.0, dest="loss_multiplier",
+    p.add_argument("--loss-multiplier", type=positive, default=1.0, dest="loss_multiplier",
                    help="multiply the loss (moves every gradient; builds underflow cases)")
     p.add_argument("--per-module", action="store_true", dest="per_module", help="one row per module and role")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--out", default="runs/inspect", help="folder for the PNGs and report.json")
     p.set_defaults(func=cmd_inspect)
@@ -142,10 +143,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("memory", help="estimated (and measured) memory of a training step per recipe")
     p.add_argument("model", choices=sorted(EXAMPLE_INPUTS))
     p.add_argument("--recipe", action="append", help="repeatable; default fp32")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=count, default=64)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd-plain", "adam"])
     p.add_argument("--no-measure", action="store_true", dest="no_measure", help="estimate only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", help="folder for memory.png (default runs/memory-<model>)")
     p.set_defaults(func=cmd_memory)
 

@@ -20,12 +20,20 @@ from typing import Any
 
 from ..policy import Policy
 from ..policy.presets import PRESETS, is_preset
+from .validate import check_value
 
 __all__ = ["Recipe", "parse_recipe", "MODEL_KEYS", "TRAIN_KEYS"]
 
 MODEL_KEYS = {"width": float}
 TRAIN_KEYS = {"lr": float, "epochs": int, "batch_size": int, "loss_multiplier": float, "momentum": float,
               "weight_decay": float}
+#: Longest recipe text an error message repeats whole; a longer one is shown by its start and its length.
+SHOWN = 80
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for an error message, cut to its first ``SHOWN`` characters if longer."""
+    return repr(text) if len(text) <= SHOWN else f"{text[:SHOWN]!r}... ({len(text):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -38,13 +46,14 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
 
 
-def _split(assignments: dict[str, str]) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+def _split(assignments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Model arguments and training settings (checked: ``validate.check_value``) apart from policy roles."""
     roles, model, train = {}, {}, {}
     for key, value in assignments.items():
         if key in MODEL_KEYS:
-            model[key] = MODEL_KEYS[key](value)
+            model[key] = check_value(key, value)
         elif key in TRAIN_KEYS:
-            train[key] = TRAIN_KEYS[key](value)
+            train[key] = check_value(key, value)
         else:
             roles[key] = value
     return roles, model, train
@@ -56,37 +65,73 @@ def _with(policy: Policy, roles: dict[str, Any]) -> Policy:
 
 def parse_recipe(text: str) -> Recipe:
     """Parse a recipe string or TOML file path (see the module docstring); ValueError on anything else."""
+    if not isinstance(text, str):
+        raise ValueError(f"a recipe is a string (preset, PRESET+key=value,..., policy string or .toml path), got "
+                         f"{type(text).__name__}")
     text = text.strip()
     if text.endswith(".toml"):
         return _from_toml(Path(text))
     head, plus, tail = text.partition("+")
-    if is_preset(head):
-        items = [item.strip() for item in tail.split(",") if item.strip()]
-        if plus and (not items or any("=" not in item for item in items)):
-            raise ValueError(f"recipe {text!r}: expected key=value,... after '+'")
-        assignments = dict(item.split("=", 1) for item in items)
-        roles, model, train = _split(assignments)
-        return Recipe(text, _with(Policy.preset(head), roles), model, train)
-    if "=" not in text:
-        raise ValueError(
-            f"unknown recipe {text!r}: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>), "
-            "PRESET+key=value,..., a policy string (weight=int8,...) or a .toml file"
-        )
-    return Recipe(text, Policy.parse(text))
+    try:
+        if is_preset(head):
+            items = [item.strip() for item in tail.split(",") if item.strip()]
+            if plus and (not items or any("=" not in item for item in items)):
+                raise ValueError("expected key=value,... after '+'")
+            assignments = {k.strip(): v.strip() for k, v in (item.split("=", 1) for item in items)}
+            roles, model, train = _split(assignments)
+            return Recipe(text, _with(Policy.preset(head), roles), model, train)
+        if "=" not in text:
+            raise ValueError(f"unknown recipe: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>), "
+                             "PRESET+key=value,..., a policy string (weight=int8,...) or a .toml file")
+        return Recipe(text, Policy.parse(text))
+    except ValueError as err:
+        raise ValueError(f"recipe {shown(text)}: {_without(str(err), text)}") from None
+
+
+def _without(message: str, text: str) -> str:
+    """``message`` with any long copy of the recipe ``text`` in it shortened (the policy parser quotes it)."""
+    return message if len(text) <= SHOWN else message.replace(repr(text), shown(text)).replace(text, "...")
 
 
 def _from_toml(path: Path) -> Recipe:
     if not path.exists():
         raise FileNotFoundError(f"recipe file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"recipe {path} is not a file (a folder?): give the path of a .toml file")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid TOML ({err})") from None
-    if ("preset" in data) == ("policy" in data):
-        raise ValueError(f"{path}: give exactly one of 'preset' or 'policy'")
-    policy = Policy.preset(data["preset"]) if "preset" in data else Policy.parse(data["policy"])
-    policy = _with(policy, dict(data.get("policy_roles", {})))
-    unknown = set(data.get("model", {})) - set(MODEL_KEYS) | set(data.get("train", {})) - set(TRAIN_KEYS)
+    try:
+        return _recipe_from(data, path.stem)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _recipe_from(data: dict[str, Any], stem: str) -> Recipe:
+    """The recipe a TOML document describes (see the module docstring); ValueError naming a bad key or value."""
+    unknown = set(data) - {"label", "preset", "policy", "policy_roles", "model", "train"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; model: {list(MODEL_KEYS)}, train: {list(TRAIN_KEYS)}")
-    return Recipe(data.get("label", path.stem), policy, dict(data.get("model", {})), dict(data.get("train", {})))
+        raise ValueError(f"unknown keys {sorted(unknown)}; a recipe has label, preset or policy, and the tables "
+                         "[policy_roles], [model], [train]")
+    if ("preset" in data) == ("policy" in data):
+        raise ValueError("give exactly one of 'preset' or 'policy'")
+    for key in ("label", "preset", "policy"):
+        if key in data and not (isinstance(data[key], str) and data[key].strip()):
+            raise ValueError(f"{key} must be a non-empty string, got {data[key]!r}")
+    tables = {key: data.get(key, {}) for key in ("policy_roles", "model", "train")}
+    for key, table in tables.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{key} must be a table ([{key}]), got {table!r}")
+    for role, value in tables["policy_roles"].items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"[policy_roles] {role} must be a string or a number, got {value!r}")
+    unknown = set(tables["model"]) - set(MODEL_KEYS) | set(tables["train"]) - set(TRAIN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; model: {list(MODEL_KEYS)}, train: {list(TRAIN_KEYS)}")
+    if "preset" in data and not is_preset(data["preset"]):
+        raise ValueError(f"unknown preset {shown(data['preset'])}; presets: {', '.join(PRESETS)}, wrpn-<w>-<a>")
+    policy = Policy.preset(data["preset"]) if "preset" in data else Policy.parse(data["policy"])
+    policy = _with(policy, dict(tables["policy_roles"]))
+    _, model, train = _split({**tables["model"], **tables["train"]})
+    return Recipe(data.get("label", stem), policy, model, train)
