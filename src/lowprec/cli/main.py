@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -86,6 +87,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
 
 
+#: A worker of ``--nproc``: SIGINT (Ctrl-C reaches every process of the terminal's group; torchrun forwards its
+#: own) ends it at once and silently, even while it is still importing, since the launcher reports the
+#: interruption; the run directory's lock goes with the process and checkpoints are written atomically.
+_WORKER = ("import os, signal, sys; signal.signal(signal.SIGINT, lambda *_: os._exit(130)); "
+           "from lowprec.cli import main; sys.exit(main())")
+
+
 def _launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``lowprec <argv>`` (less ``--nproc``) in ``nproc`` processes on this machine with torchrun
     (torch.distributed.run, rendezvous on a free local port). The workers die with this process
@@ -100,14 +108,18 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
     from ..train.distributed import LAUNCHER_PID
 
     rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level: the parent's is not enough
     os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
-        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--max-restarts=0", "--module", "lowprec", *rest])
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--max-restarts=0", "--no-python", sys.executable,
+                  "-c", _WORKER, *rest])
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        if failure.exitcode in (2, INTERRUPTED):  # the worker has said why, in a lowprec: line of its own
-            return failure.exitcode
+        if failure.exitcode in (INTERRUPTED, -signal.SIGINT):
+            return _interrupted()
+        if failure.exitcode == 2:  # the worker has said why, in a lowprec: line of its own
+            return 2
         print(f"lowprec: error: training process {rank} of {nproc} failed (exit status {failure.exitcode}; "
               "its output above says why)", file=sys.stderr)
         return 1
@@ -321,11 +333,13 @@ def _error(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status (see the module
     docstring: 0, 2 for bad input, 1 for a bug, 130 after Ctrl-C)."""
-    import torch
-
-    from ..scaling import LossScaleCollapse
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import torch
+
+        from ..scaling import LossScaleCollapse
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
