@@ -126,9 +126,11 @@ def _recipe_from(data: dict[str, Any], stem: str) -> Recipe:
     for role, value in tables["policy_roles"].items():
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"[policy_roles] {role} must be a string or a number, got {value!r}")
-    unknown = set(tables["model"]) - set(MODEL_KEYS) | set(tables["train"]) - set(TRAIN_KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}; model: {list(MODEL_KEYS)}, train: {list(TRAIN_KEYS)}")
+    for name, known in (("model", MODEL_KEYS), ("train", TRAIN_KEYS)):
+        unknown = set(tables[name]) - set(known)
+        if unknown:
+            raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; [model] takes {', '.join(MODEL_KEYS)}, "
+                             f"[train] takes {', '.join(TRAIN_KEYS)}")
     if "preset" in data and not is_preset(data["preset"]):
         raise ValueError(f"unknown preset {shown(data['preset'])}; presets: {', '.join(PRESETS)}, wrpn-<w>-<a>")
     policy = Policy.preset(data["preset"]) if "preset" in data else Policy.parse(data["policy"])
