@@ -140,7 +140,7 @@ def test_fuzzed_toml_recipes_end_in_a_result_or_one_error_line(env, document):
                Path(out) / "runs" / "results.csv")
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(command=st.sampled_from(["memory", "inspect", "underflow"]), recipe=recipe,
        batch=st.sampled_from(["4", "1", "0", "-1", "x"]), fmt=st.sampled_from(["fp16", "bf16", "int8", "bogus", "e5m2"]),
        scale=st.sampled_from(["1", "8", "0", "-2", "inf", "3", "1e30"]))
