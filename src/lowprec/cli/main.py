@@ -9,7 +9,6 @@ its type; ``LOWPREC_TRACEBACK=1`` shows the traceback). Ctrl-C prints ``lowprec:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import signal
@@ -146,6 +145,7 @@ def _join_process_group(args) -> bool:
 
 def cmd_compare(args) -> int:
     from ..experiments.validate import check_device
+    from ..train import distributed, retain_freed_memory
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
@@ -153,23 +153,15 @@ def cmd_compare(args) -> int:
         raise ValueError("--resume and --overwrite exclude each other: continue the runs in --out, or replace them")
     under_torchrun = "WORLD_SIZE" in os.environ
     if under_torchrun:
-        from ..train import distributed
-
-        distributed.die_with_parent()
+        distributed.die_with_parent()  # a worker must not outlive its launcher (SIGKILL cannot be forwarded)
     check_device(args.device)
     task, recipes = _task_with(args), _recipes(args.recipes)  # refused here, before any worker starts
     if args.nproc > 1 and not under_torchrun:
         return _launch(args.nproc, args.argv)
-    from ..train import retain_freed_memory
-
     retain_freed_memory()  # training reallocates the same blocks every step (lowprec/train/allocator.py)
-    joined = _join_process_group(args)
-    if not joined:
+    if not _join_process_group(args):
         return _compare(args, task, recipes)
-    from ..train import distributed
-
-    code = _compare(args, task, recipes)
-    distributed.leave(code)  # every rank done, then out without a teardown that could still fail
+    distributed.leave(_compare(args, task, recipes))  # every rank done, then out without a teardown that can fail
 
 
 def _recipes(texts: Sequence[str]):
