@@ -47,6 +47,8 @@ def compare(
     return results
 
 
+#: Longest recipe label shown whole in the plot's legend.
+MAX_LEGEND = 48
 #: Longest run directory name: well below the 255 bytes of common file systems, leaving room for suffixes.
 MAX_DIR_NAME = 80
 
@@ -103,9 +105,10 @@ def plot_runs(results: Sequence[RunResult], path: Path, title: str = "") -> None
         window = max(1, len(r.losses) // 50)
         smooth = [sum(r.losses[max(0, i - window + 1) : i + 1]) / len(r.losses[max(0, i - window + 1) : i + 1])
                   for i in range(len(r.losses))]
-        ax_loss.plot(range(1, len(smooth) + 1), smooth, label=r.recipe, lw=1.2)
+        name = r.recipe if len(r.recipe) <= MAX_LEGEND else r.recipe[: MAX_LEGEND - 3] + "..."  # a legend, not a page
+        ax_loss.plot(range(1, len(smooth) + 1), smooth, label=name, lw=1.2)
         ax_acc.plot([h["epoch"] for h in r.history], [h["test_accuracy"] for h in r.history], marker="o",
-                    label=r.recipe)
+                    label=name)
     ax_loss.set(xlabel="step", ylabel="training loss (moving mean)", yscale="log", title="convergence")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
