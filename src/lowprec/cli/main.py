@@ -243,6 +243,8 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..experiments.validate import SCHEDULES
+
     parser = _Parser(prog="lowprec", description="Train PyTorch models in reduced and mixed precision.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -251,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=count)
         p.add_argument("--batch-size", type=count, dest="batch_size")
         p.add_argument("--lr", type=positive)
-        p.add_argument("--schedule", choices=["constant", "inv", "linear"], help="learning-rate schedule "
+        p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule "
                        "(inv: Caffe's lr (1 + 1e-4 step)^-0.75; linear: down to lr/10 at the end)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         p.add_argument("--train-limit", type=count, dest="train_limit", help="use the first N training examples")

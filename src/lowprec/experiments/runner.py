@@ -131,12 +131,12 @@ def run(
     (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run or one whose
     position does not fit this run's schedule. A directory that already holds a run is refused (RunDirectoryError)
     unless ``resume`` or ``overwrite`` (start afresh, removing its checkpoint, metrics and result) is given; a
-    run holds a lock on its directory while it writes there. Under
-    torch.distributed, ``allreduce_format`` averages the gradients in that format (``"grad"``: the policy's
-    weight_grad format; ``distributed.quantized_allreduce_hook``) instead of float32. Raises
-    ValueError for settings that cannot train (no examples, a batch size or epoch count below 1, a learning rate
-    that is not a finite positive number, a device this machine lacks), for data holding NaN or inf (a Trainer
-    would skip every step that sees them) and for data the model cannot take (``validate.check_data_fits``).
+    run holds a lock on its directory while it writes there. Under torch.distributed, ``allreduce_format``
+    averages the gradients in that format (``"grad"``: the policy's weight_grad format;
+    ``distributed.quantized_allreduce_hook``) instead of float32. Raises ValueError for settings that cannot
+    train (no examples, a batch size or epoch count below 1, a learning rate that is not a finite positive
+    number, an unknown schedule, a device this machine lacks), for data holding NaN or inf (a Trainer would skip
+    every step that sees them) and for data the model cannot take (``validate.check_data_fits``).
     """
     settings = {"lr": task.lr, "epochs": task.epochs, "batch_size": task.batch_size, "schedule": task.schedule,
                 "loss_multiplier": task.loss_multiplier, "momentum": task.momentum,

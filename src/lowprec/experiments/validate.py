@@ -16,8 +16,11 @@ from torch import nn
 
 from .tasks import TaskData
 
-__all__ = ["check_settings", "check_finite", "check_data_fits", "check_device", "check_value", "SETTING_RULES"]
+__all__ = ["check_settings", "check_finite", "check_data_fits", "check_device", "check_value", "SETTING_RULES",
+           "SCHEDULES"]
 
+#: The learning-rate schedules a run knows (``runner._lr_at``).
+SCHEDULES = ("constant", "inv", "linear")
 #: What each numeric setting of a run (and of a recipe: ``+lr=...``, ``[train]``, ``[model]``) may be:
 #: (type, lowest, highest, lowest allowed itself). ``width`` is capped at 16x (WRPN uses 2x and 3x): a wider
 #: model's parameters grow with its square.
@@ -66,6 +69,8 @@ def check_settings(settings: dict[str, Any], examples: int, checkpoint_every: in
         if isinstance(value, bool) or not isinstance(value, int if SETTING_RULES[key][0] is int else (int, float)):
             raise ValueError(f"{key} must be {_expected(key)}, got {value!r}")
         check_value(key, value)
+    if settings.get("schedule", "constant") not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings['schedule']!r}")
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                          or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be an integer >= 1 (steps) or None, got {checkpoint_every!r}")
