@@ -312,6 +312,10 @@ def test_a_folder_named_like_a_toml_recipe_is_refused(tmp_path, capsys):
 def test_a_long_recipe_is_shortened_in_the_error(capsys):
     line = _cli_error(["train", "--recipe", "int8+" + "x" * 100_000, *_TINY_RUN], capsys)
     assert len(line) < 300 and "... (100,005 characters): expected key=value,... after '+'" in line
+    with pytest.raises(ValueError) as err:  # the policy parser quotes the long format too: cut as well
+        parse_recipe("weight=" + "x" * 100_000)
+    assert len(str(err.value)) < 600 and "unknown number format 'xxx" in str(err.value)
+    assert "(100,000 characters)" in str(err.value) and "(100,007 characters)" in str(err.value)
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):

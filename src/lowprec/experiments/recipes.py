@@ -13,6 +13,7 @@ A recipe is written as ``PRESET[+key=value,...]`` or a path to a TOML file:
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,13 @@ def parse_recipe(text: str) -> Recipe:
                              "PRESET+key=value,..., a policy string (weight=int8,...) or a .toml file")
         return Recipe(text, Policy.parse(text))
     except ValueError as err:
-        raise ValueError(f"recipe {shown(text)}: {_without(str(err), text)}") from None
+        raise ValueError(f"recipe {shown(text)}: {_shortened(str(err))}") from None
 
 
-def _without(message: str, text: str) -> str:
-    """``message`` with any long copy of the recipe ``text`` in it shortened (the policy parser quotes it)."""
-    return message if len(text) <= SHOWN else message.replace(repr(text), shown(text)).replace(text, "...")
+def _shortened(message: str) -> str:
+    """``message`` with every quoted value longer than ``SHOWN`` characters cut (the parsers quote what they
+    were given, and a recipe can be any length)."""
+    return re.sub(rf"'([^']{{{SHOWN + 1},}})'", lambda m: shown(m.group(1)), message)
 
 
 def _from_toml(path: Path) -> Recipe:
