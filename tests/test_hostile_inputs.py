@@ -270,6 +270,7 @@ def _cli_error(argv, capsys) -> str:
 @pytest.mark.parametrize("argv, match", [
     (["train", "--device", "cuda:99"], r"device 'cuda:99': this machine .*(no cuda device|CUDA device)"),
     (["train", "--device", "bogus"], r"unknown device 'bogus': use cpu, cuda, cuda:N or mps"),
+    (["underflow", "--device", "bogus"], r"unknown device 'bogus': use cpu, cuda, cuda:N or mps"),
     (["train", "--recipe", "wrpn-4-4+width=inf"], r"width must be a finite number in \(0, 16\], got 'inf'"),
     (["train", "--recipe", "wrpn-4-4+width=1e9"], r"width must be a finite number in \(0, 16\], got '1e9'"),
     (["train", "--recipe", "int8+lr=nan"], r"lr must be a finite number > 0, got 'nan'"),

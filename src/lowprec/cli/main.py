@@ -203,8 +203,10 @@ def cmd_underflow(args) -> int:
     from rich.table import Table
 
     from ..experiments import gradient_census, load_task_data
+    from ..experiments.validate import check_device
     from ..models import build_model
 
+    check_device(args.device)  # the census runs on the CPU; a device that is not there is still a mistake
     task = _task_with(args)
     data = load_task_data(task, args.data_root)
     torch.manual_seed(args.seed)
