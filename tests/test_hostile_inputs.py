@@ -423,3 +423,17 @@ def test_a_run_refuses_training_settings_that_give_a_meaningless_result(setting,
     task, data = _tiny()
     with pytest.raises(ValueError, match=rf"{setting} must be a finite number"):
         run(replace(task, **{setting: value}), parse_recipe("fp32"), data)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("weight=/stochastic", r"'/stochastic' gives the rounding 'stochastic' but no format"),
+    ("grads=none/toward_zero", r"'none/toward_zero' gives the rounding 'toward_zero' but no format"),
+    ("weight=full/nearest", r"'full/nearest' gives the rounding 'nearest' but no format"),
+    ("weight=fp16/", r"'fp16/': nothing after '/'"),
+])
+def test_a_rounding_without_a_format_is_refused(text, match):
+    """It used to leave the role in full precision without a word."""
+    with pytest.raises(ValueError, match=match):
+        lp.Policy.parse(text)
+    assert lp.Policy.parse("weight=fp16/stochastic").get("weight") == lp.Quant(lp.parse_format("fp16"), "stochastic")
+    assert lp.Policy.parse("weight=none").get("weight") is None
