@@ -150,13 +150,14 @@ def run(
         check_value("width", recipe.model["width"])
     check_finite(data)
     check_data_fits(build_model(task.model, **model_kwargs), data, task.name)
+    allreduce = _allreduce_format(recipe.policy, allreduce_format)
     writes = out_dir is not None and distributed.rank() == 0
     out = Path(out_dir) if out_dir is not None else None
     lock = claim(out, resume=resume, overwrite=overwrite) if writes else None
     try:
         return _train(task, recipe, data, settings, model_kwargs, seed=seed, out=out, writes=writes, resume=resume,
                       progress=progress, after_step=after_step, device=device, checkpoint_every=checkpoint_every,
-                      allreduce_format=allreduce_format)
+                      allreduce_format=allreduce_format, allreduce=allreduce)
     finally:
         if lock is not None:
             lock.release()
@@ -164,8 +165,9 @@ def run(
 
 def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any], model_kwargs: dict[str, Any], *,
            seed: int, out: Path | None, writes: bool, resume: bool, progress, after_step, device: torch.device,
-           checkpoint_every: int | None, allreduce_format: str | None) -> RunResult:
-    """``run`` once its inputs are checked and its directory claimed."""
+           checkpoint_every: int | None, allreduce_format: str | None, allreduce: Format | None) -> RunResult:
+    """``run`` once its inputs are checked and its directory claimed (``allreduce``: ``allreduce_format``
+    resolved against the policy)."""
     torch.manual_seed(seed)
     model = convert(build_model(task.model, **model_kwargs), recipe.policy)
     fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
@@ -175,7 +177,7 @@ def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any],
                     data.source)
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
-    net = _data_parallel(model, device, _allreduce_format(recipe.policy, allreduce_format))
+    net = _data_parallel(model, device, allreduce)
     result = RunResult(task.name, recipe.label, seed)
     n, batch = len(data.train_labels), settings["batch_size"]
     steps_per_epoch = math.ceil(math.ceil(n / distributed.world_size()) / batch)
