@@ -148,8 +148,7 @@ def main(out: Path) -> None:
     results = {"world_size": dist.get_world_size(), "agreement": train_with_agreement(rank),
                "hook": quantized_hook_gradients(rank), "runs": resumed_runs(out), "fsdp": fsdp_native(rank)}
     torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()  # both ranks done before either tears its connections down
-    dist.destroy_process_group()
+    distributed.leave(0)  # both ranks done, then out without an interpreter teardown that could abort
 
 
 if __name__ == "__main__":

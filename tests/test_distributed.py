@@ -1,8 +1,11 @@
 """Data-parallel training: two CPU processes under torchrun (gloo) agree on skips, scale and exponents."""
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +21,14 @@ sys.path.insert(0, str(HERE))
 import distributed_worker as worker  # noqa: E402
 
 
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script`` in ``nproc`` processes on this machine (rendezvous on a free localhost port), on the MNIST
-    subset shipped with lowprec, without torch.compile (its warm-up would dominate these tiny runs)."""
+    subset shipped with lowprec, without torch.compile (its warm-up would dominate these tiny runs). No restarts:
+    a failure shows as itself. The workers end through ``distributed.leave``, so a loaded machine cannot turn a
+    finished run into a failed one at teardown; the timeout is generous for the same reason."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWPREC_COMPILE": "0", "LOWPREC_DATA": "/nonexistent"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
-           *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--max-restarts=0", str(script), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     causes = [line for line in (done.stdout + done.stderr).splitlines() if "[rank" in line or "terminate" in line]
     assert done.returncode == 0, "\n".join(causes[-60:]) or done.stderr[-3000:]
@@ -191,3 +196,83 @@ def test_fsdp_shards_a_native_bf16_model_and_agrees_on_skips(ranks):
             assert not trainer.step(loss).skipped
     for sharded, single in zip(a["masters"], (s.holder for s in trainer.slots)):
         torch.testing.assert_close(sharded, single, rtol=0, atol=1e-6)
+
+
+def test_a_worker_leaves_with_its_status_after_the_last_collective(tmp_path):
+    """``leave`` flushes what the worker printed, ends the process group and exits with the given status without
+    the interpreter's teardown (during which gloo's threads holding comm-hook tensors could abort it)."""
+    code = textwrap.dedent("""
+        import sys, torch, torch.distributed as dist
+        from lowprec.train import distributed
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+        ddp.register_comm_hook(None, distributed.quantized_allreduce_hook("bf16"))
+        ddp(torch.randn(3, 4)).sum().backward()
+        print("trained", end="")  # block-buffered into a pipe: only a flush brings it out
+        distributed.leave(3)
+        print("never")
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert (done.returncode, done.stdout) == (3, "trained"), done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])
+def test_nproc_workers_end_with_their_launcher(tmp_path, sig):
+    """A SIGKILLed launcher cannot stop its workers itself: the kernel ends them (PR_SET_PDEATHSIG), and they stop
+    writing into --out. SIGINT (Ctrl-C) gives one line and exit 130. The directory's lock dies with them."""
+    from lowprec.experiments.rundir import claim
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWPREC_COMPILE": "0", "LOWPREC_DATA": str(tmp_path / "none"),
+           "CI": "1"}
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, "-m", "lowprec", "train", "--nproc", "2", "--epochs", "100",
+                                 "--train-limit", "512", "--test-limit", "16", "--out", str(out)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "fp32" / ".lock").exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # rank 0 holds the run directory: both workers are up and training
+        workers = _children(launcher.pid)
+        assert len(workers) == 2 and launcher.poll() is None
+        launcher.send_signal(sig)
+        _, err = launcher.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        for pid in [launcher.pid, *workers]:  # whatever outlived the test
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGINT:
+        assert launcher.returncode == 130
+        assert err == "lowprec: interrupted (a run continues from its last checkpoint with --resume)\n"
+    else:
+        assert launcher.returncode == -signal.SIGKILL
+    claim(out / "fp32", resume=True, overwrite=False).release()  # the lock went with the workers

@@ -1,5 +1,7 @@
 """The hostile input catalogue of docs/reliability.md: each input, and what lowprec does with it."""
 
+import re
+import sys
 import warnings
 from dataclasses import replace
 
@@ -111,11 +113,9 @@ def test_nan_loss_from_step_0_without_a_dynamic_scale_skips_every_step(scaler):
 
 
 def test_cli_reports_a_collapsed_scale_as_an_error(monkeypatch, capsys):
-    import sys
-
     cli = sys.modules["lowprec.cli.main"]
 
-    def collapse(args):
+    def collapse(*args):
         raise lp.LossScaleCollapse("loss scale collapsed below the floor 1")
 
     monkeypatch.setattr(cli, "_compare", collapse)
@@ -161,6 +161,7 @@ def test_an_empty_tensor_counts_as_a_batch_without_overflow_for_dfx_exponents():
     (dict(train_limit=0), "the training split is empty"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
     (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
+    (dict(schedule="cosine"), "schedule must be one of constant, inv, linear, got 'cosine'"),
 ])
 def test_a_run_refuses_settings_that_cannot_train(change, match):
     task = replace(get_task("mnist-lenet"), epochs=1, train_limit=32, test_limit=16)
@@ -244,3 +245,197 @@ def test_fuzzed_policy_strings_parse_or_raise_value_error(text):
         assert str(err)
         return
     assert lp.Policy.parse(policy.spec()) == policy
+
+
+# -- the command line: one error line, never a traceback ----------------------------------------------------------
+_TINY_RUN = ["--epochs", "1", "--train-limit", "32", "--test-limit", "16"]
+
+
+def _toml(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _cli_error(argv, capsys) -> str:
+    """Run the CLI; assert exit 2 and exactly one stderr line, a ``lowprec: error:`` one; return it."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("lowprec: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--device", "cuda:99"], r"device 'cuda:99': this machine .*(no cuda device|CUDA device)"),
+    (["train", "--device", "bogus"], r"unknown device 'bogus': use cpu, cuda, cuda:N or mps"),
+    (["underflow", "--device", "bogus"], r"unknown device 'bogus': use cpu, cuda, cuda:N or mps"),
+    (["train", "--recipe", "wrpn-4-4+width=inf"], r"width must be a finite number in \(0, 16\], got 'inf'"),
+    (["train", "--recipe", "wrpn-4-4+width=1e9"], r"width must be a finite number in \(0, 16\], got '1e9'"),
+    (["train", "--recipe", "int8+lr=nan"], r"lr must be a finite number > 0, got 'nan'"),
+    (["train", "--recipe", "weight=/stochastic"], r"'/stochastic' gives the rounding 'stochastic' but no format"),
+    (["train", "--lr", "inf"], r"train: argument --lr: must be a finite number > 0, got 'inf'"),
+    (["train", "--test-limit", "0"], r"argument --test-limit: must be an integer >= 1, got '0'"),
+    (["memory", "lenet", "--batch", "0"], r"memory: argument --batch: must be an integer >= 1, got '0'"),
+    (["memory", "lenet", "--batch", "-1"], r"memory: argument --batch: must be an integer >= 1, got '-1'"),
+    (["inspect", "lenet", "--batch", "0"], r"inspect: argument --batch: must be an integer >= 1, got '0'"),
+    (["underflow", "--batches", "0"], r"underflow: argument --batches: must be an integer >= 1, got '0'"),
+    (["train", "--epochs", "two"], r"argument --epochs: must be an integer >= 1, got 'two'"),
+    (["train", "--no-such-flag"], r"unrecognized arguments: --no-such-flag \(see lowprec --help\)"),
+    ([], r"the following arguments are required: command"),
+])
+def test_hostile_command_lines_end_in_one_error_line(argv, match, capsys):
+    assert re.search(match, _cli_error([*argv, *_TINY_RUN] if argv[:1] == ["train"] else argv, capsys))
+
+
+@pytest.mark.parametrize("text, match", [
+    ("preset = 5\n", r"preset must be a non-empty string, got 5"),
+    ('preset = "int8"\nlabel = 5\n', r"label must be a non-empty string, got 5"),
+    ('preset = "wrpn-4-4"\n[model]\nwidth = "abc"\n', r"width must be a finite number in \(0, 16\], got 'abc'"),
+    ('preset = "int8"\n[train]\nlr = "fast"\n', r"lr must be a finite number > 0, got 'fast'"),
+    ('preset = "int8"\n[train]\nepochs = 1.5\n', r"epochs must be an integer >= 1, got 1.5"),
+    ('preset = "int9"\n', r"unknown preset 'int9'"),
+    ('preset = "int8"\nmodel = 3\n', r"model must be a table \(\[model\]\), got 3"),
+    ('preset = "int8"\n[policy_roles]\nweight = [1]\n', r"\[policy_roles\] weight must be a string or a number"),
+    ("preset = \n", r"not valid TOML"),
+])
+def test_hostile_toml_recipes_end_in_one_error_line(tmp_path, text, match, capsys):
+    path = _toml(tmp_path, "r.toml", text)
+    assert re.search(f"{re.escape(path)}: .*{match}", _cli_error(["train", "--recipe", path, *_TINY_RUN], capsys))
+
+
+def test_a_folder_named_like_a_toml_recipe_is_refused(tmp_path, capsys):
+    (tmp_path / "x.toml").mkdir()
+    assert "is not a file (a folder?)" in _cli_error(["train", "--recipe", str(tmp_path / "x.toml")], capsys)
+
+
+def test_a_long_recipe_is_shortened_in_the_error(capsys):
+    line = _cli_error(["train", "--recipe", "int8+" + "x" * 100_000, *_TINY_RUN], capsys)
+    assert len(line) < 300 and "... (100,005 characters): expected key=value,... after '+'" in line
+    with pytest.raises(ValueError) as err:  # the policy parser quotes the long format too: cut as well
+        parse_recipe("weight=" + "x" * 100_000)
+    assert len(str(err.value)) < 600 and "unknown number format 'xxx" in str(err.value)
+    assert "(100,000 characters)" in str(err.value) and "(100,007 characters)" in str(err.value)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+    cli = sys.modules["lowprec.cli.main"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_compare", interrupted)
+    assert main(["train", *_TINY_RUN]) == 130
+    assert capsys.readouterr().err == "lowprec: interrupted (a run continues from its last checkpoint with --resume)\n"
+
+
+def test_an_unexpected_exception_is_one_line_naming_its_type(monkeypatch, capsys):
+    cli = sys.modules["lowprec.cli.main"]
+
+    def bug(*args):
+        raise RuntimeError("something lowprec did not foresee\nsecond line")
+
+    monkeypatch.setattr(cli, "_compare", bug)
+    assert main(["train", *_TINY_RUN]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lowprec: error: unexpected RuntimeError: something lowprec did "
+                                                   "not foresee; second line (a bug in lowprec")
+    monkeypatch.setenv("LOWPREC_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="did not foresee"):
+        main(["train", *_TINY_RUN])
+
+
+def test_a_recipe_label_too_long_for_a_file_name_runs_in_a_safe_unique_directory(tmp_path, monkeypatch, capsys):
+    from lowprec.experiments.compare import MAX_DIR_NAME, run_dir_name
+    from lowprec.policy.policy import ROLES
+
+    recipe = ",".join(f"{role}=fp16/stochastic" for role in ROLES)
+    assert len(recipe) > 255  # longer than a file name may be
+    monkeypatch.setenv("LOWPREC_DATA", str(tmp_path / "none"))
+    assert main(["train", "--recipe", recipe, *_TINY_RUN, "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert run_dir.name == run_dir_name(recipe) and len(run_dir.name) <= MAX_DIR_NAME
+    assert (run_dir / "result.json").exists()
+    # labels that differ only in characters a file name cannot hold get different directories; safe ones stay
+    names = {run_dir_name(label) for label in ("a/b", "a:b", "a_b", "a b", "." * 3, "ä")}
+    assert len(names) == 6 and run_dir_name("a_b") == "a_b" and run_dir_name("int8-lazy") == "int8-lazy"
+    assert all(n and not n.startswith(".") and len(n) <= MAX_DIR_NAME and re.fullmatch(r"[\w.-]+", n, re.ASCII)
+               for n in names)
+
+
+def test_compare_refuses_two_recipes_with_one_label(tmp_path, capsys):
+    line = _cli_error(["compare", "--recipes", "fp32", "int8", "fp32", *_TINY_RUN, "--out", str(tmp_path)], capsys)
+    assert "recipes with the same label would share one run directory: fp32" in line
+    assert not any(tmp_path.iterdir())
+
+
+# -- data that does not fit the task ------------------------------------------------------------------------------
+def _tiny():
+    task = replace(get_task("mnist-lenet"), epochs=1, train_limit=64, test_limit=32)
+    return task, load_task_data(task)
+
+
+def _with(data: TaskData, **change) -> TaskData:
+    return replace(data, **change)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_labels_outside_the_models_classes_are_refused_before_training(split):
+    task, data = _tiny()
+    labels = getattr(data, f"{split}_labels").clone()
+    labels[5] = 255
+    labels[9] = -1
+    steps = []
+    with pytest.raises(ValueError, match=rf"the {split} labels hold 2 values outside \[0, 9\] \(the model has 10 "
+                                         r"outputs\), e\.g\. 255 at example 5: relabel"):
+        run(task, parse_recipe("fp32"), _with(data, **{f"{split}_labels": labels}),
+            after_step=lambda s, _: steps.append(s))
+    assert steps == []
+
+
+def test_inputs_of_the_wrong_shape_are_refused_before_training():
+    task, data = _tiny()
+    big = F.pad(data.train_inputs[0], (2, 2, 2, 2))  # 32x32 images for a 28x28 LeNet
+    with pytest.raises(ValueError, match=r"task mnist-lenet: the model does not take these inputs \(one example has "
+                                         r"shape \(1, 32, 32\)\)"):
+        run(task, parse_recipe("fp32"), _with(data, train_inputs=(big,), test_inputs=(F.pad(data.test_inputs[0],
+                                                                                            (2, 2, 2, 2)),)))
+    with pytest.raises(ValueError, match=r"test examples have shape \(1, 32, 32\), training examples \(1, 28, 28\)"):
+        run(task, parse_recipe("fp32"), _with(data, test_inputs=(F.pad(data.test_inputs[0], (2, 2, 2, 2)),)))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: dict(test_labels=d.test_labels[:0], test_inputs=(d.test_inputs[0][:0],)), "the test split is empty"),
+    (lambda d: dict(train_labels=d.train_labels[:10]), r"the train split has 64 inputs and 10 labels"),
+    (lambda d: dict(train_labels=d.train_labels.float()), r"the train labels must be an integer tensor"),
+    (lambda d: dict(train_labels=d.train_labels[:, None].repeat(1, 3)),
+     r"the train labels have shape \(3,\) per example, but the model scores one label per example"),
+])
+def test_data_that_cannot_train_or_test_is_refused(change, match):
+    task, data = _tiny()
+    with pytest.raises(ValueError, match=match):
+        run(task, parse_recipe("fp32"), _with(data, **change(data)))
+
+
+@pytest.mark.parametrize("setting, value", [("lr", INF), ("lr", 0.0), ("lr", NAN), ("momentum", 1.5),
+                                            ("loss_multiplier", INF), ("weight_decay", -1.0)])
+def test_a_run_refuses_training_settings_that_give_a_meaningless_result(setting, value):
+    """--lr inf used to skip every step and exit 0 with a number: such settings are refused up front."""
+    task, data = _tiny()
+    with pytest.raises(ValueError, match=rf"{setting} must be a finite number"):
+        run(replace(task, **{setting: value}), parse_recipe("fp32"), data)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("weight=/stochastic", r"'/stochastic' gives the rounding 'stochastic' but no format"),
+    ("grads=none/toward_zero", r"'none/toward_zero' gives the rounding 'toward_zero' but no format"),
+    ("weight=full/nearest", r"'full/nearest' gives the rounding 'nearest' but no format"),
+    ("weight=fp16/", r"'fp16/': nothing after '/'"),
+])
+def test_a_rounding_without_a_format_is_refused(text, match):
+    """It used to leave the role in full precision without a word."""
+    with pytest.raises(ValueError, match=match):
+        lp.Policy.parse(text)
+    assert lp.Policy.parse("weight=fp16/stochastic").get("weight") == lp.Quant(lp.parse_format("fp16"), "stochastic")
+    assert lp.Policy.parse("weight=none").get("weight") is None

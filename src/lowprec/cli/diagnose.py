@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .argtypes import count, fraction, positive, seed
+
 #: Input shapes for models run on made-up data (a model without a task, and every ``lowprec memory`` run).
 EXAMPLE_INPUTS = {"lenet": (1, 28, 28), "small-cnn": (1, 28, 28), "conv-maxout": (1, 28, 28),
                   "maxout-mlp": (784,), "resnet20": (3, 32, 32)}
@@ -229,16 +231,16 @@ def add_parsers(sub) -> None:
     p.add_argument("target", help="a task (mnist-lenet, ...), a model (lenet, resnet20, ...; random inputs "
                    "unless a task uses it) or your own as module:factory (e.g. mypkg.models:build)")
     p.add_argument("--recipe", default="mixed-fp16", help="the policy whose formats are counted")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=count, default=64)
+    p.add_argument("--steps", type=count, default=3)
     p.add_argument("--format", action="append", default=[], help="also count in this format (repeatable)")
-    p.add_argument("--max-lost", type=float, default=1e-3, dest="max_lost",
+    p.add_argument("--max-lost", type=fraction, default=1e-3, dest="max_lost",
                    help="share of non-zero gradients the advised loss scale may lose (default 0.001)")
-    p.add_argument("--loss-multiplier", type=float, default=1.0, dest="loss_multiplier",
+    p.add_argument("--loss-multiplier", type=positive, default=1.0, dest="loss_multiplier",
                    help="multiply the loss (moves every gradient; builds underflow cases)")
     p.add_argument("--per-module", action="store_true", dest="per_module", help="one row per module and role")
     _add_input_options(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--out", default="runs/inspect", help="folder for the PNGs and report.json")
     p.set_defaults(func=cmd_inspect)
@@ -248,10 +250,10 @@ def add_parsers(sub) -> None:
                    "(e.g. mypkg.models:build; called with the recipe's model settings such as width=2)")
     _add_input_options(p)
     p.add_argument("--recipe", action="append", help="repeatable; default fp32")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=count, default=64)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd-plain", "adam"])
     p.add_argument("--no-measure", action="store_true", dest="no_measure", help="estimate only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", help="folder for memory.png (default runs/memory-<model>)")
     p.set_defaults(func=cmd_memory)
 

@@ -1,12 +1,27 @@
-"""The ``lowprec`` command: train, compare, data. It only wires the layers below together."""
+"""The ``lowprec`` command: train, compare, data. It only wires the layers below together.
+
+Every failure ends in one line on stderr, ``lowprec: error: <what and the fix>``, and exit status 2 (bad
+input, a run directory that cannot be used, a collapsed loss scale) or 1 (anything else: a bug, reported with
+its type; ``LOWPREC_TRACEBACK=1`` shows the traceback). Ctrl-C prints ``lowprec: interrupted ...`` and exits
+130, launcher (``--nproc``) included. Long values are shortened in messages.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from .argtypes import count, positive, seed
+
+#: Longest error message printed whole; a longer one is cut (a message repeats what it was given).
+MAX_MESSAGE = 400
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports a process that SIGINT ended.
+INTERRUPTED = 130
 
 DEFAULT_RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "native-bf16", "fp8-hybrid", "int8", "int8-lazy", "fixed-20"]
 
@@ -58,19 +73,65 @@ def _task_with(args):
     return replace(task, **changes)
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses (its message, without the usage block)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError (one ``lowprec: error:`` line) instead of printing
+    the usage block and exiting from inside the parser."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("lowprec").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
+#: A worker of ``--nproc``: SIGINT (Ctrl-C reaches every process of the terminal's group; torchrun forwards its
+#: own) ends it at once and silently, even while it is still importing, since the launcher reports the
+#: interruption; the run directory's lock goes with the process and checkpoints are written atomically.
+_WORKER = ("import os, signal, sys; signal.signal(signal.SIGINT, lambda *_: os._exit(130)); "
+           "from lowprec.cli import main; sys.exit(main())")
+
+
 def _launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``lowprec <argv>`` (less ``--nproc``) in ``nproc`` processes on this machine with torchrun
-    (torch.distributed.run, rendezvous on a free local port)."""
+    (torch.distributed.run, rendezvous on a free local port). The workers die with this process
+    (``distributed.die_with_parent``, told this pid); torchrun's own log is kept to errors; a failed worker
+    or Ctrl-C ends in one line."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from ..train.distributed import LAUNCHER_PID
+
     rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level: the parent's is not enough
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
-        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--module", "lowprec", *rest])
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--max-restarts=0", "--no-python", sys.executable,
+                  "-c", _WORKER, *rest])
     except ChildFailedError as err:
-        print(f"lowprec: error: a training process failed: {err}", file=sys.stderr)
+        rank, failure = err.get_first_failure()
+        if failure.exitcode in (INTERRUPTED, -signal.SIGINT):
+            return _interrupted()
+        if failure.exitcode == 2:  # the worker has said why, in a lowprec: line of its own
+            return 2
+        print(f"lowprec: error: training process {rank} of {nproc} failed (exit status {failure.exitcode}; "
+              "its output above says why)", file=sys.stderr)
         return 1
+    except (SignalException, KeyboardInterrupt):
+        return _interrupted()
+    finally:
+        os.environ.pop(LAUNCHER_PID, None)
     return 0
+
+
+def _interrupted() -> int:
+    print("lowprec: interrupted (a run continues from its last checkpoint with --resume)", file=sys.stderr)
+    return INTERRUPTED
 
 
 def _join_process_group(args) -> bool:
@@ -83,35 +144,39 @@ def _join_process_group(args) -> bool:
 
 
 def cmd_compare(args) -> int:
+    from ..experiments.validate import check_device
+    from ..train import distributed, retain_freed_memory
+
     if args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the runs in --out, or replace them")
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if under_torchrun:
+        distributed.die_with_parent()  # a worker must not outlive its launcher (SIGKILL cannot be forwarded)
+    check_device(args.device)
+    task, recipes = _task_with(args), _recipes(args.recipes)  # refused here, before any worker starts
+    if args.nproc > 1 and not under_torchrun:
         return _launch(args.nproc, args.argv)
-    from ..train import retain_freed_memory
-
     retain_freed_memory()  # training reallocates the same blocks every step (lowprec/train/allocator.py)
-    joined = _join_process_group(args)
-    if not joined:
-        return _compare(args)
-    import torch.distributed as dist
-
-    try:
-        code = _compare(args)
-        dist.barrier()  # every rank done before any tears its connections down
-        return code
-    finally:
-        dist.destroy_process_group()
+    if not _join_process_group(args):
+        return _compare(args, task, recipes)
+    distributed.leave(_compare(args, task, recipes))  # every rank done, then out without a teardown that can fail
 
 
-def _compare(args) -> int:
+def _recipes(texts: Sequence[str]):
+    from ..experiments import parse_recipe
+
+    return [parse_recipe(r) for r in texts]
+
+
+def _compare(args, task, recipes) -> int:
     from rich.console import Console
 
-    from ..experiments import compare, load_task_data, parse_recipe
+    from ..experiments import compare, load_task_data
     from ..train import distributed
 
     console = Console(quiet=distributed.rank() != 0)
-    task = _task_with(args)
-    recipes = [parse_recipe(r) for r in args.recipes]
     data = load_task_data(task, args.data_root)
     out = Path(args.out or f"runs/compare-{task.name}")
     ranks = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
@@ -120,7 +185,7 @@ def _compare(args) -> int:
     results = compare(task, recipes, data, seed=args.seed, out_dir=out, resume=args.resume,
                       progress_factory=_progress_factory(console) if distributed.rank() == 0 else None,
                       device=args.device, checkpoint_every=args.checkpoint_every,
-                      allreduce_format=args.allreduce_format)
+                      allreduce_format=args.allreduce_format, overwrite=args.overwrite)
     _print_table(console, results, f"{task.name} ({data.source}, {task.epochs} epochs, seed {args.seed})")
     console.print(f"table: {out / 'results.csv'}   plot: {out / 'convergence.png'}")
     return 0
@@ -138,8 +203,10 @@ def cmd_underflow(args) -> int:
     from rich.table import Table
 
     from ..experiments import gradient_census, load_task_data
+    from ..experiments.validate import check_device
     from ..models import build_model
 
+    check_device(args.device)  # the census runs on the CPU; a device that is not there is still a mistake
     task = _task_with(args)
     data = load_task_data(task, args.data_root)
     torch.manual_seed(args.seed)
@@ -147,6 +214,8 @@ def cmd_underflow(args) -> int:
     b = task.batch_size
     batches = [(tuple(t[i : i + b] for t in data.train_inputs), data.train_labels[i : i + b])
                for i in range(0, min(args.batches * b, len(data.train_labels)), b)]
+    if not batches:
+        raise ValueError(f"no batches: the training split has {len(data.train_labels)} examples")
     census = gradient_census(model, batches, args.format, args.scales, task.loss_multiplier)
     table = Table(title=f"{task.name}: activation gradients (dE/dz of every layer) lost in {args.format}, "
                         f"{census.total:,} values over {len(batches)} batches at initialisation")
@@ -176,27 +245,31 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowprec", description="Train PyTorch models in reduced and mixed precision.")
+    from ..experiments.validate import SCHEDULES
+
+    parser = _Parser(prog="lowprec", description="Train PyTorch models in reduced and mixed precision.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
         p.add_argument("--task", default="mnist-lenet", help="task name (see `lowprec tasks`)")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--batch-size", type=int, dest="batch_size")
-        p.add_argument("--lr", type=float)
-        p.add_argument("--schedule", choices=["constant", "inv", "linear"], help="learning-rate schedule "
+        p.add_argument("--epochs", type=count)
+        p.add_argument("--batch-size", type=count, dest="batch_size")
+        p.add_argument("--lr", type=positive)
+        p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule "
                        "(inv: Caffe's lr (1 + 1e-4 step)^-0.75; linear: down to lr/10 at the end)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-        p.add_argument("--train-limit", type=int, dest="train_limit", help="use the first N training examples")
-        p.add_argument("--test-limit", type=int, dest="test_limit")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--train-limit", type=count, dest="train_limit", help="use the first N training examples")
+        p.add_argument("--test-limit", type=count, dest="test_limit")
+        p.add_argument("--seed", type=seed, default=0)
         p.add_argument("--data-root", dest="data_root", help="data folder (default $LOWPREC_DATA or ~/.cache/lowprec, "
                        "then the MNIST subset shipped with lowprec)")
         p.add_argument("--out", help="output folder (default runs/compare-<task>)")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+        p.add_argument("--overwrite", action="store_true", help="replace the runs in --out (without it, a run "
+                       "directory that holds a run is refused)")
 
     def training(p):
-        p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", metavar="STEPS",
+        p.add_argument("--checkpoint-every", type=count, dest="checkpoint_every", metavar="STEPS",
                        help="also checkpoint every STEPS steps (default: after every epoch only)")
         p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
                        "gloo on CPU, NCCL on GPU); under torchrun already, its own process count applies")
@@ -220,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("underflow", help="share of activation gradients a format flushes to zero, per loss scale")
     common(p)
     p.add_argument("--format", default="fp16")
-    p.add_argument("--scales", nargs="+", type=float, default=[1, 8, 256, 4096, 65536])
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--scales", nargs="+", type=positive, default=[1, 8, 256, 4096, 65536])
+    p.add_argument("--batches", type=count, default=4)
     p.set_defaults(func=cmd_underflow)
 
     from .diagnose import add_parsers as add_diagnostics
@@ -247,17 +320,45 @@ def _tasks():
     return TASKS.values()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ..scaling import LossScaleCollapse
+def _one_line(message: str) -> str:
+    """``message`` on one line (line breaks become "; "), cut to ``MAX_MESSAGE`` characters."""
+    line = re.sub(r"\s*\n\s*", "; ", str(message).strip())
+    return line if len(line) <= MAX_MESSAGE else f"{line[:MAX_MESSAGE]}... (message cut; {len(line):,} characters)"
 
+
+def _error(message: str) -> None:
+    print(f"lowprec: error: {_one_line(message)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status (see the module
+    docstring: 0, 2 for bad input, 1 for a bug, 130 after Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
     try:
+        import torch
+
+        from ..scaling import LossScaleCollapse
+    except KeyboardInterrupt:
+        return _interrupted()
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
-    except (ValueError, FileNotFoundError, LossScaleCollapse) as err:
-        print(f"lowprec: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return _interrupted()
+    except (ValueError, OSError, LossScaleCollapse) as err:
+        _error(str(err))
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        _error(f"out of memory ({str(err).splitlines()[0] if str(err) else 'MemoryError'}): use a smaller batch, "
+               "model width or data limit")
+        return 2
+    except Exception as err:  # a bug: still one line; the traceback on request
+        if os.environ.get("LOWPREC_TRACEBACK"):
+            raise
+        _error(f"unexpected {type(err).__name__}: {err} (a bug in lowprec; please report it with the command "
+               "line; LOWPREC_TRACEBACK=1 shows the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

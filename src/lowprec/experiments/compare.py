@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -11,7 +12,7 @@ from .recipes import Recipe
 from .runner import RunResult, run
 from .tasks import Task, TaskData
 
-__all__ = ["compare", "write_table", "plot_runs", "format_table"]
+__all__ = ["compare", "write_table", "plot_runs", "format_table", "run_dir_name"]
 
 
 def compare(
@@ -26,12 +27,17 @@ def compare(
     device: str = "cpu",
     **run_options: Any,
 ) -> list[RunResult]:
-    """Run every recipe (each in ``out_dir/<label>``), then write ``results.csv`` and ``convergence.png``
+    """Run every recipe (each in ``out_dir/<run_dir_name(label)>``; two recipes with one label are refused), then write ``results.csv`` and ``convergence.png``
     (rank 0 only under torch.distributed). ``run_options`` go to every ``run`` (checkpoint_every, ...)."""
     out = Path(out_dir) if out_dir is not None else None
+    labels = [r.label for r in recipes]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"recipes with the same label would share one run directory: {', '.join(twice)}; give "
+                         "each recipe once, or its own label (a TOML recipe's label = ...)")
     results = []
     for recipe in recipes:
-        run_dir = out / _slug(recipe.label) if out else None
+        run_dir = out / run_dir_name(recipe.label) if out else None
         progress = progress_factory(recipe) if progress_factory else None
         results.append(run(task, recipe, data, seed=seed, out_dir=run_dir, resume=resume, progress=progress,
                            device=device, **run_options))
@@ -41,8 +47,22 @@ def compare(
     return results
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+#: Longest recipe label shown whole in the plot's legend.
+MAX_LEGEND = 48
+#: Longest run directory name: well below the 255 bytes of common file systems, leaving room for suffixes.
+MAX_DIR_NAME = 80
+
+
+def run_dir_name(label: str) -> str:
+    """The run directory name of a recipe label: the label itself where it is a safe file name (letters,
+    digits, ``-``, ``_``, ``.``; not starting with a dot; at most ``MAX_DIR_NAME`` characters), else a safe
+    prefix of it and 10 hex digits of its SHA-256, so two labels never share a directory and any label works
+    (``fp16/stochastic`` in every role makes a label longer than a file name may be)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in label).lstrip(".")
+    if safe == label and 0 < len(label) <= MAX_DIR_NAME:
+        return label
+    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{safe[: MAX_DIR_NAME - 11].rstrip('_') or 'recipe'}-{digest}"
 
 
 def format_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
@@ -115,8 +135,9 @@ def plot_runs(results: Sequence[RunResult], path: Path, title: str = "") -> None
         window = max(1, len(r.losses) // 50)
         smooth = [sum(r.losses[max(0, i - window + 1) : i + 1]) / len(r.losses[max(0, i - window + 1) : i + 1])
                   for i in range(len(r.losses))]
-        ax_loss.plot(range(1, len(smooth) + 1), smooth, label=r.recipe, lw=1.2)
-        ax_acc.plot([h["epoch"] for h in r.history], [h[metric] for h in r.history], marker="o", label=r.recipe)
+        name = r.recipe if len(r.recipe) <= MAX_LEGEND else r.recipe[: MAX_LEGEND - 3] + "..."  # a legend, not a page
+        ax_loss.plot(range(1, len(smooth) + 1), smooth, label=name, lw=1.2)
+        ax_acc.plot([h["epoch"] for h in r.history], [h[metric] for h in r.history], marker="o", label=name)
     ax_loss.set(xlabel="step", ylabel="training loss (moving mean)", yscale="log", title="convergence")
     ax_acc.set(xlabel="epoch", ylabel=ylabel, title=panel)
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -6,6 +6,12 @@ installed), ``checkpoint.pt`` (written atomically after every epoch, and every `
 the same final weights as an uninterrupted run: the checkpoint holds the next step, the epoch's running loss
 and the trainer's state with torch's RNG; each epoch's example order is a function of (seed, epoch).
 
+Before training, a run checks its settings, device and data (``validate``: an infinite learning rate, an
+empty split, a label the model has no output for, inputs of the wrong shape are refused) and claims its
+directory (``rundir``: writable, locked for the run's duration, and a directory that already holds a run is
+refused unless ``resume`` or ``overwrite`` is given); a failed write later is a ``RunDirectoryError`` naming the
+file and the cause, with the previous checkpoint intact.
+
 Under torch.distributed (torchrun) the model runs wrapped in DistributedDataParallel, every rank uses the same
 seed and trains on its shard of each epoch's order (``lowprec.train.distributed.shard``), the logged loss is
 the mean over the ranks, every rank evaluates the whole test set (so all ranks draw the same random numbers),
@@ -34,7 +40,9 @@ from ..policy import Policy
 from ..train import SGD, AdamW, Trainer, cross_entropy, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .recipes import Recipe
+from .rundir import claim, writing
 from .tasks import Task, TaskData
+from .validate import check_data_fits, check_device, check_finite, check_settings, check_value
 
 __all__ = ["RunResult", "run", "evaluate", "evaluate_loss"]
 
@@ -128,59 +136,87 @@ def run(
     device: str | torch.device = "cpu",
     checkpoint_every: int | None = None,
     allreduce_format: str | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train ``task`` under ``recipe`` on ``data`` on ``device``; evaluate on the test split after every epoch.
 
     ``progress(step, total_steps, loss)`` is called after every step; ``after_step(step, step_result)`` too
     (tests use it to interrupt runs). With ``out_dir``, metrics, TensorBoard logs and an atomic checkpoint are
     written every epoch, and every ``checkpoint_every`` steps; ``resume`` continues from the latest checkpoint
-    (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run. Under
-    torch.distributed, ``allreduce_format`` averages the gradients in that format (``"grad"``: the policy's
-    weight_grad format; ``distributed.quantized_allreduce_hook``) instead of float32. Raises
-    ValueError for settings that cannot train (no examples, a batch size or epoch count below 1) and for data
-    holding NaN or inf (a Trainer would skip every step that sees them; a run refuses such data up front).
+    (bit-exactly) and refuses, with CheckpointError naming what differs, one written by another run or one whose
+    position does not fit this run's schedule. A directory that already holds a run is refused (RunDirectoryError)
+    unless ``resume`` or ``overwrite`` (start afresh, removing its checkpoint, metrics and result) is given; a
+    run holds a lock on its directory while it writes there. Under torch.distributed, ``allreduce_format``
+    averages the gradients in that format (``"grad"``: the policy's weight_grad format;
+    ``distributed.quantized_allreduce_hook``) instead of float32. Raises ValueError for settings that cannot
+    train (no examples, a batch size or epoch count below 1, a learning rate that is not a finite positive
+    number, an unknown schedule, a device this machine lacks), for data holding NaN or inf (a Trainer would skip
+    every step that sees them) and for data the model cannot take (``validate.check_data_fits``).
     """
     settings = {"lr": task.lr, "epochs": task.epochs, "batch_size": task.batch_size, "schedule": task.schedule,
                 "loss_multiplier": task.loss_multiplier, "momentum": task.momentum,
                 "weight_decay": task.weight_decay, **recipe.train}
-    _check_settings(settings, len(data.train_labels), checkpoint_every)
-    _check_finite(data)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in the directory, or replace it")
+    check_settings(settings, len(data.train_labels), checkpoint_every)
+    device = check_device(device)
+    model_kwargs = {**task.model_kwargs, **data.model_kwargs, **recipe.model}
+    if "width" in recipe.model:
+        check_value("width", recipe.model["width"])
+    check_finite(data)
+    check_data_fits(build_model(task.model, **model_kwargs), data, task.name)
+    allreduce = _allreduce_format(recipe.policy, allreduce_format)
+    writes = out_dir is not None and distributed.rank() == 0
+    out = Path(out_dir) if out_dir is not None else None
+    lock = claim(out, resume=resume, overwrite=overwrite) if writes else None
+    try:
+        return _train(task, recipe, data, settings, model_kwargs, seed=seed, out=out, writes=writes, resume=resume,
+                      progress=progress, after_step=after_step, device=device, checkpoint_every=checkpoint_every,
+                      allreduce_format=allreduce_format, allreduce=allreduce)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any], model_kwargs: dict[str, Any], *,
+           seed: int, out: Path | None, writes: bool, resume: bool, progress, after_step, device: torch.device,
+           checkpoint_every: int | None, allreduce_format: str | None, allreduce: Format | None) -> RunResult:
+    """``run`` once its inputs are checked and its directory claimed (``allreduce``: ``allreduce_format``
+    resolved against the policy)."""
     torch.manual_seed(seed)
-    model = convert(build_model(task.model, **{**task.model_kwargs, **data.model_kwargs, **recipe.model}),
-                    recipe.policy)
+    model = convert(build_model(task.model, **model_kwargs), recipe.policy)
     model.to(device)
     data = replace(data, **{k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
                             for k, v in (("train_inputs", data.train_inputs), ("train_labels", data.train_labels),
                                          ("test_inputs", data.test_inputs), ("test_labels", data.test_labels))})
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
-    net = _data_parallel(model, device, _allreduce_format(recipe.policy, allreduce_format))
+    net = _data_parallel(model, device, allreduce)
     result = RunResult(task.name, recipe.label, seed)
     n, batch = len(data.train_labels), settings["batch_size"]
     steps_per_epoch = math.ceil(math.ceil(n / distributed.world_size()) / batch)
     total = settings["epochs"] * steps_per_epoch
     step, epoch_sums = 0, (0.0, 0)  # the next step to run; the running loss sum and steps of its epoch
 
-    writes = out_dir is not None and distributed.rank() == 0
-    out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     identity = {"task": task.name, "recipe": recipe.label, "policy": recipe.policy.spec(), "seed": seed,
                 "world_size": distributed.world_size(), "allreduce_format": allreduce_format, "settings": settings}
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = _load_resumable(ckpt_path, identity)
+        state = _load_resumable(ckpt_path, identity, total, steps_per_epoch)
         trainer.load_state_dict(state["trainer"])
         result = RunResult(**state["result"])
         step, epoch_sums = state["next_step"], tuple(state["epoch_sums"])
         if writes:
-            _rewrite_metrics(out, result.history)  # rows logged after the checkpoint are logged again
+            with writing("metrics", out / "metrics.csv"):
+                _rewrite_metrics(out, result.history)  # rows logged after the checkpoint are logged again
     elif writes:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
     writer = _writer(out) if writes else None
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {"identity": identity, "next_step": step, "epoch_sums": epoch_sums,
-                                    "trainer": trainer.state_dict(), "result": asdict(result)})
+        with writing("checkpoint", ckpt_path):
+            save_checkpoint(ckpt_path, {"identity": identity, "next_step": step, "epoch_sums": epoch_sums,
+                                        "trainer": trainer.state_dict(), "result": asdict(result)})
 
     started = time.perf_counter() - result.seconds
     for epoch in range(step // steps_per_epoch, settings["epochs"]):
@@ -218,10 +254,12 @@ def run(
         result.history.append(row)
         result.seconds = row["seconds"]
         if writes:
-            _log_epoch(out, writer, row)
+            with writing("metrics", out / "metrics.csv"):
+                _log_epoch(out, writer, row)
             checkpoint()
     if writes:
-        (out / "result.json").write_text(json.dumps(asdict(result) | {"identity": identity}, indent=1))
+        with writing("result", out / "result.json"):
+            (out / "result.json").write_text(json.dumps(asdict(result) | {"identity": identity}, indent=1))
         if writer:
             writer.close()
     return result
@@ -233,30 +271,6 @@ def _held_out_metrics(task: Task, model: nn.Module, data: TaskData) -> dict[str,
         return {"test_accuracy": evaluate(model, data.test_inputs, data.test_labels)}
     accuracy, loss = evaluate_loss(model, data.test_inputs, data.test_labels)
     return {"test_accuracy": accuracy, "val_loss": loss, "perplexity": math.inf if loss > 700 else math.exp(loss)}
-
-
-def _check_settings(settings: dict[str, Any], examples: int, checkpoint_every: int | None) -> None:
-    """ValueError for settings a run cannot train with, naming the setting and the fix."""
-    if examples < 1:
-        raise ValueError("the training split is empty: no examples to train on (check train_limit and the data)")
-    for key in ("batch_size", "epochs"):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-                                         or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be an integer >= 1 (steps) or None, got {checkpoint_every!r}")
-
-
-def _check_finite(data: TaskData) -> None:
-    """ValueError naming the split, the count and the first example of any NaN or inf in the inputs."""
-    for split, inputs in (("train", data.train_inputs), ("test", data.test_inputs)):
-        for i, t in enumerate(inputs):
-            bad = ~torch.isfinite(t) if t.is_floating_point() else None
-            if bad is not None and bad.any():
-                first = int(bad.reshape(len(t), -1).any(1).nonzero()[0])
-                raise ValueError(f"the {split} inputs[{i}] hold {int(bad.sum())} NaN/inf values (first in example "
-                                 f"{first}): clean or drop those examples")
 
 
 def _allreduce_format(policy: Policy, name: str | None) -> Format | None:
@@ -292,8 +306,9 @@ def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
     return [] if saved == now else [f"{where}: checkpoint {saved!r}, this run {now!r}"]
 
 
-def _load_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint at ``path`` if it is intact and belongs to this run; CheckpointError saying what differs."""
+def _load_resumable(path: Path, identity: dict[str, Any], total: int, steps_per_epoch: int) -> dict[str, Any]:
+    """The checkpoint at ``path`` if it is intact, belongs to this run and sits on its schedule (``total`` steps,
+    ``steps_per_epoch``); CheckpointError saying what differs."""
     state = load_checkpoint(path)
     missing = [k for k in _RESUMABLE if k not in state]
     if missing:
@@ -303,6 +318,17 @@ def _load_resumable(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     if diff:
         raise CheckpointError(f"{path} belongs to another run; it differs in {'; '.join(diff)}. Resume with the "
                               "same settings, or use another output folder")
+    step, result = state["next_step"], state["result"]
+    history = result.get("history") if isinstance(result, dict) else None
+    losses = result.get("losses") if isinstance(result, dict) else None
+    if (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total
+            or not isinstance(history, list) or len(history) != step // steps_per_epoch
+            or not isinstance(losses, list) or len(losses) != step):
+        raise CheckpointError(f"{path} does not fit this run's schedule: next step {step!r} of {total}, "
+                              f"{len(history) if isinstance(history, list) else '?'} epochs logged, "
+                              f"{len(losses) if isinstance(losses, list) else '?'} losses; a checkpoint of this "
+                              "run holds next step <= the total, one logged epoch per finished epoch and one loss "
+                              "per step. Start afresh with --overwrite")
     return state
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train import distributed
-from .compare import _slug
+from .compare import run_dir_name
 from .recipes import Recipe, parse_recipe
 from .runner import RunResult, run
 from .tasks import Task, TaskData
@@ -122,7 +122,7 @@ def sweep(
     out = Path(out_dir)
     done: list[tuple[Cell, RunResult]] = []
     for i, (cell, recipe) in enumerate(zip(cells, recipes)):
-        cell_dir = out / _slug(recipe.label)
+        cell_dir = out / run_dir_name(recipe.label)
         finished = resume and (cell_dir / "result.json").exists()
         progress = on_cell(i, len(cells), recipe, finished) if on_cell else None
         result = run(task, recipe, data, seed=seed, out_dir=cell_dir, resume=resume, progress=progress,

@@ -96,10 +96,17 @@ class Quant:
             return text
         if isinstance(text, Format):
             return cls(text)
-        spec, _, rounding = str(text).strip().partition("/")
-        if spec.lower() in ("none", "", "full"):
+        spec, slash, rounding = str(text).strip().partition("/")
+        if slash and not rounding.strip():
+            raise ValueError(f"{str(text).strip()!r}: nothing after '/'; give a rounding ({', '.join(sorted(ROUNDINGS))}) "
+                             "or drop the '/'")
+        if spec.strip().lower() in ("none", "", "full"):
+            if slash:  # a rounding of nothing would leave the role in full precision without a word
+                raise ValueError(f"{str(text).strip()!r} gives the rounding {rounding.strip()!r} but no format; "
+                                 f"write FORMAT/{rounding.strip()} (e.g. fp16/{rounding.strip()}), or none for "
+                                 "full precision")
             return None
-        return cls(parse_format(spec), rounding or "nearest")
+        return cls(parse_format(spec), rounding.strip() or "nearest")
 
     @property
     def bits(self) -> int | None:

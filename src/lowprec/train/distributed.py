@@ -24,6 +24,12 @@ every rank's state identical:
   identical. Stochastic rounding of the master weights draws from torch's global RNG: every rank must use
   the same seed and draw the same amounts (same batch shapes), which the runner arranges (``shard``).
 
+Process lifetime under a launcher: ``die_with_parent()`` has the kernel kill a worker when its launcher dies
+(Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; a SIGKILLed launcher cannot take its workers down itself), and
+``leave(code)`` ends a worker after its last collective: a barrier, ``destroy_process_group``, then
+``os._exit`` without the interpreter's finalization, during which gloo's threads can still hold Python-owned
+tensors and abort a process whose work is done (SIGABRT, "terminate called without an active exception").
+
 ``quantized_allreduce_hook(fmt)`` is a DDP comm hook that sends gradients through the all-reduce in a
 reduced format. Costs: one small all-reduce per step for the flags (on the existing sync), one per exponent
 interval for the counters, one per ``auto`` start. None of it runs without an initialised process group.
@@ -39,8 +45,12 @@ guaranteed to be the exponents of the whole tensor.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,8 +61,13 @@ from ..scaling import DynamicExponent
 
 __all__ = [
     "is_initialized", "rank", "world_size", "all_max", "mean_over_ranks", "sum_exponent_counters",
-    "quantized_allreduce_hook", "init_from_env", "shard",
+    "quantized_allreduce_hook", "init_from_env", "shard", "die_with_parent", "leave", "LAUNCHER_PID",
 ]
+
+#: Environment variable a launcher sets to its pid, so that a worker can tell its launcher died before
+#: ``die_with_parent`` armed the signal (the worker's parent is then another process).
+LAUNCHER_PID = "LOWPREC_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
 
 
 def is_initialized() -> bool:
@@ -166,3 +181,34 @@ def shard(order: Tensor) -> Tensor:
         return order
     total = -(-n // w) * w
     return order.repeat(-(-total // n))[:total][rank() :: w]
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent process ends (Linux; elsewhere a no-op returning
+    False). Call first thing in a worker a launcher started. If ``LOWPREC_LAUNCHER_PID`` names a parent that is
+    already gone (it died before the call), the process exits at once with status 1."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is not None and launcher.isdigit() and os.getppid() != int(launcher):
+        os._exit(1)
+    return True
+
+
+def leave(code: int = 0) -> NoReturn:
+    """End this worker with exit status ``code`` once every rank is done: barrier, destroy the process group,
+    flush stdout and stderr, ``os._exit(code)``. Skipping the interpreter's finalization is the point: gloo's
+    threads may still hold tensors owned by Python (DDP buckets, comm-hook futures) whose release during
+    finalization aborts the process after its work is done, which torchrun reports as a failed run."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more to say on it
+            pass
+    os._exit(code)
