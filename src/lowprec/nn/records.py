@@ -1,0 +1,37 @@
+"""What the precision plan records of one op: its operands' roles and formats, how it ran, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["OperandRecord", "OpRecord"]
+
+
+@dataclass(frozen=True)
+class OperandRecord:
+    """One tensor of an op as the plan shows it: its name, role and format (``fp32``: not quantized)."""
+
+    name: str
+    role: str
+    format: str
+
+
+@dataclass
+class OpRecord:
+    """One op a forward ran (every call of the same op at the same place counted once, in ``calls``).
+
+    ``path``: "op emulation" (intercepted and quantized), "layer swap" (a converted layer), "unquantized"
+    (``note`` says why); ``backward``: whether its quantized backward ran.
+    """
+
+    module: str
+    op: str
+    path: str
+    operands: list[OperandRecord]
+    note: str = ""
+    calls: int = 0
+    backward: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return any(o.format != "fp32" for o in self.operands)
