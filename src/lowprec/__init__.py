@@ -6,6 +6,7 @@
 >>> trainer = lp.Trainer(model, optimizer, "int8-lazy")
 >>> result = trainer.step(loss)                          # result.skipped, result.scale, result.overflow_modules
 >>> report = lp.inspect(model, (x, y), "mixed-fp16")     # histograms, underflow/overflow, loss-scale advice
+>>> print(lp.plan(model, "fp8-hybrid", (x,)))             # every op one step runs: roles, formats, fp32 parts
 """
 
 from . import nn
@@ -20,7 +21,7 @@ from .formats import (
     quantize,
 )
 from .diagnostics import inspect
-from .nn import convert, widen
+from .nn import convert, plan, widen
 from .policy import Policy, Quant, Quantizer, classifier_bits
 from .scaling import DynamicExponent, LossScaleCollapse, LossScaler, StepResult
 from .train import Trainer
@@ -31,5 +32,5 @@ __all__ = [
     "parse_format", "quantize", "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "Policy", "Quant", "Quantizer", "classifier_bits",
     "DynamicExponent", "LossScaler", "LossScaleCollapse", "StepResult",
-    "convert", "widen", "nn", "Trainer", "inspect",
+    "convert", "widen", "nn", "Trainer", "inspect", "plan",
 ]

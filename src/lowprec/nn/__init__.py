@@ -9,11 +9,16 @@
 
 Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
 op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
-convert.py, state.py (quantizers, exponents, calibration), widen.py. nn/ depends on policy/, scaling/ and
-formats/ only.
+convert.py, state.py (quantizers, exponents, calibration), widen.py. Op-level emulation (every functional GEMM,
+norm and attention, whatever module runs it): ops.py (the intercepted functions and their operand roles),
+opfunction.py (one autograd Function for every op), attention.py, emulate.py (the interception),
+swapped.py (what the swapped layers cover), records.py and plan.py (``lp.plan``). nn/ depends on policy/,
+scaling/ and formats/ only.
 """
 
 from .convert import CONVERSIONS, convert
+from .emulate import OpEmulation, emulation_of
+from .plan import Plan, plan
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
@@ -25,4 +30,5 @@ __all__ = [
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",
+    "plan", "Plan", "OpEmulation", "emulation_of",
 ]

@@ -214,19 +214,19 @@ class OpEmulation:
 
     # -- plan records and warnings --------------------------------------------------------------------------
     @staticmethod
-    def _operands(names: tuple[str, ...], roles: tuple[str | None, ...],
-                  quantizers: dict[str, Quantizer]) -> list[OperandRecord]:
+    def _operands(names: tuple[str, ...], roles: tuple[str | None, ...], quantizers: dict[str, Quantizer],
+                  result: str = "result") -> list[OperandRecord]:
         ops = [OperandRecord(n, r, _fmt(quantizers[r])) for n, r in zip(names, roles) if r is not None]
-        ops.append(OperandRecord("result", "output", _fmt(quantizers["output"])))
-        ops.append(OperandRecord("d result", "output_grad", _fmt(quantizers["output_grad"])))
+        ops.append(OperandRecord(result, "output", _fmt(quantizers["output"])))
+        ops.append(OperandRecord(f"d {result}", "output_grad", _fmt(quantizers["output_grad"])))
         ops += [OperandRecord(f"d {n}", GRAD_ROLE[r], _fmt(quantizers[GRAD_ROLE[r]]))
                 for n, r in zip(names, roles) if r is not None]
         return ops
 
     def _attention_operands(self, sets: dict[str, dict[str, Quantizer]]) -> list[OperandRecord]:
         s, o = sets["scores"], sets["out"]
-        return (self._operands(("Q", "K^T"), ("activation", "activation"), s)
-                + self._operands(("P", "V"), ("activation", "activation"), o))
+        return (self._operands(("Q", "K^T"), ("activation", "activation"), s, "S")
+                + self._operands(("P", "V"), ("activation", "activation"), o, "O"))
 
     def _record(self, module: str, op: str, index: int, operands: list[OperandRecord]) -> None:
         if self.records is None:
@@ -236,7 +236,7 @@ class OpEmulation:
             quantized = any(o.format != "fp32" for o in operands)
             note = "" if quantized else "the policy keeps every role of this op in fp32"
             rec = self.records[(module, op, index)] = OpRecord(
-                module, op, "op emulation" if quantized else "unquantized", operands, note)
+                module, op, "op emulation" if quantized else "unquantized", operands, note, index=index)
         rec.calls += 1
 
     def _record_layer(self, name: str, module: QuantizedModule) -> None:
@@ -265,7 +265,7 @@ class OpEmulation:
             rec = self.records.setdefault(
                 (module, inv.op, index),
                 OpRecord(module, inv.op, "unquantized", [OperandRecord(n, "-", "fp32") for n in inv.names],
-                         f"not quantized: {inv.unsupported}"))
+                         f"not quantized: {inv.unsupported}", index=index))
             rec.calls += 1
         if where not in self._warned:
             self._warned.add(where)

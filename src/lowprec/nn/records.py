@@ -20,6 +20,7 @@ class OperandRecord:
 class OpRecord:
     """One op a forward ran (every call of the same op at the same place counted once, in ``calls``).
 
+    ``index``: which call of ``op`` in one forward of ``module`` (MultiheadAttention runs linear 0 and 1);
     ``path``: "op emulation" (intercepted and quantized), "layer swap" (a converted layer), "unquantized"
     (``note`` says why); ``backward``: whether its quantized backward ran.
     """
@@ -31,6 +32,7 @@ class OpRecord:
     note: str = ""
     calls: int = 0
     backward: bool = False
+    index: int = 0  # the how-manieth call of this op in one forward of the module (0: the first)
 
     @property
     def quantized(self) -> bool:

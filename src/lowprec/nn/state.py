@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..policy import Quantizer
+from .emulate import emulation_of
 from .layers import QuantizedModule
 
 __all__ = ["quantizers", "update_exponents", "calibrating"]
@@ -19,12 +20,16 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, str, Quantizer]]:
     Each layer lists all its ``quantizers`` entries (the eight LAYER_ROLES, and ``accumulation`` where it
     emulates one); roles the policy leaves in fp32 are identities (``quantizer.enabled`` is False). Each
     dynamic-fixed-point role with the "overflow" rule carries its own exponent (``quantizer.exponent``):
-    Courbariaux's per-layer groups W, b, x, z, dE/dz, dE/dx, dE/dW, dE/db.
+    Courbariaux's per-layer groups W, b, x, z, dE/dz, dE/dx, dE/dW, dE/db. Then the quantizers of the op-level
+    emulation made so far (one set per op call site, named ``module:op[index]``, made at the first forward).
     """
     for name, module in model.named_modules():
         if isinstance(module, QuantizedModule):
             for role, quantizer in module.quantizers.items():
                 yield name, role, quantizer
+    emulation = emulation_of(model)
+    if emulation is not None:
+        yield from emulation.all_quantizers()
 
 
 def update_exponents(model: nn.Module) -> None:
