@@ -8,7 +8,9 @@ A recipe is written as ``PRESET[+key=value,...]`` or a path to a TOML file:
                                          ``epochs``, ``batch_size``, ``loss_multiplier``) are recognised
 * ``weight=fp16,grads=fp16``             no preset: a policy string (``Policy.parse``)
 * ``recipes/my.toml``                    ``label = "..."``, ``preset = "..."`` or ``policy = "..."``,
-                                         and optional tables ``[policy_roles]``, ``[model]``, ``[train]``
+                                         and optional tables ``[policy_roles]``, ``[model]``, ``[train]``,
+                                         ``[overrides.PATTERN]`` (roles of the modules or ops PATTERN
+                                         selects, e.g. ``[overrides."op:attention"]``, ``[overrides.head]``)
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ def _from_toml(path: Path) -> Recipe:
         raise ValueError(f"{path}: give exactly one of 'preset' or 'policy'")
     policy = Policy.preset(data["preset"]) if "preset" in data else Policy.parse(data["policy"])
     policy = _with(policy, dict(data.get("policy_roles", {})))
+    for pattern, roles in data.get("overrides", {}).items():
+        if not isinstance(roles, dict):
+            raise ValueError(f"{path}: [overrides] takes tables of role = format, e.g. "
+                             f'[overrides."op:attention"] activations = "bf16"; got {pattern} = {roles!r}')
+        policy = policy.override(pattern, **roles)
     unknown = set(data.get("model", {})) - set(MODEL_KEYS) | set(data.get("train", {})) - set(TRAIN_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; model: {list(MODEL_KEYS)}, train: {list(TRAIN_KEYS)}")

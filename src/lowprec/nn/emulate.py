@@ -53,8 +53,8 @@ _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _CLIP_OPS = {"linear", "conv"}  # op kinds where WRPN's clip formats (Uniform) apply
 
 
-def _fmt(q: Quantizer) -> str:
-    return str(q.quant) if q.enabled else "fp32"
+def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
+    return OperandRecord(name, role, str(q.quant) if q.enabled else "fp32", q.enabled)
 
 
 @dataclass
@@ -176,7 +176,7 @@ class OpEmulation:
 
     def _attention(self, frame: _Frame, inv: Invocation, index: int) -> Tensor:
         sets = {name: self.quantizers(frame, "attention", index, name) for name in ("scores", "out")}
-        if not any(q.enabled for qs in sets.values() for q in qs.values()):
+        if not any(OpCall(torch.matmul, ("activation", "activation"), qs).quantizes for qs in sets.values()):
             self._record(frame.name, "attention", index, self._attention_operands(sets))
             return inv.fn(*inv.tensors)  # the policy keeps attention in fp32: torch's own kernel
         on_backward = self._on_backward(frame.name, "attention", index)
@@ -216,11 +216,11 @@ class OpEmulation:
     @staticmethod
     def _operands(names: tuple[str, ...], roles: tuple[str | None, ...], quantizers: dict[str, Quantizer],
                   result: str = "result") -> list[OperandRecord]:
-        ops = [OperandRecord(n, r, _fmt(quantizers[r])) for n, r in zip(names, roles) if r is not None]
-        ops.append(OperandRecord(result, "output", _fmt(quantizers["output"])))
-        ops.append(OperandRecord(f"d {result}", "output_grad", _fmt(quantizers["output_grad"])))
-        ops += [OperandRecord(f"d {n}", GRAD_ROLE[r], _fmt(quantizers[GRAD_ROLE[r]]))
-                for n, r in zip(names, roles) if r is not None]
+        ops = [_operand(n, r, quantizers[r]) for n, r in zip(names, roles) if r is not None]
+        ops.append(_operand(result, "output", quantizers["output"]))
+        ops.append(_operand(f"d {result}", "output_grad", quantizers["output_grad"]))
+        ops += [_operand(f"d {n}", GRAD_ROLE[r], quantizers[GRAD_ROLE[r]]) for n, r in zip(names, roles)
+                if r is not None]
         return ops
 
     def _attention_operands(self, sets: dict[str, dict[str, Quantizer]]) -> list[OperandRecord]:
@@ -233,7 +233,7 @@ class OpEmulation:
             return
         rec = self.records.get((module, op, index))
         if rec is None:
-            quantized = any(o.format != "fp32" for o in operands)
+            quantized = any(o.quantized for o in operands)
             note = "" if quantized else "the policy keeps every role of this op in fp32"
             rec = self.records[(module, op, index)] = OpRecord(
                 module, op, "op emulation" if quantized else "unquantized", operands, note, index=index)

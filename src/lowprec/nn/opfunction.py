@@ -47,6 +47,13 @@ class OpCall:
     quantizers: Mapping[str, Quantizer]
     on_backward: Callable[[], None] | None = None
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether any role this call has (its operands', the output's and their gradients') is quantized."""
+        roles = {r for r in self.roles if r is not None}
+        used = roles | {GRAD_ROLE[r] for r in roles} | {"output", "output_grad"}
+        return any(self.quantizers[r].enabled for r in used)
+
 
 def _quantize(quantizers: Mapping[str, Quantizer], role: str | None, x: Any) -> tuple[Any, Tensor | None]:
     if role is None or not isinstance(x, Tensor):
@@ -95,8 +102,8 @@ class QOpFunction(Function):
 
 
 def run_op(call: OpCall, *tensors: Any) -> Tensor:
-    """``call.fn(*tensors)`` through QOpFunction, or directly (bit for bit torch's op) when no role of
-    ``call.quantizers`` is quantized."""
-    if not any(q.enabled for q in call.quantizers.values()):
+    """``call.fn(*tensors)`` through QOpFunction, or directly (bit for bit torch's op) when no role of the
+    call is quantized."""
+    if not call.quantizes:
         return call.fn(*tensors)
     return QOpFunction.apply(call, *tensors)

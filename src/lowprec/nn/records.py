@@ -9,11 +9,13 @@ __all__ = ["OperandRecord", "OpRecord"]
 
 @dataclass(frozen=True)
 class OperandRecord:
-    """One tensor of an op as the plan shows it: its name, role and format (``fp32``: not quantized)."""
+    """One tensor of an op as the plan shows it: its name, role and format (``fp32`` with ``quantized`` False:
+    the role is not quantized; the policy may also round a role to the fp32 format, which is exact)."""
 
     name: str
     role: str
     format: str
+    quantized: bool = False
 
 
 @dataclass
@@ -36,4 +38,4 @@ class OpRecord:
 
     @property
     def quantized(self) -> bool:
-        return any(o.format != "fp32" for o in self.operands)
+        return any(o.quantized for o in self.operands)
