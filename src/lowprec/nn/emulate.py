@@ -106,10 +106,11 @@ class OpEmulation:
         self._swapped = 0
         self._used: dict[int, nn.Parameter] = {}
         self._covered: set[int] = set()
+        self._checking = True  # the first forward looks for parameters that reach no quantized op
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
-        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "records"):
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_checking", "records"):
             state.pop(key, None)
         return state
 
@@ -140,16 +141,19 @@ class OpEmulation:
         if not self._stack:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
-            self._warn_uncovered(name, module)
+            if self._checking or self.records is not None:
+                self._warn_uncovered(name, module)
+                self._checking = False
 
     # -- interception ---------------------------------------------------------------------------------------
     def call(self, mode: _Mode, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        for a in (*args, *kwargs.values()):
-            if is_parameter(a):
-                p = a if isinstance(a, nn.Parameter) else a._base
-                self._used[id(p)] = p
         if self._swapped:
             return func(*args, **kwargs)
+        if self._checking or self.records is not None:
+            for a in (*args, *kwargs.values()):
+                if is_parameter(a):
+                    p = a if isinstance(a, nn.Parameter) else a._base
+                    self._used[id(p)] = p
         if func in OPENED:
             with mode:
                 return _opened(func)(*args, **kwargs)
