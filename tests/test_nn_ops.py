@@ -291,3 +291,41 @@ def test_dynamic_fixed_point_exponents_of_functional_ops_are_listed_and_advance(
     sites = {name for name, _, q in lp.nn.quantizers(model) if q.exponent is not None}
     assert "ln:layer_norm[0]" in sites and ":matmul[0]" in sites and ":matmul[1]" in sites
     lp.nn.update_exponents(model)
+
+
+def test_calibrating_covers_op_quantizers_made_inside_the_block():
+    torch.manual_seed(0)
+    plain = HandAttention()
+    model = lp.convert(plain, "dfx-10-12")
+    x = torch.randn(2, 5, 32)
+    with lp.nn.calibrating(model):
+        assert torch.equal(model(x), plain(x))  # observing only: full precision
+    assert all(not q.observe_only for _, _, q in lp.nn.quantizers(model))
+    assert not torch.equal(model(x), plain(x))
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention called directly: need_weights (bmm, baddbmm with the mask) and a padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 2, kdim=16, vdim=16, batch_first=True)
+
+    def forward(self, x):
+        mask = torch.randn(x.size(1), 3)
+        pad = torch.tensor([[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]])
+        return self.attn(x, x[:, :3, :16], x[:, :3, 16:], attn_mask=mask, key_padding_mask=pad)[0]
+
+
+def test_multihead_attention_with_weights_and_separate_projections_is_on_the_grid():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log = run_logged(lp.convert(MHA(), "mixed-bf16"), (2, 5, 32))
+    assert {op for _, op, _ in log.calls} >= {"aten.baddbmm.default", "aten.bmm.default"}
+    assert [op for _, op, ops in log.calls if not all(on_grid(t, GRIDS["bf16"]) for t in ops)] == []
+    p = lp.plan(MHA(), "mixed-bf16", torch.randn(2, 5, 32))
+    ops = [(r.op, r.index) for r in p.ops]
+    assert ops == [("linear", 0), ("linear", 1), ("linear", 2), ("baddbmm", 0), ("bmm", 0), ("linear", 3)]
+    weights = [{o.name: o.role for o in r.operands}.get("weight") for r in p.ops if r.op == "linear"]
+    assert weights == ["weight"] * 4  # q_proj_weight, k_proj_weight, v_proj_weight, out_proj.weight

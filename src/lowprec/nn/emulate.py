@@ -97,6 +97,7 @@ class OpEmulation:
         self.policy, self.first, self.last = policy, first, last
         self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
+        self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
         self._warned: set[str] = set()
         self._reset()
 
@@ -199,6 +200,8 @@ class OpEmulation:
             policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
                                    last=frame.name == self.last, op=op)
             found = {role: Quantizer(self._quant(policy, role, op), policy) for role in LAYER_ROLES}
+            for q in found.values():
+                q.observe_only = self.observe_only
             self.quantizer_sets[key] = found
         return found
 

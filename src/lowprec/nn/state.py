@@ -44,10 +44,18 @@ def calibrating(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every quantizer only observes (exponent statistics) and returns its input unchanged:
     the model runs in full precision while its exponents warm up. Restores each quantizer's flag on exit."""
     saved = [(q, q.observe_only) for _, _, q in quantizers(model)]
+    emulation = emulation_of(model)  # its op quantizers made inside the block observe too
     try:
         for q, _ in saved:
             q.observe_only = True
+        if emulation is not None:
+            emulation.observe_only = True
         yield model
     finally:
         for q, flag in saved:
             q.observe_only = flag
+        if emulation is not None:
+            emulation.observe_only = False
+            for _, _, q in emulation.all_quantizers():
+                if all(q is not s for s, _ in saved):
+                    q.observe_only = False
