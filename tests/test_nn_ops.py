@@ -329,3 +329,14 @@ def test_multihead_attention_with_weights_and_separate_projections_is_on_the_gri
     assert ops == [("linear", 0), ("linear", 1), ("linear", 2), ("baddbmm", 0), ("bmm", 0), ("linear", 3)]
     weights = [{o.name: o.role for o in r.operands}.get("weight") for r in p.ops if r.op == "linear"]
     assert weights == ["weight"] * 4  # q_proj_weight, k_proj_weight, v_proj_weight, out_proj.weight
+
+
+def test_inspect_plan_prints_the_plan_and_writes_its_json(tmp_path, capsys):
+    from lowprec.cli.main import main
+
+    assert main(["inspect", "lenet", "--recipe", "fp8-hybrid", "--plan", "--batch", "2", "--steps", "1",
+                 "--out", str(tmp_path)]) == 0
+    assert "precision plan: fp8-hybrid" in capsys.readouterr().out
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert [(r["module"], r["op"], r["path"]) for r in data["ops"]][0] == ("features.0", "conv2d", "layer swap")
+    assert all(r["quantized"] and r["backward"] for r in data["ops"])

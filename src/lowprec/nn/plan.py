@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..policy import Policy, as_policy
 from .convert import convert
 from .emulate import attach, emulation_of
-from .records import OpRecord
+from .records import OperandRecord, OpRecord
 
 __all__ = ["Plan", "plan"]
 
@@ -60,11 +60,11 @@ class Plan:
 
         table = Table(title=f"precision plan: {self.policy}")
         for column in ("module", "op", "path", "forward: operand (role) = format",
-                       "backward: gradient (role) = format", "bwd ran", "calls", "note"):
+                       "backward: gradient (role) = format", "bwd ran", "calls", "note"):  # role where not obvious
             table.add_column(column, overflow="fold")
         for r in self.ops:
-            forward, backward = (", ".join(f"{o.name} ({o.role})={o.format}" for o in r.operands
-                                           if o.role.endswith("_grad") == grads) for grads in (False, True))
+            forward, backward = (", ".join(_show(o) for o in r.operands if o.role.endswith("_grad") == grads)
+                                 for grads in (False, True))
             op = f"{r.op}[{r.index}]" if r.index else r.op
             table.add_row(r.module or "(root)", op, r.path, forward, backward, "yes" if r.backward else "-",
                           str(r.calls), r.note, style=None if r.quantized else "yellow")
@@ -81,6 +81,15 @@ class Plan:
         for w in self.warnings:
             console.print(f"warning: {w}")
         return console.export_text()
+
+
+#: Operand names whose role goes without saying (the plan shows the role of the others: a product's operands).
+_OBVIOUS = {"input": "activation", "weight": "weight", "bias": "bias", "result": "output", "d result": "output_grad",
+            "d input": "activation_grad", "d weight": "weight_grad", "d bias": "bias_grad"}
+
+
+def _show(o: OperandRecord) -> str:
+    return f"{o.name}={o.format}" if _OBVIOUS.get(o.name) == o.role else f"{o.name} ({o.role})={o.format}"
 
 
 class _Null:
@@ -127,5 +136,8 @@ def plan(model: nn.Module, policy: Policy | str, example_inputs: Any) -> Plan:
     for r in records:
         if r.path == "layer swap":
             r.backward = any(p.grad is not None for p in modules[r.module].parameters(recurse=False))
-    messages = list(dict.fromkeys(str(w.message) for w in caught))
+    for w in caught:  # the plan keeps lowprec's warnings; others go on as they came
+        if not issubclass(w.category, UserWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    messages = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
     return Plan(policy.name or policy.spec() or "fp32", records, messages)
