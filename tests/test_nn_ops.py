@@ -340,3 +340,15 @@ def test_inspect_plan_prints_the_plan_and_writes_its_json(tmp_path, capsys):
     data = json.loads((tmp_path / "plan.json").read_text())
     assert [(r["module"], r["op"], r["path"]) for r in data["ops"]][0] == ("features.0", "conv2d", "layer swap")
     assert all(r["quantized"] and r["backward"] for r in data["ops"])
+
+
+def test_op_selectors_parse_and_a_module_named_op_is_still_a_module():
+    p = lp.Policy.parse("weight=bf16; op:conv_transpose*: weight=int16; op: weight=fp16")
+    assert [pattern for pattern, _ in p.overrides] == ["op:conv_transpose*", "op"]
+    assert lp.Policy.parse(p.spec()) == p
+    assert str(p.for_module("up", op="conv_transpose2d").get("weight")) == "dfx<16>"
+    assert str(p.for_module("up", op="conv2d").get("weight")) == "bf16"
+    assert str(p.for_module("op", op="linear").get("weight")) == "fp16"
+    assert str(p.for_module("x", op="layer_norm").get("weight")) == "bf16"
+    assert str(lp.Policy.parse("weight=bf16; op:norm: weight=fp16").for_module("x", op="rms_norm").get("weight")) \
+        == "fp16"

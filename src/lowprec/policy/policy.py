@@ -183,9 +183,10 @@ class Policy:
         for i, segment in enumerate(_split_top(text, ";")):
             pattern = None
             head, colon, rest = segment.partition(":")
-            if colon and head.strip() == OP_PREFIX[:-1]:  # "op:<selector>: roles"
-                selector, colon, rest = rest.partition(":")
-                head = OP_PREFIX + selector.strip()
+            if colon and head.strip() == OP_PREFIX[:-1]:  # "op:<selector>: roles" (else a module named op)
+                selector, second, after = rest.partition(":")
+                if second and "=" not in selector:
+                    head, rest = OP_PREFIX + selector.strip(), after
             if colon and "=" not in head and "<" not in head:
                 pattern, segment = head.strip(), rest
             assignments: dict[str, Any] = {}
