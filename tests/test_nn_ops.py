@@ -352,3 +352,22 @@ def test_op_selectors_parse_and_a_module_named_op_is_still_a_module():
     assert str(p.for_module("x", op="layer_norm").get("weight")) == "bf16"
     assert str(lp.Policy.parse("weight=bf16; op:norm: weight=fp16").for_module("x", op="rms_norm").get("weight")) \
         == "fp16"
+
+
+class FunctionalWRPN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(8, 8) * 2 - 1)
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = torch.relu(x) @ self.w       # a weight layer written functionally: WRPN clips both operands
+        return self.ln(h) @ h.t()        # a norm and an activation product: signed, never clipped
+
+
+def test_wrpn_clip_formats_apply_to_weight_products_only():
+    p = lp.plan(FunctionalWRPN(), "weight=uniform<4>,activation=uniform<4,unsigned>", torch.randn(3, 8))
+    formats = [(r.op, r.index, {o.name: o.format for o in r.operands if o.quantized}) for r in p.ops]
+    assert formats == [("matmul", 0, {"input": "uniform<4,unsigned>", "other": "uniform<4>"}),
+                       ("layer_norm", 0, {}), ("matmul", 1, {})]
+    assert all("weight layers only" in r.note for r in p.ops[1:]) and p.ops[0].note == ""

@@ -14,8 +14,9 @@ Layers ``convert`` swaps (QLinear, QConv2d, QLSTM, ...) are the fast path: ops i
 
 Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions,
 activations, and anything not in ``ops.OPS``. Operands whose format is WRPN's clip format (Uniform) are
-quantized only at linear and convolution ops (the layers WRPN quantizes; clipping a norm's, an attention's or
-a raw matmul's signed operand to [0, 1] would be wrong).
+quantized only at weight layers: linear and convolution ops, and a matmul with a Parameter operand (the layers
+WRPN quantizes; clipping a norm's, an attention's or an activation product's signed operand to [0, 1] would
+be wrong).
 
 Warnings (once each): an op that cannot be quantized (an einsum of three operands, a sparse embedding), and,
 after a forward, every parameter the forward used that reached no quantized op (e.g. a positional embedding
@@ -50,7 +51,7 @@ from .swapped import layer_operands
 __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
-_CLIP_OPS = {"linear", "conv"}  # op kinds where WRPN's clip formats (Uniform) apply
+_CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
 
 
 def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
@@ -98,6 +99,7 @@ class OpEmulation:
         self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
         self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
+        self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._warned: set[str] = set()
         self._reset()
 
@@ -174,7 +176,7 @@ class OpEmulation:
             return func(*args, **kwargs)
         if inv.op == "attention":
             return self._attention(frame, inv, index)
-        quantizers = self.quantizers(frame, inv.op, index, "")
+        quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index))
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
@@ -193,22 +195,28 @@ class OpEmulation:
         return emulated_attention(*inv.tensors, **inv.options, product=product)
 
     # -- quantizers and policy ------------------------------------------------------------------------------
-    def quantizers(self, frame: _Frame, op: str, index: int, product: str) -> dict[str, Quantizer]:
+    def quantizers(self, frame: _Frame, op: str, index: int, product: str, *,
+                   weight_layer: bool = False) -> dict[str, Quantizer]:
+        """The quantizers of one op call site (made on first use). ``weight_layer``: the op multiplies by a
+        weight (a Parameter operand), so WRPN's clip formats apply to it as to a linear layer."""
         key = (frame.name, op, index, product)
         found = self.quantizer_sets.get(key)
         if found is None:
             policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
                                    last=frame.name == self.last, op=op)
-            found = {role: Quantizer(self._quant(policy, role, op), policy) for role in LAYER_ROLES}
+            clips = weight_layer and OP_KINDS[op] in _CLIP_KINDS
+            found = {role: Quantizer(self._quant(policy, role, clips), policy) for role in LAYER_ROLES}
+            if any(policy.get(role) is not None and not q.enabled for role, q in found.items()):
+                self.clip_exempt.add((frame.name, op, index))
             for q in found.values():
                 q.observe_only = self.observe_only
             self.quantizer_sets[key] = found
         return found
 
     @staticmethod
-    def _quant(policy: Policy, role: str, op: str) -> Quant | None:
+    def _quant(policy: Policy, role: str, clips: bool) -> Quant | None:
         quant = policy.get(role)
-        if quant is not None and isinstance(quant.format, Uniform) and OP_KINDS[op] not in _CLIP_OPS:
+        if quant is not None and isinstance(quant.format, Uniform) and not clips:
             return None
         return quant
 
@@ -242,6 +250,8 @@ class OpEmulation:
         if rec is None:
             quantized = any(o.quantized for o in operands)
             note = "" if quantized else "the policy keeps every role of this op in fp32"
+            if (module, op, index) in self.clip_exempt:
+                note = "WRPN's clip formats (uniform) apply to weight layers only: those roles stay fp32"
             rec = self.records[(module, op, index)] = OpRecord(
                 module, op, "op emulation" if quantized else "unquantized", operands, note, index=index)
         rec.calls += 1
