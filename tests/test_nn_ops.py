@@ -371,3 +371,23 @@ def test_wrpn_clip_formats_apply_to_weight_products_only():
     assert formats == [("matmul", 0, {"input": "uniform<4,unsigned>", "other": "uniform<4>"}),
                        ("layer_norm", 0, {}), ("matmul", 1, {})]
     assert all("weight layers only" in r.note for r in p.ops[1:]) and p.ops[0].note == ""
+
+
+def test_op_exponents_travel_in_the_trainers_state_dict():
+    torch.manual_seed(0)
+    plain = HandAttention()
+    x = torch.randn(2, 5, 32)
+
+    def trainer():
+        model = lp.convert(plain, "dfx-10-12")
+        return model, lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), "dfx-10-12")
+
+    model, t = trainer()
+    for _ in range(2):  # a history on inputs 1000x larger: the op exponents move far from x's max-abs
+        t.step(model(x * 1000).sum())
+    state = t.state_dict()
+    assert {"ln:layer_norm[0]", ":matmul[0]", ":matmul[1]"} <= set(state["quantizers"]["ops"])
+    resumed, t2 = trainer()
+    t2.load_state_dict(state)  # before its first forward: the sites are made then, from the checkpoint
+    fresh, _ = trainer()
+    assert torch.equal(resumed(x), model(x)) and not torch.equal(fresh(x), model(x))

@@ -54,6 +54,11 @@ _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
 
 
+def _site(key: tuple[str, str, int, str]) -> str:
+    name, op, index, product = key
+    return f"{name}:{op}[{index}]" + (f".{product}" if product else "")
+
+
 def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
     return OperandRecord(name, role, str(q.quant) if q.enabled else "fp32", q.enabled)
 
@@ -100,6 +105,7 @@ class OpEmulation:
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
         self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
+        self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
         self._warned: set[str] = set()
         self._reset()
 
@@ -210,6 +216,8 @@ class OpEmulation:
                 self.clip_exempt.add((frame.name, op, index))
             for q in found.values():
                 q.observe_only = self.observe_only
+            for role, state in self._pending.pop(_site(key), {}).items():
+                found[role].load_state_dict(state)
             self.quantizer_sets[key] = found
         return found
 
@@ -221,11 +229,22 @@ class OpEmulation:
         return quant
 
     def all_quantizers(self) -> Iterator[tuple[str, str, Quantizer]]:
-        """``(module path + ':' + op site, role, quantizer)`` of every op quantizer made so far."""
-        for (name, op, index, product), qs in self.quantizer_sets.items():
-            site = f"{name}:{op}[{index}]" + (f".{product}" if product else "")
+        """``(call site, role, quantizer)`` of every op quantizer made so far; a site is named
+        ``module:op[index]`` (``.scores`` / ``.out`` for the two products of an attention)."""
+        for key, qs in self.quantizer_sets.items():
             for role, q in qs.items():
-                yield site, role, q
+                yield _site(key), role, q
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The op quantizers' states (dynamic-fixed-point exponents), by call site and role."""
+        return {_site(key): {role: q.state_dict() for role, q in qs.items()} for key, qs in self.quantizer_sets.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Restore ``state_dict()``: sites already made now, the others when the forward first makes them."""
+        self._pending = {site: dict(roles) for site, roles in state.items()}
+        for key, qs in self.quantizer_sets.items():
+            for role, s in self._pending.pop(_site(key), {}).items():
+                qs[role].load_state_dict(s)
 
     # -- plan records and warnings --------------------------------------------------------------------------
     @staticmethod
