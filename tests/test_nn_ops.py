@@ -391,3 +391,15 @@ def test_op_exponents_travel_in_the_trainers_state_dict():
     t2.load_state_dict(state)  # before its first forward: the sites are made then, from the checkpoint
     fresh, _ = trainer()
     assert torch.equal(resumed(x), model(x)) and not torch.equal(fresh(x), model(x))
+
+
+def test_a_forward_that_raises_leaves_no_mode_behind():
+    from torch.overrides import _get_current_function_mode_stack
+
+    model = lp.convert(HandAttention(), "mixed-bf16")
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 31))  # wrong width: LayerNorm raises inside the forward
+    assert _get_current_function_mode_stack() == []
+    x = torch.randn(2, 5, 32)
+    assert model.qkv(x).shape == (2, 5, 96)  # a submodule called on its own runs under the emulation too
+    assert _get_current_function_mode_stack() == []
