@@ -19,7 +19,7 @@ from lowprec.experiments import parse_recipe
 aten = torch.ops.aten
 GEMMS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.convolution.default,
          aten.convolution_backward.default}
-GRIDS = {"bf16": [torch.bfloat16], "e4m3": [torch.float8_e4m3fn], "e5m2": [torch.float8_e5m2]}
+GRIDS = {"bf16": [torch.bfloat16], "e4m3": [torch.float8_e4m3fn], "e5m2": [torch.float8_e5m2], "int8": ["int8"]}
 
 
 class GemmLog(TorchDispatchMode):
@@ -38,8 +38,21 @@ class GemmLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def on_grid(x: torch.Tensor, dtypes: list[torch.dtype]) -> bool:
-    return any(bool((x == x.to(d).float()).all()) for d in dtypes)
+def on_int8_grid(x: torch.Tensor) -> bool:
+    """Whether x is an 8-bit integer times one power of two (dynamic fixed point dfx<8>, any exponent)."""
+    peak = x.abs().max()
+    if peak == 0:
+        return True
+    finest = torch.exp2(torch.ceil(torch.log2(peak / 128)))  # two's complement: -128 * step is on the grid
+    for step in (finest, 2 * finest):
+        scaled = x / step
+        if (scaled == scaled.round()).all() and scaled.min() >= -128 and scaled.max() <= 127:
+            return True
+    return False
+
+
+def on_grid(x: torch.Tensor, dtypes: list) -> bool:
+    return any(on_int8_grid(x) if d == "int8" else bool((x == x.to(d).float()).all()) for d in dtypes)
 
 
 class HandAttention(nn.Module):
@@ -92,6 +105,7 @@ def run_logged(model: nn.Module, shape: tuple[int, ...]) -> GemmLog:
     ("mixed-bf16", "bf16", "bf16"),
     ("fp8-e4m3", "e4m3", "e4m3"),
     ("fp8-hybrid", "e4m3", "e4m3|e5m2"),  # backward GEMMs multiply an e5m2 gradient by an e4m3 operand
+    ("params=int8,activations=int8,grads=int8,exponent_rule=maxabs", "int8", "int8"),  # Park's dfx<8>
 ])
 def test_every_gemm_operand_lies_on_its_roles_grid(name, policy, forward, backward):
     build, shape = MODELS[name]
