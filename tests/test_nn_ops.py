@@ -434,3 +434,12 @@ def test_a_forward_that_raises_leaves_no_mode_behind():
     x = torch.randn(2, 5, 32)
     assert model.qkv(x).shape == (2, 5, 96)  # a submodule called on its own runs under the emulation too
     assert _get_current_function_mode_stack() == []
+
+
+def test_accumulation_emulation_names_the_functional_ops_it_does_not_cover():
+    model = lp.convert(HandAttention(), "weight=fp16,accumulation=fp16")
+    with pytest.warns(UserWarning) as record:
+        model(torch.randn(2, 5, 32))
+    messages = [str(r.message) for r in record]
+    assert any("(root): matmul accumulates in fp32" in m for m in messages)
+    assert not any("layer_norm accumulates" in m for m in messages)

@@ -214,6 +214,10 @@ class OpEmulation:
             found = {role: Quantizer(self._quant(policy, role, clips), policy) for role in LAYER_ROLES}
             if any(policy.get(role) is not None and not q.enabled for role, q in found.items()):
                 self.clip_exempt.add((frame.name, op, index))
+            if policy.get("accumulation") is not None and OP_KINDS[op] != "norm":
+                self._warn_once(f"{frame.name or '(root)'}: {op} accumulates in fp32: accumulation emulation "
+                                f"(accumulation={policy.get('accumulation')}) covers swapped Linear and recurrent "
+                                "layers only")
             for q in found.values():
                 q.observe_only = self.observe_only
             for role, state in self._pending.pop(_site(key), {}).items():
@@ -303,10 +307,12 @@ class OpEmulation:
                 OpRecord(module, inv.op, "unquantized", [OperandRecord(n, "-", "fp32") for n in inv.names],
                          f"not quantized: {inv.unsupported}", index=index))
             rec.calls += 1
-        if where not in self._warned:
-            self._warned.add(where)
-            warnings.warn(f"lowprec: {where} runs unquantized, in fp32: {inv.unsupported}", UserWarning,
-                          stacklevel=4)
+        self._warn_once(f"{where} runs unquantized, in fp32: {inv.unsupported}")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"lowprec: {message}", UserWarning, stacklevel=5)
 
     def _warn_uncovered(self, root_name: str, root: nn.Module) -> None:
         names = {id(p): n for n, p in root.named_parameters()}
