@@ -19,6 +19,7 @@ from lowprec.experiments import parse_recipe
 aten = torch.ops.aten
 GEMMS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.convolution.default,
          aten.convolution_backward.default}
+FUSED = ("attention", "transformer", "multi_head")  # aten names of fused attention / transformer kernels
 GRIDS = {"bf16": [torch.bfloat16], "e4m3": [torch.float8_e4m3fn], "e5m2": [torch.float8_e5m2], "int8": ["int8"]}
 
 
@@ -32,7 +33,7 @@ class GemmLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if func in GEMMS or "attention" in name:
+        if func in GEMMS or any(fused in name for fused in FUSED):
             operands = [a.detach().clone() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
             self.calls.append((self.phase, name, operands))
         return func(*args, **(kwargs or {}))
@@ -443,3 +444,20 @@ def test_accumulation_emulation_names_the_functional_ops_it_does_not_cover():
     messages = [str(r.message) for r in record]
     assert any("(root): matmul accumulates in fp32" in m for m in messages)
     assert not any("layer_norm accumulates" in m for m in messages)
+
+
+def test_inference_takes_no_fused_fast_path():
+    # in eval mode without grad, TransformerEncoderLayer and MultiheadAttention have fused fast paths; under the
+    # emulation they take the decomposed path, whose GEMMs are quantized
+    torch.manual_seed(0)
+    plain = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
+    model = lp.convert(plain, "mixed-bf16").eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad(), GemmLog() as plain_log:
+        plain(x)
+    assert any(fused in op for _, op, _ in plain_log.calls for fused in FUSED)  # torch's fast path
+    with torch.no_grad(), GemmLog() as log:
+        model(x)
+    ops = {op for _, op, _ in log.calls}
+    assert ops and not any(fused in op for op in ops for fused in FUSED)
+    assert all(on_grid(t, GRIDS["bf16"]) for _, _, operands in log.calls for t in operands)

@@ -6,7 +6,7 @@ with the same arguments and semantics (``attn_mask`` boolean or additive, ``is_c
 
     S = product("scores", Q, K^T) * scale      (+ mask)       Q, K: activation role; S: output role
     P = softmax(S) in float32                  then dropout    (torch's safe softmax: a fully masked row is 0)
-    O = product("out", P, V)                                   P, V: activation role; O: output role
+    O = product("out", P, V)                                   P (in V's dtype), V: activation role; O: output
 
 ``product`` runs each matmul through the op-level quantizers (``QOpFunction``), so in backward dO and dS
 arrive through the output_grad role and dP, dV, dQ, dK leave through activation_grad. No fused attention
@@ -50,4 +50,4 @@ def emulated_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Ten
     probs = torch.ops.aten._safe_softmax(scores.float(), -1)
     if dropout_p > 0.0:
         probs = torch.dropout(probs, dropout_p, True)
-    return product("out", probs, value)
+    return product("out", probs.to(value.dtype), value)
