@@ -461,3 +461,30 @@ def test_inference_takes_no_fused_fast_path():
     ops = {op for _, op, _ in log.calls}
     assert ops and not any(fused in op for op in ops for fused in FUSED)
     assert all(on_grid(t, GRIDS["bf16"]) for _, _, operands in log.calls for t in operands)
+
+
+class Products(nn.Module):
+    """The other products: mv, dot, outer, tensordot, addbmm, addmv, bilinear, a two-matrix multi_dot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.3)
+        self.bil = nn.Bilinear(6, 6, 3)
+
+    def forward(self, x):
+        v = torch.mv(self.w, x[0]) + torch.addmv(x[1], self.w, x[2])
+        m = torch.outer(v, x[3]) + torch.tensordot(x, self.w, dims=([1], [0]))[:6]
+        s = torch.dot(v, x[4]) + torch.linalg.multi_dot([m, self.w]).sum()
+        b = torch.addbmm(m, x[:4].view(2, 2, 6).transpose(1, 2), x[4:8].view(2, 2, 6))
+        return b * s + self.bil(m, b).sum()
+
+
+def test_every_other_product_is_quantized_too():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log = run_logged(lp.convert(Products(), "mixed-bf16"), (8, 6))
+    assert [op for _, op, ops in log.calls if not all(on_grid(t, GRIDS["bf16"]) for t in ops)] == []
+    p = lp.plan(Products(), "mixed-bf16", torch.randn(8, 6))
+    assert {r.op for r in p.ops} == {"mv", "addmv", "outer", "tensordot", "dot", "multi_dot", "addbmm", "bilinear"}
+    assert p.unquantized == []

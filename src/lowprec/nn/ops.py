@@ -6,10 +6,12 @@ which recomputes the call on substituted operands. Roles:
 
 ==========================================  =================================================================
 linear, conv1/2/3d, conv_transpose1/2/3d    input: activation, weight: weight, bias: bias
-matmul, @, mm, bmm, einsum (two operands)    each operand: weight if it is a Parameter (or a view of one),
-                                             else activation (a product of two activations: both activation)
-addmm, baddbmm                               the added term: bias if a Parameter, else activation; the two
+matmul, @, mm, bmm, mv, dot, inner, outer,   each operand: weight if it is a Parameter (or a view of one),
+tensordot, vecdot, einsum / multi_dot        else activation (a product of two activations: both activation)
+(two operands)
+addmm, baddbmm, addbmm, addmv, addr          the added term: bias if a Parameter, else activation; the two
                                              factors as matmul
+bilinear                                     input1, input2: activation, weight: weight, bias: bias
 embedding                                    the table: weight (indices are not quantized)
 layer_norm, group_norm, rms_norm, batch_norm input: activation, weight: weight, bias: bias; running
                                              statistics and the normalisation itself stay float32
@@ -126,25 +128,39 @@ class _Attention(_Slots):
 
 @dataclass(frozen=True)
 class _Einsum:
-    """``torch.einsum(equation, *operands)`` (or a list of operands): quantized when it has two operands."""
+    """``torch.einsum(equation, *operands)`` (or a list of operands), or a chain ``multi_dot([a, b, ...])`` /
+    ``chain_matmul(a, b, ...)``: quantized when it has two operands (roles as matmul)."""
 
     op: str = "einsum"
 
     def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
-        equation, *operands = args
-        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-            operands = list(operands[0])
-        tensors = tuple(operands)
-        why = None if len(tensors) == 2 else f"einsum of {len(tensors)} operands (only two are quantized)"
+        head, operands = (args[:1], list(args[1:])) if self.op == "einsum" else ((), list(args))
+        listed = len(operands) == 1 and isinstance(operands[0], (list, tuple))
+        tensors = tuple(operands[0]) if listed else tuple(operands)
+        why = None if len(tensors) == 2 else f"{self.op} of {len(tensors)} operands (only two are quantized)"
         roles = tuple(_role("auto", t) for t in tensors) if why is None else (None,) * len(tensors)
-        return Invocation(self.op, tuple(f"operand{i}" for i in range(len(tensors))), tensors, roles,
-                          lambda *new: func(equation, *new, **kwargs), unsupported=why)
+
+        def fn(*new: Any) -> Tensor:
+            return func(*head, list(new), **kwargs) if listed else func(*head, *new, **kwargs)
+
+        return Invocation(self.op, tuple(f"operand{i}" for i in range(len(tensors))), tensors, roles, fn,
+                          unsupported=why)
 
 
 _LINEAR = ((0, "input", "activation"), (1, "weight", "weight"), (2, "bias", "bias"))
 _PRODUCT = ((0, "input", "auto"), (1, "other", "auto"))
 _ADDED = ((0, "input", "auto_bias"), (1, "mat1", "auto"), (2, "mat2", "auto"))
 _TENSOR = torch.Tensor
+#: Other products of two operands (roles as matmul) and of an added term and two factors (as addmm).
+_PRODUCTS = {
+    "matmul": (torch.linalg.matmul,), "mv": (torch.mv, _TENSOR.mv), "dot": (torch.dot, _TENSOR.dot),
+    "inner": (torch.inner, _TENSOR.inner), "outer": (torch.outer, _TENSOR.outer, torch.ger, _TENSOR.ger),
+    "tensordot": (torch.tensordot,), "vecdot": (torch.linalg.vecdot,),
+}
+_ADDED_PRODUCTS = {
+    "addmv": (torch.addmv, _TENSOR.addmv), "addr": (torch.addr, _TENSOR.addr),
+    "addbmm": (torch.addbmm, _TENSOR.addbmm),
+}
 
 #: Intercepted function -> how its calls bind. Tensor methods and operators take ``self`` as position 0.
 OPS: dict[Callable[..., Any], Any] = {
@@ -157,6 +173,12 @@ OPS: dict[Callable[..., Any], Any] = {
     **{f: _Slots("bmm", _PRODUCT) for f in (torch.bmm, _TENSOR.bmm)},
     **{f: _Slots("addmm", _ADDED) for f in (torch.addmm, _TENSOR.addmm)},
     **{f: _Slots("baddbmm", _ADDED) for f in (torch.baddbmm, _TENSOR.baddbmm)},
+    **{f: _Slots(name, _PRODUCT) for name, fs in _PRODUCTS.items() for f in fs},
+    **{f: _Slots(name, _ADDED) for name, fs in _ADDED_PRODUCTS.items() for f in fs},
+    F.bilinear: _Slots("bilinear", ((0, "input1", "activation"), (1, "input2", "activation"),
+                                    (2, "weight", "weight"), (3, "bias", "bias"))),
+    torch.linalg.multi_dot: _Einsum("multi_dot"),
+    torch.chain_matmul: _Einsum("multi_dot"),
     torch.einsum: _Einsum(),
     F.embedding: _Embedding("embedding", ((0, "input", None), (1, "weight", "weight"))),
     F.layer_norm: _Slots("layer_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),

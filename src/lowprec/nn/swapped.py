@@ -29,7 +29,7 @@ EMULATED_LAYERS: tuple[type[nn.Module], ...] = (
 
 #: torch modules whose forward runs only ops the emulation quantizes (F.linear, F.conv*, F.layer_norm, ...).
 _COVERED: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
     nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 
