@@ -488,3 +488,14 @@ def test_every_other_product_is_quantized_too():
     p = lp.plan(Products(), "mixed-bf16", torch.randn(8, 6))
     assert {r.op for r in p.ops} == {"mv", "addmv", "outer", "tensordot", "dot", "multi_dot", "addbmm", "bilinear"}
     assert p.unquantized == []
+
+
+def test_transposed_convolutions_are_weight_layers_for_first_last_and_the_update():
+    model = lp.convert(generator(), "int8")
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "int8")
+    masters = {s.name: str(s.policy.get("master")) for s in trainer.slots}
+    assert masters["0.weight"] == masters["3.weight"] == "dfx<8>" and masters["1.weight"] == "None"
+    wrpn = lp.plan(generator(), "wrpn-4-4", torch.randn(2, 4, 3, 3))
+    weights = {(r.module, r.op): {o.name: o.format for o in r.operands}["weight"] for r in wrpn.ops
+               if r.op.startswith("conv")}
+    assert weights == {("0", "conv_transpose2d"): "fp32", ("3", "conv_transpose2d"): "fp32"}  # @first, @last

@@ -1,7 +1,8 @@
 """Which policy each trainable parameter is updated under, and the checks that the setup makes sense.
 
 The update roles (``master``, ``accumulator``, ``optimizer_state``) belong to the *weight layers*: the
-modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers. The parameters of each
+modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers, and the ConvTranspose /
+Conv3d layers its op-level emulation quantizes. The parameters of each
 get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
 ``@last`` the first and last weight layer in module order, as ``convert`` resolves them. Every other
 parameter keeps an fp32 master and fp32 optimizer state: batch-norm's scale and shift (Park et al. keep
@@ -20,7 +21,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..nn import QuantizedModule
+from ..nn import QuantizedModule, emulation_of
+from ..nn.swapped import EMULATED_LAYERS
 from ..policy import Policy
 from .update import ParamSlot, check_update_roles
 
@@ -30,10 +32,13 @@ UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The weight layers of a converted model or, for a plain model, every module owning parameters."""
-    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
-    if converted:
-        return [(n, m) for n, m in converted if m.COUNTS_AS_LAYER]
+    """The weight layers of a converted model (the swapped ones and the ConvTranspose / Conv3d layers the
+    op-level emulation quantizes, as ``convert`` counts them for @first/@last) or, for a plain model, every
+    module owning parameters."""
+    converted = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, QuantizedModule) or isinstance(m, EMULATED_LAYERS)]
+    if any(isinstance(m, QuantizedModule) for _, m in converted) or emulation_of(model) is not None:
+        return [(n, m) for n, m in converted if getattr(m, "COUNTS_AS_LAYER", True)]
     return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
 
 
