@@ -33,12 +33,13 @@ UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The weight layers of a converted model (the swapped ones and the ConvTranspose / Conv3d layers the
-    op-level emulation quantizes, as ``convert`` counts them for @first/@last) or, for a plain model, every
-    module owning parameters."""
-    converted = [(n, m) for n, m in model.named_modules()
-                 if isinstance(m, QuantizedModule) or isinstance(m, EMULATED_LAYERS)]
-    if any(isinstance(m, QuantizedModule) for _, m in converted) or emulation_of(model) is not None:
-        return [(n, m) for n, m in converted if getattr(m, "COUNTS_AS_LAYER", True)]
+    op-level emulation quantizes, as ``convert`` counts them for @first/@last) or, for a plain model (or one
+    that has none of those), every module owning parameters."""
+    if emulation_of(model) is not None or any(isinstance(m, QuantizedModule) for m in model.modules()):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, EMULATED_LAYERS)
+                  or (isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER)]
+        if layers:
+            return layers
     return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
 
 
