@@ -499,3 +499,23 @@ def test_transposed_convolutions_are_weight_layers_for_first_last_and_the_update
     weights = {(r.module, r.op): {o.name: o.format for o in r.operands}["weight"] for r in wrpn.ops
                if r.op.startswith("conv")}
     assert weights == {("0", "conv_transpose2d"): "fp32", ("3", "conv_transpose2d"): "fp32"}  # @first, @last
+
+
+def test_functional_embedding_with_max_norm_renormalises_the_table_then_quantizes():
+    class Lookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 4) * 3)
+
+        def forward(self, idx):
+            return F.embedding(idx, self.table, None, 1.0)
+
+    torch.manual_seed(0)
+    plain = Lookup()
+    model = lp.convert(plain, "mixed-bf16")
+    idx = torch.tensor([[1, 3], [3, 7]])
+    out = model(idx)
+    want = F.embedding(idx, plain.table.detach(), None, 1.0)  # renormalises plain's table in place
+    assert torch.equal(model.table, plain.table) and plain.table[[1, 3, 7]].norm(dim=1).max() <= 1.0 + 1e-6
+    assert torch.equal(out, want.to(torch.bfloat16).float())
+    assert not torch.equal(out, want)

@@ -103,14 +103,13 @@ class _Embedding(_Slots):
     lookup runs on the (quantized) table without it."""
 
     def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
-        names = ("input", "weight", "padding_idx", "max_norm", "norm_type")
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
         bound = dict(zip(names, args)) | kwargs
         if bound.get("max_norm") is not None:
             with torch.no_grad():
                 torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"],
                                         bound.get("norm_type", 2.0))
-            args, kwargs = args[:3], {k: v for k, v in kwargs.items() if k != "max_norm"} | {
-                k: v for k, v in zip(names[4:], args[4:])} | dict(zip(("scale_grad_by_freq", "sparse"), args[5:]))
+            args, kwargs = (), bound | {"max_norm": None}
         return super().bind(func, args, kwargs)
 
 
