@@ -363,14 +363,16 @@ def test_multihead_attention_with_weights_and_separate_projections_is_on_the_gri
     assert weights == ["weight"] * 4  # q_proj_weight, k_proj_weight, v_proj_weight, out_proj.weight
 
 
-def test_inspect_plan_prints_the_plan_and_writes_its_json(tmp_path, capsys):
+def test_inspect_plan_prints_the_plan_and_writes_its_json(tmp_path, capsys, monkeypatch):
     from lowprec.cli.main import main
 
-    assert main(["inspect", "lenet", "--recipe", "fp8-hybrid", "--plan", "--batch", "2", "--steps", "1",
-                 "--out", str(tmp_path)]) == 0
-    assert "precision plan: fp8-hybrid" in capsys.readouterr().out
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")  # the same bits eagerly, without compiling the kernels
+
+    assert main(["inspect", "conv-maxout", "--recipe", "mixed-bf16", "--plan", "--batch", "1", "--steps", "1",
+                 "--out", str(tmp_path)]) == 0  # a model without a task: random inputs, no data to load
+    assert "precision plan: mixed-bf16" in capsys.readouterr().out
     data = json.loads((tmp_path / "plan.json").read_text())
-    assert [(r["module"], r["op"], r["path"]) for r in data["ops"]][0] == ("features.0", "conv2d", "layer swap")
+    assert data["ops"] and {(r["op"], r["path"]) for r in data["ops"]} >= {("conv2d", "layer swap")}
     assert all(r["quantized"] and r["backward"] for r in data["ops"])
 
 
