@@ -7,6 +7,7 @@
 >>> result = trainer.step(loss)                          # result.skipped, result.scale, result.overflow_modules
 >>> plain = lp.unconvert(model)                          # plain torch layers, weights as the layers round them
 >>> report = lp.inspect(model, (x, y), "mixed-fp16")     # histograms, underflow/overflow, loss-scale advice
+>>> print(lp.plan(model, "fp8-hybrid", (x,)))             # every op one step runs: roles, formats, fp32 parts
 """
 
 from . import nn
@@ -21,7 +22,7 @@ from .formats import (
     quantize,
 )
 from .diagnostics import inspect
-from .nn import convert, unconvert, widen
+from .nn import convert, plan, unconvert, widen
 from .policy import Policy, Quant, Quantizer, classifier_bits
 from .scaling import DynamicExponent, LossScaleCollapse, LossScaler, StepResult
 from .train import Trainer
@@ -32,5 +33,5 @@ __all__ = [
     "parse_format", "quantize", "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "Policy", "Quant", "Quantizer", "classifier_bits",
     "DynamicExponent", "LossScaler", "LossScaleCollapse", "StepResult",
-    "convert", "unconvert", "widen", "nn", "Trainer", "inspect",
+    "convert", "unconvert", "widen", "nn", "Trainer", "inspect", "plan",
 ]

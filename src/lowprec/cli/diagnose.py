@@ -149,6 +149,8 @@ def cmd_inspect(args) -> int:
     recipe = parse_recipe(args.recipe)
     model, batches, multiplier, source = _inspect_setup(args)
     multiplier *= args.loss_multiplier
+    if args.plan:
+        return _print_plan(console, model, recipe, batches[0][0], Path(args.out))
 
     def loss_fn(m, batch):
         return class_last_loss(m, batch) * multiplier
@@ -168,6 +170,20 @@ def cmd_inspect(args) -> int:
     out = Path(args.out)
     pngs = report.plot(out)
     console.print(f"json: {report.to_json(out / 'report.json')}   pictures: {', '.join(p.name for p in pngs)} in {out}/")
+    return 0
+
+
+def _print_plan(console, model, recipe, inputs, out: Path) -> int:
+    """``lowprec inspect --plan``: every op of one step with its operands' formats, as a table and plan.json."""
+    from ..nn import plan
+
+    p = plan(model, recipe.policy, inputs)
+    console.print(p.table())
+    for warning in p.warnings:
+        console.print(f"warning: {warning}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(p.to_json())
+    console.print(f"{len(p.ops)} ops, {len(p.unquantized)} unquantized; json: {out / 'plan.json'}")
     return 0
 
 
@@ -240,6 +256,9 @@ def add_parsers(sub) -> None:
                    help="multiply the loss (moves every gradient; builds underflow cases)")
     p.add_argument("--per-module", action="store_true", dest="per_module", help="one row per module and role")
     _add_input_options(p)
+    p.add_argument("--plan", action="store_true",
+                   help="show the precision plan instead: every op of one step, its operands' roles and formats, "
+                        "what ran unquantized and why (also plan.json in --out)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--out", default="runs/inspect", help="folder for the PNGs and report.json")

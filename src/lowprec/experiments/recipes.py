@@ -9,7 +9,9 @@ A recipe is written as ``PRESET[+key=value,...]`` or a path to a TOML file:
                                          ``epochs``, ``batch_size``, ``loss_multiplier``) are recognised
 * ``weight=fp16,grads=fp16``             no preset: a policy string (``Policy.parse``)
 * ``recipes/my.toml``                    ``label = "..."``, ``preset = "..."`` or ``policy = "..."``,
-                                         and optional tables ``[policy_roles]``, ``[model]``, ``[train]``
+                                         and optional tables ``[policy_roles]``, ``[model]``, ``[train]``,
+                                         ``[overrides.PATTERN]`` (roles of the modules or ops PATTERN
+                                         selects, e.g. ``[overrides."op:attention"]``, ``[overrides.head]``)
 """
 
 from __future__ import annotations
@@ -114,16 +116,16 @@ def _from_toml(path: Path) -> Recipe:
 
 def _recipe_from(data: dict[str, Any], stem: str) -> Recipe:
     """The recipe a TOML document describes (see the module docstring); ValueError naming a bad key or value."""
-    unknown = set(data) - {"label", "preset", "policy", "policy_roles", "model", "train"}
+    unknown = set(data) - {"label", "preset", "policy", "policy_roles", "overrides", "model", "train"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; a recipe has label, preset or policy, and the tables "
-                         "[policy_roles], [model], [train]")
+                         "[policy_roles], [overrides], [model], [train]")
     if ("preset" in data) == ("policy" in data):
         raise ValueError("give exactly one of 'preset' or 'policy'")
     for key in ("label", "preset", "policy"):
         if key in data and not (isinstance(data[key], str) and data[key].strip()):
             raise ValueError(f"{key} must be a non-empty string, got {data[key]!r}")
-    tables = {key: data.get(key, {}) for key in ("policy_roles", "model", "train")}
+    tables = {key: data.get(key, {}) for key in ("policy_roles", "overrides", "model", "train")}
     for key, table in tables.items():
         if not isinstance(table, dict):
             raise ValueError(f"{key} must be a table ([{key}]), got {table!r}")
@@ -139,5 +141,10 @@ def _recipe_from(data: dict[str, Any], stem: str) -> Recipe:
         raise ValueError(f"unknown preset {shown(data['preset'])}; presets: {', '.join(PRESETS)}, wrpn-<w>-<a>")
     policy = Policy.preset(data["preset"]) if "preset" in data else Policy.parse(data["policy"])
     policy = _with(policy, dict(tables["policy_roles"]))
+    for pattern, roles in tables["overrides"].items():
+        if not isinstance(roles, dict):
+            raise ValueError(f'[overrides] takes tables of role = format, e.g. [overrides."op:attention"] '
+                             f'activations = "bf16"; got {pattern} = {roles!r}')
+        policy = policy.override(pattern, **roles)
     _, model, train = _split({**tables["model"], **tables["train"]})
     return Recipe(data.get("label", stem), policy, model, train)

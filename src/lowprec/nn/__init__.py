@@ -11,11 +11,16 @@
 Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
 op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
 convert.py, unconvert.py (the export back to plain torch layers), state.py (quantizers, exponents,
-calibration), widen.py (WRPN's widening and clip-range checks). nn/ depends on policy/, scaling/ and formats/
-only.
+calibration), widen.py (WRPN's widening and clip-range checks). Op-level emulation (every functional GEMM,
+norm and attention, whatever module runs it): ops.py (the intercepted functions and their operand roles),
+opfunction.py (one autograd Function for every op), attention.py, emulate.py (the interception),
+swapped.py (what the swapped layers cover), records.py and plan.py (``lp.plan``). nn/ depends on policy/,
+scaling/ and formats/ only.
 """
 
 from .convert import CONVERSIONS, conversion_policy, convert
+from .emulate import OpEmulation, emulation_of
+from .plan import Plan, plan
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
@@ -29,4 +34,5 @@ __all__ = [
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",
+    "plan", "Plan", "OpEmulation", "emulation_of",
 ]

@@ -8,12 +8,14 @@ import warnings
 from torch import nn
 
 from ..policy import Policy, as_policy
+from .emulate import attach, detach
 from .native import is_native_layer, to_native
 from .originals import mark_replaced
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import check_override_roles, module_policy
 from .roles import clips_negatives
+from .swapped import EMULATED_LAYERS, covered_by_ops, swapped_op
 from .widen import fill_clip_range, zero_weight_shares
 
 __all__ = ["convert", "conversion_policy", "policy_label", "CONVERSIONS"]
@@ -79,8 +81,13 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     Every layer in CONVERSIONS becomes its quantized version (same parameters, buffers and hooks) with
     ``layer.policy = policy.for_module(name, first=..., last=...)``, where @first/@last are the first and
     last weight layers (Linear, Conv, LSTM, GRU, cells, Embedding; not batch-norm) in ``named_modules()``
-    order, and Park's classifier rule applied to the last one (``resolve.module_policy``). Other modules
-    with parameters of their own run unquantized; one UserWarning names them all. The policy is recorded on
+    order (ConvTranspose and Conv3d count too), and Park's classifier rule applied to the last one
+    (``resolve.module_policy``). When the policy quantizes anything, the model also gets op-level emulation
+    (``lowprec.nn.emulate``): every other GEMM-like op and norm its forward runs (functional F.linear,
+    matmul / ``@``, attention, LayerNorm, ConvTranspose, MultiheadAttention's in-projection, ...) is quantized
+    per the same resolved policy, with ``op:<kind>`` overrides. torch modules with parameters that neither path
+    covers (InstanceNorm, PReLU, EmbeddingBag, ...) run unquantized: one UserWarning names them all; after the
+    first forward, a warning names every parameter that reached no quantized op. The policy is recorded on
     the result (``conversion_policy``): ``lowprec.Trainer`` takes it by default and refuses another.
 
     ``inplace=False`` (default): returns a deep copy and leaves ``model`` as it was; an optimizer built over
@@ -112,29 +119,37 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
 
 
 def _convert_emulated(model: nn.Module, policy: Policy) -> None:
-    """Swap the layers of ``model`` in place (``convert``)."""
-    plan, unknown = [], []
+    """Swap the layers of ``model`` in place and attach the op-level emulation (``convert``)."""
+    plan, unknown, emulated_layers = [], [], set()
     for name, module in model.named_modules():
         cls = _quantized_class(module)
         if cls is not None:
             plan.append((name, module, cls))
-        elif next(module.parameters(recurse=False), None) is not None:
+        elif next(module.parameters(recurse=False), None) is not None and not covered_by_ops(module):
             unknown.append(f"{name or '(root)'} ({type(module).__name__})")
-    layers = [name for name, _, cls in plan if cls.COUNTS_AS_LAYER]
+        if cls is None and isinstance(module, EMULATED_LAYERS):
+            emulated_layers.add(name)
+    swapped_layers = {name for name, _, cls in plan if cls.COUNTS_AS_LAYER}
+    layers = [name for name, _ in model.named_modules() if name in swapped_layers or name in emulated_layers]
     first, last = (layers[0], layers[-1]) if layers else (None, None)
     check_override_roles(policy, model, plan, first, last)
     resolved = []
     for name, module, cls in plan:
         if cls.COUNTS_AS_LAYER:
-            module_pol = module_policy(policy, name, module, first=name == first, last=name == last)
+            module_pol = module_policy(policy, name, module, first=name == first, last=name == last,
+                                       op=swapped_op(cls))
         else:
-            module_pol = policy.for_module(name)
+            module_pol = policy.for_module(name, op=swapped_op(cls))
         resolved.append((module, cls, module_pol))
     for module, cls, module_pol in resolved:
         cls.check_supported(module, module_pol)
     for (name, _, _), (module, cls, module_pol) in zip(plan, resolved):
         cls.adopt(module, module_pol)
         module.layer_name = name
+    if policy.quantizes_anything:
+        attach(model, policy, first, last)
+    else:
+        detach(model)
     if unknown:
         warnings.warn(
             "lowprec.convert: these modules have parameters but no quantized version; they run unquantized, "

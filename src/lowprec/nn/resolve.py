@@ -11,6 +11,7 @@ from torch import nn
 
 from ..formats import BlockFloat, DynamicFixedPoint, FixedPoint, Uniform
 from ..policy import LAYER_ROLES, ROLES, Policy, Quant, classifier_bits
+from ..policy.ops import OP_PREFIX
 
 __all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES"]
 
@@ -51,8 +52,11 @@ def _narrower(resolved: Policy, roles: Sequence[str], need: int) -> dict[str, Qu
 
 
 def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, last: bool,
-                  warn: bool = True) -> Policy:
-    """``policy.for_module(name, first=, last=)``, then, for the last layer, Park's classifier rule.
+                  op: str | None = None, warn: bool = True) -> Policy:
+    """``policy.for_module(name, first=, last=, op=)``, then, for the last layer, Park's classifier rule.
+
+    ``op``: the op (``lowprec.policy.ops.OP_KINDS``) the policy is for, so that ``op:`` overrides apply; the
+    swapped layers and the op-level emulation both resolve their formats here.
 
     With ``classifier_rule`` on, every classifier-path role (weight, output, output_grad) held in a fixed or
     dynamic fixed point format narrower than ``classifier_bits(C)`` becomes ``dfx<classifier_bits(C)>`` (same
@@ -63,7 +67,7 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
     classifier_rule=on or an ``@last`` override. Float formats are exempt: their step scales with the value, so
     the 1/C components survive. ``convert`` and the Trainer both resolve a layer's policy here, so they agree.
     """
-    resolved = policy.for_module(name, first=first, last=last)
+    resolved = policy.for_module(name, first=first, last=last, op=op)
     classes = _num_classes(module) if last else None
     if classes is None:
         return resolved
@@ -93,6 +97,14 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
     return resolved
 
 
+def may_run_ops(module: nn.Module) -> bool:
+    """Whether a module lowprec does not swap may run ops the op-level emulation quantizes: every module
+    except torch's own leaf modules without parameters (ReLU, Dropout, Flatten...)."""
+    if next(module.parameters(recurse=False), None) is not None or next(module.children(), None) is not None:
+        return True
+    return not type(module).__module__.startswith("torch.nn.")
+
+
 def _roles_of(cls: type) -> tuple[str, ...]:
     """The roles a quantized layer class has: its op's, accumulation where it emulates one, the update roles for
     weight layers."""
@@ -112,6 +124,8 @@ def check_override_roles(policy: Policy, model: nn.Module, plan: Sequence[tuple[
     """
     converted = {name: cls for name, _, cls in plan}
     for pattern, assigned in policy.overrides:
+        if pattern.startswith(OP_PREFIX):
+            continue  # selects ops, wherever they run; the selector was checked when the policy was made
         if pattern.startswith("@"):
             hits = [n for n in ((first,) if pattern == "@first" else (last,) if pattern == "@last" else ()) if n]
         else:
@@ -123,6 +137,9 @@ def check_override_roles(policy: Policy, model: nn.Module, plan: Sequence[tuple[
         for role, quant in assigned:
             if quant is None or any(n in converted and role in _roles_of(converted[n]) for n in hits):
                 continue
+            if role in LAYER_ROLES and any(n not in converted and may_run_ops(m) for n, m in
+                                           model.named_modules() if n in hits):
+                continue  # the op-level emulation applies it to the ops this module runs
             modules = dict(model.named_modules())
             found = "; ".join(
                 f"{n} ({type(modules[n]).__name__}) has roles {', '.join(_roles_of(converted[n]))}" if n in converted

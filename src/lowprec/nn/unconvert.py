@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .convert import _POLICY_ATTR, CONVERSIONS
+from .emulate import detach
 from .layers import QuantizedModule
 from .native import from_native
 
@@ -40,6 +41,7 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"unconvert takes an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    detach(model)  # the op-level emulation's hooks
     for module in list(model.modules()):
         module.__dict__.pop(_POLICY_ATTR, None)  # no longer converted: it may be converted again
         if not isinstance(module, QuantizedModule):

@@ -41,6 +41,11 @@ shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``
 quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
 Later overrides win.
 
+Per-op overrides: a pattern ``op:<selector>`` selects ops instead of modules, by op name or kind
+(``lowprec.policy.ops``): ``"mixed-bf16 roles...; op:attention: activations=none,grads=none"`` keeps every
+attention in fp32, ``"...; op:norm: params=bf16"`` sets the norms' affine parameters. Module and op overrides
+apply in the order written: a later one wins where both match.
+
 ``PRESET+assignments`` (the command line's recipe form, e.g. ``"int8-lazy+optimizer_state=none"`` or
 ``"wrpn-4-4+activation=uniform<8,unsigned>; fc3: weight=none"``; only overrides: ``"wrpn-4-4; fc3: weight=none"``)
 is the preset's policy with the assignments, settings and overrides after it applied on top, as
@@ -57,6 +62,7 @@ from typing import Any, Mapping
 
 from ..formats import DynamicFixedPoint, Format, parse_format
 from ..formats.kernels import ROUNDINGS
+from .ops import OP_PREFIX, check_op_selector, op_matches
 
 __all__ = ["Quant", "Policy", "as_policy", "split_top", "ROLES", "LAYER_ROLES"]
 
@@ -238,6 +244,8 @@ class Policy:
         """A copy where modules matching ``pattern`` (fnmatch, or @first/@last) get these roles."""
         if not isinstance(pattern, str) or not pattern:
             raise ValueError("an override needs a non-empty module-name pattern")
+        if pattern.startswith(OP_PREFIX):
+            check_op_selector(pattern[len(OP_PREFIX):])
         entry = (pattern, tuple(_expand(assignments).items()))
         return replace(self, overrides=self.overrides + (entry,), name=None)
 
@@ -247,11 +255,13 @@ class Policy:
             raise KeyError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
         return dict(self.roles)[role]
 
-    def for_module(self, name: str, *, first: bool = False, last: bool = False) -> Policy:
-        """The policy of one module: the base roles with every matching override applied in order."""
+    def for_module(self, name: str, *, first: bool = False, last: bool = False, op: str | None = None) -> Policy:
+        """The policy of one module (of one op it runs, when ``op`` names it): the base roles with every
+        matching module override, and every ``op:`` override selecting ``op``, applied in order."""
         roles = dict(self.roles)
         for pattern, assigned in self.overrides:
             hit = (pattern == "@first" and first) or (pattern == "@last" and last) or (
+                op_matches(pattern[len(OP_PREFIX):], op) if pattern.startswith(OP_PREFIX) else
                 not pattern.startswith("@") and fnmatch.fnmatchcase(name, pattern)
             )
             if hit:
@@ -317,6 +327,10 @@ def _parse_onto(policy: Policy, text: str, whole: str) -> Policy:
     for segment in split_top(text, ";"):
         pattern = None
         head, colon, rest = segment.partition(":")
+        if colon and head.strip() == OP_PREFIX[:-1]:  # "op:<selector>: roles" (else a module named op)
+            selector, second, after = rest.partition(":")
+            if second and "=" not in selector:
+                head, rest = OP_PREFIX + selector.strip(), after
         if colon and "=" not in head and "<" not in head:
             pattern, segment = head.strip(), rest
         assignments: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """Which policy each trainable parameter is updated under, and the checks that the setup makes sense.
 
 The update roles (``master``, ``accumulator``, ``optimizer_state``) belong to the *weight layers*: the
-modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers. The parameters of each
+modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers, and the ConvTranspose /
+Conv3d layers its op-level emulation quantizes. The parameters of each
 get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
 ``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
 widens its master, accumulator and optimizer-state formats with its weight), as ``convert`` resolves them
@@ -23,11 +24,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..nn import QuantizedModule, conversion_policy
+from ..nn import QuantizedModule, conversion_policy, emulation_of
 from ..nn.convert import policy_label
 from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
 from ..nn.resolve import module_policy
+from ..nn.swapped import EMULATED_LAYERS
 from ..policy import Policy, as_policy
 from .update import ParamSlot, check_update_roles
 
@@ -37,10 +39,14 @@ UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The weight layers of a converted model or, for a plain model, every module owning parameters."""
-    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
-    if converted:
-        return [(n, m) for n, m in converted if m.COUNTS_AS_LAYER]
+    """The weight layers of a converted model (the swapped ones and the ConvTranspose / Conv3d layers the
+    op-level emulation quantizes, as ``convert`` counts them for @first/@last) or, for a plain model (or one
+    that has none of those), every module owning parameters."""
+    if emulation_of(model) is not None or any(isinstance(m, QuantizedModule) for m in model.modules()):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, EMULATED_LAYERS)
+                  or (isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER)]
+        if layers:
+            return layers
     return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..nn import emulation_of
 from ..nn import quantizers as layer_quantizers
 from ..nn import update_exponents as update_layer_exponents
 from ..formats import FloatFormat
@@ -373,6 +374,7 @@ class Trainer:
             "quantizers": {
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
                 "optimizer_state": self.state_formats.state_dict(),
+                "ops": _op_emulation_state(self.model),
             },
             "rng": {
                 "cpu": torch.get_rng_state(),
@@ -391,6 +393,8 @@ class Trainer:
         if differences:
             raise ValueError(f"checkpoint holds another model: {'; '.join(differences)}")
         self.model.load_state_dict(state["model"])
+        if emulation_of(self.model) is not None:  # the exponents of functional ops (lowprec.nn.emulate)
+            emulation_of(self.model).load_state_dict(state["quantizers"].get("ops", {}))
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
         accumulators = {s.name: s.acc for s in self.slots if s.acc is not None}
@@ -413,3 +417,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.steps = state["steps"]
         self._unscaled = None
+
+
+def _op_emulation_state(model: nn.Module) -> dict[str, Any]:
+    """The op-level quantizers' states of a converted model (empty when it has no op-level emulation)."""
+    emulation = emulation_of(model)
+    return {} if emulation is None else emulation.state_dict()

@@ -1,0 +1,362 @@
+"""Op-level emulation: every GEMM-like op and norm a converted model runs, quantized per the policy.
+
+``convert`` attaches an :class:`OpEmulation` to the model it returns. Forward pre/post hooks on every module
+keep the path of the module running; while the outermost module's forward runs, a ``TorchFunctionMode`` sees
+every torch function call, and each call of an op in ``ops.OPS`` (F.linear, the convolutions and transposed
+convolutions, matmul / ``@`` / mm / bmm / addmm / baddbmm / two-operand einsum, F.embedding, the norms,
+F.scaled_dot_product_attention) runs through ``QOpFunction`` with the quantizers of the policy resolved for
+that module path and op (``resolve.module_policy``: module and ``op:`` overrides, @first/@last, Park's
+classifier rule: the same decision the swapped layers get). Attention runs as ``attention.emulated_attention``:
+two quantized products around a float32 softmax, never a fused kernel. ``F.multi_head_attention_forward`` is
+opened, so MultiheadAttention's in-projection (a raw Parameter) and products are quantized too.
+
+Layers ``convert`` swaps (QLinear, QConv2d, QLSTM, ...) are the fast path: ops inside them are theirs.
+
+Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions,
+activations, and anything not in ``ops.OPS``. Operands whose format is WRPN's clip format (Uniform) are
+quantized only at weight layers: linear and convolution ops, and a matmul with a Parameter operand (the layers
+WRPN quantizes; clipping a norm's, an attention's or an activation product's signed operand to [0, 1] would
+be wrong).
+
+Warnings (once each): an op that cannot be quantized (an einsum of three operands, a sparse embedding), and,
+after a forward, every parameter the forward used that reached no quantized op (e.g. a positional embedding
+added to the tokens), named by its qualified name.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..formats import Uniform
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
+from ..policy.ops import OP_KINDS
+from .attention import emulated_attention
+from .layers import QuantizedModule
+from .opfunction import GRAD_ROLE, OpCall, run_op
+from .ops import OPENED, Invocation, bind, is_parameter
+from .records import OperandRecord, OpRecord
+from .resolve import module_policy
+from .swapped import layer_operands
+
+__all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
+
+_ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
+_CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
+
+
+def _site(key: tuple[str, str, int, str]) -> str:
+    name, op, index, product = key
+    return f"{name}:{op}[{index}]" + (f".{product}" if product else "")
+
+
+def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
+    return OperandRecord(name, role, str(q.quant) if q.enabled else "fp32", q.enabled)
+
+
+@dataclass
+class _Frame:
+    name: str
+    module: nn.Module
+    counts: Counter = field(default_factory=Counter)
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, emulation: OpEmulation) -> None:
+        super().__init__()
+        self.emulation = emulation
+
+    def __torch_function__(self, func: Callable[..., Any], types_: Any, args: tuple = (), kwargs: Any = None):
+        return self.emulation.call(self, func, args, kwargs or {})
+
+
+@functools.cache
+def _opened(func: types.FunctionType) -> types.FunctionType:
+    """A copy of a composite torch function without its ``has_torch_function`` guard: run under the mode, its
+    body's ops are intercepted one by one instead of the whole call being handed over at once."""
+    scope = dict(func.__globals__)
+    for guard in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+        scope[guard] = lambda *_: False
+    opened = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    opened.__kwdefaults__ = func.__kwdefaults__
+    return opened
+
+
+class OpEmulation:
+    """The op-level quantization of one converted model (see the module docstring).
+
+    ``policy``: the model's Policy; ``first``/``last``: the module names @first/@last stand for. Quantizers are
+    made on first use, one set per (module path, op, call index within that module's forward, product), and
+    kept: dynamic-fixed-point exponents are per op call site, as Courbariaux's per-layer groups.
+    """
+
+    def __init__(self, policy: Policy, first: str | None, last: str | None) -> None:
+        self.policy, self.first, self.last = policy, first, last
+        self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
+        self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
+        self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
+        self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
+        self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
+        self._warned: set[str] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._stack: list[_Frame] = []
+        self._mode: _Mode | None = None
+        self._swapped = 0
+        self._used: dict[int, nn.Parameter] = {}
+        self._covered: set[int] = set()
+        self._checking = True  # the first forward looks for parameters that reach no quantized op
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
+        state = dict(self.__dict__)
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_checking", "records"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.records = None
+        self._reset()
+
+    # -- module hooks ---------------------------------------------------------------------------------------
+    def enter(self, name: str, module: nn.Module, args: Any) -> None:
+        if not self._stack:
+            self._used, self._covered = {}, set()
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+        self._stack.append(_Frame(name, module))
+        if isinstance(module, QuantizedModule):
+            self._swapped += 1
+            self._covered.update(id(p) for p in module.parameters(recurse=False))
+            if self._swapped == 1:
+                self._record_layer(name, module)
+
+    def exit(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._stack or self._stack[-1].module is not module:
+            return  # a module called outside the converted model's forward
+        self._stack.pop()
+        if isinstance(module, QuantizedModule):
+            self._swapped -= 1
+        if not self._stack:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+            if self._checking or self.records is not None:
+                self._warn_uncovered(name, module)
+                self._checking = False
+
+    # -- interception ---------------------------------------------------------------------------------------
+    def call(self, mode: _Mode, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self._swapped:
+            return func(*args, **kwargs)
+        if self._checking or self.records is not None:
+            for a in (*args, *kwargs.values()):
+                if is_parameter(a):
+                    p = a if isinstance(a, nn.Parameter) else a._base
+                    self._used[id(p)] = p
+        if func in OPENED:
+            with mode:
+                return _opened(func)(*args, **kwargs)
+        try:
+            inv = bind(func, args, kwargs)
+        except TypeError:  # an unhashable callable: not one of ours
+            inv = None
+        if inv is None:
+            return func(*args, **kwargs)
+        frame = self._stack[-1]
+        index = frame.counts[inv.op]
+        frame.counts[inv.op] += 1
+        self._covered.update(id(t if isinstance(t, nn.Parameter) else t._base)
+                             for t in inv.tensors if is_parameter(t))
+        if inv.unsupported is not None:
+            self._unquantized(frame.name, inv, index)
+            return func(*args, **kwargs)
+        if inv.op == "attention":
+            return self._attention(frame, inv, index)
+        quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
+        call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index))
+        self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
+        return run_op(call, *inv.tensors)
+
+    def _attention(self, frame: _Frame, inv: Invocation, index: int) -> Tensor:
+        sets = {name: self.quantizers(frame, "attention", index, name) for name in ("scores", "out")}
+        if not any(OpCall(torch.matmul, ("activation", "activation"), qs).quantizes for qs in sets.values()):
+            self._record(frame.name, "attention", index, self._attention_operands(sets))
+            return inv.fn(*inv.tensors)  # the policy keeps attention in fp32: torch's own kernel
+        on_backward = self._on_backward(frame.name, "attention", index)
+
+        def product(name: str, a: Tensor, b: Tensor) -> Tensor:
+            return run_op(OpCall(torch.matmul, ("activation", "activation"), sets[name], on_backward), a, b)
+
+        self._record(frame.name, "attention", index, self._attention_operands(sets))
+        return emulated_attention(*inv.tensors, **inv.options, product=product)
+
+    # -- quantizers and policy ------------------------------------------------------------------------------
+    def quantizers(self, frame: _Frame, op: str, index: int, product: str, *,
+                   weight_layer: bool = False) -> dict[str, Quantizer]:
+        """The quantizers of one op call site (made on first use). ``weight_layer``: the op multiplies by a
+        weight (a Parameter operand), so WRPN's clip formats apply to it as to a linear layer."""
+        key = (frame.name, op, index, product)
+        found = self.quantizer_sets.get(key)
+        if found is None:
+            policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
+                                   last=frame.name == self.last, op=op)
+            clips = weight_layer and OP_KINDS[op] in _CLIP_KINDS
+            found = {role: Quantizer(self._quant(policy, role, clips), policy) for role in LAYER_ROLES}
+            if any(policy.get(role) is not None and not q.enabled for role, q in found.items()):
+                self.clip_exempt.add((frame.name, op, index))
+            if policy.get("accumulation") is not None and OP_KINDS[op] != "norm":
+                self._warn_once(f"{frame.name or '(root)'}: {op} accumulates in fp32: accumulation emulation "
+                                f"(accumulation={policy.get('accumulation')}) covers swapped Linear and recurrent "
+                                "layers only")
+            for q in found.values():
+                q.observe_only = self.observe_only
+            for role, state in self._pending.pop(_site(key), {}).items():
+                found[role].load_state_dict(state)
+            self.quantizer_sets[key] = found
+        return found
+
+    @staticmethod
+    def _quant(policy: Policy, role: str, clips: bool) -> Quant | None:
+        quant = policy.get(role)
+        if quant is not None and isinstance(quant.format, Uniform) and not clips:
+            return None
+        return quant
+
+    def all_quantizers(self) -> Iterator[tuple[str, str, Quantizer]]:
+        """``(call site, role, quantizer)`` of every op quantizer made so far; a site is named
+        ``module:op[index]`` (``.scores`` / ``.out`` for the two products of an attention)."""
+        for key, qs in self.quantizer_sets.items():
+            for role, q in qs.items():
+                yield _site(key), role, q
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The op quantizers' states (dynamic-fixed-point exponents), by call site and role."""
+        return {_site(key): {role: q.state_dict() for role, q in qs.items()} for key, qs in self.quantizer_sets.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Restore ``state_dict()``: sites already made now, the others when the forward first makes them."""
+        self._pending = {site: dict(roles) for site, roles in state.items()}
+        for key, qs in self.quantizer_sets.items():
+            for role, s in self._pending.pop(_site(key), {}).items():
+                qs[role].load_state_dict(s)
+
+    # -- plan records and warnings --------------------------------------------------------------------------
+    @staticmethod
+    def _operands(names: tuple[str, ...], roles: tuple[str | None, ...], quantizers: dict[str, Quantizer],
+                  result: str = "result") -> list[OperandRecord]:
+        ops = [_operand(n, r, quantizers[r]) for n, r in zip(names, roles) if r is not None]
+        ops.append(_operand(result, "output", quantizers["output"]))
+        ops.append(_operand(f"d {result}", "output_grad", quantizers["output_grad"]))
+        ops += [_operand(f"d {n}", GRAD_ROLE[r], quantizers[GRAD_ROLE[r]]) for n, r in zip(names, roles)
+                if r is not None]
+        return ops
+
+    def _attention_operands(self, sets: dict[str, dict[str, Quantizer]]) -> list[OperandRecord]:
+        s, o = sets["scores"], sets["out"]
+        return (self._operands(("Q", "K^T"), ("activation", "activation"), s, "S")
+                + self._operands(("P", "V"), ("activation", "activation"), o, "O"))
+
+    def _record(self, module: str, op: str, index: int, operands: list[OperandRecord]) -> None:
+        if self.records is None:
+            return
+        rec = self.records.get((module, op, index))
+        if rec is None:
+            quantized = any(o.quantized for o in operands)
+            note = "" if quantized else "the policy keeps every role of this op in fp32"
+            if (module, op, index) in self.clip_exempt:
+                note = "WRPN's clip formats (uniform) apply to weight layers only: those roles stay fp32"
+            rec = self.records[(module, op, index)] = OpRecord(
+                module, op, "op emulation" if quantized else "unquantized", operands, note, index=index)
+        rec.calls += 1
+
+    def _record_layer(self, name: str, module: QuantizedModule) -> None:
+        if self.records is None:
+            return
+        op, operands = layer_operands(module)
+        rec = self.records.setdefault((name, op, 0), OpRecord(name, op, "layer swap", operands))
+        rec.calls += 1
+        if not rec.quantized:
+            rec.path, rec.note = "unquantized", "the policy keeps every role of this layer in fp32"
+
+    def _on_backward(self, module: str, op: str, index: int) -> Callable[[], None] | None:
+        if self.records is None:
+            return None
+        records = self.records
+
+        def mark() -> None:
+            if (module, op, index) in records:
+                records[(module, op, index)].backward = True
+
+        return mark
+
+    def _unquantized(self, module: str, inv: Invocation, index: int) -> None:
+        where = f"{module or '(root)'}: {inv.op}"
+        if self.records is not None:
+            rec = self.records.setdefault(
+                (module, inv.op, index),
+                OpRecord(module, inv.op, "unquantized", [OperandRecord(n, "-", "fp32") for n in inv.names],
+                         f"not quantized: {inv.unsupported}", index=index))
+            rec.calls += 1
+        self._warn_once(f"{where} runs unquantized, in fp32: {inv.unsupported}")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"lowprec: {message}", UserWarning, stacklevel=5)
+
+    def _warn_uncovered(self, root_name: str, root: nn.Module) -> None:
+        names = {id(p): n for n, p in root.named_parameters()}
+        missing = sorted(names[i] for i in self._used.keys() - self._covered if i in names)
+        if self.records is not None:
+            for n in missing:
+                self.records.setdefault(("param", n, 0), OpRecord(
+                    n.rpartition(".")[0], f"parameter {n.rpartition('.')[2]}", "unquantized",
+                    [OperandRecord(n, "-", "fp32")], "used by no quantized op (elementwise use, or an op lowprec "
+                    "does not quantize)", calls=1))
+        fresh = [n for n in missing if n not in self._warned]
+        if fresh:
+            self._warned.update(fresh)
+            warnings.warn(
+                "lowprec: these parameters reach no quantized op and run unquantized, in fp32: "
+                f"{', '.join(fresh)} (lp.plan shows every op and its formats)", UserWarning, stacklevel=3)
+
+
+def attach(model: nn.Module, policy: Policy, first: str | None, last: str | None) -> OpEmulation:
+    """Give ``model`` (already layer-swapped) op-level emulation under ``policy``; replaces any earlier one."""
+    detach(model)
+    emulation = OpEmulation(policy, first, last)
+    setattr(model, _ATTR, emulation)
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(functools.partial(emulation.enter, name))
+        module.register_forward_hook(functools.partial(emulation.exit, name), always_call=True)
+    return emulation
+
+
+def _is_ours(hook: Any) -> bool:
+    return isinstance(hook, functools.partial) and isinstance(getattr(hook.func, "__self__", None), OpEmulation)
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the op-level emulation ``attach`` gave ``model`` (no-op when it has none)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if _is_ours(h)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+    if _ATTR in model.__dict__:
+        delattr(model, _ATTR)
+
+
+def emulation_of(model: nn.Module) -> OpEmulation | None:
+    """The OpEmulation ``convert`` attached to ``model``, or None."""
+    return model.__dict__.get(_ATTR)

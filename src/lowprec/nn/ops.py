@@ -1,0 +1,201 @@
+"""The torch functions the op-level emulation intercepts, and the role of each of their operands.
+
+``bind(func, args, kwargs)`` turns one call of an intercepted function into an :class:`Invocation`: the op's
+name (``lowprec.policy.ops.OP_KINDS``), its tensor operands with their names and forward roles, and ``fn``,
+which recomputes the call on substituted operands. Roles:
+
+==========================================  =================================================================
+linear, conv1/2/3d, conv_transpose1/2/3d    input: activation, weight: weight, bias: bias
+matmul, @, mm, bmm, mv, dot, inner, outer,   each operand: weight if it is a Parameter (or a view of one),
+tensordot, vecdot, einsum / multi_dot        else activation (a product of two activations: both activation)
+(two operands)
+addmm, baddbmm, addbmm, addmv, addr          the added term: bias if a Parameter, else activation; the two
+                                             factors as matmul
+bilinear                                     input1, input2: activation, weight: weight, bias: bias
+embedding                                    the table: weight (indices are not quantized)
+layer_norm, group_norm, rms_norm, batch_norm input: activation, weight: weight, bias: bias; running
+                                             statistics and the normalisation itself stay float32
+attention (scaled_dot_product_attention)     Q, K, V and P = softmax(S): activation (see nn.attention)
+==========================================  =================================================================
+
+Every op's result takes the output role; gradients the matching gradient roles (``opfunction.GRAD_ROLE``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Invocation", "bind", "OPS", "OPENED", "is_parameter"]
+
+
+def is_parameter(x: Any) -> bool:
+    """Whether ``x`` is an nn.Parameter or a view of one (a chunk of MultiheadAttention's in_proj_weight)."""
+    return isinstance(x, nn.Parameter) or isinstance(getattr(x, "_base", None), nn.Parameter)
+
+
+@dataclass(frozen=True, eq=False)
+class Invocation:
+    """One call of an intercepted function: ``fn(*tensors)`` recomputes it (all other arguments fixed)."""
+
+    op: str
+    names: tuple[str, ...]
+    tensors: tuple[Any, ...]
+    roles: tuple[str | None, ...]
+    fn: Callable[..., Tensor]
+    options: dict[str, Any] = field(default_factory=dict)  # attention: attn_mask, dropout_p, is_causal, ...
+    unsupported: str | None = None  # why the call cannot be quantized (it then runs as torch runs it)
+
+
+# role kinds of an operand slot: a fixed role, or "auto"/"auto_bias" decided by whether it is a Parameter
+_AUTO = {"auto": "weight", "auto_bias": "bias"}
+
+
+def _role(kind: str | None, x: Any) -> str | None:
+    if kind is None or not isinstance(x, Tensor) or not x.is_floating_point():
+        return None
+    if kind in _AUTO:
+        return _AUTO[kind] if is_parameter(x) else "activation"
+    return kind
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """An op whose operands sit at fixed positions: ``slots`` = ((position, name, role kind), ...)."""
+
+    op: str
+    slots: tuple[tuple[int, str, str | None], ...]
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        where = [(pos < len(args), pos, name) for pos, name, _ in self.slots]
+        tensors = tuple(args[pos] if positional else kwargs.get(name) for positional, pos, name in where)
+
+        def fn(*new: Any) -> Tensor:
+            a, kw = list(args), dict(kwargs)
+            for (positional, pos, name), x in zip(where, new):
+                if positional:
+                    a[pos] = x
+                else:
+                    kw[name] = x
+            return func(*a, **kw)
+
+        roles = tuple(_role(kind, x) for (_, _, kind), x in zip(self.slots, tensors))
+        names = tuple(name for _, name, _ in self.slots)
+        return Invocation(self.op, names, tensors, roles, fn, unsupported=_unsupported(self.op, tensors, kwargs, args))
+
+
+def _unsupported(op: str, tensors: tuple[Any, ...], kwargs: dict[str, Any], args: tuple[Any, ...]) -> str | None:
+    if any(isinstance(t, Tensor) and t.is_complex() for t in tensors):
+        return "complex operands"
+    if op == "embedding" and (kwargs.get("sparse") or (len(args) > 6 and args[6])):
+        return "sparse embedding gradients (build the Embedding with sparse=False)"
+    return None
+
+
+@dataclass(frozen=True)
+class _Embedding(_Slots):
+    """``F.embedding``: a ``max_norm`` renormalises the stored table first (in place, as torch does), then the
+    lookup runs on the (quantized) table without it."""
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args)) | kwargs
+        if bound.get("max_norm") is not None:
+            with torch.no_grad():
+                torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"],
+                                        bound.get("norm_type", 2.0))
+            args, kwargs = (), bound | {"max_norm": None}
+        return super().bind(func, args, kwargs)
+
+
+_SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass(frozen=True)
+class _Attention(_Slots):
+    """``F.scaled_dot_product_attention``: Q, K, V, and its other arguments by name in ``options``."""
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        options = dict(zip(_SDPA_OPTIONS, args[3:])) | {k: v for k, v in kwargs.items() if k in _SDPA_OPTIONS}
+        return replace(super().bind(func, args, kwargs), options=options)
+
+
+@dataclass(frozen=True)
+class _Einsum:
+    """``torch.einsum(equation, *operands)`` (or a list of operands), or a chain ``multi_dot([a, b, ...])`` /
+    ``chain_matmul(a, b, ...)``: quantized when it has two operands (roles as matmul)."""
+
+    op: str = "einsum"
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        head, operands = (args[:1], list(args[1:])) if self.op == "einsum" else ((), list(args))
+        listed = len(operands) == 1 and isinstance(operands[0], (list, tuple))
+        tensors = tuple(operands[0]) if listed else tuple(operands)
+        why = None if len(tensors) == 2 else f"{self.op} of {len(tensors)} operands (only two are quantized)"
+        roles = tuple(_role("auto", t) for t in tensors) if why is None else (None,) * len(tensors)
+
+        def fn(*new: Any) -> Tensor:
+            return func(*head, list(new), **kwargs) if listed else func(*head, *new, **kwargs)
+
+        return Invocation(self.op, tuple(f"operand{i}" for i in range(len(tensors))), tensors, roles, fn,
+                          unsupported=why)
+
+
+_LINEAR = ((0, "input", "activation"), (1, "weight", "weight"), (2, "bias", "bias"))
+_PRODUCT = ((0, "input", "auto"), (1, "other", "auto"))
+_ADDED = ((0, "input", "auto_bias"), (1, "mat1", "auto"), (2, "mat2", "auto"))
+_TENSOR = torch.Tensor
+#: Other products of two operands (roles as matmul) and of an added term and two factors (as addmm).
+_PRODUCTS = {
+    "matmul": (torch.linalg.matmul,), "mv": (torch.mv, _TENSOR.mv), "dot": (torch.dot, _TENSOR.dot),
+    "inner": (torch.inner, _TENSOR.inner), "outer": (torch.outer, _TENSOR.outer, torch.ger, _TENSOR.ger),
+    "tensordot": (torch.tensordot,), "vecdot": (torch.linalg.vecdot,),
+}
+_ADDED_PRODUCTS = {
+    "addmv": (torch.addmv, _TENSOR.addmv), "addr": (torch.addr, _TENSOR.addr),
+    "addbmm": (torch.addbmm, _TENSOR.addbmm),
+}
+
+#: Intercepted function -> how its calls bind. Tensor methods and operators take ``self`` as position 0.
+OPS: dict[Callable[..., Any], Any] = {
+    F.linear: _Slots("linear", _LINEAR),
+    **{getattr(F, f"conv{d}d"): _Slots(f"conv{d}d", _LINEAR) for d in (1, 2, 3)},
+    **{getattr(F, f"conv_transpose{d}d"): _Slots(f"conv_transpose{d}d", _LINEAR) for d in (1, 2, 3)},
+    **{f: _Slots("matmul", _PRODUCT) for f in (torch.matmul, _TENSOR.matmul, _TENSOR.__matmul__,
+                                                 _TENSOR.__rmatmul__)},
+    **{f: _Slots("mm", _PRODUCT) for f in (torch.mm, _TENSOR.mm)},
+    **{f: _Slots("bmm", _PRODUCT) for f in (torch.bmm, _TENSOR.bmm)},
+    **{f: _Slots("addmm", _ADDED) for f in (torch.addmm, _TENSOR.addmm)},
+    **{f: _Slots("baddbmm", _ADDED) for f in (torch.baddbmm, _TENSOR.baddbmm)},
+    **{f: _Slots(name, _PRODUCT) for name, fs in _PRODUCTS.items() for f in fs},
+    **{f: _Slots(name, _ADDED) for name, fs in _ADDED_PRODUCTS.items() for f in fs},
+    F.bilinear: _Slots("bilinear", ((0, "input1", "activation"), (1, "input2", "activation"),
+                                    (2, "weight", "weight"), (3, "bias", "bias"))),
+    torch.linalg.multi_dot: _Einsum("multi_dot"),
+    torch.chain_matmul: _Einsum("multi_dot"),
+    torch.einsum: _Einsum(),
+    F.embedding: _Embedding("embedding", ((0, "input", None), (1, "weight", "weight"))),
+    F.layer_norm: _Slots("layer_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),
+    F.group_norm: _Slots("group_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),
+    F.batch_norm: _Slots("batch_norm", ((0, "input", "activation"), (1, "running_mean", None),
+                                        (2, "running_var", None), (3, "weight", "weight"), (4, "bias", "bias"))),
+    F.scaled_dot_product_attention: _Attention(
+        "attention", ((0, "query", "activation"), (1, "key", "activation"), (2, "value", "activation"))),
+}
+if hasattr(F, "rms_norm"):
+    OPS[F.rms_norm] = _Slots("rms_norm", ((0, "input", "activation"), (2, "weight", "weight")))
+
+#: Composite Python functions whose body the emulation opens, so that the ops inside them are intercepted
+#: (MultiheadAttention's in-projection, its attention products and its out-projection).
+OPENED: tuple[Callable[..., Any], ...] = (F.multi_head_attention_forward,)
+
+
+def bind(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation | None:
+    """The Invocation of an intercepted call, or None when ``func`` is not an op lowprec quantizes."""
+    binder = OPS.get(func)
+    return None if binder is None else binder.bind(func, args, kwargs)
