@@ -20,6 +20,8 @@ from torch import Tensor
 
 from . import host, kernels
 from .parse import parse_format
+from .scaled import ScaledFormat
+from .scaled_quantize import quantize_scaled
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
 __all__ = ["quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled"]
@@ -275,6 +277,7 @@ def quantize(
     generator: torch.Generator | None = None,
     int_bits: int | Tensor | None = None,
     out: Tensor | None = None,
+    scale: Tensor | float | None = None,
 ) -> Tensor:
     """Round every element of ``x`` onto the number format ``fmt``; the result has x's dtype and shape.
 
@@ -288,7 +291,8 @@ def quantize(
     NaN stays the same NaN. ``int_bits`` sets the exponent of a ``dfx`` format (default: the max-abs rule
     on x). ``out`` receives the result in place (no allocation: the fastest way to quantize). When x's own
     dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned. An empty tensor
-    gives an empty tensor, in every format.
+    gives an empty tensor, in every format. ``scale`` sets the scale of a per-tensor scaled float
+    (``scaled<...>``; default: current scaling from x's amax; delayed scaling needs it).
 
     Raises TypeError for a non-float tensor, ValueError for a format x's dtype cannot hold exactly, an
     unknown rounding, a generator on another device, or a mismatched ``out``.
@@ -310,8 +314,12 @@ def quantize(
             f"out must match x: got {tuple(out.shape)} {out.dtype} on {out.device}, "
             f"need {tuple(x.shape)} {x.dtype} on {x.device}"
         )
+    if scale is not None and not isinstance(fmt, ScaledFormat):
+        raise ValueError(f"scale= applies to per-tensor scaled floats (scaled<...>), not {fmt!r}")
     mode = kernels.ROUNDINGS[rounding]
     key = _draw_key(generator, x.device) if mode == kernels.STOCHASTIC else None
     if _identity_for(fmt, x.dtype) or x.numel() == 0:
         return x if out is None else out.copy_(x)
+    if isinstance(fmt, ScaledFormat):
+        return quantize_scaled(x, out, fmt, mode, key, scale, _run, _dispatch)
     return _dispatch(x, out, fmt, mode, key, int_bits)
