@@ -21,6 +21,7 @@ from torch import Tensor
 from . import host, kernels
 from .parse import parse_format
 from .scaled import ScaledFormat
+from .scaled_kernels import constant_block
 from .scaled_quantize import quantize_scaled
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
@@ -66,18 +67,33 @@ def _compiled_apply() -> Callable:
     return torch.compile(_apply, dynamic=True)
 
 
+def _apply_static_ints(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
+    """``_apply`` as its own frame, compiled with automatic dynamic shapes (``_compiled_apply_static_ints``)."""
+    return _apply(kernel, x, out, *args)
+
+
+@functools.cache
+def _compiled_apply_static_ints() -> Callable:
+    # For kernels with a block size baked in (``scaled_kernels.constant_block``): under dynamic=True every int a
+    # graph sees becomes symbolic, and a symbolic row length is not vectorised; automatic dynamic keeps ints that
+    # never change static and makes the tensor length dynamic once it varies.
+    _compiled_apply()
+    return torch.compile(_apply_static_ints, dynamic=None)
+
+
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
     global _compile_failed
     if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
+        compiled = _compiled_apply_static_ints if getattr(kernel, "static_ints", False) else _compiled_apply
         # The kernels act per element (or per whole tensor): a flat view gives one compiled graph for all ranks.
         flat = x.is_contiguous() and (out is None or out.is_contiguous()) and all(
             not isinstance(a, Tensor) or a.dim() == 0 for a in args
         )
         try:
             if flat:
-                y = _compiled_apply()(kernel, x.view(-1), None if out is None else out.view(-1), *args)
+                y = compiled()(kernel, x.view(-1), None if out is None else out.view(-1), *args)
                 return y.view(x.shape) if out is None else out
-            return _compiled_apply()(kernel, x, out, *args)
+            return compiled()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
             _compile_failed = True
             warnings.warn(
@@ -242,8 +258,8 @@ def _dispatch(
         if _wide(x.dtype) == torch.float32:
             lo, hi = _frac_range(fmt.bits, x.dtype)
             direct = out is not None and not pad and out.is_contiguous()
-            y = _run(kernels.block_fp32, flat, out.view(-1) if direct else None, fmt.block, kmin, kmax,
-                     fmt.bits - 1, lo, hi, rounding, key)
+            y = _run(constant_block(kernels.block_fp32, fmt.block), flat, out.view(-1) if direct else None, kmin,
+                     kmax, fmt.bits - 1, lo, hi, rounding, key)
             if direct:
                 return out
             y = y[: x.numel()].view(x.shape)

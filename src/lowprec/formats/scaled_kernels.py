@@ -8,6 +8,9 @@ elements are rounded by ``round_element``: exact integer-valued arithmetic on a 
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -44,42 +47,62 @@ def round_element(
     return torch.clamp((k * q).copysign(v), min_value, max_value)
 
 
+def _round_up(a: Tensor, normal_above: int, subnormal_above: int) -> Tensor:
+    """(floor(log2 a) for a normal, -127 for a subnormal or zero, + 1 where the 23 fraction bits of a exceed
+    ``normal_above`` (a normal) or ``subnormal_above`` (a subnormal)) of a finite float32 a >= 0, from its bits."""
+    bits = a.view(torch.int32)
+    ef, frac = bits >> 23, bits & 0x7FFFFF
+    up = torch.where(ef == 0, frac > subnormal_above, frac > normal_above)
+    return ef - 127 + up.to(torch.int32)
+
+
 def shared_exponent(amax: Tensor, rule: str, emax: int, man_bits: int, max_value: float) -> Tensor:
     """The MX block exponent e (int32, clamped to [-127, 127]) of each block's amax (finite, >= 0) under ``rule``
-    (``scaled.SCALE_RULES``); an all-zero block gives -127. Exact: frexp reads log2 from the bits, subnormals too
-    (rceil's descale is the one float32 product its definition rounds)."""
-    mant, exp = torch.frexp(amax)  # amax = mant * 2**exp, mant in [0.5, 1)
-    floor = exp - 1  # floor(log2 amax)
-    m2 = mant * 2.0  # amax / 2**floor, in [1, 2)
-    if rule == "floor":
-        e = floor - emax
+    (``scaled.SCALE_RULES``); an all-zero block gives -127. Exact, from the bits: below 2**-126 the true
+    floor(log2 amax) is at most -127, so every rule's result there is -127 or, for amax in (2**-127, 2**-126)
+    rounding up, -126 (reached only by int8's emax of 0 and by rceil); the subnormal thresholds decide that case.
+    rceil rounds the float32 product descale = amax * (1 / max_value) up to a power of two (cuBLAS)."""
+    never = 1 << 23  # a fraction field never exceeds it
+    if rule == "rceil":
+        e = _round_up(amax * torch.tensor(1.0 / max_value, dtype=torch.float32), 0, 0x400000)
+    elif rule == "floor":
+        e = _round_up(amax, never, never) - emax
     elif rule == "ceil":
-        e = floor - emax + (m2 > 1.0).to(torch.int32)
-    elif rule == "even":  # amax rounded to man_bits + 1 significant bits, ties away, moves up a binade
-        e = floor - emax + (m2 >= 2.0 - 2.0 ** -(man_bits + 1)).to(torch.int32)
-    else:  # rceil: descale = amax * (1 / max_value) in float32, rounded up to a power of two (cuBLAS)
-        dmant, dexp = torch.frexp(amax * torch.tensor(1.0 / max_value, dtype=torch.float32))
-        e = dexp - (dmant == 0.5).to(torch.int32)
-    return torch.where(amax > 0, e, -127).clamp(-127, 127).to(torch.int32)
+        e = _round_up(amax, 0, 0x400000) - emax
+    else:  # even: amax rounded to man_bits + 1 significant bits, ties away, may move up a binade
+        e = _round_up(amax, (1 << 23) - (1 << (22 - man_bits)) - 1, (1 << 23) - (1 << (21 - man_bits)) - 1) - emax
+    return e.clamp(-127, 127)
 
 
 def mx_fp32(
-    blocks: Tensor, rule: str, emax: int, man_bits: int, qmin: int, max_value: float, min_value: float,
-    integer: bool, rounding: int, key: Tensor | None, block: int = 0,
+    x: Tensor, block: int, rule: str, emax: int, man_bits: int, qmin: int, max_value: float, min_value: float,
+    integer: bool, rounding: int, key: Tensor | None,
 ) -> Tensor:
-    """OCP MX on rows ``blocks`` (one block per row; with ``block``, on any tensor whose length is a multiple of
-    it, cut into rows of ``block``): amax per row, e = ``shared_exponent``, elements
-    ``round_element(x * 2**-e) * 2**e`` (both products exact where it matters: see docs/formats.md), NaN rows
-    where amax is NaN or inf; ``integer`` (int8 elements) turns -0 into +0 (two's complement has no -0)."""
-    shape = blocks.shape
-    blocks = blocks.view(-1, block) if block else blocks
+    """OCP MX of a float32 tensor whose length is a multiple of ``block``, cut into rows of ``block`` (one block
+    each): amax per row, e = ``shared_exponent``, elements ``round_element(x * 2**-e) * 2**e`` (both products
+    exact where it matters: see docs/formats.md), NaN rows where amax is NaN or inf; ``integer`` (int8 elements)
+    turns -0 into +0 (two's complement has no -0). Call through ``constant_block`` when compiling."""
+    blocks = x.view(-1, block)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     bad = ~torch.isfinite(amax)
     e = shared_exponent(torch.where(bad, 0.0, amax), rule, emax, man_bits, max_value)
-    y = round_element(blocks * pow2(-e), man_bits, qmin, max_value, min_value, rounding, key) * pow2(e)
-    if integer:
-        y = y + 0.0
-    return torch.where(bad, float("nan"), y).view(shape)
+    up = torch.where(bad, float("nan"), pow2(e))  # per block: a NaN scale makes the whole block NaN
+    y = round_element(blocks * pow2(-e), man_bits, qmin, max_value, min_value, rounding, key) * up
+    return (y + 0.0 if integer else y).view(x.shape)
+
+
+@functools.cache
+def constant_block(kernel: Callable[..., Tensor], block: int) -> Callable[..., Tensor]:
+    """``kernel(x, block, *args)`` with ``block`` fixed: compiled with dynamic shapes, a block size passed as an
+    argument (or held in a closure) becomes a symbolic row length, which inductor does not vectorise (measured:
+    8x slower on a CPU); ``quantize._run`` compiles these closures with automatic dynamic shapes instead, which
+    keeps the block static."""
+
+    def with_block(x: Tensor, *args: object) -> Tensor:
+        return kernel(x, block, *args)
+
+    with_block.static_ints = True  # type: ignore[attr-defined]  # quantize._run: compile with static ints
+    return with_block
 
 
 def e4m3_scale(s: Tensor) -> Tensor:

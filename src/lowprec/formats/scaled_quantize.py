@@ -56,11 +56,12 @@ def _finish(y: Tensor, out: Tensor | None) -> Tensor:
 
 def _mx(x: Tensor, out: Tensor | None, fmt: MXFormat, rounding: int, key: Tensor | None, run: Runner) -> Tensor:
     el = fmt.elem
+    kernel = sk.constant_block(sk.mx_fp32, fmt.block)
     args = (fmt.scale_rule, el.emax, el.man_bits, el.qmin, el.max_value, el.min_value, el.integer, rounding, key)
     if _direct(x, out, fmt, fmt.block):
-        return run(sk.mx_fp32, x, out, *args, fmt.block)
+        return run(kernel, x, out, *args)
     blocks, back = _rows(x, fmt.axis, fmt.block)
-    return _finish(back(run(sk.mx_fp32, blocks, None, *args)), out)
+    return _finish(back(run(kernel, blocks, None, *args)), out)
 
 
 def _nvfp4(x: Tensor, out: Tensor | None, fmt: NVFP4, rounding: int, key: Tensor | None, run: Runner) -> Tensor:
