@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from fractions import Fraction
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_mx_scale_clamping_edges(element, rule):
     rows = [[a, -a / 3, a / 7, a * 0.5] + [f32(3)] * 28 for a in amaxes]
     check_mx(torch.tensor(rows, dtype=torch.float32), element, rule)
     for a in amaxes:
-        e = mx_exponent(abs(__import__("fractions").Fraction(a)), element, rule)
+        e = mx_exponent(abs(Fraction(a)), element, rule)
         assert -127 <= e <= 127
 
 
@@ -128,7 +129,6 @@ def test_rceil_equals_the_float32_descale_rounded_up(element):
     mant = d_bits & 0x7FFFFF
     up = torch.where(expo == 0, mant > 0x400000, mant != 0)
     cublas = (expo + up.to(torch.int32) - 127).clamp(max=127).tolist()
-    from fractions import Fraction
     ours = [mx_exponent(Fraction(v), element, "rceil") for v in amaxes]
     assert ours == cublas
     rows = torch.tensor([[v] + [0.0] * 31 for v in amaxes])

@@ -12,7 +12,6 @@ in float32 and so round float32 tensors only (their values span scales a half ty
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -220,7 +219,3 @@ class ScaledFloat(ScaledFormat):
             opts.append(f"axis={self.axis}")
         return f"scaled<{','.join(opts)}>"
 
-
-def pow2_scale(scale: float) -> float:
-    """The largest power of two <= ``scale`` (a positive finite float)."""
-    return math.ldexp(1.0, math.frexp(scale)[1] - 1)

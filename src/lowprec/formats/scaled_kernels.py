@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, STOCHASTIC, random_bits, round_integer
+from .kernels import STOCHASTIC, random_bits, round_integer
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
