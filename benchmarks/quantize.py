@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/quantize.py                     # full run (a few minutes), rewrites BENCHMARKS.md
     python benchmarks/quantize.py --numel 1048576 --repeats 3 --formats 'fp16,bfp<8,16>' --no-qtorch
+    python benchmarks/quantize.py --scaled            # only the block and scaled formats' section
 
 Input: ``numel`` float32 values x = z * 2**k with z ~ N(0, 1) and k drawn uniformly from {-10, ..., 10}
 per element (fixed seed), so that about 25 binades are exercised rather than the few of a plain randn.
@@ -69,6 +70,18 @@ SEED = 0
 QuantizeFn = Callable[[Tensor, str], Tensor]
 
 
+#: The block and scaled formats (section "scaled"), their targets as fractions of copy_ (the block formats'
+#: issue), and gfloat's vectorised equivalents where gfloat is installed.
+SCALED_FORMATS = ["bfp<8,16>", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp4", "mxint8", "nvfp4", "scaled<e4m3>"]
+BLOCK_TARGETS = {"nearest": 0.5, "stochastic": 0.3}
+GFLOAT_MX = {"mxfp8_e4m3": "format_info_mxfp8_e4m3", "mxfp8_e5m2": "format_info_mxfp8_e5m2",
+             "mxfp6_e2m3": "format_info_mxfp6_e2m3", "mxfp4": "format_info_mxfp4_e2m1", "mxint8": "format_info_mxint8"}
+GFLOAT_NOTE = """gfloat's column: its vectorised rounding (`gfloat.round_ndarray(etype, x / scale, sat=True) * scale`) on
+numpy float64 blocks of 32, with the scale of its `compute_scale_amax` (floor(log2 amax) - emax, clipped to
+[-127, 127], 2**-127 for a zero block): the same values as lowprec's (the differing-values column counts float32
+bit patterns, the sign of zero ignored: gfloat returns +0). One timed call after one warm-up."""
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=int, default=1 << 24, help="elements of the input (default 2**24)")
@@ -77,6 +90,9 @@ def parse_args() -> argparse.Namespace:
         "--formats", default=",".join(FORMATS), help=f"comma-separated formats (default {','.join(FORMATS)})"
     )
     parser.add_argument("--no-qtorch", action="store_true", help="skip the QPyTorch comparison")
+    parser.add_argument("--scaled", action="store_true",
+                        help=f"benchmark only the block and scaled formats ({', '.join(SCALED_FORMATS)}) into their "
+                             "own section, against copy_ and gfloat")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"), help="markdown file to update")
     return parser.parse_args()
 
@@ -246,6 +262,72 @@ def count_bit_mismatches(x: Tensor, formats: list[str], qtorch_fns: dict[str, Qu
 
 
 
+def gfloat_mx(info: object, x: Tensor) -> Tensor:
+    """MX through gfloat (see GFLOAT_NOTE) of a flat float32 tensor whose length is a multiple of 32."""
+    import gfloat
+    import numpy as np
+
+    blocks = x.numpy().reshape(-1, 32).astype(np.float64)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax == 0, -127.0, np.clip(np.floor(np.log2(amax)) - info.etype.emax, -127.0, 127.0))
+    scale = 2.0**e
+    return torch.from_numpy((gfloat.round_ndarray(info.etype, blocks / scale, sat=True) * scale).astype(np.float32)).view(-1)
+
+
+def benchmark_scaled(x: Tensor, repeats: int, ceiling: float) -> tuple[list[Row], str]:
+    """Rows of the block and scaled formats: throughput with out=, ratio to copy_ and to gfloat, the targets."""
+    try:
+        from gfloat import formats as gf
+        gfloat_status = "gfloat installed"
+    except ImportError:
+        gf, gfloat_status = None, "gfloat not installed (pip install gfloat)"
+    dst = torch.empty_like(x)
+    gen = torch.Generator().manual_seed(SEED)
+    rows = []
+    for fmt in SCALED_FORMATS:
+        for rounding in ("nearest", "stochastic"):
+            t = measure(functools.partial(lp.quantize, x, fmt, rounding, generator=gen, out=dst), x.numel(), repeats)
+            ratio = t.melem_per_s / ceiling
+            gspeed, differ = None, "-"
+            if gf is not None and fmt in GFLOAT_MX and rounding == "nearest":
+                info = getattr(gf, GFLOAT_MX[fmt])
+                ref = gfloat_mx(info, x)
+                gspeed = time_calls(lambda: gfloat_mx(info, x), x.numel(), 1).melem_per_s
+                ours = lp.quantize(x, fmt)
+                differ = f"{int((ours.abs().view(torch.int32) != ref.abs().view(torch.int32)).sum()):,}"
+            verdict_ = "PASS" if ratio >= BLOCK_TARGETS[rounding] else "FAIL"
+            rows.append([fmt, rounding, f"{t.melem_per_s:,.0f}", f"{ratio:.2f}",
+                         f"{gspeed:,.1f}" if gspeed else "-", f"{t.melem_per_s / gspeed:,.0f}x" if gspeed else "-",
+                         differ, f"{verdict_} (>= {BLOCK_TARGETS[rounding]})", f"{t.others_share:.0%}"])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows, gfloat_status
+
+
+def main_scaled(args: argparse.Namespace, command: str, source: str, x: Tensor) -> None:
+    ceiling, baseline_rows = benchmark_baselines(x, args.repeats)
+    rows, gfloat_status = benchmark_scaled(x, args.repeats, ceiling)
+    header = ["format", "rounding", "out= Melem/s", "x copy_", "gfloat Melem/s", "vs gfloat",
+              "values differing from gfloat", "target", "others' CPU"]
+    print_table("block and scaled formats", header, rows)
+    section = f"""## block and scaled formats
+
+- Command: `{command}`
+- Code: {source}
+- Machine: {machine()}
+- Date: {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+- Input, timing and interference: as in "quantize core" ({args.numel:,} float32 values over about 25 binades);
+  `quantize(x, fmt, rounding, generator=g, out=dst)`.
+- Ceiling: `dst.copy_(x)`: {ceiling:,.0f} Melem/s. Targets (block formats): nearest >= {BLOCK_TARGETS["nearest"]}
+  x copy_, stochastic >= {BLOCK_TARGETS["stochastic"]} x copy_.
+- gfloat: {gfloat_status}. {GFLOAT_NOTE}
+
+{markdown_table(header, rows)}
+"""
+    write_section(args.output, "scaled", section)
+    print(f"wrote {args.output}")
+
+
 def main() -> None:
     args = parse_args()
     formats = split_formats(args.formats)
@@ -253,6 +335,9 @@ def main() -> None:
     source = lowprec_source()  # the code imported above; checked again at the end
     torch.manual_seed(SEED)  # QPyTorch's stochastic fixed point draws from torch's default generator
     x = make_input(args.numel)
+    if args.scaled:
+        main_scaled(args, command, source, x)
+        return
 
     qtorch_module, qtorch_status = load_qtorch(args.no_qtorch)
     qtorch_fns: dict[str, QuantizeFn] = (

@@ -1,6 +1,7 @@
 """Number formats and ``quantize()``: the foundation every other layer builds on."""
 
 from .parse import FORMS, parse_format
+from .scaled import ELEMENTS, NVFP4, SCALE_RULES, MXFormat, ScaledFloat, ScaledFormat
 from .quantize import compile_enabled, count_above, max_abs_int_bits, quantize, quantize_counting
 from .types import (
     BF16,
@@ -21,4 +22,5 @@ __all__ = [
     "FORMS", "parse_format", "quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled",
     "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "FP32", "BF16", "FP16", "E4M3", "E5M2", "TORCH_DTYPES",
+    "MXFormat", "NVFP4", "ScaledFloat", "ScaledFormat", "ELEMENTS", "SCALE_RULES",
 ]

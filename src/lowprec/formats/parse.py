@@ -17,6 +17,7 @@ from .types import (
     Format,
     Uniform,
 )
+from .scaled import ELEMENTS, MXFormat, NVFP4, ScaledFloat
 
 __all__ = ["parse_format", "FORMS"]
 
@@ -24,8 +25,15 @@ __all__ = ["parse_format", "FORMS"]
 FORMS = (
     "fp32 | bf16 | fp16 | e4m3 | e5m2 | int8 | int16 | "
     "float<e=E,m=M[,subnormals=on|off][,overflow=inf|saturate][,finite]> | fixed<WORD,FRAC> | "
-    "dfx<BITS> | uniform<K[,unsigned]> | bfp<BITS,BLOCK>"
+    "dfx<BITS> | uniform<K[,unsigned]> | bfp<BITS,BLOCK> | "
+    "mxfp8_e4m3 | mxfp8_e5m2 | mxfp6_e2m3 | mxfp6_e3m2 | mxfp4 | mxint8 (each [<scale=floor|ceil|even|rceil,axis=D>]) | "
+    "mx<e4m3|e5m2|e2m3|e3m2|e2m1|int8,BLOCK[,scale=RULE][,axis=D]> | nvfp4[<tile=1x16|16x16,axis=D>] | "
+    "scaled<FLOAT[,delayed][,history=N][,algo=max|most_recent][,margin=M][,pow2][,rowwise][,axis=D]>"
 )
+
+_MX_ELEMENTS = {"mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp6_e2m3": "e2m3", "mxfp6_e3m2": "e3m2",
+                "mxfp4": "e2m1", "mxfp4_e2m1": "e2m1", "mxint8": "int8"}
+_NESTED = re.compile(r"^(?P<kind>mx\w*|nvfp4|scaled)<(?P<args>.*)>$")
 
 _NAMES: dict[str, Format] = {
     "fp32": FP32, "float32": FP32,
@@ -68,6 +76,62 @@ def _float_format(args: list[str], spec: str) -> FloatFormat:
     )
 
 
+def _split(args: str) -> list[str]:
+    """Split on commas outside angle brackets (an element may be ``float<e=4,m=3>``)."""
+    parts, depth, cur = [], 0, ""
+    for ch in args:
+        depth += (ch == "<") - (ch == ">")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur] if cur or parts else []
+
+
+def _options(args: list[str], spec: str, known: dict[str, type], flags: tuple[str, ...] = ()) -> dict[str, object]:
+    """key=value options (ints or words) and bare flags of a scaled format."""
+    opts: dict[str, object] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep and key in flags:
+            opts[key] = True
+        elif sep and key in known:
+            opts[key] = _int(value, key, spec) if known[key] is int else value
+        else:
+            accepted = ", ".join([f"{k}=" for k in known] + list(flags))
+            raise ValueError(f"unknown option {arg!r} in {spec!r}; accepted: {accepted}")
+    return opts
+
+
+_RENAME = {"scale": "scale_rule"}
+
+
+def _scaled_format(kind: str, args: list[str], spec: str) -> Format:
+    if kind in _MX_ELEMENTS or kind == "mx":
+        if kind == "mx":
+            if len(args) < 2 or args[0] not in ELEMENTS:
+                raise ValueError(f"mx<ELEMENT,BLOCK,...> needs an element ({', '.join(ELEMENTS)}) and a block size; "
+                                 f"got {spec!r}")
+            element, block, args = args[0], _int(args[1], "block", spec), args[2:]
+        else:
+            element, block = _MX_ELEMENTS[kind], 32
+        opts = _options(args, spec, {"scale": str, "axis": int})
+        return MXFormat(element, block, **{_RENAME.get(k, k): v for k, v in opts.items()})
+    if kind == "nvfp4":
+        return NVFP4(**_options(args, spec, {"tile": str, "axis": int}))
+    if kind == "scaled" and args:
+        element = parse_format(args[0])
+        if not isinstance(element, FloatFormat):
+            raise ValueError(f"scaled<...> takes a float element format (e4m3, e5m2, float<...>), got {args[0]!r}")
+        opts = _options(args[1:], spec, {"history": int, "algo": str, "margin": int, "axis": int},
+                        ("delayed", "current", "pow2", "rowwise"))
+        scaling = "delayed" if opts.pop("delayed", False) else "current"
+        opts.pop("current", None)
+        return ScaledFloat(element, scaling, **opts)
+    raise ValueError(f"cannot parse number format {spec!r}; accepted: {FORMS}")
+
+
 def parse_format(spec: str) -> Format:
     """Parse a format string such as ``"fp16"``, ``"float<e=5,m=10>"``, ``"fixed<16,8>"``, ``"dfx<8>"``.
 
@@ -81,6 +145,11 @@ def parse_format(spec: str) -> Format:
     text = re.sub(r"\s+", "", spec.lower())
     if text in _NAMES:
         return _NAMES[text]
+    if text in _MX_ELEMENTS or text == "nvfp4":
+        return _scaled_format(text, [], spec)
+    nested = _NESTED.match(text)
+    if nested and (nested["kind"] in _MX_ELEMENTS or nested["kind"] in ("mx", "nvfp4", "scaled")):
+        return _scaled_format(nested["kind"], _split(nested["args"]), spec)
     match = _FORM.match(text)
     if not match:
         raise ValueError(f"unknown number format {spec!r}; accepted: {FORMS}")

@@ -20,6 +20,9 @@ from torch import Tensor
 
 from . import host, kernels
 from .parse import parse_format
+from .scaled import ScaledFormat
+from .scaled_kernels import constant_block
+from .scaled_quantize import quantize_scaled
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
 
 __all__ = ["quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled"]
@@ -70,9 +73,24 @@ def _compiled_apply() -> Callable:
     return torch.compile(_apply, dynamic=True)
 
 
+def _apply_static_ints(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
+    """``_apply`` as its own frame, compiled with automatic dynamic shapes (``_compiled_apply_static_ints``)."""
+    return _apply(kernel, x, out, *args)
+
+
+@functools.cache
+def _compiled_apply_static_ints() -> Callable:
+    # For kernels with a block size baked in (``scaled_kernels.constant_block``): under dynamic=True every int a
+    # graph sees becomes symbolic, and a symbolic row length is not vectorised; automatic dynamic keeps ints that
+    # never change static and makes the tensor length dynamic once it varies.
+    _compiled_apply()
+    return torch.compile(_apply_static_ints, dynamic=None)
+
+
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
     global _compile_failed
     if x.numel() >= COMPILE_MIN_NUMEL and compile_enabled():
+        compiled = _compiled_apply_static_ints if getattr(kernel, "static_ints", False) else _compiled_apply
         # The kernels act per element (or per whole tensor): a flat view gives one compiled graph for all ranks.
         flat = x.is_contiguous() and (out is None or out.is_contiguous()) and all(
             not isinstance(a, Tensor) or a.dim() == 0 for a in args
@@ -80,9 +98,9 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
         try:
             if flat:  # written into a tensor of x's shape: the result is never a view of a temporary
                 out = torch.empty_like(x) if out is None else out
-                _compiled_apply()(kernel, x.view(-1), out.view(-1), *args)
+                compiled()(kernel, x.view(-1), out.view(-1), *args)
                 return out
-            return _compiled_apply()(kernel, x, out, *args)
+            return compiled()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
             _compile_failed = True
             warnings.warn(
@@ -253,8 +271,8 @@ def _dispatch(
         if _wide(x.dtype) == torch.float32:
             lo, hi = _frac_range(fmt.bits, x.dtype)
             direct = not pad and out.is_contiguous()
-            y = _run(kernels.block_fp32, flat, out.view(-1) if direct else None, fmt.block, kmin, kmax,
-                     fmt.bits - 1, lo, hi, rounding, key)
+            y = _run(constant_block(kernels.block_fp32, fmt.block), flat, out.view(-1) if direct else None, kmin,
+                     kmax, fmt.bits - 1, lo, hi, rounding, key)
             return out if direct else out.copy_(y[: x.numel()].view(x.shape))
         blocks = flat.view(-1, fmt.block)
         r = max_abs_int_bits(blocks, fmt.block)
@@ -285,6 +303,7 @@ def quantize(
     generator: torch.Generator | None = None,
     int_bits: int | Tensor | None = None,
     out: Tensor | None = None,
+    scale: Tensor | float | None = None,
 ) -> Tensor:
     """Round every element of ``x`` onto the number format ``fmt``; the result has x's dtype and shape.
 
@@ -299,7 +318,8 @@ def quantize(
     on x). ``out`` receives the result in place (no allocation: the fastest way to quantize). When x's own
     dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned; otherwise the
     result is ``out`` or a new tensor, never a view (autograd lets in-place ops follow it). An empty tensor
-    gives an empty tensor, in every format.
+    gives an empty tensor, in every format. ``scale`` sets the scale of a per-tensor scaled float
+    (``scaled<...>``; default: current scaling from x's amax; delayed scaling needs it).
 
     Raises TypeError for a non-float tensor, ValueError for a format x's dtype cannot hold exactly, an
     unknown rounding, a generator on another device, or a mismatched ``out``.
@@ -321,8 +341,12 @@ def quantize(
             f"out must match x: got {tuple(out.shape)} {out.dtype} on {out.device}, "
             f"need {tuple(x.shape)} {x.dtype} on {x.device}"
         )
+    if scale is not None and not isinstance(fmt, ScaledFormat):
+        raise ValueError(f"scale= applies to per-tensor scaled floats (scaled<...>), not {fmt!r}")
     mode = kernels.ROUNDINGS[rounding]
     key = _draw_key(generator, x.device) if mode == kernels.STOCHASTIC else None
     if _identity_for(fmt, x.dtype) or x.numel() == 0:
         return x if out is None else out.copy_(x)
+    if isinstance(fmt, ScaledFormat):
+        return quantize_scaled(x, out, fmt, mode, key, scale, _run, _dispatch)
     return _dispatch(x, out, fmt, mode, key, int_bits)

@@ -189,7 +189,16 @@ class QLinear(QuantizedModule, nn.Linear):
 
 class _QConv(QuantizedModule):
     """Shared forward of QConv1d/QConv2d: non-zero padding modes and string padding become an explicit
-    ``F.pad`` of the input (as torch does), then QConvFunction with integer padding."""
+    ``F.pad`` of the input (as torch does), then QConvFunction with integer padding.
+
+    Block formats (MX, NVFP4) and rowwise scaling run along the channel dimension (dim 1 of the input, the weight,
+    the output and their gradients): the reduction dimension of the convolution as an implicit GEMM over
+    channels-last data, as fp8/fp4 convolution kernels lay it out."""
+
+    def configure(self, policy: Policy) -> None:
+        super().configure(policy)
+        for quantizer in self.quantizers.values():
+            quantizer.block_axis = 1
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:

@@ -228,7 +228,8 @@ class Policy:
     @classmethod
     def preset(cls, name: str) -> Policy:
         """A named recipe: fp32, mixed-fp16, mixed-bf16, int8, int8-lazy, int16, wrpn-<w>-<a>, fixed-20,
-        dfx-10-12 (any dfx-<p>-<u>), fp8-e4m3, fp8-e5m2, fp8-hybrid."""
+        dfx-10-12 (any dfx-<p>-<u>), fp8-e4m3, fp8-e5m2, fp8-hybrid, and the scaled formats' fp8-current,
+        fp8-delayed, mxfp8, mxfp6, mxfp4, nvfp4."""
         from .presets import preset
 
         return preset(name)

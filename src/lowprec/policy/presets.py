@@ -51,6 +51,22 @@ PRESETS: dict[str, str] = {
     "fp8-hybrid": "params=e4m3,activations=e4m3,grads=e5m2,loss_scale=dynamic",
     "fp8-e4m3": _ALL.format(f="e4m3") + ",loss_scale=dynamic",
     "fp8-e5m2": _ALL.format(f="e5m2") + ",loss_scale=dynamic",
+    # Scaled formats (beyond the papers; docs/formats.md "Scaled formats"). Per-tensor scaled fp8, e4m3 forward
+    # and e5m2 gradients: current scaling (torchao's tensorwise recipe) or Transformer Engine's HYBRID delayed
+    # scaling (amax history 1024, max). The scale does what a loss scale would: none.
+    "fp8-current": "params=scaled<e4m3>,activations=scaled<e4m3>,grads=scaled<e5m2>",
+    "fp8-delayed": "params=scaled<e4m3,delayed>,activations=scaled<e4m3,delayed>,grads=scaled<e5m2,delayed>",
+    # OCP MX, blocks of 32 along each tensor's last dimension (a linear layer's input features; a convolution's
+    # channels): MXFP8 as Transformer Engine's MXFP8BlockScaling (e4m3 everywhere, RCEIL scales); MXFP6 with
+    # e2m3 forward and e3m2 gradients and MXFP4 (gradients rounded stochastically), both with the spec's scales.
+    "mxfp8": _ALL.format(f="mxfp8_e4m3<scale=rceil>"),
+    "mxfp6": "params=mxfp6_e2m3,activations=mxfp6_e2m3,grads=mxfp6_e3m2",
+    "mxfp4": "params=mxfp4,activations=mxfp4,grads=mxfp4/stochastic",
+    # NVFP4 (NVIDIA's recipe): 16x16 block scales for weights, 1x16 for activations and gradients, gradients
+    # rounded stochastically, the last layer kept in bf16. (The recipe's random Hadamard transform of the
+    # weight-gradient GEMM's operands is not emulated.)
+    "nvfp4": "weight=nvfp4<tile=16x16>,bias=nvfp4,activations=nvfp4,grads=nvfp4/stochastic; "
+             "@last: " + _ALL.format(f="bf16"),
 }
 
 

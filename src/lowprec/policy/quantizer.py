@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, quantize
-from ..scaling import DynamicExponent
+from ..formats import DynamicFixedPoint, Format, ScaledFloat, quantize
+from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
 __all__ = ["Quantizer"]
@@ -20,15 +21,25 @@ class Quantizer:
     Dynamic fixed point roles follow the policy's exponent rule: "overflow" carries a ``DynamicExponent``
     (Courbariaux's per-group scale: each call observes the tensor, ``update()`` moves the exponent at the end
     of each interval); "maxabs" takes the exponent from the tensor's own max|x| at every call (no state).
+    Delayed-scaling floats (``scaled<e4m3,delayed>``) carry a ``DelayedScale`` (``scale_state``): each call
+    rounds with the current scale and records the tensor's amax, ``update()`` moves the scale.
     Stochastic rounding draws from the device's default generator (seed with torch.manual_seed; checkpoint
     torch's RNG state for a bit-exact resume).
+
+    ``block_axis`` (set by a layer, e.g. 1 for a convolution's channels): the dimension the blocks or rows of a
+    scaled format (MX, NVFP4, rowwise scaling) run along for tensors of 3 or more dimensions, in place of the
+    format's own axis; lower-dimensional tensors (a bias) keep the format's axis.
     """
 
     def __init__(self, quant: Quant | None, policy: Policy | None = None):
         self.quant = quant
         self.observe_only = False  # calibration: record exponent statistics, return x unchanged
         self.exponent: DynamicExponent | None = None
+        self.scale_state: DelayedScale | None = None
+        self.block_axis: int | None = None
         p = policy or Policy()
+        if quant is not None and isinstance(quant.format, ScaledFloat) and quant.format.scaling == "delayed":
+            self.scale_state = DelayedScale(quant.format)
         if quant is not None and isinstance(quant.format, DynamicFixedPoint) and p.exponent_rule == "overflow":
             # init_int_bits None: the exponent starts at the max-abs exponent of the first tensor it sees
             self.exponent = DynamicExponent(
@@ -46,10 +57,21 @@ class Quantizer:
         if self.observe_only:
             if self.exponent is not None:
                 self.exponent.observe(x)
+            if self.scale_state is not None:
+                self.scale_state.observe(x)
             return x
         if self.exponent is not None:
             return self.exponent.quantize(x, self.quant.rounding)
-        return quantize(x, self.quant.format, self.quant.rounding)
+        if self.scale_state is not None:
+            return self.scale_state.quantize(x, self.quant.rounding)
+        return quantize(x, self._format_for(x), self.quant.rounding)
+
+    def _format_for(self, x: Tensor) -> Format:
+        """The format with the layer's ``block_axis`` where it applies (see the class docstring)."""
+        fmt = self.quant.format
+        if self.block_axis is not None and x.dim() >= 3 and hasattr(fmt, "axis"):
+            return replace(fmt, axis=self.block_axis)
+        return fmt
 
     @torch.compiler.disable
     def round(self, x: Tensor) -> Tensor:
@@ -60,24 +82,35 @@ class Quantizer:
         if self.exponent is not None:
             self.exponent.start(x)
             int_bits = self.exponent.int_bits
-        return quantize(x, self.quant.format, self.quant.rounding, int_bits=int_bits)
+        if self.scale_state is not None:
+            return self.scale_state.round(x, self.quant.rounding)
+        return quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits)
 
     @torch.no_grad()
     def update(self) -> None:
-        """Advance the exponent rule (no-op for static formats)."""
+        """Advance the exponent rule or the delayed scale (no-op for static formats)."""
         if self.exponent is not None:
             self.exponent.update()
+        if self.scale_state is not None:
+            self.scale_state.update()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"quant": str(self.quant), "exponent": self.exponent.state_dict() if self.exponent else None}
+        state = {"quant": str(self.quant), "exponent": self.exponent.state_dict() if self.exponent else None}
+        if self.scale_state is not None:
+            state["scale"] = self.scale_state.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["quant"] != str(self.quant):
             raise ValueError(f"checkpoint quantizer is {state['quant']}, this one is {self.quant}")
         if self.exponent is not None:
             self.exponent.load_state_dict(state["exponent"])
+        if self.scale_state is not None:
+            self.scale_state.load_state_dict(state["scale"])
 
     def __repr__(self) -> str:
         if self.exponent is not None:
             return f"Quantizer({self.quant}, int_bits={self.exponent.int_bits})"
+        if self.scale_state is not None:
+            return f"Quantizer({self.quant}, scale={float(self.scale_state.scale)})"
         return f"Quantizer({self.quant})"

@@ -160,6 +160,8 @@ class Trainer:
             for _, _, q in layer_quantizers(model):
                 if q.exponent is not None:
                     q.exponent.agree = distributed.all_max
+                if q.scale_state is not None:  # delayed scaling: every rank pushes the largest amax
+                    q.scale_state.agree = distributed.all_max
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, loss: Tensor) -> TrainStepResult:

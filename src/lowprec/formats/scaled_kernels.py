@@ -1,0 +1,142 @@
+"""Kernels of the scaled formats (MX, NVFP4, per-tensor scaled floats) on float32: pure tensor code, run eagerly
+or fused by torch.compile (``quantize._run``), the same bits either way.
+
+Every kernel receives its input as rows (``x.view(-1, block)``: one block per row) and returns the same shape.
+Scales are powers of two built from their bits, or float32 values computed by the documented float32 operations;
+elements are rounded by ``round_element``: exact integer-valued arithmetic on a power-of-two grid.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .kernels import STOCHASTIC, random_bits, round_integer
+
+FLT_MAX = 3.4028234663852886e38
+#: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
+NVFP4_TENSOR_NUMERATOR = 448.0 * 6.0
+
+
+def pow2(e: Tensor) -> Tensor:
+    """2**e as float32 for an int32 exponent in [-127, 127] (2**-127 is the float32 subnormal 0x00400000)."""
+    return torch.where(e > -127, (e + 127) << 23, 1 << 22).view(torch.float32)
+
+
+def round_element(
+    v: Tensor, man_bits: int, qmin: int, max_value: float, min_value: float, rounding: int, key: Tensor | None,
+    rand: Tensor | None = None,
+) -> Tensor:
+    """|v| rounded onto the grid of quantum 2**max(E - man_bits, qmin) (E = floor(log2 |v|)), sign kept, then
+    clamped to [min_value, max_value] (saturation). v finite float32 with 2**qmin a normal float32.
+
+    The quantum is read from v's exponent bits; |v| / quantum is exact (a power of two), rounded to an integer by
+    ``kernels.round_integer`` (nearest even / truncation / stochastic with 31 random bits), times the quantum
+    (exact). A carry into the next binade is exact too (the grid of the next binade contains 2**(E+1)).
+    ``rand``: the 31-bit random integers to use (else drawn from ``key``)."""
+    a = v.abs()
+    ef = (a.view(torch.int32) >> 23).clamp(min=qmin + man_bits + 127)  # biased exponent, at least emin's
+    q = ((ef - man_bits) << 23).view(torch.float32)
+    inv_q = ((254 - ef + man_bits) << 23).view(torch.float32)
+    if rounding == STOCHASTIC and rand is None:
+        rand = random_bits(v.shape, key, 31, v.device).to(torch.int32)
+    k = round_integer(a * inv_q, rounding, rand)
+    return torch.clamp((k * q).copysign(v), min_value, max_value)
+
+
+def _round_up(a: Tensor, normal_above: int, subnormal_above: int) -> Tensor:
+    """(floor(log2 a) for a normal, -127 for a subnormal or zero, + 1 where the 23 fraction bits of a exceed
+    ``normal_above`` (a normal) or ``subnormal_above`` (a subnormal)) of a finite float32 a >= 0, from its bits."""
+    bits = a.view(torch.int32)
+    ef, frac = bits >> 23, bits & 0x7FFFFF
+    up = torch.where(ef == 0, frac > subnormal_above, frac > normal_above)
+    return ef - 127 + up.to(torch.int32)
+
+
+def shared_exponent(amax: Tensor, rule: str, emax: int, man_bits: int, max_value: float) -> Tensor:
+    """The MX block exponent e (int32, clamped to [-127, 127]) of each block's amax (finite, >= 0) under ``rule``
+    (``scaled.SCALE_RULES``); an all-zero block gives -127. Exact, from the bits: below 2**-126 the true
+    floor(log2 amax) is at most -127, so every rule's result there is -127 or, for amax in (2**-127, 2**-126)
+    rounding up, -126 (reached only by int8's emax of 0 and by rceil); the subnormal thresholds decide that case.
+    rceil rounds the float32 product descale = amax * (1 / max_value) up to a power of two (cuBLAS)."""
+    never = 1 << 23  # a fraction field never exceeds it
+    if rule == "rceil":
+        e = _round_up(amax * torch.tensor(1.0 / max_value, dtype=torch.float32), 0, 0x400000)
+    elif rule == "floor":
+        e = _round_up(amax, never, never) - emax
+    elif rule == "ceil":
+        e = _round_up(amax, 0, 0x400000) - emax
+    else:  # even: amax rounded to man_bits + 1 significant bits, ties away, may move up a binade
+        e = _round_up(amax, (1 << 23) - (1 << (22 - man_bits)) - 1, (1 << 23) - (1 << (21 - man_bits)) - 1) - emax
+    return e.clamp(-127, 127)
+
+
+def mx_fp32(
+    x: Tensor, block: int, rule: str, emax: int, man_bits: int, qmin: int, max_value: float, min_value: float,
+    integer: bool, rounding: int, key: Tensor | None,
+) -> Tensor:
+    """OCP MX of a float32 tensor whose length is a multiple of ``block``, cut into rows of ``block`` (one block
+    each): amax per row, e = ``shared_exponent``, elements ``round_element(x * 2**-e) * 2**e`` (both products
+    exact where it matters: see docs/formats.md), NaN rows where amax is NaN or inf; ``integer`` (int8 elements)
+    turns -0 into +0 (two's complement has no -0). Call through ``constant_block`` when compiling."""
+    blocks = x.view(-1, block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    bad = ~torch.isfinite(amax)
+    e = shared_exponent(torch.where(bad, 0.0, amax), rule, emax, man_bits, max_value)
+    up = torch.where(bad, float("nan"), pow2(e))  # per block: a NaN scale makes the whole block NaN
+    y = round_element(blocks * pow2(-e), man_bits, qmin, max_value, min_value, rounding, key) * up
+    return (y + 0.0 if integer else y).view(x.shape)
+
+
+@functools.cache
+def constant_block(kernel: Callable[..., Tensor], block: int) -> Callable[..., Tensor]:
+    """``kernel(x, block, *args)`` with ``block`` fixed: compiled with dynamic shapes, a block size passed as an
+    argument (or held in a closure) becomes a symbolic row length, which inductor does not vectorise (measured:
+    8x slower on a CPU); ``quantize._run`` compiles these closures with automatic dynamic shapes instead, which
+    keeps the block static."""
+
+    def with_block(x: Tensor, *args: object) -> Tensor:
+        return kernel(x, block, *args)
+
+    with_block.static_ints = True  # type: ignore[attr-defined]  # quantize._run: compile with static ints
+    return with_block
+
+
+def e4m3_scale(s: Tensor) -> Tensor:
+    """s (float32, >= 0, <= 448) rounded to nearest even onto e4m3 (exact: a float8_e4m3fn cast, no overflow)."""
+    return s.to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def nvfp4_encode_scale(x: Tensor) -> Tensor:
+    """NVFP4's tensor scale: s_enc = min(448 * 6 / amax, FLT_MAX) in float32, amax over x's finite values (an
+    all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped)."""
+    amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
+    return torch.clamp(NVFP4_TENSOR_NUMERATOR / amax, max=FLT_MAX)
+
+
+def nvfp4_1x16_fp32(x: Tensor, rounding: int, key: Tensor | None) -> Tensor:
+    """NVFP4 with 1x16 blocks of a tensor whose length is a multiple of 16 (rows of 16), in one graph."""
+    blocks = x.view(-1, 16)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    amax = torch.where(torch.isfinite(amax), amax, float("nan"))
+    return nvfp4_fp32(blocks, amax, nvfp4_encode_scale(x), rounding, key).view(x.shape)
+
+
+def nvfp4_fp32(
+    blocks: Tensor, block_amax: Tensor, s_enc: Tensor, rounding: int, key: Tensor | None
+) -> Tensor:
+    """NVFP4 on rows ``blocks`` given each row's block amax ``block_amax`` (NaN where the block holds NaN or inf)
+    and the tensor's encode scale ``s_enc`` (``nvfp4_encode_scale``). In float32, each step rounded to nearest:
+
+        s_dec = 1 / s_enc;  d = e4m3(min((amax_b / 6) * s_enc, 448));
+        enc = min(1 / (d * s_dec), FLT_MAX);  q = e2m1(clamp(x * enc, -6, 6));  y = (q * d) * s_dec
+    """
+    s_dec = 1.0 / s_enc
+    d = e4m3_scale(torch.clamp((block_amax / 6.0) * s_enc, max=448.0))  # clamp: also FLT_MAX's and inf's
+    enc = torch.clamp(1.0 / (d * s_dec), max=FLT_MAX)
+    v = torch.clamp(blocks * enc, -6.0, 6.0)
+    y = (round_element(v, 1, -1, 6.0, -6.0, rounding, key) * d) * s_dec
+    return torch.where(torch.isnan(block_amax), float("nan"), y)
