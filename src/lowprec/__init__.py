@@ -5,6 +5,7 @@
 >>> model = lp.convert(model, lp.Policy.preset("int8-lazy"))
 >>> trainer = lp.Trainer(model, optimizer, "int8-lazy")
 >>> result = trainer.step(loss)                          # result.skipped, result.scale, result.overflow_modules
+>>> scaler = lp.GradScaler("int8-lazy", model, optimizer)  # a torch.amp-shaped loop: lp.autocast(scaler)
 >>> report = lp.inspect(model, (x, y), "mixed-fp16")     # histograms, underflow/overflow, loss-scale advice
 """
 
@@ -24,6 +25,7 @@ from .nn import convert, widen
 from .policy import Policy, Quant, Quantizer, classifier_bits
 from .scaling import DynamicExponent, LossScaleCollapse, LossScaler, StepResult
 from .train import Trainer
+from .integrations import GradScaler, autocast
 
 __version__ = "0.1.0"
 
@@ -31,5 +33,5 @@ __all__ = [
     "parse_format", "quantize", "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "Policy", "Quant", "Quantizer", "classifier_bits",
     "DynamicExponent", "LossScaler", "LossScaleCollapse", "StepResult",
-    "convert", "widen", "nn", "Trainer", "inspect",
+    "convert", "widen", "nn", "Trainer", "inspect", "autocast", "GradScaler",
 ]

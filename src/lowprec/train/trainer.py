@@ -19,8 +19,9 @@ Under torch.distributed (a Trainer built after ``init_process_group``) the inf/N
 counters are agreed across ranks (``distributed.py``): every rank skips the same steps and holds the same
 loss scale and exponents.
 
-Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
-clipping or gradient inspection), ``apply_update``.
+Users with their own loop call the pieces, as with torch.amp: ``backward`` (or ``scale_loss(loss).backward()``),
+``unscale_`` (then their own clipping of ``gradient_holders()`` or gradient inspection), ``apply_update``;
+``lowprec.GradScaler`` (lowprec.integrations.amp) gives those pieces torch.amp.GradScaler's names.
 
 A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass
 per parameter group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates
@@ -142,12 +143,18 @@ class Trainer:
 
     def backward(self, loss: Tensor) -> None:
         """(S·loss).backward(). May be called several times before ``apply_update`` (gradient accumulation)."""
-        if self._unscaled is not None:
-            raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
-        self._gather_grads()  # an earlier backward's fp16/bf16 gradients of this step: summed in fp32
-        self.scaler.scale_loss(loss).backward()
+        self.scale_loss(loss).backward()
         if self.fused is None:
             self._gather_grads()
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """S·loss (fp32) for the caller's own ``.backward()`` (``backward`` and torch.amp-style loops). Gradients
+        an earlier backward of this step left on fp16/bf16 parameters move into their fp32 masters first, so
+        several backward passes sum in fp32; ``unscale_``/``apply_update`` gather the last one."""
+        if self._unscaled is not None:
+            raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
+        self._gather_grads()
+        return self.scaler.scale_loss(loss)
 
     def _gather_grads(self) -> None:
         """Native fp16/bf16 parameters: move their gradients into the float32 master copies (update.py)."""
@@ -193,11 +200,15 @@ class Trainer:
         """Clip, optimizer step, storage rule, optimizer-state formats; the norm before clipping (if clipped)."""
         grad_norm = None
         if self.clip_grad_norm is not None:
-            grads = [s.holder for s in self.slots if s.holder.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.gradient_holders(), self.clip_grad_norm)
         step_parameters(self.optimizer, self.slots)
         self.state_formats.apply_(self.optimizer)
         return grad_norm
+
+    def gradient_holders(self) -> list[Tensor]:
+        """The tensors whose ``.grad`` the optimizer steps on (after ``unscale_``: the unscaled gradients), for
+        the caller's own clipping: a native parameter's fp32 master copy, every other parameter itself."""
+        return [s.holder for s in self.slots if s.holder.grad is not None]
 
     def requantize_(self) -> None:
         """Round every parameter back into its master format, e.g. after a constraint the caller applied to the
