@@ -33,11 +33,12 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def trainer_run(policy: str, steps: int) -> tuple[nn.Module, lp.Trainer, list[lp.train.TrainStepResult]]:
-    """The reference: ``steps`` steps of ``lp.Trainer.step`` on ``batches(steps)``."""
+def trainer_run(policy: str, steps: int | list) -> tuple[nn.Module, lp.Trainer, list[lp.train.TrainStepResult]]:
+    """The reference: ``lp.Trainer.step`` on each batch of ``batches(steps)`` (or of the list given)."""
+    data = batches(steps) if isinstance(steps, int) else steps
     model = lp.convert(tiny_net(), policy)
     trainer = lp.Trainer(model, sgd(model), policy)
-    results = [trainer.step(step_loss(model, b, i)) for i, b in enumerate(batches(steps))]
+    results = [trainer.step(step_loss(model, b, i)) for i, b in enumerate(data)]
     return model, trainer, results
 
 

@@ -39,6 +39,7 @@ from ..nn import QuantizedModule, convert
 from ..policy import Policy, as_policy
 from ..scaling import LossScaler
 from ..train import Trainer, TrainStepResult, scaler_for
+from ..train.trainer import rng_state, set_rng_state
 from ..train.params import parameter_slots
 
 __all__ = ["GradScaler", "autocast", "convert_in_place"]
@@ -124,9 +125,15 @@ class GradScaler:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self._trainer is None:
+            if self._pending_state is not None:
+                # a state loaded before binding restores the optimizer's too (on the master copies the Trainer
+                # points it at): what a checkpoint loader put there already is dropped, not mis-keyed
+                optimizer.state.clear()
             self._trainer = Trainer(self.model, optimizer, self.policy, scaler=self.loss_scaler)
             if self._pending_state is not None:
+                drawn = rng_state()  # restored at load_state_dict, drawn from since: keep the stream as it is
                 self._trainer.load_state_dict(self._pending_state)
+                set_rng_state(drawn)
                 self._pending_state = None
         elif optimizer is not self._trainer.optimizer:
             raise ValueError("this GradScaler drives one optimizer (the one it was built or first stepped with); "
@@ -195,10 +202,14 @@ class GradScaler:
         return self._trainer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` (before the optimizer is known: at binding)."""
+        """Restore a ``state_dict()``. Before the optimizer is known, the model, loss scale and RNG states are
+        restored at once (a forward and backward may come first) and the rest when the Trainer is built."""
         if not state:
             return
         if self._trainer is None:
+            self.model.load_state_dict(state["model"])
+            self.loss_scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
             self._pending_state = state
         else:
             self._trainer.load_state_dict(state)

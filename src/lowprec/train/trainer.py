@@ -54,7 +54,7 @@ from .state import OptimizerStateFormats
 from .update import step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
-__all__ = ["Trainer", "TrainStepResult", "scaler_for"]
+__all__ = ["Trainer", "TrainStepResult", "scaler_for", "rng_state", "set_rng_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,20 @@ def scaler_for(policy: Policy) -> LossScaler:
     if policy.loss_scale.startswith("static:"):
         return LossScaler.static(float(policy.loss_scale[len("static:"):]))
     return LossScaler.none()
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's RNG states a checkpoint keeps: CPU, and CUDA when present (stochastic rounding and dropout draw
+    from them)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore an ``rng_state()``."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
@@ -291,10 +305,7 @@ class Trainer:
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
                 "optimizer_state": self.state_formats.state_dict(),
             },
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -325,8 +336,6 @@ class Trainer:
             for role, q in s.quantizers():
                 q.load_state_dict(groups[f"{s.name}:{role}"])
         self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
