@@ -132,3 +132,34 @@ def test_the_pictures_appear_in_the_docs():
         path = root / "docs" / "img" / name
         assert path.stat().st_size > 15_000 and mpimg.imread(path).std() > 0.05
     assert "docs/diagnostics.md" in (root / "README.md").read_text()
+
+
+class _Tagger(torch.nn.Module):
+    """A sequence model: (batch, time) token ids -> (batch, time, vocab) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.head = torch.nn.Embedding(11, 6), torch.nn.GRU(6, 8, batch_first=True), \
+            torch.nn.Linear(8, 11)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+def test_inspect_default_loss_scores_a_sequence_model_and_says_to_pass_loss_fn_when_it_cannot():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 11, (4, 7)), torch.randint(0, 11, (4, 7))
+    with pytest.raises(ValueError, match=r"output \(shape \(4, 7, 11\)\) against labels \(4,\).*Pass loss_fn="):
+        lp.inspect(_Tagger(), (x, y[:, 0]), "mixed-bf16", steps=1)
+    with pytest.raises(ValueError, match="Pass loss_fn="):  # a tuple output
+        lp.inspect(torch.nn.GRU(3, 4), (torch.randn(5, 2, 3), torch.tensor([0, 1])), "mixed-bf16", steps=1)
+
+    def per_step(model, batch):
+        return F.cross_entropy(model(batch[0]).flatten(0, 1).float(), batch[1].flatten())
+
+    report = lp.inspect(_Tagger(), (x, y), "mixed-bf16+grads=fp16", steps=1, loss_fn=per_step)
+    default = lp.inspect(_Tagger(), (x, y), "mixed-bf16+grads=fp16", steps=1)  # classes last: one label a position
+    assert [e.census.total for e in default.entries] == [e.census.total for e in report.entries]
+    got = {(e.module, e.role): e for e in report.entries}
+    assert got["head", "output_grad"].census.total == 4 * 7 * 11 and got["head", "output_grad"].format == "fp16"
+    assert got["rnn", "weight"].format == "bf16"

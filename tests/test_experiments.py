@@ -1,7 +1,6 @@
 """Recipes, checkpoints, runs with resume, and the command line."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch

@@ -60,8 +60,7 @@ def test_converted_layers_keep_names_shapes_and_load_the_original_state_dict():
     assert {k: v.shape for k, v in converted.named_parameters()} == shapes
     converted.load_state_dict(model.state_dict())  # strict: the missing quantizer state is allowed
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), converted.parameters()))
-    extra = [k for k in converted.state_dict() if k.endswith("_extra_state")]
-    assert extra == ["0._extra_state", "3._extra_state", "7._extra_state", "9._extra_state"]
+    assert list(converted.state_dict()) == list(model.state_dict())  # quantizer state rides in the metadata
 
 
 def test_policy_may_be_a_preset_name_or_a_policy_string():
@@ -144,8 +143,8 @@ def test_narrow_classifier_warns_when_the_rule_is_off():
 
 
 def test_unsupported_layers_raise_before_anything_changes():
-    model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4, bidirectional=True))
-    with pytest.raises(NotImplementedError, match="bidirectional"):
+    model = nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 4, proj_size=2))
+    with pytest.raises(NotImplementedError, match="proj_size"):
         lp.convert(model, "mixed-fp16", inplace=True)
     assert type(model[0]) is nn.Linear
     lp.convert(model, "fp32")  # nothing quantized: torch's own layer runs

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import lowprec as lp
 
@@ -45,6 +45,9 @@ CASES = {
     "lstm-no-bias-unbatched": (lambda: nn.LSTM(3, 4, bias=False), (5, 3)),
     "gru": (lambda: nn.GRU(3, 5), (6, 2, 3)),
     "gru-2layer-batch-first": (lambda: nn.GRU(3, 5, num_layers=2, batch_first=True), (2, 6, 3)),
+    "lstm-bidirectional-2layer-unbatched-no-bias": (
+        lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, bias=False), (5, 3)),
+    "gru-bidirectional-batch-first": (lambda: nn.GRU(3, 5, bidirectional=True, batch_first=True), (2, 6, 3)),
     "lstm-cell": (lambda: nn.LSTMCell(3, 5), (2, 3)),
     "gru-cell-unbatched": (lambda: nn.GRUCell(3, 5), (3,)),
 }
@@ -108,11 +111,89 @@ def test_mixed_fp16_gru_weight_gradients_are_fp16_over_the_whole_sequence():
     assert torch.equal(x.grad, _half(x.grad))
 
 
-def test_packed_sequences_are_refused_with_the_alternative():
-    q = lp.convert(nn.LSTM(3, 4), "mixed-fp16")
-    packed = pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
-    with pytest.raises(TypeError, match="padded"):
-        q(packed)
+def _packed_batch(batch_first, lengths=(4, 7, 2), features=3):
+    """A padded batch with padding that must never be read (NaN), packed out of order (enforce_sorted=False)."""
+    x = torch.randn(max(lengths), len(lengths), features, generator=torch.Generator().manual_seed(0))
+    for b, n in enumerate(lengths):
+        x[n:, b] = float("nan")
+    x = x.transpose(0, 1).contiguous() if batch_first else x
+    x.requires_grad_()
+    return x, pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False)
+
+
+RNN_CASES = [  # (class, num_layers, bidirectional, batch_first, with h0)
+    (nn.LSTM, 1, True, False, False), (nn.LSTM, 2, True, True, True), (nn.LSTM, 2, False, False, True),
+    (nn.GRU, 1, True, True, False), (nn.GRU, 2, True, False, True), (nn.GRU, 2, False, True, False),
+]
+
+
+def _h0(cls, layers, bidirectional, batch):
+    shape = (layers * (2 if bidirectional else 1), batch, 5)
+    return (torch.randn(shape), torch.randn(shape)) if cls is nn.LSTM else torch.randn(shape)
+
+
+@pytest.mark.parametrize("cls, layers, bidirectional, batch_first, with_h0", RNN_CASES)
+def test_packed_sequences_and_bidirectional_layers_match_torch_to_float_rounding(cls, layers, bidirectional,
+                                                                                  batch_first, with_h0):
+    torch.manual_seed(0)
+    plain = cls(3, 5, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    q = lp.convert(plain, IDENTITY_FORMATS)
+    hx = _h0(cls, layers, bidirectional, 3) if with_h0 else None
+    results = []
+    for module in (plain, q):
+        x, packed = _packed_batch(batch_first)
+        out, state = module(packed, hx)
+        assert isinstance(out, PackedSequence)
+        (out.data.square().sum() + sum(t.sum() for t in _tensors(state))).backward()
+        results.append((out, _tensors(state), torch.nan_to_num(x.grad), [p.grad for p in module.parameters()]))
+    (out0, s0, gx0, gp0), (out1, s1, gx1, gp1) = results
+    assert torch.equal(out1.batch_sizes, out0.batch_sizes) and torch.equal(out1.sorted_indices, out0.sorted_indices)
+    assert torch.equal(out1.unsorted_indices, out0.unsorted_indices)
+    for a, b in zip([out0.data, *s0, gx0, *gp0], [out1.data, *s1, gx1, *gp1]):
+        torch.testing.assert_close(b, a)  # float32 tolerances: torch fuses the gate sums differently
+    # padded tensors (no packing), bidirectional: the same agreement
+    x = torch.randn(6, 3, 3)
+    x = x.transpose(0, 1).contiguous() if batch_first else x
+    plain.zero_grad(set_to_none=True)
+    _compare(plain, IDENTITY_FORMATS, x, hx)
+    wrong = _h0(cls, layers + 1, bidirectional, 3)  # one layer too many: torch's error, from both
+    for module in (plain, q):
+        with pytest.raises(RuntimeError, match=r"Expected hidden(\[0\])? size"):
+            module(x, wrong)
+
+
+@pytest.mark.parametrize("policy, fmt", [("mixed-fp16", "fp16"), ("int8", "dfx<8>")])
+def test_quantized_packed_bidirectional_layers_round_every_matmul_operand_and_never_read_padding(
+        monkeypatch, policy, fmt):
+    from lowprec.nn import recurrent
+
+    seen = []
+    apply = recurrent.QLinearFunction.apply
+
+    def recording(x, w, b, roles, acc):
+        z = apply(x, w, b, roles, acc)
+        seen.append((x.detach(), w.detach(), b.detach(), z.detach()))
+        return z
+
+    monkeypatch.setattr(recurrent.QLinearFunction, "apply", recording)
+    torch.manual_seed(0)
+    q = lp.convert(nn.LSTM(3, 5, num_layers=2, bidirectional=True), policy)
+    lengths = (4, 7, 2)
+    x, packed = _packed_batch(False, lengths)
+    out, (h_n, c_n) = q(packed)
+    rows = sum(lengths)
+    assert torch.isfinite(out.data).all() and torch.isfinite(h_n).all()  # NaN padding never reached a matmul
+    for inp, w, b, z in seen:  # weights and gate pre-activations (output role) on the grid, from rounded inputs
+        assert torch.equal(lp.quantize(w, fmt), w) and torch.equal(lp.quantize(b, fmt), b)
+        assert torch.equal(z, lp.quantize(F.linear(lp.quantize(inp, fmt), w, b), fmt))
+    # per layer and direction: one input projection over the packed rows, then one hidden matmul per step on
+    # the sequences still running, so the hidden matmuls together cover exactly the real time steps
+    assert len(seen) == 2 * 2 * (1 + max(lengths))
+    for k in range(4):
+        chunk = seen[k * (1 + max(lengths)):(k + 1) * (1 + max(lengths))]
+        assert chunk[0][0].shape[0] == rows and sum(inp.shape[0] for inp, *_ in chunk[1:]) == rows
+    out.data.sum().backward()
+    assert all(torch.equal(lp.quantize(p.grad, fmt), p.grad) for p in q.parameters())
 
 
 def test_dropout_between_layers_applies_in_training_only():

@@ -1,5 +1,7 @@
 """lowprec.widen: WRPN's widening of every hidden layer by beta."""
 
+import warnings
+
 import pytest
 import torch
 from test_nn_models import lenet, mlp
@@ -80,11 +82,81 @@ def test_bad_arguments():
 
 def test_fill_clip_range_gives_wrpn_weights_nonzero_levels():
     torch.manual_seed(0)
-    model = lp.convert(nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
-                                     nn.Linear(300, 10)), "wrpn-4-4")
+    with pytest.warns(UserWarning, match="2 100%"):
+        model = lp.convert(nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
+                                         nn.Linear(300, 10)), "wrpn-4-4+fill_clip_range=off")
     hidden = model[2]
     seen = lambda: lp.quantize(hidden.weight.detach(), "uniform<4>")  # noqa: E731
     assert torch.count_nonzero(seen()) == 0  # default init: |w| < 1/sqrt(300) < 1/14, all round to 0
     assert lp.nn.fill_clip_range(model) == ["2"]  # only the inner layer: @first/@last stay fp32
     assert hidden.weight.abs().max().item() == 1.0
     assert torch.count_nonzero(seen()) > 0.5 * hidden.weight.numel()
+
+
+def _resnet_like():
+    """The shapes that fail in a ResNet-18: 3x3 convolutions of 16 and 64 channels (fan-in 144 and 576)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                         nn.Conv2d(16, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def test_wrpn_convert_warns_with_the_share_of_weights_that_round_to_zero_and_the_fix():
+    model = _resnet_like()
+    # independent count: uniform<4> rounds |w| < half a step (1/14) to 0
+    shares = {name: (model[int(name)].weight.detach().abs() < 1 / 14).double().mean().item() for name in ("3", "6")}
+    assert shares["6"] == 1.0 and 0.5 < shares["3"] < 1.0
+    with pytest.warns(UserWarning) as caught:
+        lp.convert(model, "wrpn-4-4+fill_clip_range=off")
+    (message,) = [str(w.message) for w in caught if "round to 0" in str(w.message)]
+    assert f"3 {100 * shares['3']:.0f}%, 6 100%" in message
+    assert "lowprec.nn.fill_clip_range(model)" in message and "fill_clip_range=on" in message
+    assert lp.nn.zero_weight_shares(lp.convert(model, "wrpn-4-4+fill_clip_range=off")) == pytest.approx(shares)
+
+
+def test_wrpn_preset_fills_the_clip_range_at_convert_without_a_warning():
+    model = _resnet_like()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = lp.convert(model, "wrpn-4-4")
+    assert lp.Policy.preset("wrpn-4-4").fill_clip_range and not lp.Policy.preset("wrpn-32-4").fill_clip_range
+    for name in ("3", "6"):  # inner layers: scaled to reach +-1, most weights on a non-zero level
+        w = converted[int(name)].weight.detach()
+        assert w.abs().max().item() == 1.0
+        assert torch.equal(w, model[int(name)].weight.detach() / model[int(name)].weight.detach().abs().max())
+    assert all(z < 0.5 for z in lp.nn.zero_weight_shares(converted).values())
+    for first_or_last in (0, 11):  # fp32 layers are left as they were
+        assert torch.equal(converted[first_or_last].weight, model[first_or_last].weight)
+
+
+def test_wrpn_unsigned_activation_clip_on_a_signed_input_warns_once_naming_the_layer():
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.ReLU(),
+                                     nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), "wrpn-4-4")
+    x = torch.randn(32, 8)
+    with pytest.warns(UserWarning) as caught:
+        model(x)
+    messages = [str(w.message) for w in caught if "negative" in str(w.message)]
+    negative = (model[1](model[0](x)) < 0).float().mean().item()  # the LayerNorm output layer 2 receives
+    assert len(messages) == 1 and "layer '2'" in messages[0] and f"{100 * negative:.1f}% of its input" in messages[0]
+    assert "'2: activation=uniform<k>'" in messages[0]
+    with warnings.catch_warnings():  # checked once: the next batches run without the check or a warning
+        warnings.simplefilter("error")
+        model(x)
+
+
+def test_wrpn_activation_clip_on_a_recurrent_hidden_state_warns_at_convert():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rnn, self.out = nn.Linear(4, 8), nn.GRU(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.rnn(torch.relu(self.inp(x)))[0])
+
+    with pytest.warns(UserWarning, match="hidden state h.*: rnn. Fix: .*'rnn: activation=uniform<k>'"):
+        lp.convert(Tagger(), "wrpn-4-4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lp.convert(Tagger(), "wrpn-4-4; rnn: activation=uniform<4>")

@@ -39,8 +39,19 @@ def test_park_presets():
 def test_courbariaux_presets():
     p = Policy.preset("dfx-10-12")
     assert str(p.get("weight_grad")) == "dfx<10>" and str(p.get("master")) == "dfx<12>"
-    assert (p.exponent_rule, p.max_overflow_rate, p.exponent_interval) == ("overflow", 1e-4, 100)
+    assert (p.exponent_rule, p.max_overflow_rate, p.exponent_interval) == ("overflow", 1e-4, 10)
+    assert p.init_int_bits is None  # each group starts at the max-abs exponent of its first tensor
     assert str(Policy.preset("fixed-20").get("activation")) == "fixed<20,14>"
+
+
+def test_dfx_presets_exist_for_any_propagation_and_update_widths():
+    p = Policy.preset("dfx-8-14")
+    assert (p.name, str(p.get("activation")), str(p.get("weight_grad"))) == ("dfx-8-14", "dfx<8>", "dfx<8>")
+    assert (str(p.get("master")), str(p.get("optimizer_state"))) == ("dfx<14>", "dfx<8>")
+    assert p.spec() == Policy.preset("dfx-10-12").spec().replace("dfx<10>", "dfx<8>").replace("dfx<12>", "dfx<14>")
+    for bad in ("dfx-1-12", "dfx-10-33"):
+        with pytest.raises(ValueError, match="must be 2..32"):
+            Policy.preset(bad)
 
 
 def test_wrpn_presets_keep_first_and_last_full_precision():
@@ -149,4 +160,38 @@ def test_policy_table_is_readable():
     text = str(Policy.preset("int8-lazy"))
     assert "accumulator      dfx<16>" in text and "classifier rule" in text and "rule=maxabs" in text
     assert "interval" not in text  # the overflow rule's settings do not apply to max-abs exponents
-    assert "interval=100 batches" in str(Policy.preset("dfx-10-12"))
+    assert "interval=10 batches" in str(Policy.preset("dfx-10-12"))
+
+
+def test_preset_plus_recipe_strings_are_one_grammar_for_parse_as_policy_convert_and_trainer():
+    """The CLI's PRESET+key=value form means the same policy wherever a policy string is accepted."""
+    from lowprec.experiments import parse_recipe
+    from lowprec.policy import as_policy
+
+    text = "int8-lazy+optimizer_state=none,loss_scale=8; fc: weight=int16"
+    expected = (Policy.preset("int8-lazy").with_roles(optimizer_state="none", loss_scale="8")
+                .override("fc", weight="int16"))
+    assert Policy.parse(text) == as_policy(text) == expected
+    assert Policy.parse(text).name == text and expected.get("optimizer_state") is None
+    assert parse_recipe(text.replace("; fc: weight=int16", "") + ",lr=0.5").policy == Policy.preset(
+        "int8-lazy").with_roles(optimizer_state="none", loss_scale="8")
+    # brackets keep their commas: WRPN's unsigned activation format survives the '+' split
+    wide = "wrpn-4-4+activation=uniform<8,unsigned>"
+    assert str(Policy.parse(wide).get("activation")) == "uniform<8,unsigned>"
+    assert parse_recipe(wide + ",width=2").policy == Policy.parse(wide)
+    assert Policy.parse("int8") == Policy.preset("int8")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    converted = lp.convert(model, "int8-lazy+optimizer_state=none")
+    assert converted[0].policy.get("optimizer_state") is None and str(converted[0].policy.get("weight")) == "dfx<8>"
+    trainer = lp.Trainer(converted, torch.optim.SGD(converted.parameters(), lr=0.1), "int8-lazy+optimizer_state=none")
+    assert trainer.policy == Policy.preset("int8-lazy").with_roles(optimizer_state="none")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("int8-lazy+", "after '\\+'"),
+    ("int8-lazy+width=2", "width= or lr= are read by the lowprec command line only"),
+    ("mixed-fp16+wieght=fp16", "unknown role 'wieght'"),
+])
+def test_bad_preset_plus_strings_name_the_problem(text, match):
+    with pytest.raises(ValueError, match=match):
+        lp.convert(torch.nn.Linear(2, 2), text)

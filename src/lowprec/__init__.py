@@ -5,6 +5,7 @@
 >>> model = lp.convert(model, lp.Policy.preset("int8-lazy"))
 >>> trainer = lp.Trainer(model, optimizer, "int8-lazy")
 >>> result = trainer.step(loss)                          # result.skipped, result.scale, result.overflow_modules
+>>> plain = lp.unconvert(model)                          # plain torch layers, weights as the layers round them
 >>> scaler = lp.GradScaler("int8-lazy", model, optimizer)  # a torch.amp-shaped loop: lp.autocast(scaler)
 >>> report = lp.inspect(model, (x, y), "mixed-fp16")     # histograms, underflow/overflow, loss-scale advice
 """
@@ -21,7 +22,7 @@ from .formats import (
     quantize,
 )
 from .diagnostics import inspect
-from .nn import convert, widen
+from .nn import convert, unconvert, widen
 from .policy import Policy, Quant, Quantizer, classifier_bits
 from .scaling import DynamicExponent, LossScaleCollapse, LossScaler, StepResult
 from .train import Trainer
@@ -33,5 +34,5 @@ __all__ = [
     "parse_format", "quantize", "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "Policy", "Quant", "Quantizer", "classifier_bits",
     "DynamicExponent", "LossScaler", "LossScaleCollapse", "StepResult",
-    "convert", "widen", "nn", "Trainer", "inspect", "autocast", "GradScaler",
+    "convert", "unconvert", "widen", "nn", "Trainer", "inspect", "autocast", "GradScaler",
 ]

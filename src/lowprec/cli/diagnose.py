@@ -2,23 +2,116 @@
 
 from __future__ import annotations
 
-import sys
-
+import argparse
+import importlib
+import os
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 #: Input shapes for models run on made-up data (a model without a task, and every ``lowprec memory`` run).
 EXAMPLE_INPUTS = {"lenet": (1, 28, 28), "small-cnn": (1, 28, 28), "conv-maxout": (1, 28, 28),
                   "maxout-mlp": (784,), "resnet20": (3, 32, 32)}
 
 
-def _example_batch(model: str, batch: int, seed: int):
+def build_target_model(target: str, **kwargs: Any):
+    """A built-in model by name, or a user's ``package.module:factory`` called with ``kwargs`` (a recipe's model
+    settings, e.g. width=2). The current directory is importable, as for ``python -m``."""
+    from torch import nn
+
+    from ..models import build_model
+
+    if ":" not in target:
+        return build_model(target, **kwargs)
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a user model is written module:factory (e.g. mypkg.models:build), got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import {module_name!r} for the model {target!r}: {err} (run lowprec from the "
+                         "folder that holds the package, or put it on PYTHONPATH)") from None
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ValueError(f"{target!r}: {module_name} has no callable {attr!r} (the function that builds the model)")
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        if not kwargs:
+            raise
+        raise ValueError(f"{target!r} does not take the recipe's model settings {kwargs}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{target!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 3,32,32``: one example's shape (the batch dimension is added)."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 3,32,32, got {text!r}")
+    return shape
+
+
+def _vocab(text: str) -> int:
+    """``--vocab N``: token ids in [0, N), N >= 1."""
+    try:
+        vocab = int(text)
+    except ValueError:
+        vocab = 0
+    if vocab < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text!r}")
+    return vocab
+
+
+def example_batch(model, target: str, batch: int, seed: int, input_shape: tuple[int, ...] | None = None,
+                  vocab: int | None = None):
+    """Made-up (inputs, labels) for ``model``: N(0, 1) inputs of shape (batch, *input_shape) (built-in models
+    have a default shape), or token ids in [0, vocab) when ``vocab`` is given; labels uniform over the classes
+    of the model's output, which an eval-mode forward on the inputs tells: its last dimension holds the
+    classes, the others are labelled ((batch, classes) logits: a label per example; (batch, time, vocab): one
+    per position)."""
     import torch
 
-    if model not in EXAMPLE_INPUTS:
-        raise ValueError(f"no example input for model {model!r}; models: {', '.join(EXAMPLE_INPUTS)}")
+    shape = input_shape or EXAMPLE_INPUTS.get(target)
+    if shape is None:
+        raise ValueError(f"no example input for the model {target!r}: give --input-shape (one example's shape, "
+                         f"e.g. 3,32,32; with --vocab N for token ids); built-in shapes: {', '.join(EXAMPLE_INPUTS)}")
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *EXAMPLE_INPUTS[model], generator=g), torch.randint(0, 10, (batch,), generator=g)
+    inputs = (torch.randint(0, vocab, (batch, *shape), generator=g) if vocab
+              else torch.randn(batch, *shape, generator=g))
+    training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        kind = f"token ids < {vocab}" if vocab else "N(0,1) values"
+        raise ValueError(f"{target!r} fails on made-up inputs of shape {tuple(inputs.shape)} ({kind}): {err}. Check "
+                         "--input-shape (one example's shape), and give --vocab N for a model that takes token ids"
+                         ) from None
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != batch:
+        shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the command line scores a model whose output is (batch, ..., classes) logits; "
+                         f"{target!r} returned {shown} for inputs of shape {tuple(inputs.shape)}. Use lp.inspect / "
+                         "lp.diagnostics.estimate_memory from Python with your own loss_fn")
+    return inputs, torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), generator=g)
+
+
+def class_last_loss(model, batch):
+    """Cross-entropy with the classes in the output's last dimension, every other position labelled (the loss of
+    the made-up batches of ``example_batch``; for (batch, classes) logits, torch's usual cross-entropy)."""
+    from ..train import cross_entropy
+
+    return cross_entropy(model(batch[0]), batch[1])
 
 
 def _inspect_setup(args):
@@ -26,18 +119,20 @@ def _inspect_setup(args):
     import torch
 
     from ..experiments import TASKS, load_task_data
-    from ..models import build_model
 
     task = TASKS.get(args.target) or next((t for t in TASKS.values() if t.model == args.target), None)
     torch.manual_seed(args.seed)
     if task is None:
-        batches = [_example_batch(args.target, args.batch, args.seed + i) for i in range(args.steps)]
-        return build_model(args.target), batches, 1.0, f"{args.target} on random N(0,1) inputs"
+        model = build_target_model(args.target)
+        batches = [example_batch(model, args.target, args.batch, args.seed + i, args.input_shape, args.vocab)
+                   for i in range(args.steps)]
+        kind = f"random token ids < {args.vocab}" if args.vocab else "random N(0,1) inputs"
+        return model, batches, 1.0, f"{args.target} on {kind}"
     data = load_task_data(task, args.data_root)
     b = args.batch
     batches = [(data.train_inputs[0][i * b : (i + 1) * b], data.train_labels[i * b : (i + 1) * b])
                for i in range(args.steps)]
-    model = build_model(task.model, **task.model_kwargs, **data.model_kwargs)
+    model = build_target_model(task.model, **task.model_kwargs, **data.model_kwargs)
     return model, batches, task.loss_multiplier, f"task {task.name}"
 
 
@@ -47,7 +142,6 @@ def cmd_inspect(args) -> int:
 
     from ..diagnostics import inspect
     from ..experiments import parse_recipe
-    from ..train import cross_entropy
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     recipe = parse_recipe(args.recipe)
@@ -55,7 +149,7 @@ def cmd_inspect(args) -> int:
     multiplier *= args.loss_multiplier
 
     def loss_fn(m, batch):
-        return cross_entropy(m(batch[0]), batch[1]) * multiplier
+        return class_last_loss(m, batch) * multiplier
 
     report = inspect(model, batches, recipe.policy, steps=args.steps, formats=args.format, loss_fn=loss_fn,
                      max_lost=args.max_lost)
@@ -82,20 +176,21 @@ def cmd_memory(args) -> int:
     from ..diagnostics import COMPONENTS, estimate_memory, measure_step_memory, wrpn_footprint
     from ..diagnostics.plots import plot_memory
     from ..experiments import parse_recipe
-    from ..models import build_model
 
     console = Console(width=None if sys.stdout.isatty() else 160)
-    batch = _example_batch(args.model, args.batch, args.seed)
-    estimates = []
+    estimates, batch = [], None
     for text in args.recipe or ["fp32"]:
         recipe = parse_recipe(text)
-        model = build_model(args.model, **recipe.model)
-        est = estimate_memory(model, recipe.policy, batch, optimizer=args.optimizer, label=recipe.label)
+        model = build_target_model(args.model, **recipe.model)
+        if batch is None:
+            batch = example_batch(model, args.model, args.batch, args.seed, args.input_shape, args.vocab)
+        est = estimate_memory(model, recipe.policy, batch, optimizer=args.optimizer, label=recipe.label,
+                              loss_fn=class_last_loss)
         if not args.no_measure:
             from dataclasses import replace
 
-            est = replace(est, measured=measure_step_memory(model, recipe.policy, batch,
-                                                           optimizer=args.optimizer).peak)
+            est = replace(est, measured=measure_step_memory(model, recipe.policy, batch, optimizer=args.optimizer,
+                                                           loss_fn=class_last_loss).peak)
         estimates.append(est)
         wrpn = re.fullmatch(r"wrpn-(\d+)-(\d+)", recipe.policy.name or "")
         if wrpn:
@@ -113,7 +208,7 @@ def cmd_memory(args) -> int:
         table.add_row(est.recipe, *(mib(est.emulated[c]) for c in COMPONENTS), mib(est.total), measured, error,
                       mib(est.total_ideal), f"{est.total_ideal / estimates[0].total_ideal:.3f}")
     console.print(table)
-    out = Path(args.out or f"runs/memory-{args.model}")
+    out = Path(args.out or f"runs/memory-{args.model.replace(':', '-')}")
     out.mkdir(parents=True, exist_ok=True)
     png = plot_memory(out / "memory.png", estimates, f"{args.model}, batch {args.batch}: estimated memory of a "
                                                      "training step per component")
@@ -121,11 +216,18 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def _add_input_options(p) -> None:
+    p.add_argument("--input-shape", type=_input_shape, dest="input_shape",
+                   help="one example's shape for made-up inputs, e.g. 3,32,32 (needed for a module:factory model)")
+    p.add_argument("--vocab", type=_vocab, help="made-up inputs are token ids in [0, VOCAB) (embedding and sequence "
+                   "models) instead of N(0,1) values")
+
+
 def add_parsers(sub) -> None:
     """Register ``inspect`` and ``memory`` on the main parser's subcommands."""
     p = sub.add_parser("inspect", help="histograms, underflow/overflow per layer and role, loss-scale advice")
-    p.add_argument("target", help="a task (mnist-lenet, ...) or a model (lenet, resnet20, ...; random inputs "
-                   "unless a task uses it)")
+    p.add_argument("target", help="a task (mnist-lenet, ...), a model (lenet, resnet20, ...; random inputs "
+                   "unless a task uses it) or your own as module:factory (e.g. mypkg.models:build)")
     p.add_argument("--recipe", default="mixed-fp16", help="the policy whose formats are counted")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
@@ -135,13 +237,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--loss-multiplier", type=float, default=1.0, dest="loss_multiplier",
                    help="multiply the loss (moves every gradient; builds underflow cases)")
     p.add_argument("--per-module", action="store_true", dest="per_module", help="one row per module and role")
+    _add_input_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", dest="data_root")
     p.add_argument("--out", default="runs/inspect", help="folder for the PNGs and report.json")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("memory", help="estimated (and measured) memory of a training step per recipe")
-    p.add_argument("model", choices=sorted(EXAMPLE_INPUTS))
+    p.add_argument("model", help=f"a model ({', '.join(sorted(EXAMPLE_INPUTS))}) or your own as module:factory "
+                   "(e.g. mypkg.models:build; called with the recipe's model settings such as width=2)")
+    _add_input_options(p)
     p.add_argument("--recipe", action="append", help="repeatable; default fp32")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "sgd-plain", "adam"])
@@ -151,4 +256,5 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_memory)
 
 
-__all__ = ["add_parsers", "cmd_inspect", "cmd_memory", "EXAMPLE_INPUTS"]
+__all__ = ["add_parsers", "cmd_inspect", "cmd_memory", "EXAMPLE_INPUTS", "build_target_model", "example_batch",
+           "class_last_loss"]

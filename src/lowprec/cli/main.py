@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_diagnostics(sub)  # inspect, memory
 
+    from .sweep import add_parser as add_sweep
+
+    add_sweep(sub, common)
+
     p = sub.add_parser("tasks", help="list the tasks")
     p.set_defaults(func=lambda a: print("\n".join(f"{t.name:<22} {t.paper}" for t in _tasks())) or 0)
 

@@ -69,11 +69,29 @@ class _Recorder(Quantizer):
 
 
 def cross_entropy_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """The default loss: cross-entropy of ``model(*inputs)`` (in float32) against ``labels`` (one per example,
-    or one per position of a language model: ``lowprec.train.cross_entropy``)."""
-    inputs, labels = batch
+    """The default loss: ``lowprec.train.cross_entropy`` of ``model(*inputs)`` (in float32) against ``labels``
+    (one per example, or one per position of a language model: classes in the last dimension). ValueError
+    saying to pass ``loss_fn=`` when it cannot score the model's output (a tuple, labels of another shape)."""
+    try:
+        inputs, labels = batch
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lp.inspect's default loss takes each batch as (inputs, labels), got {type(batch).__name__}; pass "
+            "loss_fn=, a function (model, batch) -> scalar loss, for batches of another form"
+        ) from None
     inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    return cross_entropy(model(*inputs), labels)
+    out = model(*inputs)
+    try:
+        return cross_entropy(out, labels)
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as err:
+        shown = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        labels_shown = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            f"lp.inspect's default loss, cross-entropy of model(*inputs) (classes in the last dimension) against "
+            f"labels, cannot score this model's output ({shown}) against labels {labels_shown}: {err}. Pass "
+            "loss_fn=, a function (model, batch) -> scalar loss; e.g. for (batch, classes, time) logits: "
+            "loss_fn=lambda m, b: F.cross_entropy(m(b[0]).float(), b[1])"
+        ) from err
 
 
 class _Sums:
@@ -125,7 +143,10 @@ def inspect(
     (module docstring) in its ``policy`` format and in each of ``formats``.
 
     ``batch``: ``(inputs, labels)`` (inputs a tensor or a tuple of tensors), or a list of them used in turn.
-    ``loss_fn(model, batch)``: default cross-entropy. ``optimizer(parameters)``: default lowprec's SGD with
+    ``loss_fn(model, batch)``: default cross-entropy with the classes in dimension 1 (``cross_entropy_loss``,
+    which raises ValueError naming ``loss_fn=`` when it cannot score the model's output: pass your own for a
+    sequence model or batches of another form). ``policy``: a Policy, preset name, policy string or
+    ``PRESET+role=format,...``. ``optimizer(parameters)``: default lowprec's SGD with
     lr 0.01 and momentum 0.9. ``max_lost``: the share of non-zero gradients the loss-scale advice may lose.
     ``observe(module, role, tensor)``, if given, sees every recorded tensor (e.g. to keep some for analysis).
     """

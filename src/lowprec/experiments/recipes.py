@@ -3,7 +3,8 @@
 A recipe is written as ``PRESET[+key=value,...]`` or a path to a TOML file:
 
 * ``int8-lazy``                          a policy preset as it is
-* ``mixed-fp16+loss_scale=static:8``     a preset with policy roles/settings changed (``Policy.with_roles``)
+* ``mixed-fp16+loss_scale=static:8``     a preset with policy roles/settings changed (read by ``Policy.parse``,
+                                         the one parser of ``PRESET+...`` that lowprec.convert shares)
 * ``wrpn-4-4+width=2``                   model arguments (``width``) and training settings (``lr``,
                                          ``epochs``, ``batch_size``, ``loss_multiplier``) are recognised
 * ``weight=fp16,grads=fp16``             no preset: a policy string (``Policy.parse``)
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policy import Policy
+from ..policy.policy import split_top
 from ..policy.presets import PRESETS, is_preset
 
 __all__ = ["Recipe", "parse_recipe", "MODEL_KEYS", "TRAIN_KEYS"]
@@ -38,16 +40,18 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
 
 
-def _split(assignments: dict[str, str]) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-    roles, model, train = {}, {}, {}
-    for key, value in assignments.items():
+def _split(items: list[str]) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """The ``key=value`` items after a preset's '+': (policy items, model settings, training settings)."""
+    policy, model, train = [], {}, {}
+    for item in items:
+        key, _, value = (part.strip() for part in item.partition("="))
         if key in MODEL_KEYS:
             model[key] = MODEL_KEYS[key](value)
         elif key in TRAIN_KEYS:
             train[key] = TRAIN_KEYS[key](value)
         else:
-            roles[key] = value
-    return roles, model, train
+            policy.append(item)
+    return policy, model, train
 
 
 def _with(policy: Policy, roles: dict[str, Any]) -> Policy:
@@ -61,15 +65,14 @@ def parse_recipe(text: str) -> Recipe:
         return _from_toml(Path(text))
     head, plus, tail = text.partition("+")
     if is_preset(head):
-        items = [item.strip() for item in tail.split(",") if item.strip()]
+        items = split_top(tail, ",")
         if plus and (not items or any("=" not in item for item in items)):
             raise ValueError(f"recipe {text!r}: expected key=value,... after '+'")
-        assignments = dict(item.split("=", 1) for item in items)
-        roles, model, train = _split(assignments)
-        return Recipe(text, _with(Policy.preset(head), roles), model, train)
+        policy, model, train = _split(items)
+        return Recipe(text, Policy.parse(head + ("+" + ",".join(policy) if policy else "")), model, train)
     if "=" not in text:
         raise ValueError(
-            f"unknown recipe {text!r}: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>), "
+            f"unknown recipe {text!r}: give a preset ({', '.join(PRESETS)}, wrpn-<w>-<a>, dfx-<p>-<u>), "
             "PRESET+key=value,..., a policy string (weight=int8,...) or a .toml file"
         )
     return Recipe(text, Policy.parse(text))

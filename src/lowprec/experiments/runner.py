@@ -29,7 +29,7 @@ from torch import nn
 from ..diagnostics.overflow import describe_skipped_step
 from ..formats import Format, parse_format
 from ..models import apply_max_norm, build_model
-from ..nn import convert, fill_clip_range
+from ..nn import convert
 from ..policy import Policy
 from ..train import SGD, AdamW, Trainer, cross_entropy, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -148,7 +148,6 @@ def run(
     torch.manual_seed(seed)
     model = convert(build_model(task.model, **{**task.model_kwargs, **data.model_kwargs, **recipe.model}),
                     recipe.policy)
-    fill_clip_range(model)  # WRPN's uniform<k> weights: start spread over the clip range, not all at 0
     model.to(device)
     data = replace(data, **{k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
                             for k, v in (("train_inputs", data.train_inputs), ("train_labels", data.train_labels),

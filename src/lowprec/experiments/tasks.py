@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 __all__ = ["Task", "TASKS", "get_task", "load_task_data", "TaskData"]

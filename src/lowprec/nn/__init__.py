@@ -6,11 +6,13 @@
 >>> lp.nn.update_exponents(model)                   # once per batch: dynamic fixed point exponents
 >>> with lp.nn.calibrating(model): ...              # full-precision run that only measures exponents
 >>> wide = lp.widen(model_factory, 2)               # WRPN: every hidden layer twice as wide
+>>> plain = lp.unconvert(model)                     # the plain torch model with the weights as rounded
 
 Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
 op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
-convert.py, state.py (quantizers, exponents, calibration), widen.py. nn/ depends on policy/, scaling/ and
-formats/ only.
+convert.py, unconvert.py (the export back to plain torch layers), state.py (quantizers, exponents,
+calibration), widen.py (WRPN's widening and clip-range checks). nn/ depends on policy/, scaling/ and formats/
+only.
 """
 
 from .convert import CONVERSIONS, convert
@@ -18,10 +20,12 @@ from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .state import calibrating, quantizers, update_exponents
-from .widen import fill_clip_range, widen
+from .unconvert import unconvert
+from .widen import fill_clip_range, widen, zero_weight_shares
 
 __all__ = [
-    "convert", "widen", "fill_clip_range", "quantizers", "update_exponents", "calibrating", "CONVERSIONS",
+    "convert", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers", "update_exponents",
+    "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

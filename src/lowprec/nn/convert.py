@@ -12,6 +12,8 @@ from .native import to_native
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import check_override_roles, module_policy
+from .roles import clips_negatives
+from .widen import fill_clip_range, zero_weight_shares
 
 __all__ = ["convert", "CONVERSIONS"]
 
@@ -52,7 +54,7 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     parameters and activations really stored in that dtype, reductions in float32.
 
     Raises NotImplementedError (before changing anything) for a layer configuration the quantized layers do
-    not support (a bidirectional LSTM, a sparse Embedding) when its policy quantizes it, and ValueError for an
+    not support (an LSTM with proj_size, a sparse Embedding) when its policy quantizes it, and ValueError for an
     override that gives a format to a role no module it matches has (``resolve.check_override_roles``).
     """
     if not isinstance(model, nn.Module):
@@ -81,8 +83,9 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
         resolved.append((module, cls, module_pol))
     for module, cls, module_pol in resolved:
         cls.check_supported(module, module_pol)
-    for module, cls, module_pol in resolved:
+    for (name, _, _), (module, cls, module_pol) in zip(plan, resolved):
         cls.adopt(module, module_pol)
+        module.layer_name = name
     if unknown:
         warnings.warn(
             "lowprec.convert: these modules have parameters but no quantized version; they run unquantized, "
@@ -91,7 +94,43 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
             stacklevel=2,
         )
     _warn_float_accumulation(resolved)
+    _wrpn_checks(model, policy, plan)
     return model
+
+
+#: convert warns when more than this share of a layer's weights round to 0 in WRPN's uniform<k>.
+ZERO_WEIGHT_WARNING = 0.5
+
+
+def _wrpn_checks(model: nn.Module, policy: Policy, plan: list[tuple[str, nn.Module, type[QuantizedModule]]]) -> None:
+    """WRPN's clip formats: fill the weights' clip range when the policy says so, else warn about layers whose
+    weights mostly round to 0; warn about recurrent layers whose unsigned activation clip meets signed values."""
+    if policy.fill_clip_range:
+        fill_clip_range(model)
+    else:
+        zeros = {n: z for n, z in zero_weight_shares(model).items() if z > ZERO_WEIGHT_WARNING}
+        if zeros:
+            shares = ", ".join(f"{n} {100 * z:.0f}%" for n, z in zeros.items())
+            warnings.warn(
+                f"lowprec.convert: WRPN's uniform<k> weights clip to [-1, 1] in steps of 1/(2**(k-1)-1); these "
+                f"layers' weights are far smaller and mostly round to 0, so no signal flows through them: "
+                f"{shares}. Fix: lowprec.nn.fill_clip_range(model) after convert (scales each layer's weights "
+                "to reach +-1: a change of initialisation, for training from scratch), or fill_clip_range=on in "
+                "the policy (e.g. 'wrpn-4-4+fill_clip_range=on', the wrpn presets' default)",
+                UserWarning,
+                stacklevel=3,
+            )
+    signed = [name for name, module, cls in plan
+              if cls.SIGNED_INPUTS and clips_negatives(module.quantizers["activation"])]
+    if signed:
+        warnings.warn(
+            "lowprec.convert: WRPN's unsigned activation clip [0, 1] replaces a ReLU, but in these recurrent layers "
+            "the activation role also rounds the hidden state h, a tanh output in (-1, 1), whose negative half "
+            f"becomes 0: {', '.join(signed)}. Fix: a signed format for them (an override "
+            f"'{signed[0]}: activation=uniform<k>') or none ('{signed[0]}: activation=none')",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_float_accumulation(resolved: list[tuple[nn.Module, type[QuantizedModule], Policy]]) -> None:

@@ -1,9 +1,11 @@
 """Quantized layers: torch layers whose forward and backward round each tensor role per a policy.
 
 Each class subclasses the torch layer it replaces (``QLinear`` is an ``nn.Linear``): same constructor, same
-parameter names and shapes, so state dicts and optimizers carry over. The extra keyword ``policy`` (a Policy,
-preset name or policy string; default fp32) sets the roles; ``lowprec.convert`` builds them from existing
-layers instead and resolves overrides, ``@first``/``@last`` and the classifier rule per module.
+parameter names and shapes, so state dicts and optimizers carry over (a converted model's state dict has exactly
+the plain model's keys; each layer's quantizer state rides in the state dict's metadata, see QuantizedModule).
+The extra keyword ``policy`` (a Policy, preset name or policy string; default fp32) sets the roles;
+``lowprec.convert`` builds them from existing layers instead and resolves overrides, ``@first``/``@last`` and
+the classifier rule per module.
 
 Every layer holds ``policy`` (its resolved Policy) and ``quantizers`` (role -> Quantizer, all LAYER_ROLES;
 roles the layer does not have are identities; ``"accumulation"`` too where the policy emulates a narrow
@@ -23,6 +25,7 @@ Where each role applies:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -32,13 +35,14 @@ from torch import Tensor, nn
 from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
-from .roles import Accumulator
+from .roles import Accumulator, clips_negatives
 
 __all__ = [
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
 ]
 
 _EXTRA_STATE = "_extra_state"  # torch's state-dict key suffix for get_extra_state()
+_METADATA_KEY = "lowprec_quantizers"  # a layer's quantizer state in the state dict's _metadata
 
 
 class QuantizedModule:
@@ -50,6 +54,10 @@ class QuantizedModule:
     ACCUMULATES: bool = False
     #: Whether the layer counts for @first/@last (weight layers do; batch-norm does not).
     COUNTS_AS_LAYER: bool = True
+    #: Whether the activation role always sees signed values (a recurrent layer's tanh hidden state).
+    SIGNED_INPUTS: bool = False
+    #: The layer's name in the model it was converted in (messages); empty for a layer built directly.
+    layer_name: str = ""
 
     policy: Policy
     quantizers: dict[str, Quantizer]
@@ -85,6 +93,9 @@ class QuantizedModule:
         self.policy = policy
         self.quantizers = {role: Quantizer(self._role_quant(role), policy) for role in LAYER_ROLES}
         self.accumulator = None
+        # WRPN's unsigned activation clip, until the first input has been checked for negative values
+        activation = self.quantizers["activation"]
+        self._unchecked_clip = activation.quant if clips_negatives(activation) else None
         if self.ACCUMULATES and policy.get("accumulation") is not None:
             self.quantizers["accumulation"] = Quantizer(policy.get("accumulation"), policy)
             self.accumulator = Accumulator(self.quantizers["accumulation"], policy.accumulation_chunk)
@@ -97,16 +108,46 @@ class QuantizedModule:
     def _has_bias(self) -> bool:
         return getattr(self, "bias", None) is not None
 
+    def _check_input_sign(self, x: Tensor) -> None:
+        """Once per configuration, when the activation role is WRPN's unsigned clip to [0, 1]: warn if the input
+        has negative values (it is not a ReLU's output, e.g. a LayerNorm's), which the clip turns into 0."""
+        clip, self._unchecked_clip = self._unchecked_clip, None
+        negative = float((x.detach() < 0).float().mean()) if x.numel() else 0.0
+        if negative > 0:
+            warnings.warn(
+                f"lowprec: layer {self.layer_name or type(self).__name__!r} quantizes its input with "
+                f"{clip}, WRPN's clip to [0, 1] meant for a ReLU's output, but "
+                f"{100 * negative:.1f}% of its input is negative (a signed input, e.g. a LayerNorm's output): the "
+                "clip turns those values into 0. Fix: put a ReLU in front of it, or give it a signed format or "
+                f"none (an override '{self.layer_name or '<name>'}: activation=uniform<k>' or 'activation=none')",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def parameter_roles(self) -> dict[str, str]:
+        """Each parameter the layer rounds before using it, and the role that rounds it (weight or bias)."""
+        return {n: n for n in ("weight", "bias") if n in self.OP_ROLES and getattr(self, n, None) is not None}
+
     @property
     def quantizing(self) -> bool:
         """False when every role is an identity: the layer then runs the plain torch forward."""
         return any(q.enabled for q in self.quantizers.values())
 
-    # -- state: the quantizers' exponents travel in the module's state dict ---------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
+    # -- state: the quantizers' exponents travel in the state dict's metadata, not in its keys ----------------
+    # A converted model's state_dict() has exactly the plain model's keys (it loads into the unconverted model
+    # with strict=True); each layer's quantizer state (dfx exponents and their statistics) rides in the state
+    # dict's ``_metadata`` entry of that layer, which torch.save, copy.deepcopy and load_state_dict carry.
+    def _quantizer_state(self) -> dict[str, Any]:
         return {role: q.state_dict() for role, q in self.quantizers.items()}
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})[_METADATA_KEY] = self._quantizer_state()
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore quantizer state saved under the ``<layer>._extra_state`` key (earlier lowprec versions)."""
         if set(state) != set(self.quantizers):
             raise ValueError(
                 f"the checkpoint has quantizers for {sorted(state)}, this layer has {sorted(self.quantizers)} "
@@ -125,6 +166,8 @@ class QuantizedModule:
         key = prefix + _EXTRA_STATE
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)
+        if _METADATA_KEY in local_metadata:
+            self.set_extra_state(local_metadata[_METADATA_KEY])
 
     def extra_repr(self) -> str:
         roles = ", ".join(f"{role}={q.quant}" for role, q in self.quantizers.items() if q.enabled)
@@ -139,6 +182,8 @@ class QLinear(QuantizedModule, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
             return super().forward(input)
+        if self._unchecked_clip is not None:
+            self._check_input_sign(input)
         return QLinearFunction.apply(input, self.weight, self.bias, self.quantizers, self.accumulator)
 
 
@@ -149,6 +194,8 @@ class _QConv(QuantizedModule):
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
             return super().forward(input)  # type: ignore[misc]
+        if self._unchecked_clip is not None:
+            self._check_input_sign(input)
         dim = len(self.kernel_size)
         unbatched = input.dim() == dim + 1
         x = input.unsqueeze(0) if unbatched else input

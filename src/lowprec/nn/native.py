@@ -56,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from ..formats import BF16, FP16, FloatFormat
 from ..policy import LAYER_ROLES, Policy
 
-__all__ = ["to_native", "native_dtype", "compute_dtype", "NORM_MODULES", "FLOAT32_MODULES"]
+__all__ = ["to_native", "from_native", "native_dtype", "compute_dtype", "NORM_MODULES", "FLOAT32_MODULES"]
 
 _DTYPES = {BF16: torch.bfloat16, FP16: torch.float16}
 
@@ -227,16 +227,45 @@ def to_native(model: nn.Module, policy: Policy, *, inplace: bool = False) -> nn.
             module._lowprec_storage = storage
     # module-level functions (not lambdas), so that the model pickles
     model.register_forward_pre_hook(functools.partial(_cast_inputs, storage), with_kwargs=True)
-    model.register_forward_hook(_outputs_to_float32)
+    model.register_forward_hook(_float32_outputs)
     return model
 
 
-def _cast_inputs(storage: torch.dtype, _module: nn.Module, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """Forward pre-hook of a native model: its floating inputs cast to the storage dtype."""
+def _cast_inputs(storage: torch.dtype, module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """The native model's entrance: floating inputs cast to the storage dtype."""
     return _cast(args, storage), _cast(kwargs, storage)
 
 
-def _outputs_to_float32(_module: nn.Module, _args: tuple[Any, ...], out: Any) -> Any:
-    """Forward hook of a native model: its floating outputs returned in float32."""
+def _float32_outputs(module: nn.Module, args: Any, out: Any) -> Any:
+    """The native model's exit: floating outputs returned in float32."""
     return _cast(out, torch.float32)
+
+
+def _is_entrance_or_exit(hook: Any) -> bool:
+    return hook is _float32_outputs or (isinstance(hook, functools.partial) and hook.func is _cast_inputs)
+
+
+def from_native(model: nn.Module) -> nn.Module:
+    """Undo ``to_native`` in place: every module back to its torch class, floating parameters and buffers in
+    float32 (the fp16/bf16 values exactly: the stored weights, as the native model rounded them), the entrance
+    and exit casts removed. Returns the model."""
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__ == __name__ and issubclass(cls, (_NativeLayer, _Float32Compute)):
+            module.__class__ = cls.__bases__[1]
+            module.__dict__.pop("_lowprec_storage", None)
+        for p in module._parameters.values():
+            if p is not None and p.is_floating_point():
+                p.data = p.detach().float()
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.float()
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for handle_id in [i for i, hook in hooks.items() if _is_entrance_or_exit(hook)]:
+            del hooks[handle_id]
+            model._forward_hooks_with_kwargs.pop(handle_id, None)
+            model._forward_pre_hooks_with_kwargs.pop(handle_id, None)
+    return model
+

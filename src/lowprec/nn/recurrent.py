@@ -1,7 +1,13 @@
-"""Quantized recurrent layers: QLSTM and QGRU (unidirectional, any depth, batch_first) and their cells.
+"""Quantized recurrent layers: QLSTM and QGRU (any depth, bidirectional, batch_first, PackedSequence input,
+an initial state h0/(h0, c0)) and their cells.
 
 The recurrence is written out in Python, one time step at a time, with the same parameters (names, shapes,
-gate order i,f,g,o for LSTM and r,z,n for GRU) as torch's layers. Numerics per forward:
+gate order i,f,g,o for LSTM and r,z,n for GRU) as torch's layers, and the same inputs and results: a
+PackedSequence in gives a PackedSequence out (same batch_sizes and indices), h0 and h_n in the caller's batch
+order, the two directions' outputs concatenated and their final states interleaved per layer as torch does.
+Each sequence runs on its own rows only (torch's packed algorithm): padding is never read, rounded or counted.
+With nothing rounded (every role fp32) the results equal torch's to float32 rounding, not bit for bit: torch
+sums the gate pre-activations in another order. Numerics per forward:
 
 * The weights and biases of each layer are quantized once (weight / bias roles; weight_grad / bias_grad round
   their gradient once, summed over all time steps) through a role boundary.
@@ -14,13 +20,16 @@ gate order i,f,g,o for LSTM and r,z,n for GRU) as torch's layers. Numerics per f
   quantizes them as its activation.
 
 For dynamic fixed point with the overflow rule, every quantized tensor is one observation of its group, so a
-recurrent layer's groups see several per batch (the weight and bias groups two per layer, the activation,
-output and gradient groups one per matmul: 1 + T per layer): their ``exponent_interval`` counts observations.
+recurrent layer's groups see several per batch (the weight and bias groups two per layer and direction, the
+activation, output and gradient groups one per matmul: 1 + T per layer and direction): their
+``exponent_interval`` counts observations.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,11 +77,16 @@ class _QRecurrent(QuantizedModule):
     """What QLSTM, QGRU and the cells share: parameter quantization, state packing, the step."""
 
     ACCUMULATES = True
+    SIGNED_INPUTS = True  # the activation role also rounds h_{t-1}, a tanh output in (-1, 1)
     _STATES: int  # tensors in the recurrent state: 2 for LSTM (h, c), 1 for GRU (h)
     _step: Step
 
     def _has_bias(self) -> bool:
         return bool(self.bias)
+
+    def parameter_roles(self) -> dict[str, str]:
+        return {name: "weight" if name.startswith("weight") else "bias"
+                for name, p in self._parameters.items() if p is not None}
 
     def _weights(self, suffix: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(W_ih, W_hh, b_ih, b_hh) of one layer, through the weight and bias role boundaries."""
@@ -103,55 +117,106 @@ class _QRecurrent(QuantizedModule):
         return state if self._STATES > 1 else state[0]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A batch of sequences as torch's packed layout: time-major rows, the first ``batch_sizes[t]`` sequences
+    (in sorted order, longest first) present at step t. A padded tensor is the case of equal lengths."""
+
+    batch_sizes: tuple[int, ...]
+    sorted_indices: Tensor | None
+    unsorted_indices: Tensor | None
+
+    def offsets(self) -> list[int]:
+        return list(itertools.accumulate(self.batch_sizes, initial=0))
+
+
 class _QRNN(_QRecurrent):
-    """The multi-layer recurrence of QLSTM and QGRU."""
+    """The multi-layer, one- or two-directional recurrence of QLSTM and QGRU, on tensors or PackedSequences.
+
+    Every sequence is processed on its own rows only (torch's packed algorithm): step t of the forward
+    direction runs the ``batch_sizes[t]`` sequences still going, the others keep their state; the reverse
+    direction runs from each sequence's own last step to its first. Padding is never read, rounded or counted
+    in an exponent's statistics."""
 
     @classmethod
     def check_supported(cls, module: nn.Module, policy: Policy) -> None:
-        if not cls.quantizes_under(policy):
-            return
-        if module.bidirectional:
+        if cls.quantizes_under(policy) and getattr(module, "proj_size", 0):
             raise NotImplementedError(
-                f"lowprec's quantized {type(module).__name__} is unidirectional: bidirectional=True is not "
-                "supported (run a second layer on the time-reversed input, or keep this layer in fp32 with a "
-                "per-module override)"
+                "lowprec's quantized LSTM does not support proj_size > 0 (keep this layer in fp32 with a "
+                "per-module override, e.g. '<name>: params=none,activations=none,grads=none')"
             )
-        if getattr(module, "proj_size", 0):
-            raise NotImplementedError("lowprec's quantized LSTM does not support proj_size > 0")
 
-    def forward(self, input: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+    def forward(self, input: Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
         if not self.quantizing:
             return super().forward(input, hx)  # type: ignore[misc]
-        if isinstance(input, PackedSequence):
-            raise TypeError(
-                f"lowprec's quantized {type(self).__name__[1:]} does not take a PackedSequence: pass the padded "
-                "batch (torch.nn.utils.rnn.pad_sequence) and the sequence lengths, and read each sequence's "
-                "output at step length - 1"
-            )
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1)
-        if self.batch_first and batched:
-            x = x.transpose(0, 1)
-        state = self._pack(hx, lambda: x.new_zeros(self.num_layers, x.shape[1], self.hidden_size),
-                           None if batched else 1)
-        roles = self._matmul_roles()
+        directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, layout = input.data, _Layout(tuple(input.batch_sizes.tolist()), input.sorted_indices,
+                                               input.unsorted_indices)
+            batch, unbatched = layout.batch_sizes[0], False
+        else:
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if self.batch_first else input
+            steps, batch = x.shape[:2]
+            if steps == 0:
+                raise ValueError(f"{type(self).__name__[1:]} input has no time steps: shape {tuple(input.shape)}")
+            data, layout = x.reshape(steps * batch, -1), _Layout((batch,) * steps, None, None)
+        state = self._pack(hx, lambda: data.new_zeros(self.num_layers * directions, batch, self.hidden_size),
+                           1 if unbatched else None)
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        for i, part in enumerate(state):
+            if tuple(part.shape) != expected:  # torch's own check and message
+                which = f"hidden[{i}]" if self._STATES > 1 else "hidden"
+                raise RuntimeError(f"Expected {which} size {expected}, got {list(part.shape)}")
+        if layout.sorted_indices is not None:  # torch takes hx in the caller's order
+            state = tuple(s.index_select(1, layout.sorted_indices) for s in state)
         finals = []
         for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._weights(f"_l{layer}")
-            zx = QLinearFunction.apply(x, w_ih, b_ih, roles, self.accumulator)
-            s = tuple(part[layer] for part in state)
             outputs = []
-            for zx_t in zx.unbind(0):
-                s = self._step(zx_t, s, w_hh, b_hh, roles, self.accumulator)
-                outputs.append(s[0])
-            x = torch.stack(outputs)
-            finals.append(s)
+            for direction in range(directions):
+                index = layer * directions + direction
+                out, last = self._direction(data, layout, tuple(s[index] for s in state),
+                                            f"_l{layer}" + ("_reverse" if direction else ""), reverse=direction == 1)
+                outputs.append(out)
+                finals.append(last)
+            data = torch.cat(outputs, dim=-1) if directions > 1 else outputs[0]
             if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        if self.batch_first and batched:
-            x = x.transpose(0, 1)
+                data = F.dropout(data, self.dropout, training=True)
         last = tuple(torch.stack(parts) for parts in zip(*finals))
-        return (x if batched else x.squeeze(1)), self._unpack(last, None if batched else 1)
+        if layout.unsorted_indices is not None:
+            last = tuple(s.index_select(1, layout.unsorted_indices) for s in last)
+        if packed:
+            out = PackedSequence(data, input.batch_sizes, layout.sorted_indices, layout.unsorted_indices)
+            return out, self._unpack(last, None)
+        out = data.reshape(steps, batch, -1)
+        if unbatched:
+            return out.squeeze(1), self._unpack(last, 1)
+        return (out.transpose(0, 1) if self.batch_first else out), self._unpack(last, None)
+
+    def _direction(self, data: Tensor, layout: _Layout, state: State, suffix: str,
+                   reverse: bool) -> tuple[Tensor, State]:
+        """One direction of one layer over packed rows ``data``: (its output rows, its final state per sequence).
+
+        Forward: at step t the first ``batch_sizes[t]`` sequences advance, the rest keep their (final) state.
+        Reverse: t runs backwards; the sequences that start at t (their last step) join with their initial
+        state."""
+        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        roles = self._matmul_roles()
+        zx = QLinearFunction.apply(data, w_ih, b_ih, roles, self.accumulator)
+        offsets = layout.offsets()
+        outputs: list[Tensor] = [data.new_empty(0)] * len(layout.batch_sizes)
+        steps = range(len(layout.batch_sizes))
+        s = state if not reverse else tuple(part[:0] for part in state)
+        for t in (reversed(steps) if reverse else steps):
+            size = layout.batch_sizes[t]
+            if reverse and size > s[0].shape[0]:
+                s = tuple(torch.cat([mine, initial[mine.shape[0]:size]]) for mine, initial in zip(s, state))
+            new = self._step(zx[offsets[t]:offsets[t + 1]], tuple(part[:size] for part in s), w_hh, b_hh, roles,
+                             self.accumulator)
+            outputs[t] = new[0]
+            s = new if size == s[0].shape[0] else tuple(torch.cat([n, old[size:]]) for n, old in zip(new, s))
+        return torch.cat(outputs), s
 
 
 class _QCell(_QRecurrent):
@@ -171,14 +236,14 @@ class _QCell(_QRecurrent):
 
 
 class QLSTM(_QRNN, nn.LSTM):
-    """``nn.LSTM`` with quantized matmuls (see the module docstring); unidirectional, no proj_size."""
+    """``nn.LSTM`` with quantized matmuls (see the module docstring); no proj_size."""
 
     _STATES = 2
     _step = staticmethod(lstm_step)
 
 
 class QGRU(_QRNN, nn.GRU):
-    """``nn.GRU`` with quantized matmuls (see the module docstring); unidirectional."""
+    """``nn.GRU`` with quantized matmuls (see the module docstring)."""
 
     _STATES = 1
     _step = staticmethod(gru_step)

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..formats import Uniform
 from ..policy import Quantizer
 
-__all__ = ["IDENTITY", "Accumulator", "clip_mask", "quantize_roles", "straight_through"]
+__all__ = ["IDENTITY", "Accumulator", "clip_mask", "clips_negatives", "quantize_roles", "straight_through"]
 
 #: A quantizer for a role that is not quantized.
 IDENTITY = Quantizer(None)
@@ -35,6 +35,13 @@ def clip_mask(quantizer: Quantizer, x: Tensor) -> Tensor | None:
         return None
     low = -1.0 if quant.format.signed else 0.0
     return (x >= low) & (x <= 1.0)
+
+
+def clips_negatives(quantizer: Quantizer) -> bool:
+    """Whether the quantizer is WRPN's unsigned clip format (``uniform<k,unsigned>``): every negative value
+    becomes 0."""
+    quant = quantizer.quant
+    return quant is not None and isinstance(quant.format, Uniform) and not quant.format.signed
 
 
 def quantize_roles(

@@ -11,6 +11,10 @@ trains from scratch); everything else in the model is kept.
 How an input width follows: with the previous weight layer (in ``named_modules()`` order) turning width p into
 p', an input of width w becomes ``(w // p) * p'`` when w is a multiple of p (a Linear after a Flatten of p
 channels times H*W positions, a concatenation of equal branches), else ``round(w * p' / p)``.
+
+WRPN's weight clip range, for converted models: ``fill_clip_range`` scales the weights to reach +-1 (what
+``convert`` does under ``fill_clip_range=on``, the wrpn presets) and ``zero_weight_shares`` tells how many of
+each layer's weights round to 0 (what ``convert`` warns about otherwise).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +31,7 @@ from torch import nn
 from ..formats import Uniform
 from .layers import QuantizedModule
 
-__all__ = ["widen", "fill_clip_range"]
+__all__ = ["widen", "fill_clip_range", "zero_weight_shares"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNNS = (nn.LSTM, nn.GRU)
@@ -130,10 +134,25 @@ def widen(model_or_factory: nn.Module | Callable[[], nn.Module], beta: float) ->
     return model
 
 
+def _clip_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedModule, nn.Parameter]]:
+    """(layer name, layer, parameter) for every weight a converted layer rounds to WRPN's signed uniform<k>
+    (a Linear's or convolution's weight, each gate matrix of an LSTM/GRU)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedModule):
+            continue
+        quant = module.quantizers["weight"].quant
+        if quant is not None and isinstance(quant.format, Uniform) and quant.format.signed:
+            for pname, role in module.parameter_roles().items():
+                if role == "weight":
+                    yield name, module, getattr(module, pname)
+
+
 @torch.no_grad()
 def fill_clip_range(model: nn.Module) -> list[str]:
-    """Scale each converted layer's weights whose weight role is WRPN's signed ``uniform<k>`` so that its
-    largest magnitude is 1, the edge of the clip range; returns the names of the layers scaled.
+    """Scale each weight a converted layer rounds to WRPN's signed ``uniform<k>`` so that its largest magnitude
+    is 1, the edge of the clip range (each gate matrix of a recurrent layer on its own); returns the names of
+    the layers scaled. ``convert`` does this itself under a policy with ``fill_clip_range=on`` (the wrpn
+    presets).
 
     WRPN clips weights to [-1, 1] and rounds them to steps of 1/(2**(k-1)-1); with PyTorch's default
     initialisation (|w| < 1/sqrt(fan_in), below 0.07 for fan-in >= 200) every 4-bit weight rounds to 0, no
@@ -141,13 +160,22 @@ def fill_clip_range(model: nn.Module) -> list[str]:
     (and no change at all to the function of a layer followed by batch-norm).
     """
     scaled = []
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantizedModule) or not hasattr(module, "weight"):
-            continue
-        quant = module.policy.get("weight")
-        if quant is not None and isinstance(quant.format, Uniform) and quant.format.signed:
-            peak = module.weight.abs().max()
-            if peak > 0:
-                module.weight.div_(peak)
+    for name, _, weight in _clip_weights(model):
+        peak = weight.abs().max()
+        if peak > 0:
+            weight.div_(peak)
+            if name not in scaled:
                 scaled.append(name)
     return scaled
+
+
+@torch.no_grad()
+def zero_weight_shares(model: nn.Module) -> dict[str, float]:
+    """For each converted layer whose weights WRPN's signed ``uniform<k>`` rounds: the share of those weights
+    that round to 0 (|w| below half a step, 1/(2**k - 2))."""
+    zeros: dict[str, list[int]] = {}
+    for name, module, weight in _clip_weights(model):
+        counts = zeros.setdefault(name, [0, 0])
+        counts[0] += int((module.quantizers["weight"].round(weight) == 0).sum())
+        counts[1] += weight.numel()
+    return {name: z / n for name, (z, n) in zeros.items() if n}

@@ -35,6 +35,12 @@ Per-module overrides: ``"...; fc3: weight=int16"`` or ``policy.override("fc3", w
 shell-style (``fnmatch``) against the module's qualified name; ``@first`` and ``@last`` name the first and last
 quantized layer in the model's module order (WRPN keeps them full precision; Park's classifier is ``@last``).
 Later overrides win.
+
+``PRESET+assignments`` (the command line's recipe form, e.g. ``"int8-lazy+optimizer_state=none"`` or
+``"wrpn-4-4+activation=uniform<8,unsigned>; fc3: weight=none"``; only overrides: ``"wrpn-4-4; fc3: weight=none"``)
+is the preset's policy with the assignments, settings and overrides after it applied on top, as
+``Policy.with_roles`` / ``Policy.override`` would. ``Policy.parse``, ``as_policy`` and so everything that takes
+a policy string (``lowprec.convert``, the Trainer, ``lowprec.inspect``, the CLI's recipes) read this one grammar.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from typing import Any, Mapping
 from ..formats import DynamicFixedPoint, Format, parse_format
 from ..formats.kernels import ROUNDINGS
 
-__all__ = ["Quant", "Policy", "as_policy", "ROLES", "LAYER_ROLES"]
+__all__ = ["Quant", "Policy", "as_policy", "split_top", "ROLES", "LAYER_ROLES"]
 
 LAYER_ROLES = (
     "weight", "bias", "activation", "output", "output_grad", "activation_grad", "weight_grad", "bias_grad",
@@ -60,7 +66,7 @@ ALIASES = {
     "params": ("weight", "bias"),
 }
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
-            "accumulation_chunk", "classifier_rule", "path")
+            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range")
 PATHS = ("emulated", "native")
 
 
@@ -102,8 +108,8 @@ class Quant:
         return repr(self.format) + ("" if self.rounding == "nearest" else f"/{self.rounding}")
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside angle brackets (format strings contain commas)."""
+def split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside angle brackets (format strings contain commas); empty parts dropped."""
     parts, depth, cur = [], 0, []
     for ch in text:
         depth += (ch == "<") - (ch == ">")
@@ -143,6 +149,7 @@ class Policy:
     accumulation_chunk: int = 32
     classifier_rule: bool = False  # give @last at least classifier_bits(C) bits (Park eq. 5)
     path: str = "emulated"  # "emulated": fp32 containers rounded per role | "native": real fp16/bf16 tensors
+    fill_clip_range: bool = False  # convert scales WRPN's uniform<k> weights to reach +-1 (lowprec.nn.fill_clip_range)
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -170,34 +177,36 @@ class Policy:
 
     @classmethod
     def parse(cls, text: str) -> Policy:
-        """Parse ``"role=format[/rounding],...; pattern: role=format,..."`` (see the module docstring)."""
+        """Parse ``"role=format[/rounding],...; pattern: role=format,..."``, a preset name, or
+        ``"PRESET+role=format,...; pattern: ..."`` or ``"PRESET; pattern: ..."`` (the preset with these changes;
+        see the module docstring)."""
         if not isinstance(text, str):
             raise TypeError(f"Policy.parse takes a string, got {type(text).__name__}")
-        policy = cls()
-        for i, segment in enumerate(_split_top(text, ";")):
-            pattern = None
-            head, colon, rest = segment.partition(":")
-            if colon and "=" not in head and "<" not in head:
-                pattern, segment = head.strip(), rest
-            assignments: dict[str, Any] = {}
-            for item in _split_top(segment, ","):
-                key, eq, value = item.partition("=")
-                if not eq:
-                    raise ValueError(f"expected role=format, got {item!r} in {text!r}")
-                assignments[key.strip()] = value.strip()
-            if pattern is None:
-                settings = _settings(assignments)
-                roles = dict(policy.roles)
-                roles.update(_expand(assignments))
-                policy = replace(policy, roles=tuple(roles.items()), **settings)
-            else:
-                policy = policy.override(pattern, **assignments)
-        return policy
+        from .presets import is_preset, preset
+
+        stripped = text.strip()
+        head, plus, tail = stripped.partition(";")[0].partition("+")
+        if not is_preset(head.strip()):
+            return _parse_onto(cls(), stripped, text)
+        if plus and "=" not in tail:
+            raise ValueError(f"policy {text!r}: expected role=format,... after '+' (e.g. 'int8-lazy+master=int16')")
+        base, rest = preset(head.strip()), stripped[len(head) + len(plus):]
+        if not rest.strip():
+            return base
+        try:
+            policy = _parse_onto(base, rest, text)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (in {text!r}: after '+' come policy roles and settings; a recipe's model and training "
+                "settings such as width= or lr= are read by the lowprec command line only: in Python, build the "
+                "model (lowprec.widen) and the optimizer with them)"
+            ) from None
+        return replace(policy, name=stripped)
 
     @classmethod
     def preset(cls, name: str) -> Policy:
         """A named recipe: fp32, mixed-fp16, mixed-bf16, int8, int8-lazy, int16, wrpn-<w>-<a>, fixed-20,
-        dfx-10-12, fp8-e4m3, fp8-e5m2, fp8-hybrid."""
+        dfx-10-12 (any dfx-<p>-<u>), fp8-e4m3, fp8-e5m2, fp8-hybrid."""
         from .presets import preset
 
         return preset(name)
@@ -276,10 +285,36 @@ class Policy:
             )
         if self.classifier_rule:
             lines.append("  classifier rule  @last gets >= classifier_bits(C) bits (Park eq. 5)")
+        if self.fill_clip_range:
+            lines.append("  fill clip range  convert scales uniform<k> weights to reach +-1 (WRPN from scratch)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _parse_onto(policy: Policy, text: str, whole: str) -> Policy:
+    """``policy`` with the roles, settings and overrides of the policy string ``text`` applied (``whole``: the
+    string the user wrote, for messages)."""
+    for segment in split_top(text, ";"):
+        pattern = None
+        head, colon, rest = segment.partition(":")
+        if colon and "=" not in head and "<" not in head:
+            pattern, segment = head.strip(), rest
+        assignments: dict[str, Any] = {}
+        for item in split_top(segment, ","):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"expected role=format, got {item!r} in {whole!r}")
+            assignments[key.strip()] = value.strip()
+        if pattern is None:
+            settings = _settings(assignments)
+            roles = dict(policy.roles)
+            roles.update(_expand(assignments))
+            policy = replace(policy, roles=tuple(roles.items()), **settings)
+        else:
+            policy = policy.override(pattern, **assignments)
+    return policy
 
 
 def _settings(assignments: dict[str, Any]) -> dict[str, Any]:
@@ -299,9 +334,9 @@ def _setting(key: str, value: Any) -> Any:
         return None
     if key in ("exponent_interval", "init_int_bits", "accumulation_chunk"):
         return int(value)
-    if key == "classifier_rule":
+    if key in ("classifier_rule", "fill_clip_range"):
         if value.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
-            raise ValueError(f"classifier_rule must be on or off, got {value!r}")
+            raise ValueError(f"{key} must be on or off, got {value!r}")
         return value.lower() in ("on", "true", "yes", "1")
     if key == "loss_scale" and re.fullmatch(r"[0-9.eE+\-]+", value):
         return f"static:{value}"
@@ -309,12 +344,14 @@ def _setting(key: str, value: Any) -> Any:
 
 
 def as_policy(policy: Policy | str) -> Policy:
-    """A Policy, a preset name (``Policy.preset``) or a policy string (``Policy.parse``).
+    """A Policy, a preset name (``Policy.preset``) or a policy string (``Policy.parse``, which also reads
+    ``PRESET+role=format,...``).
 
-    A string is a preset name unless it assigns something (contains ``=``) or is empty (no quantization)."""
+    A string is a preset name unless it assigns or changes something (contains ``=`` or ``+``) or is empty
+    (no quantization)."""
     if isinstance(policy, Policy):
         return policy
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a Policy, a preset name or a policy string, got {type(policy).__name__}")
     text = policy.strip()
-    return Policy.parse(text) if "=" in text or not text else Policy.preset(text)
+    return Policy.parse(text) if "=" in text or "+" in text or not text else Policy.preset(text)

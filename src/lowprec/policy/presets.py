@@ -11,6 +11,14 @@ __all__ = ["preset", "is_preset", "PRESETS"]
 
 _ALL = "params={f},activations={f},grads={f}"
 
+
+def _dfx(prop_bits: int, update_bits: int) -> str:
+    """Courbariaux's dynamic fixed point: every layer role and the momentum in dfx<prop_bits>, the stored
+    parameters in dfx<update_bits> (bit counts include the sign), overflow-rate exponents (see PRESETS)."""
+    return (_ALL.format(f=f"dfx<{prop_bits}>") + f",master=dfx<{update_bits}>,optimizer_state=dfx<{prop_bits}>"
+            ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=10,init_int_bits=auto")
+
+
 PRESETS: dict[str, str] = {
     # no quantization at all: identical to plain PyTorch training
     "fp32": "",
@@ -27,13 +35,15 @@ PRESETS: dict[str, str] = {
     + ",master=int8,optimizer_state=int8,accumulator=int16,classifier_rule=on,exponent_rule=maxabs",
     "int16": _ALL.format(f="int16") + ",master=int16,optimizer_state=int16,exponent_rule=maxabs",
     # Courbariaux et al.: 20-bit fixed point (5 integer bits), and dynamic fixed point 10-bit propagation /
-    # 12-bit update with the overflow-rate exponent rule. The authors start every exponent at 5 and adapt them
-    # in a 2-epoch full-precision warm-up (Trainer.warmup_exponents); the preset starts each group at the
-    # max-abs exponent of the first tensor it sees instead, so it trains without one (init_int_bits=5 and a
-    # warm-up give the authors' procedure).
+    # 12-bit update with the overflow-rate exponent rule (max rate 0.01 %). The authors start every exponent at
+    # 5, adapt them in a 2-epoch full-precision warm-up (Trainer.warmup_exponents) and then move them every 100
+    # batches. The preset starts each group at the max-abs exponent of the first tensor it sees instead and
+    # moves it every 10 batches: a fresh network's layer outputs grow by about two binades in their first ~30
+    # batches, which an exponent moving one binade per 100 batches cannot follow (the logits saturate and
+    # LeNet or the PI-MNIST maxout MLP stop learning; docs/training.md). init_int_bits=5,exponent_interval=100
+    # and a warm-up give the authors' procedure.
     "fixed-20": _ALL.format(f="fixed<20,14>") + ",master=fixed<20,14>,optimizer_state=fixed<20,14>",
-    "dfx-10-12": _ALL.format(f="dfx<10>") + ",master=dfx<12>,optimizer_state=dfx<10>"
-    ",exponent_rule=overflow,max_overflow_rate=1e-4,exponent_interval=100,init_int_bits=auto",
+    "dfx-10-12": _dfx(10, 12),  # and any dfx-<p>-<u>
     # fp8: e4m3 forward, e5m2 gradients (the usual hybrid), or one of them for everything
     "fp8-hybrid": "params=e4m3,activations=e4m3,grads=e5m2,loss_scale=dynamic",
     "fp8-e4m3": _ALL.format(f="e4m3") + ",loss_scale=dynamic",
@@ -43,26 +53,28 @@ PRESETS: dict[str, str] = {
 
 def _wrpn(weight_bits: int, act_bits: int) -> str:
     """Mishra et al.: k-bit weights on [-1,1], k-bit activations on [0,1], fp32 shadow weights and gradients,
-    first and last layer full precision. 32 bits means not quantized."""
+    first and last layer full precision. 32 bits means not quantized. WRPN trains from scratch: convert
+    scales the initial weights to fill the clip range (fill_clip_range=on), else most round to 0."""
     parts = []
     if weight_bits != 32:
-        parts.append(f"weight=uniform<{weight_bits}>")
+        parts.append(f"weight=uniform<{weight_bits}>,fill_clip_range=on")
     if act_bits != 32:
         parts.append(f"activation=uniform<{act_bits},unsigned>")
     return ",".join(parts) + "; @first: weight=none,activation=none; @last: weight=none,activation=none"
 
 
 _WRPN = re.compile(r"wrpn-(\d+)-(\d+)")
+_DFX = re.compile(r"dfx-(\d+)-(\d+)")
 
 
 def is_preset(name: str) -> bool:
-    """Whether ``name`` names a preset (a fixed one or any wrpn-<w>-<a>)."""
-    return name in PRESETS or _WRPN.fullmatch(name) is not None
+    """Whether ``name`` names a preset (a fixed one, any wrpn-<w>-<a> or dfx-<p>-<u>)."""
+    return name in PRESETS or any(p.fullmatch(name) is not None for p in (_WRPN, _DFX))
 
 
 def preset(name: str) -> Policy:
     """The policy of a named recipe; ValueError listing the names for anything else."""
-    wrpn = _WRPN.fullmatch(name)
+    wrpn, dfx = _WRPN.fullmatch(name), _DFX.fullmatch(name)
     if wrpn:
         w, a = int(wrpn[1]), int(wrpn[2])
         if not (1 <= w <= 16 or w == 32) or not (1 <= a <= 16 or a == 32):
@@ -70,6 +82,13 @@ def preset(name: str) -> Policy:
         spec = _wrpn(w, a)
     elif name in PRESETS:
         spec = PRESETS[name]
+    elif dfx:
+        p, u = int(dfx[1]), int(dfx[2])
+        if not (2 <= p <= 32 and 2 <= u <= 32):
+            raise ValueError(f"dfx-<p>-<u> bit widths (propagation p, update u, sign included) must be 2..32, "
+                             f"got {name!r}")
+        spec = _dfx(p, u)
     else:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}, wrpn-<w>-<a> (e.g. wrpn-4-4)")
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}, wrpn-<w>-<a> (e.g. wrpn-4-4), "
+                         "dfx-<p>-<u> (e.g. dfx-8-12)")
     return replace(Policy.parse(spec), name=name)

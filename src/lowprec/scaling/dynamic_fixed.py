@@ -86,6 +86,7 @@ class DynamicExponent:
                              f"(fixed<{fmt.bits},frac> needs frac in {list(FRAC_RANGE)}), got {int_bits}")
         self.int_bits = int_bits
         self.agree: Callable[[Tensor], Tensor] | None = None  # cross-process MAX of the start exponent
+        self.last_rate: float | None = None  # the averaged rate at r of the last completed interval
         self._reset()
 
     def _reset(self) -> None:
@@ -182,10 +183,13 @@ class DynamicExponent:
         self.batches = int(counters[2])
 
     def update(self) -> bool:
-        """Apply the rule if an interval is complete; returns True if it ran (r may or may not move)."""
+        """Apply the rule if an interval is complete; returns True if it ran (r may or may not move). The
+        interval's averaged overflow rate at the old r is kept as ``last_rate`` (a diagnostic, not checkpointed):
+        far above ``max_overflow_rate`` it says that the tensors outgrew r faster than one binade per interval."""
         if not self.due:
             return False
         rate_r, rate_below = (self._rate_sum / self.batches).tolist()
+        self.last_rate = rate_r
         if rate_r > self.max_overflow_rate:
             self.int_bits = self._bounded(self.int_bits + 1)
         elif rate_below <= self.max_overflow_rate:

@@ -50,6 +50,7 @@ from ..scaling import LossScaler, StepResult
 from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_slots
 from .fused import FusedUpdate
+from .lagging import LaggingExponents
 from .state import OptimizerStateFormats
 from .update import step_parameters, use_master_copies
 from .warmup import warmup_exponents
@@ -141,6 +142,7 @@ class Trainer:
         self.state_formats = OptimizerStateFormats(self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
+        self.lagging = LaggingExponents()
         self._unscaled: tuple[bool, list[str]] | None = None
         self.distributed = distributed.is_initialized()
         if self.distributed:
@@ -232,13 +234,17 @@ class Trainer:
 
     def update_exponents(self) -> None:
         """Advance every dynamic fixed point exponent one batch (layers' and the trainer's own groups); under
-        torch.distributed the counters of the groups at the end of an interval are summed over the ranks first."""
+        torch.distributed the counters of the groups at the end of an interval are summed over the ranks first.
+        Warns once if a group's interval ended with its tensors saturated (``lagging.py``)."""
+        groups = [(n, r, q.exponent) for n, r, q in (*layer_quantizers(self.model), *self.quantizers())
+                  if q.exponent is not None]
         if self.distributed:
-            groups = [q for _, _, q in layer_quantizers(self.model)] + [q for _, _, q in self.quantizers()]
-            distributed.sum_exponent_counters(q.exponent for q in groups if q.exponent is not None)
+            distributed.sum_exponent_counters(e for _, _, e in groups)
+        due = [(f"{n}:{r}" if n else r, e) for n, r, e in groups if e.due]
         update_layer_exponents(self.model)
         for _, _, q in self.quantizers():
             q.update()
+        self.lagging.check(due)
 
     def zero_grad(self) -> None:
         """Drop every gradient (set to None) and any pending unscale: abandons a step in progress."""
