@@ -1,6 +1,7 @@
 """The Lightning and Fabric precision plugins take exactly lp.Trainer's steps, skipped steps and resumes included."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,19 @@ def test_recipe_strings_and_their_limits():
         LowprecPrecision("wrpn-4-4+width=2")
     with pytest.raises(ValueError, match="one optimizer"):
         LowprecPrecision("int8").connect(tiny_net(), [sgd(tiny_net()), sgd(tiny_net())], [])
+
+
+@pytest.mark.slow  # two processes importing torch and lightning
+def test_ddp_two_processes_agree_on_skips_scale_and_weights(tmp_path):
+    """2-process DDP (gloo) through Lightning's strategy: an inf on one rank skips the step on both, the loss
+    scale backs off on both, and both ranks end with the same weights bit for bit."""
+    from test_distributed import torchrun
+
+    torchrun(Path(__file__).parent / "lightning_ddp_worker.py", str(tmp_path), "mixed-fp16", timeout=240)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["skipped"] == 1 and rank["steps"] == INF_STEP + 1
+        assert rank["scaler"]["scale"] == lp.LossScaler.dynamic().scale / 2
+    assert ranks[0]["scaler"] == ranks[1]["scaler"]
+    assert_same_tensors(ranks[0]["net"], ranks[1]["net"])
+    assert not torch.equal(ranks[0]["net"]["0.weight"], tiny_net().state_dict()["0.weight"])  # it trained
