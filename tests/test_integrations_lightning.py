@@ -122,6 +122,24 @@ def test_fabric_plugin_equals_trainer_and_resumes_bit_exactly(policy, tmp_path):
     assert plugin2.skipped_steps == 1
 
 
+def test_fabric_clip_gradients_clips_the_master_copies():
+    """fabric.clip_gradients unscales first and clips what the optimizer updates (a native model's fp32
+    masters), as lp.Trainer(clip_grad_norm=...) does."""
+    ref = lp.convert(tiny_net(), "native-bf16")
+    trainer = lp.Trainer(ref, sgd(ref), "native-bf16", clip_grad_norm=0.05)
+    plugin = LowprecFabricPrecision("native-bf16")
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+    net = tiny_net()
+    model, optimizer = fabric.setup(net, sgd(net))
+    for b in EPOCH:
+        ref_norm = trainer.step(step_loss(ref, b, 0)).grad_norm
+        fabric.backward(step_loss(model, b, 0))
+        norm = fabric.clip_gradients(model, optimizer, max_norm=0.05)
+        assert torch.equal(norm, ref_norm) and norm > 0.05
+        optimizer.step()
+    assert_same_tensors(net.state_dict(), ref.state_dict())
+
+
 def test_recipe_strings_and_their_limits():
     assert resolve_policy("mixed-bf16+path=native").spec() == lp.Policy.preset("native-bf16").spec()
     assert resolve_policy("weight=int8").spec() == lp.Policy.parse("weight=int8").spec()
