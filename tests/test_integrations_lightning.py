@@ -83,6 +83,30 @@ def test_lightning_plugin_equals_trainer_and_resumes_bit_exactly(policy, tmp_pat
     assert_same_tensors(state["master_copies"], {f"net.{k}": v for k, v in ref_state["master_copies"].items()})
 
 
+class ManualModule(Module):
+    """The same steps through manual optimization: manual_backward and optimizer.step() in training_step."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(step_loss(self, batch, self.global_step))
+        optimizer.step()
+
+
+@pytest.mark.parametrize("policy", ["mixed-fp16", "native-bf16"])
+def test_lightning_manual_optimization_equals_trainer(policy):
+    ref_model, _, _ = trainer_run(policy, EPOCH)
+    module, plugin = ManualModule(), LowprecPrecision(policy)
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, plugins=[plugin], logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, loader())
+    assert plugin.skipped_steps == 1
+    assert_same_tensors(net_state(module), ref_model.state_dict())
+
+
 def test_lightning_gradient_clipping_clips_unscaled_gradients():
     """gradient_clip_val clips after unscaling, as lp.Trainer(clip_grad_norm=...) does."""
     model = lp.convert(tiny_net(), "mixed-fp16")
