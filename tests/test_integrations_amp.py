@@ -94,7 +94,8 @@ def test_clip_grad_norm_clips_the_master_copies_as_the_trainer_does():
         scaler.scale(step_loss(model, b, 0)).backward()
         norm = scaler.clip_grad_norm_(0.05)
         assert torch.equal(norm, ref_norm) and norm > 0.05  # it really clipped
-        assert all(p.grad is None for p in model.parameters())  # the bf16 parameters hold no gradient
+        with pytest.raises(RuntimeError):  # the bf16 parameters no longer hold the gradient: no silent no-op
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
         scaler.step(optimizer)
         scaler.update()
     assert_same_tensors(model.state_dict(), ref.state_dict())
@@ -142,3 +143,18 @@ def test_wraps_an_existing_trainer():
     trainer = lp.Trainer(model, sgd(model), "int8")
     scaler = lp.GradScaler(trainer)
     assert scaler.trainer is trainer and scaler.model is model and scaler.get_scale() == trainer.scaler.scale
+
+
+def test_a_backward_by_hand_is_still_refused():
+    """scale(loss).backward() counts as the Trainer's backward; an unscaled loss.backward() does not."""
+    model = tiny_net()
+    optimizer = sgd(model)
+    scaler = lp.GradScaler("mixed-fp16", model, optimizer)
+    x, y = batches(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="by hand"):
+        scaler.step(optimizer)
+    scaler.trainer.zero_grad()
+    scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(optimizer)
+    assert not scaler.last_result.skipped

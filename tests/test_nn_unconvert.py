@@ -97,6 +97,9 @@ def test_unconvert_gives_the_plain_model_whose_outputs_equal_the_converted_weigh
     assert torch.equal(fresh(X), plain(X))
     # and the converted model itself was left as it was (a copy)
     assert isinstance(converted[0], lp.nn.QConv2d)
+    # the export is no longer a converted model: it converts again (convert refuses a converted one)
+    assert lp.nn.conversion_policy(plain) is None
+    assert isinstance(lp.convert(plain, policy)[0], lp.nn.QConv2d)
 
 
 def test_unconvert_rounds_dfx_weights_with_each_layers_current_exponent():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import lowprec as lp
 from lowprec.policy import Policy
 from lowprec.scaling import LossScaler
 from lowprec.train import SGD, AdamW, Trainer
@@ -214,15 +215,20 @@ def test_load_rejects_a_checkpoint_of_another_policy():
 
 
 def test_adam_with_int8_state_warns():
-    model = torch.nn.Linear(4, 2)
-    with pytest.warns(UserWarning, match="optimizer_state=dfx<8> with an Adam-type optimizer"):
-        Trainer(model, torch.optim.Adam(model.parameters()), "int8")
     import warnings as w
 
+    def trainer(policy, optimizer, **kw):
+        with w.catch_warnings():
+            w.simplefilter("ignore")
+            model = lp.convert(torch.nn.Linear(4, 2), policy)
+        return Trainer(model, optimizer(model.parameters(), **kw))
+
+    with pytest.warns(UserWarning, match="optimizer_state=dfx<8> with an Adam-type optimizer"):
+        trainer("int8", torch.optim.Adam)
+    int16_state = Policy.preset("int8").with_roles(optimizer_state="int16")
     with w.catch_warnings():
         w.simplefilter("error")
-        int16_state = Policy.preset("int8").with_roles(optimizer_state="int16")
-        Trainer(model, torch.optim.Adam(model.parameters(), eps=1e-3), int16_state)
-        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "int8")
+        trainer(int16_state, torch.optim.Adam, eps=1e-3)
+        trainer("int8", torch.optim.SGD, lr=0.1, momentum=0.9)
     with pytest.warns(UserWarning, match="eps"):
-        Trainer(model, torch.optim.Adam(model.parameters()), int16_state)  # eps 1e-8
+        trainer(int16_state, torch.optim.Adam)  # eps 1e-8

@@ -37,7 +37,7 @@ def test_fp16_storage_swamps_small_updates_fp32_master_keeps_them(opt):
     dw = 2.0**-12
     stored_fp16 = constant_update_run(Policy.of(master="fp16"), 1.0, dw, 100, opt)
     assert (stored_fp16 == 1.0).all()
-    fp32_master = constant_update_run(Policy.of(weight="fp16"), 1.0, dw, 100, opt)
+    fp32_master = constant_update_run(Policy(), 1.0, dw, 100, opt)
     assert fp32_master[-1].item() == 1.0 + 100 * dw  # exact: every 1 + k 2^-12 is an fp32 number
 
 

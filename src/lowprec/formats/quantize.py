@@ -72,9 +72,10 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
             not isinstance(a, Tensor) or a.dim() == 0 for a in args
         )
         try:
-            if flat:
-                y = _compiled_apply()(kernel, x.view(-1), None if out is None else out.view(-1), *args)
-                return y.view(x.shape) if out is None else out
+            if flat:  # written into a tensor of x's shape: the result is never a view of a temporary
+                out = torch.empty_like(x) if out is None else out
+                _compiled_apply()(kernel, x.view(-1), out.view(-1), *args)
+                return out
             return _compiled_apply()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
             _compile_failed = True
@@ -237,19 +238,18 @@ def _dispatch(
         kmin, kmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
         pad = (-x.numel()) % fmt.block
         flat = torch.nn.functional.pad(x.reshape(-1), (0, pad)) if pad else x.reshape(-1)  # a copy only if ragged
+        # the result is written into ``out`` (a new tensor of x's shape when None), never a view of the blocks
+        out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         if _wide(x.dtype) == torch.float32:
             lo, hi = _frac_range(fmt.bits, x.dtype)
-            direct = out is not None and not pad and out.is_contiguous()
+            direct = not pad and out.is_contiguous()
             y = _run(kernels.block_fp32, flat, out.view(-1) if direct else None, fmt.block, kmin, kmax,
                      fmt.bits - 1, lo, hi, rounding, key)
-            if direct:
-                return out
-            y = y[: x.numel()].view(x.shape)
-            return y if out is None else out.copy_(y)
+            return out if direct else out.copy_(y[: x.numel()].view(x.shape))
         blocks = flat.view(-1, fmt.block)
         r = max_abs_int_bits(blocks, fmt.block)
         y = _fixed(blocks, None, fmt.bits, fmt.bits - 1 - r, rounding, key).reshape(-1)[: x.numel()].view(x.shape)
-        return y if out is None else out.copy_(y)
+        return out.copy_(y)
     if isinstance(fmt, Uniform):
         binary = fmt.signed and fmt.bits == 1
         if not binary and _fast(x, rounding):
@@ -287,7 +287,8 @@ def quantize(
     Overflow, NaN, inf, subnormals and the sign of zero follow the format (docs/formats.md): -0 stays -0,
     NaN stays the same NaN. ``int_bits`` sets the exponent of a ``dfx`` format (default: the max-abs rule
     on x). ``out`` receives the result in place (no allocation: the fastest way to quantize). When x's own
-    dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned. An empty tensor
+    dtype already holds exactly the format (fp32 on a float32 tensor), x itself is returned; otherwise the
+    result is ``out`` or a new tensor, never a view (autograd lets in-place ops follow it). An empty tensor
     gives an empty tensor, in every format.
 
     Raises TypeError for a non-float tensor, ValueError for a format x's dtype cannot hold exactly, an

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn import QuantizedModule, convert
+from ..nn import conversion_policy, convert
+from ..nn.convert import policy_label
 from ..policy import Policy, as_policy
 from ..scaling import LossScaler
 from ..train import Trainer, TrainStepResult, scaler_for
@@ -44,28 +45,19 @@ from ..train.params import parameter_slots
 
 __all__ = ["GradScaler", "autocast", "convert_in_place"]
 
-_MARK = "_lowprec_policy"  # the policy spec a model was converted under by convert_in_place
-
-
-def _is_converted(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` is a lowprec layer (emulated, or native: those carry a storage dtype)."""
-    return any(isinstance(m, QuantizedModule) or hasattr(m, "_lowprec_storage") for m in model.modules())
-
-
 def convert_in_place(model: nn.Module, policy: Policy | str) -> nn.Module:
-    """``lowprec.convert(model, policy, inplace=True)`` once: a model this function converted under the same
-    policy, or one the caller converted already, is returned unchanged; ValueError for a model converted here
-    under another policy (convert a fresh copy of the float model instead)."""
+    """``lowprec.convert(model, policy, inplace=True)`` unless ``model`` is converted already: a model converted
+    under the same policy is returned unchanged, one converted under another is refused (ValueError: convert a
+    fresh copy of the float model instead)."""
     policy = as_policy(policy)
-    done = getattr(model, _MARK, None)
-    if done is not None and done != policy.spec():
-        raise ValueError(
-            f"this model was converted under policy {done!r}, not {policy.spec()!r}: a model carries one policy; "
-            "convert a fresh copy of the float model for another"
-        )
-    if done is None and not _is_converted(model):
+    done = conversion_policy(model)
+    if done is None:
         convert(model, policy, inplace=True)
-        object.__setattr__(model, _MARK, policy.spec())
+    elif done.spec() != policy.spec():
+        raise ValueError(
+            f"this model was converted under policy {policy_label(done)!r}, not {policy_label(policy)!r}: a model "
+            "carries one policy; convert a fresh copy of the float model for another"
+        )
     return model
 
 
@@ -156,12 +148,10 @@ class GradScaler:
         self._bind(optimizer).unscale_()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
-        """Unscale, then clip the total norm of the gradients the optimizer will use (a native model's fp32
-        master copies, whose gradients ``model.parameters()`` no longer hold after unscaling). Returns the
-        norm before clipping."""
-        trainer = self.trainer
-        trainer.unscale_()
-        return torch.nn.utils.clip_grad_norm_(trainer.gradient_holders(), max_norm, norm_type)
+        """``Trainer.clip_grad_norm_``: unscale (unless done), then clip the total norm of the gradients the
+        optimizer will use (a native model's fp32 master copies, whose gradients ``model.parameters()`` no
+        longer hold after unscaling). Returns the norm before clipping."""
+        return self.trainer.clip_grad_norm_(max_norm, norm_type)
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
         """The whole update, ``Trainer.apply_update``: unscale (unless done), skip it on inf/NaN, else the

@@ -15,7 +15,7 @@ calibration), widen.py (WRPN's widening and clip-range checks). nn/ depends on p
 only.
 """
 
-from .convert import CONVERSIONS, convert
+from .convert import CONVERSIONS, conversion_policy, convert
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
@@ -24,8 +24,8 @@ from .unconvert import unconvert
 from .widen import fill_clip_range, widen, zero_weight_shares
 
 __all__ = [
-    "convert", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers", "update_exponents",
-    "calibrating", "CONVERSIONS",
+    "convert", "conversion_policy", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers",
+    "update_exponents", "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction",

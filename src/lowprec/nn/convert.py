@@ -8,14 +8,18 @@ import warnings
 from torch import nn
 
 from ..policy import Policy, as_policy
-from .native import to_native
+from .native import is_native_layer, to_native
+from .originals import mark_replaced
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import check_override_roles, module_policy
 from .roles import clips_negatives
 from .widen import fill_clip_range, zero_weight_shares
 
-__all__ = ["convert", "CONVERSIONS"]
+__all__ = ["convert", "conversion_policy", "policy_label", "CONVERSIONS"]
+
+#: Where ``convert`` records the policy on the module it returns.
+_POLICY_ATTR = "_lowprec_policy"
 
 #: The torch layers ``convert`` swaps (exact types: a subclass may override forward) and their replacements.
 CONVERSIONS: dict[type[nn.Module], type[QuantizedModule]] = {
@@ -33,9 +37,39 @@ CONVERSIONS: dict[type[nn.Module], type[QuantizedModule]] = {
 
 
 def _quantized_class(module: nn.Module) -> type[QuantizedModule] | None:
-    if isinstance(module, QuantizedModule):  # converting again: re-configure under the new policy
+    if isinstance(module, QuantizedModule):  # a layer built as one (QLinear(...)): configured under the policy
         return type(module)
     return CONVERSIONS.get(type(module))
+
+
+def policy_label(policy: Policy) -> str:
+    """A policy as messages name it: its preset name (``mixed-fp16``), else its spec (``fp32`` when empty)."""
+    return policy.name or policy.spec() or "fp32"
+
+
+def conversion_policy(model: nn.Module) -> Policy | None:
+    """The policy ``convert`` gave ``model`` (or the parts of it it converted); None where it never converted
+    any. ValueError when parts were converted under different policies."""
+    found = {getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)}
+    if len(found) > 1:
+        shown = ", ".join(sorted(policy_label(p) for p in found))
+        raise ValueError(f"parts of this model were converted under different policies ({shown}); pass the policy "
+                         "explicitly")
+    return next(iter(found), None)
+
+
+def _check_not_converted(model: nn.Module, policy: Policy) -> None:
+    """ValueError for a model ``convert`` already converted: a second conversion would compose two policies'
+    roundings (or keep one dtype under another policy's name)."""
+    done = [getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)]
+    native = any(is_native_layer(m) for m in model.modules())
+    if done or native:
+        before = policy_label(done[0]) if done else "a native policy"
+        raise ValueError(
+            f"lowprec.convert: this model is already converted (under {before}); converting it again under "
+            f"{policy_label(policy)} would round its tensors under both policies. Convert the original model "
+            "instead: convert() returns a converted copy and leaves its argument as it was (unless inplace=True)."
+        )
 
 
 def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) -> nn.Module:
@@ -46,24 +80,39 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     ``layer.policy = policy.for_module(name, first=..., last=...)``, where @first/@last are the first and
     last weight layers (Linear, Conv, LSTM, GRU, cells, Embedding; not batch-norm) in ``named_modules()``
     order, and Park's classifier rule applied to the last one (``resolve.module_policy``). Other modules
-    with parameters of their own run unquantized; one UserWarning names them all. Returns a deep copy unless
-    ``inplace=True`` (then the model itself, its layers changed in place: optimizers built on its
-    parameters stay valid).
+    with parameters of their own run unquantized; one UserWarning names them all. The policy is recorded on
+    the result (``conversion_policy``): ``lowprec.Trainer`` takes it by default and refuses another.
+
+    ``inplace=False`` (default): returns a deep copy and leaves ``model`` as it was; an optimizer built over
+    ``model``'s parameters before the conversion would train nothing, and its first step raises RuntimeError
+    (``originals.py``). ``inplace=True``: converts ``model`` itself and returns it; its parameters stay the same
+    objects (native: cast to fp16/bf16 in place), so optimizers built over them stay valid.
 
     A policy with ``path=native`` (fp16/bf16 only) gives the native model of ``lowprec.nn.native`` instead:
     parameters and activations really stored in that dtype, reductions in float32.
 
     Raises NotImplementedError (before changing anything) for a layer configuration the quantized layers do
-    not support (an LSTM with proj_size, a sparse Embedding) when its policy quantizes it, and ValueError for an
-    override that gives a format to a role no module it matches has (``resolve.check_override_roles``).
+    not support (an LSTM with proj_size, a sparse Embedding) when its policy quantizes it, ValueError for an
+    override that gives a format to a role no module it matches has (``resolve.check_override_roles``), and
+    ValueError for a model ``convert`` already converted (a second conversion would compose two policies).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
     policy = as_policy(policy)
+    _check_not_converted(model, policy)
+    original, model = model, (model if inplace else copy.deepcopy(model))
     if policy.path == "native":
-        return to_native(model, policy, inplace=inplace)
+        to_native(model, policy, inplace=True)
+    else:
+        _convert_emulated(model, policy)
+    setattr(model, _POLICY_ATTR, policy)
     if not inplace:
-        model = copy.deepcopy(model)
+        mark_replaced(original)
+    return model
+
+
+def _convert_emulated(model: nn.Module, policy: Policy) -> None:
+    """Swap the layers of ``model`` in place (``convert``)."""
     plan, unknown = [], []
     for name, module in model.named_modules():
         cls = _quantized_class(module)
@@ -91,11 +140,10 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
             "lowprec.convert: these modules have parameters but no quantized version; they run unquantized, "
             f"in their own precision: {', '.join(unknown)}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     _warn_float_accumulation(resolved)
     _wrpn_checks(model, policy, plan)
-    return model
 
 
 #: convert warns when more than this share of a layer's weights round to 0 in WRPN's uniform<k>.
@@ -142,5 +190,5 @@ def _warn_float_accumulation(resolved: list[tuple[nn.Module, type[QuantizedModul
             f"lowprec.convert: accumulation emulation covers linear and recurrent layers; {', '.join(skipped)} "
             "layers accumulate in float32",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )

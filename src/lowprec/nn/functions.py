@@ -93,13 +93,21 @@ class ConvOp:
         return dx, dw
 
 
+def _own_output(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` as a custom Function's output: autograd refuses an in-place op (``nn.ReLU(inplace=True)``) on an
+    output that is a view (``F.linear`` of a 3-d input with a bias, before an output role that is not
+    quantized) or an input returned as it is (a forward role that is not quantized, or only observed); those
+    two are copied, every other result is returned as it is."""
+    return y.clone() if y is x or y._is_view() else y
+
+
 def _forward(ctx: Any, op: LinearOp | ConvOp, x: Tensor, weight: Tensor, bias: Tensor | None,
              quantizers: Mapping[str, Quantizer]) -> Tensor:
     (xq, mx), (wq, mw), (bq, mb) = quantize_roles(quantizers, activation=x, weight=weight, bias=bias)
     ((zq, mz),) = quantize_roles(quantizers, output=op.forward(xq, wq, bq))
     ctx.save_for_backward(xq, wq, mx, mw, mb, mz)
     ctx.op, ctx.quantizers = op, quantizers
-    return zq
+    return _own_output(zq, x)
 
 
 def _backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -164,7 +172,7 @@ class QuantizeFunction(Function):
         ((y, mask),) = quantize_roles(quantizers, **{forward_role: x})
         ctx.save_for_backward(mask)
         ctx.quantizers, ctx.backward_role = quantizers, backward_role
-        return y
+        return _own_output(y, x)
 
     @staticmethod
     @once_differentiable

@@ -56,7 +56,8 @@ from torch.utils.checkpoint import checkpoint
 from ..formats import BF16, FP16, FloatFormat
 from ..policy import LAYER_ROLES, Policy
 
-__all__ = ["to_native", "from_native", "native_dtype", "compute_dtype", "NORM_MODULES", "FLOAT32_MODULES"]
+__all__ = ["to_native", "from_native", "is_native_layer", "native_dtype", "compute_dtype", "NORM_MODULES",
+           "FLOAT32_MODULES"]
 
 _DTYPES = {BF16: torch.bfloat16, FP16: torch.float16}
 
@@ -175,6 +176,11 @@ class _NativeLayer(_NativeMixin):
         params = {f"layer.{name}": p.float() for name, p in self.named_parameters()}  # type: ignore[attr-defined]
         out = functional_call(_Plain(self), params, _cast(args, torch.float32), _cast(kwargs, torch.float32))
         return _cast(out, self._lowprec_storage)
+
+
+def is_native_layer(module: nn.Module) -> bool:
+    """Whether ``to_native`` made ``module`` a layer stored in fp16/bf16."""
+    return isinstance(module, _NativeLayer)
 
 
 @functools.cache

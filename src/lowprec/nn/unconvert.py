@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from .convert import CONVERSIONS
+from .convert import _POLICY_ATTR, CONVERSIONS
 from .layers import QuantizedModule
 from .native import from_native
 
@@ -41,6 +41,7 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
+        module.__dict__.pop(_POLICY_ATTR, None)  # no longer converted: it may be converted again
         if not isinstance(module, QuantizedModule):
             continue
         for name, role in module.parameter_roles().items():

@@ -16,15 +16,19 @@ forward and backward round. Where the two disagree on an update role, a UserWarn
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from ..nn import QuantizedModule
-from ..policy import Policy
+from ..nn import QuantizedModule, conversion_policy
+from ..nn.convert import policy_label
+from ..nn.native import is_native_layer
+from ..nn.originals import REPLACED_HINT, is_replaced
+from ..policy import Policy, as_policy
 from .update import ParamSlot, check_update_roles
 
-__all__ = ["parameter_slots", "check_optimizer_covers", "model_differences", "UPDATE_ROLES"]
+__all__ = ["parameter_slots", "check_optimizer_covers", "model_differences", "trainer_policy", "UPDATE_ROLES"]
 
 UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
@@ -67,11 +71,75 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
     return slots
 
 
+def _layer_part(policy: Policy) -> Policy:
+    """What the converted layers use of a policy: the trainer's own settings (update roles, loss scale) dropped."""
+    def keep(roles):
+        return tuple((r, q) for r, q in roles if r not in UPDATE_ROLES)
+
+    overrides = tuple((pattern, keep(assigned)) for pattern, assigned in policy.overrides if keep(assigned))
+    return replace(policy, roles=keep(policy.roles), overrides=overrides, loss_scale="none")
+
+
+def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
+    """The policy a Trainer of ``model`` runs under: ``policy``, or (None) the one ``convert`` gave the model
+    (fp32 for a model it never converted).
+
+    ValueError when ``policy`` differs from the model's conversion in what the layers use (a layer role, its
+    rounding, exponent settings, overrides, the path): the layers would round under one policy and the trainer
+    scale and store under another. Differences in the trainer's own settings are allowed: the loss scale, and
+    the update roles (master, accumulator, optimizer_state; a UserWarning from ``parameter_slots``). ValueError
+    too for a policy that quantizes layer roles on a model without converted layers (only ``convert`` applies
+    them: the trainer alone would round nothing but the stored weights). A model whose parts were converted
+    under different policies needs ``policy`` (it then decides the update roles and loss scale alone)."""
+    try:
+        converted = conversion_policy(model)
+    except ValueError:  # parts converted under different policies: only an explicit policy can serve them all
+        if policy is None:
+            raise
+        return as_policy(policy)
+    if converted is None and any(isinstance(m, QuantizedModule) or is_native_layer(m) for m in model.modules()):
+        if policy is None:
+            raise ValueError("the model's quantized (or fp16/bf16 native) layers were not made by lowprec.convert, "
+                             "so their policy is unknown: pass the policy to lowprec.Trainer")
+        return as_policy(policy)
+    if policy is None:
+        return converted if converted is not None else Policy()
+    policy = as_policy(policy)
+    if converted is not None and _layer_part(policy) != _layer_part(converted):
+        was, given = policy_label(converted), policy_label(policy)
+        if was == given:  # the same preset name, changed settings: show what differs
+            was, given = converted.spec(), policy.spec()
+        raise ValueError(
+            f"lowprec.Trainer: the model was converted under {was!r} and the trainer was "
+            f"given {given!r}: its layers would round under one and the trainer scale the loss "
+            "and store the weights under the other. Leave the policy out (the trainer takes the model's) or pass "
+            "the same one; a different loss scale goes in scaler=."
+        )
+    layer_roles = sorted({r for r, q in _layer_part(policy).roles if q is not None}
+                         | {r for _, a in _layer_part(policy).overrides for r, q in a if q is not None})
+    if converted is None and layer_roles:
+        raise ValueError(
+            f"lowprec.Trainer: policy {policy_label(policy)!r} quantizes {', '.join(layer_roles)}, which only the "
+            "layers of a converted model apply, and this model has none: convert it first "
+            "(model = lowprec.convert(model, policy)), or give the trainer only update roles "
+            "(master, accumulator, optimizer_state) and a loss scale."
+        )
+    return policy
+
+
 def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """ValueError unless the optimizer's param groups hold exactly the model's trainable parameters."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    """ValueError unless the optimizer's param groups hold exactly the model's trainable parameters; the error
+    says so when they are the parameters of the model before ``convert`` copied it."""
+    held = [p for group in optimizer.param_groups for p in group["params"]]
     trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    missing = [name for key, name in trainable.items() if key not in held]
+    foreign = [p for p in held if id(p) not in trainable]
+    if any(is_replaced(p) for p in foreign):
+        raise ValueError(
+            f"the optimizer holds {len(foreign)} parameter(s) of the model as it was before lowprec.convert, not "
+            f"the converted model's: it would update nothing; {REPLACED_HINT}"
+        )
+    held_ids = {id(p) for p in held}
+    missing = [name for key, name in trainable.items() if key not in held_ids]
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(
@@ -79,11 +147,10 @@ def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -
             "over the model after conversion, e.g. torch.optim.SGD(model.parameters(), ...), or freeze those "
             "parameters (requires_grad=False)."
         )
-    foreign = len(held - set(trainable))
     if foreign:
         raise ValueError(
-            f"the optimizer holds {foreign} parameter(s) that are not trainable parameters of the model (was it "
-            "built over the model before lowprec.convert, or over another model?)"
+            f"the optimizer holds {len(foreign)} parameter(s) that are not trainable parameters of the model (was "
+            "it built over another model?)"
         )
 
 

@@ -19,9 +19,12 @@ Under torch.distributed (a Trainer built after ``init_process_group``) the inf/N
 counters are agreed across ranks (``distributed.py``): every rank skips the same steps and holds the same
 loss scale and exponents.
 
-Users with their own loop call the pieces, as with torch.amp: ``backward`` (or ``scale_loss(loss).backward()``),
-``unscale_`` (then their own clipping of ``gradient_holders()`` or gradient inspection), ``apply_update``;
-``lowprec.GradScaler`` (lowprec.integrations.amp) gives those pieces torch.amp.GradScaler's names.
+Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
+clipping or gradient inspection of ``master_params()``, or ``clip_grad_norm_``), ``apply_update``. The step's
+gradients must come from ``backward`` (under a loss scale, a ``loss.backward()`` by hand is refused) and a
+step needs at least one gradient; a native parameter's own ``.grad`` raises on use after ``unscale_``.
+``scale_loss(loss)`` is S·loss for the caller's own ``.backward()`` (a backward through it counts as the
+Trainer's); ``lowprec.GradScaler`` (lowprec.integrations.amp) gives these pieces torch.amp.GradScaler's names.
 
 A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass
 per parameter group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates
@@ -32,10 +35,11 @@ for that step.
 
 from __future__ import annotations
 
-import warnings
-
 import copy
 import dataclasses
+import functools
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -45,10 +49,10 @@ from torch import Tensor, nn
 from ..nn import quantizers as layer_quantizers
 from ..nn import update_exponents as update_layer_exponents
 from ..formats import FloatFormat
-from ..policy import Policy, Quantizer, as_policy
+from ..policy import Policy, Quantizer
 from ..scaling import LossScaler, StepResult
 from . import distributed
-from .params import check_optimizer_covers, model_differences, parameter_slots
+from .params import check_optimizer_covers, model_differences, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
 from .state import OptimizerStateFormats
@@ -110,21 +114,38 @@ def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
         )
 
 
+def _watch_accumulation(trainer: Trainer) -> None:
+    """Note, per parameter, every gradient autograd accumulates outside ``trainer.backward`` (a hook after the
+    accumulation; a weak reference, so the hooks keep no trainer alive)."""
+    ref = weakref.ref(trainer)
+
+    def note(name: str, _param: Tensor) -> None:
+        owner = ref()
+        if owner is not None and not owner._in_backward:
+            owner._outside_backward.append(name)
+
+    for slot in trainer.slots:
+        slot.param.register_post_accumulate_grad_hook(functools.partial(note, slot.name))
+
+
 class Trainer:
     """The training step of one model under one policy (see the module docstring).
 
     ``model``: usually ``lowprec.convert(model, policy)``; a plain module works too. ``optimizer``: any
     ``torch.optim`` optimizer over exactly the model's trainable parameters (``lowprec.train.SGD``/``AdamW``
-    avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string.
-    ``scaler``: default from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled
-    gradients. Building the trainer rounds every parameter once to its master format.
+    avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string;
+    default (None) the policy ``convert`` gave the model (fp32 for a plain model). A policy whose layer roles
+    differ from the model's conversion, or that quantizes layer roles of a model without converted layers, is
+    refused (ValueError, ``params.trainer_policy``). ``scaler``: default from ``policy.loss_scale``.
+    ``clip_grad_norm``: max total L2 norm of the unscaled gradients (may be changed between steps). Building
+    the trainer rounds every parameter once to its master format.
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        policy: Policy | str = "fp32",
+        policy: Policy | str | None = None,
         *,
         scaler: LossScaler | None = None,
         clip_grad_norm: float | None = None,
@@ -132,7 +153,7 @@ class Trainer:
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
         self.model, self.optimizer = model, optimizer
-        self.policy = as_policy(policy)
+        self.policy = trainer_policy(model, policy)
         self.scaler = scaler if scaler is not None else scaler_for(self.policy)
         self.clip_grad_norm = clip_grad_norm
         check_optimizer_covers(model, optimizer)
@@ -144,6 +165,9 @@ class Trainer:
         self.steps = 0
         self.lagging = LaggingExponents()
         self._unscaled: tuple[bool, list[str]] | None = None
+        self._in_backward = False
+        self._outside_backward: list[str] = []  # parameters autograd gave a gradient outside self.backward
+        _watch_accumulation(self)
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
@@ -159,7 +183,11 @@ class Trainer:
 
     def backward(self, loss: Tensor) -> None:
         """(S·loss).backward(). May be called several times before ``apply_update`` (gradient accumulation)."""
-        self.scale_loss(loss).backward()
+        scaled = self.scale_loss(loss)
+        try:
+            scaled.backward()
+        finally:
+            self._in_backward = False
         if self.fused is None:
             self._gather_grads()
 
@@ -170,7 +198,20 @@ class Trainer:
         if self._unscaled is not None:
             raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
         self._gather_grads()
-        return self.scaler.scale_loss(loss)
+        scaled = self.scaler.scale_loss(loss)
+        if scaled.requires_grad:  # the backward pass through it is this trainer's (not a loss.backward() by hand)
+            scaled.register_hook(self._backward_started)
+        return scaled
+
+    def _backward_started(self, grad: Tensor) -> Tensor:
+        """Hook on the scaled loss: its gradient is the first autograd computes, so the flag is set before any
+        parameter's gradient accumulates, and cleared when that backward pass ends."""
+        self._in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+        return grad
+
+    def _backward_ended(self) -> None:
+        self._in_backward = False
 
     def _gather_grads(self) -> None:
         """Native fp16/bf16 parameters: move their gradients into the float32 master copies (update.py)."""
@@ -180,13 +221,59 @@ class Trainer:
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
         if self._unscaled is None:
+            self._check_gradients("unscale_()")
             self._gather_grads()
             self._unscaled = self.scaler.unscale_((s.name, s.holder) for s in self.slots)
+            for slot in self.slots:
+                slot.refer_grad_to_master_()
         return self._unscaled
 
+    def master_params(self) -> list[Tensor]:
+        """The tensors the optimizer updates, one per trainable parameter: the parameter itself, or the float32
+        master copy of an fp16/bf16 (native) one. After ``unscale_()`` their ``.grad`` are the step's real
+        gradients (unscaled, float32 for native parameters): clip or inspect these, e.g.
+        ``torch.nn.utils.clip_grad_norm_(trainer.master_params(), 1.0)``. A native parameter's own ``.grad``
+        then raises on use: it no longer holds the gradient."""
+        return [s.holder for s in self.slots]
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Unscale (unless done), then clip the total ``norm_type`` norm of the step's gradients (those of
+        ``master_params()``) to ``max_norm`` in place, as ``torch.nn.utils.clip_grad_norm_``; returns the norm
+        before clipping (inf/NaN when a gradient overflowed: ``apply_update`` then skips the step)."""
+        self.unscale_()
+        return self._clip(max_norm, norm_type)
+
+    def _clip(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_([p for p in self.master_params() if p.grad is not None],
+                                              max_norm, norm_type)
+
+    def _check_gradients(self, caller: str) -> None:
+        """RuntimeError, changing nothing, when the step has no gradient at all (it would be reported as a normal
+        step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a ``loss.backward()``
+        by hand) gave gradients that are not multiplied by S: unscaling would make them S times too small."""
+        if not any(s.param.grad is not None or s.holder.grad is not None for s in self.slots):
+            raise RuntimeError(
+                f"{caller}: no parameter has a gradient, so there is no step to take. Call trainer.backward(loss) "
+                "first (or trainer.step(loss), which does both)."
+            )
+        if self._outside_backward and self.scaler.scale != 1.0:
+            names = sorted(set(self._outside_backward))
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise RuntimeError(
+                f"{caller}: the gradients of {shown} come from a backward pass outside trainer.backward(loss) (a "
+                f"loss.backward() by hand?), so they are not multiplied by the loss scale {self.scaler.scale:g}; "
+                f"unscaling them would update with gradients {self.scaler.scale:g} times too small. Use "
+                "trainer.backward(loss) (or trainer.step(loss)); trainer.zero_grad() drops the gradients."
+            )
+
     def apply_update(self) -> TrainStepResult:
-        """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents."""
-        if self._unscaled is None and self.fused is not None and self.fused.ready(self.slots):
+        """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents.
+        RuntimeError (nothing changed) without any gradient, or with gradients from a ``loss.backward()`` by hand
+        under loss scaling (``_check_gradients``)."""
+        if self._unscaled is None:
+            self._check_gradients("apply_update()")
+        if (self._unscaled is None and self.fused is not None and self.clip_grad_norm is None  # set after build
+                and self.fused.ready(self.slots)):
             return self._fused_update()
         found_inf, _ = self.unscale_()
         grad_norm = None if found_inf else self._update_parameters()
@@ -205,6 +292,11 @@ class Trainer:
         return self._finish_step(found_inf, None)
 
     def _finish_step(self, found_inf: bool, grad_norm: Tensor | None) -> TrainStepResult:
+        if not found_inf:
+            # the fused step and lowprec's DeltaOptimizers update without optimizer.step(): tell an LR scheduler
+            # that the optimizer stepped (the flag its wrapped step() sets), so that it does not warn of a
+            # scheduler step before any optimizer step
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
         self.zero_grad()
         result = self.scaler.update(found_inf)
         self.update_exponents()
@@ -216,15 +308,10 @@ class Trainer:
         """Clip, optimizer step, storage rule, optimizer-state formats; the norm before clipping (if clipped)."""
         grad_norm = None
         if self.clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.gradient_holders(), self.clip_grad_norm)
+            grad_norm = self._clip(self.clip_grad_norm)
         step_parameters(self.optimizer, self.slots)
         self.state_formats.apply_(self.optimizer)
         return grad_norm
-
-    def gradient_holders(self) -> list[Tensor]:
-        """The tensors whose ``.grad`` the optimizer steps on (after ``unscale_``: the unscaled gradients), for
-        the caller's own clipping: a native parameter's fp32 master copy, every other parameter itself."""
-        return [s.holder for s in self.slots if s.holder.grad is not None]
 
     def requantize_(self) -> None:
         """Round every parameter back into its master format, e.g. after a constraint the caller applied to the
@@ -253,6 +340,7 @@ class Trainer:
             if slot.master_copy is not None:
                 slot.master_copy.grad = None
         self._unscaled = None
+        self._outside_backward = []
 
     # -- inspection -------------------------------------------------------------------------------------------
     def quantizers(self) -> Iterator[tuple[str, str, Quantizer]]:

@@ -76,6 +76,20 @@ def assign_(dst: Tensor, src: Tensor) -> None:
         dst.copy_(src)
 
 
+class _GradInMaster(Tensor):
+    """The ``.grad`` of a native fp16/bf16 parameter after ``Trainer.unscale_()``: the real gradient is the float32
+    one of the master copy. Any use raises RuntimeError naming the way to reach it (no memory: an expanded 0-d)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(
+            "after trainer.unscale_(), the gradient of an fp16/bf16 (native) parameter is in its float32 master "
+            "copy (unscaled, summed over backward passes there): model.parameters() do not hold it. Clip or read "
+            "trainer.master_params() instead, e.g. torch.nn.utils.clip_grad_norm_(trainer.master_params(), 1.0), "
+            "or call trainer.clip_grad_norm_(1.0)."
+        )
+
+
 class ParamSlot:
     """One trainable parameter with its storage format (``master``), lazy-update accumulator and
     optimizer-state format, as its module's policy gives them. Building it rounds the parameter once into its
@@ -111,6 +125,14 @@ class ParamSlot:
         master = self.master_copy
         master.grad = grad.float() if master.grad is None else master.grad.add_(grad)
         self.param.grad = None
+
+    def refer_grad_to_master_(self) -> None:
+        """Native parameter whose gradient is in the master copy: its ``.grad`` becomes a placeholder that raises
+        on any use (``_GradInMaster``), so that clipping or reading ``model.parameters()`` fails loudly instead of
+        missing the gradient (torch.distributed's DTensor parameters are left as they are)."""
+        if self.master_copy is not None and self.master_copy.grad is not None and type(self.param.data) is Tensor:
+            p = self.param
+            self.param.grad = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape).as_subclass(_GradInMaster)
 
     @property
     def lazy(self) -> bool:
