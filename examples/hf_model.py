@@ -36,9 +36,9 @@ def main(argv=None) -> list[float]:
         losses.append(loss.item())
     print(f"{args.policy}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
-    with tempfile.TemporaryDirectory() as path:  # export: plain layers, weights as the layers round them
-        lp.unconvert(model).save_pretrained(path)
-        reloaded = lp.convert(GPT2LMHeadModel.from_pretrained(path), args.policy)
+    with tempfile.TemporaryDirectory() as path:  # saved as stored; load in fp32 (native: fp32 norms), convert
+        model.save_pretrained(path)
+        reloaded = lp.convert(GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32), args.policy)
     print("reloaded and converted again:", type(reloaded).__name__)
     return losses
 

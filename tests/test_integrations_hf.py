@@ -77,12 +77,13 @@ def test_converts_and_trains_under_every_preset(family, preset):
     assert max(losses[-3:]) < 0.85 * losses[0] and evaluated < 0.85 * losses[0]
 
 
+@pytest.mark.parametrize("export", ["as-stored", "unconverted"])
 @pytest.mark.parametrize("preset", ["mixed-fp16", "int8-lazy", "native-bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_save_pretrained_round_trips_a_converted_model(family, preset, tmp_path):
-    """Emulated: lp.unconvert gives the plain model whose weights are what the layers compute with;
-    save_pretrained/from_pretrained keeps them bit for bit, and converting the loaded model again gives the
-    same logits. Native: the bf16 model saves as it is."""
+def test_save_pretrained_round_trips_a_converted_model(family, preset, export, tmp_path):
+    """save_pretrained of the converted model (weights as stored) or of lp.unconvert's export (weights as the
+    layers round them): from_pretrained gives the same weights bit for bit, and converting the loaded model
+    again gives the same logits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lp.convert(FAMILIES[family](), preset)
@@ -90,14 +91,16 @@ def test_save_pretrained_round_trips_a_converted_model(family, preset, tmp_path)
         for _ in range(3):
             trainer.step(lm_loss(model))
         model.eval()
-        exported = lp.unconvert(model)
-        exported.save_pretrained(tmp_path)
-        loaded = type(exported).from_pretrained(tmp_path)
+        saved = model if export == "as-stored" else lp.unconvert(model)
+        saved.save_pretrained(tmp_path)
+        # float32: a native model's save mixes bf16 weights with fp32 norms; in the config's dtype (bf16)
+        # from_pretrained would round the norms
+        loaded = type(saved).from_pretrained(tmp_path, dtype=torch.float32)
         again = lp.convert(loaded, preset)
-    saved, back = exported.state_dict(), loaded.state_dict()
-    assert saved.keys() == back.keys()
-    for k in saved:
-        assert saved[k].dtype == back[k].dtype and torch.equal(saved[k], back[k]), k
+    before, back = saved.state_dict(), loaded.state_dict()
+    assert before.keys() == back.keys()
+    for k in before:
+        assert back[k].dtype == torch.float32 and torch.equal(before[k].float(), back[k]), k
     if family == "gpt2":
         assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tying survives
     again.eval()

@@ -27,9 +27,9 @@ What each hook does (the numbers are ``lowprec.Trainer``'s, through ``lowprec.Gr
 * ``state_dict`` / ``load_state_dict``: ``Trainer.state_dict()`` (loss scale, accumulators, master copies,
   quantizer exponents, RNG states, step counter, model and optimizer), so a resume through Lightning's own
   checkpoints (``trainer.fit(..., ckpt_path=...)``) or ``fabric.save``/``fabric.load`` with the plugin in
-  the state is bit-exact. Lightning restores a checkpoint's weights into the module *before* converting it,
-  so the lowprec layers' ``_extra_state`` entries are kept out of the checkpoint's ``state_dict`` (the
-  plugin's own entry holds them and restores them after conversion).
+  the state is bit-exact. Lightning restores a checkpoint's weights into the module *before* converting it:
+  a converted model's state dict keeps its quantizer state in metadata, so it loads into the plain module
+  (strict), and the plugin's own entry restores everything after conversion.
 
 One optimizer per model. Under DDP the Trainer agrees on skipped steps and exponents across ranks
 (``lowprec.train.distributed``). The fused native update of ``lowprec.Trainer`` is not used here: gradients are
@@ -52,7 +52,6 @@ except ImportError as err:  # pragma: no cover - exercised where lightning is ab
     raise ImportError("lowprec.integrations.lightning needs Lightning: pip install 'lowprec[lightning]'") from err
 
 from ..experiments.recipes import parse_recipe
-from ..nn import QuantizedModule
 from ..policy import Policy
 from ..scaling import LossScaler
 from ..train import TrainStepResult
@@ -171,14 +170,6 @@ class LowprecPrecision(_LowprecCore, _PytorchBase):
         model.log("lowprec/skipped_steps", float(self.skipped_steps), prog_bar=True, on_step=True, on_epoch=False)
         model.log("lowprec/loss_scale", result.next_scale, on_step=True, on_epoch=False)
         return closure_result
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the lowprec layers' ``_extra_state`` out of the module's entry (module docstring)."""
-        if self.scaler is None or "state_dict" not in checkpoint:
-            return
-        extra = {f"{n}._extra_state" if n else "_extra_state" for n, m in self.scaler.model.named_modules()
-                 if isinstance(m, QuantizedModule)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in extra}
 
 
 class LowprecFabricPrecision(_LowprecCore, _FabricBase):
