@@ -114,13 +114,22 @@ def compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors (also inside tuples, lists and dicts) cast to ``dtype``; everything else as it is."""
+    """Floating tensors (also inside tuples, lists and dicts) cast to ``dtype``; everything else as it is.
+    Containers keep their type: a namedtuple stays one, a dict subclass (OrderedDict, a Hugging Face
+    ``ModelOutput``, whose fields are also attributes) is a copy with its entries replaced."""
     if isinstance(value, Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
+        items = [_cast(v, dtype) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+        items = {k: _cast(v, dtype) for k, v in value.items()}
+        if type(value) is dict:
+            return items
+        out = copy.copy(value)
+        for k, v in items.items():
+            out[k] = v
+        return out
     return value
 
 

@@ -23,6 +23,8 @@ Users with their own loop call the pieces, as with torch.amp: ``backward``, ``un
 clipping or gradient inspection of ``master_params()``, or ``clip_grad_norm_``), ``apply_update``. The step's
 gradients must come from ``backward`` (under a loss scale, a ``loss.backward()`` by hand is refused) and a
 step needs at least one gradient; a native parameter's own ``.grad`` raises on use after ``unscale_``.
+``scale_loss(loss)`` is S·loss for the caller's own ``.backward()`` (a backward through it counts as the
+Trainer's); ``lowprec.GradScaler`` (lowprec.integrations.amp) gives these pieces torch.amp.GradScaler's names.
 
 A natively stored model (``lowprec.nn.native``) under SGD, Adam or AdamW takes steps 2-4 in one compiled pass
 per parameter group (``fused.py``): the check reads the fp16/bf16 gradients, the kernel divides by S, updates
@@ -58,7 +60,7 @@ from .state import OptimizerStateFormats
 from .update import check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
-__all__ = ["Trainer", "TrainStepResult", "scaler_for"]
+__all__ = ["Trainer", "TrainStepResult", "scaler_for", "rng_state", "set_rng_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,20 @@ def scaler_for(policy: Policy) -> LossScaler:
     if policy.loss_scale.startswith("static:"):
         return LossScaler.static(float(policy.loss_scale[len("static:"):]))
     return LossScaler.none()
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's RNG states a checkpoint keeps: CPU, and CUDA when present (stochastic rounding and dropout draw
+    from them)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore an ``rng_state()``."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
@@ -171,16 +187,35 @@ class Trainer:
 
     def backward(self, loss: Tensor) -> None:
         """(S·loss).backward(). May be called several times before ``apply_update`` (gradient accumulation)."""
-        if self._unscaled is not None:
-            raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
-        self._gather_grads()  # an earlier backward's fp16/bf16 gradients of this step: summed in fp32
-        self._in_backward = True
+        scaled = self.scale_loss(loss)
         try:
-            self.scaler.scale_loss(loss).backward()
+            scaled.backward()
         finally:
             self._in_backward = False
         if self.fused is None:
             self._gather_grads()
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """S·loss (fp32) for the caller's own ``.backward()`` (``backward`` and torch.amp-style loops). Gradients
+        an earlier backward of this step left on fp16/bf16 parameters move into their fp32 masters first, so
+        several backward passes sum in fp32; ``unscale_``/``apply_update`` gather the last one."""
+        if self._unscaled is not None:
+            raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
+        self._gather_grads()
+        scaled = self.scaler.scale_loss(loss)
+        if scaled.requires_grad:  # the backward pass through it is this trainer's (not a loss.backward() by hand)
+            scaled.register_hook(self._backward_started)
+        return scaled
+
+    def _backward_started(self, grad: Tensor) -> Tensor:
+        """Hook on the scaled loss: its gradient is the first autograd computes, so the flag is set before any
+        parameter's gradient accumulates, and cleared when that backward pass ends."""
+        self._in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+        return grad
+
+    def _backward_ended(self) -> None:
+        self._in_backward = False
 
     def _gather_grads(self) -> None:
         """Native fp16/bf16 parameters: move their gradients into the float32 master copies (update.py)."""
@@ -378,10 +413,7 @@ class Trainer:
                 "optimizer_state": self.state_formats.state_dict(),
                 "ops": _op_emulation_state(self.model),
             },
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -414,9 +446,7 @@ class Trainer:
             for role, q in s.quantizers():
                 q.load_state_dict(groups[f"{s.name}:{role}"])
         self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
 

@@ -1,0 +1,115 @@
+"""Hugging Face transformers models (tiny GPT-2 and Llama from configs, nothing downloaded) under lowprec."""
+
+import re
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import lowprec as lp  # noqa: E402
+from lowprec.policy.presets import PRESETS  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+#: The modules that run unquantized on the emulated path, as docs/training.md lists them per family.
+UNQUANTIZED = {"gpt2": {"LayerNorm", "Conv1D"}, "llama": {"LlamaRMSNorm"}}
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                                        max_position_embeddings=32, bos_token_id=0, eos_token_id=0))
+
+
+FAMILIES = {"gpt2": gpt2, "llama": llama}
+TOKENS = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")  # no compile time for the fused native update in tests
+
+
+def lm_loss(model):
+    return model(input_ids=TOKENS, labels=TOKENS).loss
+
+
+def unquantized_types(caught) -> set[str]:
+    """The module types lowprec's 'run unquantized' warnings name."""
+    named = set()
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("lowprec") and "unquantized" in text:
+            named |= set(re.findall(r"\((\w+)\)", text))
+    return named
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_converts_and_trains_under_every_preset(family, preset):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = lp.convert(FAMILIES[family](), preset)
+        trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), preset)
+        losses = []
+        for _ in range(20):
+            loss = lm_loss(model)
+            losses.append(loss.item())
+            assert not trainer.step(loss).skipped
+    native = lp.Policy.preset(preset).path == "native"
+    assert unquantized_types(caught) == (set() if native else UNQUANTIZED[family])
+    model.eval()
+    with torch.no_grad():
+        evaluated = lm_loss(model).item()
+    assert torch.isfinite(torch.tensor(losses)).all()
+    assert max(losses[-3:]) < 0.85 * losses[0] and evaluated < 0.85 * losses[0]
+
+
+@pytest.mark.parametrize("export", ["as-stored", "unconverted"])
+@pytest.mark.parametrize("preset", ["mixed-fp16", "int8-lazy", "native-bf16"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_pretrained_round_trips_a_converted_model(family, preset, export, tmp_path):
+    """save_pretrained of the converted model (weights as stored) or of lp.unconvert's export (weights as the
+    layers round them): from_pretrained gives the same weights bit for bit, and converting the loaded model
+    again gives the same logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lp.convert(FAMILIES[family](), preset)
+        trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), preset)
+        for _ in range(3):
+            trainer.step(lm_loss(model))
+        model.eval()
+        saved = model if export == "as-stored" else lp.unconvert(model)
+        saved.save_pretrained(tmp_path)
+        # float32: a native model's save mixes bf16 weights with fp32 norms; in the config's dtype (bf16)
+        # from_pretrained would round the norms
+        loaded = type(saved).from_pretrained(tmp_path, dtype=torch.float32)
+        again = lp.convert(loaded, preset)
+    before, back = saved.state_dict(), loaded.state_dict()
+    assert before.keys() == back.keys()
+    for k in before:
+        assert back[k].dtype == torch.float32 and torch.equal(before[k].float(), back[k]), k
+    if family == "gpt2":
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tying survives
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=TOKENS).logits, model(input_ids=TOKENS).logits)
+
+
+def test_native_output_keeps_the_model_output_type():
+    model = lp.convert(gpt2(), "native-bf16")
+    out = model(input_ids=TOKENS, labels=TOKENS)
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"
+    assert out.logits.dtype == torch.float32 and out.loss.dtype == torch.float32
