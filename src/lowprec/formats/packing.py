@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .types import (
     TORCH_DTYPES,
@@ -43,7 +44,7 @@ from .types import (
 )
 
 __all__ = ["Packed", "Raw", "Cast", "Codes", "BlockCodes", "Bits", "pack", "pack_bool", "PACKERS", "storage_of",
-           "Storage"]
+           "Storage", "mark", "marked_format"]
 
 
 class Packed:
@@ -401,3 +402,23 @@ def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
                 f"Pack the rounded tensor, quantize(x, {str(fmt)!r}), not x itself."
             )
     return packed
+
+
+# -- marks: which tensors the rounding produced, and on which grid ------------------------------------------
+
+#: tensor -> (format, the tensor's version counter when marked); weak keys: a mark dies with its tensor.
+_MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def mark(x: Tensor, fmt: Format) -> Tensor:
+    """Record that ``x`` (the output of a rounding onto ``fmt``) lies on ``fmt``'s grid; returns ``x``."""
+    _MARKS[x] = (fmt, x._version)
+    return x
+
+
+def marked_format(x: Tensor) -> Format | None:
+    """The format ``x`` was marked with, or None: never marked, or changed in place since (its version moved)."""
+    entry = _MARKS.get(x)
+    if entry is None or entry[1] != x._version:
+        return None
+    return entry[0]

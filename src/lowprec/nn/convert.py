@@ -9,6 +9,7 @@ from torch import nn
 
 from ..policy import Policy, as_policy
 from .native import to_native
+from .packed import install_packing, remove_packing
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import check_override_roles, module_policy
@@ -49,6 +50,9 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     with parameters of their own run unquantized; one UserWarning names them all. Returns a deep copy unless
     ``inplace=True`` (then the model itself, its layers changed in place: optimizers built on its
     parameters stay valid).
+
+    With the policy's ``packed`` setting on (the default), what the model's forward saves for backward is
+    stored packed in its format (``lowprec.nn.packed``).
 
     A policy with ``path=native`` (fp16/bf16 only) gives the native model of ``lowprec.nn.native`` instead:
     parameters and activations really stored in that dtype, reductions in float32.
@@ -95,6 +99,10 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
         )
     _warn_float_accumulation(resolved)
     _wrpn_checks(model, policy, plan)
+    if policy.packed and any(module.quantizing for module, _, _ in resolved):
+        install_packing(model)
+    else:
+        remove_packing(model)
     return model
 
 

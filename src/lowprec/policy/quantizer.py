@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..formats import DynamicFixedPoint, quantize
+from ..formats.packing import mark
 from ..scaling import DynamicExponent
 from .policy import Policy, Quant
 
@@ -48,8 +49,13 @@ class Quantizer:
                 self.exponent.observe(x)
             return x
         if self.exponent is not None:
-            return self.exponent.quantize(x, self.quant.rounding)
-        return quantize(x, self.quant.format, self.quant.rounding)
+            return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
+        return self._marked(x, quantize(x, self.quant.format, self.quant.rounding))
+
+    def _marked(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y``, marked as lying on the format's grid (lowprec.formats.packing.mark: what backward saves of it
+        is stored packed); ``x`` itself (a rounding that changed nothing, a parameter) stays unmarked."""
+        return y if y is x else mark(y, self.quant.format)  # type: ignore[union-attr]
 
     @torch.compiler.disable
     def round(self, x: Tensor) -> Tensor:
@@ -60,7 +66,7 @@ class Quantizer:
         if self.exponent is not None:
             self.exponent.start(x)
             int_bits = self.exponent.int_bits
-        return quantize(x, self.quant.format, self.quant.rounding, int_bits=int_bits)
+        return self._marked(x, quantize(x, self.quant.format, self.quant.rounding, int_bits=int_bits))
 
     @torch.no_grad()
     def update(self) -> None:
