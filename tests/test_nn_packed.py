@@ -54,7 +54,7 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("recipe", EMULATED_PRESETS)
 def test_steps_identical_with_and_without_packing(recipe, monkeypatch):
     packs: list[str] = []
-    inner = packed_mod._pack_saved
+    inner = packed_mod.pack_saved
 
     def counting(t):
         out = inner(t)
@@ -62,7 +62,7 @@ def test_steps_identical_with_and_without_packing(recipe, monkeypatch):
             packs.append(type(out).__name__)
         return out
 
-    monkeypatch.setattr(packed_mod, "_pack_saved", counting)
+    monkeypatch.setattr(packed_mod, "pack_saved", counting)
     grads_on, weights_on = _train(recipe, True, monkeypatch)
     assert packs or recipe == "fp32"  # packing happened (fp32 quantizes nothing: no hooks at all)
     n_on = len(packs)
@@ -88,8 +88,8 @@ def test_policy_setting_turns_packing_off_and_unconvert_removes_it():
 def test_saved_activations_are_stored_narrow(monkeypatch):
     """int8: the conv's quantized input is saved as int8 codes, the ReLU's result as one bit a value."""
     saved: list[Packed | torch.Tensor] = []
-    inner = packed_mod._pack_saved
-    monkeypatch.setattr(packed_mod, "_pack_saved", lambda t: saved.append(inner(t)) or saved[-1])
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append(inner(t)) or saved[-1])
     model = lp.convert(Tiny(), "int8")
     model(torch.randn(16, 1, 12, 12))
     kinds = {type(s).__name__ for s in saved if isinstance(s, Packed)}

@@ -28,7 +28,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
 
-__all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "MIN_NUMEL"]
+__all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved", "MIN_NUMEL"]
 
 #: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
 MIN_NUMEL = 1024
@@ -74,7 +74,8 @@ def _relu_saving_its_result(t: Tensor) -> bool:
     return first and type(t.grad_fn).__name__ == "ReluBackward0" and t.dtype.is_floating_point
 
 
-def _pack_saved(t: Tensor) -> Tensor | Packed:
+def pack_saved(t: Tensor) -> Tensor | Packed:
+    """What the hook stores for a saved tensor: a Packed value, or ``t`` itself (module docstring)."""
     if t.numel() < MIN_NUMEL or t.layout != torch.strided:
         return t
     if t.dtype == torch.bool:
@@ -98,7 +99,7 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
     def __init__(self) -> None:
-        super().__init__(_pack_saved, _unpack_saved)
+        super().__init__(pack_saved, _unpack_saved)
 
 
 class _ForwardHooks:
