@@ -103,3 +103,21 @@ def test_forward_error_closes_the_hooks():
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 3, 12, 12))  # wrong channel count
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no hook left open
+
+
+def test_a_tensor_saved_twice_is_packed_once(monkeypatch):
+    """A recurrent layer saves its rounded weight at every time step: one packed form, shared."""
+    from lowprec.formats import parse_format, quantize
+    from lowprec.formats.packing import mark
+
+    stored = []
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: stored.append(inner(t)) or stored[-1])
+    fmt = parse_format("int8")
+    w = torch.randn(64, 64, requires_grad=True)
+    with packed_mod.PackedSavedTensors():
+        q = mark(quantize(w.detach(), fmt), fmt)
+        loss = (q * w).sum() + (q * w * 2).sum()
+    assert len(stored) >= 2 and all(isinstance(s, Packed) for s in stored[:2]) and stored[0] is stored[1]
+    loss.backward()
+    assert torch.equal(w.grad, 3 * q)

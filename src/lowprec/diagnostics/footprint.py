@@ -101,14 +101,14 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     """Every tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the parameters,
     left out), in the order saved, with the innermost quantized layer running when it was saved. A model that
     packs its saved tensors (``lowprec.nn.packed``) is counted as it stores them: each packed save at its
-    packed size; a tensor saved unpacked once per storage, as torch shares it."""
+    packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it."""
     from ..formats.packing import Packed
     from ..nn import QuantizedModule
     from ..nn.packed import install_packing, is_packing, pack_saved, packing_enabled, remove_packing
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
-    shared: set[int] = set()
+    shared: set[int] = set()  # storages saved unpacked and packed forms already counted
     packing = is_packing(model) and packing_enabled()
 
     def pack(t: Tensor) -> Tensor:
@@ -118,7 +118,9 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
         stored = pack_saved(t) if packing else t
         layer = stack[-1] if stack else None
         if isinstance(stored, Packed):
-            saved.append(_Saved(t, layer, stored.nbytes))
+            if id(stored) not in shared:  # one packed form shared by several saves counts once
+                shared.add(id(stored))
+                saved.append(_Saved(t, layer, stored.nbytes))
         elif key not in shared:
             shared.add(key)
             saved.append(_Saved(t, layer, t.numel() * t.element_size()))

@@ -74,18 +74,32 @@ def _relu_saving_its_result(t: Tensor) -> bool:
     return first and type(t.grad_fn).__name__ == "ReluBackward0" and t.dtype.is_floating_point
 
 
+#: tensor -> (its version, its Packed form): a tensor saved by several ops (a recurrent layer's rounded weight,
+#: saved at every time step) is packed once and shared, as torch shares the tensor itself.
+_PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _packed_once(t: Tensor, pack_fn: Any) -> Tensor | Packed:
+    entry = _PACKED.get(t)
+    if entry is not None and entry[0] == t._version:
+        return entry[1]
+    packed = pack_fn(t)
+    if packed.nbytes >= t.numel() * t.element_size():
+        return t
+    _PACKED[t] = (t._version, packed)
+    return packed
+
+
 def pack_saved(t: Tensor) -> Tensor | Packed:
     """What the hook stores for a saved tensor: a Packed value, or ``t`` itself (module docstring)."""
     if t.numel() < MIN_NUMEL or t.layout != torch.strided:
         return t
     if t.dtype == torch.bool:
-        return pack_bool(t)
+        return _packed_once(t, pack_bool)
     relu = _relu_saving_its_result(t)
     fmt = marked_format(t)
     if fmt is not None:
-        packed = pack(t, fmt, verify=False)
-        if packed.nbytes < t.numel() * t.element_size():
-            return packed
+        return _packed_once(t, lambda x: pack(x, fmt, verify=False))
     if relu:
         return _Positive(pack_bool(t > 0), t.dtype)
     return t
