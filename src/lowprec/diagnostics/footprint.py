@@ -216,8 +216,8 @@ def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
     Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
     stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
     the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
-    (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed. Returns the largest of these moments minus all saved
-    tensors as stored (>= 0)."""
+    (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
+    Returns the largest of these moments minus all saved tensors as stored (>= 0)."""
     native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
     rounds = None if native else policy.get("output_grad")
     held, moments, done = 0, [0], set()

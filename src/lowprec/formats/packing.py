@@ -391,7 +391,8 @@ def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
     container_of(x.dtype)  # TypeError for a non-float tensor
     packer = PACKERS.get(type(fmt))
     if packer is None:
-        raise TypeError(f"no packer for {type(fmt).__name__} ({fmt!r}); packers: {', '.join(t.__name__ for t in PACKERS)}")
+        families = ", ".join(t.__name__ for t in PACKERS)
+        raise TypeError(f"no packer for {type(fmt).__name__} ({fmt!r}); packers: {families}")
     packed = packer(x, fmt)
     if verify and not isinstance(packed, Raw):
         back = packed.unpack()

@@ -10,7 +10,8 @@
 
 Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
 op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
-convert.py, unconvert.py (the export back to plain torch layers), state.py (quantizers, exponents,
+convert.py, unconvert.py (the export back to plain torch layers), packed.py (saved tensors stored packed
+during a converted model's forward), state.py (quantizers, exponents,
 calibration), widen.py (WRPN's widening and clip-range checks). nn/ depends on policy/, scaling/ and formats/
 only.
 """
@@ -18,6 +19,7 @@ only.
 from .convert import CONVERSIONS, convert
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
+from .packed import PackedSavedTensors
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .state import calibrating, quantizers, update_exponents
 from .unconvert import unconvert
@@ -28,5 +30,5 @@ __all__ = [
     "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
-    "QLinearFunction", "QConvFunction", "QuantizeFunction",
+    "QLinearFunction", "QConvFunction", "QuantizeFunction", "PackedSavedTensors",
 ]

@@ -6,7 +6,8 @@ know). A saved tensor that a role quantizer produced (marked by ``lowprec.format
 since) is stored packed in its format (``lowprec.formats.packing.pack``: fp16/bf16/fp8 casts, int8/int16 codes,
 4- and 2-bit codes two or four a byte, block codes); a saved boolean mask (WRPN's clipped-STE masks, dropout)
 eight values a byte; the result a ReLU saves for its own backward, which only reads where it is positive, as
-that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above). Backward unpacks each one when it needs it, bit for bit (integer codes have one zero: a -0
+that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above).
+Backward unpacks each one when it needs it, bit for bit (integer codes have one zero: a -0
 comes back +0, the same number). Everything else is saved as torch saves it.
 
 Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
@@ -28,7 +29,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
 
-__all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved", "MIN_NUMEL"]
+__all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
+           "MIN_NUMEL"]
 
 #: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
 MIN_NUMEL = 1024
