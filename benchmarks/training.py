@@ -34,6 +34,11 @@ with torch.optim.AdamW on the fp32 masters) and each emulated preset (lowprec.Tr
 lowprec.train.AdamW for the lazy-update presets), all timed in the same interleaved rounds; every entry is the
 ratio of its step time to the fp32 step (below 1: faster).
 
+Packed storage (``--packed-only``, or section 3b): the same peak of each emulated recipe with its saved tensors
+stored packed (``lowprec.nn.packed``, the default) and with ``LOWPREC_PACKED=0`` (float32 containers, as before
+packing existed), against the plain fp32 step; Park et al.'s Fig. 4 ratio int8-lazy / int16 on LeNet; the step
+time with packing / without, timed in the same interleaved rounds; and a bar chart (docs/img/packed-memory.png).
+
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
 exact for what lives across steps (weights, fp32 master copies, optimizer state, lazy-update accumulators,
@@ -43,7 +48,9 @@ gradients: their bytes) and the rest of the peak is the step's own (saved activa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import shlex
 import statistics
 import sys
@@ -72,6 +79,11 @@ GPT_VOCAB = 128
 EMULATED = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "int8", "int8-lazy", "int16", "fixed-20",
             "dfx-10-12", "wrpn-4-4"]
 MEMORY_RECIPES = ["native-bf16", "native-fp16", "mixed-fp16", "int8-lazy", "int16"]
+PACKED_RECIPES = ["mixed-fp16", "mixed-bf16", "fp8-hybrid", "fp8-e4m3", "int8-lazy", "int16", "dfx-10-12",
+                  "wrpn-4-4"]
+#: The issue's targets for the packed peak / plain fp32 peak, ResNet-20 batch 128.
+PACKED_TARGETS = {"mixed-fp16": 0.6, "mixed-bf16": 0.6, "fp8-hybrid": 0.45, "fp8-e4m3": 0.45, "int8-lazy": 0.45,
+                  "wrpn-4-4": 0.35}
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,7 @@ WORKLOADS = {
 }
 
 Step = Callable[[], object]
+PACKED_PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "packed-memory.png"
 
 
 # -- the configurations -------------------------------------------------------------------------------------------
@@ -293,6 +306,100 @@ def memory_split(config: str, work: Workload) -> dict[str, float]:
     return split
 
 
+@contextlib.contextmanager
+def packing(on: bool):
+    """LOWPREC_PACKED set for the duration (read by a converted model at every forward)."""
+    old = os.environ.get("LOWPREC_PACKED")
+    os.environ["LOWPREC_PACKED"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LOWPREC_PACKED"]
+        else:
+            os.environ["LOWPREC_PACKED"] = old
+
+
+def _switched(step: Step, on: bool) -> Step:
+    def run() -> object:
+        with packing(on):
+            return step()
+
+    return run
+
+
+def packed_memory(work: Workload, recipes: list[str]) -> dict[str, dict[str, float]]:
+    """Peak MiB of each recipe packed and unpacked, and of the plain fp32 step (key "fp32")."""
+    peaks = {"fp32": {"packed": memory_split("fp32", work)["peak"]}}
+    for recipe in recipes:
+        peaks[recipe] = {}
+        for on in (True, False):
+            with packing(on):
+                peaks[recipe]["packed" if on else "unpacked"] = memory_split(recipe, work)["peak"]
+    print(f"  packed memory: {work.name} done", file=sys.stderr)
+    return peaks
+
+
+def packed_times(work: Workload, recipes: list[str], rounds: int, per_round: int) -> dict[str, float]:
+    """Step time packed / unpacked per recipe (median of per-round ratios, interleaved rounds)."""
+    steps = {}
+    for recipe in recipes:
+        for on in (True, False):
+            step, _ = lowprec_step(work, recipe)
+            steps[(recipe, on)] = _switched(step, on)
+    times = time_rounds({f"{r}|{on}": s for (r, on), s in steps.items()}, rounds, per_round)
+    print(f"  packed time: {work.name} done", file=sys.stderr)
+    return {r: ratio(times, f"{r}|True", f"{r}|False") for r in recipes}
+
+
+def packed_section(big: Workload, park: Workload, timed: Workload, rounds: int, per_round: int,
+                   plot: Path | None) -> tuple[Row, list[Row]]:
+    header = ["model", "recipe", "packed peak MiB", "packed / fp32", "target", "unpacked peak MiB",
+              "unpacked / fp32", f"step time packed / unpacked ({timed.name})"]
+    times = packed_times(timed, PACKED_RECIPES, rounds, per_round)
+    rows = []
+    for work in (big, park):
+        recipes = PACKED_RECIPES if work is big else ["int8-lazy", "int16"]
+        peaks = packed_memory(work, recipes)
+        base = peaks["fp32"]["packed"]
+        rows.append([work.note, "fp32 (plain PyTorch)", f"{base:.1f}", "1.00", "", "", "", ""])
+        for r in recipes:
+            p, u = peaks[r]["packed"], peaks[r]["unpacked"]
+            target = f"<= {PACKED_TARGETS[r]}" if work is big and r in PACKED_TARGETS else ""
+            rows.append([work.note, r, f"{p:.1f}", f"{p / base:.2f}", target, f"{u:.1f}", f"{u / base:.2f}",
+                         f"{times[r]:.2f}" if work is big else ""])
+        if work is park:
+            p8, p16 = peaks["int8-lazy"], peaks["int16"]
+            rows.append([work.note, "int8-lazy / int16 (Park Fig. 4: 0.69)",
+                         f"{p8['packed'] / p16['packed']:.2f}", "", "", f"{p8['unpacked'] / p16['unpacked']:.2f}",
+                         "", ""])
+        if work is big and plot is not None:
+            _plot_packed(plot, work.note, recipes, peaks)
+    return header, rows
+
+
+def _plot_packed(path: Path, title: str, recipes: list[str], peaks: dict[str, dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = peaks["fp32"]["packed"]
+    x = range(len(recipes))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.bar([i - 0.2 for i in x], [peaks[r]["unpacked"] / base for r in recipes], 0.4, label="float32 containers")
+    ax.bar([i + 0.2 for i in x], [peaks[r]["packed"] / base for r in recipes], 0.4, label="packed (default)")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="plain fp32 step")
+    ax.set_xticks(list(x), recipes, rotation=20)
+    ax.set_ylabel("measured peak / fp32 peak")
+    ax.set_title(f"{title}: measured peak memory of a training step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def memory_section(workloads: list[Workload], configs: list[str]) -> tuple[Row, list[Row]]:
     columns = ["weights", "master copies", "gradients", "optimizer state", "accumulators", "activations + workspace",
                "peak"]
@@ -360,6 +467,8 @@ def parse_args() -> argparse.Namespace:
                         "(default 4,256,4,128,32)")
     parser.add_argument("--gpt-only", action="store_true", help="time only the GPT (prints; writes no file)")
     parser.add_argument("--no-gpt", action="store_true", help="skip the GPT section")
+    parser.add_argument("--packed-only", action="store_true", help="only the packed-storage section (prints; "
+                        "writes docs/img/packed-memory.png)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
                         "for a full run, none for --quick)")
     return parser.parse_args()
@@ -380,6 +489,12 @@ def main() -> None:
     if args.gpt_only:
         print_table("GPT training step: each configuration / fp32", *gpt_section(gpt, rounds, args.steps))
         return
+    resnet_b128 = Workload("resnet20-b128", lambda: build_model("resnet20"), (128, 3, 32, 32),
+                           "ResNet-20, batch 128 (activation-heavy)")
+    if args.packed_only:
+        print_table("packed storage: measured peak vs plain fp32", *packed_section(
+            resnet_b128, WORKLOADS["lenet"], WORKLOADS["resnet20"], rounds, args.steps, PACKED_PLOT))
+        return
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
     retained = not args.glibc_defaults and lp.train.retain_freed_memory()
@@ -399,11 +514,14 @@ def main() -> None:
     print_table("emulation overhead: step time / fp32 step", header, rows)
     sections.append(("### 2. Emulation overhead: step time of each preset / plain fp32 step", header, rows))
     mem_workloads = [w for w in workloads if w.name != "resnet20"]
-    mem_workloads.append(Workload("resnet20-b128", lambda: build_model("resnet20"), (128, 3, 32, 32),
-                                  "ResNet-20, batch 128 (activation-heavy)"))
+    mem_workloads.append(resnet_b128)
     header, rows = memory_section(mem_workloads, MEMORY_RECIPES)
     print_table("peak training memory", header, rows)
     sections.append(("### 3. Peak training memory per recipe (MiB)", header, rows))
+    header, rows = packed_section(resnet_b128, WORKLOADS["lenet"], WORKLOADS["resnet20"], rounds, args.steps,
+                                  None if output is None else PACKED_PLOT)
+    print_table("packed storage: measured peak vs plain fp32", header, rows)
+    sections.append(("### 3b. Packed storage: measured peak vs the plain fp32 step", header, rows))
     if not args.no_gpt:
         header, rows = gpt_section(gpt, rounds, args.steps)
         print_table("GPT training step: each configuration / fp32", header, rows)

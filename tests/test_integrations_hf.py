@@ -64,7 +64,6 @@ def test_converts_and_trains_under_every_preset(family, preset):
             loss = lm_loss(model)
             losses.append(loss.item())
             assert not trainer.step(loss).skipped
-    native = lp.Policy.preset(preset).path == "native"
     assert unquantized_types(caught) == set()  # op-level emulation covers Conv1D, LayerNorm and RMSNorm
     model.eval()
     with torch.no_grad():

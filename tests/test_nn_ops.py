@@ -302,19 +302,21 @@ def test_what_runs_unquantized_is_named_in_a_warning_and_in_the_plan():
     assert {o.name: o.role for o in matmul.operands}["other"] == "weight"  # a Parameter operand: weight role
 
 
-def test_a_converted_model_pickles_converts_again_and_keeps_one_set_of_hooks():
+def test_a_converted_model_pickles_with_its_hooks_and_unconvert_removes_them():
     torch.manual_seed(0)
-    model = lp.convert(HandAttention(), "mixed-bf16")
-    again = lp.convert(model, "fp8-e4m3")
-    assert sum(len(m._forward_pre_hooks) for m in again.modules()) == len(list(again.modules()))
+    model = lp.convert(HandAttention(), "fp8-e4m3")
+    hooks = [len(m._forward_pre_hooks) for m in model.modules()]
+    assert all(n >= 1 for n in hooks)  # every module tracks the module path
     x = torch.randn(2, 5, 32)
     buffer = io.BytesIO()
-    torch.save(again, buffer)
+    torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert torch.equal(loaded(x), again(x))
-    plain = lp.convert(model, "fp32")
-    assert sum(len(m._forward_pre_hooks) for m in plain.modules()) == 0
+    assert torch.equal(loaded(x), model(x))
+    assert [len(m._forward_pre_hooks) for m in loaded.modules()] == hooks
+    plain = lp.unconvert(model)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in plain.modules()) == 0
+    assert lp.nn.emulation_of(plain) is None
 
 
 def test_dynamic_fixed_point_exponents_of_functional_ops_are_listed_and_advance():

@@ -82,19 +82,48 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+@dataclass(frozen=True, eq=False)
+class _Saved:
+    """A tensor autograd saved, the quantized layer running when it was saved, and the bytes it is stored in
+    (packed, or its own size)."""
+
+    tensor: Tensor
+    layer: nn.Module | None
+    stored: int
+
+    @property
+    def size(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
 def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor],
-                   exclude: set[int]) -> list[tuple[Tensor, nn.Module | None]]:
-    """Every distinct tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the
-    parameters, left out), in the order saved, with the innermost quantized layer running when it was saved."""
+                   exclude: set[int]) -> list[_Saved]:
+    """Every tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the parameters,
+    left out), in the order saved, with the innermost quantized layer running when it was saved. A model that
+    packs its saved tensors (``lowprec.nn.packed``) is counted as it stores them: each packed save at its
+    packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it."""
+    from ..formats.packing import Packed
     from ..nn import QuantizedModule
+    from ..nn.packed import install_packing, is_packing, pack_saved, packing_enabled, remove_packing
 
     stack: list[nn.Module] = []
-    saved: dict[int, tuple[Tensor, nn.Module | None]] = {}
+    saved: list[_Saved] = []
+    shared: set[int] = set()  # storages saved unpacked and packed forms already counted
+    packing = is_packing(model) and packing_enabled()
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
-        if key not in exclude and key not in saved:
-            saved[key] = (t, stack[-1] if stack else None)
+        if key in exclude:
+            return t
+        stored = pack_saved(t) if packing else t
+        layer = stack[-1] if stack else None
+        if isinstance(stored, Packed):
+            if id(stored) not in shared:  # one packed form shared by several saves counts once
+                shared.add(id(stored))
+                saved.append(_Saved(t, layer, stored.nbytes))
+        elif key not in shared:
+            shared.add(key)
+            saved.append(_Saved(t, layer, t.numel() * t.element_size()))
         return t
 
     def enter(module: nn.Module, _inputs: Any) -> None:
@@ -105,13 +134,17 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedModule)]
     hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    if packing:
+        remove_packing(model)  # this function's hook sees every save and packs it as the model's would
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss_fn(model, batch)
     finally:
         for h in hooks:
             h.remove()
-    return list(saved.values())
+        if packing:
+            install_packing(model)
+    return saved
 
 
 def _is_weight_copy(t: Tensor, layer: nn.Module | None) -> bool:
@@ -177,33 +210,37 @@ def _clipped(quant: Any) -> bool:
     return quant is not None and isinstance(quant.format, Uniform)
 
 
-def _backward_workspace(saved: list[tuple[Tensor, nn.Module | None]], policy: Any) -> int:
+def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
     """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
 
-    Walking the saved activations in reverse, at activation i the tensors saved up to i are still held and
-    two gradients of its size are in flight (see the comment below); at a layer whose weight gradient is
-    rounded or masked, the unrounded dE/dW is in flight (the result is the gradient, counted as such).
-    Returns the largest of these moments minus all saved activations (>= 0)."""
+    Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
+    stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
+    the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
+    (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
+    Returns the largest of these moments minus all saved tensors as stored (>= 0)."""
     native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
     rounds = None if native else policy.get("output_grad")
     held, moments, done = 0, [0], set()
-    for t, layer in saved:
-        size = t.numel() * t.element_size()
+    for item in saved:
+        t, layer, size = item.tensor, item.layer, item.size
+        unpacked = size if item.stored != size else 0
         if _is_weight_copy(t, layer):
             q = layer.policy.get("weight_grad")
             w = getattr(layer, "weight", None)
-            if id(layer) not in done and isinstance(w, Tensor) and (q is not None or _clipped(layer.policy.get("weight"))):
-                moments.append(held + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel()))
+            rounded = q is not None or _clipped(layer.policy.get("weight"))
+            if id(layer) not in done and isinstance(w, Tensor) and (rounded or unpacked):
+                # a packed weight copy is unpacked beside its packed form while dE/dW is computed
+                moments.append(held + unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel()))
             done.add(id(layer))
             continue
         if t.is_floating_point():
             # the backward of the op that saved it: its output's and its input's gradients (or, clipping,
             # the raw and the masked one) side by side, the tensor still held; then, at the layer below, the
             # gradient and its rounded copy with the kernel's scratch, the tensor freed
-            moments.append(held + size + 2 * size)
+            moments.append(held + item.stored + unpacked + 2 * size)
             if rounds is not None:
                 moments.append(held + 2 * size + _rounding_scratch(rounds, policy, t.numel()))
-        held += size
+        held += item.stored
     return max(max(moments) - held, 0)
 
 
@@ -256,16 +293,16 @@ def estimate_memory(
     n_state = _STATE_BUFFERS[optimizer]
     saved = _saved_tensors(work, batch, loss_fn,
                            {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
-    activations = [(t, layer) for t, layer in saved if not _is_weight_copy(t, layer)]
+    activations = [item for item in saved if not _is_weight_copy(item.tensor, item.layer)]
     workspace = _backward_workspace(saved, pol)
     emulated = {
         "weights": _bytes((*work.parameters(), *work.buffers())),
         "master copy": _bytes(masters),
-        "weight copies": _bytes(t for t, layer in saved if _is_weight_copy(t, layer)),
+        "weight copies": sum(item.stored for item in saved if _is_weight_copy(item.tensor, item.layer)),
         "gradients": _bytes(params),
         "optimizer state": n_state * _bytes(stepped),
         "accumulators": _bytes(s.acc for s in trainer.slots if s.acc is not None),
-        "saved activations": _bytes(t for t, _ in activations),
+        "saved activations": sum(item.stored for item in activations),
         "backward workspace": workspace,
     }
     ideal = _ideal_view(work, pol, n_state, activations, workspace)
@@ -280,13 +317,14 @@ def _bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _ideal_view(work: nn.Module, policy: Any, n_state: int, activations: list[tuple[Tensor, nn.Module | None]],
+def _ideal_view(work: nn.Module, policy: Any, n_state: int, activations: list[_Saved],
                 workspace: int) -> dict[str, int]:
     """Every component at its format's width (MemoryEstimate). A weight layer's parameters take its policy's
     formats (stored: the master format, else the weight's; an fp32 master beside a quantized weight, as MPT
     and WRPN keep; gradients at weight_grad; state at optimizer_state; the accumulator); other parameters and
     buffers stay float32. Saved floating tensors take the activation width of the layer that saved them (the
-    base policy's outside layers), others their own size."""
+    base policy's outside layers), or their packed size where that is smaller (a ReLU's one bit a value);
+    others their own size."""
     from ..nn import QuantizedModule
 
     layer_of = {id(p): m.policy for m in work.modules() if isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER
@@ -305,11 +343,13 @@ def _ideal_view(work: nn.Module, policy: Any, n_state: int, activations: list[tu
         ideal["accumulators"] += n * _bits(get("accumulator")) / 8 if get("accumulator") is not None else 0
     ideal["weights"] += _bytes(work.buffers())
     base = _bits(policy.get("activation"))
-    for t, layer in activations:
+    for item in activations:
+        t, layer = item.tensor, item.layer
         if t.is_floating_point():
-            ideal["saved activations"] += t.numel() * (_bits(layer.policy.get("activation")) if layer else base) / 8
+            width = t.numel() * (_bits(layer.policy.get("activation")) if layer else base) / 8
+            ideal["saved activations"] += min(width, item.stored)
         else:
-            ideal["saved activations"] += t.numel() * t.element_size()
+            ideal["saved activations"] += item.stored
     ideal["backward workspace"] = workspace * _bits(policy.get("activation_grad")) / 32
     return {k: int(round(v)) for k, v in ideal.items()}
 

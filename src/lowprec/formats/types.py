@@ -86,6 +86,14 @@ class Format:
                 f"Quantize a float32 (or float64) copy instead, e.g. quantize(x.float(), {str(self)!r})."
             )
 
+    @property
+    def storage(self):  # -> packing.Storage (imported late: packing builds on this module)
+        """How the format's values are stored packed: dtype, bits a value, shared-exponent overhead
+        (``lowprec.formats.packing.storage_of``)."""
+        from .packing import storage_of
+
+        return storage_of(self)
+
     def __str__(self) -> str:
         return repr(self)
 

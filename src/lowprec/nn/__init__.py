@@ -10,12 +10,12 @@
 
 Layout: roles.py (the per-role quantize helper, STE, accumulator), functions.py (one autograd Function per
 op), layers.py and recurrent.py (the modules), resolve.py (a module's policy, the classifier rule),
-convert.py, unconvert.py (the export back to plain torch layers), state.py (quantizers, exponents,
-calibration), widen.py (WRPN's widening and clip-range checks). Op-level emulation (every functional GEMM,
-norm and attention, whatever module runs it): ops.py (the intercepted functions and their operand roles),
-opfunction.py (one autograd Function for every op), attention.py, emulate.py (the interception),
-swapped.py (what the swapped layers cover), records.py and plan.py (``lp.plan``). nn/ depends on policy/,
-scaling/ and formats/ only.
+convert.py, unconvert.py (the export back to plain torch layers), packed.py (saved tensors stored packed
+during a converted model's forward), state.py (quantizers, exponents, calibration), widen.py (WRPN's widening
+and clip-range checks). Op-level emulation (every functional GEMM, norm and attention, whatever module runs
+it): ops.py (the intercepted functions and their operand roles), opfunction.py (one autograd Function for every
+op), attention.py, emulate.py (the interception), swapped.py (what the swapped layers cover), records.py and
+plan.py (``lp.plan``). nn/ depends on policy/, scaling/ and formats/ only.
 """
 
 from .convert import CONVERSIONS, conversion_policy, convert
@@ -23,6 +23,7 @@ from .emulate import OpEmulation, emulation_of
 from .plan import Plan, plan
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
+from .packed import PackedSavedTensors
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .state import calibrating, quantizers, update_exponents
 from .unconvert import unconvert
@@ -33,6 +34,6 @@ __all__ = [
     "update_exponents", "calibrating", "CONVERSIONS",
     "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
-    "QLinearFunction", "QConvFunction", "QuantizeFunction",
+    "QLinearFunction", "QConvFunction", "QuantizeFunction", "PackedSavedTensors",
     "plan", "Plan", "OpEmulation", "emulation_of",
 ]

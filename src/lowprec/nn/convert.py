@@ -11,6 +11,7 @@ from ..policy import Policy, as_policy
 from .emulate import attach, detach
 from .native import is_native_layer, to_native
 from .originals import mark_replaced
+from .packed import install_packing, remove_packing
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 from .resolve import check_override_roles, module_policy
@@ -95,6 +96,9 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     (``originals.py``). ``inplace=True``: converts ``model`` itself and returns it; its parameters stay the same
     objects (native: cast to fp16/bf16 in place), so optimizers built over them stay valid.
 
+    With the policy's ``packed`` setting on (the default), what the model's forward saves for backward is
+    stored packed in its format (``lowprec.nn.packed``).
+
     A policy with ``path=native`` (fp16/bf16 only) gives the native model of ``lowprec.nn.native`` instead:
     parameters and activations really stored in that dtype, reductions in float32.
 
@@ -159,6 +163,10 @@ def _convert_emulated(model: nn.Module, policy: Policy) -> None:
         )
     _warn_float_accumulation(resolved)
     _wrpn_checks(model, policy, plan)
+    if policy.packed and policy.quantizes_anything:
+        install_packing(model)
+    else:
+        remove_packing(model)
 
 
 #: convert warns when more than this share of a layer's weights round to 0 in WRPN's uniform<k>.

@@ -19,6 +19,7 @@ from .convert import _POLICY_ATTR, CONVERSIONS
 from .emulate import detach
 from .layers import QuantizedModule
 from .native import from_native
+from .packed import remove_packing
 
 __all__ = ["unconvert"]
 
@@ -52,4 +53,5 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         module.__class__ = _torch_class(type(module))
         for attr in ("policy", "quantizers", "accumulator", "layer_name", "_unchecked_clip"):
             module.__dict__.pop(attr, None)
+    remove_packing(model)
     return from_native(model)

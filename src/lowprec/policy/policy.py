@@ -77,7 +77,7 @@ ALIASES = {
     "params": ("weight", "bias"),
 }
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
-            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule")
+            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule", "packed")
 PATHS = ("emulated", "native")
 UPDATE_RULES = ("optimizer", "courbariaux")
 
@@ -170,6 +170,7 @@ class Policy:
     path: str = "emulated"  # "emulated": fp32 containers rounded per role | "native": real fp16/bf16 tensors
     fill_clip_range: bool = False  # convert scales WRPN's uniform<k> weights to reach +-1 (lowprec.nn.fill_clip_range)
     update_rule: str = "optimizer"  # "optimizer": torch's update, state rounded after | "courbariaux": v <- Q(Mv - LR g)
+    packed: bool = True  # what a step saves for backward is stored packed in its format (lowprec.nn.packed)
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -316,6 +317,8 @@ class Policy:
             lines.append("  fill clip range  convert scales uniform<k> weights to reach +-1 (WRPN from scratch)")
         if self.update_rule == "courbariaux":
             lines.append("  update rule      courbariaux: v <- Q(M v - LR g), W <- Q(W + v) (SGD)")
+        if not self.packed:
+            lines.append("  packed           off (saved tensors kept in float32 containers)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -367,7 +370,7 @@ def _setting(key: str, value: Any) -> Any:
         return None
     if key in ("exponent_interval", "init_int_bits", "accumulation_chunk"):
         return int(value)
-    if key in ("classifier_rule", "fill_clip_range"):
+    if key in ("classifier_rule", "fill_clip_range", "packed"):
         if value.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
             raise ValueError(f"{key} must be on or off, got {value!r}")
         return value.lower() in ("on", "true", "yes", "1")

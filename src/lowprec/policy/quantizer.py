@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..formats import DynamicFixedPoint, Format, ScaledFloat, quantize
+from ..formats.packing import mark
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
@@ -61,10 +62,15 @@ class Quantizer:
                 self.scale_state.observe(x)
             return x
         if self.exponent is not None:
-            return self.exponent.quantize(x, self.quant.rounding)
+            return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
         if self.scale_state is not None:
             return self.scale_state.quantize(x, self.quant.rounding)
-        return quantize(x, self._format_for(x), self.quant.rounding)
+        return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding))
+
+    def _marked(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y``, marked as lying on the format's grid (lowprec.formats.packing.mark: what backward saves of it
+        is stored packed); ``x`` itself (a rounding that changed nothing, a parameter) stays unmarked."""
+        return y if y is x else mark(y, self.quant.format)  # type: ignore[union-attr]
 
     def _format_for(self, x: Tensor) -> Format:
         """The format with the layer's ``block_axis`` where it applies (see the class docstring)."""
@@ -84,7 +90,7 @@ class Quantizer:
             int_bits = self.exponent.int_bits
         if self.scale_state is not None:
             return self.scale_state.round(x, self.quant.rounding)
-        return quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits)
+        return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
 
     @torch.no_grad()
     def update(self) -> None:

@@ -1,0 +1,428 @@
+"""Packed storage: a tensor whose values lie on a format's grid, held in the format's real width.
+
+``pack(x, fmt)`` turns a float tensor already rounded onto ``fmt`` (the output of ``quantize(x, fmt)``) into a
+:class:`Packed` value that holds the same numbers in fewer bytes; ``Packed.unpack()`` gives them back, bit for
+bit, in the original dtype and shape. One entry of ``PACKERS`` per format family:
+
+* floating point (``FloatFormat``): a cast to the narrowest torch float dtype that holds every value of the
+  format exactly: ``float8_e4m3fn`` (e4m3 and smaller saturating grids), ``float8_e5m2`` (e5m2 and smaller
+  grids), then float16, bfloat16. -0, +-inf, NaN, subnormals and saturated values survive (NaN as torch's
+  NaN of that dtype: the payload is not kept). Unpacking is one cast.
+* fixed point (``FixedPoint``), dynamic fixed point (``DynamicFixedPoint``): the integer codes k = x * 2**frac
+  in ``word`` bits; two 4-bit codes or four 2-bit codes share a byte. A ``dfx<bits>`` tensor carries its
+  exponent: the smallest r with every value in [-2**r, 2**r), read from the tensor itself (the grid of that r is
+  the rounding's own grid or a finer one, so the codes are exact). Unpacking is one cast and one multiply.
+* ``Uniform`` (WRPN): the level index i = x * n, values fl32(i / n); unpacking is a cast and a divide.
+* ``BlockFloat``: the codes of each block plus one int16 exponent a block (the dfx rule per block).
+
+Integer codes have one zero: a -0 produced by the rounding (a small negative value rounded to 0) unpacks as +0,
+the same number. A tensor holding NaN (a diverged run) cannot be coded in integers: ``pack`` then keeps it as
+it is (a :class:`Raw`). A tensor that is not on the format's grid is refused (ValueError) when ``verify=True``.
+
+Boolean tensors (masks) pack eight to a byte: :func:`pack_bool`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .types import (
+    TORCH_DTYPES,
+    BlockFloat,
+    Container,
+    DynamicFixedPoint,
+    FixedPoint,
+    FloatFormat,
+    Format,
+    Uniform,
+    container_of,
+)
+
+__all__ = ["Packed", "Raw", "Cast", "Codes", "BlockCodes", "Bits", "pack", "pack_bool", "PACKERS", "storage_of",
+           "Storage", "mark", "marked_format"]
+
+
+class Packed:
+    """A tensor held in packed form; ``unpack()`` returns the original values (a new tensor)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def unpack(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed payload (tensors only, not the Python object)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Raw(Packed):
+    """A tensor kept as it is (NaN in an integer format, or no packer)."""
+
+    tensor: Tensor
+
+    def unpack(self) -> Tensor:
+        return self.tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class Cast(Packed):
+    """Values held in a narrower torch float dtype; unpacked by one cast back to ``dtype``."""
+
+    data: Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        return self.data.shape
+
+    def unpack(self) -> Tensor:
+        return self.data.to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+# -- integer codes --------------------------------------------------------------------------------------------
+
+
+def _int_dtype(bits: int) -> torch.dtype:
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        if bits <= torch.iinfo(dtype).bits:
+            return dtype
+    raise ValueError(f"no integer dtype holds {bits}-bit codes")
+
+
+def _code_dtype(bits: int, signed: bool) -> torch.dtype:
+    """The integer dtype of whole-byte codes: two's complement, or unsigned (uint8 up to 8 bits)."""
+    return _int_dtype(bits) if signed else torch.uint8 if bits <= 8 else _int_dtype(bits + 1)
+
+
+def _sub_byte(bits: int) -> int | None:
+    """The width a code of ``bits`` bits is packed at inside a byte (2 or 4), or None (whole bytes)."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else None
+
+
+def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
+    """Integer-valued float codes (signed two's complement or unsigned, ``bits`` wide) as the stored tensor:
+    int8..int64 for whole bytes, uint8 with 8 // width codes a byte for 2- and 4-bit codes (flat)."""
+    width = _sub_byte(bits)
+    if width is None:
+        return codes.to(_code_dtype(bits, signed))
+    per_byte = 8 // width
+    flat = codes.reshape(-1).to(torch.int16) & (2**width - 1)  # two's complement in ``width`` bits
+    pad = -flat.numel() % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    lanes = flat.view(-1, per_byte)
+    byte = lanes[:, 0].clone()
+    for i in range(1, per_byte):
+        byte |= lanes[:, i] << (width * i)
+    return byte.to(torch.uint8)
+
+
+def _decode(stored: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
+    """The codes of ``_encode`` as an integer tensor (flat for sub-byte codes)."""
+    width = _sub_byte(bits)
+    if width is None:
+        return stored
+    per_byte = 8 // width
+    byte = stored.to(torch.int16)
+    lanes = torch.stack([(byte >> (width * i)) & (2**width - 1) for i in range(per_byte)], dim=1).reshape(-1)
+    lanes = lanes[:numel]
+    if signed:
+        lanes = lanes - ((lanes >> (width - 1)) << width)  # sign extension
+    return lanes
+
+
+def _scale(x: Tensor, k: int) -> Tensor:
+    """x * 2**k, exact for values whose product is representable: the power of two is applied in steps that
+    each stay a normal number of x's dtype."""
+    step = 126 if x.dtype != torch.float64 else 1022
+    while k:
+        part = max(-step, min(step, k))
+        x = x * 2.0**part
+        k -= part
+    return x
+
+
+@dataclass(frozen=True, eq=False)
+class Codes(Packed):
+    """Integer codes: value = code * 2**-frac (``levels`` None) or fl(code / levels) (WRPN's uniform)."""
+
+    data: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    signed: bool
+    frac: int = 0
+    levels: int | None = None
+
+    def codes(self) -> Tensor:
+        return _decode(self.data, self.bits, self.signed, self.shape.numel()).reshape(self.shape)
+
+    def unpack(self) -> Tensor:
+        c = self.codes().to(self.dtype)
+        return c / self.levels if self.levels is not None else _scale(c, -self.frac)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCodes(Packed):
+    """Block floating point: ``bits``-wide codes in blocks of ``block`` (row-major), one int16 ``frac`` a block:
+    value = code * 2**-frac[block]."""
+
+    data: Tensor
+    fracs: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    block: int
+
+    def unpack(self) -> Tensor:
+        numel = self.shape.numel()
+        c = _decode(self.data, self.bits, True, numel).reshape(-1).to(self.dtype)
+        pad = -numel % self.block
+        if pad:
+            c = torch.cat([c, c.new_zeros(pad)])
+        blocks = c.view(-1, self.block)
+        fracs = self.fracs.to(torch.int32)
+        lo = fracs.clamp(-126, 126)
+        out = blocks * torch.exp2(-lo.to(self.dtype))[:, None]
+        rest = fracs - lo
+        if bool((rest != 0).any()):
+            out = out * torch.exp2(-rest.to(self.dtype))[:, None]
+        return out.reshape(-1)[:numel].reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.fracs.numel() * self.fracs.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class Bits(Packed):
+    """A boolean tensor, eight values a byte."""
+
+    data: Tensor
+    shape: torch.Size
+    dtype: torch.dtype = torch.bool
+
+    def unpack(self) -> Tensor:
+        byte = self.data.to(torch.int16)
+        bits = torch.stack([(byte >> i) & 1 for i in range(8)], dim=1).reshape(-1)
+        return bits[: self.shape.numel()].bool().reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def pack_bool(mask: Tensor) -> Bits:
+    """A boolean tensor packed eight values a byte (``Bits.unpack()`` gives it back)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_bool packs bool tensors, got {mask.dtype}")
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    lanes = flat.view(-1, 8)
+    byte = lanes[:, 0].clone()
+    for i in range(1, 8):
+        byte |= lanes[:, i] << i
+    return Bits(byte, mask.shape)
+
+
+# -- one packer per family ----------------------------------------------------------------------------------
+
+#: The float8 dtypes as containers, and whether they hold infinities.
+_FP8 = (
+    (Container(torch.float8_e4m3fn, 3, -6, 8), False),
+    (Container(torch.float8_e5m2, 2, -14, 15), True),
+)
+
+
+def _float_dtype(fmt: FloatFormat) -> torch.dtype:
+    """The narrowest torch float dtype holding every value of ``fmt`` exactly (and its inf, if it has one)."""
+    if fmt in TORCH_DTYPES:
+        return TORCH_DTYPES[fmt]
+    for c, has_inf in _FP8:
+        fits = (fmt.man_bits <= c.man_bits and fmt.emin - fmt.man_bits >= c.smallest_exponent
+                and fmt.emax <= c.emax and fmt.max_value <= c.max_value)
+        if fits and (has_inf or fmt.overflow == "saturate"):
+            return c.dtype
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        if fmt.fits_in(dtype):
+            return dtype
+    return torch.float64
+
+
+def _pack_float(x: Tensor, fmt: FloatFormat) -> Packed:
+    dtype = _float_dtype(fmt)
+    if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
+        return Raw(x)
+    return Cast(x.to(dtype), x.dtype)
+
+
+def _has_nan(x: Tensor) -> bool:
+    return bool(torch.isnan(x).any())
+
+
+def _pack_fixed_at(x: Tensor, word: int, frac: int) -> Packed:
+    if _has_nan(x):
+        return Raw(x)
+    return Codes(_encode(_scale(x, frac), word, True), x.shape, x.dtype, word, True, frac)
+
+
+def _pack_fixed(x: Tensor, fmt: FixedPoint) -> Packed:
+    return _pack_fixed_at(x, fmt.word, fmt.frac)
+
+
+def _range_int_bits(lo: Tensor, hi: Tensor) -> Tensor:
+    """Per element: the smallest r with lo >= -2**r and hi < 2**r (int32; a large negative r where both are 0)."""
+    _, e_hi = torch.frexp(hi.clamp(min=0))  # hi = m * 2**e, 0.5 <= m < 1: hi < 2**e, the smallest such r
+    m_lo, e_lo = torch.frexp((-lo).clamp(min=0))
+    e_lo = e_lo - (m_lo == 0.5).to(e_lo.dtype)  # -lo <= 2**r: a power of two itself needs one bit less
+    r = torch.maximum(torch.where(hi > 0, e_hi, -1000), torch.where(lo < 0, e_lo, -1000))
+    return r
+
+
+def _pack_dfx(x: Tensor, fmt: DynamicFixedPoint) -> Packed:
+    if x.numel() == 0 or _has_nan(x):
+        return Raw(x)
+    lo, hi = torch.aminmax(x)
+    r = int(_range_int_bits(lo, hi))
+    frac = fmt.bits - 1 - (r if r > -1000 else 0)
+    return _pack_fixed_at(x, fmt.bits, frac)
+
+
+def _pack_uniform(x: Tensor, fmt: Uniform) -> Packed:
+    if _has_nan(x):
+        return Raw(x)
+    bits = max(fmt.bits, 2) if fmt.signed else fmt.bits  # signed k=1 codes are -1/+1: two bits
+    return Codes(_encode(torch.round(x * fmt.levels), bits, fmt.signed), x.shape, x.dtype, bits, fmt.signed,
+                 levels=fmt.levels)
+
+
+def _pack_block(x: Tensor, fmt: BlockFloat) -> Packed:
+    if x.numel() == 0 or _has_nan(x):
+        return Raw(x)
+    flat = x.reshape(-1)
+    pad = -flat.numel() % fmt.block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, fmt.block)
+    lo, hi = torch.aminmax(blocks, dim=1)
+    r = _range_int_bits(lo, hi)
+    fracs = fmt.bits - 1 - torch.where(r > -1000, r, 0)
+    lo_f = fracs.clamp(-126, 126)
+    codes = blocks * torch.exp2(lo_f.to(x.dtype))[:, None]
+    rest = fracs - lo_f
+    if bool((rest != 0).any()):
+        codes = codes * torch.exp2(rest.to(x.dtype))[:, None]
+    codes = codes.reshape(-1)[: x.numel()]
+    return BlockCodes(_encode(codes, fmt.bits, True), fracs.to(torch.int16), x.shape, x.dtype, fmt.bits,
+                      fmt.block)
+
+
+#: One packer per format family: adding a family is one entry here (and its ``Storage`` in ``storage_of``).
+PACKERS: dict[type[Format], Callable[[Tensor, Format], Packed]] = {
+    FloatFormat: _pack_float,  # type: ignore[dict-item]
+    FixedPoint: _pack_fixed,  # type: ignore[dict-item]
+    DynamicFixedPoint: _pack_dfx,  # type: ignore[dict-item]
+    Uniform: _pack_uniform,  # type: ignore[dict-item]
+    BlockFloat: _pack_block,  # type: ignore[dict-item]
+}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a format's values are stored packed: ``dtype`` (the torch dtype of the stored tensor), ``bits``
+    (bits a value, sub-byte codes included), ``overhead_bits`` (shared exponents, per value)."""
+
+    dtype: torch.dtype
+    bits: float
+    overhead_bits: float = 0.0
+
+    @property
+    def bytes_per_value(self) -> float:
+        return (self.bits + self.overhead_bits) / 8
+
+
+def storage_of(fmt: Format) -> Storage:
+    """The packed storage of ``fmt``'s values (what memory estimates count); float32 for a family without a
+    packer (the scaled formats MX, NVFP4 and scaled<...>: their values are kept in float32 containers)."""
+    if isinstance(fmt, FloatFormat):
+        dtype = _float_dtype(fmt)
+        return Storage(dtype, torch.finfo(dtype).bits)
+    if isinstance(fmt, (FixedPoint, DynamicFixedPoint, BlockFloat, Uniform)):
+        bits = fmt.word if isinstance(fmt, FixedPoint) else fmt.bits
+        signed = not isinstance(fmt, Uniform) or fmt.signed
+        if isinstance(fmt, Uniform) and signed:
+            bits = max(bits, 2)
+        overhead = 16 / fmt.block if isinstance(fmt, BlockFloat) else 0.0
+        width = _sub_byte(bits)
+        if width is not None:
+            return Storage(torch.uint8, width, overhead)
+        dtype = _code_dtype(bits, signed)
+        return Storage(dtype, torch.iinfo(dtype).bits, overhead)
+    return Storage(torch.float32, 32)  # no packer (the scaled formats): saved in float32 containers
+
+
+def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
+    """``x`` (values on ``fmt``'s grid, e.g. ``quantize(x, fmt)``) in packed storage.
+
+    ``verify=True`` unpacks again and raises ValueError if any value differs (``x`` was not on the grid);
+    ``verify=False`` trusts the caller (a tensor the rounding itself produced).
+    """
+    container_of(x.dtype)  # TypeError for a non-float tensor
+    packer = PACKERS.get(type(fmt))
+    if packer is None:
+        families = ", ".join(t.__name__ for t in PACKERS)
+        raise TypeError(f"no packer for {type(fmt).__name__} ({fmt!r}); packers: {families}")
+    packed = packer(x, fmt)
+    if verify and not isinstance(packed, Raw):
+        back = packed.unpack()
+        same = (back == x) | (torch.isnan(back) & torch.isnan(x))
+        if not bool(same.all()):
+            raise ValueError(
+                f"the tensor is not on the grid of {fmt!r}: packing would change {int((~same).sum())} values. "
+                f"Pack the rounded tensor, quantize(x, {str(fmt)!r}), not x itself."
+            )
+    return packed
+
+
+# -- marks: which tensors the rounding produced, and on which grid ------------------------------------------
+
+#: tensor -> (format, the tensor's version counter when marked); weak keys: a mark dies with its tensor.
+_MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def mark(x: Tensor, fmt: Format) -> Tensor:
+    """Record that ``x`` (the output of a rounding onto ``fmt``) lies on ``fmt``'s grid; returns ``x``. A format
+    family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are."""
+    if type(fmt) in PACKERS:
+        _MARKS[x] = (fmt, x._version)
+    return x
+
+
+def marked_format(x: Tensor) -> Format | None:
+    """The format ``x`` was marked with, or None: never marked, or changed in place since (its version moved)."""
+    entry = _MARKS.get(x)
+    if entry is None or entry[1] != x._version:
+        return None
+    return entry[0]

@@ -1,0 +1,162 @@
+"""Packed saved tensors: what autograd keeps between forward and backward, stored in its format's width.
+
+While a converted model runs forward, ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor any op
+saves for backward (lowprec's own Functions, torch's convolutions, norms, activations, matmuls: no op needs to
+know). A saved tensor that a role quantizer produced (marked by ``lowprec.formats.packing.mark``, unchanged
+since) is stored packed in its format (``lowprec.formats.packing.pack``: fp16/bf16/fp8 casts, int8/int16 codes,
+4- and 2-bit codes two or four a byte, block codes); a saved boolean mask (WRPN's clipped-STE masks, dropout)
+eight values a byte; the result a ReLU saves for its own backward, which only reads where it is positive, as
+that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above).
+Backward unpacks each one when it needs it, bit for bit (integer codes have one zero: a -0
+comes back +0, the same number). Everything else is saved as torch saves it.
+
+Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
+variable ``LOWPREC_PACKED=0`` (read at every forward), for comparison. Packing is for first-order gradients:
+the unpacked tensors carry no autograd history (``create_graph=True`` double backward is not supported while it
+is on). As with any saved-tensor hook, changing a saved tensor in place after forward is not detected: the
+packed copy holds the value it had when it was saved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
+
+__all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
+           "MIN_NUMEL"]
+
+#: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
+MIN_NUMEL = 1024
+
+_ENV = "LOWPREC_PACKED"
+
+
+def packing_enabled() -> bool:
+    """Whether the environment allows packing (``LOWPREC_PACKED`` unset or not 0)."""
+    return os.environ.get(_ENV, "1") != "0"
+
+
+@dataclass(frozen=True, eq=False)
+class _Positive(Packed):
+    """What ReLU's backward reads of its saved result: where it is > 0 (as 1.0, else 0.0), one bit a value.
+
+    ``threshold_backward(grad, result, 0)`` passes ``grad`` where result > 0 and gives 0 elsewhere, so 1.0/0.0 in
+    place of the result gives the same gradient, bit for bit."""
+
+    positive: Bits
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        return self.positive.shape
+
+    def unpack(self) -> Tensor:
+        return self.positive.unpack().to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.positive.nbytes
+
+
+#: tensor -> its version when the hook last saw it: the first time a ReLU's result is saved (at that version)
+#: it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
+_SEEN: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _relu_saving_its_result(t: Tensor) -> bool:
+    first = _SEEN.get(t) != t._version
+    _SEEN[t] = t._version
+    return first and type(t.grad_fn).__name__ == "ReluBackward0" and t.dtype.is_floating_point
+
+
+#: tensor -> (its version, its Packed form): a tensor saved by several ops (a recurrent layer's rounded weight,
+#: saved at every time step) is packed once and shared, as torch shares the tensor itself.
+_PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _packed_once(t: Tensor, pack_fn: Any) -> Tensor | Packed:
+    entry = _PACKED.get(t)
+    if entry is not None and entry[0] == t._version:
+        return entry[1]
+    packed = pack_fn(t)
+    if packed.nbytes >= t.numel() * t.element_size():
+        return t
+    _PACKED[t] = (t._version, packed)
+    return packed
+
+
+def pack_saved(t: Tensor) -> Tensor | Packed:
+    """What the hook stores for a saved tensor: a Packed value, or ``t`` itself (module docstring)."""
+    if t.numel() < MIN_NUMEL or t.layout != torch.strided:
+        return t
+    if t.dtype == torch.bool:
+        return _packed_once(t, pack_bool)
+    relu = _relu_saving_its_result(t)
+    fmt = marked_format(t)
+    if fmt is not None:
+        return _packed_once(t, lambda x: pack(x, fmt, verify=False))
+    if relu:
+        return _Positive(pack_bool(t > 0), t.dtype)
+    return t
+
+
+def _unpack_saved(p: Tensor | Packed) -> Tensor:
+    return p.unpack() if isinstance(p, Packed) else p
+
+
+class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(pack_saved, _unpack_saved)
+
+
+class _ForwardHooks:
+    """The forward pre-hook and hook pair that keeps PackedSavedTensors open during a model's forward."""
+
+    def __init__(self) -> None:
+        self.open: list[PackedSavedTensors | None] = []
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        ctx = PackedSavedTensors() if packing_enabled() and torch.is_grad_enabled() else None
+        if ctx is not None:
+            ctx.__enter__()
+        self.open.append(ctx)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        ctx = self.open.pop() if self.open else None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def install_packing(model: nn.Module) -> None:
+    """Store what ``model``'s forward saves for backward packed (idempotent: replaces an earlier install)."""
+    remove_packing(model)
+    hooks = _ForwardHooks()
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.exit, always_call=True)
+
+
+def is_packing(model: nn.Module) -> bool:
+    """Whether ``install_packing`` hooks are on ``model``."""
+    return any(_is_ours(h) for h in model._forward_pre_hooks.values())
+
+
+def _is_ours(hook: Any) -> bool:
+    return isinstance(getattr(hook, "__self__", None), _ForwardHooks)
+
+
+def remove_packing(model: nn.Module) -> None:
+    """Undo ``install_packing`` (nothing if it was not installed). The hooks are found by what they are, not by
+    handle, so this works on a deep copy of the model too."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if _is_ours(h)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)

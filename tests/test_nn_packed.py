@@ -1,0 +1,122 @@
+"""Packed saved tensors (lowprec.nn.packed): a converted model's training steps give the same gradients and
+weights with and without packing, for every preset, and packing really happens."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowprec as lp
+from lowprec.formats.packing import Packed
+from lowprec.nn import packed as packed_mod
+from lowprec.policy.presets import PRESETS
+from lowprec.train import cross_entropy
+
+EMULATED_PRESETS = [p for p in PRESETS if not p.startswith("native")] + ["wrpn-4-4", "wrpn-2-2", "dfx-8-12"]
+
+
+class Tiny(nn.Module):
+    """conv-BN-ReLU(in place)-pool, conv-ReLU, linear-ReLU, linear: every kind of saved tensor, and a ReLU whose
+    output an unquantized layer (WRPN's @last) saves too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.fc1, self.fc2 = nn.Conv2d(4, 8, 3), nn.Linear(128, 128), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu_(self.bn(self.conv1(x))), 2)
+        x = torch.relu(self.conv2(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _train(recipe: str, packed: bool, monkeypatch, steps: int = 3):
+    monkeypatch.setenv("LOWPREC_PACKED", "1" if packed else "0")
+    torch.manual_seed(0)
+    model = lp.convert(Tiny(), recipe)
+    policy = lp.Policy.preset(recipe)
+    lazy = policy.get("accumulator") is not None
+    opt = (lp.train.SGD if lazy else torch.optim.SGD)(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = lp.Trainer(model, opt, recipe)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+    grads = []
+    for _ in range(steps):
+        trainer.backward(cross_entropy(model(x), y))
+        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+        trainer.apply_update()
+    return grads, [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+@pytest.mark.parametrize("recipe", EMULATED_PRESETS)
+def test_steps_identical_with_and_without_packing(recipe, monkeypatch):
+    packs: list[str] = []
+    inner = packed_mod.pack_saved
+
+    def counting(t):
+        out = inner(t)
+        if isinstance(out, Packed):
+            packs.append(type(out).__name__)
+        return out
+
+    monkeypatch.setattr(packed_mod, "pack_saved", counting)
+    grads_on, weights_on = _train(recipe, True, monkeypatch)
+    assert packs or recipe == "fp32"  # packing happened (fp32 quantizes nothing: no hooks at all)
+    n_on = len(packs)
+    grads_off, weights_off = _train(recipe, False, monkeypatch)
+    assert len(packs) == n_on  # off: nothing packed
+    for step_on, step_off in zip(grads_on, grads_off):
+        assert all(_same(a, b) for a, b in zip(step_on, step_off))
+    assert all(torch.equal(a, b) for a, b in zip(weights_on, weights_off))
+
+
+def test_policy_setting_turns_packing_off_and_unconvert_removes_it():
+    assert lp.Policy.preset("int8").packed
+    assert not lp.Policy.parse("weight=int8,packed=off").packed
+    assert "packed=False" in lp.Policy.parse("weight=int8,packed=off").spec()
+    on = lp.convert(Tiny(), "int8")
+    assert packed_mod.is_packing(on)
+    assert not packed_mod.is_packing(lp.convert(Tiny(), "int8+packed=off"))
+    assert not packed_mod.is_packing(lp.unconvert(on))
+    assert packed_mod.is_packing(on)
+
+
+def test_saved_activations_are_stored_narrow(monkeypatch):
+    """int8: the conv's quantized input is saved as int8 codes, the ReLU's result as one bit a value."""
+    saved: list[Packed | torch.Tensor] = []
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append(inner(t)) or saved[-1])
+    model = lp.convert(Tiny(), "int8")
+    model(torch.randn(16, 1, 12, 12))
+    kinds = {type(s).__name__ for s in saved if isinstance(s, Packed)}
+    assert {"Codes", "_Positive"} <= kinds
+    codes = [s for s in saved if type(s).__name__ == "Codes"]
+    assert all(c.data.dtype == torch.int8 for c in codes)
+
+
+def test_forward_error_closes_the_hooks():
+    model = lp.convert(Tiny(), "int8")
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 3, 12, 12))  # wrong channel count
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no hook left open
+
+
+def test_a_tensor_saved_twice_is_packed_once(monkeypatch):
+    """A recurrent layer saves its rounded weight at every time step: one packed form, shared."""
+    from lowprec.formats import parse_format, quantize
+    from lowprec.formats.packing import mark
+
+    stored = []
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: stored.append(inner(t)) or stored[-1])
+    fmt = parse_format("int8")
+    w = torch.randn(64, 64, requires_grad=True)
+    with packed_mod.PackedSavedTensors():
+        q = mark(quantize(w.detach(), fmt), fmt)
+        loss = (q * w).sum() + (q * w * 2).sum()
+    assert len(stored) >= 2 and all(isinstance(s, Packed) for s in stored[:2]) and stored[0] is stored[1]
+    loss.backward()
+    assert torch.equal(w.grad, 3 * q)
