@@ -4,46 +4,39 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable, TypeVar
 
 __all__ = ["count", "positive", "fraction", "seed"]
+
+N = TypeVar("N", int, float)
+
+
+def _number(text: str, parse: Callable[[str], N], ok: Callable[[N], bool], expected: str) -> N:
+    """``parse(text)`` if it parses and ``ok`` accepts it; else an ArgumentTypeError saying what was expected."""
+    try:
+        value = parse(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
 
 
 def count(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def positive(text: str) -> float:
     """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def fraction(text: str) -> float:
     """A number in (0, 1]."""
-    value = positive(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def seed(text: str) -> int:
     """A seed in [0, 2**32)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
-    return value
+    return _number(text, int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")

@@ -62,17 +62,6 @@ def _input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _vocab(text: str) -> int:
-    """``--vocab N``: token ids in [0, N), N >= 1."""
-    try:
-        vocab = int(text)
-    except ValueError:
-        vocab = 0
-    if vocab < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text!r}")
-    return vocab
-
-
 def example_batch(model, target: str, batch: int, seed: int, input_shape: tuple[int, ...] | None = None,
                   vocab: int | None = None):
     """Made-up (inputs, labels) for ``model``: N(0, 1) inputs of shape (batch, *input_shape) (built-in models
@@ -237,7 +226,7 @@ def cmd_memory(args) -> int:
 def _add_input_options(p) -> None:
     p.add_argument("--input-shape", type=_input_shape, dest="input_shape",
                    help="one example's shape for made-up inputs, e.g. 3,32,32 (needed for a module:factory model)")
-    p.add_argument("--vocab", type=_vocab, help="made-up inputs are token ids in [0, VOCAB) (embedding and sequence "
+    p.add_argument("--vocab", type=count, help="made-up inputs are token ids in [0, VOCAB) (embedding and sequence "
                    "models) instead of N(0,1) values")
 
 

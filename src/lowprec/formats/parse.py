@@ -21,14 +21,11 @@ from .scaled import ELEMENTS, MXFormat, NVFP4, ScaledFloat
 
 __all__ = ["parse_format", "FORMS"]
 
-#: Every accepted spelling, shown in error messages.
+#: Every accepted spelling, shown in error messages (the options of each: docs/formats.md).
 FORMS = (
-    "fp32 | bf16 | fp16 | e4m3 | e5m2 | int8 | int16 | "
-    "float<e=E,m=M[,subnormals=on|off][,overflow=inf|saturate][,finite]> | fixed<WORD,FRAC> | "
-    "dfx<BITS> | uniform<K[,unsigned]> | bfp<BITS,BLOCK> | "
-    "mxfp8_e4m3 | mxfp8_e5m2 | mxfp6_e2m3 | mxfp6_e3m2 | mxfp4 | mxint8 (each [<scale=floor|ceil|even|rceil,axis=D>]) | "
-    "mx<e4m3|e5m2|e2m3|e3m2|e2m1|int8,BLOCK[,scale=RULE][,axis=D]> | nvfp4[<tile=1x16|16x16,axis=D>] | "
-    "scaled<FLOAT[,delayed][,history=N][,algo=max|most_recent][,margin=M][,pow2][,rowwise][,axis=D]>"
+    "fp32 | bf16 | fp16 | e4m3 | e5m2 | int8 | int16 | float<e=E,m=M[,...]> | fixed<WORD,FRAC> | dfx<BITS> | "
+    "uniform<K[,unsigned]> | bfp<BITS,BLOCK> | mxfp8_e4m3 | mxfp8_e5m2 | mxfp6_e2m3 | mxfp6_e3m2 | mxfp4 | mxint8 | "
+    "mx<ELEM,BLOCK[,...]> | nvfp4[<...>] | scaled<FLOAT[,...]> (options of each: docs/formats.md)"
 )
 
 _MX_ELEMENTS = {"mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2", "mxfp6_e2m3": "e2m3", "mxfp6_e3m2": "e3m2",
