@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
-# Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|sweep_bits|sweep_rate|sweep_radix|
+# Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
 #        mpt|wrpn|wrpn_long|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
@@ -23,6 +23,9 @@ courbariaux() { # Courbariaux et al.: PI-MNIST maxout MLP, the authors' protocol
 }
 # Courbariaux's three figures on a shortened schedule: 10,000 training images, 3 epochs, a 1-epoch warm-up
 SWEEP_SCHEDULE=(--task pimnist-maxout --epochs 3 --train-limit 10000 --warmup-epochs 1 --seed 0)
+sweep_reference() { # float32 and the fixed-20 / dfx-10-12 presets on the sweeps' schedule, for reference
+  run sweep-reference compare "${SWEEP_SCHEDULE[@]}" --recipes fp32 fixed-20 dfx-10-12
+}
 sweep_bits() {  # test error vs propagation x update bit widths (dynamic fixed point)
   run sweep-dfx-bits sweep "${SWEEP_SCHEDULE[@]}" --template "dfx-{p}-{u}" --values p=6,8,10,12 u=8,10,12,14
 }
@@ -58,6 +61,6 @@ lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 
     int8-lazy+optimizer_state=int16
 }
 
-for experiment in "${@:-park courbariaux sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long lstm}"; do
+for experiment in "${@:-park courbariaux sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long lstm}"; do
   for e in $experiment; do "$e"; done
 done
