@@ -22,6 +22,7 @@ import csv
 import itertools
 import math
 import string
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +213,7 @@ def plot_sweep(cells: Sequence[Cell], done: Sequence[tuple[Cell, RunResult]], pa
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)  # a long template would run off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
