@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
-# Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
+# Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|courbariaux_seed1|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
 #        mpt|wrpn|wrpn_long|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
@@ -20,6 +20,10 @@ courbariaux() { # Courbariaux et al.: PI-MNIST maxout MLP, the authors' protocol
   run courbariaux-pimnist compare --task pimnist-maxout --epochs "${COUR_EPOCHS:-25}" --seed 0 \
     --checkpoint-every 100 --recipes fp32 "$FP16_ALL" fixed-20 dfx-10-12 \
     "dfx-10-12+init_int_bits=5,exponent_interval=100"
+}
+courbariaux_seed1() { # the headline pair again under another seed (initialisation, order, dropout)
+  run courbariaux-pimnist-seed1 compare --task pimnist-maxout --epochs "${COUR_EPOCHS:-25}" --seed 1 \
+    --checkpoint-every 100 --recipes fp32 dfx-10-12
 }
 # Courbariaux's three figures on a shortened schedule: 10,000 training images, 3 epochs, a 1-epoch warm-up
 SWEEP_SCHEDULE=(--task pimnist-maxout --epochs 3 --train-limit 10000 --warmup-epochs 1 --seed 0)
@@ -61,6 +65,6 @@ lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 
     int8-lazy+optimizer_state=int16
 }
 
-for experiment in "${@:-park courbariaux sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long lstm}"; do
+for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long lstm}"; do
   for e in $experiment; do "$e"; done
 done
