@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/repro}
 mkdir -p "$OUT"
-run() { local name=$1; shift; "$PY" -m lowprec "$@" --out "$OUT/$name" 2>&1 | tee "$OUT/$name.log"; }
+# RESUME=1 continues interrupted runs from their checkpoints (finished ones are read back, not retrained)
+run() { local name=$1; shift; "$PY" -m lowprec "$@" --out "$OUT/$name" ${RESUME:+--resume} 2>&1 | tee -a "$OUT/$name.log"; }
 
 park() {        # Park et al. Table 1: MNIST LeNet, fp32 / int8 / int8-lazy
   run park-lenet compare --task mnist-lenet --recipes fp32 int8 int8-lazy --epochs 5 --seed 0
@@ -31,7 +32,7 @@ sweep_reference() { # float32 and the fixed-20 / dfx-10-12 presets on the sweeps
   run sweep-reference compare "${SWEEP_SCHEDULE[@]}" --recipes fp32 fixed-20 dfx-10-12
 }
 sweep_bits() {  # test error vs propagation x update bit widths (dynamic fixed point)
-  run sweep-dfx-bits sweep "${SWEEP_SCHEDULE[@]}" --template "dfx-{p}-{u}" --values p=6,8,10,12 u=8,10,12,14
+  run sweep-dfx-bits sweep "${SWEEP_SCHEDULE[@]}" --template "dfx-{p}-{u}" --values p=4,5,6,8,10,12 u=8,10,12,14
 }
 sweep_rate() {  # test error vs the maximum overflow rate (dfx 10/12)
   run sweep-dfx-rate sweep "${SWEEP_SCHEDULE[@]}" --template "dfx-10-12+max_overflow_rate={r}" \
