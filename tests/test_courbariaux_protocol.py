@@ -100,3 +100,11 @@ def test_the_warmup_restores_the_initial_parameters(tiny):
                                          "loss_multiplier": 10.0}, 0, 200, 2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert any(e != 5 for e in _exponents(model))
+
+
+def test_a_run_refuses_a_validation_split_holding_nan(tiny):
+    task, data = tiny
+    bad = data.val_inputs[0].clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"validation inputs\[0\] hold 1 NaN/inf values \(first in example 3\)"):
+        run(task, parse_recipe("fp32"), replace(data, val_inputs=(bad,)))

@@ -304,7 +304,8 @@ def _check_settings(settings: dict[str, Any], examples: int, checkpoint_every: i
 
 def _check_finite(data: TaskData) -> None:
     """ValueError naming the split, the count and the first example of any NaN or inf in the inputs."""
-    for split, inputs in (("train", data.train_inputs), ("test", data.test_inputs)):
+    for split, inputs in (("train", data.train_inputs), ("validation", data.val_inputs or ()),
+                          ("test", data.test_inputs)):
         for i, t in enumerate(inputs):
             bad = ~torch.isfinite(t) if t.is_floating_point() else None
             if bad is not None and bad.any():

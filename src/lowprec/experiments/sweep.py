@@ -7,8 +7,7 @@ the first field varying slowest. Each cell is one ``run`` in ``out_dir/<recipe>`
 ``result.json``); after each cell ``sweep.csv`` is rewritten (one row per finished cell: the field values,
 the recipe, the test error and accuracy (at the final epoch, or at the best validation epoch when the task
 holds a validation split out: ``RunResult.reported_accuracy``), the best accuracy, the last epoch's training
-loss, skipped steps,
-seconds) and ``sweep.png`` drawn: test error against the one field, a heatmap over two fields (first field down,
+loss, skipped steps, seconds) and ``sweep.png`` drawn: test error against the one field, a heatmap over two fields (first field down,
 second across), or lines against the first field, one per combination of the others.
 
 ``resume=True`` continues an interrupted sweep: a finished cell is read back from its checkpoint without
