@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
 # Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|courbariaux_seed1|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
-#        mpt|wrpn|wrpn_long|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
+#        mpt|wrpn|wrpn_long|wrpn_bits|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
 set -euo pipefail
@@ -22,9 +22,9 @@ courbariaux() { # Courbariaux et al.: PI-MNIST maxout MLP, the authors' protocol
     --checkpoint-every 100 --recipes fp32 "$FP16_ALL" fixed-20 dfx-10-12 \
     "dfx-10-12+init_int_bits=5,exponent_interval=100"
 }
-courbariaux_seed1() { # the headline pair again under another seed (initialisation, order, dropout)
+courbariaux_seed1() { # the four formats again under another seed (initialisation, order, dropout)
   run courbariaux-pimnist-seed1 compare --task pimnist-maxout --epochs "${COUR_EPOCHS:-25}" --seed 1 \
-    --checkpoint-every 100 --recipes fp32 dfx-10-12
+    --checkpoint-every 100 --recipes fp32 dfx-10-12 "$FP16_ALL" fixed-20
 }
 # Courbariaux's three figures on a shortened schedule: 10,000 training images, 3 epochs, a 1-epoch warm-up
 SWEEP_SCHEDULE=(--task pimnist-maxout --epochs 3 --train-limit 10000 --warmup-epochs 1 --seed 0)
@@ -60,12 +60,16 @@ wrpn_long() {   # the claim itself (2x wide at 4/4 vs 1x fp32), linear lr decay 
       --train-limit 10000 --recipes fp32 wrpn-4-4+width=2
   done
 }
+wrpn_bits() {   # the other widths and bit widths on the same schedule, seed 0
+  run wrpn-fashion-decay-bits compare --task fashion-cnn --epochs 8 --schedule linear --seed 0 \
+    --train-limit 10000 --recipes wrpn-4-4 fp32+width=2 wrpn-2-4+width=2 wrpn-4-2+width=2 wrpn-2-2+width=2
+}
 lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 / int8-lazy
   # Adam's moments in INT16, as Park et al. require for Adam (beta2 = 0.999 underflows INT8)
   run park-lstm compare --task digits-lstm --epochs 15 --seed 0 --recipes fp32 int8+optimizer_state=int16 \
     int8-lazy+optimizer_state=int16
 }
 
-for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long lstm}"; do
+for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits lstm}"; do
   for e in $experiment; do "$e"; done
 done
