@@ -1,21 +1,47 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
-# Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|mpt|wrpn|wrpn_long|lstm]...
+# Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|courbariaux_seed1|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
+#        mpt|wrpn|wrpn_long|wrpn_bits|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=runs/repro
+OUT=${OUT:-runs/repro}
 mkdir -p "$OUT"
-run() { local name=$1; shift; "$PY" -m lowprec "$@" --out "$OUT/$name" 2>&1 | tee "$OUT/$name.log"; }
+# RESUME=1 continues interrupted runs from their checkpoints (finished ones are read back, not retrained)
+run() { local name=$1; shift; "$PY" -m lowprec "$@" --out "$OUT/$name" ${RESUME:+--resume} 2>&1 | tee -a "$OUT/$name.log"; }
 
 park() {        # Park et al. Table 1: MNIST LeNet, fp32 / int8 / int8-lazy
   run park-lenet compare --task mnist-lenet --recipes fp32 int8 int8-lazy --epochs 5 --seed 0
 }
-courbariaux() { # Courbariaux et al.: PI-MNIST maxout MLP, fp32 / fp16 / fixed-20 / dfx-10-12
-  run courbariaux-maxout compare --task pimnist-maxout --epochs 5 --seed 0 --recipes fp32 \
-    "params=fp16,activations=fp16,grads=fp16,master=fp16,optimizer_state=fp16" fixed-20 dfx-10-12
+FP16_ALL="params=fp16,activations=fp16,grads=fp16,master=fp16,optimizer_state=fp16"
+courbariaux() { # Courbariaux et al.: PI-MNIST maxout MLP, the authors' protocol (50k/10k, best validation epoch,
+                # lr 0.05 -> 0.005 at half the epochs, momentum 0.5 -> 0.7, 2-epoch warm-up of dfx exponents)
+  run courbariaux-pimnist compare --task pimnist-maxout --epochs "${COUR_EPOCHS:-25}" --seed 0 \
+    --checkpoint-every 100 --recipes fp32 "$FP16_ALL" fixed-20 dfx-10-12 \
+    "dfx-10-12+init_int_bits=5,exponent_interval=100"
+}
+courbariaux_seed1() { # the four formats again under another seed (initialisation, order, dropout)
+  run courbariaux-pimnist-seed1 compare --task pimnist-maxout --epochs "${COUR_EPOCHS:-25}" --seed 1 \
+    --checkpoint-every 100 --recipes fp32 dfx-10-12 "$FP16_ALL" fixed-20
+}
+# Courbariaux's three figures on a shortened schedule: 10,000 training images, 3 epochs, a 1-epoch warm-up
+SWEEP_SCHEDULE=(--task pimnist-maxout --epochs 3 --train-limit 10000 --warmup-epochs 1 --seed 0)
+sweep_reference() { # float32 and the fixed-20 / dfx-10-12 presets on the sweeps' schedule, for reference
+  run sweep-reference compare "${SWEEP_SCHEDULE[@]}" --recipes fp32 fixed-20 dfx-10-12
+}
+sweep_bits() {  # test error vs propagation x update bit widths (dynamic fixed point)
+  run sweep-dfx-bits sweep "${SWEEP_SCHEDULE[@]}" --template "dfx-{p}-{u}" --values p=4,5,6,8,10,12 u=8,10,12,14
+}
+sweep_rate() {  # test error vs the maximum overflow rate (dfx 10/12)
+  run sweep-dfx-rate sweep "${SWEEP_SCHEDULE[@]}" --template "dfx-10-12+max_overflow_rate={r}" \
+    --values r=1e-6,1e-5,1e-4,1e-3,1e-2,1e-1
+}
+sweep_radix() { # test error vs the radix point of 20-bit fixed point (f fraction bits: 19 - f integer bits)
+  run sweep-fixed-radix sweep "${SWEEP_SCHEDULE[@]}" --template \
+    "params=fixed<20,{f}>,activations=fixed<20,{f}>,grads=fixed<20,{f}>,master=fixed<20,{f}>,optimizer_state=fixed<20,{f}>" \
+    --values f=8,10,12,13,14,15,16,18
 }
 mpt() {         # Micikevicius et al.: gradients below the fp16 range, with and without loss scaling
   "$PY" -m lowprec underflow --task mnist-cnn-underflow --batches 8 --scales 1 8 256 4096 65536 \
@@ -28,9 +54,15 @@ wrpn() {        # Mishra et al.: widths 1x/2x at 32/32, 4/4, 2/4, 4/2 weight/act
   run wrpn-fashion compare --task fashion-cnn --epochs 3 --seed 0 --train-limit 10000 --recipes \
     fp32 wrpn-4-4 wrpn-2-4 wrpn-4-2 fp32+width=2 wrpn-4-4+width=2 wrpn-2-4+width=2 wrpn-4-2+width=2
 }
-wrpn_long() {   # the claim itself (2x wide at 4/4 vs 1x fp32) on a longer schedule
-  run wrpn-fashion-long compare --task fashion-cnn --epochs 6 --seed 0 --train-limit 20000 --recipes \
-    fp32 wrpn-4-4 fp32+width=2 wrpn-4-4+width=2
+wrpn_long() {   # the claim itself (2x wide at 4/4 vs 1x fp32), linear lr decay to lr/10, seeds $WRPN_SEEDS
+  for seed in ${WRPN_SEEDS:-0 1 2}; do
+    run "wrpn-fashion-decay-seed$seed" compare --task fashion-cnn --epochs 8 --schedule linear --seed "$seed" \
+      --train-limit 10000 --recipes fp32 wrpn-4-4+width=2
+  done
+}
+wrpn_bits() {   # the other widths and bit widths on the same schedule, seed 0
+  run wrpn-fashion-decay-bits compare --task fashion-cnn --epochs 8 --schedule linear --seed 0 \
+    --train-limit 10000 --recipes wrpn-4-4 fp32+width=2 wrpn-2-4+width=2 wrpn-4-2+width=2 wrpn-2-2+width=2
 }
 lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 / int8-lazy
   # Adam's moments in INT16, as Park et al. require for Adam (beta2 = 0.999 underflows INT8)
@@ -38,6 +70,6 @@ lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 
     int8-lazy+optimizer_state=int16
 }
 
-for experiment in "${@:-park courbariaux mpt wrpn wrpn_long lstm}"; do
+for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits lstm}"; do
   for e in $experiment; do "$e"; done
 done

@@ -161,7 +161,7 @@ def test_an_empty_tensor_counts_as_a_batch_without_overflow_for_dfx_exponents():
     (dict(train_limit=0), "the training split is empty"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
     (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
-    (dict(schedule="cosine"), "schedule must be one of constant, inv, linear, got 'cosine'"),
+    (dict(schedule="cosine"), "schedule must be one of constant, inv, linear, courbariaux, got 'cosine'"),
 ])
 def test_a_run_refuses_settings_that_cannot_train(change, match):
     task = replace(get_task("mnist-lenet"), epochs=1, train_limit=32, test_limit=16)

@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import Callable, TypeVar
 
-__all__ = ["count", "positive", "fraction", "seed"]
+__all__ = ["count", "natural", "positive", "fraction", "seed"]
 
 N = TypeVar("N", int, float)
 
@@ -25,6 +25,11 @@ def _number(text: str, parse: Callable[[str], N], ok: Callable[[N], bool], expec
 def count(text: str) -> int:
     """An integer >= 1."""
     return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def natural(text: str) -> int:
+    """An integer >= 0."""
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def positive(text: str) -> float:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .argtypes import count, positive, seed
+from .argtypes import count, natural, positive, seed
 
 #: Longest error message printed whole; a longer one is cut (a message repeats what it was given).
 MAX_MESSAGE = 400
@@ -68,8 +68,11 @@ def _task_with(args):
     from ..experiments import get_task
 
     task = get_task(args.task)
-    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "schedule", "train_limit", "test_limit")
+    changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "schedule", "train_limit", "test_limit",
+                                             "warmup_epochs")
                if getattr(args, k, None) is not None}
+    if changes.get("warmup_epochs", 0) < 0:
+        raise ValueError(f"--warmup-epochs must be >= 0, got {changes['warmup_epochs']}")
     return replace(task, **changes)
 
 
@@ -255,8 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=count)
         p.add_argument("--batch-size", type=count, dest="batch_size")
         p.add_argument("--lr", type=positive)
-        p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule "
-                       "(inv: Caffe's lr (1 + 1e-4 step)^-0.75; linear: down to lr/10 at the end)")
+        p.add_argument("--schedule", choices=SCHEDULES,
+                       help="learning-rate schedule (inv: Caffe's lr (1 + 1e-4 step)^-0.75; linear: down to lr/10 "
+                       "at the end; courbariaux: per epoch down to lr/10 at half the epochs, momentum ramp)")
+        p.add_argument("--warmup-epochs", type=natural, dest="warmup_epochs", metavar="N",
+                       help="full-precision epochs warming dynamic fixed point exponents up before training "
+                       "(pimnist-maxout: 2, Courbariaux's)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
         p.add_argument("--train-limit", type=count, dest="train_limit", help="use the first N training examples")
         p.add_argument("--test-limit", type=count, dest="test_limit")

@@ -66,7 +66,8 @@ def run_dir_name(label: str) -> str:
 
 
 def format_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
-    """Rows of strings: recipe, final and best test accuracy, final train loss, skipped steps, seconds, and the
+    """Rows of strings: recipe, final and best test accuracy, the test accuracy at the best validation epoch
+    (runs with a validation split), final train loss, skipped steps, seconds, and the
     accuracy difference to the fp32 run. For a language-model task (its history holds ``val_loss``): recipe,
     final validation loss (nats per token), perplexity, best perplexity, per-token accuracy, final train loss,
     skipped steps, seconds, and the validation-loss difference to the fp32 run."""
@@ -79,6 +80,8 @@ def format_table(results: Sequence[RunResult]) -> list[dict[str, str]]:
             "recipe": r.recipe,
             "test acc %": f"{r.final_accuracy:.2f}",
             "best %": f"{r.best_accuracy:.2f}",
+            **({"test @best val %": f"{r.reported_accuracy:.2f}"}
+               if r.history and "val_accuracy" in r.history[0] else {}),
             "train loss": f"{r.history[-1]['train_loss']:.4f}" if r.history else "-",
             "skipped": str(r.skipped_steps),
             "seconds": f"{r.seconds:.1f}",

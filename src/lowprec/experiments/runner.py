@@ -35,7 +35,7 @@ from torch import nn
 from ..diagnostics.overflow import describe_skipped_step
 from ..formats import Format, parse_format
 from ..models import apply_max_norm, build_model
-from ..nn import convert
+from ..nn import convert, quantizers
 from ..policy import Policy
 from ..train import SGD, AdamW, Trainer, cross_entropy, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -69,6 +69,14 @@ class RunResult:
     def best_accuracy(self) -> float:
         return max((h["test_accuracy"] for h in self.history), default=float("nan"))
 
+    @property
+    def reported_accuracy(self) -> float:
+        """The test accuracy a paper would report: at the first epoch of best validation accuracy when the run
+        has a validation split (Courbariaux's protocol), else at the final epoch."""
+        if not self.history or "val_accuracy" not in self.history[0]:
+            return self.final_accuracy
+        return max(self.history, key=lambda h: (h["val_accuracy"], -h["epoch"]))["test_accuracy"]
+
 
 def _optimizer(task: Task, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     """lowprec's multi-tensor SGD/AdamW (torch.optim semantics; they hand the lazy update its Δ directly).
@@ -78,12 +86,23 @@ def _optimizer(task: Task, params, lr: float, momentum: float, weight_decay: flo
     return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _lr_at(task: Task, base: float, step: int, total: int) -> float:
+def _lr_at(task: Task, base: float, step: int, total: int, epoch: int, epochs: int) -> float:
+    """The learning rate of step ``step`` of ``total`` (in epoch ``epoch`` of ``epochs``, from 0)."""
     if task.schedule == "inv":
         return base * (1 + 1e-4 * step) ** -0.75
     if task.schedule == "linear":
         return base * (1 - 0.9 * min(step / max(total, 1), 1.0))
+    if task.schedule == "courbariaux":  # per epoch, to base/10 at half the epochs (theirs: 400 of 800)
+        return base * (1 - 0.9 * min(epoch / max(epochs / 2, 1), 1.0))
     return base
+
+
+def _momentum_at(task: Task, base: float, epoch: int, epochs: int) -> float:
+    """Momentum in epoch ``epoch`` (from 0): under the "courbariaux" schedule linear from ``base`` to
+    ``task.momentum_final`` over the first quarter of the epochs (theirs: 0.5 to 0.7 by epoch 200 of 800)."""
+    if task.schedule != "courbariaux" or task.momentum_final is None:
+        return base
+    return base + (task.momentum_final - base) * min(epoch / max(epochs / 4, 1), 1.0)
 
 
 @torch.no_grad()
@@ -188,7 +207,9 @@ def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any],
     model.to(device)
     data = replace(data, **{k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
                             for k, v in (("train_inputs", data.train_inputs), ("train_labels", data.train_labels),
-                                         ("test_inputs", data.test_inputs), ("test_labels", data.test_labels))})
+                                         ("test_inputs", data.test_inputs), ("test_labels", data.test_labels),
+                                         ("val_inputs", data.val_inputs), ("val_labels", data.val_labels))
+                            if v is not None})
     optimizer = _optimizer(task, model.parameters(), settings["lr"], settings["momentum"], settings["weight_decay"])
     trainer = Trainer(model, optimizer, recipe.policy)
     net = _data_parallel(model, device, allreduce)
@@ -218,6 +239,8 @@ def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any],
             save_checkpoint(ckpt_path, {"identity": identity, "next_step": step, "epoch_sums": epoch_sums,
                                         "trainer": trainer.state_dict(), "result": asdict(result)})
 
+    if step == 0 and task.warmup_epochs and any(q.exponent is not None for _, _, q in quantizers(model)):
+        _warmup(task, trainer, net, data, settings, seed, n, steps_per_epoch)
     started = time.perf_counter() - result.seconds
     for epoch in range(step // steps_per_epoch, settings["epochs"]):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -227,7 +250,9 @@ def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any],
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[b * batch : (b + 1) * batch]
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(task, settings["lr"], step, total)
+                group["lr"] = _lr_at(task, settings["lr"], step, total, epoch, settings["epochs"])
+                if "momentum" in group:
+                    group["momentum"] = _momentum_at(task, settings["momentum"], epoch, settings["epochs"])
             logits = net(*(t[idx] for t in data.train_inputs))
             loss = cross_entropy(logits, data.train_labels[idx])
             step_result = trainer.step(loss * settings["loss_multiplier"])
@@ -265,10 +290,39 @@ def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any],
     return result
 
 
+def _warmup(task: Task, trainer: Trainer, net: nn.Module, data: TaskData, settings: dict[str, Any], seed: int,
+            n: int, steps_per_epoch: int) -> None:
+    """Courbariaux's range initialisation: ``task.warmup_epochs`` epochs in full precision (the first epoch's
+    learning rate and momentum, shuffled by their own seeds) that only move the dynamic fixed point exponents;
+    the initial parameters and optimizer state are then restored (``Trainer.warmup_exponents``)."""
+    batch = settings["batch_size"]
+
+    def batches():
+        for e in range(task.warmup_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + 500 + e))
+            order = distributed.shard(order).to(data.train_labels.device)
+            for b in range(steps_per_epoch):
+                yield order[b * batch : (b + 1) * batch]
+
+    def loss_fn(_model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        logits = net(*(t[idx] for t in data.train_inputs))
+        return cross_entropy(logits, data.train_labels[idx]) * settings["loss_multiplier"]
+
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = _lr_at(task, settings["lr"], 0, 1, 0, settings["epochs"])
+        if "momentum" in group:
+            group["momentum"] = _momentum_at(task, settings["momentum"], 0, settings["epochs"])
+    trainer.warmup_exponents(batches(), loss_fn)
+
+
 def _held_out_metrics(task: Task, model: nn.Module, data: TaskData) -> dict[str, float]:
-    """``test_accuracy``; for a language model also ``val_loss`` (nats per token) and ``perplexity``."""
+    """``test_accuracy`` (and ``val_accuracy`` with a validation split); for a language model also
+    ``val_loss`` (nats per token) and ``perplexity``."""
     if not task.language_model:
-        return {"test_accuracy": evaluate(model, data.test_inputs, data.test_labels)}
+        metrics = {"test_accuracy": evaluate(model, data.test_inputs, data.test_labels)}
+        if data.val_labels is not None:
+            metrics["val_accuracy"] = evaluate(model, data.val_inputs, data.val_labels)
+        return metrics
     accuracy, loss = evaluate_loss(model, data.test_inputs, data.test_labels)
     return {"test_accuracy": accuracy, "val_loss": loss, "perplexity": math.inf if loss > 700 else math.exp(loss)}
 

@@ -5,8 +5,9 @@ Courbariaux's propagation/update widths, ``fixed-20+...`` or ``fixed<20,{f}>`` p
 ``dfx-10-12+max_overflow_rate={r}``. Every field gets a list of values; the grid is their Cartesian product,
 the first field varying slowest. Each cell is one ``run`` in ``out_dir/<recipe>`` (metrics, checkpoints,
 ``result.json``); after each cell ``sweep.csv`` is rewritten (one row per finished cell: the field values,
-the recipe, the final test error and accuracy, the best accuracy, the last epoch's training loss, skipped steps,
-seconds) and ``sweep.png`` drawn: test error against the one field, a heatmap over two fields (first field down,
+the recipe, the test error and accuracy (at the final epoch, or at the best validation epoch when the task
+holds a validation split out: ``RunResult.reported_accuracy``), the best accuracy, the last epoch's training
+loss, skipped steps, seconds) and ``sweep.png`` drawn: test error against the one field, a heatmap over two fields (first field down,
 second across), or lines against the first field, one per combination of the others.
 
 ``resume=True`` continues an interrupted sweep: a finished cell is read back from its checkpoint without
@@ -20,6 +21,7 @@ import csv
 import itertools
 import math
 import string
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +142,8 @@ _COLUMNS = ("recipe", "test error %", "test acc %", "best %", "train loss", "ski
 
 def _row(cell: Cell, result: RunResult) -> dict[str, str]:
     return {**dict(cell.values), "recipe": cell.recipe,
-            "test error %": f"{100.0 - result.final_accuracy:.2f}",
-            "test acc %": f"{result.final_accuracy:.2f}",
+            "test error %": f"{100.0 - result.reported_accuracy:.2f}",
+            "test acc %": f"{result.reported_accuracy:.2f}",
             "best %": f"{result.best_accuracy:.2f}",
             "train loss": f"{result.history[-1]['train_loss']:.4f}" if result.history else "nan",
             "skipped": str(result.skipped_steps),
@@ -180,7 +182,7 @@ def plot_sweep(cells: Sequence[Cell], done: Sequence[tuple[Cell, RunResult]], pa
 
     fields = [name for name, _ in cells[0].values]
     levels = {f: list(dict.fromkeys(dict(c.values)[f] for c in cells)) for f in fields}
-    error = {c.values: 100.0 - r.final_accuracy for c, r in done}
+    error = {c.values: 100.0 - r.reported_accuracy for c, r in done}
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     if len(fields) == 2:
         rows, cols = levels[fields[0]], levels[fields[1]]
@@ -210,7 +212,7 @@ def plot_sweep(cells: Sequence[Cell], done: Sequence[tuple[Cell, RunResult]], pa
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)  # a long template would run off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

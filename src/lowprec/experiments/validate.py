@@ -20,7 +20,7 @@ __all__ = ["check_settings", "check_finite", "check_data_fits", "check_device", 
            "SCHEDULES"]
 
 #: The learning-rate schedules a run knows (``runner._lr_at``).
-SCHEDULES = ("constant", "inv", "linear")
+SCHEDULES = ("constant", "inv", "linear", "courbariaux")
 #: What each numeric setting of a run (and of a recipe: ``+lr=...``, ``[train]``, ``[model]``) may be:
 #: (type, lowest, highest, lowest allowed itself). ``width`` is capped at 16x (WRPN uses 2x and 3x): a wider
 #: model's parameters grow with its square.
@@ -78,7 +78,8 @@ def check_settings(settings: dict[str, Any], examples: int, checkpoint_every: in
 
 def check_finite(data: TaskData) -> None:
     """ValueError naming the split, the count and the first example of any NaN or inf in the inputs."""
-    for split, inputs in (("train", data.train_inputs), ("test", data.test_inputs)):
+    for split, inputs in (("train", data.train_inputs), ("validation", data.val_inputs or ()),
+                          ("test", data.test_inputs)):
         for i, t in enumerate(inputs):
             bad = ~torch.isfinite(t) if t.is_floating_point() else None
             if bad is not None and bad.any():
