@@ -11,49 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowprec as lp
 from lowprec.experiments import parse_recipe
 
-aten = torch.ops.aten
-GEMMS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.convolution.default,
-         aten.convolution_backward.default}
-FUSED = ("attention", "transformer", "multi_head")  # aten names of fused attention / transformer kernels
-GRIDS = {"bf16": [torch.bfloat16], "e4m3": [torch.float8_e4m3fn], "e5m2": [torch.float8_e5m2], "int8": ["int8"]}
-
-
-class GemmLog(TorchDispatchMode):
-    """Every aten GEMM, convolution and attention call, with its floating-point operands and the phase."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.phase = "forward"
-        self.calls: list[tuple[str, str, list[torch.Tensor]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if func in GEMMS or any(fused in name for fused in FUSED):
-            operands = [a.detach().clone() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            self.calls.append((self.phase, name, operands))
-        return func(*args, **(kwargs or {}))
-
-
-def on_int8_grid(x: torch.Tensor) -> bool:
-    """Whether x is an 8-bit integer times one power of two (dynamic fixed point dfx<8>, any exponent)."""
-    peak = x.abs().max()
-    if peak == 0:
-        return True
-    finest = torch.exp2(torch.ceil(torch.log2(peak / 128)))  # two's complement: -128 * step is on the grid
-    for step in (finest, 2 * finest):
-        scaled = x / step
-        if (scaled == scaled.round()).all() and scaled.min() >= -128 and scaled.max() <= 127:
-            return True
-    return False
-
-
-def on_grid(x: torch.Tensor, dtypes: list) -> bool:
-    return any(on_int8_grid(x) if d == "int8" else bool((x == x.to(d).float()).all()) for d in dtypes)
+from gemm_grid import FUSED, GRIDS, GemmLog, log_forward_backward, off_grid, on_grid
 
 
 class HandAttention(nn.Module):
@@ -110,11 +72,7 @@ MODELS = {
 def run_logged(model: nn.Module, shape: tuple[int, ...]) -> GemmLog:
     torch.manual_seed(1)
     x = (torch.randn(shape) * 0.5).requires_grad_()
-    with GemmLog() as log:
-        y = model(x)
-        log.phase = "backward"
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    return log
+    return log_forward_backward(lambda: model(x))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -131,20 +89,16 @@ def test_every_gemm_operand_lies_on_its_roles_grid(name, policy, forward, backwa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every op and parameter of these models is covered
         log = run_logged(lp.convert(plain, policy), shape)
-    grids = {"forward": sum((GRIDS[f] for f in forward.split("|")), []),
-             "backward": sum((GRIDS[f] for f in backward.split("|")), [])}
     assert {phase for phase, _, _ in log.calls} == {"forward", "backward"}
     assert not [op for _, op, _ in log.calls if "attention" in op]  # no fused attention kernel
-    off = [(phase, op, i) for phase, op, operands in log.calls for i, t in enumerate(operands)
-           if not on_grid(t, grids[phase])]
-    assert off == []
+    assert off_grid(log, forward, backward) == []
     if policy == "fp8-hybrid":  # each backward GEMM multiplies an e5m2 gradient
         for phase, op, operands in log.calls:
             if phase == "backward":
                 assert any(on_grid(t, GRIDS["e5m2"]) for t in operands), op
     # the harness sees what it checks: the plain model has operands off the grid (and SDPA's fused kernel)
     plain_log = run_logged(plain, shape)
-    assert any(not on_grid(t, grids[p]) for p, _, ops in plain_log.calls for t in ops)
+    assert off_grid(plain_log, forward, backward) != []
     if name == "sdpa-attention":
         assert any("attention" in op for _, op, _ in plain_log.calls)
 
