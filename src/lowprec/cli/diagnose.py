@@ -97,14 +97,6 @@ def example_batch(model, target: str, batch: int, seed: int, input_shape: tuple[
     return inputs, torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), generator=g)
 
 
-def class_last_loss(model, batch):
-    """Cross-entropy with the classes in the output's last dimension, every other position labelled (the loss of
-    the made-up batches of ``example_batch``; for (batch, classes) logits, torch's usual cross-entropy)."""
-    from ..train import cross_entropy
-
-    return cross_entropy(model(batch[0]), batch[1])
-
-
 def _inspect_setup(args):
     """(model, batches, loss multiplier, where the data came from) for a task name or a model name."""
     import torch
@@ -133,6 +125,7 @@ def cmd_inspect(args) -> int:
 
     from ..diagnostics import inspect
     from ..experiments import parse_recipe
+    from ..train import cross_entropy
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     recipe = parse_recipe(args.recipe)
@@ -142,7 +135,7 @@ def cmd_inspect(args) -> int:
         return _print_plan(console, model, recipe, batches[0][0], Path(args.out))
 
     def loss_fn(m, batch):
-        return class_last_loss(m, batch) * multiplier
+        return cross_entropy(m(batch[0]), batch[1]) * multiplier
 
     report = inspect(model, batches, recipe.policy, steps=args.steps, formats=args.format, loss_fn=loss_fn,
                      max_lost=args.max_lost)
@@ -191,13 +184,12 @@ def cmd_memory(args) -> int:
         model = build_target_model(args.model, **recipe.model)
         if batch is None:
             batch = example_batch(model, args.model, args.batch, args.seed, args.input_shape, args.vocab)
-        est = estimate_memory(model, recipe.policy, batch, optimizer=args.optimizer, label=recipe.label,
-                              loss_fn=class_last_loss)
+        est = estimate_memory(model, recipe.policy, batch, optimizer=args.optimizer, label=recipe.label)
         if not args.no_measure:
             from dataclasses import replace
 
-            est = replace(est, measured=measure_step_memory(model, recipe.policy, batch, optimizer=args.optimizer,
-                                                           loss_fn=class_last_loss).peak)
+            est = replace(est, measured=measure_step_memory(model, recipe.policy, batch,
+                                                           optimizer=args.optimizer).peak)
         estimates.append(est)
         wrpn = re.fullmatch(r"wrpn-(\d+)-(\d+)", recipe.policy.name or "")
         if wrpn:
@@ -266,5 +258,4 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_memory)
 
 
-__all__ = ["add_parsers", "cmd_inspect", "cmd_memory", "EXAMPLE_INPUTS", "build_target_model", "example_batch",
-           "class_last_loss"]
+__all__ = ["add_parsers", "cmd_inspect", "cmd_memory", "EXAMPLE_INPUTS", "build_target_model", "example_batch"]
