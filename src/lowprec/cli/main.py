@@ -71,8 +71,6 @@ def _task_with(args):
     changes = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "schedule", "train_limit", "test_limit",
                                              "warmup_epochs")
                if getattr(args, k, None) is not None}
-    if changes.get("warmup_epochs", 0) < 0:
-        raise ValueError(f"--warmup-epochs must be >= 0, got {changes['warmup_epochs']}")
     return replace(task, **changes)
 
 

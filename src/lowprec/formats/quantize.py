@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import host, kernels
 from .parse import parse_format
-from .scaled import ScaledFormat
+from .scaled import ScaledFloat, ScaledFormat
 from .scaled_kernels import constant_block
 from .scaled_quantize import quantize_scaled
 from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
@@ -341,7 +341,7 @@ def quantize(
             f"out must match x: got {tuple(out.shape)} {out.dtype} on {out.device}, "
             f"need {tuple(x.shape)} {x.dtype} on {x.device}"
         )
-    if scale is not None and not isinstance(fmt, ScaledFormat):
+    if scale is not None and not isinstance(fmt, ScaledFloat):
         raise ValueError(f"scale= applies to per-tensor scaled floats (scaled<...>), not {fmt!r}")
     mode = kernels.ROUNDINGS[rounding]
     key = _draw_key(generator, x.device) if mode == kernels.STOCHASTIC else None

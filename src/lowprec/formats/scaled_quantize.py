@@ -123,8 +123,6 @@ def quantize_scaled(x: Tensor, out: Tensor | None, fmt: ScaledFormat, rounding: 
     """Round float32 ``x`` onto a scaled format (``quantize`` has validated the call). ``run(kernel, x, out,
     *args)`` runs a kernel (compiled for large tensors); ``round_float(x, out, fmt, rounding, key, None)`` rounds
     onto a plain float format (the per-tensor scaled floats' elements)."""
-    if scale is not None and not isinstance(fmt, ScaledFloat):
-        raise ValueError(f"scale= applies to per-tensor scaled floats (scaled<...>), not {fmt!r}")
     if isinstance(fmt, MXFormat):
         return _mx(x, out, fmt, rounding, key, run)
     if isinstance(fmt, NVFP4):
