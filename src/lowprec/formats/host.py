@@ -65,13 +65,21 @@ def _times_pow2(x: Tensor, e: int, out: Tensor | None = None) -> Tensor:
     return y if first == e else y.mul_(2.0 ** (e - first))
 
 
+def _scale_(s: Tensor, e: int) -> Tensor:
+    """s *= 2**e in place, in the exact factors of ``_times_pow2``. In-place ``mul_`` rather than
+    ``_times_pow2(s, e, s)``: ``mul(out=)`` refuses a tensor that requires grad, and ``s`` may."""
+    first = min(max(e, -126), 126)
+    s.mul_(2.0**first)
+    return s if first == e else s.mul_(2.0 ** (e - first))
+
+
 def _round_scaled(s: Tensor, frac: int, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
     """s = x * 2**frac, in place: round (ties to even), clamp to [kmin, kmax] unless max|s| = ``scaled_peak``
     rounds inside (below kmax + 1/2; kmin = -kmax - 1 then holds every negative value), times 2**-frac."""
     s.round_()
     if not scaled_peak < kmax + 0.5:
         s.clamp_(kmin, kmax)
-    return _times_pow2(s, -frac, s)
+    return _scale_(s, -frac)
 
 
 def fixed_counting(
