@@ -50,10 +50,15 @@ def policy_label(policy: Policy) -> str:
     return policy.name or policy.spec() or "fp32"
 
 
+def _recorded_policies(model: nn.Module) -> list[Policy]:
+    """The policies ``convert`` recorded on ``model`` and its submodules, in module order."""
+    return [getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)]
+
+
 def conversion_policy(model: nn.Module) -> Policy | None:
     """The policy ``convert`` gave ``model`` (or the parts of it it converted); None where it never converted
     any. ValueError when parts were converted under different policies."""
-    found = {getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)}
+    found = set(_recorded_policies(model))
     if len(found) > 1:
         shown = ", ".join(sorted(policy_label(p) for p in found))
         raise ValueError(f"parts of this model were converted under different policies ({shown}); pass the policy "
@@ -64,7 +69,7 @@ def conversion_policy(model: nn.Module) -> Policy | None:
 def _check_not_converted(model: nn.Module, policy: Policy) -> None:
     """ValueError for a model ``convert`` already converted: a second conversion would compose two policies'
     roundings (or keep one dtype under another policy's name)."""
-    done = [getattr(m, _POLICY_ATTR) for m in model.modules() if hasattr(m, _POLICY_ATTR)]
+    done = _recorded_policies(model)
     native = any(is_native_layer(m) for m in model.modules())
     if done or native:
         before = policy_label(done[0]) if done else "a native policy"

@@ -41,6 +41,7 @@ from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
 from ..policy.ops import OP_KINDS
 from .attention import emulated_attention
+from .hooks import remove_forward_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import OPENED, Invocation, bind, is_parameter
@@ -349,10 +350,7 @@ def _is_ours(hook: Any) -> bool:
 def detach(model: nn.Module) -> None:
     """Remove the op-level emulation ``attach`` gave ``model`` (no-op when it has none)."""
     for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if _is_ours(h)]:
-                del hooks[key]
-                module._forward_hooks_always_called.pop(key, None)
+        remove_forward_hooks(module, _is_ours)
     if _ATTR in model.__dict__:
         delattr(model, _ATTR)
 

@@ -55,6 +55,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..formats import BF16, FP16, FloatFormat
 from ..policy import LAYER_ROLES, Policy
+from .hooks import remove_forward_hooks
 
 __all__ = ["to_native", "from_native", "is_native_layer", "native_dtype", "compute_dtype", "NORM_MODULES",
            "FLOAT32_MODULES"]
@@ -268,10 +269,6 @@ def from_native(model: nn.Module) -> nn.Module:
                 module._buffers[key] = b.float()
         if isinstance(module, nn.RNNBase):
             module._init_flat_weights()
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for handle_id in [i for i, hook in hooks.items() if _is_entrance_or_exit(hook)]:
-            del hooks[handle_id]
-            model._forward_hooks_with_kwargs.pop(handle_id, None)
-            model._forward_pre_hooks_with_kwargs.pop(handle_id, None)
+    remove_forward_hooks(model, _is_entrance_or_exit)
     return model
 

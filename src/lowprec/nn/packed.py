@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
+from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
            "MIN_NUMEL"]
@@ -156,7 +157,4 @@ def _is_ours(hook: Any) -> bool:
 def remove_packing(model: nn.Module) -> None:
     """Undo ``install_packing`` (nothing if it was not installed). The hooks are found by what they are, not by
     handle, so this works on a deep copy of the model too."""
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key in [k for k, h in hooks.items() if _is_ours(h)]:
-            del hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
+    remove_forward_hooks(model, _is_ours)

@@ -123,13 +123,14 @@ def check_override_roles(policy: Policy, model: nn.Module, plan: Sequence[tuple[
     override whose pattern matches no module of this model at all only warns: a policy may serve several models.
     """
     converted = {name: cls for name, _, cls in plan}
+    modules = dict(model.named_modules())
     for pattern, assigned in policy.overrides:
         if pattern.startswith(OP_PREFIX):
             continue  # selects ops, wherever they run; the selector was checked when the policy was made
         if pattern.startswith("@"):
             hits = [n for n in ((first,) if pattern == "@first" else (last,) if pattern == "@last" else ()) if n]
         else:
-            hits = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, pattern)]
+            hits = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             warnings.warn(f"policy override {pattern!r} matches no module of this {type(model).__name__}",
                           UserWarning, stacklevel=3)
@@ -137,10 +138,8 @@ def check_override_roles(policy: Policy, model: nn.Module, plan: Sequence[tuple[
         for role, quant in assigned:
             if quant is None or any(n in converted and role in _roles_of(converted[n]) for n in hits):
                 continue
-            if role in LAYER_ROLES and any(n not in converted and may_run_ops(m) for n, m in
-                                           model.named_modules() if n in hits):
+            if role in LAYER_ROLES and any(n not in converted and may_run_ops(modules[n]) for n in hits):
                 continue  # the op-level emulation applies it to the ops this module runs
-            modules = dict(model.named_modules())
             found = "; ".join(
                 f"{n} ({type(modules[n]).__name__}) has roles {', '.join(_roles_of(converted[n]))}" if n in converted
                 else f"{n} ({type(modules[n]).__name__}) is not a layer lowprec quantizes"

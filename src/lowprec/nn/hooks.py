@@ -1,0 +1,20 @@
+"""Removing lowprec's own forward hooks from a module, found by what they are (so a deep copy works too)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["remove_forward_hooks"]
+
+
+def remove_forward_hooks(module: nn.Module, is_ours: Callable[[Any], bool]) -> None:
+    """Delete every forward pre-hook and forward hook of ``module`` for which ``is_ours(hook)``, with its entries
+    in torch's side tables (``with_kwargs``, ``always_call``)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if is_ours(h)]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
