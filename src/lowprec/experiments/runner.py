@@ -105,31 +105,43 @@ def _momentum_at(task: Task, base: float, epoch: int, epochs: int) -> float:
     return base + (task.momentum_final - base) * min(epoch / max(epochs / 4, 1), 1.0)
 
 
+def _apply_schedule(optimizer: torch.optim.Optimizer, task: Task, settings: dict[str, Any], step: int, total: int,
+                    epoch: int) -> None:
+    """Every param group's lr (``_lr_at``) and, where it has one, momentum (``_momentum_at``) for this step."""
+    for group in optimizer.param_groups:
+        group["lr"] = _lr_at(task, settings["lr"], step, total, epoch, settings["epochs"])
+        if "momentum" in group:
+            group["momentum"] = _momentum_at(task, settings["momentum"], epoch, settings["epochs"])
+
+
 @torch.no_grad()
 def _scores(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
-            batch_size: int) -> tuple[float, float]:
-    """(correct predictions, summed cross-entropy) over every label (every position of a language model), in
-    eval mode, ``batch_size`` examples at a time."""
+            batch_size: int, with_loss: bool) -> tuple[float, float]:
+    """(correct predictions, summed cross-entropy: each batch's float32 sum added in float64; 0 unless
+    ``with_loss``) over every label (every position of a language model), in eval mode, ``batch_size`` examples
+    at a time. The sums stay on the device until the end: one host sync, not two per batch."""
     was_training = model.training
     model.eval()
-    correct, loss = 0.0, 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    loss = torch.zeros((), dtype=torch.float64, device=labels.device)
     for i in range(0, len(labels), batch_size):
         logits = model(*(t[i : i + batch_size] for t in inputs))
-        correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum().item()
-        loss += cross_entropy(logits, labels[i : i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum()
+        if with_loss:
+            loss += cross_entropy(logits, labels[i : i + batch_size], reduction="sum").double()
     model.train(was_training)
-    return correct, loss
+    return float(correct.item()), loss.item()
 
 
 def evaluate(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, batch_size: int = 500) -> float:
     """Accuracy in percent over every label: per example, or per position of a language model's (N, T) labels."""
-    return 100.0 * _scores(model, inputs, labels, batch_size)[0] / max(labels.numel(), 1)
+    return 100.0 * _scores(model, inputs, labels, batch_size, with_loss=False)[0] / max(labels.numel(), 1)
 
 
 def evaluate_loss(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
                   batch_size: int = 500) -> tuple[float, float]:
     """(accuracy in percent, mean cross-entropy in nats) over every label; perplexity is exp(loss)."""
-    correct, loss = _scores(model, inputs, labels, batch_size)
+    correct, loss = _scores(model, inputs, labels, batch_size, with_loss=True)
     n = max(labels.numel(), 1)
     return 100.0 * correct / n, loss / n
 
@@ -249,10 +261,7 @@ def _train(task: Task, recipe: Recipe, data: TaskData, settings: dict[str, Any],
             epoch_sums = (0.0, 0)
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             idx = order[b * batch : (b + 1) * batch]
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(task, settings["lr"], step, total, epoch, settings["epochs"])
-                if "momentum" in group:
-                    group["momentum"] = _momentum_at(task, settings["momentum"], epoch, settings["epochs"])
+            _apply_schedule(optimizer, task, settings, step, total, epoch)
             logits = net(*(t[idx] for t in data.train_inputs))
             loss = cross_entropy(logits, data.train_labels[idx])
             step_result = trainer.step(loss * settings["loss_multiplier"])
@@ -308,10 +317,7 @@ def _warmup(task: Task, trainer: Trainer, net: nn.Module, data: TaskData, settin
         logits = net(*(t[idx] for t in data.train_inputs))
         return cross_entropy(logits, data.train_labels[idx]) * settings["loss_multiplier"]
 
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = _lr_at(task, settings["lr"], 0, 1, 0, settings["epochs"])
-        if "momentum" in group:
-            group["momentum"] = _momentum_at(task, settings["momentum"], 0, settings["epochs"])
+    _apply_schedule(trainer.optimizer, task, settings, 0, 1, 0)
     trainer.warmup_exponents(batches(), loss_fn)
 
 
