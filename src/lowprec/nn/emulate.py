@@ -129,6 +129,12 @@ class OpEmulation:
         self.records = None
         self._reset()
 
+    @property
+    def _tracking(self) -> bool:
+        """Whether this forward records which parameters reach a quantized op (the first forward, and lp.plan):
+        only then are ``_used`` and ``_covered`` read."""
+        return self._checking or self.records is not None
+
     # -- module hooks ---------------------------------------------------------------------------------------
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if not self._stack:
@@ -138,7 +144,8 @@ class OpEmulation:
         self._stack.append(_Frame(name, module))
         if isinstance(module, QuantizedModule):
             self._swapped += 1
-            self._covered.update(id(p) for p in module.parameters(recurse=False))
+            if self._tracking:
+                self._covered.update(id(p) for p in module.parameters(recurse=False))
             if self._swapped == 1:
                 self._record_layer(name, module)
 
@@ -151,7 +158,7 @@ class OpEmulation:
         if not self._stack:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
-            if self._checking or self.records is not None:
+            if self._tracking:
                 self._warn_uncovered(name, module)
                 self._checking = False
 
@@ -159,7 +166,7 @@ class OpEmulation:
     def call(self, mode: _Mode, func: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         if self._swapped:
             return func(*args, **kwargs)
-        if self._checking or self.records is not None:
+        if self._tracking:
             for a in (*args, *kwargs.values()):
                 if is_parameter(a):
                     p = a if isinstance(a, nn.Parameter) else a._base
@@ -176,8 +183,9 @@ class OpEmulation:
         frame = self._stack[-1]
         index = frame.counts[inv.op]
         frame.counts[inv.op] += 1
-        self._covered.update(id(t if isinstance(t, nn.Parameter) else t._base)
-                             for t in inv.tensors if is_parameter(t))
+        if self._tracking:
+            self._covered.update(id(t if isinstance(t, nn.Parameter) else t._base)
+                                 for t in inv.tensors if is_parameter(t))
         if inv.unsupported is not None:
             self._unquantized(frame.name, inv, index)
             return func(*args, **kwargs)
