@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
 # Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|courbariaux_seed1|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
-#        mpt|wrpn|wrpn_long|wrpn_bits|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
+#        mpt|wrpn|wrpn_long|wrpn_bits|wrpn_wide3|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
 set -euo pipefail
@@ -64,12 +64,16 @@ wrpn_bits() {   # the other widths and bit widths on the same schedule, seed 0
   run wrpn-fashion-decay-bits compare --task fashion-cnn --epochs 8 --schedule linear --seed 0 \
     --train-limit 10000 --recipes wrpn-4-4 fp32+width=2 wrpn-2-4+width=2 wrpn-4-2+width=2 wrpn-2-2+width=2
 }
+wrpn_wide3() {  # 3x wide at 32/32 and 4/4 bits on the same schedule, seed 0
+  run wrpn-fashion-decay-wide3 compare --task fashion-cnn --epochs 8 --schedule linear --seed 0 \
+    --train-limit 10000 --recipes fp32+width=3 wrpn-4-4+width=3
+}
 lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 / int8-lazy
   # Adam's moments in INT16, as Park et al. require for Adam (beta2 = 0.999 underflows INT8)
   run park-lstm compare --task digits-lstm --epochs 15 --seed 0 --recipes fp32 int8+optimizer_state=int16 \
     int8-lazy+optimizer_state=int16
 }
 
-for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits lstm}"; do
+for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits wrpn_wide3 lstm}"; do
   for e in $experiment; do "$e"; done
 done
