@@ -9,6 +9,12 @@ Numerics of a weight layer (``QLinearFunction``, ``QConvFunction``), Courbariaux
                dE/dx = Q_activation_grad(op_input_grad(gq, wq))     dE/dW = Q_weight_grad(op_weight_grad(gq, xq))
                dE/db = Q_bias_grad(sum of gq)
 
+With a random Hadamard transform (``LinearOp.rht_seed``, the policy's ``wgrad_rht``: NVIDIA's NVFP4 recipe),
+the weight gradient is computed from the unquantized operands instead: dE/dW = Q_weight_grad(
+Q_output_grad((M g)^T) Q_activation((M x)^T)^T), g = dE/dzq after the output's STE, M the block-diagonal 16x16
+random Hadamard matrix along the N rows (``lowprec.nn.hadamard``; the two roundings there use ``Quantizer.round``
+and add nothing to a quantizer's statistics). The forward then also saves x.
+
 xq and wq (the quantized values) are what backward uses, as in the papers. Every quantizer is crossed by a
 straight-through estimator (roles.straight_through): the identity, or WRPN's clipped STE for Uniform formats,
 applied before the gradient role rounds the result. A role the policy does not set is an identity quantizer
@@ -28,6 +34,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..policy import Quantizer
+from .hadamard import rht_weight_grad
 from .roles import Accumulator, quantize_roles, straight_through
 
 __all__ = ["QLinearFunction", "QConvFunction", "QuantizeFunction", "LinearOp", "ConvOp", "quantize_boundary"]
@@ -36,9 +43,16 @@ __all__ = ["QLinearFunction", "QConvFunction", "QuantizeFunction", "LinearOp", "
 @dataclass(frozen=True)
 class LinearOp:
     """z = x W^T + b over the last dimension of x; an ``accumulator`` emulates a narrow accumulator in all
-    three matmuls (forward, dE/dx, dE/dW); the bias is added and dE/db summed in float32."""
+    three matmuls (forward, dE/dx, dE/dW); the bias is added and dE/db summed in float32. ``rht_seed`` (not
+    None): dE/dW through the random Hadamard transform with that seed (see the module docstring)."""
 
     accumulator: Accumulator | None = None
+    rht_seed: int | None = None
+
+    @property
+    def saves_input(self) -> bool:
+        """Whether backward needs the unquantized input x (the transformed weight gradient)."""
+        return self.rht_seed is not None
 
     def _matmul(self, a: Tensor, b: Tensor) -> Tensor:
         return a @ b if self.accumulator is None else self.accumulator.matmul(a, b)
@@ -61,6 +75,12 @@ class LinearOp:
     def input_and_weight_grads(self, g: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
         return (self.input_grad(g, x, w) if need_x else None), (self.weight_grad(g, x, w) if need_w else None)
 
+    def transformed_weight_grad(self, g: Tensor, x: Tensor, quantizers: Mapping[str, Quantizer]) -> Tensor:
+        """dE/dW from the unquantized ``g`` and ``x`` through the random Hadamard transform (``rht_seed``)."""
+        assert self.rht_seed is not None
+        return rht_weight_grad(g, x, self.rht_seed, quantizers["output_grad"].round,
+                               quantizers["activation"].round, self._matmul)
+
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -74,6 +94,9 @@ class ConvOp:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+
+    #: Convolutions compute dE/dW from the quantized operands (no Hadamard transform).
+    saves_input = False
 
     def _geometry(self) -> tuple[Any, ...]:
         return self.stride, self.padding, self.dilation, self.groups
@@ -105,17 +128,21 @@ def _forward(ctx: Any, op: LinearOp | ConvOp, x: Tensor, weight: Tensor, bias: T
              quantizers: Mapping[str, Quantizer]) -> Tensor:
     (xq, mx), (wq, mw), (bq, mb) = quantize_roles(quantizers, activation=x, weight=weight, bias=bias)
     ((zq, mz),) = quantize_roles(quantizers, output=op.forward(xq, wq, bq))
-    ctx.save_for_backward(xq, wq, mx, mw, mb, mz)
+    ctx.save_for_backward(xq, wq, mx, mw, mb, mz, x if op.saves_input else None)
     ctx.op, ctx.quantizers = op, quantizers
     return _own_output(zq, x)
 
 
 def _backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    xq, wq, mx, mw, mb, mz = ctx.saved_tensors
+    xq, wq, mx, mw, mb, mz, x = ctx.saved_tensors
     op, quantizers = ctx.op, ctx.quantizers
-    ((gq, _),) = quantize_roles(quantizers, output_grad=straight_through(grad_z, mz))
+    g = straight_through(grad_z, mz)
+    ((gq, _),) = quantize_roles(quantizers, output_grad=g)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw = op.input_and_weight_grads(gq, xq, wq, need_x, need_w)
+    transformed = need_w and x is not None
+    dx, dw = op.input_and_weight_grads(gq, xq, wq, need_x, need_w and not transformed)
+    if transformed:
+        dw = op.transformed_weight_grad(g, x, quantizers)
     grads = quantize_roles(
         quantizers,
         activation_grad=straight_through(dx, mx) if need_x else None,
@@ -126,21 +153,24 @@ def _backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, Tensor | None, T
 
 
 class QLinearFunction(Function):
-    """``QLinearFunction.apply(x, weight, bias, quantizers, accumulator=None)``: a quantized ``F.linear``.
+    """``QLinearFunction.apply(x, weight, bias, quantizers, accumulator=None, rht_seed=None)``: a quantized
+    ``F.linear``.
 
     ``quantizers`` maps the LAYER_ROLES to Quantizers; ``accumulator`` (a roles.Accumulator) emulates a
-    low-precision accumulator, None accumulates in float32. See the module docstring for the numerics.
+    low-precision accumulator, None accumulates in float32; ``rht_seed`` (an int): the weight gradient through
+    the random Hadamard transform with that seed. See the module docstring for the numerics.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
-                quantizers: Mapping[str, Quantizer], accumulator: Accumulator | None = None) -> Tensor:
-        return _forward(ctx, LinearOp(accumulator), x, weight, bias, quantizers)
+                quantizers: Mapping[str, Quantizer], accumulator: Accumulator | None = None,
+                rht_seed: int | None = None) -> Tensor:
+        return _forward(ctx, LinearOp(accumulator, rht_seed), x, weight, bias, quantizers)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
-        return (*_backward(ctx, grad_z), None, None)
+        return (*_backward(ctx, grad_z), None, None, None)
 
 
 class QConvFunction(Function):

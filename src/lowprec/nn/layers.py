@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats import Uniform
+from ..formats import ScaledFormat, Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
 from .roles import Accumulator, clips_negatives
@@ -175,16 +175,29 @@ class QuantizedModule:
 
 
 class QLinear(QuantizedModule, nn.Linear):
-    """``nn.Linear`` with quantized roles (QLinearFunction) and optional accumulation emulation."""
+    """``nn.Linear`` with quantized roles (QLinearFunction) and optional accumulation emulation.
+
+    ``rht_seed``: the policy's ``rht_seed`` where its ``wgrad_rht`` is on and the layer's activation or
+    output_grad role has a scaled format (the weight gradient through the random Hadamard transform,
+    ``lowprec.nn.hadamard``), else None: a layer an override keeps in bf16 or fp32 computes it plainly, as in
+    NVIDIA's NVFP4 recipe."""
 
     ACCUMULATES = True
+    rht_seed: int | None = None
+
+    def configure(self, policy: Policy) -> None:
+        super().configure(policy)
+        scaled = any(isinstance(getattr(self.quantizers[r].quant, "format", None), ScaledFormat)
+                     for r in ("activation", "output_grad"))
+        self.rht_seed = policy.rht_seed if policy.wgrad_rht and scaled else None
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
             return super().forward(input)
         if self._unchecked_clip is not None:
             self._check_input_sign(input)
-        return QLinearFunction.apply(input, self.weight, self.bias, self.quantizers, self.accumulator)
+        return QLinearFunction.apply(input, self.weight, self.bias, self.quantizers, self.accumulator,
+                                     self.rht_seed)
 
 
 class _QConv(QuantizedModule):

@@ -31,6 +31,10 @@ A role given no format (``none``) is left in float32. ``grads`` (or ``grad``) se
 ``path=native`` (fp16/bf16 policies only) runs the model in the format's torch dtype instead of emulating it in
 float32 containers: real memory and speed gains, see ``lowprec.nn.native``.
 
+``wgrad_rht=on`` (NVIDIA's NVFP4 recipe) computes each linear layer's weight gradient from its operands times a
+16x16 random Hadamard transform along the batch rows (``lowprec.nn.hadamard``), in the layers whose activation
+or output_grad role has a scaled format (NVFP4, MX, scaled<...>); ``rht_seed`` (default 0) seeds its signs.
+
 ``update_rule`` says how an SGD step uses a rounded momentum: ``optimizer`` (the default) lets the optimizer update
 from its own state as torch does and rounds the state to ``optimizer_state`` afterwards; ``courbariaux`` (the
 fixed-20 and dfx-10-12 presets) is Courbariaux et al.'s update, v <- Q(M·v − LR·g), W <- Q(W + v): the ROUNDED
@@ -77,7 +81,8 @@ ALIASES = {
     "params": ("weight", "bias"),
 }
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
-            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule", "packed")
+            "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule", "packed",
+            "wgrad_rht", "rht_seed")
 PATHS = ("emulated", "native")
 UPDATE_RULES = ("optimizer", "courbariaux")
 
@@ -171,6 +176,8 @@ class Policy:
     fill_clip_range: bool = False  # convert scales WRPN's uniform<k> weights to reach +-1 (lowprec.nn.fill_clip_range)
     update_rule: str = "optimizer"  # "optimizer": torch's update, state rounded after | "courbariaux": v <- Q(Mv - LR g)
     packed: bool = True  # what a step saves for backward is stored packed in its format (lowprec.nn.packed)
+    wgrad_rht: bool = False  # random Hadamard transform of the wgrad GEMM's operands (NVFP4 recipe, nn.hadamard)
+    rht_seed: int = 0  # the seed of its 16 random signs
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +197,8 @@ class Policy:
             raise ValueError(f"update_rule must be 'optimizer' or 'courbariaux', got {self.update_rule!r}")
         if self.exponent_interval < 1 or self.accumulation_chunk < 1:
             raise ValueError("exponent_interval and accumulation_chunk must be >= 1")
+        if isinstance(self.rht_seed, bool) or not isinstance(self.rht_seed, int) or self.rht_seed < 0:
+            raise ValueError(f"rht_seed must be an integer >= 0, got {self.rht_seed!r}")
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -319,6 +328,9 @@ class Policy:
             lines.append("  update rule      courbariaux: v <- Q(M v - LR g), W <- Q(W + v) (SGD)")
         if not self.packed:
             lines.append("  packed           off (saved tensors kept in float32 containers)")
+        if self.wgrad_rht:
+            lines.append(f"  wgrad RHT        on, seed {self.rht_seed} (16x16 random Hadamard transform of the weight-"
+                         "gradient GEMM's operands in linear layers with scaled-format operands)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -368,9 +380,9 @@ def _setting(key: str, value: Any) -> Any:
         return float(value)
     if key == "init_int_bits" and value.lower() in ("auto", "none"):
         return None
-    if key in ("exponent_interval", "init_int_bits", "accumulation_chunk"):
+    if key in ("exponent_interval", "init_int_bits", "accumulation_chunk", "rht_seed"):
         return int(value)
-    if key in ("classifier_rule", "fill_clip_range", "packed"):
+    if key in ("classifier_rule", "fill_clip_range", "packed", "wgrad_rht"):
         if value.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
             raise ValueError(f"{key} must be on or off, got {value!r}")
         return value.lower() in ("on", "true", "yes", "1")

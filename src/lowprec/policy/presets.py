@@ -63,9 +63,9 @@ PRESETS: dict[str, str] = {
     "mxfp6": "params=mxfp6_e2m3,activations=mxfp6_e2m3,grads=mxfp6_e3m2",
     "mxfp4": "params=mxfp4,activations=mxfp4,grads=mxfp4/stochastic",
     # NVFP4 (NVIDIA's recipe): 16x16 block scales for weights, 1x16 for activations and gradients, gradients
-    # rounded stochastically, the last layer kept in bf16. (The recipe's random Hadamard transform of the
-    # weight-gradient GEMM's operands is not emulated.)
-    "nvfp4": "weight=nvfp4<tile=16x16>,bias=nvfp4,activations=nvfp4,grads=nvfp4/stochastic; "
+    # rounded stochastically, the weight-gradient GEMM's operands through the 16x16 random Hadamard transform
+    # (wgrad_rht, seed 0), the last layer kept in bf16 (more of the last layers: an override, docs/formats.md).
+    "nvfp4": "weight=nvfp4<tile=16x16>,bias=nvfp4,activations=nvfp4,grads=nvfp4/stochastic,wgrad_rht=on; "
              "@last: " + _ALL.format(f="bf16"),
 }
 
