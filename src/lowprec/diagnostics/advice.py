@@ -5,7 +5,8 @@ and still avoid overflow"): over every gradient tensor (output_grad, activation_
 whose format has a fixed range (floats, fixed point), the smallest S = 2**k such that at most ``max_lost`` of
 the non-zero gradients round to zero and none overflows. The census counts are exact at every power of two,
 so the advice holds exactly on the inspected tensors. Formats whose step follows the tensor (dynamic fixed
-point, block floating point) do not change under a loss scale and are left out.
+point, block floating point, the scaled formats: MX, NVFP4, scaled<...>) do not change under a loss scale and
+are left out.
 
 Dynamic fixed point starting exponents: per (module, role) group in a ``dfx`` format, the max-abs exponent of
 everything the group saw, the smallest r with max|x| < 2**r: Courbariaux's groups start where their first
@@ -20,7 +21,7 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from ..formats import BlockFloat, DynamicFixedPoint, parse_format
+from ..formats import BlockFloat, DynamicFixedPoint, ScaledFormat, parse_format
 from ..nn import quantizers
 from .census import SCALE_EXPONENTS, Census
 
@@ -58,7 +59,7 @@ class LossScaleAdvice:
 
 
 def _scalable(fmt: str | None) -> bool:
-    return fmt is not None and not isinstance(parse_format(fmt), (DynamicFixedPoint, BlockFloat))
+    return fmt is not None and not isinstance(parse_format(fmt), (DynamicFixedPoint, BlockFloat, ScaledFormat))
 
 
 def advise_loss_scale(

@@ -22,7 +22,14 @@ magnitude rounded to 0; N, the smallest rounded to a normal number; U, the small
 is lost iff |x|·2**k <= Z. Writing |x| = m·2**e and Z = m_Z·2**e_Z (frexp, m in [0.5, 1)), that holds iff
 k <= e_Z - e - [m > m_Z]: one integer per element, whose bincount gives the count at every k at once.
 Formats whose step follows the tensor (dynamic fixed point at its max-abs exponent, block floating point) are
-scale invariant: they are quantized directly, once, and their counts are the same at every S.
+scale invariant: they are quantized directly, once, and their counts are the same at every S. So are the
+scaled formats (MX, NVFP4, per-tensor scaled floats, whose scales follow the tensor; delayed scaling is read at
+the tensor's own amax): they are rounded in the tensor's shape, blocks along the format's axis (or the layer's
+``block_axis``), and count as lost the elements that flush to zero and as overflow the elements that clip
+(saturate); see ``blocks.py``.
+
+Every format's counts also carry a ``Rounding`` (``blocks.py``): the SQNR sums at S = 1 and, for scaled formats,
+the block counts (blocks that clip or flush, the histogram of their scales).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -38,6 +45,7 @@ from torch import Tensor
 
 from ..formats import (
     BlockFloat,
+    ScaledFormat,
     DynamicFixedPoint,
     FixedPoint,
     FloatFormat,
@@ -46,7 +54,9 @@ from ..formats import (
     max_abs_int_bits,
     parse_format,
     quantize,
+    with_block_axis,
 )
+from .blocks import Rounding, rounding_of
 
 __all__ = ["SCALE_EXPONENTS", "LOG2_MIN", "LOG2_MAX", "FormatCounts", "Census", "census", "scale_exponent"]
 
@@ -78,6 +88,7 @@ class FormatCounts:
     lost: tuple[int, ...]
     subnormal: tuple[int, ...]
     overflow: tuple[int, ...]
+    rounding: Rounding = Rounding()  # SQNR sums at S = 1, block counts of scaled formats
 
     def at(self, scale: float = 1.0) -> tuple[int, int, int]:
         """(lost, subnormal, overflow) at loss scale ``scale`` (a power of two)."""
@@ -89,7 +100,7 @@ class FormatCounts:
             raise ValueError(f"cannot add counts of {other.format} to counts of {self.format}")
         add = lambda a, b: tuple(x + y for x, y in zip(a, b))  # noqa: E731
         return FormatCounts(self.format, add(self.lost, other.lost), add(self.subnormal, other.subnormal),
-                            add(self.overflow, other.overflow))
+                            add(self.overflow, other.overflow), self.rounding + other.rounding)
 
 
 @dataclass(frozen=True)
@@ -210,7 +221,7 @@ def _thresholds(fmt: Format) -> tuple[tuple[float, float | None, float], ...]:
 
 
 def _scale_invariant(fmt: Format) -> bool:
-    return isinstance(fmt, (DynamicFixedPoint, BlockFloat))
+    return isinstance(fmt, (DynamicFixedPoint, BlockFloat, ScaledFormat))
 
 
 # -- counting ------------------------------------------------------------------------------------------------------
@@ -302,16 +313,30 @@ def _direct_counts(fmt: Format, x: Tensor, counted: Tensor) -> FormatCounts:
     return FormatCounts(repr(fmt), (lost,) * _NK, (0,) * _NK, (over,) * _NK)
 
 
-def census(x: Tensor, formats: Iterable[Format | str] = ()) -> Census:
+def _scaled_counts(fmt: Format, rounding: Rounding) -> FormatCounts:
+    """A scaled format's counts, the same at every scale: lost = flushed, overflow = clipped elements."""
+    return FormatCounts(repr(fmt), (rounding.flushed,) * _NK, (rounding.subnormal,) * _NK,
+                        (rounding.clipped,) * _NK, rounding)
+
+
+def _counts(fmt: Format, x: Tensor, flat: Tensor, hist: _Histogram, counted: Tensor | None,
+            block_axis: int | None) -> FormatCounts:
+    if isinstance(fmt, ScaledFormat):
+        return _scaled_counts(fmt, rounding_of(x, with_block_axis(fmt, block_axis, x)))
+    counts = _direct_counts(fmt, flat, counted) if _scale_invariant(fmt) else _grid_counts(fmt, hist)
+    return replace(counts, rounding=rounding_of(flat, fmt))
+
+
+def census(x: Tensor, formats: Iterable[Format | str] = (), *, block_axis: int | None = None) -> Census:
     """The census of one tensor (read as float32): its log2 histogram and, for each format, the counts at
-    every loss scale 2**k, k in SCALE_EXPONENTS (module docstring)."""
+    every loss scale 2**k, k in SCALE_EXPONENTS, and its Rounding (module docstring). ``block_axis``: the
+    dimension a layer runs the blocks of scaled formats along (``Quantizer.block_axis``)."""
     fmts = [parse_format(f) if isinstance(f, str) else f for f in formats]
-    flat = x.detach().reshape(-1).float()
+    x = x.detach().float()
+    flat = x.reshape(-1)
     hist, zeros, nonfinite = _Histogram.of(flat, _cuts(f for f in fmts if not _scale_invariant(f)))
     counted = torch.isfinite(flat) & (flat != 0) if any(map(_scale_invariant, fmts)) else None
-    counts = tuple(
-        _direct_counts(f, flat, counted) if _scale_invariant(f) else _grid_counts(f, hist) for f in fmts
-    )
+    counts = tuple(_counts(f, x, flat, hist, counted, block_axis) for f in fmts)
     per_exponent = hist.rows.sum(0).diff()[1:]  # elements with exponent _E0 + i, both signs
     return Census(total=flat.numel(), zeros=zeros, nonfinite=nonfinite, log2_counts=tuple(per_exponent.tolist()),
                   formats=counts)

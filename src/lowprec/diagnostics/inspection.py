@@ -16,6 +16,7 @@ the formats' first-order effect, not a low-precision run's exact tensors.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -28,6 +29,7 @@ from ..nn import QuantizedModule, convert
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from ..train import cross_entropy
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, start_exponents
+from .blocks import Rounding
 from .census import LOG2_MIN, Census, census
 
 __all__ = ["ROLES", "Entry", "InspectReport", "inspect"]
@@ -101,7 +103,8 @@ class _Sums:
         self.extra, self.observe = extra, observe
         self.entries: dict[tuple[str, str], tuple[str | None, Census]] = {}
 
-    def recorder(self, module: str, role: str, quant: Quant | None) -> Callable[[Tensor], None]:
+    def recorder(self, module: str, role: str, quant: Quant | None,
+                 block_axis: int | None = None) -> Callable[[Tensor], None]:
         fmt = None if quant is None else repr(quant.format)
         fmts = list(dict.fromkeys(([quant.format] if quant else []) + list(self.extra)))
 
@@ -109,7 +112,7 @@ class _Sums:
             if self.observe is not None:
                 self.observe(module, role, x.detach())
             _, total = self.entries.get((module, role), (fmt, Census()))
-            self.entries[module, role] = (fmt, total + census(x, fmts))
+            self.entries[module, role] = (fmt, total + census(x, fmts, block_axis=block_axis))
 
         return record
 
@@ -119,7 +122,7 @@ def _record_layers(model: nn.Module, sums: _Sums) -> dict[str, Quant | None]:
     state_formats = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedModule):
-            module.quantizers = {role: _Recorder(sums.recorder(name, role, q.quant))
+            module.quantizers = {role: _Recorder(sums.recorder(name, role, q.quant, q.block_axis))
                                  for role, q in module.quantizers.items() if role in LAYER_ROLES}
             module.accumulator = None  # float32 accumulation
             # the trainer's rule (train/params.py): weight layers take their policy's state format, others fp32
@@ -213,7 +216,8 @@ class InspectReport:
     def rows(self, per_module: bool = False) -> list[dict[str, str]]:
         """Table rows, per role (summed over the modules with the same format) or per module and role: values,
         % exactly zero, and in the format (shares of the non-zero values) % lost to zero, % subnormal,
-        % overflowing at S = 1 and, for gradients, % lost at the advised S."""
+        % overflowing at S = 1 and, for gradients, % lost at the advised S; the SQNR in dB (census.Rounding);
+        for scaled formats the % of blocks that clip and that flush (``blocks.BlockCounts``)."""
         groups = ([(e.module, e.role, e.format, e.census) for e in self.entries] if per_module
                   else [("all", r, f, c) for r, f, c in self.by_role()])
         scale = self.advice.scale
@@ -221,13 +225,18 @@ class InspectReport:
         for module, role, fmt, c in groups:
             row = {"module": module, "role": role, "format": fmt or "fp32", "values": f"{c.total:,}",
                    "zero %": _pct(c.zeros, c.total), "lost %": "", "subnormal %": "", "overflow %": "",
-                   "lost % at S": ""}
+                   "lost % at S": "", "SQNR dB": "", "clip blocks %": "", "flush blocks %": ""}
             if fmt is not None:
                 lost, sub, over = c.counts(fmt).at(1.0)
                 row.update({"lost %": _pct(lost, c.nonzero), "subnormal %": _pct(sub, c.nonzero),
                             "overflow %": _pct(over, c.nonzero)})
                 if role in GRADIENT_ROLES and scale is not None:
                     row["lost % at S"] = _pct(c.counts(fmt).at(scale)[0], c.nonzero)
+                rounding = c.counts(fmt).rounding
+                row["SQNR dB"] = _db(rounding.sqnr_db)
+                if rounding.blocks is not None:
+                    row.update({"clip blocks %": _pct(rounding.blocks.clipped, rounding.blocks.blocks),
+                                "flush blocks %": _pct(rounding.blocks.flushed, rounding.blocks.blocks)})
             rows.append(row if per_module else {k: v for k, v in row.items() if k != "module"})
         return rows
 
@@ -264,8 +273,9 @@ class InspectReport:
         return path
 
     def plot(self, directory: str | Path) -> list[Path]:
-        """One PNG per role (MPT Fig. 3 style, the format's range shaded): ``<directory>/<role>.png``."""
-        from .plots import plot_role
+        """One PNG per role (MPT Fig. 3 style, the format's range shaded): ``<directory>/<role>.png``; where a
+        role has a scaled format, the histogram of its block scales: ``<directory>/block_scales.png``."""
+        from .plots import plot_block_scales, plot_role
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -275,11 +285,38 @@ class InspectReport:
             if groups:
                 scale = self.advice.scale if role in GRADIENT_ROLES else None
                 paths.append(plot_role(directory / f"{role}.png", self, role, groups, scale))
+        blocks = [(role, fmt, c.counts(fmt).rounding.blocks) for role, fmt, c in self.by_role()
+                  if fmt is not None and c.counts(fmt).rounding.blocks is not None]
+        if blocks:
+            paths.append(plot_block_scales(directory / "block_scales.png", self, blocks))
         return paths
 
 
 def _pct(n: int, of: int) -> str:
     return f"{100 * n / of:.3f}" if of else "-"
+
+
+def _db(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _json_number(v: float | None) -> float | str | None:
+    """A float for JSON: +-inf and NaN as the strings "inf", "-inf", "nan" (JSON has neither)."""
+    return v if v is None or math.isfinite(v) else str(v)
+
+
+def _rounding_json(r: Rounding) -> dict[str, Any]:
+    doc: dict[str, Any] = {"sqnr_db": _json_number(r.sqnr_db), "signal": r.signal, "noise": _json_number(r.noise)}
+    b = r.blocks
+    if b is not None:
+        lo, hi = (b.scale_log2[0][0], b.scale_log2[-1][0]) if b.scale_log2 else (0, -1)
+        hist = dict(b.scale_log2)
+        doc["blocks"] = {
+            "blocks": b.blocks, "clipped": b.clipped, "flushed": b.flushed, "clipped_share": b.share("clipped"),
+            "flushed_share": b.share("flushed"), "zero_scale": b.zero_scale, "nan_scale": b.nan_scale,
+            "scale_log2_histogram": {"log2_min": lo, "counts": [hist.get(e, 0) for e in range(lo, hi + 1)]},
+        }
+    return doc
 
 
 def _entry_json(e: Entry, scales: list[float]) -> dict[str, Any]:
@@ -291,5 +328,5 @@ def _entry_json(e: Entry, scales: list[float]) -> dict[str, Any]:
         "nonfinite": c.nonfinite, "int_bits": c.int_bits,
         "log2_histogram": {"log2_min": LOG2_MIN + lo, "counts": list(c.log2_counts[lo:hi])},
         "formats": {fc.format: {f"{s:g}": dict(zip(("lost", "subnormal", "overflow"), fc.at(s))) for s in scales}
-                    for fc in c.formats},
+                    | _rounding_json(fc.rounding) for fc in c.formats},
     }

@@ -4,6 +4,8 @@
   of their own at the left), with the format's ranges shaded from its real thresholds (``census``): rounds to
   zero, subnormal, normal, overflows. For gradients, the histogram moved by the advised loss scale is drawn
   as an outline.
+* ``plot_block_scales``: for the roles with a scaled format (MX, NVFP4, scaled floats), the number of blocks
+  per binade of their decode scale, with the shares of blocks that clip and flush in the legend.
 * ``plot_memory``: Park Fig. 4 as stacked bars, one per recipe: estimated bytes per component, the measured
   peak as a marker.
 """
@@ -19,14 +21,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..formats import BlockFloat, DynamicFixedPoint, Format, parse_format  # noqa: E402
+from ..formats import BlockFloat, DynamicFixedPoint, Format, ScaledFormat, parse_format  # noqa: E402
 from .census import LOG2_MIN, Census, _thresholds  # noqa: E402
 
 if TYPE_CHECKING:
+    from .blocks import BlockCounts
     from .inspection import InspectReport
     from .footprint import MemoryEstimate
 
-__all__ = ["plot_role", "plot_memory"]
+__all__ = ["plot_role", "plot_block_scales", "plot_memory"]
 
 _RANGES = (("rounds to 0", "#d62728"), ("subnormal", "#ff7f0e"), ("normal", "#2ca02c"), ("overflows", "#7f7f7f"))
 
@@ -37,7 +40,7 @@ def _log2(v: float) -> float:
 
 def _shade(ax, fmt: Format, int_bits: int, left: float, right: float) -> None:
     """Shade the format's ranges (positive side) between x = left and x = right (log2 magnitudes)."""
-    if isinstance(fmt, BlockFloat):
+    if isinstance(fmt, (BlockFloat, ScaledFormat)):  # no fixed range: the scale follows the data
         return
     if isinstance(fmt, DynamicFixedPoint):
         fmt = fmt.at(int_bits)  # the group's max-abs exponent
@@ -91,6 +94,27 @@ def plot_role(path: Path, report: InspectReport, role: str, groups: Sequence[tup
             text += f"\nat S = 2^{shift}: {100 * c.counts(fmt).at(scale)[0] / max(c.nonzero, 1):.3f} %"
         ax.text(0.06, 0.97, text, transform=ax.transAxes, va="top", fontsize=8,
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_block_scales(path: Path, report: InspectReport,
+                      roles: Sequence[tuple[str, str, BlockCounts]]) -> Path:
+    """The block-scale histograms of ``roles`` ((role, format, BlockCounts), all modules together)."""
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(roles)
+    for i, (role, fmt, b) in enumerate(roles):
+        xs = [e + i * width for e, _ in b.scale_log2]
+        label = (f"{role} ({fmt}): {b.blocks:,} blocks, clip {100 * (b.share('clipped') or 0):.2f} %, "
+                 f"flush {100 * (b.share('flushed') or 0):.2f} %")
+        ax.bar(xs, [n for _, n in b.scale_log2], width=width, align="edge", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("floor(log2(block decode scale))  (NVFP4: e4m3 block scale x tensor scale; MX: 2^e)")
+    ax.set_ylabel("blocks (log scale)")
+    ax.set_title(f"{report.model}: block scales ({report.steps} float32 steps, policy {report.policy})", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

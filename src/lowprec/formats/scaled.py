@@ -12,13 +12,13 @@ in float32 and so round float32 tensors only (their values span scales a half ty
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .types import E4M3, E5M2, FloatFormat, Format, _check_int
 
-__all__ = ["Element", "ELEMENTS", "MXFormat", "NVFP4", "ScaledFloat", "SCALE_RULES", "ScaledFormat"]
+__all__ = ["Element", "ELEMENTS", "MXFormat", "NVFP4", "ScaledFloat", "SCALE_RULES", "ScaledFormat", "with_block_axis"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,15 @@ class ScaledFormat(Format):
                 f"{self!r} is computed in float32 (its scales span 2**-127..2**127, beyond a half type) and rounds "
                 f"float32 tensors only; got {dtype}. Quantize a float32 copy, e.g. quantize(x.float(), {str(self)!r})."
             )
+
+
+def with_block_axis(fmt: Format, block_axis: int | None, x: torch.Tensor) -> Format:
+    """``fmt`` with its blocks (rows) along ``block_axis`` for a tensor ``x`` of 3 or more dimensions (a layer's
+    choice: a convolution's channels, ``Quantizer.block_axis``); ``fmt`` itself for other tensors (a bias),
+    for ``block_axis`` None and for formats without an axis."""
+    if block_axis is not None and x.dim() >= 3 and isinstance(fmt, ScaledFormat):
+        return replace(fmt, axis=block_axis)
+    return fmt
 
 
 def _check_axis(axis: object) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from . import scaled_kernels as sk
 from .scaled import MXFormat, NVFP4, ScaledFloat, ScaledFormat
 
-__all__ = ["quantize_scaled", "current_scale", "scaled_float_scale"]
+__all__ = ["quantize_scaled", "current_scale", "scaled_float_scale", "nvfp4_block_amax"]
 
 Runner = Callable[..., Tensor]
 
@@ -68,6 +68,13 @@ def _nvfp4(x: Tensor, out: Tensor | None, fmt: NVFP4, rounding: int, key: Tensor
     if fmt.tile == "1x16" and _direct(x, out, fmt, 16):
         return run(sk.nvfp4_1x16_fp32, x, out, rounding, key)
     blocks, back = _rows(x, fmt.axis, 16)
+    y = run(sk.nvfp4_fp32, blocks, None, nvfp4_block_amax(x, blocks, fmt), sk.nvfp4_encode_scale(x), rounding, key)
+    return _finish(back(y), out)
+
+
+def nvfp4_block_amax(x: Tensor, blocks: Tensor, fmt: NVFP4) -> Tensor:
+    """The amax each of x's NVFP4 blocks (``blocks``: x as rows of 16 along ``fmt.axis``) takes its scale from,
+    shaped (blocks, 1): the block's own (1x16) or its 16x16 tile's; NaN where it holds NaN or inf."""
     if fmt.tile == "1x16":
         amax = blocks.abs().amax(dim=-1, keepdim=True)
     else:  # 16x16 tiles: 16 consecutive rows of each column of blocks (rows padded to a multiple of 16)
@@ -77,9 +84,7 @@ def _nvfp4(x: Tensor, out: Tensor | None, fmt: NVFP4, rounding: int, key: Tensor
         tiles = torch.nn.functional.pad(per_block, (0, 0, 0, rows_pad), value=0.0)
         tile_amax = tiles.view(-1, 16, width).amax(dim=1, keepdim=True).expand(-1, 16, width)
         amax = tile_amax.reshape(-1, width)[: per_block.shape[0]].reshape(-1, 1)
-    amax = torch.where(torch.isfinite(amax), amax, float("nan"))
-    y = run(sk.nvfp4_fp32, blocks, None, amax, sk.nvfp4_encode_scale(x), rounding, key)
-    return _finish(back(y), out)
+    return torch.where(torch.isfinite(amax), amax, float("nan"))
 
 
 def current_scale(amax: Tensor, fmt: ScaledFloat) -> Tensor:

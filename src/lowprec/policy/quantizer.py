@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, Format, ScaledFloat, quantize
+from ..formats import DynamicFixedPoint, Format, ScaledFloat, quantize, with_block_axis
 from ..formats.packing import mark
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
@@ -74,10 +73,7 @@ class Quantizer:
 
     def _format_for(self, x: Tensor) -> Format:
         """The format with the layer's ``block_axis`` where it applies (see the class docstring)."""
-        fmt = self.quant.format
-        if self.block_axis is not None and x.dim() >= 3 and hasattr(fmt, "axis"):
-            return replace(fmt, axis=self.block_axis)
-        return fmt
+        return with_block_axis(self.quant.format, self.block_axis, x)
 
     @torch.compiler.disable
     def round(self, x: Tensor) -> Tensor:
