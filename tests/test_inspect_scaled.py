@@ -64,16 +64,17 @@ def test_mxfp4_clips_beyond_seven_and_counts_subnormals():
 def test_nvfp4_block_scales_clip_flush_and_zero_scale():
     """Tensor amax 2688 makes s_enc = 1. Block 0: d = 448. Block 1: amax 0.0174, amax/6 = 0.0029 rounds onto
     e4m3's subnormal 2**-9 (1.49 steps -> 1): 0.0174 * 2**9 = 8.9 > 7 clips. Block 2: amax 3 (d = 0.5, exact)
-    holds 3 * 2**-12, scaled 6 * 2**-12, which flushes. Block 3: all zero, scale 0."""
+    holds 3 * 2**-12, scaled 6 * 2**-12, which flushes. Block 3: amax 1e-30, its e4m3 scale rounds to 0: the
+    block flushes (and does not count as clipping)."""
     x = torch.zeros(4, 16)
-    x[0, 0], x[1, 0], x[2, 0], x[2, 1] = 2688.0, 0.0174, 3.0, 3.0 * 2.0**-12
+    x[0, 0], x[1, 0], x[2, 0], x[2, 1], x[3, 5] = 2688.0, 0.0174, 3.0, 3.0 * 2.0**-12, 1e-30
     sb = scaled_blocks(x, parse_format("nvfp4"))
     assert sb.scale.tolist() == [448.0, 2.0**-9, 0.5, 0.0]
     r = rounding_of(x, parse_format("nvfp4"))
     b = r.blocks
-    assert (b.blocks, b.clipped, b.flushed, b.zero_scale, b.nan_scale) == (4, 1, 1, 1, 0)
+    assert (b.blocks, b.clipped, b.flushed, b.zero_scale, b.nan_scale) == (4, 1, 2, 1, 0)
     assert b.scale_log2 == ((-9, 1), (-1, 1), (8, 1))
-    assert (r.clipped, r.flushed) == (1, 1)
+    assert (r.clipped, r.flushed) == (1, 2)
 
 
 def test_nan_block_has_a_nan_scale_and_counts_nothing():

@@ -56,9 +56,10 @@ class ScaledBlocks:
     @property
     def clipped(self) -> Tensor:
         """Per element: saturation decides the value (the scaled value lies beyond clip_low or clip_high); never
-        in a NaN block."""
+        in a block with a NaN or zero scale."""
         beyond = (self.scaled > self.clip_high) | (self.scaled < self.clip_low)
-        return torch.isfinite(self.x) & torch.isfinite(self.scale)[:, None] & beyond
+        scaled_block = (torch.isfinite(self.scale) & (self.scale > 0))[:, None]  # a zero scale flushes the block
+        return torch.isfinite(self.x) & scaled_block & beyond
 
     @property
     def flushed(self) -> Tensor:
