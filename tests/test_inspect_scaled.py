@@ -35,7 +35,7 @@ def test_mx_blocks_clip_and_flush_exactly():
     r = rounding_of(mx_tensor(), parse_format("mxfp8_e4m3"))
     b = r.blocks
     assert (b.blocks, b.clipped, b.flushed, b.share("clipped"), b.share("flushed")) == (2, 1, 1, 0.5, 0.5)
-    assert b.scale_log2 == ((-8, 1), (-4, 1)) and (b.zero_scale, b.nan_scale) == (0, 0)
+    assert b.scale_log2 == ((-8, 1), (-4, 1)) and (b.zero_scale, b.nan_scale, b.empty) == (0, 0, 0)
     # the errors: 31 -> 448/16 = 28, 30 -> 28, 29 -> 28 (464 ties to 448), 1.0625 -> 1, 2**-18 -> 0
     signal = 31.0**2 + 30.0**2 + 29.0**2 + 28.0**2 + 1.0625**2 + 1.0 + 2.0**-36
     noise = 3.0**2 + 2.0**2 + 1.0 + 0.0625**2 + 2.0**-36
@@ -72,7 +72,7 @@ def test_nvfp4_block_scales_clip_flush_and_zero_scale():
     assert sb.scale.tolist() == [448.0, 2.0**-9, 0.5, 0.0]
     r = rounding_of(x, parse_format("nvfp4"))
     b = r.blocks
-    assert (b.blocks, b.clipped, b.flushed, b.zero_scale, b.nan_scale) == (4, 1, 2, 1, 0)
+    assert (b.blocks, b.clipped, b.flushed, b.zero_scale, b.nan_scale, b.empty) == (4, 1, 2, 1, 0, 0)
     assert b.scale_log2 == ((-9, 1), (-1, 1), (8, 1))
     assert (r.clipped, r.flushed) == (1, 2)
 
@@ -114,7 +114,7 @@ def test_census_counts_scaled_formats_in_the_tensors_shape_along_the_block_axis(
     assert c.rounding == census(mx_tensor(), [fmt]).counts(fmt).rounding
     flat = census(x, [fmt]).counts(fmt)  # along the last axis (length 1): 64 blocks of one element, where
     assert flat.rounding.blocks.blocks == 64 and flat.rounding.blocks.clipped == 2  # 31 and 30 still clip
-    assert flat.rounding.blocks.scale_log2 == ((-127, 57), (-26, 1), (-8, 2), (-4, 4))  # zeros: 2**-127
+    assert flat.rounding.blocks.scale_log2 == ((-26, 1), (-8, 2), (-4, 4)) and flat.rounding.blocks.empty == 57
 
 
 def test_inspect_reports_block_scales_clip_flush_and_sqnr(tmp_path):
@@ -132,7 +132,7 @@ def test_inspect_reports_block_scales_clip_flush_and_sqnr(tmp_path):
     j = next(x for x in doc["entries"] if (x["module"], x["role"]) == ("0", "weight"))["formats"][e.format]
     lo, counts = j["blocks"]["scale_log2_histogram"]["log2_min"], j["blocks"]["scale_log2_histogram"]["counts"]
     assert {lo + i: n for i, n in enumerate(counts) if n} == dict(blocks.scale_log2)
-    assert j["blocks"]["clipped"] == blocks.clipped and j["sqnr_db"] == e.census.counts(e.format).rounding.sqnr_db
+    assert j["blocks"]["empty"] == 0 and j["blocks"]["clipped"] == blocks.clipped and j["sqnr_db"] == e.census.counts(e.format).rounding.sqnr_db
     paths = report.plot(tmp_path / "png")
     assert tmp_path / "png" / "block_scales.png" in paths
     assert all("blocks" not in f for x in lp.inspect(model, batch, "mixed-bf16", steps=1).to_json(

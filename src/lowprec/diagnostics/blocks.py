@@ -8,8 +8,9 @@
   blocks there are, how many *clip* (at least one element saturates: its scaled magnitude exceeds the
   element's largest value) and how many *flush* (at least one finite non-zero element rounds to zero), and
   the histogram of floor(log2 s) of each block's decode scale s (NVFP4: d_b * s_dec; MX: 2**e; scaled floats:
-  1/s), blocks with a zero scale (NVFP4's e4m3 block scale underflowed: the block is all zero) and a NaN
-  scale (NaN or inf in the block) counted apart.
+  1/s); blocks with no non-zero value (``empty``: their scale says nothing, e.g. MX's 2**-127), with a zero
+  scale (NVFP4's e4m3 block scale underflowed: the block is all zero) and with a NaN scale (NaN or inf in
+  the block) are counted apart.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ class BlockCounts:
     scale_log2: tuple[tuple[int, int], ...] = ()
     zero_scale: int = 0
     nan_scale: int = 0
+    empty: int = 0
 
     def __add__(self, other: BlockCounts) -> BlockCounts:
         hist = Counter(dict(self.scale_log2)) + Counter(dict(other.scale_log2))
         return BlockCounts(self.blocks + other.blocks, self.clipped + other.clipped, self.flushed + other.flushed,
                            tuple(sorted(hist.items())), self.zero_scale + other.zero_scale,
-                           self.nan_scale + other.nan_scale)
+                           self.nan_scale + other.nan_scale, self.empty + other.empty)
 
     def share(self, what: str) -> float | None:
         """The share of blocks that ``clipped`` or ``flushed`` (None without blocks)."""
@@ -52,13 +54,14 @@ class BlockCounts:
     @classmethod
     def of(cls, sb: ScaledBlocks) -> BlockCounts:
         s = sb.scale
-        positive = torch.isfinite(s) & (s > 0)
+        filled = (sb.x != 0).any(dim=1)  # NaN counts as a value
+        positive = torch.isfinite(s) & (s > 0) & filled
         exps = torch.frexp(s[positive])[1] - 1  # floor(log2 s): s = m 2**e, m in [0.5, 1)
         values, counts = torch.unique(exps, return_counts=True)
         return cls(
             blocks=s.numel(), clipped=int(sb.clipped.any(dim=1).sum()), flushed=int(sb.flushed.any(dim=1).sum()),
-            scale_log2=tuple(zip(values.tolist(), counts.tolist())), zero_scale=int((s == 0).sum()),
-            nan_scale=int(torch.isnan(s).sum()),
+            scale_log2=tuple(zip(values.tolist(), counts.tolist())), zero_scale=int(((s == 0) & filled).sum()),
+            nan_scale=int(torch.isnan(s).sum()), empty=int((~filled).sum()),
         )
 
 

@@ -314,6 +314,7 @@ def _rounding_json(r: Rounding) -> dict[str, Any]:
         doc["blocks"] = {
             "blocks": b.blocks, "clipped": b.clipped, "flushed": b.flushed, "clipped_share": b.share("clipped"),
             "flushed_share": b.share("flushed"), "zero_scale": b.zero_scale, "nan_scale": b.nan_scale,
+            "empty": b.empty,
             "scale_log2_histogram": {"log2_min": lo, "counts": [hist.get(e, 0) for e in range(lo, hi + 1)]},
         }
     return doc
