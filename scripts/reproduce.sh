@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
 # Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|courbariaux_seed1|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
-#        mpt|wrpn|wrpn_long|wrpn_bits|wrpn_wide3|lstm]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
+#        mpt|wrpn|wrpn_long|wrpn_bits|wrpn_wide3|lstm|gpt_scaled]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
 set -euo pipefail
@@ -73,7 +73,16 @@ lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 
   run park-lstm compare --task digits-lstm --epochs 15 --seed 0 --recipes fp32 int8+optimizer_state=int16 \
     int8-lazy+optimizer_state=int16
 }
+gpt_scaled() {  # beyond the papers: the char-level GPT under the scaled formats, beside bf16 and unscaled fp8
+  run gpt-scaled compare --task text-gpt --seed 0 --recipes fp32 mixed-bf16 fp8-hybrid fp8-e4m3 fp8-current \
+    fp8-delayed mxfp8 mxfp4 nvfp4
+  run gpt-scaled-nvfp4-no-rht compare --task text-gpt --seed 0 --recipes "nvfp4+wgrad_rht=off"
+  for recipe in fp8-e4m3 fp8-current mxfp8 mxfp4 nvfp4; do
+    "$PY" -m lowprec inspect text-gpt --recipe "$recipe" --steps 1 --batch 32 --out "$OUT/gpt-scaled-inspect/$recipe" \
+      2>&1 | tee -a "$OUT/gpt-scaled-inspect.log"
+  done
+}
 
-for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits wrpn_wide3 lstm}"; do
+for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits wrpn_wide3 lstm gpt_scaled}"; do
   for e in $experiment; do "$e"; done
 done
