@@ -147,3 +147,23 @@ def test_loss_scale_advice_leaves_scaled_formats_out():
     batch = (torch.randn(16, 32), torch.arange(16) % 4)
     assert lp.inspect(model, batch, "mxfp8", steps=1).advice.formats == ()
     assert lp.inspect(model, batch, "nvfp4", steps=1).advice.formats == ("bf16",)  # the head (@last) only
+
+
+def test_inspect_runs_the_op_level_emulation_in_float32_too():
+    """The GPT's attention products run through the op-level emulation, outside the converted layers: while
+    inspecting they must not round either, so every recorded tensor is the same under any policy (before, e4m3
+    attention gradients without a loss scale turned most of the recorded output gradients into zeros)."""
+    from lowprec.models import GPT
+
+    def recorded(policy: str) -> dict:
+        torch.manual_seed(0)
+        gpt = GPT(vocab_size=20, block_size=16, n_layer=1, n_embd=32, n_head=2)
+        tokens = torch.randint(0, 20, (4, 17))
+        seen: dict = {}
+        lp.inspect(gpt, (tokens[:, :-1], tokens[:, 1:]), policy, steps=1,
+                   observe=lambda m, r, x: seen.setdefault((m, r), x.clone()))
+        return seen
+
+    a, b = recorded("fp8-e4m3"), recorded("mxfp8")
+    assert a.keys() == b.keys() and ("blocks.0.attn.qkv", "output_grad") in a
+    assert all(torch.equal(a[k], b[k]) for k in a)

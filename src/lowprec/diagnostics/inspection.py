@@ -4,7 +4,9 @@ The model is converted under the policy (a deep copy: the caller's model is unto
 as it would for training, e.g. about the classifier rule), then trained for ``steps`` steps in float32 with
 every quantizer of every converted layer replaced by a recorder: each role's tensor, exactly where the layer
 would round it (its input x, weight W, bias b, output z in forward; dE/dz, dE/dx, dE/dW, dE/db in backward),
-goes into a census (``census.py``) and on unchanged. After each optimizer step its buffers (momentum, Adam's
+goes into a census (``census.py``) and on unchanged. Ops the op-level emulation quantizes outside the converted
+layers (attention products, functional ops; ``lowprec.nn.emulate``) run in float32 too and are not censused
+(``lowprec inspect --plan`` lists them). After each optimizer step its buffers (momentum, Adam's
 moments) are censused as the parameter's layer's ``optimizer_state``. Nothing is stored but the counts.
 
 The gradients are recorded unscaled (the loss is not multiplied): the census counts them at every loss scale
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats import Format, parse_format
-from ..nn import QuantizedModule, convert
+from ..nn import QuantizedModule, convert, emulation_of
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from ..train import cross_entropy
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, start_exponents
@@ -130,6 +132,16 @@ def _record_layers(model: nn.Module, sums: _Sums) -> dict[str, Quant | None]:
     return state_formats
 
 
+def _float32_ops(model: nn.Module) -> None:
+    """Let the op-level emulation (attention products, functional ops: ``lowprec.nn.emulate``) of ``model`` run
+    its ops in float32, as the swapped layers' recorders do: its quantizers only observe."""
+    emulation = emulation_of(model)
+    if emulation is not None:
+        emulation.observe_only = True  # the quantizers it makes from now on
+        for _, _, q in emulation.all_quantizers():
+            q.observe_only = True
+
+
 def inspect(
     model: nn.Module,
     batch: Batch | Sequence[Batch],
@@ -162,6 +174,7 @@ def inspect(
     work = convert(model, replace(pol, path="emulated") if getattr(pol, "path", "emulated") != "emulated" else pol)
     sums = _Sums([parse_format(f) if isinstance(f, str) else f for f in formats], observe)
     state_formats = _record_layers(work, sums)
+    _float32_ops(work)
     opt = optimizer(work.parameters()) if optimizer else SGD(work.parameters(), lr=0.01, momentum=0.9)
     owners = {p: name.rpartition(".")[0] for name, p in work.named_parameters()}
     work.train()
