@@ -240,7 +240,7 @@ class Mixed(nn.Module):
         self.pos = nn.Parameter(torch.zeros(4))
 
     def forward(self, x):
-        return torch.einsum("ij,jk,kl->il", x, self.w, self.w) + (x + self.pos) @ self.w
+        return torch.einsum("ij,jk,kl->il", x, self.w, self.w) + (x + self.pos.exp()) @ self.w
 
 
 def test_what_runs_unquantized_is_named_in_a_warning_and_in_the_plan():
@@ -477,3 +477,50 @@ def test_functional_embedding_with_max_norm_renormalises_the_table_then_quantize
     assert torch.equal(model.table, plain.table) and plain.table[[1, 3, 7]].norm(dim=1).max() <= 1.0 + 1e-6
     assert torch.equal(out, want.to(torch.bfloat16).float())
     assert not torch.equal(out, want)
+
+
+class HandNorms(nn.Module):
+    """A LayerNorm and an RMSNorm written by hand: statistics by elementwise ops, affine parameters multiplied
+    (``g * x``, ``x * r``) and added (``+ b``)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.g, self.b, self.r = (nn.Parameter(torch.randn(d)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, g=None, b=None, r=None) -> torch.Tensor:
+        g, b, r = (self.g if g is None else g), (self.b if b is None else b), (self.r if r is None else r)
+        mu = x.mean(-1, keepdim=True)
+        h = g * ((x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + 1e-5)) + b
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * r
+
+
+@pytest.mark.parametrize("policy, fmt", [("mixed-bf16", torch.bfloat16), ("fp8-e4m3", torch.float8_e4m3fn)])
+def test_hand_written_norms_quantize_their_own_parameters_and_gradients(policy, fmt):
+    """A user's own norm: its parameters enter rounded to the weight (factor) and bias (term) roles, their
+    gradients leave rounded to weight_grad / bias_grad; statistics, the normalisation and the input gradient are
+    float32. Reference: the plain forward on the parameters rounded by torch's own cast, bit for bit."""
+    model = lp.convert(HandNorms(), policy)
+    x = torch.randn(6, 8).requires_grad_()
+    weights = torch.linspace(-1, 1, 48).view(6, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unquantized to report
+        (model(x) * weights).sum().backward()
+    grad_policy = lp.Policy.parse(policy)
+    grad_dtype = {"bf16": torch.bfloat16, "e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}[
+        str(grad_policy.get("weight_grad"))]
+    rounded = [p.detach().to(fmt).float().requires_grad_() for p in (model.g, model.b, model.r)]
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = HandNorms()(x_ref, *rounded)
+    (y_ref * weights).sum().backward()
+    assert torch.equal(model(x), y_ref)
+    for p, ref in zip((model.g, model.b, model.r), rounded):
+        assert torch.equal(p.grad, ref.grad.to(grad_dtype).float())
+        assert not torch.equal(ref.grad, ref.grad.to(grad_dtype).float())  # the rounding is seen
+    assert torch.equal(x.grad, x_ref.grad)  # the input gradient: float32 through the normalisation
+    plan = lp.plan(HandNorms(), policy, torch.randn(6, 8))
+    rows = [(r.op, [(o.role, o.format) for o in r.operands if o.quantized]) for r in plan.ops]
+    w, wg = str(lp.Policy.parse(policy).get("weight")), str(grad_policy.get("weight_grad"))
+    assert rows == [("mul", [("weight", w), ("weight_grad", wg)]), ("add", [("bias", w), ("bias_grad", wg)]),
+                    ("mul", [("weight", w), ("weight_grad", wg)])]
+    assert plan.unquantized == [] and plan.warnings == []

@@ -4,7 +4,8 @@
 keep the path of the module running; while the outermost module's forward runs, a ``TorchFunctionMode`` sees
 every torch function call, and each call of an op in ``ops.OPS`` (F.linear, the convolutions and transposed
 convolutions, matmul / ``@`` / mm / bmm / addmm / baddbmm / two-operand einsum, F.embedding, the norms,
-F.scaled_dot_product_attention) runs through ``QOpFunction`` with the quantizers of the policy resolved for
+F.scaled_dot_product_attention, and mul / div / add / sub / addcmul with an operand that is a Parameter of the
+module running them) runs through ``QOpFunction`` with the quantizers of the policy resolved for
 that module path and op (``resolve.module_policy``: module and ``op:`` overrides, @first/@last, Park's
 classifier rule: the same decision the swapped layers get). Attention runs as ``attention.emulated_attention``:
 two quantized products around a float32 softmax, never a fused kernel. ``F.multi_head_attention_forward`` is
@@ -12,8 +13,15 @@ opened, so MultiheadAttention's in-projection (a raw Parameter) and products are
 
 Layers ``convert`` swaps (QLinear, QConv2d, QLSTM, ...) are the fast path: ops inside them are theirs.
 
-Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions,
-activations, and anything not in ``ops.OPS``. Operands whose format is WRPN's clip format (Uniform) are
+A module's own parameter used elementwise (``self.weight * x`` in Llama's and T5's RMSNorm or a hand-written
+LayerNorm, ``x + self.bias``, ``torch.addcmul(self.b, self.w, x)``) is quantized in the weight role (a factor or
+divisor) or the bias role (a term), and its gradient in weight_grad / bias_grad; the op's other operands, its
+result and their gradients stay float32 (the statistics and normalisation of a hand-written norm are float32, as
+torch's norms compute them; the next GEMM quantizes the result as its input). A parameter of another module, or
+an elementwise op without a parameter operand, runs as torch runs it.
+
+Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions and
+products of activations, activations, and anything not in ``ops.OPS``. Operands whose format is WRPN's clip format (Uniform) are
 quantized only at weight layers: linear and convolution ops, and a matmul with a Parameter operand (the layers
 WRPN quantizes; clipping a norm's, an attention's or an activation product's signed operand to [0, 1] would
 be wrong).
@@ -25,6 +33,7 @@ added to the tokens), named by its qualified name.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import warnings
@@ -53,11 +62,24 @@ __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
+_PARAMETER_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # the roles an elementwise op quantizes
 
 
 def _site(key: tuple[str, str, int, str]) -> str:
     name, op, index, product = key
     return f"{name}:{op}[{index}]" + (f".{product}" if product else "")
+
+
+def _own(module: nn.Module, t: Any) -> bool:
+    """Whether ``t`` is one of ``module``'s own parameters (or a view of one)."""
+    base = t if isinstance(t, nn.Parameter) else getattr(t, "_base", None)
+    return any(base is p for p in module._parameters.values())
+
+
+def _own_operands(inv: Invocation, module: nn.Module) -> Invocation | None:
+    """An elementwise invocation with roles only for ``module``'s own parameters; None when it has none."""
+    roles = tuple(r if r is not None and _own(module, t) else None for r, t in zip(inv.roles, inv.tensors))
+    return None if all(r is None for r in roles) else dataclasses.replace(inv, roles=roles)
 
 
 def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
@@ -178,14 +200,16 @@ class OpEmulation:
             inv = bind(func, args, kwargs)
         except TypeError:  # an unhashable callable: not one of ours
             inv = None
+        frame = self._stack[-1]
+        if inv is not None and OP_KINDS[inv.op] == "elementwise":
+            inv = _own_operands(inv, frame.module)
         if inv is None:
             return func(*args, **kwargs)
-        frame = self._stack[-1]
         index = frame.counts[inv.op]
         frame.counts[inv.op] += 1
         if self._tracking:
             self._covered.update(id(t if isinstance(t, nn.Parameter) else t._base)
-                                 for t in inv.tensors if is_parameter(t))
+                                 for t, r in zip(inv.tensors, inv.roles) if r is not None and is_parameter(t))
         if inv.unsupported is not None:
             self._unquantized(frame.name, inv, index)
             return func(*args, **kwargs)
@@ -219,11 +243,13 @@ class OpEmulation:
         if found is None:
             policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
                                    last=frame.name == self.last, op=op)
-            clips = weight_layer and OP_KINDS[op] in _CLIP_KINDS
-            found = {role: Quantizer(self._quant(policy, role, clips), policy) for role in LAYER_ROLES}
-            if any(policy.get(role) is not None and not q.enabled for role, q in found.items()):
+            kind = OP_KINDS[op]
+            clips = weight_layer and kind in _CLIP_KINDS
+            found = {role: Quantizer(self._quant(policy, role, clips, kind), policy) for role in LAYER_ROLES}
+            if any(isinstance(getattr(policy.get(role), "format", None), Uniform) and not q.enabled
+                   for role, q in found.items()):
                 self.clip_exempt.add((frame.name, op, index))
-            if policy.get("accumulation") is not None and OP_KINDS[op] != "norm":
+            if policy.get("accumulation") is not None and kind not in ("norm", "elementwise"):
                 self._warn_once(f"{frame.name or '(root)'}: {op} accumulates in fp32: accumulation emulation "
                                 f"(accumulation={policy.get('accumulation')}) covers swapped Linear and recurrent "
                                 "layers only")
@@ -235,8 +261,10 @@ class OpEmulation:
         return found
 
     @staticmethod
-    def _quant(policy: Policy, role: str, clips: bool) -> Quant | None:
+    def _quant(policy: Policy, role: str, clips: bool, kind: str) -> Quant | None:
         quant = policy.get(role)
+        if kind == "elementwise" and role not in _PARAMETER_ROLES:
+            return None  # the elementwise op itself stays float32: only the parameter's roles are quantized
         if quant is not None and isinstance(quant.format, Uniform) and not clips:
             return None
         return quant
