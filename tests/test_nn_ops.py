@@ -363,24 +363,52 @@ def test_wrpn_clip_formats_apply_to_weight_products_only():
     assert all("weight layers only" in r.note for r in p.ops[1:]) and p.ops[0].note == ""
 
 
-def test_op_exponents_travel_in_the_trainers_state_dict():
+@pytest.mark.parametrize("policy, optimizer", [
+    ("dfx-10-12+exponent_interval=1", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)),
+    ("int8+exponent_rule=overflow,exponent_interval=1,update_rule=optimizer", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+])
+def test_op_exponents_travel_in_the_models_state_dict_and_a_resume_is_bit_exact(policy, optimizer):
+    """Functional ops' dynamic-fixed-point exponents ride in the model's own state_dict (its metadata): saved,
+    loaded into a fresh converted model and its Trainer, training goes on bit for bit as if uninterrupted, and
+    the state_dict still loads into the plain model with strict=True."""
     torch.manual_seed(0)
     plain = HandAttention()
-    x = torch.randn(2, 5, 32)
+    batches = [torch.randn(2, 5, 32) * 100 for _ in range(6)]  # far from the initial exponents: they move
 
-    def trainer():
-        model = lp.convert(plain, "dfx-10-12")
-        return model, lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), "dfx-10-12")
+    def build():
+        model = lp.convert(plain, policy)
+        return model, lp.Trainer(model, optimizer(model.parameters()))
 
-    model, t = trainer()
-    for _ in range(2):  # a history on inputs 1000x larger: the op exponents move far from x's max-abs
-        t.step(model(x * 1000).sum())
-    state = t.state_dict()
-    assert {"ln:layer_norm[0]", ":matmul[0]", ":matmul[1]"} <= set(state["quantizers"]["ops"])
-    resumed, t2 = trainer()
-    t2.load_state_dict(state)  # before its first forward: the sites are made then, from the checkpoint
-    fresh, _ = trainer()
-    assert torch.equal(resumed(x), model(x)) and not torch.equal(fresh(x), model(x))
+    def train(model, trainer, xs):  # the losses, and the parameters after the last step
+        losses = []
+        for x in xs:
+            losses.append(model(x).square().mean())
+            trainer.step(losses[-1])
+        return [loss.detach() for loss in losses] + [p.detach() for p in model.parameters()]
+
+    model, trainer = build()
+    uninterrupted = train(model, trainer, batches)
+    model, trainer = build()
+    train(model, trainer, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "trainer": trainer.state_dict()}, buffer)
+    sites = model.state_dict()._metadata[""]["lowprec_ops"]
+    assert {"ln:layer_norm[0]", ":matmul[0]", ":matmul[1]"} <= set(sites)
+    assert "ops" not in trainer.state_dict()["quantizers"]  # the model carries them
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    HandAttention().load_state_dict(saved["model"], strict=True)
+    resumed, resumed_trainer = build()
+    resumed.load_state_dict(saved["model"])  # before a forward: the sites are made from it at the first one
+    assert resumed.state_dict()._metadata[""]["lowprec_ops"].keys() == sites.keys()  # and saved again as loaded
+    fresh, _ = build()
+    fresh.load_state_dict(lp.unconvert(model).state_dict())  # the same parameters, fresh exponents
+    assert not torch.equal(fresh(batches[0]), model(batches[0]))  # the exponents moved: they matter
+    resumed, resumed_trainer = build()
+    resumed_trainer.load_state_dict(saved["trainer"])
+    continued = train(resumed, resumed_trainer, batches[3:])
+    assert len(continued) == len(uninterrupted) - 3
+    assert all(torch.equal(a, b) for a, b in zip(continued, uninterrupted[3:]))
 
 
 def test_a_forward_that_raises_leaves_no_mode_behind():

@@ -26,6 +26,12 @@ quantized only at weight layers: linear and convolution ops, and a matmul with a
 WRPN quantizes; clipping a norm's, an attention's or an activation product's signed operand to [0, 1] would
 be wrong).
 
+State: the quantizers' states (dynamic-fixed-point exponents and their statistics, per call site) travel in
+the converted model's own ``state_dict()``, in its ``_metadata`` entry of the model (key ``lowprec_ops``), as the
+swapped layers keep theirs: the keys stay the plain model's (it loads into the unconverted model with
+``strict=True``), and ``load_state_dict`` into a converted model restores them (sites not made yet are made from
+it at the first forward).
+
 Warnings (once each): an op that cannot be quantized (an einsum of three operands, a sparse embedding), and,
 after a forward, every parameter the forward used that reached no quantized op (e.g. a positional embedding
 added to the tokens), named by its qualified name.
@@ -50,7 +56,7 @@ from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
 from ..policy.ops import OP_KINDS
 from .attention import emulated_attention
-from .hooks import remove_forward_hooks
+from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import OPENED, Invocation, bind, is_parameter
@@ -61,6 +67,7 @@ from .swapped import layer_operands
 __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
+_METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
 _PARAMETER_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # the roles an elementwise op quantizes
 
@@ -277,8 +284,10 @@ class OpEmulation:
                 yield _site(key), role, q
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """The op quantizers' states (dynamic-fixed-point exponents), by call site and role."""
-        return {_site(key): {role: q.state_dict() for role, q in qs.items()} for key, qs in self.quantizer_sets.items()}
+        """The op quantizers' states (dynamic-fixed-point exponents), by call site and role; a loaded site not made
+        yet (no forward since ``load_state_dict``) as it was loaded."""
+        made = {_site(key): {role: q.state_dict() for role, q in qs.items()} for key, qs in self.quantizer_sets.items()}
+        return self._pending | made
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         """Restore ``state_dict()``: sites already made now, the others when the forward first makes them."""
@@ -286,6 +295,18 @@ class OpEmulation:
         for key, qs in self.quantizer_sets.items():
             for role, s in self._pending.pop(_site(key), {}).items():
                 qs[role].load_state_dict(s)
+
+    def save_to_metadata(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                         local_metadata: dict[str, Any]) -> None:
+        """``state_dict`` post-hook of the model: its metadata entry carries ``state_dict()``."""
+        local_metadata[_METADATA_KEY] = self.state_dict()
+
+    def load_from_metadata(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                           local_metadata: dict[str, Any], *_: Any) -> None:
+        """``load_state_dict`` pre-hook of the model: restore what ``save_to_metadata`` saved (a state dict of the
+        plain model has none: the quantizers stay as they are)."""
+        if _METADATA_KEY in local_metadata:
+            self.load_state_dict(local_metadata[_METADATA_KEY])
 
     # -- plan records and warnings --------------------------------------------------------------------------
     @staticmethod
@@ -376,6 +397,8 @@ def attach(model: nn.Module, policy: Policy, first: str | None, last: str | None
     for name, module in model.named_modules():
         module.register_forward_pre_hook(functools.partial(emulation.enter, name))
         module.register_forward_hook(functools.partial(emulation.exit, name), always_call=True)
+    model.register_state_dict_post_hook(functools.partial(emulation.save_to_metadata))
+    model.register_load_state_dict_pre_hook(functools.partial(emulation.load_from_metadata))
     return emulation
 
 
@@ -387,6 +410,7 @@ def detach(model: nn.Module) -> None:
     """Remove the op-level emulation ``attach`` gave ``model`` (no-op when it has none)."""
     for module in model.modules():
         remove_forward_hooks(module, _is_ours)
+    remove_state_dict_hooks(model, _is_ours)
     if _ATTR in model.__dict__:
         delattr(model, _ATTR)
 

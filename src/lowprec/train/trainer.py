@@ -411,7 +411,6 @@ class Trainer:
             "quantizers": {
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
                 "optimizer_state": self.state_formats.state_dict(),
-                "ops": _op_emulation_state(self.model),
             },
             "rng": rng_state(),
         }
@@ -426,9 +425,9 @@ class Trainer:
         differences = model_differences(state["model"], self.model.state_dict())
         if differences:
             raise ValueError(f"checkpoint holds another model: {'; '.join(differences)}")
-        self.model.load_state_dict(state["model"])
-        if emulation_of(self.model) is not None:  # the exponents of functional ops (lowprec.nn.emulate)
-            emulation_of(self.model).load_state_dict(state["quantizers"].get("ops", {}))
+        self.model.load_state_dict(state["model"])  # the functional ops' exponents too (lowprec.nn.emulate)
+        if "ops" in state["quantizers"] and emulation_of(self.model) is not None:  # kept there before they were
+            emulation_of(self.model).load_state_dict(state["quantizers"]["ops"])  # in the model's state_dict
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
         accumulators = {s.name: s.acc for s in self.slots if s.acc is not None}
@@ -449,9 +448,3 @@ class Trainer:
         set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
-
-
-def _op_emulation_state(model: nn.Module) -> dict[str, Any]:
-    """The op-level quantizers' states of a converted model (empty when it has no op-level emulation)."""
-    emulation = emulation_of(model)
-    return {} if emulation is None else emulation.state_dict()
