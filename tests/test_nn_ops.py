@@ -552,3 +552,65 @@ def test_hand_written_norms_quantize_their_own_parameters_and_gradients(policy, 
     assert rows == [("mul", [("weight", w), ("weight_grad", wg)]), ("add", [("bias", w), ("bias_grad", wg)]),
                     ("mul", [("weight", w), ("weight_grad", wg)])]
     assert plan.unquantized == [] and plan.warnings == []
+
+
+class FunctionalWeights(nn.Module):
+    """Weights only functional ops use: MultiheadAttention's in-projection (F.linear on in_proj_weight, and its
+    out_proj through F.linear), a raw Parameter through F.linear and one through ``@``; a scale multiplied
+    elementwise (a norm-like parameter: fp32 master, as batch-norm's); a swapped Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.v = nn.Parameter(torch.randn(8, 4) * 0.3)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(4))
+        self.head = nn.Linear(4, 4)  # a swapped layer (a model without any is updated as a plain one)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head((F.linear(h, self.w) @ self.v) * self.scale)
+
+
+def fixed(x: torch.Tensor, bits: int, frac: int) -> torch.Tensor:
+    """fixed<bits,frac>: nearest (ties to even) multiple of 2**-frac, saturated to the two's-complement range."""
+    return (x * 2.0**frac).round().clamp(-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) / 2.0**frac
+
+
+def test_weights_only_functional_ops_use_get_their_master_accumulator_and_state_formats(tmp_path):
+    """Park's lazy update on parameters no swapped layer owns: after one step each is exactly
+    Q_F(Q_F(θ0) + Q_A(Δ)), its accumulator the residual, its momentum Q_S(g) (Δ = -lr·g, lr a power of two)."""
+    policy = ("weight=bf16,activation=bf16,master=fixed<8,4>,accumulator=fixed<16,12>,"
+              "optimizer_state=fixed<16,12>")
+
+    def build():
+        model = lp.convert(FunctionalWeights(), policy)
+        return model, lp.Trainer(model, lp.train.SGD(model.parameters(), lr=4.0, momentum=0.9))
+
+    model, trainer = build()  # before the first forward: which parameters ops use is not known yet
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.backward(model(torch.randn(3, 5, 8)).square().mean())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    trainer.apply_update()
+    weights = ["attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias", "attn.out_proj.weight", "v", "w"]
+    assert lp.nn.emulation_of(model).layer_parameters == weights
+    slots, params = {s.name: s for s in trainer.slots}, dict(model.named_parameters())
+    moved = 0
+    for n in weights:
+        theta0, delta = fixed(start[n], 8, 4), -4.0 * grads[n]
+        acc = fixed(delta, 16, 12)
+        theta1 = fixed(theta0 + acc, 8, 4)
+        assert torch.equal(params[n].detach(), theta1), n
+        assert torch.equal(slots[n].acc, fixed(acc - (theta1 - theta0), 16, 12)), n
+        assert torch.equal(trainer.optimizer.state[params[n]]["momentum_buffer"], fixed(grads[n], 16, 12)), n
+        moved += int((theta1 != theta0).sum())
+    assert moved > 0 and not torch.equal(start["w"], fixed(start["w"], 8, 4))  # the formats are seen
+    assert slots["scale"].acc is None and slots["scale"].policy.get("master") is None  # fp32 master
+    assert torch.equal(params["scale"].detach(), start["scale"] + -4.0 * grads["scale"])
+    # a checkpoint carries which parameters ops use: a fresh trainer resumes with the same slots
+    torch.save(trainer.state_dict(), tmp_path / "ckpt.pt")
+    resumed, resumed_trainer = build()
+    resumed_trainer.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    assert {s.name for s in resumed_trainer.slots if s.acc is not None} == {*weights, "head.weight", "head.bias"}
+    assert all(torch.equal(s.acc, slots[s.name].acc) for s in resumed_trainer.slots if s.acc is not None)

@@ -30,7 +30,8 @@ State: the quantizers' states (dynamic-fixed-point exponents and their statistic
 the converted model's own ``state_dict()``, in its ``_metadata`` entry of the model (key ``lowprec_ops``), as the
 swapped layers keep theirs: the keys stay the plain model's (it loads into the unconverted model with
 ``strict=True``), and ``load_state_dict`` into a converted model restores them (sites not made yet are made from
-it at the first forward).
+it at the first forward), with ``layer_parameters`` (which parameters functional ops use as weights: the Trainer
+reads it).
 
 Warnings (once each): an op that cannot be quantized (an einsum of three operands, a sparse embedding), and,
 after a forward, every parameter the forward used that reached no quantized op (e.g. a positional embedding
@@ -68,8 +69,10 @@ __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
+_PARAMETERS_KEY = "lowprec_op_parameters"  # and ``layer_parameters``
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
 _PARAMETER_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # the roles an elementwise op quantizes
+_LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand of these: a weight layer's
 
 
 def _site(key: tuple[str, str, int, str]) -> str:
@@ -137,6 +140,10 @@ class OpEmulation:
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
         self._warned: set[str] = set()
+        #: The parameters (qualified names) that functional ops use as a weight layer's weight or bias: a weight
+        #: or bias operand of a linear, convolution, matmul or embedding op; None until a forward has run. The
+        #: Trainer gives them their layer's update roles (master, accumulator, optimizer_state).
+        self.layer_parameters: list[str] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -145,11 +152,12 @@ class OpEmulation:
         self._swapped = 0
         self._used: dict[int, nn.Parameter] = {}
         self._covered: set[int] = set()
+        self._weights: set[int] = set()  # the parameters weight-layer ops reached (layer_parameters)
         self._checking = True  # the first forward looks for parameters that reach no quantized op
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
-        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_checking", "records"):
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_checking", "records"):
             state.pop(key, None)
         return state
 
@@ -161,13 +169,13 @@ class OpEmulation:
     @property
     def _tracking(self) -> bool:
         """Whether this forward records which parameters reach a quantized op (the first forward, and lp.plan):
-        only then are ``_used`` and ``_covered`` read."""
+        only then are ``_used``, ``_covered`` and ``_weights`` read."""
         return self._checking or self.records is not None
 
     # -- module hooks ---------------------------------------------------------------------------------------
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if not self._stack:
-            self._used, self._covered = {}, set()
+            self._used, self._covered, self._weights = {}, set(), set()
             self._mode = _Mode(self)
             self._mode.__enter__()
         self._stack.append(_Frame(name, module))
@@ -215,8 +223,11 @@ class OpEmulation:
         index = frame.counts[inv.op]
         frame.counts[inv.op] += 1
         if self._tracking:
-            self._covered.update(id(t if isinstance(t, nn.Parameter) else t._base)
-                                 for t, r in zip(inv.tensors, inv.roles) if r is not None and is_parameter(t))
+            reached = [(id(t if isinstance(t, nn.Parameter) else t._base), r)
+                       for t, r in zip(inv.tensors, inv.roles) if r is not None and is_parameter(t)]
+            self._covered.update(i for i, _ in reached)
+            if OP_KINDS[inv.op] in _LAYER_KINDS:
+                self._weights.update(i for i, r in reached if r in ("weight", "bias"))
         if inv.unsupported is not None:
             self._unquantized(frame.name, inv, index)
             return func(*args, **kwargs)
@@ -300,6 +311,8 @@ class OpEmulation:
                          local_metadata: dict[str, Any]) -> None:
         """``state_dict`` post-hook of the model: its metadata entry carries ``state_dict()``."""
         local_metadata[_METADATA_KEY] = self.state_dict()
+        if self.layer_parameters is not None:
+            local_metadata[_PARAMETERS_KEY] = list(self.layer_parameters)
 
     def load_from_metadata(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                            local_metadata: dict[str, Any], *_: Any) -> None:
@@ -307,6 +320,8 @@ class OpEmulation:
         plain model has none: the quantizers stay as they are)."""
         if _METADATA_KEY in local_metadata:
             self.load_state_dict(local_metadata[_METADATA_KEY])
+        if _PARAMETERS_KEY in local_metadata and self.layer_parameters is None:
+            self.layer_parameters = list(local_metadata[_PARAMETERS_KEY])
 
     # -- plan records and warnings --------------------------------------------------------------------------
     @staticmethod
@@ -374,6 +389,7 @@ class OpEmulation:
 
     def _warn_uncovered(self, root_name: str, root: nn.Module) -> None:
         names = {id(p): n for n, p in root.named_parameters()}
+        self.layer_parameters = sorted(names[i] for i in self._weights if i in names)
         missing = sorted(names[i] for i in self._used.keys() - self._covered if i in names)
         if self.records is not None:
             for n in missing:

@@ -53,11 +53,11 @@ from ..formats import FloatFormat
 from ..policy import Policy, Quantizer
 from ..scaling import LossScaler, StepResult
 from . import distributed
-from .params import check_optimizer_covers, model_differences, parameter_slots, trainer_policy
+from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
 from .state import OptimizerStateFormats
-from .update import check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
+from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
 __all__ = ["Trainer", "TrainStepResult", "scaler_for", "rng_state", "set_rng_state"]
@@ -159,6 +159,8 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
+        emulation = emulation_of(model)  # its record of the weights functional ops use: after the first forward
+        self._awaiting_forward = emulation is not None and emulation.layer_parameters is None
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
@@ -222,8 +224,25 @@ class Trainer:
         for slot in self.slots:
             slot.gather_grad_()
 
+    def _adopt_functional_weights(self) -> None:
+        """Once the model's first forward has shown which parameters functional ops use as weights
+        (``params.parameter_policies``), give each its layer's update roles: a new slot (rounded into its master
+        format now, after the backward, before any optimizer step) where its policy changed."""
+        if not self._awaiting_forward or emulation_of(self.model).layer_parameters is None:
+            return
+        self._awaiting_forward = False
+        policies = parameter_policies(self.model, self.policy, warn=False)
+        if all(s.policy == policies[s.name] for s in self.slots):
+            return
+        self.slots = [s if s.policy == policies[s.name] else ParamSlot(s.name, s.param, policies[s.name])
+                      for s in self.slots]
+        self.state_formats = OptimizerStateFormats(self.slots)
+        check_courbariaux_optimizer(self.optimizer, self.slots)
+        _warn_narrow_adam_state(self.optimizer, self.slots)
+
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
+        self._adopt_functional_weights()
         if self._unscaled is None:
             self._check_gradients("unscale_()")
             self._gather_grads()
@@ -274,6 +293,7 @@ class Trainer:
         """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents.
         RuntimeError (nothing changed) without any gradient, or with gradients from a ``loss.backward()`` by hand
         under loss scaling (``_check_gradients``)."""
+        self._adopt_functional_weights()
         if self._unscaled is None:
             self._check_gradients("apply_update()")
         if (self._unscaled is None and self.fused is not None and self.clip_grad_norm is None  # set after build
@@ -426,6 +446,7 @@ class Trainer:
         if differences:
             raise ValueError(f"checkpoint holds another model: {'; '.join(differences)}")
         self.model.load_state_dict(state["model"])  # the functional ops' exponents too (lowprec.nn.emulate)
+        self._adopt_functional_weights()  # and which parameters they use as weights
         if "ops" in state["quantizers"] and emulation_of(self.model) is not None:  # kept there before they were
             emulation_of(self.model).load_state_dict(state["quantizers"]["ops"])  # in the model's state_dict
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
