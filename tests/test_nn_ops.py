@@ -60,12 +60,42 @@ class TinyGPT(nn.Module):
         return F.linear(self.ln(self.block(h)), self.tok.weight)
 
 
+class HandGPT(nn.Module):
+    """A GPT written by hand: a raw positional Parameter added to the tokens, a matmul attention block, a hand-written
+    RMSNorm (``x * rsqrt(mean(x^2)) * self.norm``) and an LM head that multiplies by the token table (``@``)."""
+
+    def __init__(self, vocab: int = 11, d: int = 32) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(8, d) * 0.1)
+        self.block, self.norm = HandAttention(d), nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (x.detach().abs() * 7).long() % self.tok.num_embeddings
+        h = self.block(self.tok(idx) + self.pos[: idx.size(1)])
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm @ self.tok.weight.t()
+
+
+class Lookups(nn.Module):
+    """Embedding, EmbeddingBag and PReLU (parameters, no GEMM) in front of a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.bag = nn.Embedding(10, 8), nn.EmbeddingBag(10, 8, mode="mean")
+        self.act, self.out = nn.PReLU(8, init=0.3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (x.detach().abs() * 7).long() % 10
+        return self.out(self.act(self.emb(idx).mean(1) + self.bag(idx)))
+
+
 MODELS = {
     "matmul-attention": (lambda: HandAttention(), (2, 5, 32)),
     "sdpa-attention": (lambda: HandAttention(sdpa=True), (2, 5, 32)),
     "transformer-layer": (lambda: nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True), (2, 5, 32)),
     "convtranspose-generator": (generator, (2, 4, 3, 3)),
     "tied-gpt": (TinyGPT, (2, 5)),
+    "hand-gpt": (HandGPT, (2, 5)),
+    "lookups-prelu": (Lookups, (2, 5)),
 }
 
 
@@ -614,3 +644,49 @@ def test_weights_only_functional_ops_use_get_their_master_accumulator_and_state_
     resumed_trainer.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
     assert {s.name for s in resumed_trainer.slots if s.acc is not None} == {*weights, "head.weight", "head.bias"}
     assert all(torch.equal(s.acc, slots[s.name].acc) for s in resumed_trainer.slots if s.acc is not None)
+
+
+class BagAndPReLU(nn.Module):
+    """An EmbeddingBag (sum with per-sample weights) and a PReLU: torch modules with parameters and no GEMM that
+    the swapped layers do not cover."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(10, 8, mode="sum")
+        self.act = nn.PReLU(8, init=0.3)
+        with torch.no_grad():
+            self.act.weight.add_(0.01 * torch.randn(8))
+
+    def forward(self, idx, offsets, per_sample):
+        return self.act(self.bag(idx, offsets, per_sample_weights=per_sample))
+
+
+def test_embedding_bag_and_prelu_are_quantized_not_just_named():
+    """EmbeddingBag: the table (weight) and per-sample weights (activation) enter rounded, the bag sum leaves
+    rounded to output, the table's gradient to weight_grad after the output gradient to output_grad; PReLU's
+    slope enters rounded to weight and its gradient leaves rounded to weight_grad. Reference: torch's own ops on
+    operands rounded by torch's cast (bf16), bit for bit; no warning."""
+    idx, offsets, per_sample = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 3, 5]), torch.rand(8)
+    weights = torch.linspace(-1, 1, 24).view(3, 8)
+    model = lp.convert(BagAndPReLU(), "mixed-bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = model(idx, offsets, per_sample)
+        (y * weights).sum().backward()
+
+    def bf16(t):
+        return t.detach().to(torch.bfloat16).float()
+
+    table, slope = bf16(model.bag.weight).requires_grad_(), bf16(model.act.weight).requires_grad_()
+    s = F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=bf16(per_sample))
+    s_q = bf16(s).requires_grad_()
+    y_ref = F.prelu(s_q, slope)
+    (y_ref * weights).sum().backward()
+    s.backward(bf16(s_q.grad))
+    assert torch.equal(y, y_ref)
+    assert torch.equal(model.act.weight.grad, bf16(slope.grad)) and not torch.equal(slope.grad, bf16(slope.grad))
+    assert torch.equal(model.bag.weight.grad, bf16(table.grad)) and not torch.equal(table.grad, bf16(table.grad))
+    plan = lp.plan(BagAndPReLU(), "mixed-bf16", (idx, offsets, per_sample))
+    assert [(r.module, r.op) for r in plan.ops] == [("bag", "embedding_bag"), ("act", "prelu")]
+    assert plan.unquantized == [] and plan.warnings == []

@@ -12,12 +12,14 @@ tensordot, vecdot, einsum / multi_dot        else activation (a product of two a
 addmm, baddbmm, addbmm, addmv, addr          the added term: bias if a Parameter, else activation; the two
                                              factors as matmul
 bilinear                                     input1, input2: activation, weight: weight, bias: bias
-embedding                                    the table: weight (indices are not quantized)
+embedding, embedding_bag                     the table: weight (indices and offsets are not quantized);
+                                             per_sample_weights: activation
 layer_norm, group_norm, rms_norm, batch_norm input: activation, weight: weight, bias: bias; running
                                              statistics and the normalisation itself stay float32
 attention (scaled_dot_product_attention)     Q, K, V and P = softmax(S): activation (see nn.attention)
-mul, div, add, sub, addcmul (elementwise,    a Parameter operand only (``PARAMETER_OPS``): weight for a factor
-with a Parameter operand)                    or divisor, bias for a term; the other operands pass as they are
+mul, div, add, sub, addcmul, prelu           a Parameter operand only (``PARAMETER_OPS``): weight for a factor,
+(elementwise, with a Parameter operand)      divisor or PReLU's slope, bias for a term; the other operands pass
+                                             as they are
 ==========================================  =================================================================
 
 Every op's result takes the output role; gradients the matching gradient roles (``opfunction.GRAD_ROLE``).
@@ -98,25 +100,27 @@ class _Slots:
 def _unsupported(op: str, tensors: tuple[Any, ...], kwargs: dict[str, Any], args: tuple[Any, ...]) -> str | None:
     if any(isinstance(t, Tensor) and t.is_complex() for t in tensors):
         return "complex operands"
-    if op == "embedding" and (kwargs.get("sparse") or (len(args) > 6 and args[6])):
-        return "sparse embedding gradients (build the Embedding with sparse=False)"
+    if op in ("embedding", "embedding_bag") and kwargs.get("sparse"):
+        return "sparse embedding gradients (build the Embedding or EmbeddingBag with sparse=False)"
     return None
 
 
 @dataclass(frozen=True)
 class _Embedding(_Slots):
-    """``F.embedding``: a ``max_norm`` renormalises the stored table first (in place, as torch does), then the
-    lookup runs on the (quantized) table without it."""
+    """``F.embedding`` / ``F.embedding_bag`` (their parameters in ``signature`` order): bound by name; a
+    ``max_norm`` renormalises the stored table first (in place, as torch does), then the lookup runs on the
+    (quantized) table without it."""
+
+    signature: tuple[str, ...] = ()
 
     def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
-        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        bound = dict(zip(names, args)) | kwargs
+        bound = dict(zip(self.signature, args)) | kwargs
         if bound.get("max_norm") is not None:
             with torch.no_grad():
                 torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"],
                                         bound.get("norm_type", 2.0))
-            args, kwargs = (), bound | {"max_norm": None}
-        return super().bind(func, args, kwargs)
+            bound["max_norm"] = None
+        return super().bind(func, (), bound)
 
 
 _SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -196,7 +200,12 @@ OPS: dict[Callable[..., Any], Any] = {
     torch.linalg.multi_dot: _Einsum("multi_dot"),
     torch.chain_matmul: _Einsum("multi_dot"),
     torch.einsum: _Einsum(),
-    F.embedding: _Embedding("embedding", ((0, "input", None), (1, "weight", "weight"))),
+    F.embedding: _Embedding("embedding", ((0, "input", None), (1, "weight", "weight")), signature=(
+        "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")),
+    F.embedding_bag: _Embedding("embedding_bag", (
+        (0, "input", None), (1, "weight", "weight"), (8, "per_sample_weights", "activation")), signature=(
+        "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+        "per_sample_weights", "include_last_offset", "padding_idx")),
     F.layer_norm: _Slots("layer_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),
     F.group_norm: _Slots("group_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),
     F.batch_norm: _Slots("batch_norm", ((0, "input", "activation"), (1, "running_mean", None),
@@ -223,6 +232,7 @@ PARAMETER_OPS: dict[Callable[..., Any], _Elementwise] = {
                                                 _TENSOR.__sub__, _TENSOR.__rsub__)},
     **{f: _Elementwise("addcmul", ((0, "input", "term"), (1, "tensor1", "factor"), (2, "tensor2", "factor")))
        for f in (torch.addcmul, _TENSOR.addcmul)},
+    **{f: _Elementwise("prelu", ((0, "input", None), (1, "weight", "factor"))) for f in {F.prelu, torch.prelu}},
 }
 OPS.update(PARAMETER_OPS)
 

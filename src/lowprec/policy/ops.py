@@ -24,9 +24,10 @@ OP_KINDS: dict[str, str] = {
                                    "outer", "tensordot", "vecdot", "addmv", "addr", "addbmm", "multi_dot")},
     "bilinear": "linear",
     "embedding": "embedding",
+    "embedding_bag": "embedding",
     "attention": "attention",
     **{name: "norm" for name in ("layer_norm", "group_norm", "rms_norm", "batch_norm")},
-    **{name: "elementwise" for name in ("mul", "div", "add", "sub", "addcmul")},
+    **{name: "elementwise" for name in ("mul", "div", "add", "sub", "addcmul", "prelu")},
     **{name: "recurrent" for name in ("lstm", "gru", "lstm_cell", "gru_cell")},
 }
 
