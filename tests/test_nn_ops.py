@@ -610,38 +610,50 @@ def fixed(x: torch.Tensor, bits: int, frac: int) -> torch.Tensor:
 
 def test_weights_only_functional_ops_use_get_their_master_accumulator_and_state_formats(tmp_path):
     """Park's lazy update on parameters no swapped layer owns: after one step each is exactly
-    Q_F(Q_F(θ0) + Q_A(Δ)), its accumulator the residual, its momentum Q_S(g) (Δ = -lr·g, lr a power of two)."""
+    Q_F(Q_F(θ0) + Q_A(Δ)), its accumulator the residual, its momentum Q_S(g) (Δ = -lr·g, lr a power of two), for
+    a trainer built before the first forward, and after a range warm-up whose first forward showed them."""
     policy = ("weight=bf16,activation=bf16,master=fixed<8,4>,accumulator=fixed<16,12>,"
               "optimizer_state=fixed<16,12>")
+    weights = ["attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias", "attn.out_proj.weight", "v", "w"]
 
     def build():
         model = lp.convert(FunctionalWeights(), policy)
         return model, lp.Trainer(model, lp.train.SGD(model.parameters(), lr=4.0, momentum=0.9))
 
+    def one_step(model, trainer, x):
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.backward(model(x).square().mean())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        trainer.apply_update()
+        assert lp.nn.emulation_of(model).layer_parameters == weights
+        slots, params = {s.name: s for s in trainer.slots}, dict(model.named_parameters())
+        moved = 0
+        for n in weights:
+            theta0, delta = fixed(start[n], 8, 4), -4.0 * grads[n]
+            acc = fixed(delta, 16, 12)
+            theta1 = fixed(theta0 + acc, 8, 4)
+            assert torch.equal(params[n].detach(), theta1), n
+            assert torch.equal(slots[n].acc, fixed(acc - (theta1 - theta0), 16, 12)), n
+            assert torch.equal(trainer.optimizer.state[params[n]]["momentum_buffer"], fixed(grads[n], 16, 12)), n
+            moved += int((theta1 != theta0).sum())
+        assert moved > 0
+        assert slots["scale"].acc is None and slots["scale"].policy.get("master") is None  # fp32 master
+        assert torch.equal(params["scale"].detach(), start["scale"] + -4.0 * grads["scale"])
+        return start
+
+    x = torch.randn(3, 5, 8)
     model, trainer = build()  # before the first forward: which parameters ops use is not known yet
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.backward(model(torch.randn(3, 5, 8)).square().mean())
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    trainer.apply_update()
-    weights = ["attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias", "attn.out_proj.weight", "v", "w"]
-    assert lp.nn.emulation_of(model).layer_parameters == weights
-    slots, params = {s.name: s for s in trainer.slots}, dict(model.named_parameters())
-    moved = 0
-    for n in weights:
-        theta0, delta = fixed(start[n], 8, 4), -4.0 * grads[n]
-        acc = fixed(delta, 16, 12)
-        theta1 = fixed(theta0 + acc, 8, 4)
-        assert torch.equal(params[n].detach(), theta1), n
-        assert torch.equal(slots[n].acc, fixed(acc - (theta1 - theta0), 16, 12)), n
-        assert torch.equal(trainer.optimizer.state[params[n]]["momentum_buffer"], fixed(grads[n], 16, 12)), n
-        moved += int((theta1 != theta0).sum())
-    assert moved > 0 and not torch.equal(start["w"], fixed(start["w"], 8, 4))  # the formats are seen
-    assert slots["scale"].acc is None and slots["scale"].policy.get("master") is None  # fp32 master
-    assert torch.equal(params["scale"].detach(), start["scale"] + -4.0 * grads["scale"])
+    start = one_step(model, trainer, x)
+    assert not torch.equal(start["w"], fixed(start["w"], 8, 4))  # the master format is seen
+    warmed, warmed_trainer = build()
+    warmed_trainer.warmup_exponents([torch.randn(3, 5, 8) for _ in range(2)], lambda m, b: m(b).square().mean())
+    assert all(s.acc is None or not s.acc.any() for s in warmed_trainer.slots) and not warmed_trainer.optimizer.state
+    assert torch.equal(one_step(warmed, warmed_trainer, x)["w"], fixed(start["w"], 8, 4))  # stored in master
     # a checkpoint carries which parameters ops use: a fresh trainer resumes with the same slots
     torch.save(trainer.state_dict(), tmp_path / "ckpt.pt")
     resumed, resumed_trainer = build()
     resumed_trainer.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    slots = {s.name: s for s in trainer.slots}
     assert {s.name for s in resumed_trainer.slots if s.acc is not None} == {*weights, "head.weight", "head.bias"}
     assert all(torch.equal(s.acc, slots[s.name].acc) for s in resumed_trainer.slots if s.acc is not None)
 

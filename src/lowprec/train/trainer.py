@@ -224,21 +224,23 @@ class Trainer:
         for slot in self.slots:
             slot.gather_grad_()
 
-    def _adopt_functional_weights(self) -> None:
+    def _adopt_functional_weights(self) -> list[ParamSlot]:
         """Once the model's first forward has shown which parameters functional ops use as weights
         (``params.parameter_policies``), give each its layer's update roles: a new slot (rounded into its master
-        format now, after the backward, before any optimizer step) where its policy changed."""
+        format now, after the backward, before any optimizer step) where its policy changed. Returns the new
+        slots."""
         if not self._awaiting_forward or emulation_of(self.model).layer_parameters is None:
-            return
+            return []
         self._awaiting_forward = False
         policies = parameter_policies(self.model, self.policy, warn=False)
-        if all(s.policy == policies[s.name] for s in self.slots):
-            return
-        self.slots = [s if s.policy == policies[s.name] else ParamSlot(s.name, s.param, policies[s.name])
-                      for s in self.slots]
-        self.state_formats = OptimizerStateFormats(self.slots)
-        check_courbariaux_optimizer(self.optimizer, self.slots)
-        _warn_narrow_adam_state(self.optimizer, self.slots)
+        new = [ParamSlot(s.name, s.param, policies[s.name]) for s in self.slots if s.policy != policies[s.name]]
+        if new:
+            made = {s.name: s for s in new}
+            self.slots = [made.get(s.name, s) for s in self.slots]
+            self.state_formats = OptimizerStateFormats(self.slots)
+            check_courbariaux_optimizer(self.optimizer, self.slots)
+            _warn_narrow_adam_state(self.optimizer, self.slots)
+        return new
 
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
@@ -394,8 +396,13 @@ class Trainer:
         initial parameters, accumulators and optimizer state. No loss scaling; the scaler is untouched.
         ``loss_fn(model, batch)`` returns the loss. Returns the number of steps taken."""
         accumulators = [(s.acc, s.acc.clone()) for s in self.slots if s.acc is not None]
+        adopted: list[ParamSlot] = []  # slots the warm-up's first forward showed (functional ops' weights)
 
         def update() -> None:
+            new = self._adopt_functional_weights()
+            if new:
+                adopted.extend(new)
+                self._set_observe_only(True)  # the new slots' quantizers observe too
             self._update_parameters()
             self.zero_grad()
             self.update_exponents()
@@ -407,6 +414,10 @@ class Trainer:
             self._set_observe_only(False)
             for acc, saved in accumulators:
                 acc.copy_(saved)
+            for slot in adopted:  # they start as if built with the trainer: zero accumulator, stored in master
+                if slot.acc is not None:
+                    slot.acc.zero_()
+                slot.store_(observe=False)
 
     def _set_observe_only(self, flag: bool) -> None:
         for slot in self.slots:
