@@ -395,8 +395,8 @@ class OpEmulation:
             for n in missing:
                 self.records.setdefault(("param", n, 0), OpRecord(
                     n.rpartition(".")[0], f"parameter {n.rpartition('.')[2]}", "unquantized",
-                    [OperandRecord(n, "-", "fp32")], "used by no quantized op (elementwise use, or an op lowprec "
-                    "does not quantize)", calls=1))
+                    [OperandRecord(n, "-", "fp32")], "used by no quantized op (transformed before use, used "
+                    "elementwise by another module, or by an op lowprec does not quantize)", calls=1))
         fresh = [n for n in missing if n not in self._warned]
         if fresh:
             self._warned.update(fresh)
