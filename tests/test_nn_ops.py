@@ -702,3 +702,28 @@ def test_embedding_bag_and_prelu_are_quantized_not_just_named():
     plan = lp.plan(BagAndPReLU(), "mixed-bf16", (idx, offsets, per_sample))
     assert [(r.module, r.op) for r in plan.ops] == [("bag", "embedding_bag"), ("act", "prelu")]
     assert plan.unquantized == [] and plan.warnings == []
+
+
+class Carried(nn.Module):
+    """Parameters whose values reach a quantized op unchanged through a repetition or concatenation:
+    MultiheadAttention's bias_k / bias_v (concatenated to K and V) and a token concatenated to a Linear's input;
+    and one that does not (``exp`` first: the product with it is float32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, add_bias_kv=True, batch_first=True)
+        self.token = nn.Parameter(torch.randn(1, 1, 16))
+        self.log_scale = nn.Parameter(torch.zeros(16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(x, x, x, need_weights=False)[0] * self.log_scale.exp()
+        return self.fc(torch.cat([self.token.expand(x.size(0), -1, -1), h], 1))
+
+
+def test_parameters_carried_unchanged_into_a_quantized_operand_reach_it():
+    p = lp.plan(Carried(), "mixed-bf16", torch.randn(2, 5, 16))
+    assert [r.op for r in p.unquantized] == ["parameter log_scale"]
+    assert [w for w in p.warnings if "reach no quantized op" in w] == [
+        "lowprec: these parameters reach no quantized op and run unquantized, in fp32: log_scale (lp.plan shows "
+        "every op and its formats)"]

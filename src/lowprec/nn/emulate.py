@@ -34,8 +34,10 @@ it at the first forward), with ``layer_parameters`` (which parameters functional
 reads it).
 
 Warnings (once each): an op that cannot be quantized (an einsum of three operands, a sparse embedding), and,
-after a forward, every parameter the forward used that reached no quantized op (e.g. a positional embedding
-added to the tokens), named by its qualified name.
+after a forward, every parameter the forward used that reached no quantized op (e.g. one transformed before
+use, ``x * self.log_scale.exp()``), named by its qualified name. A parameter whose values a repetition or
+concatenation carries unchanged into a quantized operand (MultiheadAttention's ``bias_k`` / ``bias_v``
+concatenated to K and V, a token ``torch.cat``-ed to a swapped layer's input) reaches that op, in its role.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ _PARAMETERS_KEY = "lowprec_op_parameters"  # and ``layer_parameters``
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
 _PARAMETER_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # the roles an elementwise op quantizes
 _LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand of these: a weight layer's
+_T = torch.Tensor
+#: Functions that carry values unchanged into a new tensor (a repetition, a concatenation, a copy): a parameter
+#: they carry (MultiheadAttention's bias_k / bias_v, a ViT's class token) reaches the op that quantizes the result.
+_CARRIERS = {torch.cat, torch.concat, torch.stack, torch.repeat_interleave, torch.clone, torch.reshape, _T.repeat,
+             _T.expand, _T.expand_as, _T.repeat_interleave, _T.contiguous, _T.clone, _T.reshape}
 
 
 def _site(key: tuple[str, str, int, str]) -> str:
@@ -90,6 +97,15 @@ def _own_operands(inv: Invocation, module: nn.Module) -> Invocation | None:
     """An elementwise invocation with roles only for ``module``'s own parameters; None when it has none."""
     roles = tuple(r if r is not None and _own(module, t) else None for r, t in zip(inv.roles, inv.tensors))
     return None if all(r is None for r in roles) else dataclasses.replace(inv, roles=roles)
+
+
+def _flat(args: tuple, kwargs: dict[str, Any]) -> Iterator[Any]:
+    """The arguments of a call, those in a list or tuple argument (``torch.cat([a, b])``) one by one."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
 
 
 def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
@@ -153,11 +169,13 @@ class OpEmulation:
         self._used: dict[int, nn.Parameter] = {}
         self._covered: set[int] = set()
         self._weights: set[int] = set()  # the parameters weight-layer ops reached (layer_parameters)
+        self._carried: dict[int, tuple[Tensor, set[int]]] = {}  # a carrier's result: (it, the parameters it holds)
         self._checking = True  # the first forward looks for parameters that reach no quantized op
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
-        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_checking", "records"):
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_checking",
+                    "records"):
             state.pop(key, None)
         return state
 
@@ -169,7 +187,7 @@ class OpEmulation:
     @property
     def _tracking(self) -> bool:
         """Whether this forward records which parameters reach a quantized op (the first forward, and lp.plan):
-        only then are ``_used``, ``_covered`` and ``_weights`` read."""
+        only then are ``_used``, ``_covered``, ``_weights`` and ``_carried`` kept."""
         return self._checking or self.records is not None
 
     # -- module hooks ---------------------------------------------------------------------------------------
@@ -181,8 +199,9 @@ class OpEmulation:
         self._stack.append(_Frame(name, module))
         if isinstance(module, QuantizedModule):
             self._swapped += 1
-            if self._tracking:
+            if self._tracking:  # its own parameters, and any its input carries (``_CARRIERS``)
                 self._covered.update(id(p) for p in module.parameters(recurse=False))
+                self._covered.update(*(self._parameters_in(a) for a in _flat(args, {})))
             if self._swapped == 1:
                 self._record_layer(name, module)
 
@@ -195,6 +214,7 @@ class OpEmulation:
         if not self._stack:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
+            self._carried = {}
             if self._tracking:
                 self._warn_uncovered(name, module)
                 self._checking = False
@@ -208,6 +228,12 @@ class OpEmulation:
                 if is_parameter(a):
                     p = a if isinstance(a, nn.Parameter) else a._base
                     self._used[id(p)] = p
+            if func in _CARRIERS:
+                carried = set().union(*(self._parameters_in(a) for a in _flat(args, kwargs)))
+                if carried:
+                    out = func(*args, **kwargs)
+                    self._carried[id(out)] = (out, carried)
+                    return out
         if func in OPENED:
             with mode:
                 return _opened(func)(*args, **kwargs)
@@ -223,11 +249,11 @@ class OpEmulation:
         index = frame.counts[inv.op]
         frame.counts[inv.op] += 1
         if self._tracking:
-            reached = [(id(t if isinstance(t, nn.Parameter) else t._base), r)
-                       for t, r in zip(inv.tensors, inv.roles) if r is not None and is_parameter(t)]
-            self._covered.update(i for i, _ in reached)
+            self._covered.update(*(self._parameters_in(t) for t, r in zip(inv.tensors, inv.roles) if r is not None))
             if OP_KINDS[inv.op] in _LAYER_KINDS:
-                self._weights.update(i for i, r in reached if r in ("weight", "bias"))
+                self._weights.update(id(t if isinstance(t, nn.Parameter) else t._base)
+                                     for t, r in zip(inv.tensors, inv.roles) if r in ("weight", "bias")
+                                     and is_parameter(t))
         if inv.unsupported is not None:
             self._unquantized(frame.name, inv, index)
             return func(*args, **kwargs)
@@ -237,6 +263,15 @@ class OpEmulation:
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index))
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
+
+    def _parameters_in(self, x: Any) -> set[int]:
+        """The ids of the parameters ``x`` is, views or carries (``_CARRIERS``), in a forward that tracks them."""
+        if is_parameter(x):
+            return {id(x if isinstance(x, nn.Parameter) else x._base)}
+        for t in (x, getattr(x, "_base", None)):
+            if t is not None and id(t) in self._carried:
+                return self._carried[id(t)][1]
+        return set()
 
     def _attention(self, frame: _Frame, inv: Invocation, index: int) -> Tensor:
         sets = {name: self.quantizers(frame, "attention", index, name) for name in ("scores", "out")}
