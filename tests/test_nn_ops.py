@@ -395,7 +395,8 @@ def test_wrpn_clip_formats_apply_to_weight_products_only():
 
 @pytest.mark.parametrize("policy, optimizer", [
     ("dfx-10-12+exponent_interval=1", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)),
-    ("int8+exponent_rule=overflow,exponent_interval=1,update_rule=optimizer", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+    ("int8+exponent_rule=overflow,exponent_interval=1,update_rule=optimizer",
+     lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
 ])
 def test_op_exponents_travel_in_the_models_state_dict_and_a_resume_is_bit_exact(policy, optimizer):
     """Functional ops' dynamic-fixed-point exponents ride in the model's own state_dict (its metadata): saved,

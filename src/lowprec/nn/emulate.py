@@ -21,10 +21,10 @@ torch's norms compute them; the next GEMM quantizes the result as its input). A 
 an elementwise op without a parameter operand, runs as torch runs it.
 
 Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions and
-products of activations, activations, and anything not in ``ops.OPS``. Operands whose format is WRPN's clip format (Uniform) are
-quantized only at weight layers: linear and convolution ops, and a matmul with a Parameter operand (the layers
-WRPN quantizes; clipping a norm's, an attention's or an activation product's signed operand to [0, 1] would
-be wrong).
+elementwise products of activations, activations, and anything not in ``ops.OPS``. Operands whose format is
+WRPN's clip format (Uniform) are quantized only at weight layers: linear and convolution ops, and a matmul
+with a Parameter operand (the layers WRPN quantizes; clipping a norm's, an attention's or an activation
+product's signed operand to [0, 1] would be wrong).
 
 State: the quantizers' states (dynamic-fixed-point exponents and their statistics, per call site) travel in
 the converted model's own ``state_dict()``, in its ``_metadata`` entry of the model (key ``lowprec_ops``), as the

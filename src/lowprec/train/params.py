@@ -38,7 +38,8 @@ from ..nn.swapped import EMULATED_LAYERS
 from ..policy import Policy, as_policy
 from .update import ParamSlot, check_update_roles
 
-__all__ = ["parameter_slots", "parameter_policies", "check_optimizer_covers", "model_differences", "trainer_policy", "UPDATE_ROLES"]
+__all__ = ["parameter_slots", "parameter_policies", "check_optimizer_covers", "model_differences", "trainer_policy",
+           "UPDATE_ROLES"]
 
 UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
