@@ -728,3 +728,26 @@ def test_parameters_carried_unchanged_into_a_quantized_operand_reach_it():
     assert [w for w in p.warnings if "reach no quantized op" in w] == [
         "lowprec: these parameters reach no quantized op and run unquantized, in fp32: log_scale (lp.plan shows "
         "every op and its formats)"]
+
+
+def test_torch_rmsnorm_quantizes_input_weight_output_and_gradients():
+    """nn.RMSNorm (F.rms_norm): input, weight and output rounded to their roles, the statistics float32 inside
+    torch's kernel; gradients through output_grad, then activation_grad and weight_grad. Reference: torch's own
+    rms_norm on operands rounded by torch's bf16 cast, bit for bit."""
+    torch.manual_seed(0)
+    plain = nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        plain.weight.copy_(1 + 0.1 * torch.randn(8))
+    model = lp.convert(plain, "mixed-bf16")
+    x, g = torch.randn(4, 8).requires_grad_(), torch.randn(4, 8)
+    model(x).backward(g)
+
+    def bf16(t):
+        return t.detach().to(torch.bfloat16).float()
+
+    xq, wq = bf16(x).requires_grad_(), bf16(plain.weight).requires_grad_()
+    z = F.rms_norm(xq, (8,), wq, 1e-6)
+    z.backward(bf16(g))
+    assert torch.equal(model(x), bf16(z))
+    assert torch.equal(x.grad, bf16(xq.grad)) and torch.equal(model.weight.grad, bf16(wq.grad))
+    assert not torch.equal(wq.grad, bf16(wq.grad))  # the rounding of the gradient is seen
