@@ -16,16 +16,18 @@ GRIDS = {"bf16": [torch.bfloat16], "e4m3": [torch.float8_e4m3fn], "e5m2": [torch
 
 
 class GemmLog(TorchDispatchMode):
-    """Every aten GEMM, convolution and attention call, with its floating-point operands and the phase."""
+    """Every aten GEMM, convolution and attention call (and of the aten ops in ``also``), with its floating-point
+    operands and the phase."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: tuple = ()) -> None:
         super().__init__()
         self.phase = "forward"
+        self.also = set(also)
         self.calls: list[tuple[str, str, list[torch.Tensor]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if func in GEMMS or any(fused in name for fused in FUSED):
+        if func in GEMMS or func in self.also or any(fused in name for fused in FUSED):
             operands = [a.detach().clone() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
             self.calls.append((self.phase, name, operands))
         return func(*args, **(kwargs or {}))

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import lowprec as lp  # noqa: E402
-from gemm_grid import log_forward_backward, off_grid  # noqa: E402
+from gemm_grid import GemmLog, grids_of, log_forward_backward, off_grid, on_grid  # noqa: E402
 from lowprec.policy.presets import PRESETS  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -73,12 +73,7 @@ def test_converts_and_trains_under_every_preset(family, preset):
     assert max(losses[-3:]) < 0.85 * losses[0] and evaluated < 0.85 * losses[0]
 
 
-@pytest.mark.parametrize("family", [
-    "gpt2",
-    pytest.param("llama", marks=pytest.mark.xfail(strict=True, reason=(
-        "LlamaRMSNorm multiplies its weight elementwise (self.weight * x), an op lowprec does not intercept: "
-        "the weight stays fp32 (the first forward warns naming it; lp.plan lists it as unquantized)"))),
-])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_parameter_reaches_a_quantized_op(family):
     """No parameter of the model runs unquantized on the emulated path (the first forward checks each)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -109,6 +104,47 @@ def test_every_gemm_operand_lies_on_its_roles_grid(family, policy, formats):
     assert off_grid(plain_log, formats, formats) != []
     if family == "llama":
         assert any("attention" in op for _, op, _ in plain_log.calls)
+
+
+def llama_with_random_norms():
+    """The tiny Llama with its RMSNorm weights drawn off every grid (they start at 1, which is on all of them)."""
+    model = llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("policy, formats", [
+    ("mixed-bf16", "bf16"),
+    ("params=int8,activations=int8,grads=int8,exponent_rule=maxabs", "int8"),
+])
+def test_llama_rmsnorm_weights_and_their_gradients_lie_on_the_grid(policy, formats):
+    """LlamaRMSNorm computes ``self.weight * x`` by hand: the weight enters that product rounded to the weight
+    role and its gradient leaves rounded to weight_grad (the plain model's are off the grid); lp.plan shows it."""
+    grids = grids_of(formats)
+
+    def norm_factors(model):  # the forward's products of a norm-weight-shaped vector and the hidden states
+        with GemmLog(also=(torch.ops.aten.mul.Tensor,)) as log:
+            loss = lm_loss(model)
+        loss.backward()
+        factors = [t for _, op, ts in log.calls if op == "aten.mul.Tensor" and len(ts) == 2
+                   and ts[1].shape == (8, 16, 32) for t in ts if t.shape == (32,)]
+        grads = [p.grad for n, p in model.named_parameters() if n.endswith("norm.weight")]
+        return factors, grads
+
+    factors, grads = norm_factors(lp.convert(llama_with_random_norms(), policy))
+    assert len(factors) == len(grads) == 5  # 2 layers x 2 norms + the final norm
+    assert all(on_grid(t, grids) for t in factors + grads)
+    factors, grads = norm_factors(llama_with_random_norms())
+    assert not any(on_grid(t, grids) for t in factors + grads)
+    plan = lp.plan(llama_with_random_norms(), policy, (TOKENS,))
+    rows = [r for r in plan.ops if r.module.endswith("norm")]
+    assert len(rows) == 5 and not [r for r in plan.unquantized if r.module.endswith("norm")]
+    for r in rows:
+        assert r.op == "mul" and r.path == "op emulation" and r.backward
+        assert [(o.role, o.quantized) for o in r.operands if o.quantized] == [("weight", True), ("weight_grad", True)]
 
 
 @pytest.mark.parametrize("export", ["as-stored", "unconverted"])

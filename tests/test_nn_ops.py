@@ -60,12 +60,42 @@ class TinyGPT(nn.Module):
         return F.linear(self.ln(self.block(h)), self.tok.weight)
 
 
+class HandGPT(nn.Module):
+    """A GPT written by hand: a raw positional Parameter added to the tokens, a matmul attention block, a hand-written
+    RMSNorm (``x * rsqrt(mean(x^2)) * self.norm``) and an LM head that multiplies by the token table (``@``)."""
+
+    def __init__(self, vocab: int = 11, d: int = 32) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(8, d) * 0.1)
+        self.block, self.norm = HandAttention(d), nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (x.detach().abs() * 7).long() % self.tok.num_embeddings
+        h = self.block(self.tok(idx) + self.pos[: idx.size(1)])
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm @ self.tok.weight.t()
+
+
+class Lookups(nn.Module):
+    """Embedding, EmbeddingBag and PReLU (parameters, no GEMM) in front of a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.bag = nn.Embedding(10, 8), nn.EmbeddingBag(10, 8, mode="mean")
+        self.act, self.out = nn.PReLU(8, init=0.3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (x.detach().abs() * 7).long() % 10
+        return self.out(self.act(self.emb(idx).mean(1) + self.bag(idx)))
+
+
 MODELS = {
     "matmul-attention": (lambda: HandAttention(), (2, 5, 32)),
     "sdpa-attention": (lambda: HandAttention(sdpa=True), (2, 5, 32)),
     "transformer-layer": (lambda: nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True), (2, 5, 32)),
     "convtranspose-generator": (generator, (2, 4, 3, 3)),
     "tied-gpt": (TinyGPT, (2, 5)),
+    "hand-gpt": (HandGPT, (2, 5)),
+    "lookups-prelu": (Lookups, (2, 5)),
 }
 
 
@@ -240,7 +270,7 @@ class Mixed(nn.Module):
         self.pos = nn.Parameter(torch.zeros(4))
 
     def forward(self, x):
-        return torch.einsum("ij,jk,kl->il", x, self.w, self.w) + (x + self.pos) @ self.w
+        return torch.einsum("ij,jk,kl->il", x, self.w, self.w) + (x + self.pos.exp()) @ self.w
 
 
 def test_what_runs_unquantized_is_named_in_a_warning_and_in_the_plan():
@@ -363,24 +393,53 @@ def test_wrpn_clip_formats_apply_to_weight_products_only():
     assert all("weight layers only" in r.note for r in p.ops[1:]) and p.ops[0].note == ""
 
 
-def test_op_exponents_travel_in_the_trainers_state_dict():
+@pytest.mark.parametrize("policy, optimizer", [
+    ("dfx-10-12+exponent_interval=1", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)),
+    ("int8+exponent_rule=overflow,exponent_interval=1,update_rule=optimizer",
+     lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+])
+def test_op_exponents_travel_in_the_models_state_dict_and_a_resume_is_bit_exact(policy, optimizer):
+    """Functional ops' dynamic-fixed-point exponents ride in the model's own state_dict (its metadata): saved,
+    loaded into a fresh converted model and its Trainer, training goes on bit for bit as if uninterrupted, and
+    the state_dict still loads into the plain model with strict=True."""
     torch.manual_seed(0)
     plain = HandAttention()
-    x = torch.randn(2, 5, 32)
+    batches = [torch.randn(2, 5, 32) * 100 for _ in range(6)]  # far from the initial exponents: they move
 
-    def trainer():
-        model = lp.convert(plain, "dfx-10-12")
-        return model, lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), "dfx-10-12")
+    def build():
+        model = lp.convert(plain, policy)
+        return model, lp.Trainer(model, optimizer(model.parameters()))
 
-    model, t = trainer()
-    for _ in range(2):  # a history on inputs 1000x larger: the op exponents move far from x's max-abs
-        t.step(model(x * 1000).sum())
-    state = t.state_dict()
-    assert {"ln:layer_norm[0]", ":matmul[0]", ":matmul[1]"} <= set(state["quantizers"]["ops"])
-    resumed, t2 = trainer()
-    t2.load_state_dict(state)  # before its first forward: the sites are made then, from the checkpoint
-    fresh, _ = trainer()
-    assert torch.equal(resumed(x), model(x)) and not torch.equal(fresh(x), model(x))
+    def train(model, trainer, xs):  # the losses, and the parameters after the last step
+        losses = []
+        for x in xs:
+            losses.append(model(x).square().mean())
+            trainer.step(losses[-1])
+        return [loss.detach() for loss in losses] + [p.detach() for p in model.parameters()]
+
+    model, trainer = build()
+    uninterrupted = train(model, trainer, batches)
+    model, trainer = build()
+    train(model, trainer, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "trainer": trainer.state_dict()}, buffer)
+    sites = model.state_dict()._metadata[""]["lowprec_ops"]
+    assert {"ln:layer_norm[0]", ":matmul[0]", ":matmul[1]"} <= set(sites)
+    assert "ops" not in trainer.state_dict()["quantizers"]  # the model carries them
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    HandAttention().load_state_dict(saved["model"], strict=True)
+    resumed, resumed_trainer = build()
+    resumed.load_state_dict(saved["model"])  # before a forward: the sites are made from it at the first one
+    assert resumed.state_dict()._metadata[""]["lowprec_ops"].keys() == sites.keys()  # and saved again as loaded
+    fresh, _ = build()
+    fresh.load_state_dict(lp.unconvert(model).state_dict())  # the same parameters, fresh exponents
+    assert not torch.equal(fresh(batches[0]), model(batches[0]))  # the exponents moved: they matter
+    resumed, resumed_trainer = build()
+    resumed_trainer.load_state_dict(saved["trainer"])
+    continued = train(resumed, resumed_trainer, batches[3:])
+    assert len(continued) == len(uninterrupted) - 3
+    assert all(torch.equal(a, b) for a, b in zip(continued, uninterrupted[3:]))
 
 
 def test_a_forward_that_raises_leaves_no_mode_behind():
@@ -477,3 +536,218 @@ def test_functional_embedding_with_max_norm_renormalises_the_table_then_quantize
     assert torch.equal(model.table, plain.table) and plain.table[[1, 3, 7]].norm(dim=1).max() <= 1.0 + 1e-6
     assert torch.equal(out, want.to(torch.bfloat16).float())
     assert not torch.equal(out, want)
+
+
+class HandNorms(nn.Module):
+    """A LayerNorm and an RMSNorm written by hand: statistics by elementwise ops, affine parameters multiplied
+    (``g * x``, ``x * r``) and added (``+ b``)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.g, self.b, self.r = (nn.Parameter(torch.randn(d)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, g=None, b=None, r=None) -> torch.Tensor:
+        g, b, r = (self.g if g is None else g), (self.b if b is None else b), (self.r if r is None else r)
+        mu = x.mean(-1, keepdim=True)
+        h = g * ((x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + 1e-5)) + b
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * r
+
+
+@pytest.mark.parametrize("policy, fmt", [("mixed-bf16", torch.bfloat16), ("fp8-e4m3", torch.float8_e4m3fn)])
+def test_hand_written_norms_quantize_their_own_parameters_and_gradients(policy, fmt):
+    """A user's own norm: its parameters enter rounded to the weight (factor) and bias (term) roles, their
+    gradients leave rounded to weight_grad / bias_grad; statistics, the normalisation and the input gradient are
+    float32. Reference: the plain forward on the parameters rounded by torch's own cast, bit for bit."""
+    model = lp.convert(HandNorms(), policy)
+    x = torch.randn(6, 8).requires_grad_()
+    weights = torch.linspace(-1, 1, 48).view(6, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unquantized to report
+        (model(x) * weights).sum().backward()
+    grad_policy = lp.Policy.parse(policy)
+    grad_dtype = {"bf16": torch.bfloat16, "e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}[
+        str(grad_policy.get("weight_grad"))]
+    rounded = [p.detach().to(fmt).float().requires_grad_() for p in (model.g, model.b, model.r)]
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = HandNorms()(x_ref, *rounded)
+    (y_ref * weights).sum().backward()
+    assert torch.equal(model(x), y_ref)
+    for p, ref in zip((model.g, model.b, model.r), rounded):
+        assert torch.equal(p.grad, ref.grad.to(grad_dtype).float())
+        assert not torch.equal(ref.grad, ref.grad.to(grad_dtype).float())  # the rounding is seen
+    assert torch.equal(x.grad, x_ref.grad)  # the input gradient: float32 through the normalisation
+    plan = lp.plan(HandNorms(), policy, torch.randn(6, 8))
+    rows = [(r.op, [(o.role, o.format) for o in r.operands if o.quantized]) for r in plan.ops]
+    w, wg = str(lp.Policy.parse(policy).get("weight")), str(grad_policy.get("weight_grad"))
+    assert rows == [("mul", [("weight", w), ("weight_grad", wg)]), ("add", [("bias", w), ("bias_grad", wg)]),
+                    ("mul", [("weight", w), ("weight_grad", wg)])]
+    assert plan.unquantized == [] and plan.warnings == []
+
+
+class FunctionalWeights(nn.Module):
+    """Weights only functional ops use: MultiheadAttention's in-projection (F.linear on in_proj_weight, and its
+    out_proj through F.linear), a raw Parameter through F.linear and one through ``@``; a scale multiplied
+    elementwise (a norm-like parameter: fp32 master, as batch-norm's); a swapped Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.v = nn.Parameter(torch.randn(8, 4) * 0.3)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(4))
+        self.head = nn.Linear(4, 4)  # a swapped layer (a model without any is updated as a plain one)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head((F.linear(h, self.w) @ self.v) * self.scale)
+
+
+def fixed(x: torch.Tensor, bits: int, frac: int) -> torch.Tensor:
+    """fixed<bits,frac>: nearest (ties to even) multiple of 2**-frac, saturated to the two's-complement range."""
+    return (x * 2.0**frac).round().clamp(-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1) / 2.0**frac
+
+
+def test_weights_only_functional_ops_use_get_their_master_accumulator_and_state_formats(tmp_path):
+    """Park's lazy update on parameters no swapped layer owns: after one step each is exactly
+    Q_F(Q_F(θ0) + Q_A(Δ)), its accumulator the residual, its momentum Q_S(g) (Δ = -lr·g, lr a power of two), for
+    a trainer built before the first forward, and after a range warm-up whose first forward showed them."""
+    policy = ("weight=bf16,activation=bf16,master=fixed<8,4>,accumulator=fixed<16,12>,"
+              "optimizer_state=fixed<16,12>")
+    weights = ["attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias", "attn.out_proj.weight", "v", "w"]
+
+    def build():
+        model = lp.convert(FunctionalWeights(), policy)
+        return model, lp.Trainer(model, lp.train.SGD(model.parameters(), lr=4.0, momentum=0.9))
+
+    def one_step(model, trainer, x):
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.backward(model(x).square().mean())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        trainer.apply_update()
+        assert lp.nn.emulation_of(model).layer_parameters == weights
+        slots, params = {s.name: s for s in trainer.slots}, dict(model.named_parameters())
+        moved = 0
+        for n in weights:
+            theta0, delta = fixed(start[n], 8, 4), -4.0 * grads[n]
+            acc = fixed(delta, 16, 12)
+            theta1 = fixed(theta0 + acc, 8, 4)
+            assert torch.equal(params[n].detach(), theta1), n
+            assert torch.equal(slots[n].acc, fixed(acc - (theta1 - theta0), 16, 12)), n
+            assert torch.equal(trainer.optimizer.state[params[n]]["momentum_buffer"], fixed(grads[n], 16, 12)), n
+            moved += int((theta1 != theta0).sum())
+        assert moved > 0
+        assert slots["scale"].acc is None and slots["scale"].policy.get("master") is None  # fp32 master
+        assert torch.equal(params["scale"].detach(), start["scale"] + -4.0 * grads["scale"])
+        return start
+
+    x = torch.randn(3, 5, 8)
+    model, trainer = build()  # before the first forward: which parameters ops use is not known yet
+    start = one_step(model, trainer, x)
+    assert not torch.equal(start["w"], fixed(start["w"], 8, 4))  # the master format is seen
+    warmed, warmed_trainer = build()
+    warmed_trainer.warmup_exponents([torch.randn(3, 5, 8) for _ in range(2)], lambda m, b: m(b).square().mean())
+    assert all(s.acc is None or not s.acc.any() for s in warmed_trainer.slots) and not warmed_trainer.optimizer.state
+    assert torch.equal(one_step(warmed, warmed_trainer, x)["w"], fixed(start["w"], 8, 4))  # stored in master
+    # a checkpoint carries which parameters ops use: a fresh trainer resumes with the same slots
+    torch.save(trainer.state_dict(), tmp_path / "ckpt.pt")
+    resumed, resumed_trainer = build()
+    resumed_trainer.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    slots = {s.name: s for s in trainer.slots}
+    assert {s.name for s in resumed_trainer.slots if s.acc is not None} == {*weights, "head.weight", "head.bias"}
+    assert all(torch.equal(s.acc, slots[s.name].acc) for s in resumed_trainer.slots if s.acc is not None)
+
+
+class BagAndPReLU(nn.Module):
+    """An EmbeddingBag (sum with per-sample weights) and a PReLU: torch modules with parameters and no GEMM that
+    the swapped layers do not cover."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(10, 8, mode="sum")
+        self.act = nn.PReLU(8, init=0.3)
+        with torch.no_grad():
+            self.act.weight.add_(0.01 * torch.randn(8))
+
+    def forward(self, idx, offsets, per_sample):
+        return self.act(self.bag(idx, offsets, per_sample_weights=per_sample))
+
+
+def test_embedding_bag_and_prelu_are_quantized_not_just_named():
+    """EmbeddingBag: the table (weight) and per-sample weights (activation) enter rounded, the bag sum leaves
+    rounded to output, the table's gradient to weight_grad after the output gradient to output_grad; PReLU's
+    slope enters rounded to weight and its gradient leaves rounded to weight_grad. Reference: torch's own ops on
+    operands rounded by torch's cast (bf16), bit for bit; no warning."""
+    idx, offsets, per_sample = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9]), torch.tensor([0, 3, 5]), torch.rand(8)
+    weights = torch.linspace(-1, 1, 24).view(3, 8)
+    model = lp.convert(BagAndPReLU(), "mixed-bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = model(idx, offsets, per_sample)
+        (y * weights).sum().backward()
+
+    def bf16(t):
+        return t.detach().to(torch.bfloat16).float()
+
+    table, slope = bf16(model.bag.weight).requires_grad_(), bf16(model.act.weight).requires_grad_()
+    s = F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=bf16(per_sample))
+    s_q = bf16(s).requires_grad_()
+    y_ref = F.prelu(s_q, slope)
+    (y_ref * weights).sum().backward()
+    s.backward(bf16(s_q.grad))
+    assert torch.equal(y, y_ref)
+    assert torch.equal(model.act.weight.grad, bf16(slope.grad)) and not torch.equal(slope.grad, bf16(slope.grad))
+    assert torch.equal(model.bag.weight.grad, bf16(table.grad)) and not torch.equal(table.grad, bf16(table.grad))
+    plan = lp.plan(BagAndPReLU(), "mixed-bf16", (idx, offsets, per_sample))
+    assert [(r.module, r.op) for r in plan.ops] == [("bag", "embedding_bag"), ("act", "prelu")]
+    assert plan.unquantized == [] and plan.warnings == []
+
+
+class Carried(nn.Module):
+    """Parameters whose values reach a quantized op unchanged through a repetition or concatenation:
+    MultiheadAttention's bias_k / bias_v (concatenated to K and V) and a token concatenated to a Linear's input;
+    and one that does not (``exp`` first: the product with it is float32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, add_bias_kv=True, batch_first=True)
+        self.token = nn.Parameter(torch.randn(1, 1, 16))
+        self.log_scale = nn.Parameter(torch.zeros(16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(x, x, x, need_weights=False)[0] * self.log_scale.exp()
+        return self.fc(torch.cat([self.token.expand(x.size(0), -1, -1), h], 1))
+
+
+def test_parameters_carried_unchanged_into_a_quantized_operand_reach_it():
+    p = lp.plan(Carried(), "mixed-bf16", torch.randn(2, 5, 16))
+    assert [r.op for r in p.unquantized] == ["parameter log_scale"]
+    assert [w for w in p.warnings if "reach no quantized op" in w] == [
+        "lowprec: these parameters reach no quantized op and run unquantized, in fp32: log_scale (lp.plan shows "
+        "every op and its formats)"]
+
+
+def test_torch_rmsnorm_quantizes_input_weight_output_and_gradients():
+    """nn.RMSNorm (F.rms_norm): input, weight and output rounded to their roles, the statistics float32 inside
+    torch's kernel; gradients through output_grad, then activation_grad and weight_grad. Reference: torch's own
+    rms_norm on operands rounded by torch's bf16 cast, bit for bit."""
+    torch.manual_seed(0)
+    plain = nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        plain.weight.copy_(1 + 0.1 * torch.randn(8))
+    model = lp.convert(plain, "mixed-bf16")
+    x, g = torch.randn(4, 8).requires_grad_(), torch.randn(4, 8)
+    model(x).backward(g)
+
+    def bf16(t):
+        return t.detach().to(torch.bfloat16).float()
+
+    xq, wq = bf16(x).requires_grad_(), bf16(plain.weight).requires_grad_()
+    z = F.rms_norm(xq, (8,), wq, 1e-6)
+    z.backward(bf16(g))
+    assert torch.equal(model(x), bf16(z))
+    assert torch.equal(x.grad, bf16(xq.grad)) and torch.equal(model.weight.grad, bf16(wq.grad))
+    assert not torch.equal(wq.grad, bf16(wq.grad))  # the rounding of the gradient is seen

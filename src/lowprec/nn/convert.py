@@ -92,7 +92,7 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     (``lowprec.nn.emulate``): every other GEMM-like op and norm its forward runs (functional F.linear,
     matmul / ``@``, attention, LayerNorm, ConvTranspose, MultiheadAttention's in-projection, ...) is quantized
     per the same resolved policy, with ``op:<kind>`` overrides. torch modules with parameters that neither path
-    covers (InstanceNorm, PReLU, EmbeddingBag, ...) run unquantized: one UserWarning names them all; after the
+    covers (InstanceNorm, RNN, ...) run unquantized: one UserWarning names them all; after the
     first forward, a warning names every parameter that reached no quantized op. The policy is recorded on
     the result (``conversion_policy``): ``lowprec.Trainer`` takes it by default and refuses another.
 

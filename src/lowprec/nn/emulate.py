@@ -4,7 +4,8 @@
 keep the path of the module running; while the outermost module's forward runs, a ``TorchFunctionMode`` sees
 every torch function call, and each call of an op in ``ops.OPS`` (F.linear, the convolutions and transposed
 convolutions, matmul / ``@`` / mm / bmm / addmm / baddbmm / two-operand einsum, F.embedding, the norms,
-F.scaled_dot_product_attention) runs through ``QOpFunction`` with the quantizers of the policy resolved for
+F.scaled_dot_product_attention, and mul / div / add / sub / addcmul with an operand that is a Parameter of the
+module running them) runs through ``QOpFunction`` with the quantizers of the policy resolved for
 that module path and op (``resolve.module_policy``: module and ``op:`` overrides, @first/@last, Park's
 classifier rule: the same decision the swapped layers get). Attention runs as ``attention.emulated_attention``:
 two quantized products around a float32 softmax, never a fused kernel. ``F.multi_head_attention_forward`` is
@@ -12,19 +13,36 @@ opened, so MultiheadAttention's in-projection (a raw Parameter) and products are
 
 Layers ``convert`` swaps (QLinear, QConv2d, QLSTM, ...) are the fast path: ops inside them are theirs.
 
-Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions,
-activations, and anything not in ``ops.OPS``. Operands whose format is WRPN's clip format (Uniform) are
-quantized only at weight layers: linear and convolution ops, and a matmul with a Parameter operand (the layers
-WRPN quantizes; clipping a norm's, an attention's or an activation product's signed operand to [0, 1] would
-be wrong).
+A module's own parameter used elementwise (``self.weight * x`` in Llama's and T5's RMSNorm or a hand-written
+LayerNorm, ``x + self.bias``, ``torch.addcmul(self.b, self.w, x)``) is quantized in the weight role (a factor or
+divisor) or the bias role (a term), and its gradient in weight_grad / bias_grad; the op's other operands, its
+result and their gradients stay float32 (the statistics and normalisation of a hand-written norm are float32, as
+torch's norms compute them; the next GEMM quantizes the result as its input). A parameter of another module, or
+an elementwise op without a parameter operand, runs as torch runs it.
+
+Numerics the emulation keeps in float32: the softmax, every norm's statistics and normalisation, additions and
+elementwise products of activations, activations, and anything not in ``ops.OPS``. Operands whose format is
+WRPN's clip format (Uniform) are quantized only at weight layers: linear and convolution ops, and a matmul
+with a Parameter operand (the layers WRPN quantizes; clipping a norm's, an attention's or an activation
+product's signed operand to [0, 1] would be wrong).
+
+State: the quantizers' states (dynamic-fixed-point exponents and their statistics, per call site) travel in
+the converted model's own ``state_dict()``, in its ``_metadata`` entry of the model (key ``lowprec_ops``), as the
+swapped layers keep theirs: the keys stay the plain model's (it loads into the unconverted model with
+``strict=True``), and ``load_state_dict`` into a converted model restores them (sites not made yet are made from
+it at the first forward), with ``layer_parameters`` (which parameters functional ops use as weights: the Trainer
+reads it).
 
 Warnings (once each): an op that cannot be quantized (an einsum of three operands, a sparse embedding), and,
-after a forward, every parameter the forward used that reached no quantized op (e.g. a positional embedding
-added to the tokens), named by its qualified name.
+after a forward, every parameter the forward used that reached no quantized op (e.g. one transformed before
+use, ``x * self.log_scale.exp()``), named by its qualified name. A parameter whose values a repetition or
+concatenation carries unchanged into a quantized operand (MultiheadAttention's ``bias_k`` / ``bias_v``
+concatenated to K and V, a token ``torch.cat``-ed to a swapped layer's input) reaches that op, in its role.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import warnings
@@ -41,7 +59,7 @@ from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
 from ..policy.ops import OP_KINDS
 from .attention import emulated_attention
-from .hooks import remove_forward_hooks
+from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import OPENED, Invocation, bind, is_parameter
@@ -52,12 +70,42 @@ from .swapped import layer_operands
 __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
+_METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
+_PARAMETERS_KEY = "lowprec_op_parameters"  # and ``layer_parameters``
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
+_PARAMETER_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # the roles an elementwise op quantizes
+_LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand of these: a weight layer's
+_T = torch.Tensor
+#: Functions that carry values unchanged into a new tensor (a repetition, a concatenation, a copy): a parameter
+#: they carry (MultiheadAttention's bias_k / bias_v, a ViT's class token) reaches the op that quantizes the result.
+_CARRIERS = {torch.cat, torch.concat, torch.stack, torch.repeat_interleave, torch.clone, torch.reshape, _T.repeat,
+             _T.expand, _T.expand_as, _T.repeat_interleave, _T.contiguous, _T.clone, _T.reshape}
 
 
 def _site(key: tuple[str, str, int, str]) -> str:
     name, op, index, product = key
     return f"{name}:{op}[{index}]" + (f".{product}" if product else "")
+
+
+def _own(module: nn.Module, t: Any) -> bool:
+    """Whether ``t`` is one of ``module``'s own parameters (or a view of one)."""
+    base = t if isinstance(t, nn.Parameter) else getattr(t, "_base", None)
+    return any(base is p for p in module._parameters.values())
+
+
+def _own_operands(inv: Invocation, module: nn.Module) -> Invocation | None:
+    """An elementwise invocation with roles only for ``module``'s own parameters; None when it has none."""
+    roles = tuple(r if r is not None and _own(module, t) else None for r, t in zip(inv.roles, inv.tensors))
+    return None if all(r is None for r in roles) else dataclasses.replace(inv, roles=roles)
+
+
+def _flat(args: tuple, kwargs: dict[str, Any]) -> Iterator[Any]:
+    """The arguments of a call, those in a list or tuple argument (``torch.cat([a, b])``) one by one."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
 
 
 def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
@@ -108,6 +156,10 @@ class OpEmulation:
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
         self._warned: set[str] = set()
+        #: The parameters (qualified names) that functional ops use as a weight layer's weight or bias: a weight
+        #: or bias operand of a linear, convolution, matmul or embedding op; None until a forward has run. The
+        #: Trainer gives them their layer's update roles (master, accumulator, optimizer_state).
+        self.layer_parameters: list[str] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -116,11 +168,14 @@ class OpEmulation:
         self._swapped = 0
         self._used: dict[int, nn.Parameter] = {}
         self._covered: set[int] = set()
+        self._weights: set[int] = set()  # the parameters weight-layer ops reached (layer_parameters)
+        self._carried: dict[int, tuple[Tensor, set[int]]] = {}  # a carrier's result: (it, the parameters it holds)
         self._checking = True  # the first forward looks for parameters that reach no quantized op
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
-        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_checking", "records"):
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_checking",
+                    "records"):
             state.pop(key, None)
         return state
 
@@ -132,20 +187,21 @@ class OpEmulation:
     @property
     def _tracking(self) -> bool:
         """Whether this forward records which parameters reach a quantized op (the first forward, and lp.plan):
-        only then are ``_used`` and ``_covered`` read."""
+        only then are ``_used``, ``_covered``, ``_weights`` and ``_carried`` kept."""
         return self._checking or self.records is not None
 
     # -- module hooks ---------------------------------------------------------------------------------------
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if not self._stack:
-            self._used, self._covered = {}, set()
+            self._used, self._covered, self._weights = {}, set(), set()
             self._mode = _Mode(self)
             self._mode.__enter__()
         self._stack.append(_Frame(name, module))
         if isinstance(module, QuantizedModule):
             self._swapped += 1
-            if self._tracking:
+            if self._tracking:  # its own parameters, and any its input carries (``_CARRIERS``)
                 self._covered.update(id(p) for p in module.parameters(recurse=False))
+                self._covered.update(*(self._parameters_in(a) for a in _flat(args, {})))
             if self._swapped == 1:
                 self._record_layer(name, module)
 
@@ -158,6 +214,7 @@ class OpEmulation:
         if not self._stack:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
+            self._carried = {}
             if self._tracking:
                 self._warn_uncovered(name, module)
                 self._checking = False
@@ -171,6 +228,12 @@ class OpEmulation:
                 if is_parameter(a):
                     p = a if isinstance(a, nn.Parameter) else a._base
                     self._used[id(p)] = p
+            if func in _CARRIERS:
+                carried = set().union(*(self._parameters_in(a) for a in _flat(args, kwargs)))
+                if carried:
+                    out = func(*args, **kwargs)
+                    self._carried[id(out)] = (out, carried)
+                    return out
         if func in OPENED:
             with mode:
                 return _opened(func)(*args, **kwargs)
@@ -178,14 +241,19 @@ class OpEmulation:
             inv = bind(func, args, kwargs)
         except TypeError:  # an unhashable callable: not one of ours
             inv = None
+        frame = self._stack[-1]
+        if inv is not None and OP_KINDS[inv.op] == "elementwise":
+            inv = _own_operands(inv, frame.module)
         if inv is None:
             return func(*args, **kwargs)
-        frame = self._stack[-1]
         index = frame.counts[inv.op]
         frame.counts[inv.op] += 1
         if self._tracking:
-            self._covered.update(id(t if isinstance(t, nn.Parameter) else t._base)
-                                 for t in inv.tensors if is_parameter(t))
+            self._covered.update(*(self._parameters_in(t) for t, r in zip(inv.tensors, inv.roles) if r is not None))
+            if OP_KINDS[inv.op] in _LAYER_KINDS:
+                self._weights.update(id(t if isinstance(t, nn.Parameter) else t._base)
+                                     for t, r in zip(inv.tensors, inv.roles) if r in ("weight", "bias")
+                                     and is_parameter(t))
         if inv.unsupported is not None:
             self._unquantized(frame.name, inv, index)
             return func(*args, **kwargs)
@@ -195,6 +263,15 @@ class OpEmulation:
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index))
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
+
+    def _parameters_in(self, x: Any) -> set[int]:
+        """The ids of the parameters ``x`` is, views or carries (``_CARRIERS``), in a forward that tracks them."""
+        if is_parameter(x):
+            return {id(x if isinstance(x, nn.Parameter) else x._base)}
+        for t in (x, getattr(x, "_base", None)):
+            if t is not None and id(t) in self._carried:
+                return self._carried[id(t)][1]
+        return set()
 
     def _attention(self, frame: _Frame, inv: Invocation, index: int) -> Tensor:
         sets = {name: self.quantizers(frame, "attention", index, name) for name in ("scores", "out")}
@@ -219,11 +296,13 @@ class OpEmulation:
         if found is None:
             policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
                                    last=frame.name == self.last, op=op)
-            clips = weight_layer and OP_KINDS[op] in _CLIP_KINDS
-            found = {role: Quantizer(self._quant(policy, role, clips), policy) for role in LAYER_ROLES}
-            if any(policy.get(role) is not None and not q.enabled for role, q in found.items()):
+            kind = OP_KINDS[op]
+            clips = weight_layer and kind in _CLIP_KINDS
+            found = {role: Quantizer(self._quant(policy, role, clips, kind), policy) for role in LAYER_ROLES}
+            if any(isinstance(getattr(policy.get(role), "format", None), Uniform) and not q.enabled
+                   for role, q in found.items()):
                 self.clip_exempt.add((frame.name, op, index))
-            if policy.get("accumulation") is not None and OP_KINDS[op] != "norm":
+            if policy.get("accumulation") is not None and kind not in ("norm", "elementwise"):
                 self._warn_once(f"{frame.name or '(root)'}: {op} accumulates in fp32: accumulation emulation "
                                 f"(accumulation={policy.get('accumulation')}) covers swapped Linear and recurrent "
                                 "layers only")
@@ -235,8 +314,10 @@ class OpEmulation:
         return found
 
     @staticmethod
-    def _quant(policy: Policy, role: str, clips: bool) -> Quant | None:
+    def _quant(policy: Policy, role: str, clips: bool, kind: str) -> Quant | None:
         quant = policy.get(role)
+        if kind == "elementwise" and role not in _PARAMETER_ROLES:
+            return None  # the elementwise op itself stays float32: only the parameter's roles are quantized
         if quant is not None and isinstance(quant.format, Uniform) and not clips:
             return None
         return quant
@@ -249,8 +330,10 @@ class OpEmulation:
                 yield _site(key), role, q
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """The op quantizers' states (dynamic-fixed-point exponents), by call site and role."""
-        return {_site(key): {role: q.state_dict() for role, q in qs.items()} for key, qs in self.quantizer_sets.items()}
+        """The op quantizers' states (dynamic-fixed-point exponents), by call site and role; a loaded site not made
+        yet (no forward since ``load_state_dict``) as it was loaded."""
+        made = {_site(key): {role: q.state_dict() for role, q in qs.items()} for key, qs in self.quantizer_sets.items()}
+        return self._pending | made
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         """Restore ``state_dict()``: sites already made now, the others when the forward first makes them."""
@@ -258,6 +341,22 @@ class OpEmulation:
         for key, qs in self.quantizer_sets.items():
             for role, s in self._pending.pop(_site(key), {}).items():
                 qs[role].load_state_dict(s)
+
+    def save_to_metadata(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                         local_metadata: dict[str, Any]) -> None:
+        """``state_dict`` post-hook of the model: its metadata entry carries ``state_dict()``."""
+        local_metadata[_METADATA_KEY] = self.state_dict()
+        if self.layer_parameters is not None:
+            local_metadata[_PARAMETERS_KEY] = list(self.layer_parameters)
+
+    def load_from_metadata(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                           local_metadata: dict[str, Any], *_: Any) -> None:
+        """``load_state_dict`` pre-hook of the model: restore what ``save_to_metadata`` saved (a state dict of the
+        plain model has none: the quantizers stay as they are)."""
+        if _METADATA_KEY in local_metadata:
+            self.load_state_dict(local_metadata[_METADATA_KEY])
+        if _PARAMETERS_KEY in local_metadata and self.layer_parameters is None:
+            self.layer_parameters = list(local_metadata[_PARAMETERS_KEY])
 
     # -- plan records and warnings --------------------------------------------------------------------------
     @staticmethod
@@ -325,13 +424,14 @@ class OpEmulation:
 
     def _warn_uncovered(self, root_name: str, root: nn.Module) -> None:
         names = {id(p): n for n, p in root.named_parameters()}
+        self.layer_parameters = sorted(names[i] for i in self._weights if i in names)
         missing = sorted(names[i] for i in self._used.keys() - self._covered if i in names)
         if self.records is not None:
             for n in missing:
                 self.records.setdefault(("param", n, 0), OpRecord(
                     n.rpartition(".")[0], f"parameter {n.rpartition('.')[2]}", "unquantized",
-                    [OperandRecord(n, "-", "fp32")], "used by no quantized op (elementwise use, or an op lowprec "
-                    "does not quantize)", calls=1))
+                    [OperandRecord(n, "-", "fp32")], "used by no quantized op (transformed before use, used "
+                    "elementwise by another module, or by an op lowprec does not quantize)", calls=1))
         fresh = [n for n in missing if n not in self._warned]
         if fresh:
             self._warned.update(fresh)
@@ -348,6 +448,8 @@ def attach(model: nn.Module, policy: Policy, first: str | None, last: str | None
     for name, module in model.named_modules():
         module.register_forward_pre_hook(functools.partial(emulation.enter, name))
         module.register_forward_hook(functools.partial(emulation.exit, name), always_call=True)
+    model.register_state_dict_post_hook(functools.partial(emulation.save_to_metadata))
+    model.register_load_state_dict_pre_hook(functools.partial(emulation.load_from_metadata))
     return emulation
 
 
@@ -359,6 +461,7 @@ def detach(model: nn.Module) -> None:
     """Remove the op-level emulation ``attach`` gave ``model`` (no-op when it has none)."""
     for module in model.modules():
         remove_forward_hooks(module, _is_ours)
+    remove_state_dict_hooks(model, _is_ours)
     if _ATTR in model.__dict__:
         delattr(model, _ATTR)
 

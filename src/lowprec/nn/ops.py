@@ -12,10 +12,14 @@ tensordot, vecdot, einsum / multi_dot        else activation (a product of two a
 addmm, baddbmm, addbmm, addmv, addr          the added term: bias if a Parameter, else activation; the two
                                              factors as matmul
 bilinear                                     input1, input2: activation, weight: weight, bias: bias
-embedding                                    the table: weight (indices are not quantized)
+embedding, embedding_bag                     the table: weight (indices and offsets are not quantized);
+                                             per_sample_weights: activation
 layer_norm, group_norm, rms_norm, batch_norm input: activation, weight: weight, bias: bias; running
                                              statistics and the normalisation itself stay float32
 attention (scaled_dot_product_attention)     Q, K, V and P = softmax(S): activation (see nn.attention)
+mul, div, add, sub, addcmul, prelu           a Parameter operand only (``PARAMETER_OPS``): weight for a factor,
+(elementwise, with a Parameter operand)      divisor or PReLU's slope, bias for a term; the other operands pass
+                                             as they are
 ==========================================  =================================================================
 
 Every op's result takes the output role; gradients the matching gradient roles (``opfunction.GRAD_ROLE``).
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Invocation", "bind", "OPS", "OPENED", "is_parameter"]
+__all__ = ["Invocation", "bind", "OPS", "OPENED", "PARAMETER_OPS", "is_parameter"]
 
 
 def is_parameter(x: Any) -> bool:
@@ -54,6 +58,8 @@ class Invocation:
 
 # role kinds of an operand slot: a fixed role, or "auto"/"auto_bias" decided by whether it is a Parameter
 _AUTO = {"auto": "weight", "auto_bias": "bias"}
+# role kinds of an elementwise operand: the role if it is a Parameter, else none (the operand passes as it is)
+_PARAMETER_ONLY = {"factor": "weight", "term": "bias"}
 
 
 def _role(kind: str | None, x: Any) -> str | None:
@@ -61,6 +67,8 @@ def _role(kind: str | None, x: Any) -> str | None:
         return None
     if kind in _AUTO:
         return _AUTO[kind] if is_parameter(x) else "activation"
+    if kind in _PARAMETER_ONLY:
+        return _PARAMETER_ONLY[kind] if is_parameter(x) else None
     return kind
 
 
@@ -92,25 +100,27 @@ class _Slots:
 def _unsupported(op: str, tensors: tuple[Any, ...], kwargs: dict[str, Any], args: tuple[Any, ...]) -> str | None:
     if any(isinstance(t, Tensor) and t.is_complex() for t in tensors):
         return "complex operands"
-    if op == "embedding" and (kwargs.get("sparse") or (len(args) > 6 and args[6])):
-        return "sparse embedding gradients (build the Embedding with sparse=False)"
+    if op in ("embedding", "embedding_bag") and kwargs.get("sparse"):
+        return "sparse embedding gradients (build the Embedding or EmbeddingBag with sparse=False)"
     return None
 
 
 @dataclass(frozen=True)
 class _Embedding(_Slots):
-    """``F.embedding``: a ``max_norm`` renormalises the stored table first (in place, as torch does), then the
-    lookup runs on the (quantized) table without it."""
+    """``F.embedding`` / ``F.embedding_bag`` (their parameters in ``signature`` order): bound by name; a
+    ``max_norm`` renormalises the stored table first (in place, as torch does), then the lookup runs on the
+    (quantized) table without it."""
+
+    signature: tuple[str, ...] = ()
 
     def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
-        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        bound = dict(zip(names, args)) | kwargs
+        bound = dict(zip(self.signature, args)) | kwargs
         if bound.get("max_norm") is not None:
             with torch.no_grad():
                 torch.embedding_renorm_(bound["weight"], bound["input"].contiguous(), bound["max_norm"],
                                         bound.get("norm_type", 2.0))
-            args, kwargs = (), bound | {"max_norm": None}
-        return super().bind(func, args, kwargs)
+            bound["max_norm"] = None
+        return super().bind(func, (), bound)
 
 
 _SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -146,6 +156,17 @@ class _Einsum:
                           unsupported=why)
 
 
+@dataclass(frozen=True)
+class _Elementwise(_Slots):
+    """An elementwise op (``PARAMETER_OPS``): bound only when an operand is a Parameter (or a view of one), so
+    that the many elementwise calls of a forward without one (residual additions, activations) cost one check."""
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation | None:
+        if not any(is_parameter(a) for a in (*args, *kwargs.values())):
+            return None
+        return super().bind(func, args, kwargs)
+
+
 _LINEAR = ((0, "input", "activation"), (1, "weight", "weight"), (2, "bias", "bias"))
 _PRODUCT = ((0, "input", "auto"), (1, "other", "auto"))
 _ADDED = ((0, "input", "auto_bias"), (1, "mat1", "auto"), (2, "mat2", "auto"))
@@ -179,7 +200,12 @@ OPS: dict[Callable[..., Any], Any] = {
     torch.linalg.multi_dot: _Einsum("multi_dot"),
     torch.chain_matmul: _Einsum("multi_dot"),
     torch.einsum: _Einsum(),
-    F.embedding: _Embedding("embedding", ((0, "input", None), (1, "weight", "weight"))),
+    F.embedding: _Embedding("embedding", ((0, "input", None), (1, "weight", "weight")), signature=(
+        "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")),
+    F.embedding_bag: _Embedding("embedding_bag", (
+        (0, "input", None), (1, "weight", "weight"), (8, "per_sample_weights", "activation")), signature=(
+        "input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+        "per_sample_weights", "include_last_offset", "padding_idx")),
     F.layer_norm: _Slots("layer_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),
     F.group_norm: _Slots("group_norm", ((0, "input", "activation"), (2, "weight", "weight"), (3, "bias", "bias"))),
     F.batch_norm: _Slots("batch_norm", ((0, "input", "activation"), (1, "running_mean", None),
@@ -189,6 +215,26 @@ OPS: dict[Callable[..., Any], Any] = {
 }
 if hasattr(F, "rms_norm"):
     OPS[F.rms_norm] = _Slots("rms_norm", ((0, "input", "activation"), (2, "weight", "weight")))
+
+_FACTORS = ((0, "input", "factor"), (1, "other", "factor"))
+_TERMS = ((0, "input", "term"), (1, "other", "term"))
+#: Elementwise ops that quantize a Parameter operand (a hand-written norm's ``self.weight * x``, Llama's and T5's
+#: RMSNorm, a learned scale or an added positional table): the emulation quantizes the operands that are
+#: parameters of the module whose forward runs the op, and only those (``emulate.OpEmulation.call``).
+PARAMETER_OPS: dict[Callable[..., Any], _Elementwise] = {
+    **{f: _Elementwise("mul", _FACTORS) for f in (torch.mul, torch.multiply, _TENSOR.mul, _TENSOR.multiply,
+                                                  _TENSOR.__mul__, _TENSOR.__rmul__)},
+    **{f: _Elementwise("div", _FACTORS) for f in (torch.div, torch.divide, torch.true_divide, _TENSOR.div,
+                                                  _TENSOR.divide, _TENSOR.true_divide, _TENSOR.__truediv__,
+                                                  _TENSOR.__rtruediv__, _TENSOR.__rdiv__)},
+    **{f: _Elementwise("add", _TERMS) for f in (torch.add, _TENSOR.add, _TENSOR.__add__, _TENSOR.__radd__)},
+    **{f: _Elementwise("sub", _TERMS) for f in (torch.sub, torch.subtract, _TENSOR.sub, _TENSOR.subtract,
+                                                _TENSOR.__sub__, _TENSOR.__rsub__)},
+    **{f: _Elementwise("addcmul", ((0, "input", "term"), (1, "tensor1", "factor"), (2, "tensor2", "factor")))
+       for f in (torch.addcmul, _TENSOR.addcmul)},
+    **{f: _Elementwise("prelu", ((0, "input", None), (1, "weight", "factor"))) for f in {F.prelu, torch.prelu}},
+}
+OPS.update(PARAMETER_OPS)
 
 #: Composite Python functions whose body the emulation opens, so that the ops inside them are intercepted
 #: (MultiheadAttention's in-projection, its attention products and its out-projection).

@@ -10,7 +10,7 @@ The plan converts a copy of ``model`` under ``policy`` (the original is untouche
 emulation and the swapped layers did: one row per op call site (module path, op name, call index), counting
 repeated calls. An op is "op emulation" (intercepted and quantized), "layer swap" (a layer ``convert``
 replaced) or "unquantized" with the reason (the policy keeps it in fp32, an op lowprec cannot quantize, a
-parameter used only elementwise). The warnings the conversion and the step raised are kept in ``warnings``.
+parameter that reaches no quantized op). The warnings the conversion and the step raised are kept in ``warnings``.
 """
 
 from __future__ import annotations

@@ -27,10 +27,12 @@ EMULATED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d,
 )
 
-#: torch modules whose forward runs only ops the emulation quantizes (F.linear, F.conv*, F.layer_norm, ...).
+#: torch modules whose forward runs only ops the emulation quantizes (F.linear, F.conv*, F.layer_norm,
+#: F.embedding_bag, F.prelu, ...).
 _COVERED: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
-    nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.PReLU, nn.LayerNorm,
+    nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 
 _OPERAND_NAMES = {

@@ -2,7 +2,8 @@
 
 Every op a converted model runs has a name (``linear``, ``conv_transpose2d``, ``bmm``, ``attention``,
 ``layer_norm``...) and a kind (``linear``, ``conv``, ``matmul``, ``embedding``, ``attention``, ``norm``,
-``recurrent``). A policy override whose pattern is ``op:<selector>`` applies to every op whose name or kind
+``recurrent``, ``elementwise``: a module's own Parameter multiplied or added elementwise, as a hand-written
+norm does). A policy override whose pattern is ``op:<selector>`` applies to every op whose name or kind
 matches the selector (fnmatch), in whichever module it runs: ``op:attention: activations=bf16,grads=bf16``
 keeps both products of every attention in bf16, ``op:norm: activations=none,params=none,grads=none`` keeps the
 norms in fp32, ``op:conv_transpose*: weight=int16`` widens the transposed convolutions only.
@@ -23,8 +24,10 @@ OP_KINDS: dict[str, str] = {
                                    "outer", "tensordot", "vecdot", "addmv", "addr", "addbmm", "multi_dot")},
     "bilinear": "linear",
     "embedding": "embedding",
+    "embedding_bag": "embedding",
     "attention": "attention",
     **{name: "norm" for name in ("layer_norm", "group_norm", "rms_norm", "batch_norm")},
+    **{name: "elementwise" for name in ("mul", "div", "add", "sub", "addcmul", "prelu")},
     **{name: "recurrent" for name in ("lstm", "gru", "lstm_cell", "gru_cell")},
 }
 

@@ -2,7 +2,12 @@
 
 The update roles (``master``, ``accumulator``, ``optimizer_state``) belong to the *weight layers*: the
 modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers, and the ConvTranspose /
-Conv3d layers its op-level emulation quantizes. The parameters of each
+Conv3d layers its op-level emulation quantizes; and to every parameter functional ops use as a weight layer's
+weight or bias (MultiheadAttention's ``in_proj_weight``, a user's ``nn.Parameter`` passed to ``F.linear`` or
+multiplied by ``@``: ``OpEmulation.layer_parameters``), under its module's policy. Which parameters those are
+is known once a forward has run: a Trainer built before the model's first forward resolves them at its first
+update (``Trainer.unscale_`` / ``apply_update``), rounding them into their master format then, before the
+optimizer steps; a checkpoint of the converted model carries the list. The parameters of each
 get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
 ``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
 widens its master, accumulator and optimizer-state formats with its weight), as ``convert`` resolves them
@@ -33,7 +38,8 @@ from ..nn.swapped import EMULATED_LAYERS
 from ..policy import Policy, as_policy
 from .update import ParamSlot, check_update_roles
 
-__all__ = ["parameter_slots", "check_optimizer_covers", "model_differences", "trainer_policy", "UPDATE_ROLES"]
+__all__ = ["parameter_slots", "parameter_policies", "check_optimizer_covers", "model_differences", "trainer_policy",
+           "UPDATE_ROLES"]
 
 UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
 
@@ -50,11 +56,9 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
 
 
-def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
-    """One ``ParamSlot`` per trainable parameter, in ``model.named_parameters()`` order.
-
-    Raises ValueError when a layer's policy sets an accumulator without a master format."""
-    check_update_roles(policy, "policy")  # the base roles, even where every layer overrides them
+def parameter_policies(model: nn.Module, policy: Policy, *, warn: bool = True) -> dict[str, Policy]:
+    """The policy each trainable parameter is updated under (module docstring), by qualified name; ``warn``: the
+    UserWarning for converted layers whose update roles differ from the trainer's."""
     layers = _weight_layers(model)
     policies: dict[str, Policy] = {}
     disagree = []
@@ -64,7 +68,7 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
             module.policy.get(r) != policies[name].get(r) for r in UPDATE_ROLES
         ):
             disagree.append(name)
-    if disagree:
+    if disagree and warn:
         warnings.warn(
             f"lowprec.Trainer: layers {', '.join(disagree)} were converted under a policy whose master / "
             "accumulator / optimizer_state roles differ from the trainer's; the trainer's policy decides how "
@@ -72,12 +76,28 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
             UserWarning,
             stacklevel=3,
         )
-    slots = []
+    emulation = emulation_of(model)
+    functional = set(emulation.layer_parameters or ()) if emulation is not None else set()
+    modules = dict(model.named_modules())
+    out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             owner = name.rpartition(".")[0]
-            slots.append(ParamSlot(name, p, policies.get(owner, Policy())))
-    return slots
+            if owner not in policies and name in functional:  # a weight only functional ops use
+                out[name] = module_policy(policy, owner, modules[owner], first=owner == emulation.first,
+                                          last=owner == emulation.last, warn=False)
+            else:
+                out[name] = policies.get(owner, Policy())
+    return out
+
+
+def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
+    """One ``ParamSlot`` per trainable parameter, in ``model.named_parameters()`` order.
+
+    Raises ValueError when a layer's policy sets an accumulator without a master format."""
+    check_update_roles(policy, "policy")  # the base roles, even where every layer overrides them
+    params = dict(model.named_parameters())
+    return [ParamSlot(name, params[name], p) for name, p in parameter_policies(model, policy).items()]
 
 
 def _layer_part(policy: Policy) -> Policy:

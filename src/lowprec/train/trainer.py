@@ -53,11 +53,11 @@ from ..formats import FloatFormat
 from ..policy import Policy, Quantizer
 from ..scaling import LossScaler, StepResult
 from . import distributed
-from .params import check_optimizer_covers, model_differences, parameter_slots, trainer_policy
+from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
 from .state import OptimizerStateFormats
-from .update import check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
+from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
 __all__ = ["Trainer", "TrainStepResult", "scaler_for", "rng_state", "set_rng_state"]
@@ -159,6 +159,8 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
+        emulation = emulation_of(model)  # its record of the weights functional ops use: after the first forward
+        self._awaiting_forward = emulation is not None and emulation.layer_parameters is None
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
@@ -222,8 +224,27 @@ class Trainer:
         for slot in self.slots:
             slot.gather_grad_()
 
+    def _adopt_functional_weights(self) -> list[ParamSlot]:
+        """Once the model's first forward has shown which parameters functional ops use as weights
+        (``params.parameter_policies``), give each its layer's update roles: a new slot (rounded into its master
+        format now, after the backward, before any optimizer step) where its policy changed. Returns the new
+        slots."""
+        if not self._awaiting_forward or emulation_of(self.model).layer_parameters is None:
+            return []
+        self._awaiting_forward = False
+        policies = parameter_policies(self.model, self.policy, warn=False)
+        new = [ParamSlot(s.name, s.param, policies[s.name]) for s in self.slots if s.policy != policies[s.name]]
+        if new:
+            made = {s.name: s for s in new}
+            self.slots = [made.get(s.name, s) for s in self.slots]
+            self.state_formats = OptimizerStateFormats(self.slots)
+            check_courbariaux_optimizer(self.optimizer, self.slots)
+            _warn_narrow_adam_state(self.optimizer, self.slots)
+        return new
+
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
+        self._adopt_functional_weights()
         if self._unscaled is None:
             self._check_gradients("unscale_()")
             self._gather_grads()
@@ -274,6 +295,7 @@ class Trainer:
         """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents.
         RuntimeError (nothing changed) without any gradient, or with gradients from a ``loss.backward()`` by hand
         under loss scaling (``_check_gradients``)."""
+        self._adopt_functional_weights()
         if self._unscaled is None:
             self._check_gradients("apply_update()")
         if (self._unscaled is None and self.fused is not None and self.clip_grad_norm is None  # set after build
@@ -374,8 +396,13 @@ class Trainer:
         initial parameters, accumulators and optimizer state. No loss scaling; the scaler is untouched.
         ``loss_fn(model, batch)`` returns the loss. Returns the number of steps taken."""
         accumulators = [(s.acc, s.acc.clone()) for s in self.slots if s.acc is not None]
+        adopted: list[ParamSlot] = []  # slots the warm-up's first forward showed (functional ops' weights)
 
         def update() -> None:
+            new = self._adopt_functional_weights()
+            if new:
+                adopted.extend(new)
+                self._set_observe_only(True)  # the new slots' quantizers observe too
             self._update_parameters()
             self.zero_grad()
             self.update_exponents()
@@ -387,6 +414,10 @@ class Trainer:
             self._set_observe_only(False)
             for acc, saved in accumulators:
                 acc.copy_(saved)
+            for slot in adopted:  # they start as if built with the trainer: zero accumulator, stored in master
+                if slot.acc is not None:
+                    slot.acc.zero_()
+                slot.store_(observe=False)
 
     def _set_observe_only(self, flag: bool) -> None:
         for slot in self.slots:
@@ -411,7 +442,6 @@ class Trainer:
             "quantizers": {
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
                 "optimizer_state": self.state_formats.state_dict(),
-                "ops": _op_emulation_state(self.model),
             },
             "rng": rng_state(),
         }
@@ -426,9 +456,10 @@ class Trainer:
         differences = model_differences(state["model"], self.model.state_dict())
         if differences:
             raise ValueError(f"checkpoint holds another model: {'; '.join(differences)}")
-        self.model.load_state_dict(state["model"])
-        if emulation_of(self.model) is not None:  # the exponents of functional ops (lowprec.nn.emulate)
-            emulation_of(self.model).load_state_dict(state["quantizers"].get("ops", {}))
+        self.model.load_state_dict(state["model"])  # the functional ops' exponents too (lowprec.nn.emulate)
+        self._adopt_functional_weights()  # and which parameters they use as weights
+        if "ops" in state["quantizers"] and emulation_of(self.model) is not None:  # kept there before they were
+            emulation_of(self.model).load_state_dict(state["quantizers"]["ops"])  # in the model's state_dict
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
         accumulators = {s.name: s.acc for s in self.slots if s.acc is not None}
@@ -449,9 +480,3 @@ class Trainer:
         set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
-
-
-def _op_emulation_state(model: nn.Module) -> dict[str, Any]:
-    """The op-level quantizers' states of a converted model (empty when it has no op-level emulation)."""
-    emulation = emulation_of(model)
-    return {} if emulation is None else emulation.state_dict()
