@@ -68,6 +68,10 @@ wrpn_wide3() {  # 3x wide at 32/32 and 4/4 bits on the same schedule, seed 0
   run wrpn-fashion-decay-wide3 compare --task fashion-cnn --epochs 8 --schedule linear --seed 0 \
     --train-limit 10000 --recipes fp32+width=3 wrpn-4-4+width=3
 }
+wrpn_16() {     # the claim on twice the epochs (16), seed 0: does the 4/4 gap keep closing?
+  run wrpn-fashion-decay-16 compare --task fashion-cnn --epochs 16 --schedule linear --seed 0 \
+    --train-limit 10000 --recipes fp32 wrpn-4-4+width=2
+}
 lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 / int8-lazy
   # Adam's moments in INT16, as Park et al. require for Adam (beta2 = 0.999 underflows INT8)
   run park-lstm compare --task digits-lstm --epochs 15 --seed 0 --recipes fp32 int8+optimizer_state=int16 \
