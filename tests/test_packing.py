@@ -175,3 +175,29 @@ def test_storage_is_a_property_of_the_format():
     assert parse_format("e4m3").storage.dtype == torch.float8_e4m3fn
     assert parse_format("uniform<4>").storage.bytes_per_value == 0.5
     assert parse_format("uniform<2,unsigned>").storage.bytes_per_value == 0.25
+
+
+@pytest.mark.parametrize("spec", ["uniform<4>", "uniform<2,unsigned>", "uniform<1>", "fixed<8,4>", "fixed<16,8>",
+                                  "fixed<4,2>", "dfx<4>", "dfx<12>"])
+def test_chunked_packing_matches_one_pass(spec, monkeypatch):
+    """A tensor larger than CHUNK is coded a chunk at a time: the same bytes, the same round trip."""
+    from lowprec.formats import packing
+
+    fmt = parse_format(spec)
+    q = quantize(torch.randn(1001, generator=torch.Generator().manual_seed(7)) * 3, fmt)
+    whole = pack(q, fmt)
+    monkeypatch.setattr(packing, "CHUNK", 64)
+    chunked = pack(q, fmt)
+    assert chunked.data.dtype == whole.data.dtype and torch.equal(chunked.data, whole.data.reshape(-1))
+    _assert_round_trip(q, fmt, integer_codes=True)
+
+
+def test_block_codes_at_the_ends_of_the_float_range():
+    """Blocks of subnormals and of values near the float32 maximum: the exponents 2**frac are applied as two
+    normal factors on the device, and the codes come back bit for bit."""
+    fmt = BlockFloat(8, 4)
+    x = torch.tensor([1e-45, -3e-45, 2e-42, 0.0, 3e38, -1e38, 2e37, 1.0, -1e-40, 5e-39, 0.0, -0.0])
+    q = quantize(x, fmt)
+    packed = pack(q, fmt)
+    assert isinstance(packed, BlockCodes)
+    _assert_round_trip(q, fmt, integer_codes=True)
