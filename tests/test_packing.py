@@ -201,3 +201,46 @@ def test_block_codes_at_the_ends_of_the_float_range():
     packed = pack(q, fmt)
     assert isinstance(packed, BlockCodes)
     _assert_round_trip(q, fmt, integer_codes=True)
+
+
+@given(n=st.integers(0, 70), seed=st.integers(0, 2**16), width=st.sampled_from([1, 2, 4]))
+def test_lane_layout_in_tensor_ops_matches_a_reference(n, seed, width):
+    """The tensor-op lanes (what a GPU runs; the CPU packs masks with numpy) against numpy's packbits (masks)
+    and a per-value reference (2- and 4-bit codes), and back."""
+    from lowprec.formats.packing import _from_lanes_torch, _to_lanes_torch
+
+    values = torch.randint(0, 2**width, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    stored = _to_lanes_torch(values, width)
+    ref = (np.packbits(values.numpy().astype(bool), bitorder="little") if width == 1
+           else _nibbles_reference(values.numpy(), width))
+    assert np.array_equal(stored.numpy(), ref)
+    assert torch.equal(_from_lanes_torch(stored, width, n), values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_large_float8_unpacks_bit_exact(dtype):
+    """Above COMPILE_MIN_NUMEL a float8 tensor is widened by a compiled cast: every one of the 256 codes comes
+    back as torch's eager cast gives it (NaN as NaN)."""
+    from lowprec.formats.packing import Cast
+    from lowprec.formats.quantize import COMPILE_MIN_NUMEL
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(COMPILE_MIN_NUMEL // 256 + 1)
+    data = codes.view(dtype)
+    back, ref = Cast(data, torch.float32).unpack(), data.to(torch.float32)
+    nan = ref.isnan()
+    assert torch.equal(back.isnan(), nan) and torch.equal(back[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+
+
+def test_dfx_rounding_leaves_its_fixed_point_grid():
+    """quantize(x, dfx<b>) marks its result with the fixed<b, frac> it rounded to, and a later dfx<b> mark keeps
+    it: packing reads the codes at that exponent (no second max pass), the same codes as finding it again."""
+    from lowprec.formats.packing import mark, marked_format
+
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(2)) * 5
+    fmt = parse_format("dfx<8>")
+    q = mark(quantize(x, fmt), fmt)
+    assert marked_format(q) == FixedPoint(8, 8 - 1 - int(math.floor(math.log2(x.abs().max().item())) + 1))
+    via_grid, via_range = pack(q, marked_format(q)), pack(q, fmt)
+    assert via_grid.frac == via_range.frac and torch.equal(via_grid.data, via_range.data)
+    q.add_(0)  # changed in place: the marks are gone
+    assert marked_format(mark(q, fmt)) == fmt

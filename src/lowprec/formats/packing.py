@@ -24,9 +24,11 @@ Boolean tensors (masks) pack eight to a byte: :func:`pack_bool`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -88,11 +90,36 @@ class Cast(Packed):
         return self.data.shape
 
     def unpack(self) -> Tensor:
-        return self.data.to(self.dtype)
+        return _upcast(self.data, self.dtype)
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_upcast_failed = False
+
+
+@functools.cache
+def _compiled_upcast() -> Callable[[Tensor, torch.dtype], Tensor]:
+    return torch.compile(lambda data, dtype: data.to(dtype), dynamic=True)
+
+
+@torch.compiler.disable  # its own compiled graph: opaque to a user's torch.compile
+def _upcast(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """``data.to(dtype)``; a large float8 tensor through torch.compile, whose generated loop converts several
+    times faster than torch's eager float8 conversion on a CPU (the same values; eager if compiling fails)."""
+    from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
+
+    global _upcast_failed
+    if (data.dtype in _FP8_DTYPES and data.numel() >= COMPILE_MIN_NUMEL and not _upcast_failed
+            and compile_enabled()):
+        try:
+            return _compiled_upcast()(data, dtype)
+        except Exception:  # no C++ compiler: eager gives the same values
+            _upcast_failed = True
+    return data.to(dtype)
 
 
 # -- integer codes --------------------------------------------------------------------------------------------
@@ -118,8 +145,15 @@ def _sub_byte(bits: int) -> int | None:
 def _to_lanes(values: Tensor, width: int) -> Tensor:
     """uint8 ``values`` below 2**width (any shape), 8 // width a byte, the first in the lowest bits (flat,
     zero-padded): the one sub-byte layout of masks (width 1) and 2- and 4-bit codes."""
-    per_byte = 8 // width
     flat = values.reshape(-1)
+    if width == 1 and flat.device.type == "cpu":  # numpy's packbits: the same layout in one C loop
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _to_lanes_torch(flat, width)
+
+
+def _to_lanes_torch(flat: Tensor, width: int) -> Tensor:
+    """``_to_lanes`` in tensor ops, on any device."""
+    per_byte = 8 // width
     pad = -flat.numel() % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -132,6 +166,13 @@ def _to_lanes(values: Tensor, width: int) -> Tensor:
 
 def _from_lanes(stored: Tensor, width: int, numel: int) -> Tensor:
     """The first ``numel`` uint8 values of ``_to_lanes`` (flat)."""
+    if width == 1 and stored.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(stored.numpy(), count=numel, bitorder="little"))
+    return _from_lanes_torch(stored, width, numel)
+
+
+def _from_lanes_torch(stored: Tensor, width: int, numel: int) -> Tensor:
+    """``_from_lanes`` in tensor ops, on any device."""
     per_byte, low = 8 // width, 2**width - 1
     lanes = stored.new_empty(stored.numel(), per_byte)
     for i in range(per_byte):
@@ -452,7 +493,13 @@ _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 def mark(x: Tensor, fmt: Format) -> Tensor:
     """Record that ``x`` (the output of a rounding onto ``fmt``) lies on ``fmt``'s grid; returns ``x``. A format
-    family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are."""
+    family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are. A ``dfx<b>`` mark
+    keeps the ``fixed<b, frac>`` mark its rounding already left (the exponent it chose), which is packed as it
+    is, without finding the exponent again."""
+    entry = _MARKS.get(x)
+    if (isinstance(fmt, DynamicFixedPoint) and entry is not None and entry[1] == x._version
+            and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits):
+        return x
     if type(fmt) in PACKERS:
         _MARKS[x] = (fmt, x._version)
     return x
