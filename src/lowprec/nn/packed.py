@@ -190,8 +190,11 @@ def _unpack_saved(p: Tensor | Packed) -> Tensor:
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
-    def __init__(self) -> None:
-        super().__init__(pack_saved, _unpack_saved)
+    def __init__(self, pack_hook: Callable[[Tensor], Any] | None = None,
+                 unpack_hook: Callable[[Any], Tensor] | None = None) -> None:
+        """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
+        unpacking; ``recomputable`` records while any such context is open."""
+        super().__init__(pack_hook or pack_saved, unpack_hook or _unpack_saved)
 
     def __enter__(self) -> None:
         global _open
