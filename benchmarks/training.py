@@ -37,7 +37,8 @@ ratio of its step time to the fp32 step (below 1: faster).
 Packed storage (``--packed-only``, or section 3b): the same peak of each emulated recipe with its saved tensors
 stored packed (``lowprec.nn.packed``, the default) and with ``LOWPREC_PACKED=0`` (float32 containers, as before
 packing existed), against the plain fp32 step; Park et al.'s Fig. 4 ratio int8-lazy / int16 on LeNet; the step
-time with packing / without, timed in the same interleaved rounds; and a bar chart (docs/img/packed-memory.png).
+time with packing / without on every model of ``--models``, timed in the same interleaved rounds; and a bar
+chart (docs/img/packed-memory.png).
 
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
@@ -355,27 +356,28 @@ def packed_times(work: Workload, recipes: list[str], rounds: int, per_round: int
     return {r: ratio(times, f"{r}|True", f"{r}|False") for r in recipes}
 
 
-def packed_section(big: Workload, park: Workload, timed: Workload, rounds: int, per_round: int,
+def packed_section(big: Workload, park: Workload, timed: list[Workload], rounds: int, per_round: int,
                    plot: Path | None) -> tuple[Row, list[Row]]:
     header = ["model", "recipe", "packed peak MiB", "packed / fp32", "target", "unpacked peak MiB",
-              "unpacked / fp32", f"step time packed / unpacked ({timed.name})"]
-    times = packed_times(timed, PACKED_RECIPES, rounds, per_round)
+              "unpacked / fp32"] + [f"step time packed / unpacked ({w.name})" for w in timed]
+    times = {w.name: packed_times(w, PACKED_RECIPES, rounds, per_round) for w in timed}
     rows = []
     for work in (big, park):
         recipes = PACKED_RECIPES if work is big else ["int8-lazy", "int16"]
         peaks = packed_memory(work, recipes)
         base = peaks["fp32"]["packed"]
-        rows.append([work.note, "fp32 (plain PyTorch)", f"{base:.1f}", "1.00", "", "", "", ""])
+        blank = [""] * len(timed)
+        rows.append([work.note, "fp32 (plain PyTorch)", f"{base:.1f}", "1.00", "", "", "", *blank])
         for r in recipes:
             p, u = peaks[r]["packed"], peaks[r]["unpacked"]
             target = f"<= {PACKED_TARGETS[r]}" if work is big and r in PACKED_TARGETS else ""
             rows.append([work.note, r, f"{p:.1f}", f"{p / base:.2f}", target, f"{u:.1f}", f"{u / base:.2f}",
-                         f"{times[r]:.2f}" if work is big else ""])
+                         *([f"{times[w.name][r]:.2f}" for w in timed] if work is big else blank)])
         if work is park:
             p8, p16 = peaks["int8-lazy"], peaks["int16"]
             rows.append([work.note, "int8-lazy / int16 (Park Fig. 4: 0.69)",
                          f"{p8['packed'] / p16['packed']:.2f}", "", "", f"{p8['unpacked'] / p16['unpacked']:.2f}",
-                         "", ""])
+                         "", *blank])
         if work is big and plot is not None:
             _plot_packed(plot, work.note, recipes, peaks)
     return header, rows
@@ -396,7 +398,8 @@ def _plot_packed(path: Path, title: str, recipes: list[str], peaks: dict[str, di
     ax.set_xticks(list(x), recipes, rotation=20)
     ax.set_ylabel("measured peak / fp32 peak")
     ax.set_title(f"{title}: measured peak memory of a training step")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.25 * max(1.0, *(peaks[r]["unpacked"] / base for r in recipes)))  # room for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -496,7 +499,7 @@ def main() -> None:
                            "ResNet-20, batch 128 (activation-heavy)")
     if args.packed_only:
         print_table("packed storage: measured peak vs plain fp32", *packed_section(
-            resnet_b128, WORKLOADS["lenet"], WORKLOADS["resnet20"], rounds, args.steps, PACKED_PLOT))
+            resnet_b128, WORKLOADS["lenet"], workloads, rounds, args.steps, PACKED_PLOT))
         return
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
@@ -521,7 +524,7 @@ def main() -> None:
     header, rows = memory_section(mem_workloads, MEMORY_RECIPES)
     print_table("peak training memory", header, rows)
     sections.append(("### 3. Peak training memory per recipe (MiB)", header, rows))
-    header, rows = packed_section(resnet_b128, WORKLOADS["lenet"], WORKLOADS["resnet20"], rounds, args.steps,
+    header, rows = packed_section(resnet_b128, WORKLOADS["lenet"], workloads, rounds, args.steps,
                                   None if output is None else PACKED_PLOT)
     print_table("packed storage: measured peak vs plain fp32", header, rows)
     sections.append(("### 3b. Packed storage: measured peak vs the plain fp32 step", header, rows))

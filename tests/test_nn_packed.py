@@ -120,3 +120,58 @@ def test_a_tensor_saved_twice_is_packed_once(monkeypatch):
     assert len(stored) >= 2 and all(isinstance(s, Packed) for s in stored[:2]) and stored[0] is stored[1]
     loss.backward()
     assert torch.equal(w.grad, 3 * q)
+
+
+class ConvBN(nn.Module):
+    """conv-BN-ReLU three times, then a linear layer: under WRPN the first conv is full precision and the
+    others quantized with no output role, so every batch-norm saves an unrounded convolution output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(m for c_in in (1, 4, 4) for m in (nn.Conv2d(c_in, 4, 3, padding=1),
+                                                                       nn.BatchNorm2d(4), nn.ReLU())))
+        self.fc = nn.Linear(4 * 12 * 12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def _conv_bn_step(packed: bool, monkeypatch, saved: list):
+    monkeypatch.setenv("LOWPREC_PACKED", "1" if packed else "0")
+    torch.manual_seed(0)
+    model = lp.convert(ConvBN(), "wrpn-4-4")
+    x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append(inner(t)) or saved[-1])
+    cross_entropy(model(x), torch.arange(16) % 10).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def test_unrounded_conv_outputs_are_computed_again_in_backward(monkeypatch):
+    """WRPN: each batch-norm's input (a convolution output no role rounds) is stored as nothing but the conv
+    and its packed arguments, and backward computes it again bit for bit: the same gradients as unpacked."""
+    saved: list = []
+    on = _conv_bn_step(True, monkeypatch, saved)
+    again = [s for s in saved if type(s).__name__ == "_Recomputed"]
+    assert len(again) == 3 and all(s.nbytes == 0 for s in again)
+    assert any(isinstance(a, Packed) for s in again for a in s.args)  # the quantized convs' 4-bit inputs
+    off = _conv_bn_step(False, monkeypatch, [])
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+    import gc
+
+    del saved[:], again
+    gc.collect()
+    assert len(packed_mod._RECOMPUTE) == 0 and len(packed_mod._WAITING) == 0  # nothing outlives the step
+
+
+def test_an_output_changed_in_place_is_not_recomputed(monkeypatch):
+    """A conv output that an in-place ReLU changed before it is saved is the ReLU's result, not the conv's:
+    stored as the ReLU's one bit a value, never recomputed."""
+    saved: list = []
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append(inner(t)) or saved[-1])
+    model = lp.convert(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3),
+                                     nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(256, 10)), "wrpn-4-4")
+    model(torch.randn(8, 1, 12, 12)).sum().backward()
+    kinds = {type(s).__name__ for s in saved}
+    assert "_Recomputed" not in kinds and "_Positive" in kinds

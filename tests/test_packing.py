@@ -175,3 +175,72 @@ def test_storage_is_a_property_of_the_format():
     assert parse_format("e4m3").storage.dtype == torch.float8_e4m3fn
     assert parse_format("uniform<4>").storage.bytes_per_value == 0.5
     assert parse_format("uniform<2,unsigned>").storage.bytes_per_value == 0.25
+
+
+@pytest.mark.parametrize("spec", ["uniform<4>", "uniform<2,unsigned>", "uniform<1>", "fixed<8,4>", "fixed<16,8>",
+                                  "fixed<4,2>", "dfx<4>", "dfx<12>"])
+def test_chunked_packing_matches_one_pass(spec, monkeypatch):
+    """A tensor larger than CHUNK is coded a chunk at a time: the same bytes, the same round trip."""
+    from lowprec.formats import packing
+
+    fmt = parse_format(spec)
+    q = quantize(torch.randn(1001, generator=torch.Generator().manual_seed(7)) * 3, fmt)
+    whole = pack(q, fmt)
+    monkeypatch.setattr(packing, "CHUNK", 64)
+    chunked = pack(q, fmt)
+    assert chunked.data.dtype == whole.data.dtype and torch.equal(chunked.data, whole.data.reshape(-1))
+    _assert_round_trip(q, fmt, integer_codes=True)
+
+
+def test_block_codes_at_the_ends_of_the_float_range():
+    """Blocks of subnormals and of values near the float32 maximum: the exponents 2**frac are applied as two
+    normal factors on the device, and the codes come back bit for bit."""
+    fmt = BlockFloat(8, 4)
+    x = torch.tensor([1e-45, -3e-45, 2e-42, 0.0, 3e38, -1e38, 2e37, 1.0, -1e-40, 5e-39, 0.0, -0.0])
+    q = quantize(x, fmt)
+    packed = pack(q, fmt)
+    assert isinstance(packed, BlockCodes)
+    _assert_round_trip(q, fmt, integer_codes=True)
+
+
+@given(n=st.integers(0, 70), seed=st.integers(0, 2**16), width=st.sampled_from([1, 2, 4]))
+def test_lane_layout_in_tensor_ops_matches_a_reference(n, seed, width):
+    """The tensor-op lanes (what a GPU runs; the CPU packs masks with numpy) against numpy's packbits (masks)
+    and a per-value reference (2- and 4-bit codes), and back."""
+    from lowprec.formats.packing import _from_lanes_torch, _to_lanes_torch
+
+    values = torch.randint(0, 2**width, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    stored = _to_lanes_torch(values, width)
+    ref = (np.packbits(values.numpy().astype(bool), bitorder="little") if width == 1
+           else _nibbles_reference(values.numpy(), width))
+    assert np.array_equal(stored.numpy(), ref)
+    assert torch.equal(_from_lanes_torch(stored, width, n), values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_large_float8_unpacks_bit_exact(dtype):
+    """Above COMPILE_MIN_NUMEL a float8 tensor is widened by a compiled cast: every one of the 256 codes comes
+    back as torch's eager cast gives it (NaN as NaN)."""
+    from lowprec.formats.packing import Cast
+    from lowprec.formats.quantize import COMPILE_MIN_NUMEL
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(COMPILE_MIN_NUMEL // 256 + 1)
+    data = codes.view(dtype)
+    back, ref = Cast(data, torch.float32).unpack(), data.to(torch.float32)
+    nan = ref.isnan()
+    assert torch.equal(back.isnan(), nan) and torch.equal(back[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+
+
+def test_dfx_rounding_leaves_its_fixed_point_grid():
+    """quantize(x, dfx<b>) marks its result with the fixed<b, frac> it rounded to, and a later dfx<b> mark keeps
+    it: packing reads the codes at that exponent (no second max pass), the same codes as finding it again."""
+    from lowprec.formats.packing import mark, marked_format
+
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(2)) * 5
+    fmt = parse_format("dfx<8>")
+    q = mark(quantize(x, fmt), fmt)
+    assert marked_format(q) == FixedPoint(8, 8 - 1 - int(math.floor(math.log2(x.abs().max().item())) + 1))
+    via_grid, via_range = pack(q, marked_format(q)), pack(q, fmt)
+    assert via_grid.frac == via_range.frac and torch.equal(via_grid.data, via_range.data)
+    q.add_(0)  # changed in place: the marks are gone
+    assert marked_format(mark(q, fmt)) == fmt

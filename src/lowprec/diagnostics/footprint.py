@@ -104,7 +104,8 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it."""
     from ..formats.packing import Packed
     from ..nn import QuantizedModule
-    from ..nn.packed import install_packing, is_packing, pack_saved, packing_enabled, remove_packing
+    from ..nn.packed import (PackedSavedTensors, install_packing, is_packing, pack_saved, packing_enabled,
+                             remove_packing)
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
@@ -137,7 +138,8 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     if packing:
         remove_packing(model)  # this function's hook sees every save and packs it as the model's would
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saving = PackedSavedTensors if packing else torch.autograd.graph.saved_tensors_hooks
+        with saving(pack, lambda t: t):  # packing: as the model's own hooks, recomputable outputs recorded
             loss_fn(model, batch)
     finally:
         for h in hooks:

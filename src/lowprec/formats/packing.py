@@ -24,9 +24,11 @@ Boolean tensors (masks) pack eight to a byte: :func:`pack_bool`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -88,11 +90,36 @@ class Cast(Packed):
         return self.data.shape
 
     def unpack(self) -> Tensor:
-        return self.data.to(self.dtype)
+        return _upcast(self.data, self.dtype)
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_upcast_failed = False
+
+
+@functools.cache
+def _compiled_upcast() -> Callable[[Tensor, torch.dtype], Tensor]:
+    return torch.compile(lambda data, dtype: data.to(dtype), dynamic=True)
+
+
+@torch.compiler.disable  # its own compiled graph: opaque to a user's torch.compile
+def _upcast(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """``data.to(dtype)``; a large float8 tensor through torch.compile, whose generated loop converts several
+    times faster than torch's eager float8 conversion on a CPU (the same values; eager if compiling fails)."""
+    from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
+
+    global _upcast_failed
+    if (data.dtype in _FP8_DTYPES and data.numel() >= COMPILE_MIN_NUMEL and not _upcast_failed
+            and compile_enabled()):
+        try:
+            return _compiled_upcast()(data, dtype)
+        except Exception:  # no C++ compiler: eager gives the same values
+            _upcast_failed = True
+    return data.to(dtype)
 
 
 # -- integer codes --------------------------------------------------------------------------------------------
@@ -115,14 +142,18 @@ def _sub_byte(bits: int) -> int | None:
     return 2 if bits <= 2 else 4 if bits <= 4 else None
 
 
-def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
-    """Integer-valued float codes (signed two's complement or unsigned, ``bits`` wide) as the stored tensor:
-    int8..int64 for whole bytes, uint8 with 8 // width codes a byte for 2- and 4-bit codes (flat)."""
-    width = _sub_byte(bits)
-    if width is None:
-        return codes.to(_code_dtype(bits, signed))
+def _to_lanes(values: Tensor, width: int) -> Tensor:
+    """uint8 ``values`` below 2**width (any shape), 8 // width a byte, the first in the lowest bits (flat,
+    zero-padded): the one sub-byte layout of masks (width 1) and 2- and 4-bit codes."""
+    flat = values.reshape(-1)
+    if width == 1 and flat.device.type == "cpu":  # numpy's packbits: the same layout in one C loop
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _to_lanes_torch(flat, width)
+
+
+def _to_lanes_torch(flat: Tensor, width: int) -> Tensor:
+    """``_to_lanes`` in tensor ops, on any device."""
     per_byte = 8 // width
-    flat = codes.reshape(-1).to(torch.int16) & (2**width - 1)  # two's complement in ``width`` bits
     pad = -flat.numel() % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -130,7 +161,57 @@ def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
     byte = lanes[:, 0].clone()
     for i in range(1, per_byte):
         byte |= lanes[:, i] << (width * i)
-    return byte.to(torch.uint8)
+    return byte
+
+
+def _from_lanes(stored: Tensor, width: int, numel: int) -> Tensor:
+    """The first ``numel`` uint8 values of ``_to_lanes`` (flat)."""
+    if width == 1 and stored.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(stored.numpy(), count=numel, bitorder="little"))
+    return _from_lanes_torch(stored, width, numel)
+
+
+def _from_lanes_torch(stored: Tensor, width: int, numel: int) -> Tensor:
+    """``_from_lanes`` in tensor ops, on any device."""
+    per_byte, low = 8 // width, 2**width - 1
+    lanes = stored.new_empty(stored.numel(), per_byte)
+    for i in range(per_byte):
+        torch.bitwise_and(stored >> (width * i) if i else stored, low, out=lanes[:, i])
+    return lanes.view(-1)[:numel]
+
+
+def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
+    """Integer-valued float codes (signed two's complement or unsigned, ``bits`` wide) as the stored tensor:
+    int8..int64 for whole bytes, uint8 with 8 // width codes a byte for 2- and 4-bit codes (flat)."""
+    width = _sub_byte(bits)
+    if width is None:
+        return codes.to(_code_dtype(bits, signed))
+    # two's complement in ``width`` bits: the low bits of the int8 code
+    low = codes.to(torch.int8).view(torch.uint8) if signed else codes.to(torch.uint8)
+    return _to_lanes(low.bitwise_and_(2**width - 1), width)
+
+
+#: Values packed at a time: packing a large tensor holds at most this many values in temporaries (a multiple
+#: of 8, so that each chunk fills whole bytes of sub-byte codes).
+CHUNK = 1 << 20
+
+
+def _encode_chunked(x: Tensor, to_codes: Callable[[Tensor], Tensor], bits: int, signed: bool) -> Tensor:
+    """``_encode(to_codes(x))`` (flat), ``CHUNK`` values at a time: the float codes of one chunk are the only
+    temporary, whatever the size of ``x``."""
+    flat = x.reshape(-1)
+    if flat.numel() <= CHUNK:
+        return _encode(to_codes(flat), bits, signed)
+    width = _sub_byte(bits)
+    dtype = torch.uint8 if width is not None else _code_dtype(bits, signed)
+    out = torch.empty(flat.numel() if width is None else -(-flat.numel() * width // 8), dtype=dtype,
+                      device=x.device)
+    start = 0
+    for chunk in flat.split(CHUNK):
+        part = _encode(to_codes(chunk), bits, signed)
+        out[start: start + part.numel()].copy_(part)
+        start += part.numel()
+    return out
 
 
 def _decode(stored: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
@@ -138,24 +219,33 @@ def _decode(stored: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
     width = _sub_byte(bits)
     if width is None:
         return stored
-    per_byte = 8 // width
-    byte = stored.to(torch.int16)
-    lanes = torch.stack([(byte >> (width * i)) & (2**width - 1) for i in range(per_byte)], dim=1).reshape(-1)
-    lanes = lanes[:numel]
-    if signed:
-        lanes = lanes - ((lanes >> (width - 1)) << width)  # sign extension
-    return lanes
+    lanes = _from_lanes(stored, width, numel)
+    if not signed:
+        return lanes
+    shift = 8 - width  # sign extension: the code's top bit moved to the int8 sign bit and back
+    return (lanes << shift).view(torch.int8) >> shift
 
 
 def _scale(x: Tensor, k: int) -> Tensor:
     """x * 2**k, exact for values whose product is representable: the power of two is applied in steps that
-    each stay a normal number of x's dtype."""
+    each stay a normal number of x's dtype (the first a new tensor, the rest in place)."""
     step = 126 if x.dtype != torch.float64 else 1022
+    part = max(-step, min(step, k))
+    x = x * 2.0**part
+    k -= part
     while k:
         part = max(-step, min(step, k))
-        x = x * 2.0**part
+        x.mul_(2.0**part)
         k -= part
     return x
+
+
+def _scale_rows(x: Tensor, k: Tensor) -> Tensor:
+    """Row i of the 2-d ``x`` times 2**k[i] (int32, |k| <= 252), exact as ``_scale``: two factors 2**(k//2) and
+    2**(k - k//2), each a normal number, computed on the device (no host sync)."""
+    half = torch.div(k, 2, rounding_mode="floor")
+    out = x * torch.exp2(half.to(x.dtype))[:, None]
+    return out.mul_(torch.exp2((k - half).to(x.dtype))[:, None])
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,7 +265,9 @@ class Codes(Packed):
 
     def unpack(self) -> Tensor:
         c = self.codes().to(self.dtype)
-        return c / self.levels if self.levels is not None else _scale(c, -self.frac)
+        if self.levels is not None:
+            return c.div_(self.levels)
+        return c.mul_(2.0**-self.frac) if abs(self.frac) <= 126 else _scale(c, -self.frac)
 
     @property
     def nbytes(self) -> int:
@@ -200,13 +292,7 @@ class BlockCodes(Packed):
         pad = -numel % self.block
         if pad:
             c = torch.cat([c, c.new_zeros(pad)])
-        blocks = c.view(-1, self.block)
-        fracs = self.fracs.to(torch.int32)
-        lo = fracs.clamp(-126, 126)
-        out = blocks * torch.exp2(-lo.to(self.dtype))[:, None]
-        rest = fracs - lo
-        if bool((rest != 0).any()):
-            out = out * torch.exp2(-rest.to(self.dtype))[:, None]
+        out = _scale_rows(c.view(-1, self.block), -self.fracs.to(torch.int32))
         return out.reshape(-1)[:numel].reshape(self.shape)
 
     @property
@@ -223,9 +309,7 @@ class Bits(Packed):
     dtype: torch.dtype = torch.bool
 
     def unpack(self) -> Tensor:
-        byte = self.data.to(torch.int16)
-        bits = torch.stack([(byte >> i) & 1 for i in range(8)], dim=1).reshape(-1)
-        return bits[: self.shape.numel()].bool().reshape(self.shape)
+        return _from_lanes(self.data, 1, self.shape.numel()).view(torch.bool).reshape(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -236,15 +320,7 @@ def pack_bool(mask: Tensor) -> Bits:
     """A boolean tensor packed eight values a byte (``Bits.unpack()`` gives it back)."""
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_bool packs bool tensors, got {mask.dtype}")
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    lanes = flat.view(-1, 8)
-    byte = lanes[:, 0].clone()
-    for i in range(1, 8):
-        byte |= lanes[:, i] << i
-    return Bits(byte, mask.shape)
+    return Bits(_to_lanes(mask.contiguous().view(torch.uint8), 1), mask.shape)
 
 
 # -- one packer per family ----------------------------------------------------------------------------------
@@ -279,13 +355,16 @@ def _pack_float(x: Tensor, fmt: FloatFormat) -> Packed:
 
 
 def _has_nan(x: Tensor) -> bool:
-    return bool(torch.isnan(x).any())
+    """Whether ``x`` (values on an integer-coded grid: finite or NaN) holds a NaN, from one reduction and no
+    temporary: its sum is NaN (a sum overflowing to both infinities reads as NaN too: the tensor is then kept
+    as it is, still exact)."""
+    return bool(x.sum().isnan())
 
 
 def _pack_fixed_at(x: Tensor, word: int, frac: int) -> Packed:
     if _has_nan(x):
         return Raw(x)
-    return Codes(_encode(_scale(x, frac), word, True), x.shape, x.dtype, word, True, frac)
+    return Codes(_encode_chunked(x, lambda c: _scale(c, frac), word, True), x.shape, x.dtype, word, True, frac)
 
 
 def _pack_fixed(x: Tensor, fmt: FixedPoint) -> Packed:
@@ -302,10 +381,13 @@ def _range_int_bits(lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def _pack_dfx(x: Tensor, fmt: DynamicFixedPoint) -> Packed:
-    if x.numel() == 0 or _has_nan(x):
+    if x.numel() == 0:
         return Raw(x)
-    lo, hi = torch.aminmax(x)
-    r = int(_range_int_bits(lo, hi))
+    lo, hi = torch.aminmax(x)  # NaN if x holds one
+    r, nan = torch.stack([_range_int_bits(lo, hi).to(torch.float64), (lo + hi).isnan()]).tolist()
+    if nan:
+        return Raw(x)
+    r = int(r)
     frac = fmt.bits - 1 - (r if r > -1000 else 0)
     return _pack_fixed_at(x, fmt.bits, frac)
 
@@ -314,27 +396,24 @@ def _pack_uniform(x: Tensor, fmt: Uniform) -> Packed:
     if _has_nan(x):
         return Raw(x)
     bits = max(fmt.bits, 2) if fmt.signed else fmt.bits  # signed k=1 codes are -1/+1: two bits
-    return Codes(_encode(torch.round(x * fmt.levels), bits, fmt.signed), x.shape, x.dtype, bits, fmt.signed,
-                 levels=fmt.levels)
+    codes = _encode_chunked(x, lambda c: (c * fmt.levels).round_(), bits, fmt.signed)
+    return Codes(codes, x.shape, x.dtype, bits, fmt.signed, levels=fmt.levels)
 
 
 def _pack_block(x: Tensor, fmt: BlockFloat) -> Packed:
-    if x.numel() == 0 or _has_nan(x):
+    if x.numel() == 0:
         return Raw(x)
     flat = x.reshape(-1)
     pad = -flat.numel() % fmt.block
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     blocks = flat.view(-1, fmt.block)
-    lo, hi = torch.aminmax(blocks, dim=1)
+    lo, hi = torch.aminmax(blocks, dim=1)  # NaN in a block that holds one
+    if bool((lo + hi).isnan().any()):
+        return Raw(x)
     r = _range_int_bits(lo, hi)
     fracs = fmt.bits - 1 - torch.where(r > -1000, r, 0)
-    lo_f = fracs.clamp(-126, 126)
-    codes = blocks * torch.exp2(lo_f.to(x.dtype))[:, None]
-    rest = fracs - lo_f
-    if bool((rest != 0).any()):
-        codes = codes * torch.exp2(rest.to(x.dtype))[:, None]
-    codes = codes.reshape(-1)[: x.numel()]
+    codes = _scale_rows(blocks, fracs).reshape(-1)[: x.numel()]
     return BlockCodes(_encode(codes, fmt.bits, True), fracs.to(torch.int16), x.shape, x.dtype, fmt.bits,
                       fmt.block)
 
@@ -414,7 +493,13 @@ _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 def mark(x: Tensor, fmt: Format) -> Tensor:
     """Record that ``x`` (the output of a rounding onto ``fmt``) lies on ``fmt``'s grid; returns ``x``. A format
-    family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are."""
+    family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are. A ``dfx<b>`` mark
+    keeps the ``fixed<b, frac>`` mark its rounding already left (the exponent it chose), which is packed as it
+    is, without finding the exponent again."""
+    entry = _MARKS.get(x)
+    if (isinstance(fmt, DynamicFixedPoint) and entry is not None and entry[1] == x._version
+            and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits):
+        return x
     if type(fmt) in PACKERS:
         _MARKS[x] = (fmt, x._version)
     return x

@@ -19,11 +19,13 @@ import torch
 from torch import Tensor
 
 from . import host, kernels
+from .packing import mark
 from .parse import parse_format
 from .scaled import ScaledFloat, ScaledFormat
 from .scaled_kernels import constant_block
 from .scaled_quantize import quantize_scaled
-from .types import TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform, container_of
+from .types import (FRAC_RANGE, TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform,
+                    container_of)
 
 __all__ = ["quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled"]
 
@@ -146,9 +148,10 @@ def quantize_counting(
             and _fast(x, kernels.ROUNDINGS.get(rounding))):
         lo, hi = _frac_range(fmt.bits, x.dtype)
         kmax = 2 ** (fmt.bits - 1) - 1
-        got = host.fixed_counting(x, min(max(fmt.bits - 1 - int_bits, lo), hi), -kmax - 1, kmax, tuple(thresholds))
+        frac = min(max(fmt.bits - 1 - int_bits, lo), hi)
+        got = host.fixed_counting(x, frac, -kmax - 1, kmax, tuple(thresholds))
         if got is not None:
-            return got[0], torch.tensor(got[1])
+            return _on_grid(got[0], fmt.bits, frac), torch.tensor(got[1])
     return quantize(x, fmt, rounding, generator=generator, int_bits=int_bits), count_above(x, thresholds)
 
 
@@ -207,13 +210,21 @@ def _fixed(
     lo, hi = _frac_range(word, x.dtype)
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
-        return host.fixed_scaled(x, out, min(max(int(frac), lo), hi), kmin, kmax, peak)
+        frac = min(max(int(frac), lo), hi)
+        return _on_grid(host.fixed_scaled(x, out, frac, kmin, kmax, peak), word, frac)
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     if wide == torch.float32:
         return _run(kernels.fixed_fast, x, out, frac_t, kmin, kmax, rounding, key)
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     lo, hi = kmin * step, kmax * step
     return _run(kernels.fixed_grid, x, out, -frac_t.to(torch.int64), lo, hi, rounding, key)
+
+
+def _on_grid(y: Tensor, word: int, frac: int) -> Tensor:
+    """``y``, marked (``packing.mark``) with the fixed-point grid its rounding used: a ``dfx`` tensor's packed
+    codes then come from that exponent, with no second pass to find it. A step outside what ``fixed<...>``
+    allows (FRAC_RANGE: values below 2**-100) leaves ``y`` unmarked: packing finds the exponent itself."""
+    return mark(y, FixedPoint(word, frac)) if FRAC_RANGE[0] <= frac <= FRAC_RANGE[1] else y
 
 
 def _fast(x: Tensor, rounding: int, limit: int = HOST_MAX_NUMEL) -> bool:

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from ..policy import Quantizer
 from .hadamard import rht_weight_grad
+from .packed import recomputable
 from .roles import Accumulator, quantize_roles, straight_through
 
 __all__ = ["QLinearFunction", "QConvFunction", "QuantizeFunction", "LinearOp", "ConvOp", "quantize_boundary"]
@@ -127,8 +128,11 @@ def _own_output(y: Tensor, x: Tensor) -> Tensor:
 def _forward(ctx: Any, op: LinearOp | ConvOp, x: Tensor, weight: Tensor, bias: Tensor | None,
              quantizers: Mapping[str, Quantizer]) -> Tensor:
     (xq, mx), (wq, mw), (bq, mb) = quantize_roles(quantizers, activation=x, weight=weight, bias=bias)
-    ((zq, mz),) = quantize_roles(quantizers, output=op.forward(xq, wq, bq))
+    z = op.forward(xq, wq, bq)
+    ((zq, mz),) = quantize_roles(quantizers, output=z)
     ctx.save_for_backward(xq, wq, mx, mw, mb, mz, x if op.saves_input else None)
+    if zq is z:  # an unrounded output that a later op saves is computed again in backward (nn.packed)
+        recomputable(z, op.forward, xq, wq, bq)
     ctx.op, ctx.quantizers = op, quantizers
     return _own_output(zq, x)
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..formats import ScaledFormat, Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
+from .packed import recomputable
 from .roles import Accumulator, clips_negatives
 
 __all__ = [
@@ -214,8 +215,10 @@ class _QConv(QuantizedModule):
             quantizer.block_axis = 1
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.quantizing:
-            return super().forward(input)  # type: ignore[misc]
+        if not self.quantizing:  # a full-precision layer (WRPN's first): what it made is computed again in
+            y = super().forward(input)  # type: ignore[misc]  # backward where a later op saves it
+            recomputable(y, self._conv_forward, input, self.weight, self.bias)  # type: ignore[attr-defined]
+            return y
         if self._unchecked_clip is not None:
             self._check_input_sign(input)
         dim = len(self.kernel_size)

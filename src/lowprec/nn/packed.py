@@ -6,9 +6,14 @@ know). A saved tensor that a role quantizer produced (marked by ``lowprec.format
 since) is stored packed in its format (``lowprec.formats.packing.pack``: fp16/bf16/fp8 casts, int8/int16 codes,
 4- and 2-bit codes two or four a byte, block codes); a saved boolean mask (WRPN's clipped-STE masks, dropout)
 eight values a byte; the result a ReLU saves for its own backward, which only reads where it is positive, as
-that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above).
-Backward unpacks each one when it needs it, bit for bit (integer codes have one zero: a -0
-comes back +0, the same number). Everything else is saved as torch saves it.
+that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above); and
+a quantized layer's unrounded output (a layer whose output role is not set, WRPN's convolutions: what the
+batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
+the layer itself saved packed, and backward computes it again from those, bit for bit where the op is
+deterministic (always on the CPU; on a GPU only with ``torch.use_deterministic_algorithms(True)`` or
+``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is). Backward unpacks each one
+when it needs it, bit for bit (integer codes have one zero: a -0 comes back +0, the same number). Everything
+else is saved as torch saves it.
 
 Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
 variable ``LOWPREC_PACKED=0`` (read at every forward), for comparison. Packing is for first-order gradients:
@@ -20,6 +25,8 @@ packed copy holds the value it had when it was saved.
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +38,7 @@ from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
-           "MIN_NUMEL"]
+           "recomputable", "MIN_NUMEL"]
 
 #: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
 MIN_NUMEL = 1024
@@ -90,7 +97,71 @@ def _packed_once(t: Tensor, pack_fn: Any) -> Tensor | Packed:
     if packed.nbytes >= t.numel() * t.element_size():
         return t
     _PACKED[t] = (t._version, packed)
+    for slots, i in _WAITING.pop(t, ()):  # recorded ops that t is an argument of hold it packed from now on
+        slots[i] = packed
     return packed
+
+
+@dataclass(frozen=True, eq=False)
+class _Recomputed(Packed):
+    """A saved tensor held as the deterministic op that made it and that op's arguments in their saved form
+    (Packed values shared with the op's own saved tensors, or small tensors): ``unpack()`` runs the op again."""
+
+    fn: Callable[..., Tensor]
+    args: tuple[Tensor | Packed | None, ...]
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def unpack(self) -> Tensor:
+        return self.fn(*(None if a is None else _unpack_saved(a) for a in self.args))
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # the arguments are the op's own saved tensors, counted there
+
+
+#: tensor -> (its version, the op that made it, its arguments): see ``recomputable``. An argument is held
+#: weakly (a weakref.ref) until the hook packs it, then as its Packed form.
+_RECOMPUTE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+#: marked argument tensor -> the (argument list, index) slots of the recorded ops waiting for its Packed form.
+_WAITING: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+#: How many PackedSavedTensors contexts are open (recomputable() records nothing outside them).
+_open = 0
+
+
+def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -> None:
+    """Record that ``out`` is ``fn(*args)``, a deterministic op whose tensor arguments the op that made ``out``
+    saves for backward (a quantized layer's rounded input and weight). Saved by a later op (the batch-norm
+    after a convolution), ``out`` is then stored as that recipe and the arguments' saved forms alone, and
+    computed again when backward reads it. Recorded only while packing is on; nothing keeps an argument
+    alive."""
+    if not _open:
+        return
+    slots: list[Any] = [None if a is None else weakref.ref(a) for a in args]
+    for i, a in enumerate(args):
+        if a is not None and marked_format(a) is not None:  # only a marked tensor is packed (and then dies)
+            _WAITING.setdefault(a, []).append((slots, i))
+    _RECOMPUTE[out] = (out._version, fn, slots)
+
+
+def _reproducible(t: Tensor) -> bool:
+    """Whether running an op again on ``t``'s device gives the same bits (see the module docstring)."""
+    return t.device.type == "cpu" or torch.are_deterministic_algorithms_enabled() or (
+        torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark)
+
+
+def _recipe(t: Tensor) -> _Recomputed | None:
+    """``t`` as the op that made it (``recomputable``), if it was recorded, is unchanged since, and each
+    argument is stored packed or still alive (saved as it is)."""
+    entry = _RECOMPUTE.pop(t, None)
+    if entry is None or entry[0] != t._version or not _reproducible(t):
+        return None
+    args = [a() if isinstance(a, weakref.ref) else a for a in entry[2]]
+    if any(a is None and slot is not None for a, slot in zip(args, entry[2])):
+        return None  # an argument neither packed nor alive: not saved by the op that made t
+    return _Recomputed(entry[1], tuple(args), t.shape, t.dtype)
 
 
 def pack_saved(t: Tensor) -> Tensor | Packed:
@@ -99,6 +170,10 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
         return t
     if t.dtype == torch.bool:
         return _packed_once(t, pack_bool)
+    if t in _RECOMPUTE:
+        again = _recipe(t)
+        if again is not None:
+            return _packed_once(t, lambda _: again)
     relu = _relu_saving_its_result(t)
     fmt = marked_format(t)
     if fmt is not None:
@@ -115,8 +190,21 @@ def _unpack_saved(p: Tensor | Packed) -> Tensor:
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
-    def __init__(self) -> None:
-        super().__init__(pack_saved, _unpack_saved)
+    def __init__(self, pack_hook: Callable[[Tensor], Any] | None = None,
+                 unpack_hook: Callable[[Any], Tensor] | None = None) -> None:
+        """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
+        unpacking; ``recomputable`` records while any such context is open."""
+        super().__init__(pack_hook or pack_saved, unpack_hook or _unpack_saved)
+
+    def __enter__(self) -> None:
+        global _open
+        super().__enter__()
+        _open += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _open
+        _open -= 1
+        super().__exit__(*exc)
 
 
 class _ForwardHooks:
