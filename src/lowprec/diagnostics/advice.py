@@ -22,12 +22,13 @@ from torch import nn
 
 from ..formats import BlockFloat, DynamicFixedPoint, parse_format
 from ..nn import quantizers
+from ..policy import Role
 from .census import SCALE_EXPONENTS, Census
 
 __all__ = ["GRADIENT_ROLES", "LossScaleAdvice", "advise_loss_scale", "start_exponents", "set_start_exponents"]
 
 #: The roles a loss scale multiplies.
-GRADIENT_ROLES = ("output_grad", "activation_grad", "weight_grad", "bias_grad")
+GRADIENT_ROLES = Role.select(gradient=True)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..formats import Format, parse_format
 from ..nn import QuantizedModule, convert
-from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role, as_policy
 from ..train import cross_entropy
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, start_exponents
 from .census import LOG2_MIN, Census, census
@@ -33,7 +33,7 @@ from .census import LOG2_MIN, Census, census
 __all__ = ["ROLES", "Entry", "InspectReport", "inspect"]
 
 #: The roles an inspection records, in table order.
-ROLES = LAYER_ROLES + ("optimizer_state",)
+ROLES = LAYER_ROLES + (Role.OPTIMIZER_STATE,)
 
 Batch = tuple[Any, Tensor]
 

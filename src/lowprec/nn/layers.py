@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..formats import Uniform
-from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role, as_policy
+from ..policy.roles import ALIASES
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
 from .roles import Accumulator, clips_negatives
 
@@ -101,7 +102,7 @@ class QuantizedModule:
             self.accumulator = Accumulator(self.quantizers["accumulation"], policy.accumulation_chunk)
 
     def _role_quant(self, role: str) -> Quant | None:
-        if role not in self.OP_ROLES or (role in ("bias", "bias_grad") and not self._has_bias()):
+        if role not in self.OP_ROLES or (Role(role).bias and not self._has_bias()):
             return None
         return self.policy.get(role)
 
@@ -126,7 +127,7 @@ class QuantizedModule:
 
     def parameter_roles(self) -> dict[str, str]:
         """Each parameter the layer rounds before using it, and the role that rounds it (weight or bias)."""
-        return {n: n for n in ("weight", "bias") if n in self.OP_ROLES and getattr(self, n, None) is not None}
+        return {n: n for n in ALIASES["params"] if n in self.OP_ROLES and getattr(self, n, None) is not None}
 
     @property
     def quantizing(self) -> bool:
@@ -229,7 +230,7 @@ class QConv2d(_QConv, nn.Conv2d):
 class _QBatchNorm(QuantizedModule):
     """Batch-norm between quantized boundaries; the normalisation itself is torch's, in float32."""
 
-    OP_ROLES = ("activation", "output", "output_grad", "activation_grad")
+    OP_ROLES = Role.select(layer=True, parameter=False)
     COUNTS_AS_LAYER = False
 
     def _role_quant(self, role: str) -> Quant | None:
@@ -255,7 +256,7 @@ class QEmbedding(QuantizedModule, nn.Embedding):
     """``nn.Embedding`` whose table is quantized (weight role) before the lookup, and its output (output
     role); weight_grad rounds the (dense) table gradient. ``sparse=True`` is not supported when quantizing."""
 
-    OP_ROLES = ("weight", "output", "output_grad", "weight_grad")
+    OP_ROLES = (Role.WEIGHT, Role.OUTPUT, Role.OUTPUT_GRAD, Role.WEIGHT_GRAD)
 
     @classmethod
     def check_supported(cls, module: nn.Module, policy: Policy) -> None:

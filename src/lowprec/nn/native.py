@@ -54,7 +54,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from ..formats import BF16, FP16, FloatFormat
-from ..policy import LAYER_ROLES, Policy
+from ..policy import LAYER_ROLES, ROLES, Policy, Role
 from .hooks import remove_forward_hooks
 
 __all__ = ["to_native", "from_native", "is_native_layer", "native_dtype", "compute_dtype", "NORM_MODULES",
@@ -84,7 +84,7 @@ def native_dtype(policy: Policy) -> torch.dtype:
     rounding = next(iter(quants)).rounding
     if rounding != "nearest":
         raise ValueError(f"path=native rounds like torch's casts (nearest); {rounding} rounding needs path=emulated")
-    for role in ("master", "accumulator", "accumulation"):
+    for role in (r for r in ROLES if not r.layer and r is not Role.OPTIMIZER_STATE):  # the optimizer keeps its own
         if policy.get(role) is not None:
             raise ValueError(
                 f"path=native keeps float32 master weights and accumulates in float32; {role}={policy.get(role)} "

@@ -10,17 +10,17 @@ from dataclasses import replace
 from torch import nn
 
 from ..formats import BlockFloat, DynamicFixedPoint, FixedPoint, Uniform
-from ..policy import LAYER_ROLES, ROLES, Policy, Quant, classifier_bits
+from ..policy import LAYER_ROLES, Policy, Quant, Role, classifier_bits
 from ..policy.ops import OP_PREFIX
 
 __all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES"]
 
 #: The roles the trainer applies to the parameters of weight layers (the other parameters stay fp32).
-_UPDATE_ROLES = tuple(r for r in ROLES if r not in LAYER_ROLES and r != "accumulation")
+_UPDATE_ROLES = Role.select(update=True)
 
 #: The classifier path of Park et al. eq. 5: the last layer's weights and the values and gradients between it
 #: and the softmax.
-CLASSIFIER_ROLES = ("weight", "output", "output_grad")
+CLASSIFIER_ROLES = Role.select(classifier=True)
 
 _GRID_FORMATS = (FixedPoint, DynamicFixedPoint, Uniform, BlockFloat)  # a fixed step: round-off eq. 4 applies
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..policy import Role
+
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .records import OperandRecord
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
@@ -56,6 +58,6 @@ def layer_operands(module: QuantizedModule) -> tuple[str, list[OperandRecord]]:
     operands = [
         OperandRecord(_OPERAND_NAMES.get(role, role), role, str(q.quant) if q.enabled else "fp32", q.enabled)
         for role, q in module.quantizers.items()
-        if role in type(module).OP_ROLES and (role not in ("bias", "bias_grad") or module._has_bias())
+        if role in type(module).OP_ROLES and (not Role(role).bias or module._has_bias())
     ]
     return swapped_op(type(module)) or type(module).__name__, operands

@@ -63,19 +63,10 @@ from typing import Any, Mapping
 from ..formats import DynamicFixedPoint, Format, parse_format
 from ..formats.kernels import ROUNDINGS
 from .ops import OP_PREFIX, check_op_selector, op_matches
+from .roles import ALIASES, LAYER_ROLES, ROLES
 
 __all__ = ["Quant", "Policy", "as_policy", "split_top", "ROLES", "LAYER_ROLES"]
 
-LAYER_ROLES = (
-    "weight", "bias", "activation", "output", "output_grad", "activation_grad", "weight_grad", "bias_grad",
-)
-ROLES = LAYER_ROLES + ("master", "optimizer_state", "accumulator", "accumulation")
-ALIASES = {
-    "grads": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
-    "grad": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
-    "activations": ("activation", "output"),
-    "params": ("weight", "bias"),
-}
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
             "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule", "packed")
 PATHS = ("emulated", "native")
@@ -150,7 +141,7 @@ def _expand(assignments: Mapping[str, Any]) -> dict[str, Quant | None]:
                 raise ValueError(
                     f"unknown role {key!r}; roles: {', '.join(ROLES)}; shorthands: {', '.join(ALIASES)}"
                 )
-            roles[name] = Quant.parse(value)
+            roles[str(name)] = Quant.parse(value)
     return roles
 
 
@@ -175,7 +166,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         got = dict(self.roles)
-        object.__setattr__(self, "roles", tuple((r, got.get(r)) for r in ROLES))
+        object.__setattr__(self, "roles", tuple((r.value, got.get(r)) for r in ROLES))
         if not re.fullmatch(r"none|dynamic|static:[0-9.eE+\-]+", self.loss_scale):
             raise ValueError(f"loss_scale must be 'none', 'dynamic' or 'static:<S>', got {self.loss_scale!r}")
         if self.loss_scale.startswith("static:") and not float(self.loss_scale[7:]) > 0:

@@ -30,12 +30,12 @@ from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
 from ..nn.resolve import module_policy
 from ..nn.swapped import EMULATED_LAYERS
-from ..policy import Policy, as_policy
+from ..policy import Policy, Role, as_policy
 from .update import ParamSlot, check_update_roles
 
 __all__ = ["parameter_slots", "check_optimizer_covers", "model_differences", "trainer_policy", "UPDATE_ROLES"]
 
-UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
+UPDATE_ROLES = Role.select(update=True)
 
 
 def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
