@@ -72,6 +72,14 @@ class ScaledFormat(Format):
 
     axis: int
 
+    @property
+    def bits(self) -> None:
+        """None: besides its element bits, each value carries a share of the scales held outside it."""
+        return None
+
+    def fixed_at(self, int_bits: int) -> None:
+        return None  # the scales come from the data, per tensor, row or block
+
     def fits_in(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32
 
@@ -190,6 +198,10 @@ class ScaledFloat(ScaledFormat):
         if self.rowwise and self.scaling == "delayed":
             raise ValueError("delayed scaling keeps one scale per tensor: rowwise applies to current scaling only")
         _check_axis(self.axis)
+
+    @property
+    def outside_state(self) -> str | None:
+        return "amax_history" if self.scaling == "delayed" else None
 
     @property
     def element_name(self) -> str:

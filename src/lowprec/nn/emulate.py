@@ -37,7 +37,6 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
 from ..policy.ops import OP_KINDS
 from .attention import emulated_attention
@@ -237,7 +236,7 @@ class OpEmulation:
     @staticmethod
     def _quant(policy: Policy, role: str, clips: bool) -> Quant | None:
         quant = policy.get(role)
-        if quant is not None and isinstance(quant.format, Uniform) and not clips:
+        if quant is not None and quant.format.clip_range is not None and not clips:
             return None
         return quant
 

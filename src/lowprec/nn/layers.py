@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats import Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role, as_policy
 from ..policy.roles import ALIASES
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
@@ -235,7 +234,7 @@ class _QBatchNorm(QuantizedModule):
 
     def _role_quant(self, role: str) -> Quant | None:
         quant = super()._role_quant(role)
-        return None if quant is not None and isinstance(quant.format, Uniform) else quant
+        return None if quant is not None and quant.format.clip_range is not None else quant
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..formats import BlockFloat, DynamicFixedPoint, FixedPoint, Uniform
 from ..policy import LAYER_ROLES, Policy, Quant, Role, classifier_bits
 from ..policy.ops import OP_PREFIX
 
@@ -22,22 +21,14 @@ _UPDATE_ROLES = Role.select(update=True)
 #: and the softmax.
 CLASSIFIER_ROLES = Role.select(classifier=True)
 
-_GRID_FORMATS = (FixedPoint, DynamicFixedPoint, Uniform, BlockFloat)  # a fixed step: round-off eq. 4 applies
-
-
 def _bits(quant: Quant | None) -> int | None:
     """The width of a fixed-step (integer-grid) format; None for floats and unquantized roles."""
-    return quant.bits if quant is not None and isinstance(quant.format, _GRID_FORMATS) else None
+    return quant.bits if quant is not None and quant.format.fixed_step else None
 
 
 def _widened(quant: Quant, bits: int) -> Quant:
     """The same kind of format at ``bits`` bits (fixed point becomes dynamic fixed point, as the rule does)."""
-    f = quant.format
-    if isinstance(f, Uniform):
-        return replace(quant, format=Uniform(bits, f.signed))
-    if isinstance(f, BlockFloat):
-        return replace(quant, format=BlockFloat(bits, f.block))
-    return replace(quant, format=DynamicFixedPoint(bits))
+    return replace(quant, format=quant.format.widened(bits))
 
 
 def _num_classes(module: nn.Module) -> int | None:
@@ -75,9 +66,9 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
     short = _narrower(resolved, CLASSIFIER_ROLES, need)
     if resolved.classifier_rule:
         widened = {
-            r: Quant(DynamicFixedPoint(need), q.rounding)
+            r: replace(q, format=q.format.widened(need))
             for r, q in _narrower(resolved, CLASSIFIER_ROLES + _UPDATE_ROLES, need).items()
-            if isinstance(q.format, (FixedPoint, DynamicFixedPoint))
+            if q.format.fixed_point
         }
         short = {r: q for r, q in short.items() if r not in widened}
         resolved = replace(resolved.with_roles(**widened), name=resolved.name)
@@ -85,8 +76,7 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
         roles = ", ".join(f"{r}={q}" for r, q in short.items())
         override = "@last: " + ",".join(f"{r}={_widened(q, need)}" for r, q in short.items())
         fix = f"an override {override!r}"
-        if not resolved.classifier_rule and any(isinstance(q.format, (FixedPoint, DynamicFixedPoint))
-                                                for q in short.values()):
+        if not resolved.classifier_rule and any(q.format.fixed_point for q in short.values()):
             fix = f"classifier_rule=on, or {fix}"
         warnings.warn(
             f"lowprec.convert: the last layer {name or type(module).__name__!r} scores {classes} classes, for "

@@ -60,7 +60,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from ..formats import DynamicFixedPoint, Format, parse_format
+from ..formats import Format, parse_format
 from ..formats.kernels import ROUNDINGS
 from .ops import OP_PREFIX, check_op_selector, op_matches
 from .roles import ALIASES, LAYER_ROLES, ROLES
@@ -108,11 +108,7 @@ class Quant:
     @property
     def bits(self) -> int | None:
         """Width of the format in bits, where it has one (dfx, fixed, uniform, bfp, float)."""
-        f = self.format
-        for attr in ("bits", "word"):
-            if hasattr(f, attr):
-                return getattr(f, attr)
-        return 1 + f.exp_bits + f.man_bits if hasattr(f, "exp_bits") else None
+        return self.format.bits
 
     def __str__(self) -> str:
         return repr(self.format) + ("" if self.rounding == "nearest" else f"/{self.rounding}")
@@ -270,7 +266,7 @@ class Policy:
     @property
     def uses_dynamic_fixed_point(self) -> bool:
         quants = [q for _, q in self.roles] + [q for _, a in self.overrides for _, q in a]
-        return any(q is not None and isinstance(q.format, DynamicFixedPoint) for q in quants)
+        return any(q is not None and q.format.outside_state == "exponent" for q in quants)
 
     # -- printing ------------------------------------------------------------------------------------------
     def spec(self) -> str:
