@@ -126,3 +126,18 @@ def test_torch_dtype_is_torchs_cast():
 def test_scaled_formats_carry_no_single_width():
     for f in (MXFormat("e2m1"), NVFP4(), ScaledFloat(parse_format("e4m3"))):
         assert f.bits is None and f.code_range is None and f.value_range is None 
+
+
+def test_split_top_drops_or_keeps_empty_parts():
+    from lowprec.formats.parse import split_top
+    from lowprec.policy.policy import split_top as policy_split
+
+    assert policy_split is split_top  # one splitter, owned by the formats layer
+    assert split_top("a, float<e=4,m=3> ,,b,") == ["a", "float<e=4,m=3>", "b"]
+    assert split_top("e4m3,,32", keep_empty=True) == ["e4m3", "", "32"]
+    assert split_top("e4m3,32,", keep_empty=True) == ["e4m3", "32", ""]
+    assert split_top("", keep_empty=True) == [] and split_top("  ") == []
+    assert split_top("x;y<a;b>;z", ";") == ["x", "y<a;b>", "z"]
+    for bad, message in (("mx<e4m3,,32>", "block must be an integer"), ("mx<e4m3,32,>", "unknown option ''")):
+        with pytest.raises(ValueError, match=message):
+            parse_format(bad)

@@ -59,10 +59,6 @@ def _site(key: tuple[str, str, int, str]) -> str:
     return f"{name}:{op}[{index}]" + (f".{product}" if product else "")
 
 
-def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
-    return OperandRecord(name, role, str(q.quant) if q.enabled else "fp32", q.enabled)
-
-
 @dataclass
 class _Frame:
     name: str
@@ -262,10 +258,10 @@ class OpEmulation:
     @staticmethod
     def _operands(names: tuple[str, ...], roles: tuple[str | None, ...], quantizers: dict[str, Quantizer],
                   result: str = "result") -> list[OperandRecord]:
-        ops = [_operand(n, r, quantizers[r]) for n, r in zip(names, roles) if r is not None]
-        ops.append(_operand(result, "output", quantizers["output"]))
-        ops.append(_operand(f"d {result}", "output_grad", quantizers["output_grad"]))
-        ops += [_operand(f"d {n}", GRAD_ROLE[r], quantizers[GRAD_ROLE[r]]) for n, r in zip(names, roles)
+        ops = [OperandRecord.of(n, r, quantizers[r]) for n, r in zip(names, roles) if r is not None]
+        ops.append(OperandRecord.of(result, "output", quantizers["output"]))
+        ops.append(OperandRecord.of(f"d {result}", "output_grad", quantizers["output_grad"]))
+        ops += [OperandRecord.of(f"d {n}", GRAD_ROLE[r], quantizers[GRAD_ROLE[r]]) for n, r in zip(names, roles)
                 if r is not None]
         return ops
 

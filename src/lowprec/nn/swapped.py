@@ -56,7 +56,7 @@ def covered_by_ops(module: nn.Module) -> bool:
 def layer_operands(module: QuantizedModule) -> tuple[str, list[OperandRecord]]:
     """A swapped layer's op and the role and format of each of its tensors, for the plan."""
     operands = [
-        OperandRecord(_OPERAND_NAMES.get(role, role), role, str(q.quant) if q.enabled else "fp32", q.enabled)
+        OperandRecord.of(_OPERAND_NAMES.get(role, role), role, q)
         for role, q in module.quantizers.items()
         if role in type(module).OP_ROLES and (not Role(role).bias or module._has_bias())
     ]

@@ -62,6 +62,7 @@ from typing import Any, Mapping
 
 from ..formats import Format, parse_format
 from ..formats.kernels import ROUNDINGS
+from ..formats.parse import split_top
 from .ops import OP_PREFIX, check_op_selector, op_matches
 from .roles import ALIASES, LAYER_ROLES, ROLES
 
@@ -112,20 +113,6 @@ class Quant:
 
     def __str__(self) -> str:
         return repr(self.format) + ("" if self.rounding == "nearest" else f"/{self.rounding}")
-
-
-def split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside angle brackets (format strings contain commas); empty parts dropped."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        depth += (ch == "<") - (ch == ">")
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
 
 
 def _expand(assignments: Mapping[str, Any]) -> dict[str, Quant | None]:
