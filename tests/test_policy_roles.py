@@ -18,14 +18,14 @@ def test_subsets_are_the_papers_role_lists():
     assert Role.select(classifier=True) == ("weight", "output", "output_grad")
     assert Role.select(layer=True, parameter=True) == ("weight", "bias", "weight_grad", "bias_grad")
     assert Role.select(bias=True) == ("bias", "bias_grad")
-    assert {r: r.grad for r in ROLES if r.grad} == {"weight": "weight_grad", "bias": "bias_grad",
+    assert {r: Role(r).grad for r in ROLES if Role(r).grad} == {"weight": "weight_grad", "bias": "bias_grad",
                                                     "activation": "activation_grad", "output": "output_grad"}
     assert ALIASES == {"grads": Role.select(gradient=True), "grad": Role.select(gradient=True),
                        "activations": ("activation", "output"), "params": ("weight", "bias")}
 
 
 def test_every_role_is_exactly_one_of_layer_update_or_accumulation():
-    for r in Role:
+    for r in map(Role, ROLES):
         assert [r.layer, r.update, r is Role.ACCUMULATION].count(True) == 1
         assert not (r.gradient and not r.layer)
 
@@ -51,3 +51,14 @@ def test_policies_keep_plain_role_names():
 def test_select_refuses_an_unknown_attribute():
     with pytest.raises(AttributeError, match="no attribute 'gradients'"):
         Role.select(gradients=True)
+
+
+def test_queries_give_plain_names_that_load_weights_only(tmp_path):
+    import torch
+
+    assert tuple(Role) == ROLES and all(type(r) is str for r in ROLES + LAYER_ROLES)
+    assert all(type(r) is str for v in ALIASES.values() for r in v)
+    assert all(type(r) is str for r in Role.select(gradient=True) + Role.select(update=True))
+    model = lp.convert(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), "int8")
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    torch.load(tmp_path / "s.pt", weights_only=True)  # only builtin types: no Role member leaked into the state

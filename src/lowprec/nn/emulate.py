@@ -45,7 +45,7 @@ from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import OPENED, Invocation, bind, is_parameter
 from .records import OperandRecord, OpRecord
-from .resolve import module_policy
+from .resolve import Resolution
 from .swapped import layer_operands
 
 __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
@@ -90,13 +90,13 @@ def _opened(func: types.FunctionType) -> types.FunctionType:
 class OpEmulation:
     """The op-level quantization of one converted model (see the module docstring).
 
-    ``policy``: the model's Policy; ``first``/``last``: the module names @first/@last stand for. Quantizers are
+    ``resolution``: the model's plan (its policy, and the module names @first/@last stand for). Quantizers are
     made on first use, one set per (module path, op, call index within that module's forward, product), and
     kept: dynamic-fixed-point exponents are per op call site, as Courbariaux's per-layer groups.
     """
 
-    def __init__(self, policy: Policy, first: str | None, last: str | None) -> None:
-        self.policy, self.first, self.last = policy, first, last
+    def __init__(self, resolution: Resolution) -> None:
+        self.resolution, self.policy = resolution, resolution.policy
         self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
         self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
@@ -212,8 +212,7 @@ class OpEmulation:
         key = (frame.name, op, index, product)
         found = self.quantizer_sets.get(key)
         if found is None:
-            policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
-                                   last=frame.name == self.last, op=op)
+            policy = self.resolution.module_policy(frame.name, frame.module, op=op)
             clips = weight_layer and OP_KINDS[op] in _CLIP_KINDS
             found = {role: Quantizer(self._quant(policy, role, clips), policy) for role in LAYER_ROLES}
             if any(policy.get(role) is not None and not q.enabled for role, q in found.items()):
@@ -335,10 +334,11 @@ class OpEmulation:
                 f"{', '.join(fresh)} (lp.plan shows every op and its formats)", UserWarning, stacklevel=3)
 
 
-def attach(model: nn.Module, policy: Policy, first: str | None, last: str | None) -> OpEmulation:
-    """Give ``model`` (already layer-swapped) op-level emulation under ``policy``; replaces any earlier one."""
+def attach(model: nn.Module, resolution: Resolution) -> OpEmulation:
+    """Give ``model`` (already layer-swapped) op-level emulation under the plan ``resolution``; replaces any
+    earlier one."""
     detach(model)
-    emulation = OpEmulation(policy, first, last)
+    emulation = OpEmulation(resolution)
     setattr(model, _ATTR, emulation)
     for name, module in model.named_modules():
         module.register_forward_pre_hook(functools.partial(emulation.enter, name))

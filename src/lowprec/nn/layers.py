@@ -255,7 +255,7 @@ class QEmbedding(QuantizedModule, nn.Embedding):
     """``nn.Embedding`` whose table is quantized (weight role) before the lookup, and its output (output
     role); weight_grad rounds the (dense) table gradient. ``sparse=True`` is not supported when quantizing."""
 
-    OP_ROLES = (Role.WEIGHT, Role.OUTPUT, Role.OUTPUT_GRAD, Role.WEIGHT_GRAD)
+    OP_ROLES = ("weight", "output", "output_grad", "weight_grad")  # no activation: the input is indices
 
     @classmethod
     def check_supported(cls, module: nn.Module, policy: Policy) -> None:

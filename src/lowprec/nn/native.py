@@ -83,7 +83,7 @@ def native_dtype(policy: Policy) -> torch.dtype:
     rounding = next(iter(quants)).rounding
     if rounding != "nearest":
         raise ValueError(f"path=native rounds like torch's casts (nearest); {rounding} rounding needs path=emulated")
-    for role in (r for r in ROLES if not r.layer and r is not Role.OPTIMIZER_STATE):  # the optimizer keeps its own
+    for role in (r for r in ROLES if not Role(r).layer and r != Role.OPTIMIZER_STATE):  # the optimizer keeps its own
         if policy.get(role) is not None:
             raise ValueError(
                 f"path=native keeps float32 master weights and accumulates in float32; {role}={policy.get(role)} "

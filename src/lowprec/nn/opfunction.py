@@ -34,14 +34,14 @@ from .roles import quantize_roles, straight_through
 __all__ = ["OpCall", "QOpFunction", "GRAD_ROLE", "run_op"]
 
 #: The gradient role of each forward operand role.
-GRAD_ROLE = {r: r.grad for r in Role.select(layer=True, gradient=False) if r is not Role.OUTPUT}
+GRAD_ROLE = {r: Role(r).grad for r in Role.select(layer=True, gradient=False) if r != Role.OUTPUT}
 
 
 @functools.cache
 def _used_roles(roles: tuple[str | None, ...]) -> tuple[str, ...]:
     """The roles an op with these operand roles has: theirs, their gradients', the output's and its gradient's."""
     named = {r for r in roles if r is not None}
-    return tuple(named | {GRAD_ROLE[r] for r in named} | {Role.OUTPUT, Role.OUTPUT_GRAD})
+    return tuple(named | {GRAD_ROLE[r] for r in named} | {Role.OUTPUT.value, Role.OUTPUT_GRAD.value})
 
 
 @dataclass(frozen=True, eq=False)

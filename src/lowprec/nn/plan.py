@@ -28,6 +28,7 @@ from ..policy import Policy, Role, as_policy
 from .convert import convert
 from .emulate import attach, emulation_of
 from .records import OperandRecord, OpRecord
+from .resolve import Resolution
 
 __all__ = ["Plan", "plan"]
 _GRADIENTS = frozenset(Role.select(gradient=True))
@@ -124,7 +125,7 @@ def plan(model: nn.Module, policy: Policy | str, example_inputs: Any) -> Plan:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = convert(model, policy)
-        emulation = emulation_of(converted) or attach(converted, policy, None, None)
+        emulation = emulation_of(converted) or attach(converted, Resolution(policy))
         emulation.records = {}
         try:
             outputs = list(_float_tensors(converted(*inputs)))

@@ -1,18 +1,31 @@
-"""The policy one converted module runs under: overrides, @first/@last, and Park's classifier rule."""
+"""The policy one converted module runs under: overrides, @first/@last, and Park's classifier rule, resolved once.
+
+A :class:`Resolution` is the precision plan of one model under one policy: its weight layers (in module order;
+``@first``/``@last`` are the first and last of them) and, for any module path and op, the policy resolved there
+(:meth:`Resolution.module_policy`: the base roles, module and ``op:`` overrides in the order written,
+``@first``/``@last``, then Park's classifier rule on the last layer), including the update roles (master,
+optimizer_state, accumulator) of each weight layer's parameters (:meth:`Resolution.update_policies`).
+``convert`` makes it in one walk over the model and records it on the model it returns; the swapped layers, the
+op-level emulation, the Trainer (``train.params``) and ``lowprec.inspect`` all read that one plan.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from ..policy import LAYER_ROLES, Policy, Quant, Role, classifier_bits
 from ..policy.ops import OP_PREFIX
+from .swapped import EMULATED_LAYERS
 
-__all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES"]
+__all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES", "Resolution", "is_weight_layer",
+           "record_resolution", "recorded_resolution"]
+
+_RESOLUTION_ATTR = "_lowprec_resolution"  # where convert records the plan on the model it returns
 
 #: The roles the trainer applies to the parameters of weight layers (the other parameters stay fp32).
 _UPDATE_ROLES = Role.select(update=True)
@@ -85,6 +98,57 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
             stacklevel=3,
         )
     return resolved
+
+
+def is_weight_layer(module: nn.Module, quantized: type | None) -> bool:
+    """Whether a module counts for @first/@last and takes the update roles: a layer swapped for a quantized
+    class (``quantized``, before or after the swap) that counts as a layer (not batch-norm), or one of the
+    weight layers the op-level emulation quantizes (``swapped.EMULATED_LAYERS``: ConvTranspose, Conv3d)."""
+    return quantized.COUNTS_AS_LAYER if quantized is not None else isinstance(module, EMULATED_LAYERS)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The precision plan of one model under ``policy`` (module docstring). ``layers``: the qualified names of
+    its weight layers in module order."""
+
+    policy: Policy
+    layers: tuple[str, ...] = ()
+
+    @property
+    def first(self) -> str | None:
+        """The module ``@first`` stands for (None: the model has no weight layer)."""
+        return self.layers[0] if self.layers else None
+
+    @property
+    def last(self) -> str | None:
+        """The module ``@last`` stands for, which Park's classifier rule applies to."""
+        return self.layers[-1] if self.layers else None
+
+    def module_policy(self, name: str, module: nn.Module, *, op: str | None = None, warn: bool = True) -> Policy:
+        """The policy module ``name`` (and op ``op`` it runs) resolves to: :func:`module_policy` with @first/@last
+        from this plan."""
+        return module_policy(self.policy, name, module, first=name == self.first, last=name == self.last, op=op,
+                             warn=warn)
+
+    def update_policies(self, model: nn.Module) -> dict[str, Policy]:
+        """Each weight layer's resolved policy (op overrides aside), whose update roles its parameters are
+        stored and stepped in; the parameters of every other module keep fp32 masters and optimizer state."""
+        modules = dict(model.named_modules())
+        return {name: self.module_policy(name, modules[name], warn=False) for name in self.layers}
+
+
+def record_resolution(model: nn.Module, resolution: Resolution | None) -> None:
+    """Record (None: forget) the plan ``convert`` made for ``model``."""
+    if resolution is None:
+        model.__dict__.pop(_RESOLUTION_ATTR, None)
+    else:
+        model.__dict__[_RESOLUTION_ATTR] = resolution
+
+
+def recorded_resolution(model: nn.Module) -> Resolution | None:
+    """The plan ``convert`` recorded on ``model`` (the module it returned), or None."""
+    return model.__dict__.get(_RESOLUTION_ATTR)
 
 
 def may_run_ops(module: nn.Module) -> bool:

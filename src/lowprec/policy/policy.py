@@ -149,7 +149,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         got = dict(self.roles)
-        object.__setattr__(self, "roles", tuple((r.value, got.get(r)) for r in ROLES))
+        object.__setattr__(self, "roles", tuple((r, got.get(r)) for r in ROLES))
         if not re.fullmatch(r"none|dynamic|static:[0-9.eE+\-]+", self.loss_scale):
             raise ValueError(f"loss_scale must be 'none', 'dynamic' or 'static:<S>', got {self.loss_scale!r}")
         if self.loss_scale.startswith("static:") and not float(self.loss_scale[7:]) > 0:

@@ -1,9 +1,10 @@
 """The tensor roles a policy gives formats to: one declared set, with what each role is.
 
-``Role`` is a ``str`` enum: ``Role.WEIGHT == "weight"``, it hashes, prints and formats as ``"weight"``, so role
-names in policy strings, dict keys and messages are the plain strings they always were. Every subset of the roles
-lowprec needs (the gradients, the update roles, the classifier path, ...) is a query on the attributes below
-(``Role.select(gradient=True)``), never a hand-written list.
+``Role`` is a ``str`` enum: ``Role.WEIGHT == "weight"``, it hashes, prints and formats as ``"weight"``, and
+``Role(name)`` gives the attributes of a role name. Every subset of the roles lowprec needs (the gradients, the
+update roles, the classifier path, ...) is a query on the attributes below (``Role.select(gradient=True)``),
+never a hand-written list; queries return the plain names, so role names in policy strings, dict keys, state dicts
+and messages are the plain strings they always were.
 
 ===============  ========  ======  =====  =========  ==========  ====  ===============  ===========
 role             gradient  update  layer  parameter  classifier  bias  grad             shorthand
@@ -87,29 +88,32 @@ class Role(str, Enum):
         return self in (Role.BIAS, Role.BIAS_GRAD)
 
     @property
-    def grad(self) -> Role | None:
+    def grad(self) -> str | None:
         """The gradient role of a forward operand role (``activation`` -> ``activation_grad``); None otherwise."""
         return _GRAD.get(self)
 
     @classmethod
-    def select(cls, **attributes: bool) -> tuple[Role, ...]:
-        """The roles, in declaration order, whose attributes have the given values:
-        ``Role.select(gradient=True)``, ``Role.select(layer=True, parameter=True)``."""
+    def select(cls, **attributes: bool) -> tuple[str, ...]:
+        """The names of the roles, in declaration order, whose attributes have the given values:
+        ``Role.select(gradient=True)``, ``Role.select(layer=True, parameter=True)``.
+
+        Plain strings, as policies, dict keys and state dicts hold them (a state dict must load with
+        ``torch.load(weights_only=True)``, which refuses any class but the builtins)."""
         for name in attributes:
             if not isinstance(getattr(cls, name, None), property):
                 raise AttributeError(f"Role has no attribute {name!r}")
-        return tuple(r for r in cls if all(getattr(r, k) == v for k, v in attributes.items()))
+        return tuple(r.value for r in cls if all(getattr(r, k) == v for k, v in attributes.items()))
 
 
 _UPDATE = frozenset({Role.MASTER, Role.OPTIMIZER_STATE, Role.ACCUMULATOR})
-_GRAD = {r: Role(r.value + "_grad") for r in (Role.WEIGHT, Role.BIAS, Role.ACTIVATION, Role.OUTPUT)}
+_GRAD = {r: r.value + "_grad" for r in (Role.WEIGHT, Role.BIAS, Role.ACTIVATION, Role.OUTPUT)}
 
-#: Every role, in table order.
-ROLES: tuple[Role, ...] = tuple(Role)
+#: Every role's name, in table order.
+ROLES: tuple[str, ...] = Role.select()
 #: The roles a quantized layer (or op) rounds in its forward and backward.
-LAYER_ROLES: tuple[Role, ...] = Role.select(layer=True)
+LAYER_ROLES: tuple[str, ...] = Role.select(layer=True)
 #: The shorthands of policy strings, each setting several roles.
-ALIASES: dict[str, tuple[Role, ...]] = {
+ALIASES: dict[str, tuple[str, ...]] = {
     "grads": Role.select(gradient=True),
     "grad": Role.select(gradient=True),
     "activations": Role.select(layer=True, gradient=False, parameter=False),

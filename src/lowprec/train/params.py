@@ -5,8 +5,8 @@ modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding l
 Conv3d layers its op-level emulation quantizes. The parameters of each
 get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
 ``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
-widens its master, accumulator and optimizer-state formats with its weight), as ``convert`` resolves them
-(``lowprec.nn.resolve.module_policy``). Every other
+widens its master, accumulator and optimizer-state formats with its weight): the plan ``convert`` made and
+recorded on the model (``lowprec.nn.resolve.Resolution``), read with the trainer's policy. Every other
 parameter keeps an fp32 master and fp32 optimizer state: batch-norm's scale and shift (Park et al. keep
 batch-norm internals in full precision; lowprec.nn's batch-norm quantizes only its input and output) and
 modules ``convert`` does not know. A model without any converted layer (a plain ``nn.Module``) is treated
@@ -28,8 +28,7 @@ from ..nn import QuantizedModule, conversion_policy, emulation_of
 from ..nn.convert import policy_label
 from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
-from ..nn.resolve import module_policy
-from ..nn.swapped import EMULATED_LAYERS
+from ..nn.resolve import Resolution, is_weight_layer, recorded_resolution
 from ..policy import Policy, Role, as_policy
 from .update import ParamSlot, check_update_roles
 
@@ -38,16 +37,21 @@ __all__ = ["parameter_slots", "check_optimizer_covers", "model_differences", "tr
 UPDATE_ROLES = Role.select(update=True)
 
 
-def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The weight layers of a converted model (the swapped ones and the ConvTranspose / Conv3d layers the
-    op-level emulation quantizes, as ``convert`` counts them for @first/@last) or, for a plain model (or one
-    that has none of those), every module owning parameters."""
+def _resolution(model: nn.Module, policy: Policy) -> Resolution:
+    """The plan the trainer reads, under its own ``policy``: the one ``convert`` recorded on ``model``; for a model
+    it did not convert as a whole (a plain model, one wrapping converted parts, one built from quantized layers),
+    its weight layers as ``convert`` counts them (``nn.resolve.is_weight_layer``), or, where it has none of
+    those, every module owning parameters."""
+    recorded = recorded_resolution(model)
+    if recorded is not None:
+        return replace(recorded, policy=policy)
     if emulation_of(model) is not None or any(isinstance(m, QuantizedModule) for m in model.modules()):
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, EMULATED_LAYERS)
-                  or (isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER)]
+        layers = tuple(n for n, m in model.named_modules()
+                       if is_weight_layer(m, type(m) if isinstance(m, QuantizedModule) else None))
         if layers:
-            return layers
-    return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+            return Resolution(policy, layers)
+    return Resolution(policy, tuple(n for n, m in model.named_modules()
+                                    if next(m.parameters(recurse=False), None) is not None))
 
 
 def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
@@ -55,15 +59,10 @@ def parameter_slots(model: nn.Module, policy: Policy) -> list[ParamSlot]:
 
     Raises ValueError when a layer's policy sets an accumulator without a master format."""
     check_update_roles(policy, "policy")  # the base roles, even where every layer overrides them
-    layers = _weight_layers(model)
-    policies: dict[str, Policy] = {}
-    disagree = []
-    for i, (name, module) in enumerate(layers):
-        policies[name] = module_policy(policy, name, module, first=i == 0, last=i == len(layers) - 1, warn=False)
-        if isinstance(module, QuantizedModule) and any(
-            module.policy.get(r) != policies[name].get(r) for r in UPDATE_ROLES
-        ):
-            disagree.append(name)
+    policies = _resolution(model, policy).update_policies(model)
+    modules = dict(model.named_modules())
+    disagree = [name for name, p in policies.items() if isinstance(modules[name], QuantizedModule)
+                and any(modules[name].policy.get(r) != p.get(r) for r in UPDATE_ROLES)]
     if disagree:
         warnings.warn(
             f"lowprec.Trainer: layers {', '.join(disagree)} were converted under a policy whose master / "
