@@ -89,3 +89,16 @@ def test_a_wrapped_model_without_a_recorded_plan_falls_back_to_its_weight_layers
     slots = {s.name: s for s in trainer.slots}
     assert slots["0.6.weight"].policy.get("master").format == DynamicFixedPoint(12)  # 0.6 is @last there too
     assert slots["0.1.weight"].policy == Policy()
+
+
+def test_an_op_override_of_an_update_role_reaches_the_trainer_as_it_reaches_the_layer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "converted under a policy whose update roles differ" warning
+        model = lp.convert(_generator(), "int8; op:conv_transpose2d: master=int16; op:linear: optimizer_state=none")
+        trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert recorded_resolution(model).ops == ("linear", "conv_transpose2d")
+    slots = {s.name: s for s in trainer.slots}
+    assert slots["2.weight"].policy.get("master").format == DynamicFixedPoint(16)
+    assert slots["0.weight"].policy.get("master").format == DynamicFixedPoint(8)
+    assert slots["0.weight"].state_quant is None and slots["2.weight"].state_quant.format == DynamicFixedPoint(8)
+    assert model[0].policy.get("optimizer_state") is None  # the swapped layer resolved it alike

@@ -137,8 +137,8 @@ def _convert_emulated(model: nn.Module, policy: Policy) -> None:
         elif next(module.parameters(recurse=False), None) is not None and not covered_by_ops(module):
             unknown.append(f"{name or '(root)'} ({type(module).__name__})")
         if is_weight_layer(module, cls):
-            layers.append(name)
-    resolution = Resolution(policy, tuple(layers))
+            layers.append((name, module, cls))
+    resolution = Resolution.of_layers(policy, layers)
     check_override_roles(policy, model, plan, resolution.first, resolution.last)
     resolved = [(module, cls, resolution.module_policy(name, module, op=swapped_op(cls))) for name, module, cls in plan]
     for module, cls, module_pol in resolved:

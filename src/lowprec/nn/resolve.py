@@ -20,7 +20,7 @@ from torch import nn
 
 from ..policy import LAYER_ROLES, Policy, Quant, Role, classifier_bits
 from ..policy.ops import OP_PREFIX
-from .swapped import EMULATED_LAYERS
+from .swapped import EMULATED_LAYERS, layer_op
 
 __all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES", "Resolution", "is_weight_layer",
            "record_resolution", "recorded_resolution"]
@@ -110,10 +110,16 @@ def is_weight_layer(module: nn.Module, quantized: type | None) -> bool:
 @dataclass(frozen=True)
 class Resolution:
     """The precision plan of one model under ``policy`` (module docstring). ``layers``: the qualified names of
-    its weight layers in module order."""
+    its weight layers in module order; ``ops``: the op each runs (``swapped.layer_op``; empty: none known)."""
 
     policy: Policy
     layers: tuple[str, ...] = ()
+    ops: tuple[str | None, ...] = ()
+
+    @classmethod
+    def of_layers(cls, policy: Policy, layers: Sequence[tuple[str, nn.Module, type | None]]) -> Resolution:
+        """The plan of the weight layers ``(name, module, quantized class or None)``, in module order."""
+        return cls(policy, tuple(n for n, _, _ in layers), tuple(layer_op(m, q) for _, m, q in layers))
 
     @property
     def first(self) -> str | None:
@@ -132,10 +138,12 @@ class Resolution:
                              warn=warn)
 
     def update_policies(self, model: nn.Module) -> dict[str, Policy]:
-        """Each weight layer's resolved policy (op overrides aside), whose update roles its parameters are
-        stored and stepped in; the parameters of every other module keep fp32 masters and optimizer state."""
+        """Each weight layer's resolved policy (with the ``op:`` overrides of the op it runs, as ``convert``
+        resolves the layer), whose update roles its parameters are stored and stepped in; the parameters of every
+        other module keep fp32 masters and optimizer state."""
         modules = dict(model.named_modules())
-        return {name: self.module_policy(name, modules[name], warn=False) for name in self.layers}
+        ops = self.ops or (None,) * len(self.layers)
+        return {name: self.module_policy(name, modules[name], op=op, warn=False) for name, op in zip(self.layers, ops)}
 
 
 def record_resolution(model: nn.Module, resolution: Resolution | None) -> None:

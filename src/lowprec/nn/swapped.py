@@ -11,12 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..policy import Role
-
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .records import OperandRecord
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 
-__all__ = ["swapped_op", "EMULATED_LAYERS", "covered_by_ops", "layer_operands"]
+__all__ = ["swapped_op", "layer_op", "EMULATED_LAYERS", "covered_by_ops", "layer_operands"]
 
 _SWAPPED_OPS: dict[type, str] = {
     QLinear: "linear", QConv1d: "conv1d", QConv2d: "conv2d", QBatchNorm1d: "batch_norm",
@@ -24,10 +23,13 @@ _SWAPPED_OPS: dict[type, str] = {
     QGRUCell: "gru_cell",
 }
 
+#: Weight layers the op-level emulation quantizes (not swapped), and the op each runs.
+_EMULATED_OPS: dict[type[nn.Module], str] = {
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d", nn.Conv3d: "conv3d",
+}
 #: Weight layers the op-level emulation quantizes (not swapped); they count for @first/@last.
-EMULATED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d,
-)
+EMULATED_LAYERS: tuple[type[nn.Module], ...] = tuple(_EMULATED_OPS)
 
 #: torch modules whose forward runs only ops the emulation quantizes (F.linear, F.conv*, F.layer_norm, ...).
 _COVERED: tuple[type[nn.Module], ...] = (
@@ -44,6 +46,14 @@ _OPERAND_NAMES = {
 def swapped_op(cls: type) -> str | None:
     """The op a swapped layer class runs (None for a class that is not one)."""
     return next((_SWAPPED_OPS[c] for c in cls.__mro__ if c in _SWAPPED_OPS), None)
+
+
+def layer_op(module: nn.Module, quantized: type | None) -> str | None:
+    """The op a weight layer runs, by which ``op:`` overrides select it: its swapped class's (``quantized``, before
+    or after the swap), or the op an emulated layer's forward calls; None for any other module."""
+    if quantized is not None:
+        return swapped_op(quantized)
+    return next((op for cls, op in _EMULATED_OPS.items() if isinstance(module, cls)), None)
 
 
 def covered_by_ops(module: nn.Module) -> bool:

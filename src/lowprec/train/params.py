@@ -3,7 +3,7 @@
 The update roles (``master``, ``accumulator``, ``optimizer_state``) belong to the *weight layers*: the
 modules ``lowprec.convert`` made into quantized Linear/Conv/LSTM/GRU/Embedding layers, and the ConvTranspose /
 Conv3d layers its op-level emulation quantizes. The parameters of each
-get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
+get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=..., op=...)``, with ``@first`` and
 ``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
 widens its master, accumulator and optimizer-state formats with its weight): the plan ``convert`` made and
 recorded on the model (``lowprec.nn.resolve.Resolution``), read with the trainer's policy. Every other
@@ -46,10 +46,10 @@ def _resolution(model: nn.Module, policy: Policy) -> Resolution:
     if recorded is not None:
         return replace(recorded, policy=policy)
     if emulation_of(model) is not None or any(isinstance(m, QuantizedModule) for m in model.modules()):
-        layers = tuple(n for n, m in model.named_modules()
-                       if is_weight_layer(m, type(m) if isinstance(m, QuantizedModule) else None))
+        quantized = ((n, m, type(m) if isinstance(m, QuantizedModule) else None) for n, m in model.named_modules())
+        layers = [(n, m, q) for n, m, q in quantized if is_weight_layer(m, q)]
         if layers:
-            return Resolution(policy, layers)
+            return Resolution.of_layers(policy, layers)
     return Resolution(policy, tuple(n for n, m in model.named_modules()
                                     if next(m.parameters(recurse=False), None) is not None))
 
