@@ -71,6 +71,8 @@ def example_batch(model, target: str, batch: int, seed: int, input_shape: tuple[
     per position)."""
     import torch
 
+    from ..train.evaluating import evaluating
+
     shape = input_shape or EXAMPLE_INPUTS.get(target)
     if shape is None:
         raise ValueError(f"no example input for the model {target!r}: give --input-shape (one example's shape, "
@@ -78,17 +80,14 @@ def example_batch(model, target: str, batch: int, seed: int, input_shape: tuple[
     g = torch.Generator().manual_seed(seed)
     inputs = (torch.randint(0, vocab, (batch, *shape), generator=g) if vocab
               else torch.randn(batch, *shape, generator=g))
-    training = model.training
     try:
-        with torch.no_grad():
-            out = model.eval()(inputs)
+        with evaluating(model):
+            out = model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         kind = f"token ids < {vocab}" if vocab else "N(0,1) values"
         raise ValueError(f"{target!r} fails on made-up inputs of shape {tuple(inputs.shape)} ({kind}): {err}. Check "
                          "--input-shape (one example's shape), and give --vocab N for a model that takes token ids"
                          ) from None
-    finally:
-        model.train(training)
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != batch:
         shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the command line scores a model whose output is (batch, ..., classes) logits; "

@@ -21,14 +21,15 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from ..formats import BlockFloat, DynamicFixedPoint, ScaledFormat, parse_format
+from ..formats import parse_format
 from ..nn import quantizers
+from ..policy import Role
 from .census import SCALE_EXPONENTS, Census
 
 __all__ = ["GRADIENT_ROLES", "LossScaleAdvice", "advise_loss_scale", "start_exponents", "set_start_exponents"]
 
 #: The roles a loss scale multiplies.
-GRADIENT_ROLES = ("output_grad", "activation_grad", "weight_grad", "bias_grad")
+GRADIENT_ROLES = Role.select(gradient=True)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class LossScaleAdvice:
 
 
 def _scalable(fmt: str | None) -> bool:
-    return fmt is not None and not isinstance(parse_format(fmt), (DynamicFixedPoint, BlockFloat, ScaledFormat))
+    return fmt is not None and not parse_format(fmt).scale_free
 
 
 def advise_loss_scale(
@@ -90,7 +91,7 @@ def advise_loss_scale(
 def start_exponents(entries: Iterable[tuple[str, str, str | None, Census]]) -> dict[tuple[str, str], int]:
     """``{(module, role): r}``, the max-abs exponent of every group held in a dynamic fixed point format."""
     return {(module, role): c.int_bits for module, role, fmt, c in entries
-            if fmt is not None and isinstance(parse_format(fmt), DynamicFixedPoint) and c.nonzero}
+            if fmt is not None and parse_format(fmt).outside_state == "exponent" and c.nonzero}
 
 
 def set_start_exponents(model: nn.Module, exponents: Mapping[tuple[str, str], int]) -> int:

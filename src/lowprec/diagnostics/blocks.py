@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..formats import Format, ScaledFormat, quantize
+from ..formats import Format, quantize
 from ..formats.scaled_blocks import ScaledBlocks, scaled_blocks
 
 __all__ = ["BlockCounts", "Rounding", "rounding_of"]
@@ -103,7 +103,7 @@ def _error(x: Tensor, q: Tensor) -> tuple[float, float]:
 
 def rounding_of(x: Tensor, fmt: Format) -> Rounding:
     """The Rounding of one float32 tensor (in its own shape: blocks follow ``fmt.axis``) onto ``fmt``."""
-    if isinstance(fmt, ScaledFormat):
+    if fmt.scaled:
         sb = scaled_blocks(x, fmt)
         signal, noise = _error(sb.x, sb.quantized)
         return Rounding(signal, noise, int(sb.flushed.sum()), int(sb.subnormal.sum()), int(sb.clipped.sum()),

@@ -44,13 +44,7 @@ import torch
 from torch import Tensor
 
 from ..formats import (
-    BlockFloat,
-    ScaledFormat,
-    DynamicFixedPoint,
-    FixedPoint,
-    FloatFormat,
     Format,
-    Uniform,
     max_abs_int_bits,
     parse_format,
     quantize,
@@ -185,13 +179,10 @@ def _last_true(pred) -> float:
 
 def _side_max(fmt: Format) -> tuple[float, float]:
     """The largest finite magnitude on the positive and the negative side (beyond them the format clamps)."""
-    if isinstance(fmt, FloatFormat):
-        return fmt.max_value, fmt.max_value
-    if isinstance(fmt, FixedPoint):
-        return fmt.max_value, -fmt.min_value
-    if isinstance(fmt, Uniform):
-        return 1.0, 1.0 if fmt.signed else math.inf  # unsigned: negatives become 0 (lost), not clamped
-    raise TypeError(f"no fixed range: {fmt!r}")
+    if fmt.value_range is None:
+        raise TypeError(f"no fixed range: {fmt!r}")
+    low, high = fmt.value_range
+    return high, -low if fmt.signed else math.inf  # unsigned: negatives become 0 (lost), not clamped
 
 
 @functools.cache
@@ -210,9 +201,9 @@ def _thresholds(fmt: Format) -> tuple[tuple[float, float | None, float], ...]:
             sides.append((math.inf, None, math.inf))
             continue
         normal = None
-        if isinstance(fmt, FloatFormat) and fmt.subnormals:
+        if fmt.floating and fmt.subnormals:
             normal = _first_true(lambda t: abs(q(sign * t)) >= fmt.min_normal)
-        if isinstance(fmt, FloatFormat) and fmt.overflow == "inf":
+        if fmt.floating and fmt.overflow == "inf":
             over = _first_true(lambda t: math.isinf(q(sign * t)))
         else:
             over = _first_true(lambda t: t > limit)
@@ -221,7 +212,7 @@ def _thresholds(fmt: Format) -> tuple[tuple[float, float | None, float], ...]:
 
 
 def _scale_invariant(fmt: Format) -> bool:
-    return isinstance(fmt, (DynamicFixedPoint, BlockFloat, ScaledFormat))
+    return fmt.scale_free
 
 
 # -- counting ------------------------------------------------------------------------------------------------------
@@ -307,9 +298,9 @@ def _direct_counts(fmt: Format, x: Tensor, counted: Tensor) -> FormatCounts:
     q = quantize(x, fmt)
     lost = int(((q == 0) & counted).sum())
     over = 0  # a block floating point block sits at its own max-abs exponent
-    if isinstance(fmt, DynamicFixedPoint):
+    if fmt.outside_state == "exponent":  # one exponent for the tensor (dfx), not one per block
         r = int(max_abs_int_bits(x))  # the largest code times the step 2**(r - bits + 1)
-        over = int(((x.abs() > math.ldexp(2 ** (fmt.bits - 1) - 1, r - fmt.bits + 1)) & counted).sum())
+        over = int(((x.abs() > math.ldexp(fmt.code_range[1], r - fmt.bits + 1)) & counted).sum())
     return FormatCounts(repr(fmt), (lost,) * _NK, (0,) * _NK, (over,) * _NK)
 
 
@@ -321,7 +312,7 @@ def _scaled_counts(fmt: Format, rounding: Rounding) -> FormatCounts:
 
 def _counts(fmt: Format, x: Tensor, flat: Tensor, hist: _Histogram, counted: Tensor | None,
             block_axis: int | None) -> FormatCounts:
-    if isinstance(fmt, ScaledFormat):
+    if fmt.scaled:
         return _scaled_counts(fmt, rounding_of(x, with_block_axis(fmt, block_axis, x)))
     counts = _direct_counts(fmt, flat, counted) if _scale_invariant(fmt) else _grid_counts(fmt, hist)
     return replace(counts, rounding=rounding_of(flat, fmt))

@@ -207,9 +207,7 @@ def _scratch(quant: str, policy: Any, numel: int) -> int:
 
 def _clipped(quant: Any) -> bool:
     """WRPN's clip formats: their straight-through estimator masks the gradient (a masked copy)."""
-    from ..formats import Uniform
-
-    return quant is not None and isinstance(quant.format, Uniform)
+    return quant is not None and quant.format.clip_range is not None
 
 
 def _backward_workspace(saved: list[_Saved], policy: Any) -> int:

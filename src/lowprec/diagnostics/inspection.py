@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..formats import Format, parse_format
 from ..nn import QuantizedModule, convert, emulation_of
-from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
+from ..nn.resolve import recorded_resolution
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role, as_policy
 from ..train import cross_entropy
 from .advice import GRADIENT_ROLES, LossScaleAdvice, advise_loss_scale, start_exponents
 from .blocks import Rounding
@@ -37,7 +38,7 @@ from .census import LOG2_MIN, Census, census
 __all__ = ["ROLES", "Entry", "InspectReport", "inspect"]
 
 #: The roles an inspection records, in table order.
-ROLES = LAYER_ROLES + ("optimizer_state",)
+ROLES = LAYER_ROLES + (Role.OPTIMIZER_STATE.value,)
 
 Batch = tuple[Any, Tensor]
 
@@ -120,15 +121,19 @@ class _Sums:
 
 
 def _record_layers(model: nn.Module, sums: _Sums) -> dict[str, Quant | None]:
-    """Swap every converted layer's quantizers for recorders; returns each weight layer's optimizer_state."""
-    state_formats = {}
+    """Swap every converted layer's quantizers for recorders; returns the optimizer_state format of every module
+    whose optimizer state is recorded: each weight layer of the model's plan gets its resolved format, as the
+    Trainer stores it (``nn.resolve.Resolution.update_policies``), the other converted layers fp32."""
+    state_formats: dict[str, Quant | None] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedModule):
             module.quantizers = {role: _Recorder(sums.recorder(name, role, q.quant, q.block_axis))
                                  for role, q in module.quantizers.items() if role in LAYER_ROLES}
             module.accumulator = None  # float32 accumulation
-            # the trainer's rule (train/params.py): weight layers take their policy's state format, others fp32
-            state_formats[name] = module.policy.get("optimizer_state") if module.COUNTS_AS_LAYER else None
+            state_formats[name] = None
+    plan = recorded_resolution(model)
+    if plan is not None:
+        state_formats.update((n, p.get("optimizer_state")) for n, p in plan.update_policies(model).items())
     return state_formats
 
 

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..formats import BlockFloat, DynamicFixedPoint, Format, ScaledFormat, parse_format  # noqa: E402
+from ..formats import Format, parse_format  # noqa: E402
 from .census import LOG2_MIN, Census, _thresholds  # noqa: E402
 
 if TYPE_CHECKING:
@@ -40,10 +40,9 @@ def _log2(v: float) -> float:
 
 def _shade(ax, fmt: Format, int_bits: int, left: float, right: float) -> None:
     """Shade the format's ranges (positive side) between x = left and x = right (log2 magnitudes)."""
-    if isinstance(fmt, (BlockFloat, ScaledFormat)):  # no fixed range: the scale follows the data
+    fmt = fmt.fixed_at(int_bits)  # a dfx group at its max-abs exponent
+    if fmt is None:  # an exponent per block: no one range to shade
         return
-    if isinstance(fmt, DynamicFixedPoint):
-        fmt = fmt.at(int_bits)  # the group's max-abs exponent
     zero, normal, over = _thresholds(fmt)[0]
     edges = [left, _log2(zero), _log2(normal) if normal else _log2(zero), _log2(over), right]
     for i in range(1, len(edges)):  # inside [left, right], non-decreasing

@@ -38,6 +38,7 @@ from ..models import apply_max_norm, build_model
 from ..nn import convert, quantizers
 from ..policy import Policy
 from ..train import SGD, AdamW, Trainer, cross_entropy, distributed
+from ..train.evaluating import evaluating
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .recipes import Recipe
 from .rundir import claim, writing
@@ -114,22 +115,19 @@ def _apply_schedule(optimizer: torch.optim.Optimizer, task: Task, settings: dict
             group["momentum"] = _momentum_at(task, settings["momentum"], epoch, settings["epochs"])
 
 
-@torch.no_grad()
 def _scores(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
             batch_size: int, with_loss: bool) -> tuple[float, float]:
     """(correct predictions, summed cross-entropy: each batch's float32 sum added in float64; 0 unless
     ``with_loss``) over every label (every position of a language model), in eval mode, ``batch_size`` examples
     at a time. The sums stay on the device until the end: one host sync, not two per batch."""
-    was_training = model.training
-    model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=labels.device)
     loss = torch.zeros((), dtype=torch.float64, device=labels.device)
-    for i in range(0, len(labels), batch_size):
-        logits = model(*(t[i : i + batch_size] for t in inputs))
-        correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum()
-        if with_loss:
-            loss += cross_entropy(logits, labels[i : i + batch_size], reduction="sum").double()
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(labels), batch_size):
+            logits = model(*(t[i : i + batch_size] for t in inputs))
+            correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum()
+            if with_loss:
+                loss += cross_entropy(logits, labels[i : i + batch_size], reduction="sum").double()
     return float(correct.item()), loss.item()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..train.evaluating import evaluating
 from .tasks import TaskData
 
 __all__ = ["check_settings", "check_finite", "check_data_fits", "check_device", "check_value", "SETTING_RULES",
@@ -112,16 +113,12 @@ def check_data_fits(model: nn.Module, data: TaskData, task: str) -> None:
     if len(shapes) == 1 and shapes != test_shapes:  # several inputs (sequences, lengths): lengths may differ
         raise ValueError(f"test examples have shape {test_shapes[0]}, training examples {shapes[0]}: both splits "
                          "must hold the same kind of example")
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             logits = model(*(t[:2] for t in data.train_inputs))
     except (RuntimeError, ValueError, IndexError) as err:
         raise ValueError(f"task {task}: the model does not take these inputs (one example has shape "
                          f"{', '.join(str(s) for s in shapes)}): {str(err).splitlines()[0]}") from None
-    finally:
-        model.train(was_training)
     classes, per_example = logits.shape[-1], tuple(logits.shape[1:-1])
     for split, labels in (("train", data.train_labels), ("test", data.test_labels)):
         if tuple(labels.shape[1:]) != per_example:

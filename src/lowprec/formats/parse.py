@@ -19,7 +19,7 @@ from .types import (
 )
 from .scaled import ELEMENTS, MXFormat, NVFP4, ScaledFloat
 
-__all__ = ["parse_format", "FORMS"]
+__all__ = ["parse_format", "FORMS", "split_top"]
 
 #: Every accepted spelling, shown in error messages (the options of each: docs/formats.md).
 FORMS = (
@@ -73,17 +73,23 @@ def _float_format(args: list[str], spec: str) -> FloatFormat:
     )
 
 
-def _split(args: str) -> list[str]:
-    """Split on commas outside angle brackets (an element may be ``float<e=4,m=3>``)."""
-    parts, depth, cur = [], 0, ""
-    for ch in args:
+def split_top(text: str, sep: str = ",", *, keep_empty: bool = False) -> list[str]:
+    """Split on ``sep`` outside angle brackets (an element may be ``float<e=4,m=3>``), each part stripped.
+
+    Empty parts are dropped (a policy string's ``"weight=int8,"``), or, with ``keep_empty``, kept for the caller
+    to refuse (a format's ``mx<e4m3,,32>``); an empty ``text`` has no parts either way."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
         depth += (ch == "<") - (ch == ">")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
         else:
-            cur += ch
-    return [*parts, cur] if cur or parts else []
+            cur.append(ch)
+    parts = [p.strip() for p in (*parts, "".join(cur))]
+    if keep_empty:
+        return parts if text.strip() else []
+    return [p for p in parts if p]
 
 
 def _options(args: list[str], spec: str, known: dict[str, type], flags: tuple[str, ...] = ()) -> dict[str, object]:
@@ -146,7 +152,7 @@ def parse_format(spec: str) -> Format:
         return _scaled_format(text, [], spec)
     nested = _NESTED.match(text)
     if nested and (nested["kind"] in _MX_ELEMENTS or nested["kind"] in ("mx", "nvfp4", "scaled")):
-        return _scaled_format(nested["kind"], _split(nested["args"]), spec)
+        return _scaled_format(nested["kind"], split_top(nested["args"], keep_empty=True), spec)
     match = _FORM.match(text)
     if not match:
         raise ValueError(f"unknown number format {spec!r}; accepted: {FORMS}")

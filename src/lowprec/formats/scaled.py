@@ -13,6 +13,7 @@ in float32 and so round float32 tensors only (their values span scales a half ty
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -70,7 +71,17 @@ _MX_NAMES = {"e4m3": "mxfp8_e4m3", "e5m2": "mxfp8_e5m2", "e2m3": "mxfp6_e2m3", "
 class ScaledFormat(Format):
     """Base of the formats whose elements carry a scale computed from the data (rounded in float32 only)."""
 
+    scale_free: ClassVar[bool] = True  # the scale follows the data: a loss scale moves no rounding
+    scaled: ClassVar[bool] = True
     axis: int
+
+    @property
+    def bits(self) -> None:
+        """None: besides its element bits, each value carries a share of the scales held outside it."""
+        return None
+
+    def fixed_at(self, int_bits: int) -> None:
+        return None  # the scales come from the data, per tensor, row or block
 
     def fits_in(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32
@@ -199,6 +210,10 @@ class ScaledFloat(ScaledFormat):
         if self.rowwise and self.scaling == "delayed":
             raise ValueError("delayed scaling keeps one scale per tensor: rowwise applies to current scaling only")
         _check_axis(self.axis)
+
+    @property
+    def outside_state(self) -> str | None:
+        return "amax_history" if self.scaling == "delayed" else None
 
     @property
     def element_name(self) -> str:

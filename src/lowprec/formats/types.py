@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -73,7 +74,75 @@ def container_of(dtype: torch.dtype) -> Container:
 
 
 class Format:
-    """Base of all number formats. Subclasses are frozen dataclasses; ``repr`` parses back."""
+    """Base of all number formats. Subclasses are frozen dataclasses; ``repr`` parses back.
+
+    What the rest of lowprec needs to know about a format is a property of it, never a test of its class:
+
+    * ``bits``: the width in bits (sign included) of a format with one word per value; None for the scaled
+      formats, whose values also carry scales held outside them.
+    * ``fixed_step``: the values are integer codes times one step (per tensor or block): fixed, dfx, uniform,
+      bfp. Round-off is the step, not relative (Park et al. eq. 4): the classifier rule applies to them.
+    * ``floating``: a plain binary float (its step scales with the value; no scale held outside).
+    * ``fixed_point``: a two's-complement word at a binary point (fixed, dfx); the classifier rule widens it to
+      ``dfx<bits>``.
+    * ``signed``: the format holds negative values.
+    * ``code_range``: (lowest, highest) integer code of a fixed-step format; None for the others.
+    * ``value_range``: (lowest, highest) finite value where the range is fixed by the format alone; None where a
+      scale or exponent set from the data moves it (dfx, bfp, the scaled formats).
+    * ``clip_range``: the range a clip format (WRPN's ``uniform<k>``) clips to before rounding, where its
+      straight-through estimator masks the gradient; None for every format that saturates instead.
+    * ``scale_free``: the binary point follows each tensor's (dfx) or block's (bfp) own max-abs exponent, so
+      multiplying the tensor by a power of two (a loss scale) changes none of its rounding.
+    * ``scaled``: each element carries a scale computed from the data (per tensor, row or block: fp8 with
+      amax scaling, MX, NVFP4), rounded in float32 only.
+    * ``outside_state``: the state a quantizer keeps beside the format: ``"exponent"`` (dfx's moving exponent),
+      ``"amax_history"`` (delayed scaling), None.
+    * ``torch_dtype``: the torch dtype whose own cast implements the format exactly (fp32, bf16, fp16, e4m3,
+      e5m2), or None.
+    * ``widened(bits)``: the same kind of format at ``bits`` bits; ``fixed_at(int_bits)``: the format with its
+      data-set exponent fixed at ``int_bits`` integer bits (None where each block has its own).
+    """
+
+    fixed_step: ClassVar[bool] = False
+    floating: ClassVar[bool] = False
+    fixed_point: ClassVar[bool] = False
+    scale_free: ClassVar[bool] = False
+    scaled: ClassVar[bool] = False
+    signed = True  # a plain class attribute: Uniform's dataclass field of that name overrides it
+
+    @property
+    def code_range(self) -> tuple[int, int] | None:
+        """(lowest, highest) integer code of a fixed-step format; None for the others."""
+        return None
+
+    @property
+    def value_range(self) -> tuple[float, float] | None:
+        """(lowest, highest) finite value, where the format alone fixes it; None where the data moves it."""
+        return None
+
+    @property
+    def clip_range(self) -> tuple[float, float] | None:
+        """The range a clip format clips to (its STE masks the gradient outside it); None: it saturates."""
+        return None
+
+    @property
+    def outside_state(self) -> str | None:
+        """The state a quantizer holds beside the format: "exponent", "amax_history", or None."""
+        return None
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype whose own cast implements this format exactly, or None."""
+        return TORCH_DTYPES.get(self)
+
+    def widened(self, bits: int) -> Format:
+        """The same kind of format at ``bits`` bits; ValueError for a format without a wider kind."""
+        raise ValueError(f"{self!r} has no wider version of its kind; name the wider format explicitly")
+
+    def fixed_at(self, int_bits: int) -> Format | None:
+        """This format with its data-set exponent at ``int_bits`` integer bits: itself where nothing is set from
+        the data, None where each block has its own exponent."""
+        return self
 
     def fits_in(self, dtype: torch.dtype) -> bool:
         """True if every value of the format is exactly representable in ``dtype``."""
@@ -145,6 +214,16 @@ class FloatFormat(Format):
         if self.finite and self.man_bits == 0:
             raise ValueError("a finite format needs m >= 1: with m=0 its top binade would be all NaN")
 
+    floating: ClassVar[bool] = True
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return -self.max_value, self.max_value
+
     @property
     def bias(self) -> int:
         return 2 ** (self.exp_bits - 1) - 1
@@ -214,6 +293,25 @@ class FixedPoint(Format):
         _check_int("word", self.word, 2, 53, form)
         _check_int("frac", self.frac, *FRAC_RANGE, form)
 
+    fixed_step: ClassVar[bool] = True
+    fixed_point: ClassVar[bool] = True
+
+    @property
+    def bits(self) -> int:
+        return self.word
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return -(2 ** (self.word - 1)), 2 ** (self.word - 1) - 1
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return self.min_value, self.max_value
+
+    def widened(self, bits: int) -> Format:
+        """``dfx<bits>``: the classifier rule widens a fixed binary point into a moving one."""
+        return DynamicFixedPoint(bits)
+
     @property
     def step(self) -> float:
         return math.ldexp(1.0, -self.frac)
@@ -252,9 +350,27 @@ class DynamicFixedPoint(Format):
     def __post_init__(self) -> None:
         _check_int("bits", self.bits, 2, 32, "dfx<bits=2..32>")
 
+    fixed_step: ClassVar[bool] = True
+    fixed_point: ClassVar[bool] = True
+    scale_free: ClassVar[bool] = True
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    @property
+    def outside_state(self) -> str:
+        return "exponent"
+
+    def widened(self, bits: int) -> Format:
+        return DynamicFixedPoint(bits)
+
     def at(self, int_bits: int) -> FixedPoint:
         """The fixed-point format this word becomes with ``int_bits`` integer bits."""
         return FixedPoint(self.bits, self.bits - 1 - int_bits)
+
+    def fixed_at(self, int_bits: int) -> FixedPoint:
+        return self.at(int_bits)
 
     def fits_in(self, dtype: torch.dtype) -> bool:
         return self.bits - 1 <= container_of(dtype).man_bits + 1
@@ -281,6 +397,23 @@ class Uniform(Format):
 
     def __post_init__(self) -> None:
         _check_int("k (bits)", self.bits, 1, 16, "uniform<k=1..16[,unsigned]>")
+
+    fixed_step: ClassVar[bool] = True
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return (-self.levels if self.signed else 0), self.levels
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return (-1.0 if self.signed else 0.0), 1.0
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        return self.value_range
+
+    def widened(self, bits: int) -> Format:
+        return Uniform(bits, self.signed)
 
     @property
     def levels(self) -> int:
@@ -312,6 +445,19 @@ class BlockFloat(Format):
         form = "bfp<bits=2..24,block=1..65536>"
         _check_int("bits", self.bits, 2, 24, form)
         _check_int("block", self.block, 1, 65536, form)
+
+    fixed_step: ClassVar[bool] = True
+    scale_free: ClassVar[bool] = True
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    def widened(self, bits: int) -> Format:
+        return BlockFloat(bits, self.block)
+
+    def fixed_at(self, int_bits: int) -> None:
+        return None  # each block has its own exponent
 
     def fits_in(self, dtype: torch.dtype) -> bool:
         return self.bits - 1 <= container_of(dtype).man_bits + 1

@@ -14,9 +14,9 @@ from .originals import mark_replaced
 from .packed import install_packing, remove_packing
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
-from .resolve import check_override_roles, module_policy
+from .resolve import Resolution, check_override_roles, is_weight_layer, record_resolution
 from .roles import clips_negatives
-from .swapped import EMULATED_LAYERS, covered_by_ops, swapped_op
+from .swapped import covered_by_ops, swapped_op
 from .widen import fill_clip_range, zero_weight_shares
 
 __all__ = ["convert", "conversion_policy", "policy_label", "CONVERSIONS"]
@@ -129,34 +129,26 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
 
 def _convert_emulated(model: nn.Module, policy: Policy) -> None:
     """Swap the layers of ``model`` in place and attach the op-level emulation (``convert``)."""
-    plan, unknown, emulated_layers = [], [], set()
-    for name, module in model.named_modules():
+    plan, unknown, layers = [], [], []
+    for name, module in model.named_modules():  # one walk: the layers to swap, their kinds, @first/@last
         cls = _quantized_class(module)
         if cls is not None:
             plan.append((name, module, cls))
         elif next(module.parameters(recurse=False), None) is not None and not covered_by_ops(module):
             unknown.append(f"{name or '(root)'} ({type(module).__name__})")
-        if cls is None and isinstance(module, EMULATED_LAYERS):
-            emulated_layers.add(name)
-    swapped_layers = {name for name, _, cls in plan if cls.COUNTS_AS_LAYER}
-    layers = [name for name, _ in model.named_modules() if name in swapped_layers or name in emulated_layers]
-    first, last = (layers[0], layers[-1]) if layers else (None, None)
-    check_override_roles(policy, model, plan, first, last)
-    resolved = []
-    for name, module, cls in plan:
-        if cls.COUNTS_AS_LAYER:
-            module_pol = module_policy(policy, name, module, first=name == first, last=name == last,
-                                       op=swapped_op(cls))
-        else:
-            module_pol = policy.for_module(name, op=swapped_op(cls))
-        resolved.append((module, cls, module_pol))
+        if is_weight_layer(module, cls):
+            layers.append((name, module, cls))
+    resolution = Resolution.of_layers(policy, layers)
+    check_override_roles(policy, model, plan, resolution.first, resolution.last)
+    resolved = [(module, cls, resolution.module_policy(name, module, op=swapped_op(cls))) for name, module, cls in plan]
     for module, cls, module_pol in resolved:
         cls.check_supported(module, module_pol)
     for (name, _, _), (module, cls, module_pol) in zip(plan, resolved):
         cls.adopt(module, module_pol)
         module.layer_name = name
+    record_resolution(model, resolution)
     if policy.quantizes_anything:
-        attach(model, policy, first, last)
+        attach(model, resolution)
     else:
         detach(model)
     if unknown:

@@ -55,8 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..formats import Uniform
-from ..policy import LAYER_ROLES, Policy, Quant, Quantizer
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role
 from ..policy.ops import OP_KINDS
 from .attention import emulated_attention
 from .hooks import remove_forward_hooks, remove_state_dict_hooks
@@ -64,7 +63,7 @@ from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import OPENED, Invocation, bind, is_parameter
 from .records import OperandRecord, OpRecord
-from .resolve import module_policy
+from .resolve import Resolution
 from .swapped import layer_operands
 
 __all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
@@ -73,7 +72,7 @@ _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
 _PARAMETERS_KEY = "lowprec_op_parameters"  # and ``layer_parameters``
 _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip formats (Uniform) apply
-_PARAMETER_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # the roles an elementwise op quantizes
+_PARAMETER_ROLES = Role.select(parameter=True, layer=True)  # the roles an elementwise op quantizes
 _LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand of these: a weight layer's
 _T = torch.Tensor
 #: Functions that carry values unchanged into a new tensor (a repetition, a concatenation, a copy): a parameter
@@ -108,10 +107,6 @@ def _flat(args: tuple, kwargs: dict[str, Any]) -> Iterator[Any]:
             yield a
 
 
-def _operand(name: str, role: str, q: Quantizer) -> OperandRecord:
-    return OperandRecord(name, role, str(q.quant) if q.enabled else "fp32", q.enabled)
-
-
 @dataclass
 class _Frame:
     name: str
@@ -143,13 +138,13 @@ def _opened(func: types.FunctionType) -> types.FunctionType:
 class OpEmulation:
     """The op-level quantization of one converted model (see the module docstring).
 
-    ``policy``: the model's Policy; ``first``/``last``: the module names @first/@last stand for. Quantizers are
+    ``resolution``: the model's plan (its policy, and the module names @first/@last stand for). Quantizers are
     made on first use, one set per (module path, op, call index within that module's forward, product), and
     kept: dynamic-fixed-point exponents are per op call site, as Courbariaux's per-layer groups.
     """
 
-    def __init__(self, policy: Policy, first: str | None, last: str | None) -> None:
-        self.policy, self.first, self.last = policy, first, last
+    def __init__(self, resolution: Resolution) -> None:
+        self.resolution, self.policy = resolution, resolution.policy
         self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
         self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
@@ -294,13 +289,12 @@ class OpEmulation:
         key = (frame.name, op, index, product)
         found = self.quantizer_sets.get(key)
         if found is None:
-            policy = module_policy(self.policy, frame.name, frame.module, first=frame.name == self.first,
-                                   last=frame.name == self.last, op=op)
+            policy = self.resolution.module_policy(frame.name, frame.module, op=op)
             kind = OP_KINDS[op]
             clips = weight_layer and kind in _CLIP_KINDS
             found = {role: Quantizer(self._quant(policy, role, clips, kind), policy) for role in LAYER_ROLES}
-            if any(isinstance(getattr(policy.get(role), "format", None), Uniform) and not q.enabled
-                   for role, q in found.items()):
+            if any((quant := policy.get(role)) is not None and quant.format.clip_range is not None
+                   and not q.enabled for role, q in found.items()):
                 self.clip_exempt.add((frame.name, op, index))
             if policy.get("accumulation") is not None and kind not in ("norm", "elementwise"):
                 self._warn_once(f"{frame.name or '(root)'}: {op} accumulates in fp32: accumulation emulation "
@@ -318,7 +312,7 @@ class OpEmulation:
         quant = policy.get(role)
         if kind == "elementwise" and role not in _PARAMETER_ROLES:
             return None  # the elementwise op itself stays float32: only the parameter's roles are quantized
-        if quant is not None and isinstance(quant.format, Uniform) and not clips:
+        if quant is not None and quant.format.clip_range is not None and not clips:
             return None
         return quant
 
@@ -362,10 +356,10 @@ class OpEmulation:
     @staticmethod
     def _operands(names: tuple[str, ...], roles: tuple[str | None, ...], quantizers: dict[str, Quantizer],
                   result: str = "result") -> list[OperandRecord]:
-        ops = [_operand(n, r, quantizers[r]) for n, r in zip(names, roles) if r is not None]
-        ops.append(_operand(result, "output", quantizers["output"]))
-        ops.append(_operand(f"d {result}", "output_grad", quantizers["output_grad"]))
-        ops += [_operand(f"d {n}", GRAD_ROLE[r], quantizers[GRAD_ROLE[r]]) for n, r in zip(names, roles)
+        ops = [OperandRecord.of(n, r, quantizers[r]) for n, r in zip(names, roles) if r is not None]
+        ops.append(OperandRecord.of(result, "output", quantizers["output"]))
+        ops.append(OperandRecord.of(f"d {result}", "output_grad", quantizers["output_grad"]))
+        ops += [OperandRecord.of(f"d {n}", GRAD_ROLE[r], quantizers[GRAD_ROLE[r]]) for n, r in zip(names, roles)
                 if r is not None]
         return ops
 
@@ -440,10 +434,11 @@ class OpEmulation:
                 f"{', '.join(fresh)} (lp.plan shows every op and its formats)", UserWarning, stacklevel=3)
 
 
-def attach(model: nn.Module, policy: Policy, first: str | None, last: str | None) -> OpEmulation:
-    """Give ``model`` (already layer-swapped) op-level emulation under ``policy``; replaces any earlier one."""
+def attach(model: nn.Module, resolution: Resolution) -> OpEmulation:
+    """Give ``model`` (already layer-swapped) op-level emulation under the plan ``resolution``; replaces any
+    earlier one."""
     detach(model)
-    emulation = OpEmulation(policy, first, last)
+    emulation = OpEmulation(resolution)
     setattr(model, _ATTR, emulation)
     for name, module in model.named_modules():
         module.register_forward_pre_hook(functools.partial(emulation.enter, name))

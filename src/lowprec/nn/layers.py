@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..formats import ScaledFormat, Uniform
-from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, as_policy
+from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role, as_policy
+from ..policy.roles import ALIASES
 from .functions import ConvOp, QConvFunction, QLinearFunction, quantize_boundary
 from .packed import recomputable
 from .roles import Accumulator, clips_negatives
@@ -102,7 +102,7 @@ class QuantizedModule:
             self.accumulator = Accumulator(self.quantizers["accumulation"], policy.accumulation_chunk)
 
     def _role_quant(self, role: str) -> Quant | None:
-        if role not in self.OP_ROLES or (role in ("bias", "bias_grad") and not self._has_bias()):
+        if role not in self.OP_ROLES or (Role(role).bias and not self._has_bias()):
             return None
         return self.policy.get(role)
 
@@ -127,7 +127,7 @@ class QuantizedModule:
 
     def parameter_roles(self) -> dict[str, str]:
         """Each parameter the layer rounds before using it, and the role that rounds it (weight or bias)."""
-        return {n: n for n in ("weight", "bias") if n in self.OP_ROLES and getattr(self, n, None) is not None}
+        return {n: n for n in ALIASES["params"] if n in self.OP_ROLES and getattr(self, n, None) is not None}
 
     @property
     def quantizing(self) -> bool:
@@ -188,7 +188,7 @@ class QLinear(QuantizedModule, nn.Linear):
 
     def configure(self, policy: Policy) -> None:
         super().configure(policy)
-        scaled = any(isinstance(getattr(self.quantizers[r].quant, "format", None), ScaledFormat)
+        scaled = any((q := self.quantizers[r].quant) is not None and q.format.scaled
                      for r in ("activation", "output_grad"))
         self.rht_seed = policy.rht_seed if policy.wgrad_rht and scaled else None
 
@@ -245,12 +245,12 @@ class QConv2d(_QConv, nn.Conv2d):
 class _QBatchNorm(QuantizedModule):
     """Batch-norm between quantized boundaries; the normalisation itself is torch's, in float32."""
 
-    OP_ROLES = ("activation", "output", "output_grad", "activation_grad")
+    OP_ROLES = Role.select(layer=True, parameter=False)
     COUNTS_AS_LAYER = False
 
     def _role_quant(self, role: str) -> Quant | None:
         quant = super()._role_quant(role)
-        return None if quant is not None and isinstance(quant.format, Uniform) else quant
+        return None if quant is not None and quant.format.clip_range is not None else quant
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
@@ -271,7 +271,7 @@ class QEmbedding(QuantizedModule, nn.Embedding):
     """``nn.Embedding`` whose table is quantized (weight role) before the lookup, and its output (output
     role); weight_grad rounds the (dense) table gradient. ``sparse=True`` is not supported when quantizing."""
 
-    OP_ROLES = ("weight", "output", "output_grad", "weight_grad")
+    OP_ROLES = ("weight", "output", "output_grad", "weight_grad")  # no activation: the input is indices
 
     @classmethod
     def check_supported(cls, module: nn.Module, policy: Policy) -> None:

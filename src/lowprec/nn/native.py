@@ -53,14 +53,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from ..formats import BF16, FP16, FloatFormat
-from ..policy import LAYER_ROLES, Policy
+from ..policy import LAYER_ROLES, ROLES, Policy, Role
 from .hooks import remove_forward_hooks
 
 __all__ = ["to_native", "from_native", "is_native_layer", "native_dtype", "compute_dtype", "NORM_MODULES",
            "FLOAT32_MODULES"]
 
-_DTYPES = {BF16: torch.bfloat16, FP16: torch.float16}
+_DTYPES = (torch.bfloat16, torch.float16)  # the dtypes a native policy may run in
 
 #: Normalization layers: float32 parameters and statistics, torch's mixed-dtype kernels on S inputs.
 NORM_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -72,19 +71,19 @@ def native_dtype(policy: Policy) -> torch.dtype:
     """The torch dtype a native policy stores tensors in; ValueError when the policy has no native form."""
     quants = {policy.get(role) for role in LAYER_ROLES}
     fmt = next(iter(quants)).format if len(quants) == 1 and None not in quants else None
-    if fmt is None or not isinstance(fmt, FloatFormat):
+    if fmt is None or not fmt.floating:
         shown = ", ".join(f"{r}={policy.get(r) or 'fp32'}" for r in LAYER_ROLES)
         raise ValueError(
             f"path=native needs one fp16 or bf16 format for all eight layer roles, got {shown}. Set them "
             "together (params=bf16,activations=bf16,grads=bf16) or use path=emulated."
         )
-    if fmt not in _DTYPES:
-        hint = " (fp8 has no native path yet: use the emulated fp8 presets)" if fmt.exp_bits + fmt.man_bits == 7 else ""
+    if fmt.torch_dtype not in _DTYPES:
+        hint = " (fp8 has no native path yet: use the emulated fp8 presets)" if fmt.bits == 8 else ""
         raise ValueError(f"path=native supports fp16 and bf16, not {fmt!r}{hint}; use path=emulated")
     rounding = next(iter(quants)).rounding
     if rounding != "nearest":
         raise ValueError(f"path=native rounds like torch's casts (nearest); {rounding} rounding needs path=emulated")
-    for role in ("master", "accumulator", "accumulation"):
+    for role in (r for r in ROLES if not Role(r).layer and r != Role.OPTIMIZER_STATE):  # the optimizer keeps its own
         if policy.get(role) is not None:
             raise ValueError(
                 f"path=native keeps float32 master weights and accumulates in float32; {role}={policy.get(role)} "
@@ -95,7 +94,7 @@ def native_dtype(policy: Policy) -> torch.dtype:
             f"path=native applies one dtype to the whole model; per-module overrides "
             f"({', '.join(p for p, _ in policy.overrides)}) need path=emulated"
         )
-    return _DTYPES[fmt]
+    return fmt.torch_dtype
 
 
 @functools.cache

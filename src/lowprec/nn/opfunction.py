@@ -18,6 +18,7 @@ Every quantizer is crossed by the straight-through estimator of ``roles.straight
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +28,20 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from ..policy import Quantizer
+from ..policy import Quantizer, Role
 from .roles import quantize_roles, straight_through
 
 __all__ = ["OpCall", "QOpFunction", "GRAD_ROLE", "run_op"]
 
 #: The gradient role of each forward operand role.
-GRAD_ROLE = {"activation": "activation_grad", "weight": "weight_grad", "bias": "bias_grad"}
+GRAD_ROLE = {r: Role(r).grad for r in Role.select(layer=True, gradient=False) if r != Role.OUTPUT}
+
+
+@functools.cache
+def _used_roles(roles: tuple[str | None, ...]) -> tuple[str, ...]:
+    """The roles an op with these operand roles has: theirs, their gradients', the output's and its gradient's."""
+    named = {r for r in roles if r is not None}
+    return tuple(named | {GRAD_ROLE[r] for r in named} | {Role.OUTPUT.value, Role.OUTPUT_GRAD.value})
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,9 +58,7 @@ class OpCall:
     @property
     def quantizes(self) -> bool:
         """Whether any role this call has (its operands', the output's and their gradients') is quantized."""
-        roles = {r for r in self.roles if r is not None}
-        used = roles | {GRAD_ROLE[r] for r in roles} | {"output", "output_grad"}
-        return any(self.quantizers[r].enabled for r in used)
+        return any(self.quantizers[r].enabled for r in _used_roles(self.roles))
 
 
 def _quantize(quantizers: Mapping[str, Quantizer], role: str | None, x: Any) -> tuple[Any, Tensor | None]:

@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..policy import Policy, as_policy
+from ..policy import Policy, Role, as_policy
 from .convert import convert
 from .emulate import attach, emulation_of
 from .records import OperandRecord, OpRecord
+from .resolve import Resolution
 
 __all__ = ["Plan", "plan"]
+_GRADIENTS = frozenset(Role.select(gradient=True))
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Plan:
                        "backward: gradient (role) = format", "bwd ran", "calls", "note"):  # role where not obvious
             table.add_column(column, overflow="fold")
         for r in self.ops:
-            forward, backward = (", ".join(_show(o) for o in r.operands if o.role.endswith("_grad") == grads)
+            forward, backward = (", ".join(_show(o) for o in r.operands if (o.role in _GRADIENTS) == grads)
                                  for grads in (False, True))
             op = f"{r.op}[{r.index}]" if r.index else r.op
             table.add_row(r.module or "(root)", op, r.path, forward, backward, "yes" if r.backward else "-",
@@ -123,7 +125,7 @@ def plan(model: nn.Module, policy: Policy | str, example_inputs: Any) -> Plan:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = convert(model, policy)
-        emulation = emulation_of(converted) or attach(converted, policy, None, None)
+        emulation = emulation_of(converted) or attach(converted, Resolution(policy))
         emulation.records = {}
         try:
             outputs = list(_float_tensors(converted(*inputs)))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..policy import Quantizer
 
 __all__ = ["OperandRecord", "OpRecord"]
 
@@ -16,6 +20,11 @@ class OperandRecord:
     role: str
     format: str
     quantized: bool = False
+
+    @classmethod
+    def of(cls, name: str, role: str, quantizer: Quantizer) -> OperandRecord:
+        """The record of a tensor ``name`` rounded by ``quantizer`` in ``role`` (``fp32`` where it is disabled)."""
+        return cls(name, role, str(quantizer.quant) if quantizer.enabled else "fp32", quantizer.enabled)
 
 
 @dataclass

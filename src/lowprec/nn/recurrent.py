@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..policy import Policy, Quantizer
+from ..policy import Policy, Quantizer, Role
 from .functions import QLinearFunction, quantize_boundary
 from .layers import QuantizedModule
 from .roles import IDENTITY, Accumulator
@@ -47,7 +47,7 @@ __all__ = ["QLSTM", "QGRU", "QLSTMCell", "QGRUCell"]
 State = tuple[Tensor, ...]
 Step = Callable[[Tensor, State, Tensor, "Tensor | None", Mapping[str, Quantizer], "Accumulator | None"], State]
 
-_PARAM_ROLES = ("weight", "bias", "weight_grad", "bias_grad")  # applied once per forward, not per matmul
+_PARAM_ROLES = Role.select(layer=True, parameter=True)  # applied once per forward, not per matmul
 
 
 def lstm_step(zx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,

@@ -1,43 +1,47 @@
-"""The policy one converted module runs under: overrides, @first/@last, and Park's classifier rule."""
+"""The policy one converted module runs under: overrides, @first/@last, and Park's classifier rule, resolved once.
+
+A :class:`Resolution` is the precision plan of one model under one policy: its weight layers (in module order;
+``@first``/``@last`` are the first and last of them) and, for any module path and op, the policy resolved there
+(:meth:`Resolution.module_policy`: the base roles, module and ``op:`` overrides in the order written,
+``@first``/``@last``, then Park's classifier rule on the last layer), including the update roles (master,
+optimizer_state, accumulator) of each weight layer's parameters (:meth:`Resolution.update_policies`).
+``convert`` makes it in one walk over the model and records it on the model it returns; the swapped layers, the
+op-level emulation, the Trainer (``train.params``) and ``lowprec.inspect`` all read that one plan.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from ..formats import BlockFloat, DynamicFixedPoint, FixedPoint, Uniform
-from ..policy import LAYER_ROLES, ROLES, Policy, Quant, classifier_bits
+from ..policy import LAYER_ROLES, Policy, Quant, Role, classifier_bits
 from ..policy.ops import OP_PREFIX
+from .swapped import EMULATED_LAYERS, layer_op
 
-__all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES"]
+__all__ = ["module_policy", "check_override_roles", "CLASSIFIER_ROLES", "Resolution", "is_weight_layer",
+           "record_resolution", "recorded_resolution"]
+
+_RESOLUTION_ATTR = "_lowprec_resolution"  # where convert records the plan on the model it returns
 
 #: The roles the trainer applies to the parameters of weight layers (the other parameters stay fp32).
-_UPDATE_ROLES = tuple(r for r in ROLES if r not in LAYER_ROLES and r != "accumulation")
+_UPDATE_ROLES = Role.select(update=True)
 
 #: The classifier path of Park et al. eq. 5: the last layer's weights and the values and gradients between it
 #: and the softmax.
-CLASSIFIER_ROLES = ("weight", "output", "output_grad")
-
-_GRID_FORMATS = (FixedPoint, DynamicFixedPoint, Uniform, BlockFloat)  # a fixed step: round-off eq. 4 applies
-
+CLASSIFIER_ROLES = Role.select(classifier=True)
 
 def _bits(quant: Quant | None) -> int | None:
     """The width of a fixed-step (integer-grid) format; None for floats and unquantized roles."""
-    return quant.bits if quant is not None and isinstance(quant.format, _GRID_FORMATS) else None
+    return quant.bits if quant is not None and quant.format.fixed_step else None
 
 
 def _widened(quant: Quant, bits: int) -> Quant:
     """The same kind of format at ``bits`` bits (fixed point becomes dynamic fixed point, as the rule does)."""
-    f = quant.format
-    if isinstance(f, Uniform):
-        return replace(quant, format=Uniform(bits, f.signed))
-    if isinstance(f, BlockFloat):
-        return replace(quant, format=BlockFloat(bits, f.block))
-    return replace(quant, format=DynamicFixedPoint(bits))
+    return replace(quant, format=quant.format.widened(bits))
 
 
 def _num_classes(module: nn.Module) -> int | None:
@@ -75,9 +79,9 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
     short = _narrower(resolved, CLASSIFIER_ROLES, need)
     if resolved.classifier_rule:
         widened = {
-            r: Quant(DynamicFixedPoint(need), q.rounding)
+            r: replace(q, format=q.format.widened(need))
             for r, q in _narrower(resolved, CLASSIFIER_ROLES + _UPDATE_ROLES, need).items()
-            if isinstance(q.format, (FixedPoint, DynamicFixedPoint))
+            if q.format.fixed_point
         }
         short = {r: q for r, q in short.items() if r not in widened}
         resolved = replace(resolved.with_roles(**widened), name=resolved.name)
@@ -85,8 +89,7 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
         roles = ", ".join(f"{r}={q}" for r, q in short.items())
         override = "@last: " + ",".join(f"{r}={_widened(q, need)}" for r, q in short.items())
         fix = f"an override {override!r}"
-        if not resolved.classifier_rule and any(isinstance(q.format, (FixedPoint, DynamicFixedPoint))
-                                                for q in short.values()):
+        if not resolved.classifier_rule and any(q.format.fixed_point for q in short.values()):
             fix = f"classifier_rule=on, or {fix}"
         warnings.warn(
             f"lowprec.convert: the last layer {name or type(module).__name__!r} scores {classes} classes, for "
@@ -95,6 +98,65 @@ def module_policy(policy: Policy, name: str, module: nn.Module, *, first: bool, 
             stacklevel=3,
         )
     return resolved
+
+
+def is_weight_layer(module: nn.Module, quantized: type | None) -> bool:
+    """Whether a module counts for @first/@last and takes the update roles: a layer swapped for a quantized
+    class (``quantized``, before or after the swap) that counts as a layer (not batch-norm), or one of the
+    weight layers the op-level emulation quantizes (``swapped.EMULATED_LAYERS``: ConvTranspose, Conv3d)."""
+    return quantized.COUNTS_AS_LAYER if quantized is not None else isinstance(module, EMULATED_LAYERS)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The precision plan of one model under ``policy`` (module docstring). ``layers``: the qualified names of
+    its weight layers in module order; ``ops``: the op each runs (``swapped.layer_op``; empty: none known)."""
+
+    policy: Policy
+    layers: tuple[str, ...] = ()
+    ops: tuple[str | None, ...] = ()
+
+    @classmethod
+    def of_layers(cls, policy: Policy, layers: Sequence[tuple[str, nn.Module, type | None]]) -> Resolution:
+        """The plan of the weight layers ``(name, module, quantized class or None)``, in module order."""
+        return cls(policy, tuple(n for n, _, _ in layers), tuple(layer_op(m, q) for _, m, q in layers))
+
+    @property
+    def first(self) -> str | None:
+        """The module ``@first`` stands for (None: the model has no weight layer)."""
+        return self.layers[0] if self.layers else None
+
+    @property
+    def last(self) -> str | None:
+        """The module ``@last`` stands for, which Park's classifier rule applies to."""
+        return self.layers[-1] if self.layers else None
+
+    def module_policy(self, name: str, module: nn.Module, *, op: str | None = None, warn: bool = True) -> Policy:
+        """The policy module ``name`` (and op ``op`` it runs) resolves to: :func:`module_policy` with @first/@last
+        from this plan."""
+        return module_policy(self.policy, name, module, first=name == self.first, last=name == self.last, op=op,
+                             warn=warn)
+
+    def update_policies(self, model: nn.Module) -> dict[str, Policy]:
+        """Each weight layer's resolved policy (with the ``op:`` overrides of the op it runs, as ``convert``
+        resolves the layer), whose update roles its parameters are stored and stepped in; the parameters of every
+        other module keep fp32 masters and optimizer state."""
+        modules = dict(model.named_modules())
+        ops = self.ops or (None,) * len(self.layers)
+        return {name: self.module_policy(name, modules[name], op=op, warn=False) for name, op in zip(self.layers, ops)}
+
+
+def record_resolution(model: nn.Module, resolution: Resolution | None) -> None:
+    """Record (None: forget) the plan ``convert`` made for ``model``."""
+    if resolution is None:
+        model.__dict__.pop(_RESOLUTION_ATTR, None)
+    else:
+        model.__dict__[_RESOLUTION_ATTR] = resolution
+
+
+def recorded_resolution(model: nn.Module) -> Resolution | None:
+    """The plan ``convert`` recorded on ``model`` (the module it returned), or None."""
+    return model.__dict__.get(_RESOLUTION_ATTR)
 
 
 def may_run_ops(module: nn.Module) -> bool:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..formats import Uniform
 from ..policy import Quantizer
 
 __all__ = ["IDENTITY", "Accumulator", "clip_mask", "clips_negatives", "quantize_roles", "straight_through"]
@@ -31,17 +30,17 @@ IDENTITY = Quantizer(None)
 def clip_mask(quantizer: Quantizer, x: Tensor) -> Tensor | None:
     """Where the clipped STE lets the gradient through (a bool tensor), or None where it passes everywhere."""
     quant = quantizer.quant
-    if quant is None or quantizer.observe_only or not isinstance(quant.format, Uniform):
+    if quant is None or quantizer.observe_only or quant.format.clip_range is None:
         return None
-    low = -1.0 if quant.format.signed else 0.0
-    return (x >= low) & (x <= 1.0)
+    low, high = quant.format.clip_range
+    return (x >= low) & (x <= high)
 
 
 def clips_negatives(quantizer: Quantizer) -> bool:
     """Whether the quantizer is WRPN's unsigned clip format (``uniform<k,unsigned>``): every negative value
     becomes 0."""
     quant = quantizer.quant
-    return quant is not None and isinstance(quant.format, Uniform) and not quant.format.signed
+    return quant is not None and quant.format.clip_range is not None and not quant.format.signed
 
 
 def quantize_roles(

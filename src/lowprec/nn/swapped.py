@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..policy import Role
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .records import OperandRecord
 from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
 
-__all__ = ["swapped_op", "EMULATED_LAYERS", "covered_by_ops", "layer_operands"]
+__all__ = ["swapped_op", "layer_op", "EMULATED_LAYERS", "covered_by_ops", "layer_operands"]
 
 _SWAPPED_OPS: dict[type, str] = {
     QLinear: "linear", QConv1d: "conv1d", QConv2d: "conv2d", QBatchNorm1d: "batch_norm",
@@ -22,10 +23,13 @@ _SWAPPED_OPS: dict[type, str] = {
     QGRUCell: "gru_cell",
 }
 
+#: Weight layers the op-level emulation quantizes (not swapped), and the op each runs.
+_EMULATED_OPS: dict[type[nn.Module], str] = {
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d", nn.Conv3d: "conv3d",
+}
 #: Weight layers the op-level emulation quantizes (not swapped); they count for @first/@last.
-EMULATED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d,
-)
+EMULATED_LAYERS: tuple[type[nn.Module], ...] = tuple(_EMULATED_OPS)
 
 #: torch modules whose forward runs only ops the emulation quantizes (F.linear, F.conv*, F.layer_norm,
 #: F.embedding_bag, F.prelu, ...).
@@ -46,6 +50,14 @@ def swapped_op(cls: type) -> str | None:
     return next((_SWAPPED_OPS[c] for c in cls.__mro__ if c in _SWAPPED_OPS), None)
 
 
+def layer_op(module: nn.Module, quantized: type | None) -> str | None:
+    """The op a weight layer runs, by which ``op:`` overrides select it: its swapped class's (``quantized``, before
+    or after the swap), or the op an emulated layer's forward calls; None for any other module."""
+    if quantized is not None:
+        return swapped_op(quantized)
+    return next((op for cls, op in _EMULATED_OPS.items() if isinstance(module, cls)), None)
+
+
 def covered_by_ops(module: nn.Module) -> bool:
     """Whether the op-level emulation quantizes what ``module`` (not swapped) does with its parameters: torch's
     linear, convolution, embedding, norm and attention modules; user modules are checked as their forward runs
@@ -56,8 +68,8 @@ def covered_by_ops(module: nn.Module) -> bool:
 def layer_operands(module: QuantizedModule) -> tuple[str, list[OperandRecord]]:
     """A swapped layer's op and the role and format of each of its tensors, for the plan."""
     operands = [
-        OperandRecord(_OPERAND_NAMES.get(role, role), role, str(q.quant) if q.enabled else "fp32", q.enabled)
+        OperandRecord.of(_OPERAND_NAMES.get(role, role), role, q)
         for role, q in module.quantizers.items()
-        if role in type(module).OP_ROLES and (role not in ("bias", "bias_grad") or module._has_bias())
+        if role in type(module).OP_ROLES and (not Role(role).bias or module._has_bias())
     ]
     return swapped_op(type(module)) or type(module).__name__, operands

@@ -20,6 +20,7 @@ from .emulate import detach
 from .layers import QuantizedModule
 from .native import from_native
 from .packed import remove_packing
+from .resolve import record_resolution
 
 __all__ = ["unconvert"]
 
@@ -43,6 +44,7 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     detach(model)  # the op-level emulation's hooks
+    record_resolution(model, None)
     for module in list(model.modules()):
         module.__dict__.pop(_POLICY_ATTR, None)  # no longer converted: it may be converted again
         if not isinstance(module, QuantizedModule):

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats import Uniform
 from .layers import QuantizedModule
 
 __all__ = ["widen", "fill_clip_range", "zero_weight_shares"]
@@ -141,7 +140,7 @@ def _clip_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedModule, nn.P
         if not isinstance(module, QuantizedModule):
             continue
         quant = module.quantizers["weight"].quant
-        if quant is not None and isinstance(quant.format, Uniform) and quant.format.signed:
+        if quant is not None and quant.format.clip_range is not None and quant.format.signed:
             for pname, role in module.parameter_roles().items():
                 if role == "weight":
                     yield name, module, getattr(module, pname)

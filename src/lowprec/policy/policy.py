@@ -64,22 +64,14 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from ..formats import DynamicFixedPoint, Format, parse_format
+from ..formats import Format, parse_format
 from ..formats.kernels import ROUNDINGS
+from ..formats.parse import split_top
 from .ops import OP_PREFIX, check_op_selector, op_matches
+from .roles import ALIASES, LAYER_ROLES, ROLES
 
 __all__ = ["Quant", "Policy", "as_policy", "split_top", "ROLES", "LAYER_ROLES"]
 
-LAYER_ROLES = (
-    "weight", "bias", "activation", "output", "output_grad", "activation_grad", "weight_grad", "bias_grad",
-)
-ROLES = LAYER_ROLES + ("master", "optimizer_state", "accumulator", "accumulation")
-ALIASES = {
-    "grads": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
-    "grad": ("output_grad", "activation_grad", "weight_grad", "bias_grad"),
-    "activations": ("activation", "output"),
-    "params": ("weight", "bias"),
-}
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
             "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule", "packed",
             "wgrad_rht", "rht_seed")
@@ -122,28 +114,10 @@ class Quant:
     @property
     def bits(self) -> int | None:
         """Width of the format in bits, where it has one (dfx, fixed, uniform, bfp, float)."""
-        f = self.format
-        for attr in ("bits", "word"):
-            if hasattr(f, attr):
-                return getattr(f, attr)
-        return 1 + f.exp_bits + f.man_bits if hasattr(f, "exp_bits") else None
+        return self.format.bits
 
     def __str__(self) -> str:
         return repr(self.format) + ("" if self.rounding == "nearest" else f"/{self.rounding}")
-
-
-def split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside angle brackets (format strings contain commas); empty parts dropped."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        depth += (ch == "<") - (ch == ">")
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
 
 
 def _expand(assignments: Mapping[str, Any]) -> dict[str, Quant | None]:
@@ -155,7 +129,7 @@ def _expand(assignments: Mapping[str, Any]) -> dict[str, Quant | None]:
                 raise ValueError(
                     f"unknown role {key!r}; roles: {', '.join(ROLES)}; shorthands: {', '.join(ALIASES)}"
                 )
-            roles[name] = Quant.parse(value)
+            roles[str(name)] = Quant.parse(value)
     return roles
 
 
@@ -288,7 +262,7 @@ class Policy:
     @property
     def uses_dynamic_fixed_point(self) -> bool:
         quants = [q for _, q in self.roles] + [q for _, a in self.overrides for _, q in a]
-        return any(q is not None and isinstance(q.format, DynamicFixedPoint) for q in quants)
+        return any(q is not None and q.format.outside_state == "exponent" for q in quants)
 
     # -- printing ------------------------------------------------------------------------------------------
     def spec(self) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import DynamicFixedPoint, Format, ScaledFloat, quantize, with_block_axis
+from ..formats import Format, quantize, with_block_axis
 from ..formats.packing import mark
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
@@ -38,9 +38,9 @@ class Quantizer:
         self.scale_state: DelayedScale | None = None
         self.block_axis: int | None = None
         p = policy or Policy()
-        if quant is not None and isinstance(quant.format, ScaledFloat) and quant.format.scaling == "delayed":
+        if quant is not None and quant.format.outside_state == "amax_history":
             self.scale_state = DelayedScale(quant.format)
-        if quant is not None and isinstance(quant.format, DynamicFixedPoint) and p.exponent_rule == "overflow":
+        if quant is not None and quant.format.outside_state == "exponent" and p.exponent_rule == "overflow":
             # init_int_bits None: the exponent starts at the max-abs exponent of the first tensor it sees
             self.exponent = DynamicExponent(
                 quant.format, p.init_int_bits, max_overflow_rate=p.max_overflow_rate, interval=p.exponent_interval

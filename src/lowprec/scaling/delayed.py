@@ -42,7 +42,7 @@ class DelayedScale:
 
     def __init__(self, fmt: ScaledFloat | str):
         fmt = parse_format(fmt)
-        if not isinstance(fmt, ScaledFloat) or fmt.scaling != "delayed":
+        if fmt.outside_state != "amax_history":
             raise ValueError(f"DelayedScale needs a delayed-scaling format such as 'scaled<e4m3,delayed>', got {fmt!r}")
         self.fmt = fmt
         self.scale: Tensor = torch.ones((), dtype=torch.float32)

@@ -70,7 +70,7 @@ class DynamicExponent:
         interval: int = 100,
     ):
         fmt = parse_format(fmt)
-        if not isinstance(fmt, DynamicFixedPoint):
+        if fmt.outside_state != "exponent":
             raise ValueError(f"DynamicExponent needs a dynamic fixed point format (dfx<bits>), got {fmt!r}")
         if not 0.0 <= max_overflow_rate < 1.0:
             raise ValueError(f"max_overflow_rate must lie in [0, 1), got {max_overflow_rate}")

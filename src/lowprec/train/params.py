@@ -8,10 +8,10 @@ multiplied by ``@``: ``OpEmulation.layer_parameters``), under its module's polic
 is known once a forward has run: a Trainer built before the model's first forward resolves them at its first
 update (``Trainer.unscale_`` / ``apply_update``), rounding them into their master format then, before the
 optimizer steps; a checkpoint of the converted model carries the list. The parameters of each
-get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=...)``, with ``@first`` and
+get the trainer's policy for that layer, ``policy.for_module(name, first=..., last=..., op=...)``, with ``@first`` and
 ``@last`` the first and last weight layer in module order, and Park's classifier rule on the last one (which
-widens its master, accumulator and optimizer-state formats with its weight), as ``convert`` resolves them
-(``lowprec.nn.resolve.module_policy``). Every other
+widens its master, accumulator and optimizer-state formats with its weight): the plan ``convert`` made and
+recorded on the model (``lowprec.nn.resolve.Resolution``), read with the trainer's policy. Every other
 parameter keeps an fp32 master and fp32 optimizer state: batch-norm's scale and shift (Park et al. keep
 batch-norm internals in full precision; lowprec.nn's batch-norm quantizes only its input and output) and
 modules ``convert`` does not know. A model without any converted layer (a plain ``nn.Module``) is treated
@@ -33,41 +33,41 @@ from ..nn import QuantizedModule, conversion_policy, emulation_of
 from ..nn.convert import policy_label
 from ..nn.native import is_native_layer
 from ..nn.originals import REPLACED_HINT, is_replaced
-from ..nn.resolve import module_policy
-from ..nn.swapped import EMULATED_LAYERS
-from ..policy import Policy, as_policy
+from ..nn.resolve import Resolution, is_weight_layer, recorded_resolution
+from ..policy import Policy, Role, as_policy
 from .update import ParamSlot, check_update_roles
 
 __all__ = ["parameter_slots", "parameter_policies", "check_optimizer_covers", "model_differences", "trainer_policy",
            "UPDATE_ROLES"]
 
-UPDATE_ROLES = ("master", "accumulator", "optimizer_state")
+UPDATE_ROLES = Role.select(update=True)
 
 
-def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The weight layers of a converted model (the swapped ones and the ConvTranspose / Conv3d layers the
-    op-level emulation quantizes, as ``convert`` counts them for @first/@last) or, for a plain model (or one
-    that has none of those), every module owning parameters."""
+def _resolution(model: nn.Module, policy: Policy) -> Resolution:
+    """The plan the trainer reads, under its own ``policy``: the one ``convert`` recorded on ``model``; for a model
+    it did not convert as a whole (a plain model, one wrapping converted parts, one built from quantized layers),
+    its weight layers as ``convert`` counts them (``nn.resolve.is_weight_layer``), or, where it has none of
+    those, every module owning parameters."""
+    recorded = recorded_resolution(model)
+    if recorded is not None:
+        return replace(recorded, policy=policy)
     if emulation_of(model) is not None or any(isinstance(m, QuantizedModule) for m in model.modules()):
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, EMULATED_LAYERS)
-                  or (isinstance(m, QuantizedModule) and m.COUNTS_AS_LAYER)]
+        quantized = ((n, m, type(m) if isinstance(m, QuantizedModule) else None) for n, m in model.named_modules())
+        layers = [(n, m, q) for n, m, q in quantized if is_weight_layer(m, q)]
         if layers:
-            return layers
-    return [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+            return Resolution.of_layers(policy, layers)
+    return Resolution(policy, tuple(n for n, m in model.named_modules()
+                                    if next(m.parameters(recurse=False), None) is not None))
 
 
 def parameter_policies(model: nn.Module, policy: Policy, *, warn: bool = True) -> dict[str, Policy]:
     """The policy each trainable parameter is updated under (module docstring), by qualified name; ``warn``: the
     UserWarning for converted layers whose update roles differ from the trainer's."""
-    layers = _weight_layers(model)
-    policies: dict[str, Policy] = {}
-    disagree = []
-    for i, (name, module) in enumerate(layers):
-        policies[name] = module_policy(policy, name, module, first=i == 0, last=i == len(layers) - 1, warn=False)
-        if isinstance(module, QuantizedModule) and any(
-            module.policy.get(r) != policies[name].get(r) for r in UPDATE_ROLES
-        ):
-            disagree.append(name)
+    resolution = _resolution(model, policy)
+    policies = resolution.update_policies(model)
+    modules = dict(model.named_modules())
+    disagree = [name for name, p in policies.items() if isinstance(modules[name], QuantizedModule)
+                and any(modules[name].policy.get(r) != p.get(r) for r in UPDATE_ROLES)]
     if disagree and warn:
         warnings.warn(
             f"lowprec.Trainer: layers {', '.join(disagree)} were converted under a policy whose master / "
@@ -78,14 +78,12 @@ def parameter_policies(model: nn.Module, policy: Policy, *, warn: bool = True) -
         )
     emulation = emulation_of(model)
     functional = set(emulation.layer_parameters or ()) if emulation is not None else set()
-    modules = dict(model.named_modules())
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             owner = name.rpartition(".")[0]
             if owner not in policies and name in functional:  # a weight only functional ops use
-                out[name] = module_policy(policy, owner, modules[owner], first=owner == emulation.first,
-                                          last=owner == emulation.last, warn=False)
+                out[name] = resolution.module_policy(owner, modules[owner], warn=False)
             else:
                 out[name] = policies.get(owner, Policy())
     return out

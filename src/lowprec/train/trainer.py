@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from ..nn import emulation_of
 from ..nn import quantizers as layer_quantizers
 from ..nn import update_exponents as update_layer_exponents
-from ..formats import FloatFormat
 from ..policy import Policy, Quantizer
 from ..scaling import LossScaler, StepResult
 from . import distributed
@@ -103,7 +102,7 @@ def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
     if not any("betas" in group for group in optimizer.param_groups):
         return
     fixed = {s.state_quant for s in slots if s.state_quant is not None and s.state_quant.bits is not None
-             and not isinstance(s.state_quant.format, FloatFormat)}
+             and s.state_quant.format.fixed_step}
     narrow = sorted(str(q) for q in fixed if q.bits < 16)
     small_eps = min((g.get("eps", 1.0) for g in optimizer.param_groups), default=1.0) < 1e-4
     if narrow or (fixed and small_eps):
