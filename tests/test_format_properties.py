@@ -40,9 +40,9 @@ def test_exact_values():
         "fp16": (16, False, True, False, False, None), "e4m3": (8, False, True, False, False, None),
         "float<e=5,m=7>": (13, False, True, False, False, None), "fixed<8,4>": (8, True, False, True, False, None),
         "dfx<10>": (10, True, False, True, True, "exponent"), "uniform<4>": (4, True, False, False, False, None),
-        "bfp<8,16>": (8, True, False, False, True, None), "mxfp8_e4m3": (None, False, False, False, False, None),
-        "nvfp4": (None, False, False, False, False, None), "scaled<e4m3>": (None, False, False, False, False, None),
-        "scaled<e5m2,delayed>": (None, False, False, False, False, "amax_history"),
+        "bfp<8,16>": (8, True, False, False, True, None), "mxfp8_e4m3": (None, False, False, False, True, None),
+        "nvfp4": (None, False, False, False, True, None), "scaled<e4m3>": (None, False, False, False, True, None),
+        "scaled<e5m2,delayed>": (None, False, False, False, True, "amax_history"),
     }
     for spec, want in table.items():
         f = parse_format(spec)

@@ -71,7 +71,7 @@ _MX_NAMES = {"e4m3": "mxfp8_e4m3", "e5m2": "mxfp8_e5m2", "e2m3": "mxfp6_e2m3", "
 class ScaledFormat(Format):
     """Base of the formats whose elements carry a scale computed from the data (rounded in float32 only)."""
 
-    scale_free: ClassVar[bool] = True  # the scale follows the data: a loss scale moves no rounding
+    scale_free: ClassVar[bool] = True
     scaled: ClassVar[bool] = True
     axis: int
 

@@ -91,8 +91,9 @@ class Format:
       scale or exponent set from the data moves it (dfx, bfp, the scaled formats).
     * ``clip_range``: the range a clip format (WRPN's ``uniform<k>``) clips to before rounding, where its
       straight-through estimator masks the gradient; None for every format that saturates instead.
-    * ``scale_free``: the binary point follows each tensor's (dfx) or block's (bfp) own max-abs exponent, so
-      multiplying the tensor by a power of two (a loss scale) changes none of its rounding.
+    * ``scale_free``: the binary point follows each tensor's (dfx) or block's (bfp) own max-abs exponent, or
+      the scale is computed from the data (the scaled formats; a delayed scale follows within its amax
+      history), so multiplying the tensor by a power of two (a loss scale) changes none of its rounding.
     * ``scaled``: each element carries a scale computed from the data (per tensor, row or block: fp8 with
       amax scaling, MX, NVFP4), rounded in float32 only.
     * ``outside_state``: the state a quantizer keeps beside the format: ``"exponent"`` (dfx's moving exponent),
