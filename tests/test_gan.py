@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowprec.cli import main
-from lowprec.experiments import load_checkpoint, parse_recipe
+from lowprec.experiments import CheckpointError, load_checkpoint, parse_recipe
 from lowprec.experiments.gan import GanSettings, build_scorer, load_gan_data, train_gan
 from lowprec.experiments.gan_scores import class_scores, frechet_distance
 
@@ -108,6 +108,12 @@ def test_resume_after_an_interrupted_epoch_gives_the_same_weights(tiny, tmp_path
             assert torch.equal(value, b[net]["model"][key]), (net, key)
     assert resumed.losses_d == whole.losses_d and resumed.losses_g == whole.losses_g
     assert [h["fid"] for h in resumed.history] == [h["fid"] for h in whole.history]
+    # a 1-epoch run resumed with --epochs 2 is the 2-epoch run; resuming with fewer epochs than done is refused
+    train_gan(recipe, data, scorer, replace(TINY, epochs=1), out_dir=tmp_path / "short")
+    longer, _ = train_gan(recipe, data, scorer, TINY, out_dir=tmp_path / "short", resume=True)
+    assert longer.losses_d == whole.losses_d and longer.history[-1]["fid"] == whole.history[-1]["fid"]
+    with pytest.raises(CheckpointError, match="holds 2 epochs, more than the 1"):
+        train_gan(recipe, data, scorer, replace(TINY, epochs=1), out_dir=tmp_path / "short", resume=True)
 
 
 def test_cli_gan_writes_grids_scores_and_table(tmp_path, capsys):

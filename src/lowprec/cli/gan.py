@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                    "then the MNIST subset shipped with lowprec)")
     p.add_argument("--out", help="output folder (default runs/gan-mnist)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out (each recipe "
-                   "from its last finished epoch; finished recipes are read back)")
+                   "from its last finished epoch; finished recipes are read back; --epochs may be raised)")
     p.add_argument("--overwrite", action="store_true", help="replace the runs in --out")
     p.set_defaults(func=cmd_gan)
 

@@ -243,7 +243,8 @@ def train_gan(
     With ``out_dir``: ``checkpoint.pt`` after every epoch, ``metrics.csv``, ``samples.png`` (the fixed-noise
     grid) and ``result.json``; the directory is claimed as ``lowprec compare`` claims a run's (refused when it
     holds a run unless ``resume`` or ``overwrite``). ``resume`` continues from the last finished epoch and
-    reaches the same weights as an uninterrupted run. ``progress(step, total, loss_d)`` and ``after_step(step)``
+    reaches the same weights as an uninterrupted run, also when ``settings.epochs`` is raised on resume (a
+    longer run: nothing depends on the total). ``progress(step, total, loss_d)`` and ``after_step(step)``
     are called after every step."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run in the directory, or replace it")
@@ -272,12 +273,15 @@ def _train(recipe, data, scorer, settings, seed, out, resume, progress, after_st
     ckpt = out / "checkpoint.pt" if out else None
     if resume and ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
-        if state.get("identity") != identity:
+        if _without_epochs(state.get("identity")) != _without_epochs(identity):
             raise CheckpointError(f"{ckpt} belongs to another GAN run (checkpoint {state.get('identity')!r}, this run "
                                   f"{identity!r}); resume with the same settings, or use another output folder")
         trainer_g.load_state_dict(state["g"])
         trainer_d.load_state_dict(state["d"])
         result = GanResult(**state["result"])
+        if len(result.history) > settings.epochs:
+            raise CheckpointError(f"{ckpt} holds {len(result.history)} epochs, more than the {settings.epochs} asked "
+                                  "for; resume with at least as many epochs, or use another output folder")
     if out is not None:
         _write_metrics(out, result.history)
     ones, zeros = torch.ones(batch, device=device), torch.zeros(batch, device=device)
@@ -335,6 +339,14 @@ def _train(recipe, data, scorer, settings, seed, out, resume, progress, after_st
         with writing("result", out / "result.json"):
             (out / "result.json").write_text(json.dumps(asdict(result) | {"identity": identity}, indent=1))
     return result, g
+
+
+def _without_epochs(identity: Any) -> Any:
+    """A run's identity less its epoch count, which a resumed run may raise: no schedule depends on the total
+    (Adam at a constant lr), so a longer run's first epochs are the same steps."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("settings"), dict):
+        return identity
+    return identity | {"settings": {k: v for k, v in identity["settings"].items() if k != "epochs"}}
 
 
 def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
