@@ -76,7 +76,7 @@ lstm() {        # Park et al. Table 4 shape: LSTM on spoken digits, fp32 / int8 
 
 gan() {         # MPT and Park et al.: DCGAN on MNIST, fp32 / fp16 without loss scaling / int8 / int8-lazy, Adam at
   # Park's GAN settings (lr 1e-4, betas (0.5, 0.9), eps 1e-3); scored with a LeNet trained here (scores.csv, samples.png)
-  run gan gan --epochs 8 --train-limit 20000 --seed 0
+  run gan gan --epochs 6 --train-limit 20000 --seed 0
 }
 
 for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits wrpn_wide3 lstm gan}"; do
