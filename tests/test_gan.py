@@ -116,13 +116,24 @@ def test_resume_after_an_interrupted_epoch_gives_the_same_weights(tiny, tmp_path
         train_gan(recipe, data, scorer, replace(TINY, epochs=1), out_dir=tmp_path / "short", resume=True)
 
 
-def test_cli_gan_writes_grids_scores_and_table(tmp_path, capsys):
-    out = tmp_path / "gan"
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One tiny ``lowprec gan`` run of two recipes: (its command line, its output folder, its exit status)."""
+    out = tmp_path_factory.mktemp("cli") / "gan"
     argv = ["gan", "--epochs", "1", "--train-limit", "32", "--batch-size", "16", "--samples", "16", "--out", str(out),
             "--recipes", "fp32", "int8+optimizer_state=int16"]
-    assert main(argv) == 0
+    return argv, out, main(argv)
+
+
+def _rows(out):
     with (out / "scores.csv").open() as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def test_cli_gan_writes_grids_scores_and_table(cli_run):
+    _, out, status = cli_run
+    assert status == 0
+    rows = _rows(out)
     assert [r["recipe"] for r in rows] == ["fp32", "int8+optimizer_state=int16", "real training images"]
     assert all(math.isfinite(float(r["fid"])) and r["diverged"] in ("no", "-") for r in rows)
     assert "| fp32 | 1 |" in (out / "scores.md").read_text()
@@ -132,12 +143,16 @@ def test_cli_gan_writes_grids_scores_and_table(tmp_path, capsys):
     assert grid.shape[:2] == ((8 * 30 + 2) * 3,) * 2  # 8x8 images of 28 px, 2 px apart, 3 screen px each
     for name in ("samples.png", "losses.png", "classifier.pt"):
         assert (out / name).stat().st_size > 0
+
+
+def test_cli_gan_refuses_a_finished_run_and_reads_it_back_on_resume(cli_run, capsys):
+    argv, out, _ = cli_run
+    rows = _rows(out)
     capsys.readouterr()
     assert main(argv) == 2  # the runs are there: refused without --resume/--overwrite
     assert capsys.readouterr().err.startswith("lowprec: error:")
     assert main([*argv, "--resume"]) == 0  # finished: read back, the same table
-    with (out / "scores.csv").open() as f:
-        assert list(csv.DictReader(f)) == rows
+    assert _rows(out) == rows
 
 
 def test_cli_gan_refuses_bad_options_in_one_line(tmp_path, capsys):
