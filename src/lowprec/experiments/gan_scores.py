@@ -44,12 +44,14 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
         raise ValueError(f"frechet_distance takes two (n, d) feature sets of one width d, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"frechet_distance needs at least 2 rows in each set (a covariance), got {len(a)} and {len(b)}")
+        raise ValueError(f"frechet_distance needs at least 2 rows in each set (a covariance), got {len(a)} and "
+                         f"{len(b)}")
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise ValueError("frechet_distance: the features hold NaN or inf")
     a, b = a.double(), b.double()
     m1, m2 = a.mean(0), b.mean(0)
-    s1, s2 = torch.cov(a.T, correction=1).reshape(a.shape[1], -1), torch.cov(b.T, correction=1).reshape(b.shape[1], -1)
+    d = a.shape[1]
+    s1, s2 = torch.cov(a.T, correction=1).reshape(d, d), torch.cov(b.T, correction=1).reshape(d, d)
     root1 = _sqrt_psd(s1)
     middle = root1 @ s2 @ root1
     cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
