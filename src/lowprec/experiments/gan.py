@@ -16,7 +16,7 @@ with a classifier trained here (``gan_scores``: FID-like Fréchet distance of Le
 generated vs as many real test images, confidence, class entropy, Inception-score formula), and everything a
 bit-exact resume needs is checkpointed (both trainers with the RNG states, the history, the divergence).
 
-Output folder: ``classifier.pt`` (the scoring LeNet, a cache reused when its seed, data and epochs match),
+Output folder: ``classifier.pt`` (the scoring LeNet, a cache reused when its seed, data, epochs and batch size match),
 ``scores.csv`` and ``scores.md`` (one row per recipe and one for real training images), ``samples.png`` (the
 recipes' 8x8 grids side by side), ``losses.png`` (D and G loss per step, score per epoch), and per recipe
 (``<run_dir_name(label)>/``) ``checkpoint.pt``, ``metrics.csv``, ``samples.png`` and ``result.json``.
@@ -139,13 +139,14 @@ class GanScorer:
 
 def build_scorer(data: GanData, settings: GanSettings, seed: int, cache: Path | None) -> GanScorer:
     """The scorer: an fp32 LeNet trained on ``data``'s training images (``train_classifier``), read from
-    ``cache`` when it holds one trained from the same seed, images and epochs (else trained and written there).
+    ``cache`` when it holds one trained from the same seed, images, epochs and batch size (else trained and
+    written there).
     ValueError when the test split has fewer images than ``settings.samples``."""
     if len(data.test_labels) < settings.samples:
         raise ValueError(f"samples={settings.samples} exceeds the {len(data.test_labels)} test images the generated "
                          "images are compared with; use fewer samples")
     identity = {"seed": seed, "train_images": len(data.train_labels), "epochs": settings.classifier_epochs,
-                "first_label_sum": int(data.train_labels[:1000].sum())}
+                "batch_size": settings.batch_size, "first_label_sum": int(data.train_labels[:1000].sum())}
     classifier = LeNet()
     cached = None
     if cache is not None and cache.exists():
