@@ -16,8 +16,8 @@ with a classifier trained here (``gan_scores``: FID-like Fréchet distance of Le
 generated vs as many real test images, confidence, class entropy, Inception-score formula), and everything a
 bit-exact resume needs is checkpointed (both trainers with the RNG states, the history, the divergence).
 
-Output folder: ``classifier.pt`` (the scoring LeNet, a cache reused when its seed, data, epochs and batch size match),
-``scores.csv`` and ``scores.md`` (one row per recipe and one for real training images), ``samples.png`` (the
+Output folder: ``classifier.pt`` (the scoring LeNet, a cache reused when its seed, data, epochs and batch size
+match), ``scores.csv`` and ``scores.md`` (one row per recipe and one for real training images), ``samples.png`` (the
 recipes' 8x8 grids side by side), ``losses.png`` (D and G loss per step, score per epoch), and per recipe
 (``<run_dir_name(label)>/``) ``checkpoint.pt``, ``metrics.csv``, ``samples.png`` and ``result.json``.
 """
