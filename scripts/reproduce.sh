@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun the papers' experiments as recorded in REPRODUCTION.md (shortened schedules, CPU).
 # Usage: LOWPREC_DATA=/path/to/data bash scripts/reproduce.sh [park|courbariaux|courbariaux_seed1|sweep_reference|sweep_bits|sweep_rate|sweep_radix|
-#        mpt|wrpn|wrpn_long|wrpn_bits|wrpn_wide3|lstm|gpt_scaled]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
+#        mpt|wrpn|wrpn_long|wrpn_bits|wrpn_wide3|wrpn_16|lstm|gpt_scaled|gan]...   (COUR_EPOCHS=25 and WRPN_SEEDS="0 1 2" by default)
 # The data folder holds mnist/, fashion-mnist/ and spoken-digits/ (see `lowprec data list`).
 # Each experiment writes runs/repro/<name>/ (results.csv, convergence.png, per-recipe metrics) and a log.
 set -euo pipefail
@@ -87,6 +87,11 @@ gpt_scaled() {  # beyond the papers: the char-level GPT under the scaled formats
   done
 }
 
-for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits wrpn_wide3 lstm gpt_scaled}"; do
+gan() {         # MPT and Park et al.: DCGAN on MNIST, fp32 / fp16 without loss scaling / int8 / int8-lazy, Adam at
+  # Park's GAN settings (lr 1e-4, betas (0.5, 0.9), eps 1e-3); scored with a LeNet trained here (scores.csv, samples.png)
+  run gan gan --epochs 6 --train-limit 20000 --seed 0
+}
+
+for experiment in "${@:-park courbariaux courbariaux_seed1 sweep_reference sweep_bits sweep_rate sweep_radix mpt wrpn wrpn_long wrpn_bits wrpn_wide3 wrpn_16 lstm gpt_scaled gan}"; do
   for e in $experiment; do "$e"; done
 done

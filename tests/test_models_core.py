@@ -162,9 +162,36 @@ def test_dcgan_sizes():
         images = gan(torch.randn(2, 16))
         assert images.shape == (2, 3, size, size) and images.abs().max() <= 1
         assert gan.discriminator(images).shape == (2,)
-    assert not any(isinstance(m, nn.ConvTranspose2d) for m in DCGAN().modules())
     with pytest.raises(ValueError, match="image_size"):
         DCGAN(image_size=30)
+
+
+def test_dcgan_generator_is_fractionally_strided():
+    """DCGAN's generator: a projection, then ConvTranspose2d(4, stride 2) layers doubling the side up to the
+    image (7 -> 14 -> 28), the last one writing the channels, then tanh."""
+    gan = DCGAN(nz=16, ngf=8, ndf=8)
+    ups = [m for m in gan.generator.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding) for m in ups] == [
+        (32, 16, (4, 4), (2, 2), (1, 1)), (16, 1, (4, 4), (2, 2), (1, 1))]
+    assert not any(isinstance(m, (nn.Upsample, nn.Conv2d)) for m in gan.generator.modules())
+    assert isinstance(list(gan.generator.modules())[-1], nn.Tanh)
+
+
+@pytest.mark.parametrize("policy", ["int8+optimizer_state=int16", "mixed-fp16+loss_scale=none"])
+def test_dcgan_every_gemm_and_conv_operand_is_quantized(policy):
+    """lp.plan of one training step: every operand of every linear/conv/conv-transpose op of both networks,
+    forward and backward, is in the policy's format (none left in fp32), the transposed convolutions included."""
+    import lowprec as lp
+
+    gan = DCGAN(nz=16, ngf=8, ndf=8)
+    expected = "fp16" if "fp16" in policy else "dfx<8>"
+    for net, x in ((gan.generator, torch.randn(4, 16)), (gan.discriminator, torch.randn(4, 1, 28, 28))):
+        ops = [r for r in lp.plan(net, policy, x).ops if r.op in ("linear", "conv2d", "conv_transpose2d")]
+        assert len(ops) == 3
+        assert {r.op for r in ops} >= ({"conv_transpose2d"} if net is gan.generator else {"conv2d"})
+        for r in ops:
+            assert r.backward and r.operands, (r.module, r.op)
+            assert all(o.quantized and o.format == expected for o in r.operands), (r.module, r.op, r.operands)
 
 
 def test_build_model_unknown_name_lists_the_models():

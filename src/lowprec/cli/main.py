@@ -1,4 +1,4 @@
-"""The ``lowprec`` command: train, compare, data. It only wires the layers below together.
+"""The ``lowprec`` command: train, compare, sweep, gan, data. It only wires the layers below together.
 
 Every failure ends in one line on stderr, ``lowprec: error: <what and the fix>``, and exit status 2 (bad
 input, a run directory that cannot be used, a collapsed loss scale) or 1 (anything else: a bug, reported with
@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep import add_parser as add_sweep
 
     add_sweep(sub, common)
+
+    from .gan import add_parser as add_gan
+
+    add_gan(sub)
 
     p = sub.add_parser("tasks", help="list the tasks")
     p.set_defaults(func=lambda a: print("\n".join(f"{t.name:<22} {t.paper}" for t in _tasks())) or 0)

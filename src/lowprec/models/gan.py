@@ -1,15 +1,17 @@
 """A small DCGAN (Radford et al. 2016) for the CPU-sized GAN experiments of MPT (spec 1(b): DCGAN, no loss
-scaling) and Park et al. (Section 4.4: DCGAN/BEGAN, INT8 weights with INT16 activations and lazy update).
+scaling) and Park et al. (Section 4.4: DCGAN/BEGAN, INT8 weights, lazy update).
 
 Both papers train at 64x64 or 128x128 (MPT: generator of 7 fractionally-strided convs, discriminator of 6 convs
-and 2 FC); this one is sized for 28x28 or 32x32 images on 2 CPU cores.
+and 2 FC); this one is sized for 28x28 (MNIST) or 32x32 images on 2 CPU cores.
 
-Deviation from DCGAN: ``nn.ConvTranspose2d`` is not among the layers ``lowprec.convert`` quantizes, so the
-generator upsamples with nearest-neighbour ``nn.Upsample`` followed by a 3x3 ``nn.Conv2d`` ("resize-convolution",
-Odena et al. 2016) instead of fractionally-strided convolutions; it starts from ``nn.Linear`` + reshape as
-DCGAN's projection does. Kept from DCGAN: batch norm everywhere except the generator's output and the
-discriminator's input, ReLU in the generator, LeakyReLU(0.2) in the discriminator, tanh output, weights
-~ N(0, 0.02) and batch-norm scales ~ N(1, 0.02).
+Generator as DCGAN's: a projection of the noise (``nn.Linear`` + reshape to ``4*ngf x s x s``, s = size/4),
+then two fractionally-strided convolutions (``nn.ConvTranspose2d``, kernel 4, stride 2, padding 1: s -> 2s ->
+4s), the last one writing the image channels, with batch norm and ReLU between and tanh at the output. The
+discriminator: two strided 4x4 convolutions with LeakyReLU(0.2) and a linear real/fake logit. Batch norm
+everywhere except the generator's output and the discriminator's input; weights ~ N(0, 0.02), batch-norm
+scales ~ N(1, 0.02), as in DCGAN. ``lowprec.convert`` emulates every op, transposed convolutions included
+(``lowprec.nn.emulate``): under a policy their input, weight, output and both gradients are rounded as a
+convolution's are (``lp.plan`` lists them).
 """
 
 from __future__ import annotations
@@ -33,15 +35,10 @@ class Generator(nn.Module):
             nn.ReLU(),
         )
         self.body = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(4 * ngf, 2 * ngf, 3, padding=1, bias=False),
+            nn.ConvTranspose2d(4 * ngf, 2 * ngf, 4, 2, 1, bias=False),  # s -> 2s
             nn.BatchNorm2d(2 * ngf),
             nn.ReLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(2 * ngf, ngf, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.ReLU(),
-            nn.Conv2d(ngf, channels, 3, padding=1),
+            nn.ConvTranspose2d(2 * ngf, channels, 4, 2, 1),  # 2s -> 4s
             nn.Tanh(),
         )
 
@@ -85,7 +82,7 @@ class DCGAN(nn.Module):
         self.generator = Generator(nz, ngf, channels, image_size)
         self.discriminator = Discriminator(ndf, channels, image_size)
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.init.normal_(module.weight, 0.0, 0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
