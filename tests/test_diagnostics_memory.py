@@ -89,14 +89,7 @@ def test_memory_bar_chart(tmp_path):
     assert mpimg.imread(path).std() > 0.05
 
 
-#: Known gap: under a quantizing policy the op-level emulation saves the attention products' operands, the
-#: softmax output and the norms' inputs, which the estimate does not count yet (measured 1.3-1.5x the estimate).
-_OPS_GAP = pytest.mark.xfail(strict=True, reason="the estimate does not count the op-level emulation's saved "
-                             "tensors (attention, norms) yet")
-
-
-@pytest.mark.parametrize("recipe", ["fp32", *(pytest.param(r, marks=_OPS_GAP)
-                                              for r in ("mixed-fp16", "int8-lazy", "fp8-hybrid"))])
+@pytest.mark.parametrize("recipe", [*RECIPES, "fp8-hybrid"])
 def test_estimate_within_15_percent_on_the_gpt_with_packed_storage(recipe):
     from lowprec.models import GPT
 

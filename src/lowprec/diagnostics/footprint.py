@@ -96,19 +96,34 @@ class _Saved:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+def _rerun_workspace(operands: tuple[Any, ...], out: Tensor) -> int:
+    """Bytes the backward of an op-level product that runs its op again (``QOpFunction`` under packing) has in
+    flight at once beyond what it saved: its operands unpacked (those stored packed), the result computed
+    again, the output gradient and its rounded copy, and each operand's gradient and its rounded copy."""
+    from ..formats.packing import marked_format
+
+    floats = [t for t in operands if isinstance(t, Tensor) and t.is_floating_point()]
+    unpacked = sum(t.numel() * t.element_size() for t in floats if marked_format(t) is not None)
+    return unpacked + 3 * out.numel() * out.element_size() + 2 * sum(t.numel() * t.element_size() for t in floats)
+
+
 def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor],
-                   exclude: set[int]) -> list[_Saved]:
+                   exclude: set[int]) -> tuple[list[_Saved], list[tuple[int, int]]]:
     """Every tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the parameters,
     left out), in the order saved, with the innermost quantized layer running when it was saved. A model that
     packs its saved tensors (``lowprec.nn.packed``) is counted as it stores them: each packed save at its
-    packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it."""
+    packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it.
+    Also returns, for each op-level product that runs its op again in backward, (how many saved tensors
+    precede its backward, the bytes it has in flight: ``_rerun_workspace``)."""
     from ..formats.packing import Packed
     from ..nn import QuantizedModule
+    from ..nn.opfunction import observing_recomputed
     from ..nn.packed import (PackedSavedTensors, install_packing, is_packing, pack_saved, packing_enabled,
                              remove_packing)
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
+    reruns: list[tuple[int, int]] = []
     shared: set[int] = set()  # storages saved unpacked and packed forms already counted
     packing = is_packing(model) and packing_enabled()
 
@@ -139,14 +154,15 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
         remove_packing(model)  # this function's hook sees every save and packs it as the model's would
     try:
         saving = PackedSavedTensors if packing else torch.autograd.graph.saved_tensors_hooks
-        with saving(pack, lambda t: t):  # packing: as the model's own hooks, recomputable outputs recorded
-            loss_fn(model, batch)
+        with saving(pack, lambda t: t), observing_recomputed(
+                lambda operands, out: reruns.append((len(saved), _rerun_workspace(operands, out)))):
+            loss_fn(model, batch)  # packing: as the model's own hooks, recomputable outputs recorded
     finally:
         for h in hooks:
             h.remove()
         if packing:
             install_packing(model)
-    return saved
+    return saved, reruns
 
 
 def _is_weight_copy(t: Tensor, layer: nn.Module | None) -> bool:
@@ -212,17 +228,20 @@ def _clipped(quant: Any) -> bool:
     return quant is not None and isinstance(quant.format, Uniform)
 
 
-def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
+def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int, int]]) -> int:
     """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
 
     Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
     stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
     the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
     (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
-    Returns the largest of these moments minus all saved tensors as stored (>= 0)."""
+    An op-level product that runs its op again (``reruns``) adds the moment of its backward: the tensors saved
+    up to it held, and its own bytes in flight. Returns the largest of these moments minus all saved tensors
+    as stored (>= 0)."""
     native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
     rounds = None if native else policy.get("output_grad")
     held, moments, done = 0, [0], set()
+    held_before = [0]  # held_before[k]: the saved activations among the first k saves, as stored
     for item in saved:
         t, layer, size = item.tensor, item.layer, item.size
         unpacked = size if item.stored != size else 0
@@ -234,6 +253,7 @@ def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
                 # a packed weight copy is unpacked beside its packed form while dE/dW is computed
                 moments.append(held + unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel()))
             done.add(id(layer))
+            held_before.append(held)  # weight copies are counted apart
             continue
         if t.is_floating_point():
             # the backward of the op that saved it: its output's and its input's gradients (or, clipping,
@@ -243,6 +263,8 @@ def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
             if rounds is not None:
                 moments.append(held + 2 * size + _rounding_scratch(rounds, policy, t.numel()))
         held += item.stored
+        held_before.append(held)
+    moments += [held_before[k] + bytes_ for k, bytes_ in reruns]
     return max(max(moments) - held, 0)
 
 
@@ -293,10 +315,10 @@ def estimate_memory(
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
     stepped = masters or params  # what the optimizer updates (native path: the fp32 master copies)
     n_state = _STATE_BUFFERS[optimizer]
-    saved = _saved_tensors(work, batch, loss_fn,
+    saved, reruns = _saved_tensors(work, batch, loss_fn,
                            {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
     activations = [item for item in saved if not _is_weight_copy(item.tensor, item.layer)]
-    workspace = _backward_workspace(saved, pol)
+    workspace = _backward_workspace(saved, pol, reruns)
     emulated = {
         "weights": _bytes((*work.parameters(), *work.buffers())),
         "master copy": _bytes(masters),
