@@ -10,6 +10,7 @@ emulated estimate against the measured peak (``profile_peak_memory``). WRPN's fo
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -107,14 +108,58 @@ def _rerun_workspace(operands: tuple[Any, ...], out: Tensor) -> int:
     return unpacked + 3 * out.numel() * out.element_size() + 2 * sum(t.numel() * t.element_size() for t in floats)
 
 
+#: torch's fused recurrent kernels (oneDNN on the CPU): their backward allocates scratch that no saved tensor
+#: shows (it grows with the byte-typed workspace they save, in steps of the kernel's blocking).
+_FUSED_RNN = ("MkldnnRnnLayerBackward0", "CudnnRnnBackward0", "MiopenRnnBackward0")
+
+
+def _graph_workspaces(loss: Tensor) -> list[tuple[int, bool]]:
+    """Bytes in flight in backward nodes of ``loss``'s graph that the per-saved-tensor model of
+    ``_backward_workspace`` misses: a fused recurrent kernel's backward, measured by running
+    that node once on zero gradients (its peak, less the weight and state gradients it returns, which the
+    estimate counts as gradients); a slice or select of a larger tensor (an unrolled recurrent layer's gate
+    pre-activations, computed for every step at once), whose backward builds a zero tensor of the whole
+    base plus the slice's gradient; where several slices of one tensor are taken (the steps), the base's
+    gradient accumulates while the steps' weight gradients are computed (the second item of each entry:
+    whether a weight gradient is in flight beside it)."""
+    out: list[tuple[int, bool]] = []
+    slices: dict[Any, list[int]] = {}  # the node that made the sliced tensor -> its slices' bytes
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if name in _FUSED_RNN:
+            grads = [torch.zeros(tuple(m.shape), dtype=m.dtype, device=m.device) for m in node._input_metadata]
+            results: list[Any] = []
+            with torch.no_grad():  # as the engine runs it (with grad on, the call would record a graph)
+                node(*grads)  # the first call may set the kernel up (caches that later steps reuse)
+                peak = profile_peak_memory(lambda: results.append(node(*grads))).peak
+            returned = sum(g.numel() * g.element_size() for g in results[0][1:] if isinstance(g, Tensor))
+            out.append((max(peak - returned, 0), False))
+        elif name in ("SliceBackward0", "SelectBackward0"):
+            meta = node._input_metadata[0]
+            itemsize = torch.empty((), dtype=meta.dtype).element_size()
+            base, part = math.prod(node._saved_self_sym_sizes), math.prod(meta.shape)
+            if base > part:
+                slices.setdefault(node.next_functions[0][0], []).append((base + part) * itemsize)
+        stack.extend(n for n, _ in node.next_functions)
+    # several slices of one tensor are the steps of an unrolled recurrence: a weight gradient beside each
+    return out + [(max(sizes), len(sizes) > 1) for sizes in slices.values()]
+
+
 def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor],
-                   exclude: set[int]) -> tuple[list[_Saved], list[tuple[int, int]]]:
+                   exclude: set[int]) -> tuple[list[_Saved], list[tuple[int, int, bool]]]:
     """Every tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the parameters,
     left out), in the order saved, with the innermost quantized layer running when it was saved. A model that
     packs its saved tensors (``lowprec.nn.packed``) is counted as it stores them: each packed save at its
     packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it.
     Also returns, for each op-level product that runs its op again in backward, (how many saved tensors
-    precede its backward, the bytes it has in flight: ``_rerun_workspace``)."""
+    precede its backward, the bytes it has in flight: ``_rerun_workspace``, False), and likewise for the
+    backward nodes ``_graph_workspaces`` finds (counted with every saved tensor held)."""
     from ..formats.packing import Packed
     from ..nn import QuantizedModule
     from ..nn.opfunction import observing_recomputed
@@ -123,7 +168,7 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
-    reruns: list[tuple[int, int]] = []
+    reruns: list[tuple[int, int, bool]] = []
     shared: set[int] = set()  # storages saved unpacked and packed forms already counted
     packing = is_packing(model) and packing_enabled()
 
@@ -155,8 +200,9 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     try:
         saving = PackedSavedTensors if packing else torch.autograd.graph.saved_tensors_hooks
         with saving(pack, lambda t: t), observing_recomputed(
-                lambda operands, out: reruns.append((len(saved), _rerun_workspace(operands, out)))):
-            loss_fn(model, batch)  # packing: as the model's own hooks, recomputable outputs recorded
+                lambda operands, out: reruns.append((len(saved), _rerun_workspace(operands, out), False))):
+            loss = loss_fn(model, batch)  # packing: as the model's own hooks, recomputable outputs recorded
+        reruns += [(len(saved), bytes_, beside) for bytes_, beside in _graph_workspaces(loss)]
     finally:
         for h in hooks:
             h.remove()
@@ -228,19 +274,21 @@ def _clipped(quant: Any) -> bool:
     return quant is not None and isinstance(quant.format, Uniform)
 
 
-def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int, int]]) -> int:
+def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int, int, bool]]) -> int:
     """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
 
     Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
     stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
     the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
     (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
-    An op-level product that runs its op again (``reruns``) adds the moment of its backward: the tensors saved
-    up to it held, and its own bytes in flight. Returns the largest of these moments minus all saved tensors
+    An op-level product that runs its op again and the nodes of ``_graph_workspaces`` (``reruns``) add the
+    moment of their backward: the tensors saved up to it held, its own bytes in flight, and, where a weight
+    gradient is computed beside it (an unrolled recurrent step), the largest weight gradient's bytes in flight
+    and that gradient accumulating over the steps. Returns the largest of these moments minus all saved tensors
     as stored (>= 0)."""
     native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
     rounds = None if native else policy.get("output_grad")
-    held, moments, done = 0, [0], set()
+    held, moments, done, weight_extra = 0, [0], set(), 0
     held_before = [0]  # held_before[k]: the saved activations among the first k saves, as stored
     for item in saved:
         t, layer, size = item.tensor, item.layer, item.size
@@ -251,7 +299,10 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
             rounded = q is not None or _clipped(layer.policy.get("weight"))
             if id(layer) not in done and isinstance(w, Tensor) and (rounded or unpacked):
                 # a packed weight copy is unpacked beside its packed form while dE/dW is computed
-                moments.append(held + unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel()))
+                extra = unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel())
+                moments.append(held + extra)
+                # beside a step's slice (reruns): also the weight's gradient accumulating over the steps
+                weight_extra = max(weight_extra, extra + w.numel() * 4)
             done.add(id(layer))
             held_before.append(held)  # weight copies are counted apart
             continue
@@ -264,7 +315,7 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
                 moments.append(held + 2 * size + _rounding_scratch(rounds, policy, t.numel()))
         held += item.stored
         held_before.append(held)
-    moments += [held_before[k] + bytes_ for k, bytes_ in reruns]
+    moments += [held_before[k] + bytes_ + (weight_extra if beside else 0) for k, bytes_, beside in reruns]
     return max(max(moments) - held, 0)
 
 
