@@ -29,16 +29,37 @@ class Tiny(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _train(recipe: str, packed: bool, monkeypatch, steps: int = 3):
+class TinyAttention(nn.Module):
+    """Layer norm, a fused-attention call and a hand-written attention (matmuls of two activations around a
+    softmax), under the op-level emulation: its rounded operands are saved by QOpFunction itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(12, 32), nn.LayerNorm(32)
+        self.qkv, self.head = nn.Linear(32, 96), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm(self.embed(x))).chunk(3, dim=-1)
+        fused = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        written = torch.softmax(q @ k.transpose(-2, -1) / 32 ** 0.5, dim=-1) @ v
+        return self.head((fused + written).mean(1))
+
+
+_NO_NARROWER_ACTIVATIONS = {"fixed-20", "fp8-current", "fp8-delayed", "mxfp8", "mxfp6", "mxfp4", "nvfp4"}
+MODELS = {"cnn": (Tiny, (16, 1, 12, 12)), "attention": (TinyAttention, (16, 16, 12))}
+
+
+def _train(recipe: str, packed: bool, monkeypatch, steps: int = 3, model_name: str = "cnn"):
     monkeypatch.setenv("LOWPREC_PACKED", "1" if packed else "0")
     torch.manual_seed(0)
-    model = lp.convert(Tiny(), recipe)
+    build, shape = MODELS[model_name]
+    model = lp.convert(build(), recipe)
     policy = lp.Policy.preset(recipe)
     lazy = policy.get("accumulator") is not None
     opt = (lp.train.SGD if lazy else torch.optim.SGD)(model.parameters(), lr=0.05, momentum=0.9)
     trainer = lp.Trainer(model, opt, recipe)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+    x, y = torch.randn(*shape, generator=g), torch.randint(0, 10, (16,), generator=g)
     grads = []
     for _ in range(steps):
         trainer.backward(cross_entropy(model(x), y))
@@ -51,8 +72,9 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
+@pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("recipe", EMULATED_PRESETS)
-def test_steps_identical_with_and_without_packing(recipe, monkeypatch):
+def test_steps_identical_with_and_without_packing(recipe, model_name, monkeypatch):
     packs: list[str] = []
     inner = packed_mod.pack_saved
 
@@ -63,14 +85,33 @@ def test_steps_identical_with_and_without_packing(recipe, monkeypatch):
         return out
 
     monkeypatch.setattr(packed_mod, "pack_saved", counting)
-    grads_on, weights_on = _train(recipe, True, monkeypatch)
-    assert packs or recipe == "fp32"  # packing happened (fp32 quantizes nothing: no hooks at all)
+    grads_on, weights_on = _train(recipe, True, monkeypatch, model_name=model_name)
+    # packing happened (fp32 quantizes nothing: no hooks at all; the attention model saves no ReLU or mask, and
+    # scaled activations or fixed<20> ones have no narrower stored form)
+    assert packs or recipe == "fp32" or (model_name == "attention" and recipe in _NO_NARROWER_ACTIVATIONS)
     n_on = len(packs)
-    grads_off, weights_off = _train(recipe, False, monkeypatch)
+    grads_off, weights_off = _train(recipe, False, monkeypatch, model_name=model_name)
     assert len(packs) == n_on  # off: nothing packed
     for step_on, step_off in zip(grads_on, grads_off):
         assert all(_same(a, b) for a, b in zip(step_on, step_off))
     assert all(torch.equal(a, b) for a, b in zip(weights_on, weights_off))
+
+
+def test_op_level_operands_are_saved_packed(monkeypatch):
+    """int8: the operands the op-level emulation rounds (layer norm's input, the attention products' Q, K, V and
+    P) are saved by QOpFunction as int8 codes, and their unrounded float32 results are not saved at all."""
+    saved: list[tuple[torch.Tensor, Packed | torch.Tensor]] = []
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append((t, inner(t))) or saved[-1][1])
+    model = lp.convert(TinyAttention(), "int8")
+    model(torch.randn(16, 16, 12))
+    big = [(t, s) for t, s in saved if t.numel() >= packed_mod.MIN_NUMEL]
+    codes = [s for t, s in big if type(s).__name__ == "Codes"]
+    assert all(s.nbytes == t.numel() for t, s in big if type(s).__name__ == "Codes")  # one byte a value
+    # the input, the norm's input, qkv's input and weight, Q, K^T, P and V of each of the two attentions
+    assert len(codes) == 12
+    unpacked = [t for t, s in big if s is t and t.dtype == torch.float32]
+    assert len(unpacked) == 2  # the two softmax results (float32: their backward reads them)
 
 
 def test_policy_setting_turns_packing_off_and_unconvert_removes_it():

@@ -10,6 +10,7 @@ emulated estimate against the measured peak (``profile_peak_memory``). WRPN's fo
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -96,19 +97,78 @@ class _Saved:
         return self.tensor.numel() * self.tensor.element_size()
 
 
+def _rerun_workspace(operands: tuple[Any, ...], out: Tensor) -> int:
+    """Bytes the backward of an op-level product that runs its op again (``QOpFunction`` under packing) has in
+    flight at once beyond what it saved: its operands unpacked (those stored packed), the result computed
+    again, the output gradient and its rounded copy, and each operand's gradient and its rounded copy."""
+    from ..formats.packing import marked_format
+
+    floats = [t for t in operands if isinstance(t, Tensor) and t.is_floating_point()]
+    unpacked = sum(t.numel() * t.element_size() for t in floats if marked_format(t) is not None)
+    return unpacked + 3 * out.numel() * out.element_size() + 2 * sum(t.numel() * t.element_size() for t in floats)
+
+
+#: torch's fused recurrent kernels (oneDNN on the CPU): their backward allocates scratch that no saved tensor
+#: shows (it grows with the byte-typed workspace they save, in steps of the kernel's blocking).
+_FUSED_RNN = ("MkldnnRnnLayerBackward0", "CudnnRnnBackward0", "MiopenRnnBackward0")
+
+
+def _graph_workspaces(loss: Tensor) -> list[tuple[int, bool]]:
+    """Bytes in flight in backward nodes of ``loss``'s graph that the per-saved-tensor model of
+    ``_backward_workspace`` misses: a fused recurrent kernel's backward, measured by running
+    that node once on zero gradients (its peak, less the weight and state gradients it returns, which the
+    estimate counts as gradients); a slice or select of a larger tensor (an unrolled recurrent layer's gate
+    pre-activations, computed for every step at once), whose backward builds a zero tensor of the whole
+    base plus the slice's gradient; where several slices of one tensor are taken (the steps), the base's
+    gradient accumulates while the steps' weight gradients are computed (the second item of each entry:
+    whether a weight gradient is in flight beside it)."""
+    out: list[tuple[int, bool]] = []
+    slices: dict[Any, list[int]] = {}  # the node that made the sliced tensor -> its slices' bytes
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if name in _FUSED_RNN:
+            grads = [torch.zeros(tuple(m.shape), dtype=m.dtype, device=m.device) for m in node._input_metadata]
+            results: list[Any] = []
+            with torch.no_grad():  # as the engine runs it (with grad on, the call would record a graph)
+                node(*grads)  # the first call may set the kernel up (caches that later steps reuse)
+                peak = profile_peak_memory(lambda: results.append(node(*grads))).peak
+            returned = sum(g.numel() * g.element_size() for g in results[0][1:] if isinstance(g, Tensor))
+            out.append((max(peak - returned, 0), False))
+        elif name in ("SliceBackward0", "SelectBackward0"):
+            meta = node._input_metadata[0]
+            itemsize = torch.empty((), dtype=meta.dtype).element_size()
+            base, part = math.prod(node._saved_self_sym_sizes), math.prod(meta.shape)
+            if base > part:
+                slices.setdefault(node.next_functions[0][0], []).append((base + part) * itemsize)
+        stack.extend(n for n, _ in node.next_functions)
+    # several slices of one tensor are the steps of an unrolled recurrence: a weight gradient beside each
+    return out + [(max(sizes), len(sizes) > 1) for sizes in slices.values()]
+
+
 def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor],
-                   exclude: set[int]) -> list[_Saved]:
+                   exclude: set[int]) -> tuple[list[_Saved], list[tuple[int, int, bool]]]:
     """Every tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the parameters,
     left out), in the order saved, with the innermost quantized layer running when it was saved. A model that
     packs its saved tensors (``lowprec.nn.packed``) is counted as it stores them: each packed save at its
-    packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it."""
+    packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it.
+    Also returns, for each op-level product that runs its op again in backward, (how many saved tensors
+    precede its backward, the bytes it has in flight: ``_rerun_workspace``, False), and likewise for the
+    backward nodes ``_graph_workspaces`` finds (counted with every saved tensor held)."""
     from ..formats.packing import Packed
     from ..nn import QuantizedModule
+    from ..nn.opfunction import observing_recomputed
     from ..nn.packed import (PackedSavedTensors, install_packing, is_packing, pack_saved, packing_enabled,
                              remove_packing)
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
+    reruns: list[tuple[int, int, bool]] = []
     shared: set[int] = set()  # storages saved unpacked and packed forms already counted
     packing = is_packing(model) and packing_enabled()
 
@@ -139,14 +199,16 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
         remove_packing(model)  # this function's hook sees every save and packs it as the model's would
     try:
         saving = PackedSavedTensors if packing else torch.autograd.graph.saved_tensors_hooks
-        with saving(pack, lambda t: t):  # packing: as the model's own hooks, recomputable outputs recorded
-            loss_fn(model, batch)
+        with saving(pack, lambda t: t), observing_recomputed(
+                lambda operands, out: reruns.append((len(saved), _rerun_workspace(operands, out), False))):
+            loss = loss_fn(model, batch)  # packing: as the model's own hooks, recomputable outputs recorded
+        reruns += [(len(saved), bytes_, beside) for bytes_, beside in _graph_workspaces(loss)]
     finally:
         for h in hooks:
             h.remove()
         if packing:
             install_packing(model)
-    return saved
+    return saved, reruns
 
 
 def _is_weight_copy(t: Tensor, layer: nn.Module | None) -> bool:
@@ -210,17 +272,22 @@ def _clipped(quant: Any) -> bool:
     return quant is not None and quant.format.clip_range is not None
 
 
-def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
+def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int, int, bool]]) -> int:
     """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
 
     Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
     stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
     the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
     (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
-    Returns the largest of these moments minus all saved tensors as stored (>= 0)."""
+    An op-level product that runs its op again and the nodes of ``_graph_workspaces`` (``reruns``) add the
+    moment of their backward: the tensors saved up to it held, its own bytes in flight, and, where a weight
+    gradient is computed beside it (an unrolled recurrent step), the largest weight gradient's bytes in flight
+    and that gradient accumulating over the steps. Returns the largest of these moments minus all saved tensors
+    as stored (>= 0)."""
     native = getattr(policy, "path", "emulated") == "native"  # real fp16/bf16 tensors: nothing is rounded
     rounds = None if native else policy.get("output_grad")
-    held, moments, done = 0, [0], set()
+    held, moments, done, weight_extra = 0, [0], set(), 0
+    held_before = [0]  # held_before[k]: the saved activations among the first k saves, as stored
     for item in saved:
         t, layer, size = item.tensor, item.layer, item.size
         unpacked = size if item.stored != size else 0
@@ -230,8 +297,12 @@ def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
             rounded = q is not None or _clipped(layer.policy.get("weight"))
             if id(layer) not in done and isinstance(w, Tensor) and (rounded or unpacked):
                 # a packed weight copy is unpacked beside its packed form while dE/dW is computed
-                moments.append(held + unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel()))
+                extra = unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel())
+                moments.append(held + extra)
+                # beside a step's slice (reruns): also the weight's gradient accumulating over the steps
+                weight_extra = max(weight_extra, extra + w.numel() * 4)
             done.add(id(layer))
+            held_before.append(held)  # weight copies are counted apart
             continue
         if t.is_floating_point():
             # the backward of the op that saved it: its output's and its input's gradients (or, clipping,
@@ -241,6 +312,8 @@ def _backward_workspace(saved: list[_Saved], policy: Any) -> int:
             if rounds is not None:
                 moments.append(held + 2 * size + _rounding_scratch(rounds, policy, t.numel()))
         held += item.stored
+        held_before.append(held)
+    moments += [held_before[k] + bytes_ + (weight_extra if beside else 0) for k, bytes_, beside in reruns]
     return max(max(moments) - held, 0)
 
 
@@ -291,10 +364,10 @@ def estimate_memory(
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
     stepped = masters or params  # what the optimizer updates (native path: the fp32 master copies)
     n_state = _STATE_BUFFERS[optimizer]
-    saved = _saved_tensors(work, batch, loss_fn,
+    saved, reruns = _saved_tensors(work, batch, loss_fn,
                            {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
     activations = [item for item in saved if not _is_weight_copy(item.tensor, item.layer)]
-    workspace = _backward_workspace(saved, pol)
+    workspace = _backward_workspace(saved, pol, reruns)
     emulated = {
         "weights": _bytes((*work.parameters(), *work.buffers())),
         "master copy": _bytes(masters),

@@ -61,7 +61,7 @@ from .attention import emulated_attention
 from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
-from .ops import OPENED, Invocation, bind, is_parameter
+from .ops import OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
 from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
@@ -255,7 +255,8 @@ class OpEmulation:
         if inv.op == "attention":
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
-        call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index))
+        call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
+                      recompute=inv.op not in STATEFUL_OPS)
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
 

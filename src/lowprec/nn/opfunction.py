@@ -14,12 +14,22 @@ torch's own backward of ``op`` evaluated on the quantized operands and the quant
 rule as QLinearFunction, written once for every op), so every GEMM of the backward pass (dE/dx = gq W,
 dE/dW = gq^T x, a convolution's ``convolution_backward``) multiplies values that lie on their roles' grids.
 Every quantizer is crossed by the straight-through estimator of ``roles.straight_through``.
+
+What forward keeps for backward depends on whether saved tensors are stored packed (``lowprec.nn.packed``, a
+``PackedSavedTensors`` context open). Unpacked, forward keeps torch's graph of ``op`` (the float32 operands
+``tiq`` and the unrounded ``z``) and backward differentiates it. Packed, forward keeps only the rounded operands
+``tiq`` and the straight-through masks, through ``ctx.save_for_backward`` (so the saved-tensor hooks store them
+in their formats' width, a mask one bit a value), and frees ``z``; backward runs ``op`` once more on the
+unpacked operands (bit for bit the same values) and differentiates that: the same gradients, bit for bit where
+the op is deterministic, for one more forward ``op`` per call. An op that changes state as it runs
+(``OpCall.recompute`` False: batch_norm's running statistics in training) always keeps its graph.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +39,26 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..policy import Quantizer, Role
+from .packed import saving_packed
 from .roles import quantize_roles, straight_through
 
-__all__ = ["OpCall", "QOpFunction", "GRAD_ROLE", "run_op"]
+__all__ = ["OpCall", "QOpFunction", "GRAD_ROLE", "run_op", "observing_recomputed"]
+
+#: What ``observing_recomputed`` listeners are told: (the operands saved to run the op again, its result).
+RecomputeListener = Callable[[tuple[Any, ...], Tensor], None]
+_LISTENERS: list[RecomputeListener] = []
+
+
+@contextmanager
+def observing_recomputed(listener: RecomputeListener) -> Iterator[None]:
+    """Inside the block, ``listener(operands, result)`` is called by every QOpFunction forward that saves its
+    rounded operands to run the op again in backward, right after it saved them (a memory estimate counts what
+    that backward allocates)."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
 
 #: The gradient role of each forward operand role.
 GRAD_ROLE = {r: Role(r).grad for r in Role.select(layer=True, gradient=False) if r != Role.OUTPUT}
@@ -54,6 +81,7 @@ class OpCall:
     roles: tuple[str | None, ...]
     quantizers: Mapping[str, Quantizer]
     on_backward: Callable[[], None] | None = None
+    recompute: bool = True  # whether fn may run again in backward (False: it changes state, see the docstring)
 
     @property
     def quantizes(self) -> bool:
@@ -73,38 +101,76 @@ class QOpFunction(Function):
 
     @staticmethod
     def forward(ctx: Any, call: OpCall, *tensors: Any) -> Tensor:
-        leaves, masks = [], []
-        for i, (role, t) in enumerate(zip(call.roles, tensors)):
-            q, mask = _quantize(call.quantizers, role, t)
-            needs_grad = ctx.needs_input_grad[1 + i] and isinstance(q, Tensor)
-            leaves.append(q.detach().requires_grad_() if needs_grad else q)
-            masks.append(mask)
-        with torch.enable_grad():
-            z = call.fn(*leaves)
+        operands, masks = zip(*(_quantize(call.quantizers, role, t) for role, t in zip(call.roles, tensors)))
+        wanted = [i for i, q in enumerate(operands) if ctx.needs_input_grad[1 + i] and isinstance(q, Tensor)]
+        if call.recompute and saving_packed():
+            with torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):  # the graph is not kept
+                z = _differentiable(call, operands, wanted)[0].detach()
+            ctx.graph = None
+        else:
+            z, leaves = _differentiable(call, operands, wanted)
+            ctx.graph = (z, leaves) if wanted else None
         zq, mask_z = _quantize(call.quantizers, "output", z.detach())
-        if any(isinstance(leaf, Tensor) and leaf.requires_grad for leaf in leaves):
-            ctx.graph = (z, leaves)  # backward differentiates torch's own op at the quantized operands
-        ctx.call, ctx.masks, ctx.mask_z = call, masks, mask_z
+        ctx.call, ctx.wanted = call, wanted
+        _save(ctx, (*operands, *masks, mask_z) if ctx.graph is None else (*masks, mask_z))
+        if ctx.graph is None:
+            for listener in _LISTENERS:
+                listener(operands, zq)
         return zq
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         call: OpCall = ctx.call
-        z, leaves = ctx.graph
-        del ctx.graph
+        saved, n = _saved(ctx), len(call.roles)
+        if ctx.graph is None:  # packed: run the op again on the unpacked rounded operands
+            z, leaves = _differentiable(call, saved[:n], ctx.wanted)
+            saved = saved[n:]
+        else:
+            z, leaves = ctx.graph
+            ctx.graph = None
+        masks, mask_z = saved[:n], saved[n]
         if call.on_backward is not None:
             call.on_backward()
-        gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, ctx.mask_z))
-        wanted = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
+        gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, mask_z))
         with torch.enable_grad():
-            grads = torch.autograd.grad(z, [leaves[i] for i in wanted], gq, allow_unused=True)
-        out: list[Tensor | None] = [None] * len(leaves)
-        for i, g in zip(wanted, grads):
+            grads = torch.autograd.grad(z, [leaves[i] for i in ctx.wanted], gq, allow_unused=True)
+        out: list[Tensor | None] = [None] * n
+        for i, g in zip(ctx.wanted, grads):
             role = call.roles[i]
-            g = straight_through(g, ctx.masks[i])
+            g = straight_through(g, masks[i])
             out[i] = g if role is None else _quantize(call.quantizers, GRAD_ROLE[role], g)[0]
         return (None, *out)
+
+
+def _differentiable(call: OpCall, operands: Sequence[Any], wanted: list[int]) -> tuple[Tensor, list[Any]]:
+    """``call.fn`` on ``operands``, differentiable with respect to the ``wanted`` ones (fresh leaves, returned
+    with the others): the same kernels in forward and when backward runs it again, so the same bits."""
+    leaves = [q.detach().requires_grad_() if i in wanted else q for i, q in enumerate(operands)]
+    with torch.enable_grad():
+        return call.fn(*leaves), leaves
+
+
+def _drop(_t: Tensor) -> None:
+    return None
+
+
+def _dropped(_packed: None) -> Tensor:
+    raise RuntimeError("QOpFunction: a graph built to compute a result only was differentiated")
+
+
+def _save(ctx: Any, values: tuple[Any, ...]) -> None:
+    """Save ``values`` (tensors, None or other operands) through ``ctx.save_for_backward``, so that the
+    saved-tensor hooks see the tensors; anything else is kept as it is."""
+    ctx.tensor_slots = [isinstance(v, Tensor) for v in values]
+    ctx.others = [None if t else v for t, v in zip(ctx.tensor_slots, values)]
+    ctx.save_for_backward(*(v for v in values if isinstance(v, Tensor)))
+
+
+def _saved(ctx: Any) -> list[Any]:
+    """The values ``_save`` saved, in order (tensors unpacked)."""
+    tensors = iter(ctx.saved_tensors)
+    return [next(tensors) if t else v for t, v in zip(ctx.tensor_slots, ctx.others)]
 
 
 def run_op(call: OpCall, *tensors: Any) -> Tensor:

@@ -35,7 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Invocation", "bind", "OPS", "OPENED", "PARAMETER_OPS", "is_parameter"]
+__all__ = ["Invocation", "bind", "OPS", "OPENED", "PARAMETER_OPS", "STATEFUL_OPS", "is_parameter"]
+
+#: Ops whose call changes state besides computing its result (batch_norm updates its running statistics in
+#: training): never run a second time to recompute the result in backward.
+STATEFUL_OPS = frozenset({"batch_norm"})
 
 
 def is_parameter(x: Any) -> bool:
@@ -82,9 +86,14 @@ class _Slots:
     def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
         where = [(pos < len(args), pos, name) for pos, name, _ in self.slots]
         tensors = tuple(args[pos] if positional else kwargs.get(name) for positional, pos, name in where)
+        # fn keeps the other arguments only: an operand it kept would stay alive as long as the autograd graph
+        # of the call (a QOpFunction keeps its call for backward), beside the rounded copy saved for backward
+        rest = [None if any(positional and pos == i for positional, pos, _ in where) else a
+                for i, a in enumerate(args)]
+        rest_kw = {k: v for k, v in kwargs.items() if all(positional or name != k for positional, _, name in where)}
 
         def fn(*new: Any) -> Tensor:
-            a, kw = list(args), dict(kwargs)
+            a, kw = list(rest), dict(rest_kw)
             for (positional, pos, name), x in zip(where, new):
                 if positional:
                     a[pos] = x

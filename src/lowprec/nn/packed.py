@@ -38,7 +38,7 @@ from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
-           "recomputable", "MIN_NUMEL"]
+           "recomputable", "saving_packed", "MIN_NUMEL"]
 
 #: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
 MIN_NUMEL = 1024
@@ -144,6 +144,12 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
         if a is not None and marked_format(a) is not None:  # only a marked tensor is packed (and then dies)
             _WAITING.setdefault(a, []).append((slots, i))
     _RECOMPUTE[out] = (out._version, fn, slots)
+
+
+def saving_packed() -> bool:
+    """Whether a PackedSavedTensors context is open: what autograd saves now is stored packed (or recorded by a
+    memory estimate standing in for the packing)."""
+    return _open > 0
 
 
 def _reproducible(t: Tensor) -> bool:
