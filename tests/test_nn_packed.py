@@ -191,6 +191,10 @@ def _conv_bn_step(packed: bool, monkeypatch, saved: list):
 def test_unrounded_conv_outputs_are_computed_again_in_backward(monkeypatch):
     """WRPN: each batch-norm's input (a convolution output no role rounds) is stored as nothing but the conv
     and its packed arguments, and backward computes it again bit for bit: the same gradients as unpacked."""
+    from torch.utils.weak import WeakTensorKeyDictionary
+
+    for table in ("_RECOMPUTE", "_WAITING"):  # this step's entries only (other tests' tensors may still live)
+        monkeypatch.setattr(packed_mod, table, WeakTensorKeyDictionary())
     saved: list = []
     on = _conv_bn_step(True, monkeypatch, saved)
     again = [s for s in saved if type(s).__name__ == "_Recomputed"]
