@@ -279,7 +279,7 @@ def block_fp32(
     max-abs exponent of its finite elements (as ``dfx_maxabs_fp32``) and is rounded with ``fixed_fast``."""
     blocks = x.view(-1, block)
     peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
-    return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(-1)
+    return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(x.shape)
 
 
 def uniform_grid(

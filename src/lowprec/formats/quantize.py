@@ -98,7 +98,10 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
         try:
             if flat:  # written into a tensor of x's shape: the result is never a view of a temporary
                 out = torch.empty_like(x) if out is None else out
-                compiled()(kernel, x.view(-1), out.view(-1), *args)
+                # A block kernel sees rows of its block: its result then has the layout of ``out``, which the
+                # compiled graph writes directly (a flat ``out`` would be filled from a temporary, one more pass).
+                rows = (-1, kernel.rows) if hasattr(kernel, "rows") else (-1,)
+                compiled()(kernel, x.view(rows), out.view(rows), *args)
                 return out
             return compiled()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
