@@ -206,6 +206,13 @@ def float_fast_fp32(
     return (r | (bits & -(2**31))).view(torch.float32)
 
 
+def scaled_float_fp32(x: Tensor, s: Tensor, rounding: int, key: Tensor | None, *params: object) -> Tensor:
+    """A per-tensor (or per-row) scaled float: fl(q / s) with q = ``float_fast_fp32(fl(x * s), rounding, key,
+    *params)``; a NaN input is returned as it is. One pass when compiled."""
+    q = float_fast_fp32(x * s, rounding, key, *params)  # type: ignore[arg-type]
+    return torch.where(torch.isnan(x), x, q / s)
+
+
 def fixed_grid(
     x: Tensor, qmin: Tensor | int, lo: Tensor, hi: Tensor, rounding: int, key: Tensor | None
 ) -> Tensor:

@@ -226,25 +226,38 @@ def _fast(x: Tensor, rounding: int, limit: int = HOST_MAX_NUMEL) -> bool:
             and (x.numel() < limit or not compile_enabled()))
 
 
+def _float_fp32_params(fmt: FloatFormat, rounding: int) -> tuple:
+    """The static parameters of ``kernels.float_fast_fp32`` (after ``rounding`` and ``key``) for ``fmt``."""
+    saturate = fmt.overflow == "saturate"
+    max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
+    big = max_bits if saturate else 0x7F800000
+    overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
+    # m = 0: the lowest kept significand bit is the implicit 1 of every normal (odd), so a normal tie
+    # rounds up; float32 subnormals (no implicit 1) then take the subnormal branch even when emin = -126.
+    round_add, odd_bit = ((1 << shift >> 1) - 1, 1) if 0 < shift < 23 else (1 << shift >> 1, 0)
+    return (shift, 31 - shift, round_add, odd_bit, -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits,
+            overflow, big, 2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126 or fmt.man_bits == 0, not fmt.subnormals)
+
+
+def _round_scaled_float(x: Tensor, s: Tensor, out: Tensor | None, fmt: FloatFormat, rounding: int,
+                        key: Tensor | None) -> Tensor:
+    """fl(q / s) with q = ``fmt``'s rounding of fl(x * s), x's NaNs kept (float32 ``x``, positive finite scale
+    ``s`` broadcasting against it): one fused pass (``kernels.scaled_float_fp32``), or, for small CPU tensors
+    rounded to nearest onto a torch dtype, the cast's few ops."""
+    if fmt in _CASTS and _fast(x, rounding, COMPILE_MIN_NUMEL):
+        return torch.where(torch.isnan(x), x, host.cast_round_trip(x * s, None, _CASTS[fmt]) / s, out=out)
+    return _run(kernels.scaled_float_fp32, x, out, s, rounding, key, *_float_fp32_params(fmt, rounding))
+
+
 def _dispatch(
     x: Tensor, out: Tensor | None, fmt: Format, rounding: int, key: Tensor | None, int_bits
 ) -> Tensor:
     if isinstance(fmt, FloatFormat):
         if fmt in _CASTS and _fast(x, rounding, COMPILE_MIN_NUMEL):
             return host.cast_round_trip(x, out, _CASTS[fmt])
-        saturate = fmt.overflow == "saturate"
         if _wide(x.dtype) == torch.float32:
-            max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
-            big = max_bits if saturate else 0x7F800000
-            overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
-            # m = 0: the lowest kept significand bit is the implicit 1 of every normal (odd), so a normal tie
-            # rounds up; float32 subnormals (no implicit 1) then take the subnormal branch even when emin = -126.
-            round_add, odd_bit = ((1 << shift >> 1) - 1, 1) if 0 < shift < 23 else (1 << shift >> 1, 0)
-            return _run(
-                kernels.float_fast_fp32, x, out, rounding, key, shift, 31 - shift, round_add, odd_bit,
-                -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits, overflow, big,
-                2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126 or fmt.man_bits == 0, not fmt.subnormals,
-            )
+            return _run(kernels.float_fast_fp32, x, out, rounding, key, *_float_fp32_params(fmt, rounding))
+        saturate = fmt.overflow == "saturate"
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
         return _run(
             kernels.float_grid, x, out, fmt.man_bits, fmt.emin - fmt.man_bits, fmt.min_normal,
@@ -351,5 +364,5 @@ def quantize(
     if _identity_for(fmt, x.dtype) or x.numel() == 0:
         return x if out is None else out.copy_(x)
     if isinstance(fmt, ScaledFormat):
-        return quantize_scaled(x, out, fmt, mode, key, scale, _run, _dispatch)
+        return quantize_scaled(x, out, fmt, mode, key, scale, _run, _round_scaled_float)
     return _dispatch(x, out, fmt, mode, key, int_bits)
