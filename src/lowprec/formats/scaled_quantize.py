@@ -97,11 +97,12 @@ def pow2_floor(s: Tensor) -> Tensor:
 
 def scaled_float_scale(x: Tensor, fmt: ScaledFloat) -> Tensor:
     """The current-scaling scale of x: 0-d, or one per row along ``fmt.axis`` (``rowwise``; shaped to broadcast
-    against x). amax over finite values: on a CPU first as max|x| in one pass (``vector_norm(x, inf)``, exact),
-    which a tensor without NaN or inf gives as it is (reading it back costs no device sync there)."""
+    against x). amax over finite values: on a CPU first as max(-min x, max x) from one pass (``torch.aminmax``,
+    exact), which a tensor without NaN or inf gives as it is (reading that back costs no device sync there)."""
     dims = {} if not fmt.rowwise or x.dim() == 0 else {"dim": _axis(x, fmt.axis), "keepdim": True}
     if x.device.type == "cpu" and x.numel():
-        peak = torch.linalg.vector_norm(x, float("inf"), **dims)
+        low, high = torch.aminmax(x, **dims)
+        peak = torch.maximum(-low, high)
         if bool(torch.isfinite(peak).all()):
             return current_scale(peak, fmt)
     a = torch.where(torch.isfinite(x), x.abs(), 0.0)
