@@ -81,10 +81,18 @@ def _apply_static_ints(kernel: Callable, x: Tensor, out: Tensor | None, *args) -
 @functools.cache
 def _compiled_apply_static_ints() -> Callable:
     # For kernels with a block size baked in (``scaled_kernels.constant_block``): under dynamic=True every int a
-    # graph sees becomes symbolic, and a symbolic row length is not vectorised; automatic dynamic keeps ints that
-    # never change static and makes the tensor length dynamic once it varies.
+    # graph sees becomes symbolic, and a symbolic row length is not vectorised; automatic dynamic makes the tensor
+    # length dynamic once it varies, and specialize_int/float keep every int and float argument (the format's
+    # parameters, the rounding mode) a constant: without them automatic dynamic turned those that differed between
+    # two formats symbolic too (measured: MX stochastic 10x slower after a few other formats had been compiled).
     _compiled_apply()
-    return torch.compile(_apply_static_ints, dynamic=None)
+    compiled = torch.compile(_apply_static_ints, dynamic=None)
+
+    def run(*args: object) -> Tensor:
+        with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
+            return compiled(*args)
+
+    return run
 
 
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
@@ -101,7 +109,11 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
                 # A block kernel sees rows of its block: its result then has the layout of ``out``, which the
                 # compiled graph writes directly (a flat ``out`` would be filled from a temporary, one more pass).
                 rows = (-1, kernel.rows) if hasattr(kernel, "rows") else (-1,)
-                compiled()(kernel, x.view(rows), out.view(rows), *args)
+                xr, outr = x.view(rows), out.view(rows)
+                if len(rows) == 2:  # the row length stays a constant (a symbolic one is not vectorised)
+                    torch._dynamo.mark_static(xr, 1)
+                    torch._dynamo.mark_static(outr, 1)
+                compiled()(kernel, xr, outr, *args)
                 return out
             return compiled()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
