@@ -72,10 +72,12 @@ QuantizeFn = Callable[[Tensor, str], Tensor]
 
 #: The block and scaled formats (section "scaled"), their targets as fractions of copy_ (the block formats'
 #: issue), and gfloat's vectorised equivalents where gfloat is installed.
-SCALED_FORMATS = ["bfp<8,16>", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp4", "mxint8", "nvfp4", "scaled<e4m3>"]
+SCALED_FORMATS = ["bfp<8,16>", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8", "nvfp4",
+                  "scaled<e4m3>"]
 BLOCK_TARGETS = {"nearest": 0.5, "stochastic": 0.3}
 GFLOAT_MX = {"mxfp8_e4m3": "format_info_mxfp8_e4m3", "mxfp8_e5m2": "format_info_mxfp8_e5m2",
-             "mxfp6_e2m3": "format_info_mxfp6_e2m3", "mxfp4": "format_info_mxfp4_e2m1", "mxint8": "format_info_mxint8"}
+             "mxfp6_e2m3": "format_info_mxfp6_e2m3", "mxfp6_e3m2": "format_info_mxfp6_e3m2",
+             "mxfp4": "format_info_mxfp4_e2m1", "mxint8": "format_info_mxint8"}
 GFLOAT_NOTE = """gfloat's column: its vectorised rounding (`gfloat.round_ndarray(etype, x / scale, sat=True) * scale`) on
 numpy float64 blocks of 32, with the scale of its `compute_scale_amax` (floor(log2 amax) - emax, clipped to
 [-127, 127], 2**-127 for a zero block): the same values as lowprec's (the differing-values column counts float32
@@ -93,6 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scaled", action="store_true",
                         help=f"benchmark only the block and scaled formats ({', '.join(SCALED_FORMATS)}) into their "
                              "own section, against copy_ and gfloat")
+    parser.add_argument("--no-gfloat", action="store_true", help="--scaled: skip the gfloat comparison")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"), help="markdown file to update")
     return parser.parse_args()
 
@@ -275,13 +278,41 @@ def gfloat_mx(info: object, x: Tensor) -> Tensor:
     return torch.from_numpy((gfloat.round_ndarray(info.etype, blocks / scale, sat=True) * scale).astype(np.float32)).view(-1)
 
 
-def benchmark_scaled(x: Tensor, repeats: int, ceiling: float) -> tuple[list[Row], str]:
+def _block_scale_only(x: Tensor, out: Tensor) -> None:
+    """The structure of a fused block kernel with no element rounding: per block of 32, amax and one multiply."""
+    blocks = x.view(-1, 32)
+    torch.mul(blocks, blocks.abs().amax(dim=-1, keepdim=True), out=out.view(-1, 32))
+
+
+def benchmark_bounds(x: Tensor, repeats: int, ceiling: float) -> list[Row]:
+    """What bounds the block kernels: the passes they cannot avoid, timed alone on the same tensor."""
+    dst = torch.empty_like(x)
+    scale_only = torch.compile(_block_scale_only)
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("torch.amax(x.view(-1, 32).abs(), dim=1) (eager: abs pass + reduction)",
+         lambda: torch.amax(x.view(-1, 32).abs(), dim=1)),
+        ("torch.aminmax(x) (one read: the amax of scaled<...>)", lambda: torch.aminmax(x)),
+        ("compiled: per block of 32, amax then x * amax (a block kernel without rounding)",
+         lambda: scale_only(x, dst)),
+    ]
+    rows = []
+    for name, fn in cases:
+        t = measure(fn, x.numel(), repeats)
+        rows.append([name, f"{t.melem_per_s:,.0f}", f"{t.melem_per_s / ceiling:.2f}", f"{t.others_share:.0%}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def benchmark_scaled(x: Tensor, repeats: int, ceiling: float, use_gfloat: bool) -> tuple[list[Row], str]:
     """Rows of the block and scaled formats: throughput with out=, ratio to copy_ and to gfloat, the targets."""
     try:
+        if not use_gfloat:
+            raise ImportError
         from gfloat import formats as gf
         gfloat_status = "gfloat installed"
     except ImportError:
-        gf, gfloat_status = None, "gfloat not installed (pip install gfloat)"
+        gf = None
+        gfloat_status = "gfloat not compared (--no-gfloat)" if not use_gfloat else "gfloat not installed (pip install gfloat)"
     dst = torch.empty_like(x)
     gen = torch.Generator().manual_seed(SEED)
     rows = []
@@ -306,11 +337,15 @@ def benchmark_scaled(x: Tensor, repeats: int, ceiling: float) -> tuple[list[Row]
 
 def main_scaled(args: argparse.Namespace, command: str, source: str, x: Tensor) -> None:
     ceiling, baseline_rows = benchmark_baselines(x, args.repeats)
-    rows, gfloat_status = benchmark_scaled(x, args.repeats, ceiling)
+    bound_rows = benchmark_bounds(x, args.repeats, ceiling)
+    rows, gfloat_status = benchmark_scaled(x, args.repeats, ceiling, not args.no_gfloat)
+    threads = torch.get_num_threads()
+    bound_header = ["bound", "Melem/s", "x copy_", "others' CPU"]
     header = ["format", "rounding", "out= Melem/s", "x copy_", "gfloat Melem/s", "vs gfloat",
               "values differing from gfloat", "target", "others' CPU"]
     print_table("block and scaled formats", header, rows)
-    section = f"""## block and scaled formats
+    print_table("bounds", bound_header, bound_rows)
+    section = f"""## block and scaled formats ({threads} thread{"s" if threads > 1 else ""})
 
 - Command: `{command}`
 - Code: {source}
@@ -323,8 +358,12 @@ def main_scaled(args: argparse.Namespace, command: str, source: str, x: Tensor) 
 - gfloat: {gfloat_status}. {GFLOAT_NOTE}
 
 {markdown_table(header, rows)}
+
+What bounds them, timed alone on the same input:
+
+{markdown_table(bound_header, bound_rows)}
 """
-    write_section(args.output, "scaled", section)
+    write_section(args.output, f"scaled-{threads}t", section)
     print(f"wrote {args.output}")
 
 

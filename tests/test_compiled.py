@@ -6,7 +6,8 @@ import torch
 import lowprec as lp
 from lowprec.formats import compile_enabled
 
-FORMATS = ["fp16", "bf16", "e4m3", "e5m2", "float<e=3,m=4,subnormals=off>", "fixed<12,5>", "dfx<8>", "uniform<3>", "bfp<6,32>"]
+FORMATS = ["fp16", "bf16", "e4m3", "e5m2", "float<e=3,m=4,subnormals=off>", "fixed<12,5>", "dfx<8>", "uniform<3>", "bfp<6,32>",
+           "mxfp8_e4m3", "mxint8", "nvfp4", "scaled<e4m3>"]
 
 
 @pytest.fixture

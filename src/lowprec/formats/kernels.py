@@ -206,6 +206,13 @@ def float_fast_fp32(
     return (r | (bits & -(2**31))).view(torch.float32)
 
 
+def scaled_float_fp32(x: Tensor, s: Tensor, rounding: int, key: Tensor | None, *params: object) -> Tensor:
+    """A per-tensor (or per-row) scaled float: fl(q / s) with q = ``float_fast_fp32(fl(x * s), rounding, key,
+    *params)``; a NaN input is returned as it is. One pass when compiled."""
+    q = float_fast_fp32(x * s, rounding, key, *params)  # type: ignore[arg-type]
+    return torch.where(torch.isnan(x), x, q / s)
+
+
 def fixed_grid(
     x: Tensor, qmin: Tensor | int, lo: Tensor, hi: Tensor, rounding: int, key: Tensor | None
 ) -> Tensor:
@@ -279,7 +286,7 @@ def block_fp32(
     max-abs exponent of its finite elements (as ``dfx_maxabs_fp32``) and is rounded with ``fixed_fast``."""
     blocks = x.view(-1, block)
     peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
-    return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(-1)
+    return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(x.shape)
 
 
 def uniform_grid(

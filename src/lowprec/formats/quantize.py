@@ -83,10 +83,18 @@ def _apply_static_ints(kernel: Callable, x: Tensor, out: Tensor | None, *args) -
 @functools.cache
 def _compiled_apply_static_ints() -> Callable:
     # For kernels with a block size baked in (``scaled_kernels.constant_block``): under dynamic=True every int a
-    # graph sees becomes symbolic, and a symbolic row length is not vectorised; automatic dynamic keeps ints that
-    # never change static and makes the tensor length dynamic once it varies.
+    # graph sees becomes symbolic, and a symbolic row length is not vectorised; automatic dynamic makes the tensor
+    # length dynamic once it varies, and specialize_int/float keep every int and float argument (the format's
+    # parameters, the rounding mode) a constant: without them automatic dynamic turned those that differed between
+    # two formats symbolic too (measured: MX stochastic 10x slower after a few other formats had been compiled).
     _compiled_apply()
-    return torch.compile(_apply_static_ints, dynamic=None)
+    compiled = torch.compile(_apply_static_ints, dynamic=None)
+
+    def run(*args: object) -> Tensor:
+        with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
+            return compiled(*args)
+
+    return run
 
 
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
@@ -100,7 +108,14 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
         try:
             if flat:  # written into a tensor of x's shape: the result is never a view of a temporary
                 out = torch.empty_like(x) if out is None else out
-                compiled()(kernel, x.view(-1), out.view(-1), *args)
+                # A block kernel sees rows of its block: its result then has the layout of ``out``, which the
+                # compiled graph writes directly (a flat ``out`` would be filled from a temporary, one more pass).
+                rows = (-1, kernel.rows) if hasattr(kernel, "rows") else (-1,)
+                xr, outr = x.view(rows), out.view(rows)
+                if len(rows) == 2:  # the row length stays a constant (a symbolic one is not vectorised)
+                    torch._dynamo.mark_static(xr, 1)
+                    torch._dynamo.mark_static(outr, 1)
+                compiled()(kernel, xr, outr, *args)
                 return out
             return compiled()(kernel, x, out, *args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...: eager gives the same bits
@@ -234,25 +249,38 @@ def _fast(x: Tensor, rounding: int, limit: int = HOST_MAX_NUMEL) -> bool:
             and (x.numel() < limit or not compile_enabled()))
 
 
+def _float_fp32_params(fmt: FloatFormat, rounding: int) -> tuple:
+    """The static parameters of ``kernels.float_fast_fp32`` (after ``rounding`` and ``key``) for ``fmt``."""
+    saturate = fmt.overflow == "saturate"
+    max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
+    big = max_bits if saturate else 0x7F800000
+    overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
+    # m = 0: the lowest kept significand bit is the implicit 1 of every normal (odd), so a normal tie
+    # rounds up; float32 subnormals (no implicit 1) then take the subnormal branch even when emin = -126.
+    round_add, odd_bit = ((1 << shift >> 1) - 1, 1) if 0 < shift < 23 else (1 << shift >> 1, 0)
+    return (shift, 31 - shift, round_add, odd_bit, -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits,
+            overflow, big, 2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126 or fmt.man_bits == 0, not fmt.subnormals)
+
+
+def _round_scaled_float(x: Tensor, s: Tensor, out: Tensor | None, fmt: FloatFormat, rounding: int,
+                        key: Tensor | None) -> Tensor:
+    """fl(q / s) with q = ``fmt``'s rounding of fl(x * s), x's NaNs kept (float32 ``x``, positive finite scale
+    ``s`` broadcasting against it): one fused pass (``kernels.scaled_float_fp32``), or, for small CPU tensors
+    rounded to nearest onto a torch dtype, the cast's few ops."""
+    if fmt in _CASTS and _fast(x, rounding, COMPILE_MIN_NUMEL):
+        return torch.where(torch.isnan(x), x, host.cast_round_trip(x * s, None, _CASTS[fmt]) / s, out=out)
+    return _run(kernels.scaled_float_fp32, x, out, s, rounding, key, *_float_fp32_params(fmt, rounding))
+
+
 def _dispatch(
     x: Tensor, out: Tensor | None, fmt: Format, rounding: int, key: Tensor | None, int_bits
 ) -> Tensor:
     if isinstance(fmt, FloatFormat):
         if fmt in _CASTS and _fast(x, rounding, COMPILE_MIN_NUMEL):
             return host.cast_round_trip(x, out, _CASTS[fmt])
-        saturate = fmt.overflow == "saturate"
         if _wide(x.dtype) == torch.float32:
-            max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
-            big = max_bits if saturate else 0x7F800000
-            overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
-            # m = 0: the lowest kept significand bit is the implicit 1 of every normal (odd), so a normal tie
-            # rounds up; float32 subnormals (no implicit 1) then take the subnormal branch even when emin = -126.
-            round_add, odd_bit = ((1 << shift >> 1) - 1, 1) if 0 < shift < 23 else (1 << shift >> 1, 0)
-            return _run(
-                kernels.float_fast_fp32, x, out, rounding, key, shift, 31 - shift, round_add, odd_bit,
-                -(1 << shift), (1 << shift) - 1, (fmt.emin + 127) << 23, max_bits, overflow, big,
-                2.0 ** (fmt.man_bits - fmt.emin), fmt.emin > -126 or fmt.man_bits == 0, not fmt.subnormals,
-            )
+            return _run(kernels.float_fast_fp32, x, out, rounding, key, *_float_fp32_params(fmt, rounding))
+        saturate = fmt.overflow == "saturate"
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
         return _run(
             kernels.float_grid, x, out, fmt.man_bits, fmt.emin - fmt.man_bits, fmt.min_normal,
@@ -359,5 +387,5 @@ def quantize(
     if _identity_for(fmt, x.dtype) or x.numel() == 0:
         return x if out is None else out.copy_(x)
     if isinstance(fmt, ScaledFormat):
-        return quantize_scaled(x, out, fmt, mode, key, scale, _run, _dispatch)
+        return quantize_scaled(x, out, fmt, mode, key, scale, _run, _round_scaled_float)
     return _dispatch(x, out, fmt, mode, key, int_bits)

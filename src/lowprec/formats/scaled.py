@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from .types import E4M3, E5M2, FloatFormat, Format, _check_int
+from .types import E4M3, FloatFormat, Format, _check_int
 
 __all__ = ["Element", "ELEMENTS", "MXFormat", "NVFP4", "ScaledFloat", "SCALE_RULES", "ScaledFormat", "with_block_axis"]
 
@@ -171,7 +171,9 @@ class NVFP4(ScaledFormat):
         return "nvfp4" if not opts else f"nvfp4<{','.join(opts)}>"
 
 
-_FLOAT_NAMES = {E4M3: "e4m3", E5M2: "e5m2"}
+#: Names of the elements that have one: a scaled float's element always saturates (``__post_init__``), so these are
+#: e4m3 (saturating already) and e5m2 made saturating.
+_FLOAT_NAMES = {E4M3: "e4m3", FloatFormat(5, 2, overflow="saturate"): "e5m2"}
 
 
 @dataclass(frozen=True, repr=False)
@@ -217,9 +219,7 @@ class ScaledFloat(ScaledFormat):
 
     @property
     def element_name(self) -> str:
-        e = self.element
-        sat_e5m2 = FloatFormat(5, 2, overflow="saturate")
-        return "e5m2" if e == sat_e5m2 else _FLOAT_NAMES.get(e, repr(e))
+        return _FLOAT_NAMES.get(self.element, repr(self.element))
 
     @property
     def max_value(self) -> float:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import STOCHASTIC, random_bits, round_integer
+from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, random_bits, round_integer
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -31,20 +31,39 @@ def round_element(
     rand: Tensor | None = None,
 ) -> Tensor:
     """|v| rounded onto the grid of quantum 2**max(E - man_bits, qmin) (E = floor(log2 |v|)), sign kept, then
-    clamped to [min_value, max_value] (saturation). v finite float32 with 2**qmin a normal float32.
+    clamped to [min_value, max_value] (saturation). v finite float32 with 2**(qmin + 23) a normal float32.
 
-    The quantum is read from v's exponent bits; |v| / quantum is exact (a power of two), rounded to an integer by
-    ``kernels.round_integer`` (nearest even / truncation / stochastic with 31 random bits), times the quantum
-    (exact). A carry into the next binade is exact too (the grid of the next binade contains 2**(E+1)).
-    ``rand``: the 31-bit random integers to use (else drawn from ``key``)."""
-    a = v.abs()
-    ef = (a.view(torch.int32) >> 23).clamp(min=qmin + man_bits + 127)  # biased exponent, at least emin's
-    q = ((ef - man_bits) << 23).view(torch.float32)
-    inv_q = ((254 - ef + man_bits) << 23).view(torch.float32)
-    if rounding == STOCHASTIC and rand is None:
-        rand = random_bits(v.shape, key, 31, v.device).to(torch.int32)
-    k = round_integer(a * inv_q, rounding, rand)
-    return torch.clamp((k * q).copysign(v), min_value, max_value)
+    Where |v| >= 2**(qmin + man_bits) (the element's normal range) the rounding is integer arithmetic on v's bits,
+    as ``kernels.float_fast_fp32``: nearest adds 2**(s-1) - 1 plus the lowest kept bit and clears the s = 23 -
+    man_bits discarded bits (ties to even; a carry moves into the exponent, exactly); toward_zero clears them;
+    stochastic adds one quantum when R >> (31 - s) < the discarded bits (R: 31 random bits). Below (the
+    element's subnormals, quantum 2**qmin) |v| * 2**-qmin (exact) is rounded to an integer by
+    ``kernels.round_integer`` (nearest: as the exact sum (|v| + 2**(qmin+23)) - 2**(qmin+23)), times 2**qmin.
+    Both are the rounding of |v| / quantum to an integer with the same random bits: stochastic rounds up when R <
+    floor(frac * 2**31). ``rand``: the 31-bit random integers to use (else drawn from ``key``)."""
+    bits = v.view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    s = 23 - man_bits
+    keep = -(1 << s)
+    below = a < ((qmin + man_bits + 127) << 23)  # the element's subnormal range
+    if rounding == NEAREST:
+        r = (a + ((1 << s >> 1) - 1) + ((a >> s) & 1)) & keep
+        big = 2.0 ** (qmin + 23)
+        small = (v.abs() + big) - big
+    elif rounding == TOWARD_ZERO:
+        r = a & keep
+        small = torch.floor(v.abs() * 2.0**-qmin) * 2.0**qmin
+    else:  # one comparison with the random bits: against the discarded fraction of whichever branch applies
+        if rand is None:
+            rand = random_bits(v.shape, key, 31, v.device).to(torch.int32)
+        w = v.abs() * 2.0**-qmin
+        low = torch.floor(w)
+        frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
+        up = (rand < frac).to(torch.int32)
+        r = (a & keep) + (up << s)
+        small = (low + up) * 2.0**qmin
+    y = torch.where(below, small, r.view(torch.float32))
+    return torch.clamp(y.copysign(v), min_value, max_value)
 
 
 def _round_up(a: Tensor, normal_above: int, subnormal_above: int) -> Tensor:
@@ -86,9 +105,10 @@ def mx_fp32(
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     bad = ~torch.isfinite(amax)
     e = shared_exponent(torch.where(bad, 0.0, amax), rule, emax, man_bits, max_value)
-    up = torch.where(bad, float("nan"), pow2(e))  # per block: a NaN scale makes the whole block NaN
-    y = round_element(blocks * pow2(-e), man_bits, qmin, max_value, min_value, rounding, key) * up
-    return (y + 0.0 if integer else y).view(x.shape)
+    y = round_element(blocks * pow2(-e), man_bits, qmin, max_value, min_value, rounding, key) * pow2(e)
+    # per block: the NaN scale makes the whole block NaN, always the same NaN (a product of two NaNs would keep
+    # either one's payload, depending on the operand order the compiler chose)
+    return torch.where(bad, float("nan"), y + 0.0 if integer else y).view(x.shape)
 
 
 @functools.cache
@@ -102,6 +122,7 @@ def constant_block(kernel: Callable[..., Tensor], block: int) -> Callable[..., T
         return kernel(x, block, *args)
 
     with_block.static_ints = True  # type: ignore[attr-defined]  # quantize._run: compile with static ints
+    with_block.rows = block  # type: ignore[attr-defined]  # quantize._run: pass x and out as rows of the block
     return with_block
 
 
@@ -123,6 +144,9 @@ def nvfp4_1x16_fp32(x: Tensor, rounding: int, key: Tensor | None) -> Tensor:
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     amax = torch.where(torch.isfinite(amax), amax, float("nan"))
     return nvfp4_fp32(blocks, amax, nvfp4_encode_scale(x), rounding, key).view(x.shape)
+
+
+nvfp4_1x16_fp32.rows = 16  # type: ignore[attr-defined]  # quantize._run: pass x and out as rows of 16
 
 
 def nvfp4_fp32(

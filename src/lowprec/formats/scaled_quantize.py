@@ -102,11 +102,16 @@ def pow2_floor(s: Tensor) -> Tensor:
 
 def scaled_float_scale(x: Tensor, fmt: ScaledFloat) -> Tensor:
     """The current-scaling scale of x: 0-d, or one per row along ``fmt.axis`` (``rowwise``; shaped to broadcast
-    against x). amax over finite values."""
+    against x). amax over finite values: on a CPU first as max(-min x, max x) from one pass (``torch.aminmax``,
+    exact), which a tensor without NaN or inf gives as it is (reading that back costs no device sync there)."""
+    dims = {} if not fmt.rowwise or x.dim() == 0 else {"dim": _axis(x, fmt.axis), "keepdim": True}
+    if x.device.type == "cpu" and x.numel():
+        low, high = torch.aminmax(x, **dims)
+        peak = torch.maximum(-low, high)
+        if bool(torch.isfinite(peak).all()):
+            return current_scale(peak, fmt)
     a = torch.where(torch.isfinite(x), x.abs(), 0.0)
-    if not fmt.rowwise or x.dim() == 0:
-        return current_scale(a.amax() if a.numel() else a.new_zeros(()), fmt)
-    return current_scale(a.amax(dim=_axis(x, fmt.axis), keepdim=True), fmt)
+    return current_scale(a.amax(**dims) if a.numel() else a.new_zeros(()), fmt)
 
 
 def _scaled_float(x: Tensor, out: Tensor | None, fmt: ScaledFloat, rounding: int, key: Tensor | None,
@@ -119,15 +124,15 @@ def _scaled_float(x: Tensor, out: Tensor | None, fmt: ScaledFloat, rounding: int
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     if s.device.type == "cpu" and not bool(torch.all(torch.isfinite(s) & (s > 0))):  # elsewhere: no device sync
         raise ValueError(f"a scale must be positive and finite, got {scale!r}")
-    q = round_float(x * s, None, fmt.element, rounding, key, None)
-    return torch.where(torch.isnan(x), x, q / s, out=out)
+    return round_float(x, s, out, fmt.element, rounding, key)
 
 
 def quantize_scaled(x: Tensor, out: Tensor | None, fmt: ScaledFormat, rounding: int, key: Tensor | None,
                     scale: Tensor | float | None, run: Runner, round_float: Runner) -> Tensor:
     """Round float32 ``x`` onto a scaled format (``quantize`` has validated the call). ``run(kernel, x, out,
-    *args)`` runs a kernel (compiled for large tensors); ``round_float(x, out, fmt, rounding, key, None)`` rounds
-    onto a plain float format (the per-tensor scaled floats' elements)."""
+    *args)`` runs a kernel (compiled for large tensors); ``round_float(x, s, out, fmt, rounding, key)`` gives
+    fl(q / s), q = fl(x * s) rounded onto the plain float format ``fmt`` (the per-tensor scaled floats' elements),
+    x's NaNs kept."""
     if isinstance(fmt, MXFormat):
         return _mx(x, out, fmt, rounding, key, run)
     if isinstance(fmt, NVFP4):
