@@ -202,6 +202,21 @@ def test_nvfp4_random_blocks_across_binades_equal_reference():
         check_nvfp4(x)
 
 
+def test_nvfp4_tensor_scale_is_one_correctly_rounded_division():
+    """s_enc = 2688 / amax rounded once in float32 (numpy's float32 division is IEEE), for amax whose quotient is
+    not exact: torch's number / tensor is a reciprocal times the number, which is off by one ulp at amax 40."""
+    import numpy as np
+    from lowprec.formats.scaled_kernels import nvfp4_encode_scale
+
+    amaxes = torch.cat([torch.tensor([40.0, 3.0, 7.0, 0.3, 1e-30, 3e30]),
+                        torch.rand(256, generator=torch.Generator().manual_seed(5)) * 100 + 1e-3])
+    for amax in amaxes.tolist():
+        want = np.float32(2688.0) / np.float32(amax)
+        assert nvfp4_encode_scale(torch.tensor([amax, -amax / 2])).item() == float(want), amax
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(6))
+    check_nvfp4(x / x.abs().max() * 40.0)  # the whole quantization at that tensor scale
+
+
 def test_nvfp4_every_element_and_scale_encoding():
     """Blocks whose amax runs over every e4m3 scale value (times 6) and whose elements are every e2m1 value and
     midpoint: the reference's steps agree bit for bit."""

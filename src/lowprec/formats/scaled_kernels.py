@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, random_bits, round_integer
+from .kernels import NEAREST, TOWARD_ZERO, random_bits
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -133,9 +133,12 @@ def e4m3_scale(s: Tensor) -> Tensor:
 
 def nvfp4_encode_scale(x: Tensor) -> Tensor:
     """NVFP4's tensor scale: s_enc = min(448 * 6 / amax, FLT_MAX) in float32, amax over x's finite values (an
-    all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped)."""
+    all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped). A correctly rounded division of two tensors: a
+    Python number divided by a tensor is a reciprocal times the number in torch, one rounding too many
+    (2688 / 40 would give 67.20000458 instead of 67.19999695)."""
     amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
-    return torch.clamp(NVFP4_TENSOR_NUMERATOR / amax, max=FLT_MAX)
+    numerator = torch.tensor(NVFP4_TENSOR_NUMERATOR, dtype=torch.float32, device=amax.device)
+    return torch.clamp(numerator / amax, max=FLT_MAX)
 
 
 def nvfp4_1x16_fp32(x: Tensor, rounding: int, key: Tensor | None) -> Tensor:
