@@ -212,3 +212,15 @@ def test_fast_fixed_path_equals_the_generic_core(fmt, seed):
         fast = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(seed))
         same = (fast.view(torch.int32) == generic.view(torch.int32)) | (torch.isnan(fast) & torch.isnan(generic))
         assert same.all(), (fmt, rounding, x[~same][:3], fast[~same][:3], generic[~same][:3])
+
+
+def test_is_below_is_the_comparison_on_31_bit_operands():
+    """kernels.is_below (integer arithmetic standing in for R < f in the stochastic kernels) equals the comparison
+    for every pair of operands in [0, 2**31), the extremes included, eager and compiled-shaped alike."""
+    from lowprec.formats.kernels import is_below
+
+    edges = torch.tensor([0, 1, 2, 2**30, 2**31 - 2, 2**31 - 1], dtype=torch.int32)
+    rand = torch.randint(0, 2**31 - 1, (4000,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    values = torch.cat([edges, rand])
+    r, f = values.repeat_interleave(len(values)), values.repeat(len(values))
+    assert torch.equal(is_below(r, f), (r < f).to(torch.int32))

@@ -69,6 +69,13 @@ def random_bits(shape: torch.Size, key: Tensor, nbits: int, device: torch.device
     return ((h << 30) | (h2 >> 2)) >> (62 - nbits)
 
 
+def is_below(r: Tensor, f: Tensor) -> Tensor:
+    """1 where r < f, else 0 (int32), for int32 r and f in [0, 2**31): the sign of r - f (no overflow in that
+    range), shifted down. Integer arithmetic instead of a comparison: compiled, a comparison's mask feeding the
+    rounding was kept as a per-element boolean buffer, which made stochastic block rounding 4x slower."""
+    return -((r - f) >> 31)
+
+
 def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
     """v rounded to an integer (as floats): nearest ties to even, toward_zero truncates, stochastic is
     floor(v) + [R < floor(frac(v) * 2**31)] with ``rand`` the 31-bit integers R of ``random_bits`` (frac(v) is
@@ -78,7 +85,9 @@ def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
     if rounding == TOWARD_ZERO:
         return torch.trunc(v)
     low = torch.floor(v)
-    return low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(v.dtype)
+    # a negative v just above an integer gives frac(v) rounded to 1 and a converted 2**31 of -2**31: never up,
+    # as the comparison R < -2**31 decided; is_below needs the operand in [0, 2**31)
+    return low + is_below(rand, ((v - low) * 2.0**31).to(torch.int32).clamp(min=0)).to(v.dtype)
 
 
 def round_to_grid(
@@ -193,7 +202,7 @@ def float_fast_fp32(
         r = a & keep_mask
     else:
         rand = random_bits(x.shape, key, 31, x.device).to(torch.int32)
-        up = ((rand >> rshift) < (a & discard_mask)).to(torch.int32)
+        up = is_below(rand >> rshift, a & discard_mask)
         r = (a & keep_mask) + (up << shift)
     if sub_branch:
         k = round_integer(x.abs() * sub_scale, rounding, rand if rounding == STOCHASTIC else None)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, TOWARD_ZERO, random_bits
+from .kernels import NEAREST, TOWARD_ZERO, is_below, random_bits
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -59,7 +59,7 @@ def round_element(
         w = v.abs() * 2.0**-qmin
         low = torch.floor(w)
         frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
-        up = (rand < frac).to(torch.int32)
+        up = is_below(rand, frac)
         r = (a & keep) + (up << s)
         small = (low + up) * 2.0**qmin
     y = torch.where(below, small, r.view(torch.float32))
