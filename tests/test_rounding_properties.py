@@ -224,3 +224,20 @@ def test_is_below_is_the_comparison_on_31_bit_operands():
     values = torch.cat([edges, rand])
     r, f = values.repeat_interleave(len(values)), values.repeat(len(values))
     assert torch.equal(is_below(r, f), (r < f).to(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_is_nan_and_finite_abs_match_torch(dtype):
+    """kernels.is_nan and finite_abs (comparisons standing in for isnan / isfinite) on every class of value: NaNs of
+    both signs and other payloads, +-inf, +-0, subnormals, the largest finite values."""
+    from lowprec.formats.kernels import finite_abs, is_nan
+
+    info = torch.finfo(dtype)
+    x = torch.tensor([0.0, -0.0, 1.0, -2.5, info.tiny / 4, -info.tiny / 8, info.max, -info.max, float("inf"),
+                      -float("inf"), float("nan"), -float("nan")], dtype=dtype)
+    if dtype == torch.float32:
+        payloads = torch.tensor([0x7F800001, 0x7FC12345, -0x00000001], dtype=torch.int32).view(torch.float32)
+        x = torch.cat([x, payloads])
+    assert torch.equal(is_nan(x), torch.isnan(x))
+    expected = torch.where(torch.isfinite(x), x.abs(), 0.0)
+    assert torch.equal(finite_abs(x).view(torch.uint8), expected.view(torch.uint8))

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, TOWARD_ZERO, is_below, random_bits
+from .kernels import NEAREST, TOWARD_ZERO, finite_abs, is_below, random_bits
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -136,7 +136,7 @@ def nvfp4_encode_scale(x: Tensor) -> Tensor:
     all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped). A correctly rounded division of two tensors: a
     Python number divided by a tensor is a reciprocal times the number in torch, one rounding too many
     (2688 / 40 would give 67.20000458 instead of 67.19999695)."""
-    amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
+    amax = finite_abs(x).amax()
     numerator = torch.tensor(NVFP4_TENSOR_NUMERATOR, dtype=torch.float32, device=amax.device)
     return torch.clamp(numerator / amax, max=FLT_MAX)
 
