@@ -212,3 +212,32 @@ def test_fast_fixed_path_equals_the_generic_core(fmt, seed):
         fast = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(seed))
         same = (fast.view(torch.int32) == generic.view(torch.int32)) | (torch.isnan(fast) & torch.isnan(generic))
         assert same.all(), (fmt, rounding, x[~same][:3], fast[~same][:3], generic[~same][:3])
+
+
+def test_is_below_is_the_comparison_on_31_bit_operands():
+    """kernels.is_below (integer arithmetic standing in for R < f in the stochastic kernels) equals the comparison
+    for every pair of operands in [0, 2**31), the extremes included, eager and compiled-shaped alike."""
+    from lowprec.formats.kernels import is_below
+
+    edges = torch.tensor([0, 1, 2, 2**30, 2**31 - 2, 2**31 - 1], dtype=torch.int32)
+    rand = torch.randint(0, 2**31 - 1, (4000,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    values = torch.cat([edges, rand])
+    r, f = values.repeat_interleave(len(values)), values.repeat(len(values))
+    assert torch.equal(is_below(r, f), (r < f).to(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_is_nan_and_finite_abs_match_torch(dtype):
+    """kernels.is_nan and finite_abs (comparisons standing in for isnan / isfinite) on every class of value: NaNs of
+    both signs and other payloads, +-inf, +-0, subnormals, the largest finite values."""
+    from lowprec.formats.kernels import finite_abs, is_nan
+
+    info = torch.finfo(dtype)
+    x = torch.tensor([0.0, -0.0, 1.0, -2.5, info.tiny / 4, -info.tiny / 8, info.max, -info.max, float("inf"),
+                      -float("inf"), float("nan"), -float("nan")], dtype=dtype)
+    if dtype == torch.float32:
+        payloads = torch.tensor([0x7F800001, 0x7FC12345, -0x00000001], dtype=torch.int32).view(torch.float32)
+        x = torch.cat([x, payloads])
+    assert torch.equal(is_nan(x), torch.isnan(x))
+    expected = torch.where(torch.isfinite(x), x.abs(), 0.0)
+    assert torch.equal(finite_abs(x).view(torch.uint8), expected.view(torch.uint8))

@@ -69,6 +69,27 @@ def random_bits(shape: torch.Size, key: Tensor, nbits: int, device: torch.device
     return ((h << 30) | (h2 >> 2)) >> (62 - nbits)
 
 
+def is_nan(x: Tensor) -> Tensor:
+    """``torch.isnan(x)`` as x != x (true exactly for NaN). Compiled for a CPU, isnan and isfinite are evaluated
+    one element at a time through a buffer, a comparison in vector registers (measured: bfp<8,16> nearest 1.35x
+    faster with this and ``finite_abs``)."""
+    return x != x
+
+
+def finite_abs(x: Tensor) -> Tensor:
+    """|x| where x is finite, else 0 (NaN and +-inf give 0): ``torch.where(torch.isfinite(x), x.abs(), 0)`` as a
+    comparison (see ``is_nan``)."""
+    a = x.abs()
+    return torch.where(a < float("inf"), a, 0.0)
+
+
+def is_below(r: Tensor, f: Tensor) -> Tensor:
+    """1 where r < f, else 0 (int32), for int32 r and f in [0, 2**31): the sign of r - f (no overflow in that
+    range), shifted down. Integer arithmetic instead of a comparison: compiled, a comparison's mask feeding the
+    rounding was kept as a per-element boolean buffer, which made stochastic block rounding 4x slower."""
+    return -((r - f) >> 31)
+
+
 def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
     """v rounded to an integer (as floats): nearest ties to even, toward_zero truncates, stochastic is
     floor(v) + [R < floor(frac(v) * 2**31)] with ``rand`` the 31-bit integers R of ``random_bits`` (frac(v) is
@@ -78,7 +99,9 @@ def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
     if rounding == TOWARD_ZERO:
         return torch.trunc(v)
     low = torch.floor(v)
-    return low + (rand < ((v - low) * 2.0**31).to(torch.int32)).to(v.dtype)
+    # a negative v just above an integer gives frac(v) rounded to 1 and a converted 2**31 of -2**31: never up,
+    # as the comparison R < -2**31 decided; is_below needs the operand in [0, 2**31)
+    return low + is_below(rand, ((v - low) * 2.0**31).to(torch.int32).clamp(min=0)).to(v.dtype)
 
 
 def round_to_grid(
@@ -148,7 +171,7 @@ def float_grid(
     else:
         big = torch.full_like(y, float("inf"))
     y = torch.where(finite_over | torch.isinf(x), big.copysign(x), y)
-    return torch.where(torch.isnan(x), x, y)
+    return torch.where(is_nan(x), x, y)
 
 
 def float_fast_fp32(
@@ -193,7 +216,7 @@ def float_fast_fp32(
         r = a & keep_mask
     else:
         rand = random_bits(x.shape, key, 31, x.device).to(torch.int32)
-        up = ((rand >> rshift) < (a & discard_mask)).to(torch.int32)
+        up = is_below(rand >> rshift, a & discard_mask)
         r = (a & keep_mask) + (up << shift)
     if sub_branch:
         k = round_integer(x.abs() * sub_scale, rounding, rand if rounding == STOCHASTIC else None)
@@ -210,7 +233,7 @@ def scaled_float_fp32(x: Tensor, s: Tensor, rounding: int, key: Tensor | None, *
     """A per-tensor (or per-row) scaled float: fl(q / s) with q = ``float_fast_fp32(fl(x * s), rounding, key,
     *params)``; a NaN input is returned as it is. One pass when compiled."""
     q = float_fast_fp32(x * s, rounding, key, *params)  # type: ignore[arg-type]
-    return torch.where(torch.isnan(x), x, q / s)
+    return torch.where(is_nan(x), x, q / s)
 
 
 def fixed_grid(
@@ -219,7 +242,7 @@ def fixed_grid(
     """Any rounding onto a saturating fixed-point grid of step 2**qmin; NaN propagates, +-inf saturate."""
     y = round_to_grid(x, 4096, qmin, rounding, key)
     y = torch.where(torch.isinf(x), x, y)
-    return torch.where(torch.isnan(x), x, torch.clamp(y, lo, hi))
+    return torch.where(is_nan(x), x, torch.clamp(y, lo, hi))
 
 
 def _pow2(e: Tensor) -> Tensor:
@@ -252,7 +275,7 @@ def fixed_fast(
     """
     rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
     k = round_integer(times_pow2(x.abs(), frac), rounding, rand)
-    return torch.where(torch.isnan(x), x, times_pow2(torch.clamp(k.copysign(x), kmin, kmax), -frac))
+    return torch.where(is_nan(x), x, times_pow2(torch.clamp(k.copysign(x), kmin, kmax), -frac))
 
 
 def _maxabs_frac(peak: Tensor, top: int, frac_lo: int, frac_hi: int) -> Tensor:
@@ -274,7 +297,7 @@ def dfx_maxabs_fp32(
     included), frac = clamp(top - r, frac_lo, frac_hi) with top = bits - 1 (``_maxabs_frac``). Then fixed-point
     rounding onto [kmin, kmax] * 2**-frac, as ``fixed_fast``.
     """
-    peak = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
+    peak = finite_abs(x).amax()
     return fixed_fast(x, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key)
 
 
@@ -285,7 +308,7 @@ def block_fp32(
     """Block floating point of a flat float32 tensor whose length is a multiple of ``block``: each block gets the
     max-abs exponent of its finite elements (as ``dfx_maxabs_fp32``) and is rounded with ``fixed_fast``."""
     blocks = x.view(-1, block)
-    peak = torch.where(torch.isfinite(blocks), blocks.abs(), 0.0).amax(dim=1, keepdim=True)
+    peak = finite_abs(blocks).amax(dim=1, keepdim=True)
     return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(x.shape)
 
 
@@ -295,7 +318,7 @@ def uniform_grid(
     """WRPN k-bit uniform quantizer: round(clip(x) * n) / n on [-1, 1] (signed) or [0, 1] (unsigned); NaN and
     +-0 are returned as they are."""
     if binary:
-        return torch.where(torch.isnan(x), x, torch.where(x < 0, -1.0, 1.0).to(x.dtype))
+        return torch.where(is_nan(x), x, torch.where(x < 0, -1.0, 1.0).to(x.dtype))
     rand = random_bits(x.shape, key, 31, x.device).to(torch.int32) if rounding == STOCHASTIC else None
     k = round_integer(torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels, rounding, rand)
-    return torch.where(torch.isnan(x) | (x == 0), x, k / levels)  # NaN and -0 as they are (compiled max() drops -0)
+    return torch.where(is_nan(x) | (x == 0), x, k / levels)  # NaN and -0 as they are (compiled max() drops -0)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, TOWARD_ZERO, random_bits
+from .kernels import NEAREST, TOWARD_ZERO, finite_abs, is_below, random_bits
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -59,7 +59,7 @@ def round_element(
         w = v.abs() * 2.0**-qmin
         low = torch.floor(w)
         frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
-        up = (rand < frac).to(torch.int32)
+        up = is_below(rand, frac)
         r = (a & keep) + (up << s)
         small = (low + up) * 2.0**qmin
     y = torch.where(below, small, r.view(torch.float32))
@@ -136,7 +136,7 @@ def nvfp4_encode_scale(x: Tensor) -> Tensor:
     all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped). A correctly rounded division of two tensors: a
     Python number divided by a tensor is a reciprocal times the number in torch, one rounding too many
     (2688 / 40 would give 67.20000458 instead of 67.19999695)."""
-    amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax()
+    amax = finite_abs(x).amax()
     numerator = torch.tensor(NVFP4_TENSOR_NUMERATOR, dtype=torch.float32, device=amax.device)
     return torch.clamp(numerator / amax, max=FLT_MAX)
 
