@@ -45,3 +45,21 @@ def test_stochastic_uniform_is_unbiased():
 def test_uniform_refuses_half_containers():
     with pytest.raises(ValueError, match="float32"):
         lp.quantize(torch.zeros(3, dtype=torch.float16), "uniform<4>")
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("compile", ["0", "1"])
+def test_stochastic_uniform_of_tiny_negatives_rounds_to_zero(dtype, compile, monkeypatch):
+    """-1e-9 * 7 lies 7e-9 of a step below 0: it rounds to 0 but with probability 7e-9. Its fraction above -1,
+    1 - 7e-9, rounds to 1 in float32; the kernel once read that as probability 0 and gave -1/7 every time.
+    Large tensors (the compiled kernels where torch.compile works) and small ones (eager) alike."""
+    monkeypatch.setenv("LOWPREC_COMPILE", compile)
+    for n in (64, 1 << 17):
+        x = torch.full((n,), -1e-9, dtype=dtype)
+        x[::2] = -1e-30
+        q = lp.quantize(x, "uniform<4>", "stochastic", generator=torch.Generator().manual_seed(0))
+        assert torch.equal(q, torch.zeros_like(x))
+    y = torch.full((1 << 17,), -0.5 / 7, dtype=dtype)  # halfway: the mean stays unbiased
+    q = lp.quantize(y, "uniform<4>", "stochastic", generator=torch.Generator().manual_seed(1))
+    assert abs(q.double().mean().item() + 0.5 / 7) < 4 * (0.5 / 7) / (1 << 17) ** 0.5

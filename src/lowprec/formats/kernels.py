@@ -83,6 +83,10 @@ def finite_abs(x: Tensor) -> Tensor:
     return torch.where(a < float("inf"), a, 0.0)
 
 
+#: The largest value below 2**31 in each dtype round_integer works in.
+_BELOW_2_31 = {torch.float32: 2.0**31 - 2.0**7, torch.float64: 2.0**31 - 2.0**-22}
+
+
 def is_below(r: Tensor, f: Tensor) -> Tensor:
     """1 where r < f, else 0 (int32), for int32 r and f in [0, 2**31): the sign of r - f (no overflow in that
     range), shifted down. Integer arithmetic instead of a comparison: compiled, a comparison's mask feeding the
@@ -92,16 +96,19 @@ def is_below(r: Tensor, f: Tensor) -> Tensor:
 
 def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
     """v rounded to an integer (as floats): nearest ties to even, toward_zero truncates, stochastic is
-    floor(v) + [R < floor(frac(v) * 2**31)] with ``rand`` the 31-bit integers R of ``random_bits`` (frac(v) is
-    exact, so the probability of rounding up is frac(v) truncated to 31 bits)."""
+    floor(v) + [R < floor(frac(v) * 2**31)] with ``rand`` the 31-bit integers R of ``random_bits``.
+
+    frac(v) = v - floor(v) is exact for v >= 0 and for v <= -1/2; for a negative v closer to 0 it is 1 - |v|
+    rounded in v's dtype (a probability off by less than one ulp of 1). Where that rounding gives 1 (a negative
+    v within half an ulp of 1 below an integer: -1e-9), the probability is held at the largest value below 1
+    (2**31 - 128 of 2**31 in float32): up, to the integer, almost always, as the exact frac asks, not never."""
     if rounding == NEAREST:
         return torch.round(v)
     if rounding == TOWARD_ZERO:
         return torch.trunc(v)
     low = torch.floor(v)
-    # a negative v just above an integer gives frac(v) rounded to 1 and a converted 2**31 of -2**31: never up,
-    # as the comparison R < -2**31 decided; is_below needs the operand in [0, 2**31)
-    return low + is_below(rand, ((v - low) * 2.0**31).to(torch.int32).clamp(min=0)).to(v.dtype)
+    frac = torch.clamp((v - low) * 2.0**31, max=_BELOW_2_31[v.dtype])  # is_below needs it in [0, 2**31)
+    return low + is_below(rand, frac.to(torch.int32)).to(v.dtype)
 
 
 def round_to_grid(
