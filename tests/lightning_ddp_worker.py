@@ -9,31 +9,17 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from integration_setup import INF_STEP, batches, sgd, step_loss, tiny_net  # noqa: E402
+from integration_setup import INF_STEP, batches  # noqa: E402
+from lightning_module import Module  # noqa: E402
 
 from lowprec.integrations.lightning import LowprecPrecision  # noqa: E402
-
-
-class Module(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = tiny_net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return step_loss(self, batch, self.global_step if self.global_rank == 1 else -1)
-
-    def configure_optimizers(self):
-        return sgd(self)
 
 
 def main(out: Path, policy: str) -> None:
     data = batches(2 * (INF_STEP + 1))  # each rank sees every other sample: INF_STEP + 1 steps of 6
     x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
     plugin = LowprecPrecision(policy)
-    module = Module()
+    module = Module(inf_rank=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, plugins=[plugin], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=6))

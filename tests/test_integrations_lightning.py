@@ -15,6 +15,7 @@ import lowprec as lp  # noqa: E402
 from integration_setup import (  # noqa: E402
     INF_STEP, POLICIES, assert_same_tensors, batches, sgd, step_loss, tiny_net, trainer_run,
 )
+from lightning_module import Module  # noqa: E402
 from lowprec.integrations.lightning import LowprecFabricPrecision, LowprecPrecision, resolve_policy  # noqa: E402
 
 EPOCH = batches(3)  # one epoch: 3 batches of 6, in order; two epochs repeat them
@@ -24,21 +25,6 @@ TWO_EPOCHS = EPOCH + EPOCH
 @pytest.fixture(autouse=True)
 def _eager(monkeypatch):
     monkeypatch.setenv("LOWPREC_COMPILE", "0")  # the reference's native update unfused, as under the plugin
-
-
-class Module(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = tiny_net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return step_loss(self, batch, self.global_step)  # global_step counts skipped steps too
-
-    def configure_optimizers(self):
-        return sgd(self)
 
 
 def loader():
@@ -93,7 +79,7 @@ class ManualModule(Module):
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.manual_backward(step_loss(self, batch, self.global_step))
+        self.manual_backward(step_loss(self, batch, self.loss_step()))
         optimizer.step()
 
 
