@@ -208,3 +208,32 @@ def test_build_model_passes_kwargs():
     assert model(torch.randn(1, 1, 28, 28)).shape == (1, 3)
     with pytest.raises(TypeError):
         build_model("lenet", depth=3)
+
+
+def test_resnet_releases_each_intermediate_once_the_next_layer_has_made_its_result():
+    """Without a graph to keep them (no_grad here; under lowprec's packed storage the float32 activations are not
+    what backward keeps), a block's conv2 input is gone while bn2 runs, the block's pre-shortcut sum's operand
+    while relu2 runs, and the stem's output while layer2 runs: only a block's input lives on (its shortcut)."""
+    import weakref
+
+    model = resnet20().eval()
+    made: dict[str, weakref.ref] = {}
+    alive: dict[str, bool] = {}
+
+    def keep(name: str):
+        return lambda _m, _args, out: made.__setitem__(name, weakref.ref(out))
+
+    def check(name: str, of: str):
+        return lambda _m, _args: alive.__setitem__(name, made[of]() is not None)
+
+    block = model.layer1[1]
+    block.relu1.register_forward_hook(keep("relu1"))
+    block.bn2.register_forward_hook(keep("bn2"))
+    model.relu.register_forward_hook(keep("stem"))
+    block.bn2.register_forward_pre_hook(check("conv2 input during bn2", "relu1"))
+    block.relu2.register_forward_pre_hook(check("bn2 output during relu2", "bn2"))
+    model.layer2.register_forward_pre_hook(check("stem output during layer2", "stem"))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert alive == {"conv2 input during bn2": False, "bn2 output during relu2": False,
+                     "stem output during layer2": False}

@@ -220,3 +220,92 @@ def test_an_output_changed_in_place_is_not_recomputed(monkeypatch):
     model(torch.randn(8, 1, 12, 12)).sum().backward()
     kinds = {type(s).__name__ for s in saved}
     assert "_Recomputed" not in kinds and "_Positive" in kinds
+
+
+# -- values already on a role's grid are not copied (Quantizer.keeps, QuantizeFunction's share) --------------------
+
+_SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-6, -3e-8, 7e4, -1e5, 0.3, -0.7, 1.0, 2.5e-39]
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "e4m3", "e5m2", "fixed<8,4>", "uniform<4>", "uniform<3,unsigned>",
+                                  "fp16/toward_zero", "fixed<6,2>/toward_zero"])
+def test_a_tensor_already_on_the_grid_is_returned_as_it_is(spec):
+    """Rounding the marked output of a rounding onto the same format is the identity: the quantizer returns the
+    tensor itself, and a second rounding by ``quantize`` (which does not look at marks) gives the same bits:
+    -0, inf, NaN, subnormals and saturated values included."""
+    from lowprec.formats import quantize
+    from lowprec.formats.packing import marked_format
+
+    q = lp.Quantizer(lp.policy.Quant.parse(spec))
+    x = torch.cat([torch.tensor(_SPECIALS), torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3])
+    y = q(x)
+    assert y is not x and marked_format(y) == q.quant.format and q.keeps(y) and not q.keeps(x)
+    assert q(y) is y
+    again = quantize(y, q.quant.format, q.quant.rounding)
+    assert again is not y and torch.equal(again.view(torch.int32), y.view(torch.int32))
+
+
+def test_only_a_same_format_deterministic_stateless_rounding_keeps_a_tensor():
+    from lowprec.policy import Quant
+
+    x = torch.randn(2048, generator=torch.Generator().manual_seed(0))
+    y = lp.Quantizer(Quant.parse("fp16"))(x)
+    assert not lp.Quantizer(Quant.parse("bf16")).keeps(y)  # another grid
+    assert not lp.Quantizer(Quant.parse("fp16/stochastic")).keeps(y)  # would draw random bits
+    observing = lp.Quantizer(Quant.parse("fp16"))
+    observing.observe_only = True
+    assert not observing.keeps(y)
+    dfx = lp.Quantizer(Quant.parse("dfx<8>"))
+    assert not dfx.keeps(dfx(x))  # its grid follows the data (and its exponent records every tensor)
+    y.mul_(1.0)  # changed in place since it was rounded: no longer known to be on the grid
+    assert not lp.Quantizer(Quant.parse("fp16")).keeps(y)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_boundary_shares_an_input_already_on_its_grid_only_when_asked(share):
+    """QuantizeFunction with share=True returns an fp16-marked input's own storage (marked, so that what saves it
+    stores it packed), with share=False a copy; an input not on the grid is rounded into a new tensor either way.
+    The gradient is the same in both (rounded by the backward role)."""
+    from lowprec.formats.packing import marked_format
+    from lowprec.nn.functions import quantize_boundary
+
+    quantizers = lp.convert(nn.Sequential(nn.BatchNorm1d(4)), "mixed-fp16")[0].quantizers
+    base = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    on_grid = quantizers["output"](base * 1.0)
+    grad = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    out = quantize_boundary(on_grid, quantizers, "activation", "activation_grad", share=share)
+    assert (out.data_ptr() == on_grid.data_ptr()) == share and out is not on_grid
+    assert torch.equal(out, on_grid) and marked_format(out) == quantizers["activation"].quant.format
+    (g,) = torch.autograd.grad(out, base, grad)
+    assert torch.equal(g, grad.half().float())
+    off_grid = base * 1.0
+    assert quantize_boundary(off_grid, quantizers, "activation", "activation_grad", share=share).data_ptr() \
+        != off_grid.data_ptr()
+
+
+def test_a_batch_norm_after_a_convolution_reads_its_rounded_output_in_place(monkeypatch):
+    """mixed-fp16: the fp16 convolution output is the batch-norm's input as it is (no rounded copy in flight),
+    the batch-norm's saved input is packed as before, and the forward's peak falls by that copy's bytes;
+    gradients are the same bits as with the copy."""
+    from lowprec.diagnostics import measure_peak_memory
+    from lowprec.policy import Quantizer
+
+    def step(keeps: bool):
+        monkeypatch.setattr(Quantizer, "keeps", Quantizer.keeps if keeps else lambda self, x: False)
+        torch.manual_seed(0)
+        model = lp.convert(nn.Sequential(nn.Conv2d(4, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                         nn.ReLU()), "mixed-fp16")
+        x = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        model(x).square().sum().backward()
+        peak = measure_peak_memory(lambda: model(x), held=(model,))  # forward: the saved tensors and the flight
+        return peak, [p.grad.clone() for p in model.parameters()]
+
+    inner = packed_mod.pack_saved
+    saved: list = []
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append(inner(t)) or saved[-1])
+    peak_shared, grads_shared = step(True)
+    n_packed = sum(isinstance(s, Packed) for s in saved)
+    peak_copied, grads_copied = step(False)
+    assert sum(isinstance(s, Packed) for s in saved) == 2 * n_packed  # the same tensors packed both times
+    assert peak_copied - peak_shared >= 8 * 16 * 32 * 32 * 4  # the float32 copy of the conv output
+    assert all(torch.equal(a, b) for a, b in zip(grads_shared, grads_copied))

@@ -54,9 +54,16 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + (x if self.shortcut is None else self.shortcut(x, out.shape[1])))
+        # one layer a statement: each intermediate is released as soon as the next layer has made its result
+        # (``bn2(conv2(out))`` would hold conv2's input while bn2 runs; under lowprec's packed storage the saved
+        # tensors are narrower than such float32 activations in flight, which then set the peak)
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu1(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = out + (x if self.shortcut is None else self.shortcut(x, out.shape[1]))
+        return self.relu2(out)
 
 
 class ResNet(nn.Module):
@@ -82,7 +89,9 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, H, W) -> (N, num_classes) logits."""
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.layer1(x)  # a stage a statement: its input is released when the stage returns (BasicBlock)
+        x = self.layer2(x)
+        x = self.layer3(x)
         return self.fc(self.pool(x))
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from ..formats.packing import mark, marked_format
 from ..policy import Quantizer
 from .hadamard import rht_weight_grad
 from .packed import recomputable
@@ -193,32 +194,48 @@ class QConvFunction(Function):
 
 
 class QuantizeFunction(Function):
-    """``QuantizeFunction.apply(x, quantizers, forward_role, backward_role)``: a role boundary.
+    """``QuantizeFunction.apply(x, quantizers, forward_role, backward_role, share=False)``: a role boundary.
 
     Forward: ``quantizers[forward_role](x)``. Backward: the STE of that quantizer, then
     ``quantizers[backward_role]`` on the gradient. Used where the op in between is plain float32 autograd
     (batch-norm's normalisation, an embedding lookup, the recurrent weights shared by all time steps).
+
+    Where the rounding leaves ``x`` as it is (a role that is not quantized, or ``x`` already on its grid:
+    ``Quantizer.keeps``), the result is a copy of ``x`` with ``x``'s mark (``lowprec.formats.packing.mark``);
+    with ``share=True`` it is ``x``'s own storage instead (``x.detach()``, marked the same, no copy), for a
+    caller whose next op only reads the result (a batch-norm's input): an in-place change of either would be
+    seen by both.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, quantizers: Mapping[str, Quantizer], forward_role: str,
-                backward_role: str) -> Tensor:
+                backward_role: str, share: bool = False) -> Tensor:
         ((y, mask),) = quantize_roles(quantizers, **{forward_role: x})
         ctx.save_for_backward(mask)
         ctx.quantizers, ctx.backward_role = quantizers, backward_role
-        return _own_output(y, x)
+        return _as_output(x, share) if y is x else _own_output(y, x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
         ((g, _),) = quantize_roles(ctx.quantizers, **{ctx.backward_role: straight_through(grad, mask)})
-        return g, None, None, None
+        return g, None, None, None, None
+
+
+def _as_output(x: Tensor, share: bool) -> Tensor:
+    """``x``'s values as a new tensor (autograd refuses an in-place op on a custom Function's input returned as
+    it is): ``x``'s own storage (``share``) or a copy, with ``x``'s mark, so that what a later op saves of it is
+    stored packed as ``x`` would be."""
+    y = x.detach() if share else x.clone()
+    fmt = marked_format(x)
+    return y if fmt is None else mark(y, fmt)
 
 
 def quantize_boundary(x: Tensor, quantizers: Mapping[str, Quantizer], forward_role: str,
-                      backward_role: str) -> Tensor:
-    """``x`` through a role boundary (QuantizeFunction); ``x`` itself when neither role is quantized."""
+                      backward_role: str, share: bool = False) -> Tensor:
+    """``x`` through a role boundary (QuantizeFunction, ``share`` as there); ``x`` itself when neither role is
+    quantized."""
     if not (quantizers[forward_role].enabled or quantizers[backward_role].enabled):
         return x
-    return QuantizeFunction.apply(x, quantizers, forward_role, backward_role)
+    return QuantizeFunction.apply(x, quantizers, forward_role, backward_role, share)

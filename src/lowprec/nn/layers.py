@@ -255,7 +255,9 @@ class _QBatchNorm(QuantizedModule):
     def forward(self, input: Tensor) -> Tensor:
         if not self.quantizing:
             return super().forward(input)  # type: ignore[misc]
-        x = quantize_boundary(input, self.quantizers, "activation", "activation_grad")
+        # the normalisation only reads its rounded input: an input already on the activation grid (a convolution's
+        # rounded output) is shared, not copied (QuantizeFunction's ``share``)
+        x = quantize_boundary(input, self.quantizers, "activation", "activation_grad", share=True)
         return quantize_boundary(super().forward(x), self.quantizers, "output", "output_grad")  # type: ignore[misc]
 
 

@@ -8,11 +8,14 @@ import torch
 from torch import Tensor
 
 from ..formats import Format, quantize, with_block_axis
-from ..formats.packing import mark
+from ..formats.packing import mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
 __all__ = ["Quantizer"]
+
+#: The roundings that leave a value already on the grid as it is, and draw nothing.
+_DETERMINISTIC = ("nearest", "toward_zero")
 
 
 class Quantizer:
@@ -25,6 +28,10 @@ class Quantizer:
     rounds with the current scale and records the tensor's amax, ``update()`` moves the scale.
     Stochastic rounding draws from the device's default generator (seed with torch.manual_seed; checkpoint
     torch's RNG state for a bit-exact resume).
+
+    A tensor already on the role's grid is returned as it is, not copied (``keeps``): the output of a rounding
+    onto the same format (a convolution's fp16 output reaching the fp16 input role of the batch-norm after it),
+    which a second rounding would reproduce bit for bit.
 
     ``block_axis`` (set by a layer, e.g. 1 for a convolution's channels): the dimension the blocks or rows of a
     scaled format (MX, NVFP4, rowwise scaling) run along for tensors of 3 or more dimensions, in place of the
@@ -60,11 +67,25 @@ class Quantizer:
             if self.scale_state is not None:
                 self.scale_state.observe(x)
             return x
+        if self.keeps(x):
+            return x
         if self.exponent is not None:
             return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
         if self.scale_state is not None:
             return self.scale_state.quantize(x, self.quant.rounding)
         return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding))
+
+    def keeps(self, x: Tensor) -> bool:
+        """Whether rounding ``x`` gives ``x`` bit for bit and records nothing, so that ``__call__`` returns ``x``
+        itself: ``x`` was marked by a rounding onto this role's format (``lowprec.formats.packing.mark``,
+        unchanged in place since), the format's grid is fixed (a float, fixed-point or uniform format: not one
+        whose exponent or scale follows the data), and the rounding is deterministic (nearest or toward zero
+        leave every value of the grid, -0, inf and NaN as they are; stochastic rounding would draw random bits)
+        with no state (no dynamic exponent or delayed scale, not observing)."""
+        quant = self.quant
+        return (quant is not None and not self.observe_only and quant.rounding in _DETERMINISTIC
+                and self.exponent is None and self.scale_state is None and not quant.format.scale_free
+                and marked_format(x) == quant.format)
 
     def _marked(self, x: Tensor, y: Tensor) -> Tensor:
         """``y``, marked as lying on the format's grid (lowprec.formats.packing.mark: what backward saves of it
