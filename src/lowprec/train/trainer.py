@@ -394,7 +394,7 @@ class Trainer:
         all) while every dynamic fixed point group observes its tensors and moves its exponent, then restore the
         initial parameters, accumulators and optimizer state. No loss scaling; the scaler is untouched.
         ``loss_fn(model, batch)`` returns the loss. Returns the number of steps taken."""
-        accumulators = [(s.acc, s.acc.clone()) for s in self.slots if s.acc is not None]
+        accumulators = [(s, s.acc.clone()) for s in self.slots if s.lazy]
         adopted: list[ParamSlot] = []  # slots the warm-up's first forward showed (functional ops' weights)
 
         def update() -> None:
@@ -411,11 +411,11 @@ class Trainer:
             return warmup_exponents(self.model, self.optimizer, batches, loss_fn, steps, update=update)
         finally:
             self._set_observe_only(False)
-            for acc, saved in accumulators:
-                acc.copy_(saved)
+            for slot, saved in accumulators:
+                slot.set_acc(saved)
             for slot in adopted:  # they start as if built with the trainer: zero accumulator, stored in master
-                if slot.acc is not None:
-                    slot.acc.zero_()
+                if slot.lazy:
+                    slot.set_acc(torch.zeros_like(slot.param))
                 slot.store_(observe=False)
 
     def _set_observe_only(self, flag: bool) -> None:
@@ -429,14 +429,16 @@ class Trainer:
         """Everything a bit-exact resume needs: model (its quantizer exponents included, through the model's own
         state_dict), optimizer, loss scaler, accumulators, the trainer's quantizer groups, the torch RNG states
         (CPU, and CUDA when present: stochastic rounding and dropout draw from them) and the step counter.
-        As with torch's state_dicts, tensors are shared with the live objects: torch.save or deepcopy it."""
+        As with torch's state_dicts, tensors are shared with the live objects: torch.save or deepcopy it. State
+        kept packed between steps (accumulators, optimizer state with a format) appears as float tensors, the
+        form checkpoints have always had."""
         return {
             "policy": self.policy.spec(),
             "steps": self.steps,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "accumulators": {s.name: s.acc for s in self.slots if s.acc is not None},
+            "accumulators": {s.name: s.acc for s in self.slots if s.lazy},  # float tensors (unpacked copies)
             "master_copies": {s.name: s.master_copy for s in self.slots if s.master_copy is not None},
             "quantizers": {
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
@@ -461,11 +463,11 @@ class Trainer:
             emulation_of(self.model).load_state_dict(state["quantizers"]["ops"])  # in the model's state_dict
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
-        accumulators = {s.name: s.acc for s in self.slots if s.acc is not None}
+        accumulators = {s.name: s for s in self.slots if s.lazy}
         if set(accumulators) != set(state["accumulators"]):
             raise ValueError("checkpoint accumulators do not match this trainer's lazy-update parameters")
-        for name, acc in accumulators.items():
-            acc.copy_(state["accumulators"][name])
+        for name, slot in accumulators.items():
+            slot.set_acc(state["accumulators"][name])
         masters = {s.name: s.master_copy for s in self.slots if s.master_copy is not None}
         if set(masters) != set(state.get("master_copies", {})):
             raise ValueError("checkpoint master copies do not match this trainer's fp16/bf16 (native) parameters")

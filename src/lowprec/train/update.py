@@ -18,8 +18,10 @@ The mode of a parameter is read from its policy's ``master`` and ``accumulator``
       acc  = Q_A(acc − (θnew − θ))  # keep the residual; the paper prints "acc + (θ_update − θ)"
       θ    = θnew
 
-  One accumulator per parameter element, in the parameter's dtype (fp32 for emulated formats), initialised to
-  0. Each sum is formed in that dtype and rounded once by Q (in fp32 the sums are exact when the two grids
+  One accumulator per parameter element, initialised to 0, kept between steps packed in A's width (int16
+  codes and the exponent for Park's INT16: ``stored.py``) and unpacked to the parameter's dtype (fp32 for
+  emulated formats) inside the update of its own parameter, so one parameter's float accumulator exists at a
+  time. Each sum is formed in that dtype and rounded once by Q (in fp32 the sums are exact when the two grids
   span at most 24 bits together: an INT8 θ and an INT16 accumulator a few θ quanta in size span 22). Weight decay is part of Δ, so a decay step below
   θ's quantum is not lost but accumulates until it moves θ (the failure of torch/optimi bf16 training).
 
@@ -50,6 +52,7 @@ import torch
 from torch import Tensor
 
 from ..policy import Policy, Quantizer
+from . import stored
 from .optim import SGD, DeltaOptimizer
 
 __all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_", "use_master_copies", "courbariaux_step_",
@@ -114,7 +117,9 @@ class ParamSlot:
         self.name, self.param, self.policy = name, param, policy
         self.master = Quantizer(master, policy) if master is not None else None
         self.accumulator = Quantizer(accumulator, policy) if accumulator is not None else None
-        self.acc = torch.zeros_like(param, memory_format=torch.preserve_format) if accumulator else None
+        self._acc: stored.Stored | None = None
+        if self.accumulator is not None:
+            self.set_acc(torch.zeros_like(param, memory_format=torch.preserve_format))
         self.state_quant = policy.get("optimizer_state")
         self.courbariaux = policy.update_rule == "courbariaux"
         # native fp16/bf16 parameter (lowprec.nn.native) under an fp32 master: the optimizer updates this copy
@@ -170,14 +175,39 @@ class ParamSlot:
         elif self.master is not None:
             assign_(self.param, self.master(self.param) if observe else self.master.round(self.param))
 
+    @property
+    def acc(self) -> Tensor | None:
+        """The lazy-update accumulator as a float tensor in the parameter's dtype (None without one): a new
+        tensor when it is kept packed, so change it with ``set_acc``, not in place."""
+        return None if self._acc is None else stored.load(self._acc)
+
+    def set_acc(self, value: Tensor) -> None:
+        """Make ``value`` (float, the parameter's shape) the accumulator: kept packed in the accumulator's format
+        where every value lies on its grid and packing is on (``stored.repack``), as it is otherwise."""
+        if self.accumulator is None:
+            raise ValueError(f"{self.name} has no lazy-update accumulator (its policy sets accumulator=none)")
+        if value.shape != self.param.shape:
+            raise ValueError(f"accumulator of {self.name}: expected shape {tuple(self.param.shape)}, "
+                             f"got {tuple(value.shape)}")
+        value = value.to(device=self.param.device, dtype=self.param.dtype)
+        kept = stored.repack(value, self.accumulator.quant.format, stored.packing_on(self.policy))
+        self._acc = value.clone() if kept is value else kept  # never shared with the caller's tensor
+
+    @property
+    def acc_nbytes(self) -> int:
+        """Bytes the accumulator holds between steps (packed, or its float tensor); 0 without one."""
+        return 0 if self._acc is None else stored.nbytes(self._acc)
+
     @torch.no_grad()
     def lazy_update_(self, delta: Tensor) -> None:
-        """Park's lazy update of θ by Δ (module docstring), in place on θ and the accumulator."""
-        theta, acc = self.param, self.acc
-        assign_(acc, self.accumulator(acc + delta))
+        """Park's lazy update of θ by Δ (module docstring), in place on θ; the accumulator is unpacked here
+        and stored packed again (``stored.py``)."""
+        theta = self.param
+        acc = self.accumulator(stored.load(self._acc) + delta)
         new = self.master(theta + acc)
-        assign_(acc, self.accumulator.round(acc - (new - theta)))
+        acc = self.accumulator.round(acc - (new - theta))
         assign_(theta, new)
+        self._acc = stored.store(acc, stored.packing_on(self.policy))
 
 
 @torch.no_grad()

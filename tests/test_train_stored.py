@@ -1,0 +1,150 @@
+"""Update state kept packed between steps (lowprec.train.stored): Park's lazy-update accumulator as int16 codes,
+optimizer state in its optimizer_state format; the same weights, accumulators and momentum as float32
+containers, bit-exact resume, checkpoints in float form."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lowprec as lp
+from lowprec.formats.packing import Codes, Packed
+from lowprec.train import SGD, AdamW, Trainer, stored
+
+INT8_LAZY = lp.Policy.parse("int8-lazy")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def batches(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def build(recipe="int8-lazy", optimizer=SGD, seed=0):
+    torch.manual_seed(seed)
+    model = lp.convert(Net(), recipe)
+    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=1e-3) if optimizer is not AdamW else dict(lr=3e-2, eps=1e-3)
+    return model, Trainer(model, optimizer(model.parameters(), **kwargs), recipe)
+
+
+def run(recipe, optimizer, data, packed, monkeypatch):
+    """Train on ``data`` with the update state packed or in float32 containers (today's storage); returns
+    (parameters, accumulators, optimizer-state tensors), all as float tensors."""
+    with monkeypatch.context() as m:
+        m.setattr(stored, "packing_on", lambda policy: packed)
+        model, trainer = build(recipe, optimizer)
+        for x, y in data:
+            trainer.step(nn.functional.cross_entropy(model(x), y))
+        accs = {s.name: s.acc for s in trainer.slots if s.lazy}
+        state = trainer.optimizer.state_dict()["state"]
+        return [p.detach().clone() for p in model.parameters()], accs, state, trainer
+
+
+def assert_same(a, b):
+    """Bit-identical values (integer codes have one zero: -0 and +0 are the same number)."""
+    assert torch.equal(a, b) and a.dtype == b.dtype
+
+
+# 1. the lazy-update accumulator ----------------------------------------------------------------------------------
+
+
+def test_lazy_accumulators_are_kept_as_int16_codes_between_steps():
+    model, trainer = build()
+    for x, y in batches(3):
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    lazy = [s for s in trainer.slots if s.lazy]
+    assert {s.name for s in lazy} == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    for s in lazy:
+        assert isinstance(s._acc, Codes) and s._acc.data.dtype == torch.int16, s.name
+        assert s.acc_nbytes == 2 * s.param.numel()
+        acc = s.acc
+        assert acc.dtype == torch.float32 and acc.shape == s.param.shape and acc.abs().sum() > 0
+        # the codes are the accumulator's int16 values: acc = code * 2**-frac, |code| < 2**15
+        assert torch.equal(s._acc.data.reshape(acc.shape).double() * 2.0**-s._acc.frac, acc.double())
+
+
+@pytest.mark.parametrize("optimizer", [SGD, torch.optim.SGD, AdamW], ids=["lowprec-SGD", "torch-SGD", "lowprec-AdamW"])
+def test_packed_accumulator_gives_the_same_weights_and_accumulators_as_float32_containers(optimizer, monkeypatch):
+    data = batches(6)
+    recipe = "int8-lazy" if optimizer is not AdamW else "int8-lazy+optimizer_state=int16"
+    p_packed, acc_packed, _, _ = run(recipe, optimizer, data, True, monkeypatch)
+    p_float, acc_float, _, trainer = run(recipe, optimizer, data, False, monkeypatch)
+    assert all(isinstance(s._acc, torch.Tensor) for s in trainer.slots if s.lazy)  # the reference: containers
+    for a, b in zip(p_packed, p_float):
+        assert_same(a, b)
+    assert acc_packed.keys() == acc_float.keys()
+    for name in acc_packed:
+        assert_same(acc_packed[name], acc_float[name])
+        assert acc_packed[name].abs().sum() > 0  # the accumulators hold something: the comparison can fail
+
+
+def test_resume_mid_run_from_a_packed_accumulator_is_bit_exact():
+    data = batches(8)
+    model, trainer = build()
+    for x, y in data:
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    expected = [p.detach().clone() for p in model.parameters()]
+    expected_acc = {s.name: s.acc for s in trainer.slots if s.lazy}
+
+    model, trainer = build()
+    for x, y in data[:3]:
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    state = trainer.state_dict()
+    for s in trainer.slots:  # the checkpoint holds float tensors, the form it has always had
+        if s.lazy:
+            assert type(state["accumulators"][s.name]) is torch.Tensor
+            assert_same(state["accumulators"][s.name], s.acc)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    model, trainer = build(seed=11)
+    trainer.load_state_dict(torch.load(buffer, weights_only=True))
+    assert all(isinstance(s._acc, Codes) for s in trainer.slots if s.lazy)  # packed again on load
+    for x, y in data[3:]:
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    for a, b in zip(model.parameters(), expected):
+        assert_same(a.detach(), b)
+    for s in trainer.slots:
+        if s.lazy:
+            assert_same(s.acc, expected_acc[s.name])
+
+
+def test_an_accumulator_off_its_grid_is_kept_exactly_as_float():
+    _, trainer = build()
+    slot = next(s for s in trainer.slots if s.lazy)
+    value = torch.full_like(slot.param, 1.0 / 3.0)  # not on any 16-bit grid
+    slot.set_acc(value)
+    assert isinstance(slot._acc, torch.Tensor) and slot._acc is not value
+    assert_same(slot.acc, value)
+    on_grid = torch.full_like(slot.param, 0.375)
+    slot.set_acc(on_grid)
+    assert isinstance(slot._acc, Packed) and slot.acc_nbytes == 2 * slot.param.numel()
+    assert_same(slot.acc, on_grid)
+
+
+def test_set_acc_refuses_a_wrong_shape_and_a_parameter_without_accumulator():
+    _, trainer = build()
+    slot = next(s for s in trainer.slots if s.lazy)
+    with pytest.raises(ValueError, match="expected shape"):
+        slot.set_acc(torch.zeros(3))
+    _, plain = build("int8")
+    with pytest.raises(ValueError, match="no lazy-update accumulator"):
+        plain.slots[0].set_acc(torch.zeros_like(plain.slots[0].param))
+
+
+def test_packing_off_keeps_the_accumulator_in_float32(monkeypatch):
+    monkeypatch.setenv("LOWPREC_PACKED", "0")
+    model, trainer = build()
+    x, y = batches(1)[0]
+    trainer.step(nn.functional.cross_entropy(model(x), y))
+    assert all(type(s._acc) is torch.Tensor and s.acc_nbytes == 4 * s.param.numel() for s in trainer.slots if s.lazy)
