@@ -33,7 +33,8 @@ def batches(n, seed=3):
 def build(recipe="int8-lazy", optimizer=SGD, seed=0):
     torch.manual_seed(seed)
     model = lp.convert(Net(), recipe)
-    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=1e-3) if optimizer is not AdamW else dict(lr=3e-2, eps=1e-3)
+    kwargs = dict(lr=0.5, momentum=0.9, weight_decay=1e-3) if optimizer not in (AdamW, torch.optim.AdamW) \
+        else dict(lr=3e-2, eps=1e-3)
     return model, Trainer(model, optimizer(model.parameters(), **kwargs), recipe)
 
 
@@ -148,3 +149,120 @@ def test_packing_off_keeps_the_accumulator_in_float32(monkeypatch):
     x, y = batches(1)[0]
     trainer.step(nn.functional.cross_entropy(model(x), y))
     assert all(type(s._acc) is torch.Tensor and s.acc_nbytes == 4 * s.param.numel() for s in trainer.slots if s.lazy)
+
+
+# 2. optimizer state --------------------------------------------------------------------------------------------
+
+STATE_CASES = {  # recipe, optimizer, the state's packed code dtype
+    "int8-lazy/lowprec-SGD": ("int8-lazy", SGD, torch.int8),
+    "int8-lazy/torch-SGD": ("int8-lazy", torch.optim.SGD, torch.int8),
+    "int8/torch-SGD": ("int8", torch.optim.SGD, torch.int8),
+    "int16/lowprec-AdamW": ("int16", AdamW, torch.int16),
+    "int16/torch-AdamW": ("int16", torch.optim.AdamW, torch.int16),
+    "dfx-10-12/courbariaux": ("dfx-10-12", torch.optim.SGD, torch.int16),
+    "fixed-20/courbariaux": ("fixed-20", SGD, None),  # int32 codes are no smaller: kept in float32
+    "bf16-state/torch-SGD": ("int8+optimizer_state=bf16", torch.optim.SGD, torch.bfloat16),
+}
+
+
+def packed_buffers(trainer):
+    return [(s.name, b, v) for s in trainer.slots for b, v in trainer.optimizer.state.get(s.holder, {}).items()
+            if b != "step"]
+
+
+@pytest.mark.parametrize("case", STATE_CASES.values(), ids=STATE_CASES.keys())
+def test_optimizer_state_is_kept_packed_and_gives_the_same_training_as_float32_containers(case, monkeypatch):
+    recipe, optimizer, code_dtype = case
+    data = batches(5)
+    p_packed, _, sd_packed, trainer = run(recipe, optimizer, data, True, monkeypatch)
+    buffers = packed_buffers(trainer)
+    assert buffers and all(isinstance(v, Packed) == (code_dtype is not None) for _, _, v in buffers), buffers
+    for name, buffer, v in buffers if code_dtype is not None else ():
+        assert v.data.dtype == code_dtype, (name, buffer)
+        assert v.nbytes == v.shape.numel() * v.data.element_size()
+    assert trainer.state_formats.nbytes(trainer.optimizer) == sum(stored.nbytes(v) for _, _, v in buffers)
+    p_float, _, sd_float, reference = run(recipe, optimizer, data, False, monkeypatch)
+    assert all(type(v) is torch.Tensor for _, _, v in packed_buffers(reference))  # the reference: containers
+    for a, b in zip(p_packed, p_float):
+        assert_same(a, b)
+    assert sd_packed.keys() == sd_float.keys()
+    for k in sd_packed:  # state_dict(): float tensors, the same values
+        assert sd_packed[k].keys() == sd_float[k].keys()
+        for buffer in sd_packed[k]:
+            a, b = sd_packed[k][buffer], sd_float[k][buffer]
+            assert type(a) is torch.Tensor
+            assert_same(a, b)
+            assert buffer == "step" or a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, AdamW], ids=["torch-SGD", "lowprec-AdamW"])
+def test_optimizer_checkpoint_by_hand_round_trips_and_resumes_bit_exactly(optimizer):
+    """A user's own checkpoint code: torch.save(opt.state_dict()) of float tensors, load_state_dict into a new
+    optimizer (weights_only), then training goes on as if never interrupted."""
+    recipe = "int16" if optimizer is AdamW else "int8-lazy"
+    data = batches(7)
+    model, trainer = build(recipe, optimizer)
+    for x, y in data:
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, trainer = build(recipe, optimizer)
+    for x, y in data[:3]:
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    assert all(isinstance(v, Packed) for _, _, v in packed_buffers(trainer))
+    buffer = io.BytesIO()
+    torch.save({"optimizer": trainer.optimizer.state_dict(), "trainer": trainer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert all(type(v) is torch.Tensor for s in saved["optimizer"]["state"].values() for v in s.values())
+    model, trainer = build(recipe, optimizer, seed=5)
+    trainer.optimizer.load_state_dict(saved["optimizer"])  # torch's own load accepts it
+    trainer.load_state_dict(saved["trainer"])
+    assert all(isinstance(v, Packed) for _, _, v in packed_buffers(trainer))  # packed again on load
+    for x, y in data[3:]:
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    for a, b in zip(model.parameters(), expected):
+        assert_same(a.detach(), b)
+
+
+def test_state_dict_leaves_the_packed_state_packed():
+    model, trainer = build()
+    x, y = batches(1)[0]
+    trainer.step(nn.functional.cross_entropy(model(x), y))
+    before = {(n, b): v for n, b, v in packed_buffers(trainer)}
+    trainer.optimizer.state_dict()
+    trainer.state_dict()
+    assert {(n, b): v for n, b, v in packed_buffers(trainer)} == before  # the same Packed objects
+
+
+def test_packed_state_moves_between_devices_as_code_that_moves_optimizer_state_expects():
+    """Lightning's teardown moves optimizer.state with move_data_to_device, which calls ``.to(device)``."""
+    model, trainer = build()
+    x, y = batches(1)[0]
+    trainer.step(nn.functional.cross_entropy(model(x), y))
+    for _, _, v in packed_buffers(trainer):
+        moved = v.to("cpu", non_blocking=False)
+        assert type(moved) is type(v) and moved is not v and moved.data.device.type == "cpu"
+        assert_same(moved.unpack(), v.unpack())
+
+
+def test_a_direct_optimizer_step_reads_the_packed_state_as_floats():
+    """optimizer.step() called by hand (warmup_exponents without a Trainer does) unpacks the state first: the
+    same step as torch takes from the float state."""
+    model, trainer = build("int8-lazy", torch.optim.SGD)
+    x, y = batches(1)[0]
+    trainer.step(nn.functional.cross_entropy(model(x), y))
+    reference = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    reference.load_state_dict(trainer.optimizer.state_dict())
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.optimizer.step()
+    after = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    reference.step()
+    assert all(type(v) is torch.Tensor for _, _, v in packed_buffers(trainer))
+    for p, a in zip(model.parameters(), after):
+        assert_same(p.detach(), a)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))

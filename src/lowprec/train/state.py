@@ -8,6 +8,17 @@ in fp32 from the previous (already rounded) state, so each buffer is rounded onc
 ``Quantizer`` (its own dynamic fixed point exponent: Courbariaux's v_W and v_b groups; Adam's two moments have
 very different ranges). Buffers are visited in parameter order, then buffer name order, so stochastic
 rounding draws from the RNG in a fixed order.
+
+Between steps each rounded buffer is kept packed in its format (``stored.py``: int8/int16 codes with the
+exponent, fp16/fp8 casts), unless packing is off (policy ``packed=off`` or ``LOWPREC_PACKED=0``). The optimizers
+(torch's and lowprec's SGD/AdamW alike) update all parameters of a group with multi-tensor ops that read
+``optimizer.state`` as float tensors, so the Trainer unpacks every packed buffer just before the optimizer step
+(``unpack_state_``, also a pre-hook of ``optimizer.step()`` for a direct call) and packs the new state when it
+rounds it (``apply_``): the float32 state exists during the
+update only, not during forward and backward, where a step's memory peaks. ``optimizer.state_dict()`` gives
+float tensors (a state-dict hook unpacks them), so checkpoints keep their form and any ``load_state_dict``
+accepts them; ``Trainer.load_state_dict`` packs the loaded state again (``repack_``). Code that reads
+``optimizer.state`` directly between steps sees ``lowprec.formats.packing.Packed`` values (``.unpack()``).
 """
 
 from __future__ import annotations
@@ -18,10 +29,45 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..formats.packing import Packed
 from ..policy import Quantizer
+from . import stored
 from .update import ParamSlot, assign_
 
-__all__ = ["OptimizerStateFormats"]
+__all__ = ["OptimizerStateFormats", "install_state_hooks", "unpack_state_"]
+
+
+def _is_buffer(name: str, value: Any) -> bool:
+    """A floating-point state tensor (not a ``step`` counter), packed or not."""
+    return name != "step" and (isinstance(value, Packed) or isinstance(value, Tensor) and value.is_floating_point())
+
+
+def _unpacked_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` post-hook: every packed buffer as a float tensor (new per-parameter dicts
+    where one was packed; the optimizer's own state is not changed)."""
+    state_dict["state"] = {
+        k: {b: stored.load(v) for b, v in s.items()} if any(isinstance(v, Packed) for v in s.values()) else s
+        for k, s in state_dict["state"].items()
+    }
+    return state_dict
+
+
+def unpack_state_(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Every packed buffer in ``optimizer.state`` as a float tensor again (also ``optimizer.step()``'s pre-hook:
+    a direct call, e.g. ``warmup_exponents`` without a Trainer, reads float state as torch's optimizers must)."""
+    for state in optimizer.state.values():
+        for buffer, value in state.items():
+            if isinstance(value, Packed):
+                state[buffer] = value.unpack()
+
+
+def install_state_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.state_dict()`` give float tensors for buffers kept packed, and ``optimizer.step()`` unpack
+    them first (hooks on the optimizer, installed once)."""
+    if _unpacked_state_dict not in getattr(optimizer, "_optimizer_state_dict_post_hooks", {}).values():
+        optimizer.register_state_dict_post_hook(_unpacked_state_dict)
+    if unpack_state_ not in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values():
+        optimizer.register_step_pre_hook(unpack_state_)
 
 
 class OptimizerStateFormats:
@@ -43,15 +89,36 @@ class OptimizerStateFormats:
     @torch.no_grad()
     def apply_(self, optimizer: torch.optim.Optimizer) -> None:
         """Round every buffer of the slots under the optimizer's own update rule (Courbariaux's update rounds its
-        velocity itself, through ``round_buffer``)."""
+        velocity itself, through ``round_buffer``) and keep it packed (module docstring)."""
         for slot in self._slots:
-            if slot.courbariaux:
-                continue
-            state = optimizer.state.get(slot.param, {})
+            state = optimizer.state.get(slot.holder, {})
+            on = stored.packing_on(slot.policy)
             for buffer in sorted(state):
                 value = state[buffer]
-                if buffer != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    assign_(value, self._quantizer(slot, buffer)(value))
+                if not _is_buffer(buffer, value) or isinstance(value, Packed):
+                    continue
+                rounded = value if slot.courbariaux else self._quantizer(slot, buffer)(value)
+                kept = stored.store(rounded, on)
+                if isinstance(kept, Packed):
+                    state[buffer] = kept
+                else:
+                    assign_(value, rounded)
+
+    @torch.no_grad()
+    def repack_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Pack the float buffers of the slots (state just loaded from a checkpoint): each in its
+        optimizer_state format where all its values lie on the grid (``stored.repack``)."""
+        for slot in self._slots:
+            state = optimizer.state.get(slot.holder, {})
+            on = stored.packing_on(slot.policy)
+            for buffer, value in state.items():
+                if _is_buffer(buffer, value) and not isinstance(value, Packed):
+                    state[buffer] = stored.repack(value, slot.state_quant.format, on)
+
+    def nbytes(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes the slots' buffers hold now (packed, or float tensors)."""
+        return sum(stored.nbytes(v) for s in self._slots for b, v in optimizer.state.get(s.holder, {}).items()
+                   if _is_buffer(b, v))
 
     def round_buffer(self, slot: ParamSlot, value: Tensor, buffer: str = "momentum_buffer") -> Tensor:
         """``value`` rounded to the slot's optimizer_state format by that buffer's quantizer (as is without one)."""

@@ -55,7 +55,7 @@ from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
-from .state import OptimizerStateFormats
+from .state import OptimizerStateFormats, install_state_hooks, unpack_state_
 from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
@@ -163,6 +163,7 @@ class Trainer:
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
+        install_state_hooks(optimizer)  # state kept packed between steps: state_dict() and step() see floats
         check_courbariaux_optimizer(optimizer, self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -338,6 +339,7 @@ class Trainer:
         held = [s.holder.grad for s in rule]
         for s in rule:  # hidden from the optimizer's own step
             s.holder.grad = None
+        unpack_state_(self.optimizer)  # the optimizers read float state (state.py)
         try:
             step_parameters(self.optimizer, self.slots)
         finally:
@@ -478,6 +480,7 @@ class Trainer:
             for role, q in s.quantizers():
                 q.load_state_dict(groups[f"{s.name}:{role}"])
         self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])
+        self.state_formats.repack_(self.optimizer)
         set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
