@@ -25,8 +25,9 @@ from ..formats import Format
 from ..formats.packing import PACKERS, Packed, marked_format, pack, storage_of
 from ..nn.packed import packing_enabled
 from ..policy import Policy
+from ..policy.policy import Quant
 
-__all__ = ["Stored", "packing_on", "store", "load", "repack", "nbytes"]
+__all__ = ["Stored", "packing_on", "store", "load", "repack", "nbytes", "bytes_per_value"]
 
 #: A tensor as an update keeps it between steps: packed, or a float tensor.
 Stored = Union[Tensor, Packed]
@@ -75,3 +76,11 @@ def repack(value: Tensor, fmt: Format | None, on: bool) -> Stored:
 def nbytes(stored: Stored) -> int:
     """Bytes of the tensors ``stored`` holds (packed payload and exponents, or the float tensor)."""
     return stored.nbytes if isinstance(stored, Packed) else stored.numel() * stored.element_size()
+
+
+def bytes_per_value(quant: Quant | None, policy: Policy, element_size: int = 4) -> float:
+    """Bytes a value of a role (``quant``: its format and rounding, None for none) takes between steps as
+    ``store`` keeps it: its format's packed width where it packs it, else ``element_size`` (the float tensor's)."""
+    if quant is None or not packing_on(policy) or type(quant.format) not in PACKERS:
+        return float(element_size)
+    return min(storage_of(quant.format).bytes_per_value, float(element_size))
