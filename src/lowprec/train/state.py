@@ -94,15 +94,21 @@ class OptimizerStateFormats:
             state = optimizer.state.get(slot.holder, {})
             on = stored.packing_on(slot.policy)
             for buffer in sorted(state):
-                value = state[buffer]
-                if not _is_buffer(buffer, value) or isinstance(value, Packed):
-                    continue
-                rounded = value if slot.courbariaux else self._quantizer(slot, buffer)(value)
-                kept = stored.store(rounded, on)
-                if isinstance(kept, Packed):
-                    state[buffer] = kept
-                else:
-                    assign_(value, rounded)
+                if _is_buffer(buffer, state[buffer]) and not isinstance(state[buffer], Packed):
+                    self._round_buffer_(slot, state, buffer, on)
+
+    def _round_buffer_(self, slot: ParamSlot, state: dict[str, Any], buffer: str, on: bool) -> None:
+        """``state[buffer]`` rounded (unless Courbariaux's update rounded it) and kept packed (``on``), or rounded
+        in place. The unrounded tensor is dropped before packing and the rounded one after, so that at most one
+        buffer's float tensors are alive beside the packing's temporaries."""
+        value = state[buffer]
+        rounded = value if slot.courbariaux else self._quantizer(slot, buffer)(value)
+        if not on:
+            assign_(value, rounded)  # float32 containers, in place
+            return
+        del value
+        state[buffer] = rounded
+        state[buffer] = stored.store(rounded, on)
 
     @torch.no_grad()
     def repack_(self, optimizer: torch.optim.Optimizer) -> None:
