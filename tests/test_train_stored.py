@@ -266,3 +266,28 @@ def test_a_direct_optimizer_step_reads_the_packed_state_as_floats():
     for p, a in zip(model.parameters(), after):
         assert_same(p.detach(), a)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("optimizer", [SGD, AdamW], ids=["lowprec-SGD", "lowprec-AdamW"])
+def test_lowprec_optimizers_unpack_one_parameters_state_at_a_time(optimizer, monkeypatch):
+    """Each parameter's state is rounded and packed right after its update, before the next parameter's is
+    unpacked: at every such moment the float buffers in optimizer.state are that parameter's only."""
+    recipe = "int8-lazy" if optimizer is SGD else "int16"
+    model, trainer = build(recipe, optimizer)
+    seen = []
+    apply_to = trainer.state_formats.apply_to_
+
+    def watch(opt, slot):
+        floats = {id(p) for p, state in opt.state.items() for k, v in state.items()
+                  if k != "step" and type(v) is torch.Tensor}
+        seen.append((slot.name, floats <= {id(slot.holder)}, id(slot.holder) in floats))
+        apply_to(opt, slot)
+
+    monkeypatch.setattr(trainer.state_formats, "apply_to_", watch)
+    for x, y in batches(2):
+        trainer.step(nn.functional.cross_entropy(model(x), y))
+    # per step: each parameter right after its update (its own state float), then apply_'s pass over all of
+    # them (nothing left to round: all packed)
+    names = [s.name for s in trainer.slots]
+    assert seen == [(n, True, True) for n in names] + [(n, True, False) for n in names] + \
+        [(n, True, True) for n in names] + [(n, True, False) for n in names]

@@ -329,27 +329,27 @@ def _state_bytes(slot: Any) -> float:
 
 
 def _update_workspace(trainer: Any, stepped: list[Tensor], delta_optimizer: bool, n_state: int) -> int:
-    """Temporaries of the optimizer step: the optimizer state kept packed, unpacked to float for the whole
-    step; the updates Δ of every parameter (lowprec's SGD/AdamW compute them all before applying them; on the
-    native path the float32 master copies' gradients as well), then, one parameter at a time, the rounding
-    into the master format (Δ still held), Park's lazy update (its accumulator unpacked and three
-    parameter-sized temporaries), and the rounding of the optimizer state."""
-    unpacked = n_state * sum(s.holder.numel() * s.holder.element_size() - _state_bytes(s) for s in trainer.slots)
-    delta = sum(t.numel() * t.element_size() for t in stepped) if delta_optimizer else 0
+    """Temporaries of the optimizer step. lowprec's SGD/AdamW are driven one parameter at a time: its Δ, its
+    optimizer state unpacked from its packed form, then the rounding into the master format (Δ still held) or
+    Park's lazy update (its accumulator unpacked and three parameter-sized temporaries), then the rounding of
+    its state. torch's optimizers read all the state unpacked during ``step()``, then each parameter's storage
+    rule and state rounding follow. On the native path the float32 master copies' gradients are held too."""
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
-    delta += sum(t.numel() * t.element_size() for t in masters)  # native path: the masters' float32 gradients
-    largest = max((t.numel() * 4 for t in stepped), default=0)
-    phases = [delta]
-    for slot in trainer.slots:
+    base = sum(t.numel() * t.element_size() for t in masters)  # native path: the masters' float32 gradients
+    unpacked = [n_state * (s.holder.numel() * s.holder.element_size() - _state_bytes(s)) for s in trainer.slots]
+    everything = sum(unpacked)
+    phases = [base + (0 if delta_optimizer else everything)]
+    for slot, own_state in zip(trainer.slots, unpacked):
         n = slot.param.numel()
+        held = base + (n * 4 + own_state if delta_optimizer else everything)  # its Δ and its unpacked state
         master = slot.policy.get("master")
         if slot.lazy:
-            phases.append(delta + 4 * n * 4 + _rounding_scratch(master, slot.policy, n))
+            phases.append(held + 4 * n * 4 + _rounding_scratch(master, slot.policy, n))
         elif master is not None:
-            phases.append(delta + n * 4 + _rounding_scratch(master, slot.policy, n))
+            phases.append(held + n * 4 + _rounding_scratch(master, slot.policy, n))
         if slot.state_quant is not None:
-            phases.append(n * 4 + _rounding_scratch(slot.state_quant, slot.policy, n))
-    return int(unpacked + max(phases)) if largest else 0
+            phases.append(held + n * 4 + _rounding_scratch(slot.state_quant, slot.policy, n))
+    return int(max(phases)) if stepped else 0
 
 
 def estimate_memory(

@@ -6,16 +6,20 @@ After every optimizer step, each floating-point tensor in ``optimizer.state[p]``
 in fp32 from the previous (already rounded) state, so each buffer is rounded once per step, as Courbariaux's
 ``v <- Q(M·v − LR·dE/dW)`` and Park's INT8/INT16 momentum. Each (parameter, buffer) pair has its own
 ``Quantizer`` (its own dynamic fixed point exponent: Courbariaux's v_W and v_b groups; Adam's two moments have
-very different ranges). Buffers are visited in parameter order, then buffer name order, so stochastic
-rounding draws from the RNG in a fixed order.
+very different ranges). Buffers are visited in parameter order, then buffer name order (under lowprec's own
+optimizers each parameter's buffers right after its master rounding, under torch's after all of them), so
+stochastic rounding draws from the RNG in a fixed order.
 
 Between steps each rounded buffer is kept packed in its format (``stored.py``: int8/int16 codes with the
-exponent, fp16/fp8 casts), unless packing is off (policy ``packed=off`` or ``LOWPREC_PACKED=0``). The optimizers
-(torch's and lowprec's SGD/AdamW alike) update all parameters of a group with multi-tensor ops that read
-``optimizer.state`` as float tensors, so the Trainer unpacks every packed buffer just before the optimizer step
-(``unpack_state_``, also a pre-hook of ``optimizer.step()`` for a direct call) and packs the new state when it
-rounds it (``apply_``): the float32 state exists during the
-update only, not during forward and backward, where a step's memory peaks. ``optimizer.state_dict()`` gives
+exponent, fp16/fp8 casts), unless packing is off (policy ``packed=off`` or ``LOWPREC_PACKED=0``). lowprec's own
+optimizers (``lowprec.train.SGD``/``AdamW``) and Courbariaux's rule are driven one parameter at a time
+(``update.step_parameters``): that parameter's state is unpacked, read and written in float, then rounded and
+packed again (``apply_to_``) before the next parameter's, so one parameter's float state exists at a time.
+torch's optimizers update all parameters of a group with multi-tensor ops that read ``optimizer.state`` as float
+tensors inside ``step()``: a pre-hook of ``optimizer.step()`` unpacks all of it (``unpack_state_``) and the
+Trainer packs it when it rounds it after the step (``apply_``), so their float32 state exists during the update
+only, not during forward and backward. A buffer not read in a step (its parameter had no gradient, under a
+lowprec optimizer) stays packed and is not rounded again. ``optimizer.state_dict()`` gives
 float tensors (a state-dict hook unpacks them), so checkpoints keep their form and any ``load_state_dict``
 accepts them; ``Trainer.load_state_dict`` packs the loaded state again (``repack_``). Code that reads
 ``optimizer.state`` directly between steps sees ``lowprec.formats.packing.Packed`` values (``.unpack()``).
@@ -32,7 +36,7 @@ from torch import Tensor
 from ..formats.packing import Packed
 from ..policy import Quantizer
 from . import stored
-from .update import ParamSlot, assign_
+from .update import ParamSlot, assign_, unpack_state_of_
 
 __all__ = ["OptimizerStateFormats", "install_state_hooks", "unpack_state_"]
 
@@ -53,12 +57,9 @@ def _unpacked_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str,
 
 
 def unpack_state_(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """Every packed buffer in ``optimizer.state`` as a float tensor again (also ``optimizer.step()``'s pre-hook:
-    a direct call, e.g. ``warmup_exponents`` without a Trainer, reads float state as torch's optimizers must)."""
-    for state in optimizer.state.values():
-        for buffer, value in state.items():
-            if isinstance(value, Packed):
-                state[buffer] = value.unpack()
+    """Every packed buffer in ``optimizer.state`` as a float tensor again: ``optimizer.step()``'s pre-hook (torch's
+    optimizers read float state; also a direct call, e.g. ``warmup_exponents`` without a Trainer)."""
+    unpack_state_of_(optimizer, list(optimizer.state))
 
 
 def install_state_hooks(optimizer: torch.optim.Optimizer) -> None:
@@ -91,11 +92,19 @@ class OptimizerStateFormats:
         """Round every buffer of the slots under the optimizer's own update rule (Courbariaux's update rounds its
         velocity itself, through ``round_buffer``) and keep it packed (module docstring)."""
         for slot in self._slots:
-            state = optimizer.state.get(slot.holder, {})
-            on = stored.packing_on(slot.policy)
-            for buffer in sorted(state):
-                if _is_buffer(buffer, state[buffer]) and not isinstance(state[buffer], Packed):
-                    self._round_buffer_(slot, state, buffer, on)
+            self.apply_to_(optimizer, slot)
+
+    @torch.no_grad()
+    def apply_to_(self, optimizer: torch.optim.Optimizer, slot: ParamSlot) -> None:
+        """``apply_`` for one parameter (right after its update: one parameter's float state at a time); a
+        buffer already packed (not read this step) is left as it is."""
+        if slot.state_quant is None:
+            return
+        state = optimizer.state.get(slot.holder, {})
+        on = stored.packing_on(slot.policy)
+        for buffer in sorted(state):
+            if _is_buffer(buffer, state[buffer]) and not isinstance(state[buffer], Packed):
+                self._round_buffer_(slot, state, buffer, on)
 
     def _round_buffer_(self, slot: ParamSlot, state: dict[str, Any], buffer: str, on: bool) -> None:
         """``state[buffer]`` rounded (unless Courbariaux's update rounded it) and kept packed (``on``), or rounded

@@ -55,7 +55,7 @@ from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
-from .state import OptimizerStateFormats, install_state_hooks, unpack_state_
+from .state import OptimizerStateFormats, install_state_hooks
 from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
@@ -335,18 +335,20 @@ class Trainer:
         grad_norm = None
         if self.clip_grad_norm is not None:
             grad_norm = self._clip(self.clip_grad_norm)
+        def state_done(slot: ParamSlot) -> None:  # right after each parameter's update: its state rounded, packed
+            self.state_formats.apply_to_(self.optimizer, slot)
+
         rule = [s for s in self.slots if s.courbariaux and s.holder.grad is not None]
         held = [s.holder.grad for s in rule]
         for s in rule:  # hidden from the optimizer's own step
             s.holder.grad = None
-        unpack_state_(self.optimizer)  # the optimizers read float state (state.py)
         try:
-            step_parameters(self.optimizer, self.slots)
+            step_parameters(self.optimizer, self.slots, state_done)
         finally:
             for s, grad in zip(rule, held):
                 s.holder.grad = grad
-        courbariaux_step_(self.optimizer, rule, self.state_formats.round_buffer)
-        self.state_formats.apply_(self.optimizer)
+        courbariaux_step_(self.optimizer, rule, self.state_formats.round_buffer, state_done)
+        self.state_formats.apply_(self.optimizer)  # the rest: all of it after a torch optimizer's step()
         return grad_norm
 
     def requantize_(self) -> None:
