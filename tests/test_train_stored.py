@@ -291,3 +291,18 @@ def test_lowprec_optimizers_unpack_one_parameters_state_at_a_time(optimizer, mon
     names = [s.name for s in trainer.slots]
     assert seen == [(n, True, True) for n in names] + [(n, True, False) for n in names] + \
         [(n, True, True) for n in names] + [(n, True, False) for n in names]
+
+
+def test_warmup_restores_the_update_state_packed_with_its_values():
+    model, trainer = build("dfx-10-12", torch.optim.SGD)
+    data = batches(4)
+    x, y = data[0]
+    trainer.step(nn.functional.cross_entropy(model(x), y))
+    before = {(n, b): v.unpack() for n, b, v in packed_buffers(trainer)}
+    assert before and all(isinstance(v, Packed) for _, _, v in packed_buffers(trainer))
+    trainer.warmup_exponents(data[1:], lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1]))
+    after = packed_buffers(trainer)
+    assert all(isinstance(v, Packed) for _, _, v in after)
+    assert {(n, b) for n, b, _ in after} == set(before)
+    for n, b, v in after:
+        assert_same(v.unpack(), before[(n, b)])

@@ -417,6 +417,7 @@ class Trainer:
             self._set_observe_only(False)
             for slot, saved in accumulators:
                 slot.set_acc(saved)
+            self.state_formats.repack_(self.optimizer)  # the state the warm-up restored, as float tensors
             for slot in adopted:  # they start as if built with the trainer: zero accumulator, stored in master
                 if slot.lazy:
                     slot.set_acc(torch.zeros_like(slot.param))
