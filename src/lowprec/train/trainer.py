@@ -335,9 +335,8 @@ class Trainer:
         grad_norm = None
         if self.clip_grad_norm is not None:
             grad_norm = self._clip(self.clip_grad_norm)
-        def state_done(slot: ParamSlot) -> None:  # right after each parameter's update: its state rounded, packed
-            self.state_formats.apply_to_(self.optimizer, slot)
-
+        # right after each parameter's update (lowprec's optimizers, Courbariaux's rule): its state rounded, packed
+        state_done = functools.partial(self.state_formats.apply_to_, self.optimizer)
         rule = [s for s in self.slots if s.courbariaux and s.holder.grad is not None]
         held = [s.holder.grad for s in rule]
         for s in rule:  # hidden from the optimizer's own step

@@ -226,7 +226,8 @@ def step_parameters(
 ) -> None:
     """One optimizer step, then each parameter's storage rule (parameters without a gradient are untouched).
 
-    State kept packed between steps is unpacked first (the optimizers read float tensors). A ``DeltaOptimizer`` (lowprec.train.SGD/AdamW) takes one parameter at a time: its state unpacked, its Δ
+    State kept packed between steps is unpacked first (the optimizers read float tensors). A
+    ``DeltaOptimizer`` (lowprec.train.SGD/AdamW) takes one parameter at a time: its state unpacked, its Δ
     (``parameter_delta``), its storage rule, then ``state_done(slot)`` (the Trainer rounds and packs that
     parameter's optimizer state there), so that one parameter's float state and Δ exist at a time. Any other
     optimizer steps all parameters at once (the caller rounds the state afterwards); lazy parameters need Δ
