@@ -37,11 +37,11 @@ class MemoryEstimate:
     4 bytes whatever its format, and each quantized layer keeps a rounded copy of its weight for backward
     ("weight copies"); optimizer state and lazy-update accumulators with a format count as the Trainer keeps
     them between steps, packed (int8 momentum: 1 byte a value; ``lowprec.train.stored``), and unpacked to
-    float32 during the update (its workspace). ``ideal``: every tensor packed at its format's width (int8: 1 byte, fp16: 2, uniform<4>:
-    half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed precision and WRPN appears
-    as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
+    float32 during the update (its workspace). ``ideal``: every tensor packed at its format's width (int8: 1
+    byte, fp16: 2, uniform<4>: half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed
+    precision and WRPN appears as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
     when measured. The total of a view is the larger of its two phases (see ``docs/diagnostics.md``):
-    backward (everything but the update workspace) and update (state, gradients and the optimizer's Δ).
+    backward (everything but the update workspace) and update (state, gradients and the update workspace).
     """
 
     model: str

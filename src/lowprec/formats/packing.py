@@ -67,8 +67,9 @@ class Packed:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
         """The same packed value with its tensors on ``device`` (what code that moves an optimizer's state
         between devices calls, e.g. Lightning's ``move_data_to_device``); a new object, bit for bit the same."""
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}  # type: ignore[arg-type]
+                 for f in fields if isinstance(getattr(self, f.name), Tensor)}
         return dataclasses.replace(self, **moved)  # type: ignore[type-var]
 
 

@@ -7,8 +7,8 @@ it chose). ``store`` packs such a result in that format (int16 or int8 codes wit
 casts, sub-byte codes) with no second rounding and no search for the exponent, where the packed width is below
 the tensor's (20-bit fixed point takes int32 codes, no smaller than float32: kept as it is); ``load``
 unpacks it bit for bit (one cast and one multiply; integer codes have one zero, so a -0 comes back as +0, the
-same number). A value that is not marked (a role without a format, a rounding that changed nothing, a format family without a packer) or
-that holds NaN is kept as the float tensor it is.
+same number). A value that is not marked (a role without a format, a rounding that changed nothing, a format
+family without a packer) or that holds NaN is kept as the float tensor it is.
 
 Packing is on where the policy's ``packed`` setting is (the default) and the environment variable
 ``LOWPREC_PACKED`` is not 0 (read at every store, as the saved tensors read it at every forward).
