@@ -68,6 +68,7 @@ from torch import Tensor, nn
 import lowprec as lp
 from common import Row, load_qtorch, lowprec_source, machine, markdown_table, print_table, write_section
 from lowprec.diagnostics.memory import measure_peak_memory
+from lowprec.formats.packing import Packed
 from lowprec.models import GPT, build_model
 from lowprec.train import cross_entropy
 
@@ -276,7 +277,8 @@ def gpt_section(work: Workload, rounds: int, per_round: int) -> tuple[Row, list[
 
 
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Bytes of tensors, or of packed values (the optimizer state the Trainer keeps packed) as they are held."""
+    return sum(t.nbytes if isinstance(t, Packed) else t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def memory_split(config: str, work: Workload) -> dict[str, float]:
@@ -291,10 +293,10 @@ def memory_split(config: str, work: Workload) -> dict[str, float]:
         opt = trainer.optimizer
         params = list(trainer.model.parameters())
         masters = [s.master_copy for s in trainer.slots]
-        accs = [s.acc for s in trainer.slots]
+        accs = trainer.slots
     for _ in range(2):
         step()
-    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
+    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, (Tensor, Packed))]
     if masters:  # the fused update keeps each parameter's own gradient; the unfused one an fp32 master gradient
         fused = trainer.fused is not None and not trainer.fused.failed
         grads = [s.param if fused or s.master_copy is None else s.master_copy for s in trainer.slots]
@@ -304,7 +306,7 @@ def memory_split(config: str, work: Workload) -> dict[str, float]:
     mib = 2.0**20
     split = {"weights": _bytes(params) / mib, "master copies": _bytes(masters) / mib,
              "gradients": _bytes(grads) / mib, "optimizer state": _bytes(state) / mib,
-             "accumulators": _bytes(accs) / mib}
+             "accumulators": sum(s.acc_nbytes for s in accs) / mib}
     split["activations + workspace"] = peak / mib - sum(split.values())
     split["peak"] = peak / mib
     return split

@@ -5,6 +5,7 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
+import lowprec as lp
 from lowprec.diagnostics import estimate_memory, measure_peak_memory, measure_step_memory, wrpn_footprint
 from lowprec.diagnostics.memory import profile_peak_memory
 from lowprec.diagnostics.plots import plot_memory
@@ -52,7 +53,8 @@ def test_estimate_within_15_percent_of_the_measured_peak(name, shape, batch, rec
     assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, measured)
     params = sum(p.numel() for p in model.parameters())
     assert estimate.emulated["gradients"] == 4 * params
-    assert estimate.emulated["optimizer state"] == 4 * params  # SGD momentum, float32 containers
+    packed_state = lp.Policy.parse(recipe).get("optimizer_state") is not None  # int8, dfx<10>: kept as codes
+    assert (estimate.emulated["optimizer state"] < 4 * params) == packed_state  # else float32 containers
     assert (estimate.emulated["accumulators"] > 0) == (recipe == "int8-lazy")
     assert estimate.total_ideal <= estimate.total
 
@@ -113,3 +115,30 @@ def test_estimate_within_15_percent_on_the_lstm(recipe):
     estimate = estimate_memory(model, recipe, batch)
     measured = measure_step_memory(model, recipe, batch).peak
     assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, measured)
+
+
+@pytest.mark.parametrize("recipe,optimizer", [("int8-lazy", "sgd"), ("dfx-10-12", "sgd"), ("int16", "adam"),
+                                              ("mixed-fp16", "sgd"), ("int8-lazy+packed=off", "sgd")])
+def test_estimate_counts_optimizer_state_and_accumulators_as_the_trainer_keeps_them(recipe, optimizer):
+    """Differential: the estimate's optimizer state and accumulators are the bytes a Trainer holds after real
+    steps (packed int8/int16 codes where the policy packs, float32 where not)."""
+    from lowprec.train import SGD, AdamW, stored
+
+    torch.manual_seed(0)
+    model = build_model("lenet")
+    data = (torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    estimate = estimate_memory(model, recipe, data, optimizer=optimizer)
+    work = lp.convert(model, recipe)
+    opt = SGD(work.parameters(), lr=0.01, momentum=0.9) if optimizer == "sgd" else AdamW(work.parameters(), lr=1e-3)
+    trainer = lp.Trainer(work, opt, recipe)
+    for _ in range(2):
+        trainer.step(torch.nn.functional.cross_entropy(work(data[0]), data[1]))
+    state = sum(stored.nbytes(v) for s in opt.state.values() for k, v in s.items() if k != "step")
+    assert estimate.emulated["optimizer state"] == state
+    assert estimate.emulated["accumulators"] == sum(s.acc_nbytes for s in trainer.slots)
+    params = sum(p.numel() for p in model.parameters())
+    n_state = 1 if optimizer == "sgd" else 2
+    if recipe in ("mixed-fp16", "int8-lazy+packed=off"):
+        assert state == 4 * n_state * params
+    else:
+        assert state < 4 * n_state * params

@@ -13,6 +13,7 @@ import lowprec as lp
 from lowprec.data import load_mnist
 from lowprec.policy import Policy
 from lowprec.train import SGD, Trainer
+from lowprec.train.stored import load
 
 PRESETS = ["fp32", "mixed-fp16", "mixed-bf16", "int8", "int8-lazy", "int16", "wrpn-4-4", "fixed-20",
            "dfx-10-12", "fp8-hybrid"]
@@ -118,7 +119,7 @@ def test_warmup_moves_exponents_and_restores_weights_and_optimizer(use_trainer, 
     model, trainer = build(policy)
     trainer.step(loss_of(model, batches(mnist, 1)[0]))  # some optimizer state to restore
     params = [p.detach().clone() for p in model.parameters()]
-    momentum = [trainer.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    momentum = [load(trainer.optimizer.state[p]["momentum_buffer"]).clone() for p in model.parameters()]
     if use_trainer:
         steps = trainer.warmup_exponents(batches(mnist, 20), loss_of, steps=12)
     else:
@@ -126,7 +127,7 @@ def test_warmup_moves_exponents_and_restores_weights_and_optimizer(use_trainer, 
     assert steps == 12
     for p, saved, buf in zip(model.parameters(), params, momentum):
         assert torch.equal(p, saved)
-        assert torch.equal(trainer.optimizer.state[p]["momentum_buffer"], buf)
+        assert torch.equal(load(trainer.optimizer.state[p]["momentum_buffer"]), buf)
     layer_bits = {(n, r): q.exponent.int_bits for n, r, q in lp.nn.quantizers(model) if q.exponent is not None}
     assert layer_bits[("0", "weight")] == 5 - 6  # |W| < 2^-1: down one per interval, 6 intervals
     assert layer_bits[("4", "output_grad")] < 0

@@ -61,6 +61,31 @@ def test_compute_deltas_is_what_step_adds(case):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("case", ["sgd-momentum-wd", "sgd-nesterov", "adamw", "adamw-betas"])
+def test_parameter_delta_one_at_a_time_is_compute_deltas_bit_for_bit(case):
+    """The Trainer drives lowprec's optimizers one parameter at a time (only that parameter's float state
+    unpacked): the same Δ and state, bit for bit, as the multi-tensor compute_deltas over all of them."""
+    cls, _, kwargs = CASES[case]
+    a = [t.clone().requires_grad_() for t in tensors(0)]
+    b = [t.clone().requires_grad_() for t in tensors(0)]
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": kwargs["lr"] / 2}]  # noqa: E731
+    opt_a, opt_b = cls(groups(a), **kwargs), cls(groups(b), **kwargs)
+    for step in range(4):
+        for x, y, g in zip(a, b, tensors(step + 1)):
+            x.grad, y.grad = g.clone(), g.clone()
+        params, deltas = opt_a.compute_deltas()
+        one_by_one = [(p, opt_b.parameter_delta(group, p)) for group in opt_b.param_groups for p in group["params"]]
+        assert [id(p) for p, _ in one_by_one] == [id(p) for p in b]
+        with torch.no_grad():
+            for (p, d), (q, e) in zip(zip(params, deltas), one_by_one):
+                assert torch.equal(d, e) and not torch.equal(d, torch.zeros_like(d))
+                p.add_(d)
+                q.add_(e)
+    for x, y in zip(a, b):
+        for key, value in opt_a.state[x].items():
+            assert torch.equal(opt_b.state[y][key], value)
+
+
 def test_rejects_invalid_hyperparameters():
     p = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match="lr"):

@@ -7,7 +7,9 @@ from torch import nn
 
 from lowprec import quantize
 from lowprec.policy import Policy
+from lowprec.formats.packing import Codes
 from lowprec.train import SGD, AdamW, Trainer
+from lowprec.train.stored import load
 
 OPTIMIZERS = {"torch.optim.SGD": torch.optim.SGD, "lowprec.train.SGD": SGD}
 
@@ -142,7 +144,7 @@ def test_momentum_buffers_lie_in_the_optimizer_state_format(fmt, opt):
         model = mlp()
         optimizer = opt(model.parameters(), lr=0.1, momentum=0.9)
         train_steps(model, Trainer(model, optimizer, policy))
-        buffers[label] = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+        buffers[label] = [load(optimizer.state[p]["momentum_buffer"]) for p in model.parameters()]
     for buf, ref in zip(buffers[fmt], buffers["fp32"]):
         assert torch.equal(quantize(buf, fmt), buf)
         assert not torch.equal(buf, ref)  # the format did something
@@ -158,7 +160,8 @@ def test_adam_moments_are_quantized_and_step_counters_are_not():
         state = optimizer.state[p]
         assert state["step"].item() == 3.0
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(quantize(state[key], "int16"), state[key])
+            assert isinstance(state[key], Codes)  # kept packed between steps (lowprec.train.stored)
+            assert torch.equal(quantize(load(state[key]), "int16"), load(state[key]))
     names = {name for name, role, _ in trainer.quantizers() if role == "optimizer_state"}
     assert names == {f"{n}:{k}" for n, _ in model.named_parameters() for k in ("exp_avg", "exp_avg_sq")}
 
@@ -278,7 +281,7 @@ def test_courbariaux_update_applies_the_rounded_velocity(opt):
         old.append(w_old)
     assert got == want
     assert want != old
-    v_stored = trainer.optimizer.state[model.w]["momentum_buffer"]
+    v_stored = load(trainer.optimizer.state[model.w]["momentum_buffer"])
     assert Fraction(v_stored.item()) == v  # the velocity form, LR included, on the grid
 
 
@@ -295,7 +298,7 @@ def test_courbariaux_update_with_dynamic_fixed_point_moves_the_weight_by_the_sto
     for _ in range(3):
         before = model[0].weight.detach().clone()
         trainer.step(nn.functional.cross_entropy(model(x), y))
-        v = trainer.optimizer.state[model[0].weight]["momentum_buffer"]
+        v = load(trainer.optimizer.state[model[0].weight]["momentum_buffer"])
         q = dict(trainer.state_formats.items())["0.weight:momentum_buffer"]
         assert torch.equal(q.round(v), v)
         assert torch.equal(slot.master.round(before + v), model[0].weight.detach())

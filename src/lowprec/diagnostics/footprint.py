@@ -33,13 +33,15 @@ Batch = tuple[Tensor, Tensor]
 class MemoryEstimate:
     """Bytes per component (COMPONENTS) of one training step of ``model`` under ``recipe``.
 
-    ``emulated``: what the process holds: emulated formats live in float32 containers, so a parameter costs 4
-    bytes whatever its format, and each quantized layer keeps a rounded copy of its weight for backward
-    ("weight copies"). ``ideal``: every tensor packed at its format's width (int8: 1 byte, fp16: 2, uniform<4>:
-    half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed precision and WRPN appears
-    as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
+    ``emulated``: what the process holds: emulated parameters live in float32 containers, so a parameter costs
+    4 bytes whatever its format, and each quantized layer keeps a rounded copy of its weight for backward
+    ("weight copies"); optimizer state and lazy-update accumulators with a format count as the Trainer keeps
+    them between steps, packed (int8 momentum: 1 byte a value; ``lowprec.train.stored``), and unpacked to
+    float32 during the update (its workspace). ``ideal``: every tensor packed at its format's width (int8: 1
+    byte, fp16: 2, uniform<4>: half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed
+    precision and WRPN appears as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
     when measured. The total of a view is the larger of its two phases (see ``docs/diagnostics.md``):
-    backward (everything but the update workspace) and update (state, gradients and the optimizer's Δ).
+    backward (everything but the update workspace) and update (state, gradients and the update workspace).
     """
 
     model: str
@@ -317,25 +319,37 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
     return max(max(moments) - held, 0)
 
 
-def _update_workspace(trainer: Any, stepped: list[Tensor], delta_optimizer: bool) -> int:
-    """Temporaries of the optimizer step: the updates Δ of every parameter (lowprec's SGD/AdamW compute them
-    all before applying them; on the native path the float32 master copies' gradients as well), then, one parameter at a time, the rounding into the master format (Δ still
-    held), Park's lazy update (three parameter-sized temporaries), and the rounding of the optimizer state."""
-    delta = sum(t.numel() * t.element_size() for t in stepped) if delta_optimizer else 0
+def _state_bytes(slot: Any) -> float:
+    """Bytes of one optimizer-state buffer of a parameter between steps: packed in its optimizer_state format
+    where the Trainer keeps it packed (``lowprec.train.stored``), float otherwise."""
+    from ..train.stored import bytes_per_value
+
+    holder = slot.holder
+    return holder.numel() * bytes_per_value(slot.state_quant, slot.policy, holder.element_size())
+
+
+def _update_workspace(trainer: Any, stepped: list[Tensor], delta_optimizer: bool, n_state: int) -> int:
+    """Temporaries of the optimizer step. lowprec's SGD/AdamW are driven one parameter at a time: its Δ, its
+    optimizer state unpacked from its packed form, then the rounding into the master format (Δ still held) or
+    Park's lazy update (its accumulator unpacked and three parameter-sized temporaries), then the rounding of
+    its state. torch's optimizers read all the state unpacked during ``step()``, then each parameter's storage
+    rule and state rounding follow. On the native path the float32 master copies' gradients are held too."""
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
-    delta += sum(t.numel() * t.element_size() for t in masters)  # native path: the masters' float32 gradients
-    largest = max((t.numel() * 4 for t in stepped), default=0)
-    phases = [delta]
-    for slot in trainer.slots:
+    base = sum(t.numel() * t.element_size() for t in masters)  # native path: the masters' float32 gradients
+    unpacked = [n_state * (s.holder.numel() * s.holder.element_size() - _state_bytes(s)) for s in trainer.slots]
+    everything = sum(unpacked)
+    phases = [base + (0 if delta_optimizer else everything)]
+    for slot, own_state in zip(trainer.slots, unpacked):
         n = slot.param.numel()
+        held = base + (n * 4 + own_state if delta_optimizer else everything)  # its Δ and its unpacked state
         master = slot.policy.get("master")
         if slot.lazy:
-            phases.append(delta + 3 * n * 4 + _rounding_scratch(master, slot.policy, n))
+            phases.append(held + 4 * n * 4 + _rounding_scratch(master, slot.policy, n))
         elif master is not None:
-            phases.append(delta + n * 4 + _rounding_scratch(master, slot.policy, n))
+            phases.append(held + n * 4 + _rounding_scratch(master, slot.policy, n))
         if slot.state_quant is not None:
-            phases.append(n * 4 + _rounding_scratch(slot.state_quant, slot.policy, n))
-    return max(phases) if largest else 0
+            phases.append(held + n * 4 + _rounding_scratch(slot.state_quant, slot.policy, n))
+    return int(max(phases)) if stepped else 0
 
 
 def estimate_memory(
@@ -373,8 +387,8 @@ def estimate_memory(
         "master copy": _bytes(masters),
         "weight copies": sum(item.stored for item in saved if _is_weight_copy(item.tensor, item.layer)),
         "gradients": _bytes(params),
-        "optimizer state": n_state * _bytes(stepped),
-        "accumulators": _bytes(s.acc for s in trainer.slots if s.acc is not None),
+        "optimizer state": int(n_state * sum(_state_bytes(s) for s in trainer.slots)),
+        "accumulators": sum(s.acc_nbytes for s in trainer.slots),
         "saved activations": sum(item.stored for item in activations),
         "backward workspace": workspace,
     }
@@ -382,7 +396,7 @@ def estimate_memory(
     return MemoryEstimate(
         model=type(model).__name__, recipe=label or pol.name or pol.spec() or "fp32", batch=len(batch[1]),
         optimizer=optimizer, emulated=emulated, ideal=ideal,
-        update_workspace=_update_workspace(trainer, stepped, isinstance(opt, DeltaOptimizer)),
+        update_workspace=_update_workspace(trainer, stepped, isinstance(opt, DeltaOptimizer), n_state),
     )
 
 

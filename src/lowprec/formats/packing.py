@@ -24,6 +24,7 @@ Boolean tensors (masks) pack eight to a byte: :func:`pack_bool`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -62,6 +63,14 @@ class Packed:
     def nbytes(self) -> int:
         """Bytes of the packed payload (tensors only, not the Python object)."""
         raise NotImplementedError
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
+        """The same packed value with its tensors on ``device`` (what code that moves an optimizer's state
+        between devices calls, e.g. Lightning's ``move_data_to_device``); a new object, bit for bit the same."""
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                 for f in fields if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True, eq=False)

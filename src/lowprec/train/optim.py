@@ -1,8 +1,10 @@
 """Multi-tensor SGD and AdamW that compute each step's update Δ before applying it.
 
 ``step()`` is ``θ <- θ + Δ`` (one fp32 rounding per element), with Δ from ``compute_deltas()``. The Trainer's
-lazy update (Park et al.) needs Δ itself: with these optimizers it calls ``compute_deltas()`` and never has to
-snapshot, step and restore the parameters as it must for an arbitrary ``torch.optim`` optimizer.
+lazy update (Park et al.) needs Δ itself: with these optimizers it takes one parameter at a time
+(``parameter_delta``: its Δ, then its storage rule and its optimizer-state rounding, so that one parameter's
+float state and Δ exist at a time) and never has to snapshot, step and restore the parameters as it must for an
+arbitrary ``torch.optim`` optimizer.
 
 Numerics, in the parameters' dtype (fp32 for lowprec's emulated formats), with torch._foreach_* ops:
 
@@ -37,6 +39,14 @@ class DeltaOptimizer(Optimizer):
     def _group_deltas(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Advance the state of ``params`` and return their updates Δ (new tensors)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def parameter_delta(self, group: dict[str, Any], param: Tensor) -> Tensor:
+        """The update Δ of one parameter of ``group`` (it has a gradient); its state advances one step. Per
+        element the same arithmetic as ``compute_deltas`` (the multi-tensor ops on a one-tensor list)."""
+        if param.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return self._group_deltas(group, [param], [param.grad])[0]
 
     @torch.no_grad()
     def compute_deltas(self) -> tuple[list[Tensor], list[Tensor]]:

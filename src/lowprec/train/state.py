@@ -6,8 +6,23 @@ After every optimizer step, each floating-point tensor in ``optimizer.state[p]``
 in fp32 from the previous (already rounded) state, so each buffer is rounded once per step, as Courbariaux's
 ``v <- Q(M·v − LR·dE/dW)`` and Park's INT8/INT16 momentum. Each (parameter, buffer) pair has its own
 ``Quantizer`` (its own dynamic fixed point exponent: Courbariaux's v_W and v_b groups; Adam's two moments have
-very different ranges). Buffers are visited in parameter order, then buffer name order, so stochastic
-rounding draws from the RNG in a fixed order.
+very different ranges). Buffers are visited in parameter order, then buffer name order (under lowprec's own
+optimizers each parameter's buffers right after its master rounding, under torch's after all of them), so
+stochastic rounding draws from the RNG in a fixed order.
+
+Between steps each rounded buffer is kept packed in its format (``stored.py``: int8/int16 codes with the
+exponent, fp16/fp8 casts), unless packing is off (policy ``packed=off`` or ``LOWPREC_PACKED=0``). lowprec's own
+optimizers (``lowprec.train.SGD``/``AdamW``) and Courbariaux's rule are driven one parameter at a time
+(``update.step_parameters``): that parameter's state is unpacked, read and written in float, then rounded and
+packed again (``apply_to_``) before the next parameter's, so one parameter's float state exists at a time.
+torch's optimizers update all parameters of a group with multi-tensor ops that read ``optimizer.state`` as float
+tensors inside ``step()``: a pre-hook of ``optimizer.step()`` unpacks all of it (``unpack_state_``) and the
+Trainer packs it when it rounds it after the step (``apply_``), so their float32 state exists during the update
+only, not during forward and backward. A buffer not read in a step (its parameter had no gradient, under a
+lowprec optimizer) stays packed and is not rounded again. ``optimizer.state_dict()`` gives
+float tensors (a state-dict hook unpacks them), so checkpoints keep their form and any ``load_state_dict``
+accepts them; ``Trainer.load_state_dict`` packs the loaded state again (``repack_``). Code that reads
+``optimizer.state`` directly between steps sees ``lowprec.formats.packing.Packed`` values (``.unpack()``).
 """
 
 from __future__ import annotations
@@ -18,10 +33,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..formats.packing import Packed
 from ..policy import Quantizer
-from .update import ParamSlot, assign_
+from . import stored
+from .update import ParamSlot, assign_, unpack_state_of_
 
-__all__ = ["OptimizerStateFormats"]
+__all__ = ["OptimizerStateFormats", "install_state_hooks", "unpack_state_"]
+
+
+def _is_buffer(name: str, value: Any) -> bool:
+    """A floating-point state tensor (not a ``step`` counter), packed or not."""
+    return name != "step" and (isinstance(value, Packed) or isinstance(value, Tensor) and value.is_floating_point())
+
+
+def _unpacked_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` post-hook: every packed buffer as a float tensor (new per-parameter dicts
+    where one was packed; the optimizer's own state is not changed)."""
+    state_dict["state"] = {
+        k: {b: stored.load(v) for b, v in s.items()} if any(isinstance(v, Packed) for v in s.values()) else s
+        for k, s in state_dict["state"].items()
+    }
+    return state_dict
+
+
+def unpack_state_(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Every packed buffer in ``optimizer.state`` as a float tensor again: ``optimizer.step()``'s pre-hook (torch's
+    optimizers read float state; also a direct call, e.g. ``warmup_exponents`` without a Trainer)."""
+    unpack_state_of_(optimizer, list(optimizer.state))
+
+
+def install_state_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.state_dict()`` give float tensors for buffers kept packed, and ``optimizer.step()`` unpack
+    them first (hooks on the optimizer, installed once)."""
+    if _unpacked_state_dict not in getattr(optimizer, "_optimizer_state_dict_post_hooks", {}).values():
+        optimizer.register_state_dict_post_hook(_unpacked_state_dict)
+    if unpack_state_ not in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values():
+        optimizer.register_step_pre_hook(unpack_state_)
 
 
 class OptimizerStateFormats:
@@ -43,15 +90,50 @@ class OptimizerStateFormats:
     @torch.no_grad()
     def apply_(self, optimizer: torch.optim.Optimizer) -> None:
         """Round every buffer of the slots under the optimizer's own update rule (Courbariaux's update rounds its
-        velocity itself, through ``round_buffer``)."""
+        velocity itself, through ``round_buffer``) and keep it packed (module docstring)."""
         for slot in self._slots:
-            if slot.courbariaux:
-                continue
-            state = optimizer.state.get(slot.param, {})
-            for buffer in sorted(state):
-                value = state[buffer]
-                if buffer != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    assign_(value, self._quantizer(slot, buffer)(value))
+            self.apply_to_(optimizer, slot)
+
+    @torch.no_grad()
+    def apply_to_(self, optimizer: torch.optim.Optimizer, slot: ParamSlot) -> None:
+        """``apply_`` for one parameter (right after its update: one parameter's float state at a time); a
+        buffer already packed (not read this step) is left as it is."""
+        if slot.state_quant is None:
+            return
+        state = optimizer.state.get(slot.holder, {})
+        on = stored.packing_on(slot.policy)
+        for buffer in sorted(state):
+            if _is_buffer(buffer, state[buffer]) and not isinstance(state[buffer], Packed):
+                self._round_buffer_(slot, state, buffer, on)
+
+    def _round_buffer_(self, slot: ParamSlot, state: dict[str, Any], buffer: str, on: bool) -> None:
+        """``state[buffer]`` rounded (unless Courbariaux's update rounded it) and kept packed (``on``), or rounded
+        in place. The unrounded tensor is dropped before packing and the rounded one after, so that at most one
+        buffer's float tensors are alive beside the packing's temporaries."""
+        value = state[buffer]
+        rounded = value if slot.courbariaux else self._quantizer(slot, buffer)(value)
+        if not on:
+            assign_(value, rounded)  # float32 containers, in place
+            return
+        del value
+        state[buffer] = rounded
+        state[buffer] = stored.store(rounded, on)
+
+    @torch.no_grad()
+    def repack_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Pack the float buffers of the slots (state just loaded from a checkpoint): each in its
+        optimizer_state format where all its values lie on the grid (``stored.repack``)."""
+        for slot in self._slots:
+            state = optimizer.state.get(slot.holder, {})
+            on = stored.packing_on(slot.policy)
+            for buffer, value in state.items():
+                if _is_buffer(buffer, value) and not isinstance(value, Packed):
+                    state[buffer] = stored.repack(value, slot.state_quant.format, on)
+
+    def nbytes(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes the slots' buffers hold now (packed, or float tensors)."""
+        return sum(stored.nbytes(v) for s in self._slots for b, v in optimizer.state.get(s.holder, {}).items()
+                   if _is_buffer(b, v))
 
     def round_buffer(self, slot: ParamSlot, value: Tensor, buffer: str = "momentum_buffer") -> Tensor:
         """``value`` rounded to the slot's optimizer_state format by that buffer's quantizer (as is without one)."""

@@ -55,7 +55,7 @@ from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
-from .state import OptimizerStateFormats
+from .state import OptimizerStateFormats, install_state_hooks
 from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
@@ -163,6 +163,7 @@ class Trainer:
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
+        install_state_hooks(optimizer)  # state kept packed between steps: state_dict() and step() see floats
         check_courbariaux_optimizer(optimizer, self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -334,17 +335,19 @@ class Trainer:
         grad_norm = None
         if self.clip_grad_norm is not None:
             grad_norm = self._clip(self.clip_grad_norm)
+        # right after each parameter's update (lowprec's optimizers, Courbariaux's rule): its state rounded, packed
+        state_done = functools.partial(self.state_formats.apply_to_, self.optimizer)
         rule = [s for s in self.slots if s.courbariaux and s.holder.grad is not None]
         held = [s.holder.grad for s in rule]
         for s in rule:  # hidden from the optimizer's own step
             s.holder.grad = None
         try:
-            step_parameters(self.optimizer, self.slots)
+            step_parameters(self.optimizer, self.slots, state_done)
         finally:
             for s, grad in zip(rule, held):
                 s.holder.grad = grad
-        courbariaux_step_(self.optimizer, rule, self.state_formats.round_buffer)
-        self.state_formats.apply_(self.optimizer)
+        courbariaux_step_(self.optimizer, rule, self.state_formats.round_buffer, state_done)
+        self.state_formats.apply_(self.optimizer)  # the rest: all of it after a torch optimizer's step()
         return grad_norm
 
     def requantize_(self) -> None:
@@ -394,7 +397,7 @@ class Trainer:
         all) while every dynamic fixed point group observes its tensors and moves its exponent, then restore the
         initial parameters, accumulators and optimizer state. No loss scaling; the scaler is untouched.
         ``loss_fn(model, batch)`` returns the loss. Returns the number of steps taken."""
-        accumulators = [(s.acc, s.acc.clone()) for s in self.slots if s.acc is not None]
+        accumulators = [(s, s.acc.clone()) for s in self.slots if s.lazy]
         adopted: list[ParamSlot] = []  # slots the warm-up's first forward showed (functional ops' weights)
 
         def update() -> None:
@@ -411,11 +414,12 @@ class Trainer:
             return warmup_exponents(self.model, self.optimizer, batches, loss_fn, steps, update=update)
         finally:
             self._set_observe_only(False)
-            for acc, saved in accumulators:
-                acc.copy_(saved)
+            for slot, saved in accumulators:
+                slot.set_acc(saved)
+            self.state_formats.repack_(self.optimizer)  # the state the warm-up restored, as float tensors
             for slot in adopted:  # they start as if built with the trainer: zero accumulator, stored in master
-                if slot.acc is not None:
-                    slot.acc.zero_()
+                if slot.lazy:
+                    slot.set_acc(torch.zeros_like(slot.param))
                 slot.store_(observe=False)
 
     def _set_observe_only(self, flag: bool) -> None:
@@ -429,14 +433,16 @@ class Trainer:
         """Everything a bit-exact resume needs: model (its quantizer exponents included, through the model's own
         state_dict), optimizer, loss scaler, accumulators, the trainer's quantizer groups, the torch RNG states
         (CPU, and CUDA when present: stochastic rounding and dropout draw from them) and the step counter.
-        As with torch's state_dicts, tensors are shared with the live objects: torch.save or deepcopy it."""
+        As with torch's state_dicts, tensors are shared with the live objects: torch.save or deepcopy it. State
+        kept packed between steps (accumulators, optimizer state with a format) appears as float tensors, the
+        form checkpoints have always had."""
         return {
             "policy": self.policy.spec(),
             "steps": self.steps,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "accumulators": {s.name: s.acc for s in self.slots if s.acc is not None},
+            "accumulators": {s.name: s.acc for s in self.slots if s.lazy},  # float tensors (unpacked copies)
             "master_copies": {s.name: s.master_copy for s in self.slots if s.master_copy is not None},
             "quantizers": {
                 "params": {f"{s.name}:{role}": q.state_dict() for s in self.slots for role, q in s.quantizers()},
@@ -461,11 +467,11 @@ class Trainer:
             emulation_of(self.model).load_state_dict(state["quantizers"]["ops"])  # in the model's state_dict
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
-        accumulators = {s.name: s.acc for s in self.slots if s.acc is not None}
+        accumulators = {s.name: s for s in self.slots if s.lazy}
         if set(accumulators) != set(state["accumulators"]):
             raise ValueError("checkpoint accumulators do not match this trainer's lazy-update parameters")
-        for name, acc in accumulators.items():
-            acc.copy_(state["accumulators"][name])
+        for name, slot in accumulators.items():
+            slot.set_acc(state["accumulators"][name])
         masters = {s.name: s.master_copy for s in self.slots if s.master_copy is not None}
         if set(masters) != set(state.get("master_copies", {})):
             raise ValueError("checkpoint master copies do not match this trainer's fp16/bf16 (native) parameters")
@@ -476,6 +482,7 @@ class Trainer:
             for role, q in s.quantizers():
                 q.load_state_dict(groups[f"{s.name}:{role}"])
         self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])
+        self.state_formats.repack_(self.optimizer)
         set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None

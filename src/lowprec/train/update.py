@@ -18,8 +18,10 @@ The mode of a parameter is read from its policy's ``master`` and ``accumulator``
       acc  = Q_A(acc − (θnew − θ))  # keep the residual; the paper prints "acc + (θ_update − θ)"
       θ    = θnew
 
-  One accumulator per parameter element, in the parameter's dtype (fp32 for emulated formats), initialised to
-  0. Each sum is formed in that dtype and rounded once by Q (in fp32 the sums are exact when the two grids
+  One accumulator per parameter element, initialised to 0, kept between steps packed in A's width (int16
+  codes and the exponent for Park's INT16: ``stored.py``) and unpacked to the parameter's dtype (fp32 for
+  emulated formats) inside the update of its own parameter, so one parameter's float accumulator exists at a
+  time. Each sum is formed in that dtype and rounded once by Q (in fp32 the sums are exact when the two grids
   span at most 24 bits together: an INT8 θ and an INT16 accumulator a few θ quanta in size span 22). Weight decay is part of Δ, so a decay step below
   θ's quantum is not lost but accumulates until it moves θ (the failure of torch/optimi bf16 training).
 
@@ -44,12 +46,14 @@ accumulator: acc + Δ); the residual rounding reuses the accumulator's exponent 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..formats.packing import Packed
 from ..policy import Policy, Quantizer
+from . import stored
 from .optim import SGD, DeltaOptimizer
 
 __all__ = ["ParamSlot", "step_parameters", "check_update_roles", "assign_", "use_master_copies", "courbariaux_step_",
@@ -114,7 +118,9 @@ class ParamSlot:
         self.name, self.param, self.policy = name, param, policy
         self.master = Quantizer(master, policy) if master is not None else None
         self.accumulator = Quantizer(accumulator, policy) if accumulator is not None else None
-        self.acc = torch.zeros_like(param, memory_format=torch.preserve_format) if accumulator else None
+        self._acc: stored.Stored | None = None
+        if self.accumulator is not None:
+            self.set_acc(torch.zeros_like(param, memory_format=torch.preserve_format))
         self.state_quant = policy.get("optimizer_state")
         self.courbariaux = policy.update_rule == "courbariaux"
         # native fp16/bf16 parameter (lowprec.nn.native) under an fp32 master: the optimizer updates this copy
@@ -170,45 +176,98 @@ class ParamSlot:
         elif self.master is not None:
             assign_(self.param, self.master(self.param) if observe else self.master.round(self.param))
 
+    @property
+    def acc(self) -> Tensor | None:
+        """The lazy-update accumulator as a float tensor in the parameter's dtype (None without one): a new
+        tensor when it is kept packed, so change it with ``set_acc``, not in place."""
+        return None if self._acc is None else stored.load(self._acc)
+
+    def set_acc(self, value: Tensor) -> None:
+        """Make ``value`` (float, the parameter's shape) the accumulator: kept packed in the accumulator's format
+        where every value lies on its grid and packing is on (``stored.repack``), as it is otherwise."""
+        if self.accumulator is None:
+            raise ValueError(f"{self.name} has no lazy-update accumulator (its policy sets accumulator=none)")
+        if value.shape != self.param.shape:
+            raise ValueError(f"accumulator of {self.name}: expected shape {tuple(self.param.shape)}, "
+                             f"got {tuple(value.shape)}")
+        value = value.to(device=self.param.device, dtype=self.param.dtype)
+        kept = stored.repack(value, self.accumulator.quant.format, stored.packing_on(self.policy))
+        self._acc = value.clone() if kept is value else kept  # never shared with the caller's tensor
+
+    @property
+    def acc_nbytes(self) -> int:
+        """Bytes the accumulator holds between steps (packed, or its float tensor); 0 without one."""
+        return 0 if self._acc is None else stored.nbytes(self._acc)
+
     @torch.no_grad()
     def lazy_update_(self, delta: Tensor) -> None:
-        """Park's lazy update of θ by Δ (module docstring), in place on θ and the accumulator."""
-        theta, acc = self.param, self.acc
-        assign_(acc, self.accumulator(acc + delta))
+        """Park's lazy update of θ by Δ (module docstring), in place on θ; the accumulator is unpacked here
+        and stored packed again (``stored.py``)."""
+        theta = self.param
+        acc = self.accumulator(stored.load(self._acc) + delta)
         new = self.master(theta + acc)
-        assign_(acc, self.accumulator.round(acc - (new - theta)))
+        acc = self.accumulator.round(acc - (new - theta))
         assign_(theta, new)
+        self._acc = stored.store(acc, stored.packing_on(self.policy))
+
+
+def unpack_state_of_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
+    """The optimizer state of ``params`` kept packed between steps (``state.py``) as float tensors again."""
+    for p in params:
+        state = optimizer.state.get(p)
+        for buffer, value in (state or {}).items():
+            if isinstance(value, Packed):
+                state[buffer] = value.unpack()
 
 
 @torch.no_grad()
-def step_parameters(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]) -> None:
+def step_parameters(
+    optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot], state_done: Callable[[ParamSlot], None] | None = None
+) -> None:
     """One optimizer step, then each parameter's storage rule (parameters without a gradient are untouched).
 
-    Lazy parameters need Δ itself: a ``DeltaOptimizer`` (lowprec.train.SGD/AdamW) computes it directly; for any
-    other optimizer θ is snapshot, ``optimizer.step()`` runs in fp32, Δ = θ_after − θ_before (exact in fp32 when
-    the two are within a factor 2: Sterbenz) and θ is restored before the lazy update.
+    State kept packed between steps is unpacked first (the optimizers read float tensors). A
+    ``DeltaOptimizer`` (lowprec.train.SGD/AdamW) takes one parameter at a time: its state unpacked, its Δ
+    (``parameter_delta``), its storage rule, then ``state_done(slot)`` (the Trainer rounds and packs that
+    parameter's optimizer state there), so that one parameter's float state and Δ exist at a time. Any other
+    optimizer steps all parameters at once (the caller rounds the state afterwards); lazy parameters need Δ
+    itself, so θ is snapshot, ``optimizer.step()`` runs in fp32, Δ = θ_after − θ_before (exact in fp32 when the
+    two are within a factor 2: Sterbenz) and θ is restored before the lazy update.
     """
-    lazy = {id(s.param): s for s in slots if s.lazy and s.param.grad is not None}
-    deltas: dict[int, Tensor] = {}
     if isinstance(optimizer, DeltaOptimizer):
-        params, updates = optimizer.compute_deltas()
-        direct = [(p, d) for p, d in zip(params, updates) if id(p) not in lazy]
-        if direct:
-            torch._foreach_add_([p for p, _ in direct], [d for _, d in direct])
-        deltas = {id(p): d for p, d in zip(params, updates) if id(p) in lazy}
-    else:
-        before = {k: s.param.detach().clone() for k, s in lazy.items()}
-        optimizer.step()
-        for k, s in lazy.items():
-            deltas[k] = s.param - before[k]
-            s.param.copy_(before[k])
+        by_holder = {id(s.holder): s for s in slots}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                unpack_state_of_(optimizer, [p])
+                _store_update_(by_holder[id(p)], optimizer.parameter_delta(group, p))
+                if state_done is not None:
+                    state_done(by_holder[id(p)])
+        return
+    lazy = {id(s.param): s for s in slots if s.lazy and s.param.grad is not None}
+    before = {k: s.param.detach().clone() for k, s in lazy.items()}
+    optimizer.step()  # its pre-hook (state.install_state_hooks) unpacks the state kept packed
+    deltas: dict[int, Tensor] = {}
+    for k, s in lazy.items():
+        deltas[k] = s.param - before[k]
+        s.param.copy_(before.pop(k))
     for s in slots:
         if s.holder.grad is None:
             continue
         if id(s.param) in lazy:
-            s.lazy_update_(deltas[id(s.param)])
+            s.lazy_update_(deltas.pop(id(s.param)))
         else:
             s.store_()
+
+
+def _store_update_(slot: ParamSlot, delta: Tensor) -> None:
+    """θ <- θ + Δ by the slot's storage rule: Park's lazy update, or the sum rounded into the master format."""
+    if slot.lazy:
+        slot.lazy_update_(delta)
+    else:
+        slot.holder.add_(delta)
+        slot.store_()
 
 
 def check_courbariaux_optimizer(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]) -> None:
@@ -232,16 +291,18 @@ def check_courbariaux_optimizer(optimizer: torch.optim.Optimizer, slots: Sequenc
 
 @torch.no_grad()
 def courbariaux_step_(
-    optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot], round_velocity: Callable[[ParamSlot, Tensor], Tensor]
+    optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot], round_velocity: Callable[[ParamSlot, Tensor], Tensor],
+    state_done: Callable[[ParamSlot], None] | None = None,
 ) -> None:
     """Courbariaux et al.'s update (module docstring) of every slot with a gradient: v = round_velocity(slot,
     M·v − LR·(g + wd·θ)) (the slot's optimizer_state format), stored as the optimizer's momentum buffer, then
-    θ = Q_master(θ + v) (or Park's lazy update by v)."""
+    θ = Q_master(θ + v) (or Park's lazy update by v), then ``state_done(slot)`` (the Trainer packs v there)."""
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for s in slots:
         theta = s.holder
         if theta.grad is None:
             continue
+        unpack_state_of_(optimizer, [theta])
         group = groups[id(theta)]
         lr, mu, wd = float(group["lr"]), float(group.get("momentum", 0.0)), float(group.get("weight_decay", 0.0))
         g = theta.grad if wd == 0 else theta.grad + wd * theta
@@ -249,8 +310,6 @@ def courbariaux_step_(
         v = g * -lr if mu == 0 or "momentum_buffer" not in state else state["momentum_buffer"] * mu - g * lr
         v = round_velocity(s, v)
         state["momentum_buffer"] = v
-        if s.lazy:
-            s.lazy_update_(v)
-        else:
-            theta.add_(v)
-            s.store_()
+        _store_update_(s, v)
+        if state_done is not None:
+            state_done(s)

@@ -1,0 +1,86 @@
+"""What an update keeps between steps, held packed in its format's width (``lowprec.formats.packing``).
+
+Park's lazy-update accumulator and the optimizer state (momentum, Adam's moments) of a parameter whose policy
+gives them a format are rounded once per step by a role ``Quantizer``, whose result is marked with the grid it
+lies on (``lowprec.formats.packing.mark``: a ``dfx<16>`` rounding leaves the ``fixed<16, frac>`` of the exponent
+it chose). ``store`` packs such a result in that format (int16 or int8 codes with the exponent, fp16/fp8
+casts, sub-byte codes) with no second rounding and no search for the exponent, where the packed width is below
+the tensor's (20-bit fixed point takes int32 codes, no smaller than float32: kept as it is); ``load``
+unpacks it bit for bit (one cast and one multiply; integer codes have one zero, so a -0 comes back as +0, the
+same number). A value that is not marked (a role without a format, a rounding that changed nothing, a format
+family without a packer) or that holds NaN is kept as the float tensor it is.
+
+Packing is on where the policy's ``packed`` setting is (the default) and the environment variable
+``LOWPREC_PACKED`` is not 0 (read at every store, as the saved tensors read it at every forward).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from ..formats import Format
+from ..formats.packing import PACKERS, Packed, marked_format, pack, storage_of
+from ..nn.packed import packing_enabled
+from ..policy import Policy
+from ..policy.policy import Quant
+
+__all__ = ["Stored", "packing_on", "store", "load", "repack", "nbytes", "bytes_per_value"]
+
+#: A tensor as an update keeps it between steps: packed, or a float tensor.
+Stored = Union[Tensor, Packed]
+
+
+def packing_on(policy: Policy) -> bool:
+    """Whether ``policy`` keeps its update state packed now (its ``packed`` setting and ``LOWPREC_PACKED``)."""
+    return policy.packed and packing_enabled()
+
+
+def _packable(value: Tensor) -> bool:
+    # a plain strided tensor: torch.distributed's DTensor shards and other subclasses are kept as they are
+    return type(value) is Tensor and value.layout == torch.strided and value.is_floating_point()
+
+
+def _smaller(fmt: Format, value: Tensor) -> bool:
+    """Whether ``fmt``'s packed storage takes fewer bytes than ``value``'s dtype (fixed<20, 14> takes int32
+    codes: no smaller than float32, so such a tensor is kept as it is)."""
+    return storage_of(fmt).bytes_per_value < value.element_size()
+
+
+def store(value: Tensor, on: bool) -> Stored:
+    """``value`` (a role quantizer's result) packed in the format it is marked with when ``on`` and that is
+    smaller; else ``value``."""
+    fmt = marked_format(value) if on and _packable(value) else None
+    return value if fmt is None or not _smaller(fmt, value) else pack(value, fmt, verify=False)
+
+
+def load(stored: Stored) -> Tensor:
+    """The float tensor of ``store``'s result: a new tensor when packed, the tensor itself otherwise."""
+    return stored.unpack() if isinstance(stored, Packed) else stored
+
+
+def repack(value: Tensor, fmt: Format | None, on: bool) -> Stored:
+    """A float tensor read back from a checkpoint, packed in ``fmt`` (the role's format) when ``on`` and every
+    value lies on its grid (checked: ``pack(verify=True)``); as it is otherwise (e.g. state written before its
+    parameter had a format), which changes no value: the next step rounds it."""
+    if not on or fmt is None or type(fmt) not in PACKERS or not _packable(value) or not _smaller(fmt, value):
+        return value
+    try:
+        return pack(value, fmt, verify=True)
+    except ValueError:  # not on the grid: keep the exact values
+        return value
+
+
+def nbytes(stored: Stored) -> int:
+    """Bytes of the tensors ``stored`` holds (packed payload and exponents, or the float tensor)."""
+    return stored.nbytes if isinstance(stored, Packed) else stored.numel() * stored.element_size()
+
+
+def bytes_per_value(quant: Quant | None, policy: Policy, element_size: int = 4) -> float:
+    """Bytes a value of a role (``quant``: its format and rounding, None for none) takes between steps as
+    ``store`` keeps it: its format's packed width where it packs it, else ``element_size`` (the float tensor's)."""
+    if quant is None or not packing_on(policy) or type(quant.format) not in PACKERS:
+        return float(element_size)
+    return min(storage_of(quant.format).bytes_per_value, float(element_size))
