@@ -159,8 +159,13 @@ def test_a_tensor_saved_twice_is_packed_once(monkeypatch):
         q = mark(quantize(w.detach(), fmt), fmt)
         loss = (q * w).sum() + (q * w * 2).sum()
     assert len(stored) >= 2 and all(isinstance(s, Packed) for s in stored[:2]) and stored[0] is stored[1]
+    unpacks = []
+    inner_unpack = type(stored[0]).unpack
+    monkeypatch.setattr(type(stored[0]), "unpack", lambda self: unpacks.append(self) or inner_unpack(self))
     loss.backward()
     assert torch.equal(w.grad, 3 * q)
+    # unpacked once for both readers, and not held after the last one read it
+    assert unpacks == [stored[0]] and packed_mod._SHARED[stored[0]].value is None
 
 
 class ConvBN(nn.Module):

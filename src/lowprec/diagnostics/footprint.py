@@ -293,15 +293,16 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
         unpacked = size if item.stored != size else 0
         if _is_weight_copy(t, layer):
             q = layer.policy.get("weight_grad")
-            w = getattr(layer, "weight", None)
+            w = next(p for p in layer.parameters(recurse=False) if p.shape == t.shape)  # its weight (or bias)
             rounded = q is not None or _clipped(layer.policy.get("weight"))
-            if id(layer) not in done and isinstance(w, Tensor) and (rounded or unpacked):
+            key = (id(layer), tuple(t.shape))  # a recurrent layer has several weights; a mask shares its shape
+            if key not in done and (rounded or unpacked):
                 # a packed weight copy is unpacked beside its packed form while dE/dW is computed
                 extra = unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel())
                 moments.append(held + extra)
                 # beside a step's slice (reruns): also the weight's gradient accumulating over the steps
                 weight_extra = max(weight_extra, extra + w.numel() * 4)
-            done.add(id(layer))
+            done.add(key)
             held_before.append(held)  # weight copies are counted apart
             continue
         if t.is_floating_point():

@@ -90,7 +90,7 @@ class Cast(Packed):
         return self.data.shape
 
     def unpack(self) -> Tensor:
-        return _upcast(self.data, self.dtype)
+        return _cast(self.data, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -98,27 +98,28 @@ class Cast(Packed):
 
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_upcast_failed = False
+_cast_failed = False
 
 
 @functools.cache
-def _compiled_upcast() -> Callable[[Tensor, torch.dtype], Tensor]:
+def _compiled_cast() -> Callable[[Tensor, torch.dtype], Tensor]:
     return torch.compile(lambda data, dtype: data.to(dtype), dynamic=True)
 
 
 @torch.compiler.disable  # its own compiled graph: opaque to a user's torch.compile
-def _upcast(data: Tensor, dtype: torch.dtype) -> Tensor:
-    """``data.to(dtype)``; a large float8 tensor through torch.compile, whose generated loop converts several
-    times faster than torch's eager float8 conversion on a CPU (the same values; eager if compiling fails)."""
+def _cast(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """``data.to(dtype)``; a large tensor to or from float8 through torch.compile, whose generated loop
+    converts several times faster than torch's eager float8 conversion on a CPU (packing casts values that
+    lie on the float8 grid: exact either way, the same values; eager if compiling fails)."""
     from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
 
-    global _upcast_failed
-    if (data.dtype in _FP8_DTYPES and data.numel() >= COMPILE_MIN_NUMEL and not _upcast_failed
-            and compile_enabled()):
+    global _cast_failed
+    if ((data.dtype in _FP8_DTYPES or dtype in _FP8_DTYPES) and data.numel() >= COMPILE_MIN_NUMEL
+            and not _cast_failed and compile_enabled()):
         try:
-            return _compiled_upcast()(data, dtype)
+            return _compiled_cast()(data, dtype)
         except Exception:  # no C++ compiler: eager gives the same values
-            _upcast_failed = True
+            _cast_failed = True
     return data.to(dtype)
 
 
@@ -351,7 +352,7 @@ def _pack_float(x: Tensor, fmt: FloatFormat) -> Packed:
     dtype = _float_dtype(fmt)
     if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
         return Raw(x)
-    return Cast(x.to(dtype), x.dtype)
+    return Cast(_cast(x, dtype), x.dtype)
 
 
 def _has_nan(x: Tensor) -> bool:

@@ -73,15 +73,17 @@ class _Positive(Packed):
         return self.positive.nbytes
 
 
-#: tensor -> its version when the hook last saw it: the first time a ReLU's result is saved (at that version)
-#: it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
+#: ReLU result -> its version when the hook last saw it: the first time a ReLU's result is saved (at that
+#: version) it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
 _SEEN: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _relu_saving_its_result(t: Tensor) -> bool:
+    if type(t.grad_fn).__name__ != "ReluBackward0" or not t.dtype.is_floating_point:
+        return False  # only a ReLU's results are recorded: one lookup for them, none for every other tensor
     first = _SEEN.get(t) != t._version
     _SEEN[t] = t._version
-    return first and type(t.grad_fn).__name__ == "ReluBackward0" and t.dtype.is_floating_point
+    return first
 
 
 #: tensor -> (its version, its Packed form): a tensor saved by several ops (a recurrent layer's rounded weight,
@@ -89,9 +91,48 @@ def _relu_saving_its_result(t: Tensor) -> bool:
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
+class _Shared:
+    """How a Packed value saved by several ops (or an argument of a recomputed output too) is unpacked: once
+    for all of them. The first unpacking keeps its tensor until the last of the ``uses`` reads it (autograd
+    runs each saving op's backward once), then drops it: the unpacked tensor lives from the first backward that
+    reads it to the last, as the one tensor torch itself would have shared, and each of the saving ops reads
+    the same values."""
+
+    __slots__ = ("uses", "left", "value")
+
+    def __init__(self) -> None:
+        self.uses, self.left, self.value = 1, 1, None
+
+    def add_use(self) -> None:
+        self.uses += 1
+        self.left = self.uses
+
+    def unpack(self, packed: Packed) -> Tensor:
+        value = self.value if self.value is not None else packed.unpack()
+        self.left -= 1
+        if self.left > 0:
+            self.value = value
+        else:  # the last reader (a retained graph's next backward starts again)
+            self.value, self.left = None, self.uses
+        return value
+
+
+#: Packed value -> its _Shared state, for a Packed value that more than one saved slot holds.
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _share(packed: Packed) -> None:
+    """Record one more saved slot holding ``packed`` (its first is implicit)."""
+    state = _SHARED.get(packed)
+    if state is None:
+        state = _SHARED[packed] = _Shared()
+    state.add_use()
+
+
 def _packed_once(t: Tensor, pack_fn: Any) -> Tensor | Packed:
     entry = _PACKED.get(t)
     if entry is not None and entry[0] == t._version:
+        _share(entry[1])
         return entry[1]
     packed = pack_fn(t)
     if packed.nbytes >= t.numel() * t.element_size():
@@ -114,6 +155,11 @@ class _Recomputed(Packed):
 
     def unpack(self) -> Tensor:
         return self.fn(*(None if a is None else _unpack_saved(a) for a in self.args))
+
+    def __post_init__(self) -> None:
+        for a in self.args:  # its packed arguments are read once more: by this recomputation
+            if isinstance(a, Packed):
+                _share(a)
 
     @property
     def nbytes(self) -> int:
@@ -176,21 +222,35 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
         return t
     if t.dtype == torch.bool:
         return _packed_once(t, pack_bool)
-    if t in _RECOMPUTE:
+    if _RECOMPUTE and t in _RECOMPUTE:
         again = _recipe(t)
         if again is not None:
             return _packed_once(t, lambda _: again)
-    relu = _relu_saving_its_result(t)
     fmt = marked_format(t)
     if fmt is not None:
         return _packed_once(t, lambda x: pack(x, fmt, verify=False))
-    if relu:
+    if _relu_saving_its_result(t):
         return _Positive(pack_bool(t > 0), t.dtype)
     return t
 
 
 def _unpack_saved(p: Tensor | Packed) -> Tensor:
-    return p.unpack() if isinstance(p, Packed) else p
+    if not isinstance(p, Packed):
+        return p
+    shared = _SHARED.get(p)
+    return p.unpack() if shared is None else shared.unpack(p)
+
+
+def _pack_hook(t: Tensor) -> Tensor | Packed:
+    """``pack_saved`` with torch-function modes and subclasses off: a hook runs inside whatever op saves, and
+    its own tensor ops are storage, not model ops for a mode (lowprec's op-level emulation) to intercept."""
+    with torch._C.DisableTorchFunction():
+        return pack_saved(t)
+
+
+def _unpack_hook(p: Tensor | Packed) -> Tensor:
+    with torch._C.DisableTorchFunction():
+        return _unpack_saved(p)
 
 
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
@@ -200,7 +260,7 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
                  unpack_hook: Callable[[Any], Tensor] | None = None) -> None:
         """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
         unpacking; ``recomputable`` records while any such context is open."""
-        super().__init__(pack_hook or pack_saved, unpack_hook or _unpack_saved)
+        super().__init__(pack_hook or _pack_hook, unpack_hook or _unpack_hook)
 
     def __enter__(self) -> None:
         global _open
