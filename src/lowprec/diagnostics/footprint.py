@@ -164,13 +164,14 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     from ..nn import QuantizedModule
     from ..nn.opfunction import observing_recomputed
     from ..nn.packed import (PackedSavedTensors, install_packing, is_packing, pack_saved, packing_enabled,
-                             remove_packing)
+                             recomputes, remove_packing)
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
     reruns: list[tuple[int, int, bool]] = []
     shared: set[int] = set()  # storages saved unpacked and packed forms already counted
     packing = is_packing(model) and packing_enabled()
+    recompute = recomputes(model)
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
@@ -198,7 +199,8 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     if packing:
         remove_packing(model)  # this function's hook sees every save and packs it as the model's would
     try:
-        saving = PackedSavedTensors if packing else torch.autograd.graph.saved_tensors_hooks
+        saving = (functools.partial(PackedSavedTensors, recompute=recompute) if packing
+                  else torch.autograd.graph.saved_tensors_hooks)
         with saving(pack, lambda t: t), observing_recomputed(
                 lambda operands, out: reruns.append((len(saved), _rerun_workspace(operands, out), False))):
             loss = loss_fn(model, batch)  # packing: as the model's own hooks, recomputable outputs recorded
@@ -207,7 +209,7 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
         for h in hooks:
             h.remove()
         if packing:
-            install_packing(model)
+            install_packing(model, recompute)
     return saved, reruns
 
 

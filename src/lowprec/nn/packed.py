@@ -38,7 +38,7 @@ from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
-           "recomputable", "saving_packed", "MIN_NUMEL"]
+           "recomputable", "recomputes", "saving_packed", "MIN_NUMEL"]
 
 #: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
 MIN_NUMEL = 1024
@@ -173,17 +173,18 @@ _RECOMPUTE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 #: marked argument tensor -> the (argument list, index) slots of the recorded ops waiting for its Packed form.
 _WAITING: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
-#: How many PackedSavedTensors contexts are open (recomputable() records nothing outside them).
-_open = 0
+#: The open PackedSavedTensors contexts, innermost last: whether each records recomputable outputs
+#: (recomputable() records nothing outside them, nor inside one opened with recompute=False).
+_open: list[bool] = []
 
 
 def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -> None:
     """Record that ``out`` is ``fn(*args)``, a deterministic op whose tensor arguments the op that made ``out``
     saves for backward (a quantized layer's rounded input and weight). Saved by a later op (the batch-norm
     after a convolution), ``out`` is then stored as that recipe and the arguments' saved forms alone, and
-    computed again when backward reads it. Recorded only while packing is on; nothing keeps an argument
-    alive."""
-    if not _open:
+    computed again when backward reads it. Recorded only while packing is on, with recomputation (the policy's
+    ``recompute`` setting, default on); nothing keeps an argument alive."""
+    if not _open or not _open[-1]:
         return
     slots: list[Any] = [None if a is None else weakref.ref(a) for a in args]
     for i, a in enumerate(args):
@@ -195,7 +196,7 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
 def saving_packed() -> bool:
     """Whether a PackedSavedTensors context is open: what autograd saves now is stored packed (or recorded by a
     memory estimate standing in for the packing)."""
-    return _open > 0
+    return bool(_open)
 
 
 def _reproducible(t: Tensor) -> bool:
@@ -257,30 +258,32 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
     def __init__(self, pack_hook: Callable[[Tensor], Any] | None = None,
-                 unpack_hook: Callable[[Any], Tensor] | None = None) -> None:
+                 unpack_hook: Callable[[Any], Tensor] | None = None, *, recompute: bool = True) -> None:
         """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
-        unpacking; ``recomputable`` records while any such context is open."""
+        unpacking; ``recomputable`` records while such a context is open innermost, unless ``recompute`` is
+        False (unrounded layer outputs then saved as they are)."""
         super().__init__(pack_hook or _pack_hook, unpack_hook or _unpack_hook)
+        self.recompute = recompute
 
     def __enter__(self) -> None:
-        global _open
         super().__enter__()
-        _open += 1
+        _open.append(self.recompute)
 
     def __exit__(self, *exc: object) -> None:
-        global _open
-        _open -= 1
+        _open.pop()
         super().__exit__(*exc)
 
 
 class _ForwardHooks:
     """The forward pre-hook and hook pair that keeps PackedSavedTensors open during a model's forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, recompute: bool) -> None:
+        self.recompute = recompute
         self.open: list[PackedSavedTensors | None] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        ctx = PackedSavedTensors() if packing_enabled() and torch.is_grad_enabled() else None
+        ctx = (PackedSavedTensors(recompute=self.recompute) if packing_enabled() and torch.is_grad_enabled()
+               else None)
         if ctx is not None:
             ctx.__enter__()
         self.open.append(ctx)
@@ -291,10 +294,11 @@ class _ForwardHooks:
             ctx.__exit__(None, None, None)
 
 
-def install_packing(model: nn.Module) -> None:
-    """Store what ``model``'s forward saves for backward packed (idempotent: replaces an earlier install)."""
+def install_packing(model: nn.Module, recompute: bool = True) -> None:
+    """Store what ``model``'s forward saves for backward packed (idempotent: replaces an earlier install);
+    ``recompute`` False keeps unrounded layer outputs that a later op saves as they are (``recomputable``)."""
     remove_packing(model)
-    hooks = _ForwardHooks()
+    hooks = _ForwardHooks(recompute)
     model.register_forward_pre_hook(hooks.enter)
     model.register_forward_hook(hooks.exit, always_call=True)
 
@@ -302,6 +306,12 @@ def install_packing(model: nn.Module) -> None:
 def is_packing(model: nn.Module) -> bool:
     """Whether ``install_packing`` hooks are on ``model``."""
     return any(_is_ours(h) for h in model._forward_pre_hooks.values())
+
+
+def recomputes(model: nn.Module) -> bool:
+    """Whether the ``install_packing`` hooks on ``model`` compute unrounded layer outputs again in backward
+    (True where none are installed: the default)."""
+    return all(h.__self__.recompute for h in model._forward_pre_hooks.values() if _is_ours(h))
 
 
 def _is_ours(hook: Any) -> bool:
