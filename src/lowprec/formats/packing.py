@@ -187,9 +187,24 @@ def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
     width = _sub_byte(bits)
     if width is None:
         return codes.to(_code_dtype(bits, signed))
+    if not signed:
+        return _float_lanes(codes, width)
     # two's complement in ``width`` bits: the low bits of the int8 code
-    low = codes.to(torch.int8).view(torch.uint8) if signed else codes.to(torch.uint8)
-    return _to_lanes(low.bitwise_and_(2**width - 1), width)
+    return _to_lanes(codes.to(torch.int8).view(torch.uint8).bitwise_and_(2**width - 1), width)
+
+
+def _float_lanes(codes: Tensor, width: int) -> Tensor:
+    """``_to_lanes`` of integer-valued float ``codes`` in [0, 2**width): each byte's ``8 // width`` codes
+    weighted by their lane's power of two and summed in one small matrix product, then cast: exact in float32
+    (integers below 256), with no full-size integer temporaries (a float-to-uint8 cast of every code is the
+    slow part of the integer route)."""
+    per_byte = 8 // width
+    flat = codes.reshape(-1)
+    pad = -flat.numel() % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([2.0 ** (width * i) for i in range(per_byte)], dtype=flat.dtype, device=flat.device)
+    return (flat.view(-1, per_byte) @ weights).to(torch.uint8)
 
 
 #: Values packed at a time: packing a large tensor holds at most this many values in temporaries (a multiple
