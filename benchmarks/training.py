@@ -493,6 +493,7 @@ def main() -> None:
         gpt = gpt_workload(*(int(v) for v in args.gpt_size.split(",")))
     except (TypeError, ValueError) as err:
         raise SystemExit(f"--gpt-size: expected five integers n_layer,n_embd,n_head,T,batch ({err})") from None
+    retained = not args.glibc_defaults and lp.train.retain_freed_memory()  # every section (--gpt-only, too)
     if args.gpt_only:
         print_table("GPT training step: each configuration / fp32", *gpt_section(gpt, rounds, args.steps))
         return
@@ -504,7 +505,6 @@ def main() -> None:
         return
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
-    retained = not args.glibc_defaults and lp.train.retain_freed_memory()
     qtorch_module, qtorch_status = load_qtorch(args.no_qtorch)
     source = lowprec_source()
     started = datetime.datetime.now(datetime.timezone.utc)
