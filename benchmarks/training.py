@@ -14,7 +14,9 @@ Timing. All configurations of one model are built first and then timed in interl
 every configuration in turn, on the same fixed random batch, so that a slow spell of a shared machine hits all
 of them alike; each configuration runs one untimed step (its caches were just evicted by the others: training
 runs steps back to back) and then ``--steps`` timed steps. A step time is the median over rounds; a ratio is
-the median over rounds of the per-round ratio to the baseline timed in that round. Baselines, written with
+the median over rounds of the per-round ratio to the baseline timed in that round. ``--cpu-time`` times in the
+process's CPU time (``time.process_time``) instead of wall time: on a machine shared with other jobs, their
+load then disturbs the times far less (it still shares caches and memory bandwidth). Baselines, written with
 PyTorch alone: ``fp32`` (model, torch.optim.SGD(momentum=0.9), zero_grad, forward, loss.backward(), step),
 ``autocast`` (the same fp32 model with the forward under torch.autocast("cpu", bfloat16); bf16 needs no loss
 scaling) and ``autocast + fused SGD`` (the same with torch.optim.SGD(fused=True), torch's fastest update).
@@ -203,6 +205,10 @@ QTORCH_ROLES = {"int8-lazy": (8, 8, 8, 16), "dfx-10-12": (10, 10, 12, None)}
 
 
 # -- timing -------------------------------------------------------------------------------------------------------
+#: The clock of ``time_rounds``: wall time, or (``--cpu-time``) the process's CPU time.
+CLOCK = [time.perf_counter]
+
+
 def time_rounds(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str, list[float]]:
     """Seconds per step of each configuration in each round (interleaved; see the module docstring)."""
     for step in steps.values():
@@ -212,10 +218,10 @@ def time_rounds(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str
     for _ in range(rounds):
         for name, step in steps.items():
             step()
-            start = time.perf_counter()
+            start = CLOCK[0]()
             for _ in range(per_round):
                 step()
-            times[name].append((time.perf_counter() - start) / per_round)
+            times[name].append((CLOCK[0]() - start) / per_round)
     return times
 
 
@@ -474,6 +480,8 @@ def parse_args() -> argparse.Namespace:
                         "(default 4,256,4,128,32)")
     parser.add_argument("--gpt-only", action="store_true", help="time only the GPT (prints; writes no file)")
     parser.add_argument("--no-gpt", action="store_true", help="skip the GPT section")
+    parser.add_argument("--cpu-time", action="store_true", help="time steps in the process's CPU time instead of "
+                        "wall time (a machine shared with other jobs: their load then disturbs the times far less)")
     parser.add_argument("--packed-only", action="store_true", help="only the packed-storage section (prints; "
                         "writes docs/img/packed-memory.png)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
@@ -489,6 +497,8 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     workloads = [WORKLOADS[n] for n in names]
     rounds = args.rounds or (4 if args.quick else 15)
+    if args.cpu_time:
+        CLOCK[0] = time.process_time
     try:
         gpt = gpt_workload(*(int(v) for v in args.gpt_size.split(",")))
     except (TypeError, ValueError) as err:
