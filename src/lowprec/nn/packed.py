@@ -11,9 +11,12 @@ a quantized layer's unrounded output (a layer whose output role is not set, WRPN
 batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
 the layer itself saved packed, and backward computes it again from those, bit for bit where the op is
 deterministic (always on the CPU; on a GPU only with ``torch.use_deterministic_algorithms(True)`` or
-``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is). Backward unpacks each one
-when it needs it, bit for bit (integer codes have one zero: a -0 comes back +0, the same number). Everything
-else is saved as torch saves it.
+``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is; with the policy setting
+``recompute=off`` it is always saved as it is: faster, more memory). Backward unpacks each one when it needs it,
+bit for bit (integer codes have one zero: a -0 comes back +0, the same number); a value several ops saved (or a
+recomputed output's argument) is unpacked once and shared until the last of them has read it. Everything else
+is saved as torch saves it. The hooks run with torch-function modes off (their tensor ops are storage, not model
+ops for a mode such as the op-level emulation to intercept).
 
 Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
 variable ``LOWPREC_PACKED=0`` (read at every forward), for comparison. Packing is for first-order gradients:
