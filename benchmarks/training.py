@@ -14,7 +14,9 @@ Timing. All configurations of one model are built first and then timed in interl
 every configuration in turn, on the same fixed random batch, so that a slow spell of a shared machine hits all
 of them alike; each configuration runs one untimed step (its caches were just evicted by the others: training
 runs steps back to back) and then ``--steps`` timed steps. A step time is the median over rounds; a ratio is
-the median over rounds of the per-round ratio to the baseline timed in that round. Baselines, written with
+the median over rounds of the per-round ratio to the baseline timed in that round. ``--cpu-time`` times in the
+process's CPU time (``time.process_time``) instead of wall time: on a machine shared with other jobs, their
+load then disturbs the times far less (it still shares caches and memory bandwidth). Baselines, written with
 PyTorch alone: ``fp32`` (model, torch.optim.SGD(momentum=0.9), zero_grad, forward, loss.backward(), step),
 ``autocast`` (the same fp32 model with the forward under torch.autocast("cpu", bfloat16); bf16 needs no loss
 scaling) and ``autocast + fused SGD`` (the same with torch.optim.SGD(fused=True), torch's fastest update).
@@ -38,7 +40,8 @@ Packed storage (``--packed-only``, or section 3b): the same peak of each emulate
 stored packed (``lowprec.nn.packed``, the default) and with ``LOWPREC_PACKED=0`` (float32 containers, as before
 packing existed), against the plain fp32 step; Park et al.'s Fig. 4 ratio int8-lazy / int16 on LeNet; the step
 time with packing / without on every model of ``--models``, timed in the same interleaved rounds; and a bar
-chart (docs/img/packed-memory.png).
+chart (docs/img/packed-memory.png). ``wrpn-4-4+recompute=off`` is WRPN with the policy's other trade-off: the
+batch-norms' float32 inputs kept instead of computed again in backward (faster, more memory).
 
 Memory. ``lowprec.diagnostics.memory.measure_peak_memory``: the peak bytes held by torch's CPU allocator during
 one training step after two warm-up steps, parameters, gradients and optimizer state included. The split is
@@ -82,10 +85,10 @@ EMULATED = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "int8", "int8-lazy
             "dfx-10-12", "wrpn-4-4"]
 MEMORY_RECIPES = ["native-bf16", "native-fp16", "mixed-fp16", "int8-lazy", "int16"]
 PACKED_RECIPES = ["mixed-fp16", "mixed-bf16", "fp8-hybrid", "fp8-e4m3", "int8-lazy", "int16", "dfx-10-12",
-                  "wrpn-4-4"]
+                  "wrpn-4-4", "wrpn-4-4+recompute=off"]
 #: The issue's targets for the packed peak / plain fp32 peak, ResNet-20 batch 128.
 PACKED_TARGETS = {"mixed-fp16": 0.6, "mixed-bf16": 0.6, "fp8-hybrid": 0.45, "fp8-e4m3": 0.45, "int8-lazy": 0.45,
-                  "wrpn-4-4": 0.35}
+                  "wrpn-4-4": 0.35, "wrpn-4-4+recompute=off": 0.35}
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,10 @@ QTORCH_ROLES = {"int8-lazy": (8, 8, 8, 16), "dfx-10-12": (10, 10, 12, None)}
 
 
 # -- timing -------------------------------------------------------------------------------------------------------
+#: The clock of ``time_rounds``: wall time, or (``--cpu-time``) the process's CPU time.
+CLOCK = [time.perf_counter]
+
+
 def time_rounds(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str, list[float]]:
     """Seconds per step of each configuration in each round (interleaved; see the module docstring)."""
     for step in steps.values():
@@ -212,10 +219,10 @@ def time_rounds(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str
     for _ in range(rounds):
         for name, step in steps.items():
             step()
-            start = time.perf_counter()
+            start = CLOCK[0]()
             for _ in range(per_round):
                 step()
-            times[name].append((time.perf_counter() - start) / per_round)
+            times[name].append((CLOCK[0]() - start) / per_round)
     return times
 
 
@@ -475,6 +482,8 @@ def parse_args() -> argparse.Namespace:
                         "(default 4,256,4,128,32)")
     parser.add_argument("--gpt-only", action="store_true", help="time only the GPT (prints; writes no file)")
     parser.add_argument("--no-gpt", action="store_true", help="skip the GPT section")
+    parser.add_argument("--cpu-time", action="store_true", help="time steps in the process's CPU time instead of "
+                        "wall time (a machine shared with other jobs: their load then disturbs the times far less)")
     parser.add_argument("--packed-only", action="store_true", help="only the packed-storage section (prints; "
                         "writes docs/img/packed-memory.png)")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default BENCHMARKS.md "
@@ -490,10 +499,13 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     workloads = [WORKLOADS[n] for n in names]
     rounds = args.rounds or (4 if args.quick else 15)
+    if args.cpu_time:
+        CLOCK[0] = time.process_time
     try:
         gpt = gpt_workload(*(int(v) for v in args.gpt_size.split(",")))
     except (TypeError, ValueError) as err:
         raise SystemExit(f"--gpt-size: expected five integers n_layer,n_embd,n_head,T,batch ({err})") from None
+    retained = not args.glibc_defaults and lp.train.retain_freed_memory()  # every section (--gpt-only, too)
     if args.gpt_only:
         print_table("GPT training step: each configuration / fp32", *gpt_section(gpt, rounds, args.steps))
         return
@@ -505,7 +517,6 @@ def main() -> None:
         return
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
     command = " ".join(["python benchmarks/training.py", *map(shlex.quote, sys.argv[1:])])
-    retained = not args.glibc_defaults and lp.train.retain_freed_memory()
     qtorch_module, qtorch_status = load_qtorch(args.no_qtorch)
     source = lowprec_source()
     started = datetime.datetime.now(datetime.timezone.utc)

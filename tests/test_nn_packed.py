@@ -159,8 +159,13 @@ def test_a_tensor_saved_twice_is_packed_once(monkeypatch):
         q = mark(quantize(w.detach(), fmt), fmt)
         loss = (q * w).sum() + (q * w * 2).sum()
     assert len(stored) >= 2 and all(isinstance(s, Packed) for s in stored[:2]) and stored[0] is stored[1]
+    unpacks = []
+    inner_unpack = type(stored[0]).unpack
+    monkeypatch.setattr(type(stored[0]), "unpack", lambda self: unpacks.append(self) or inner_unpack(self))
     loss.backward()
     assert torch.equal(w.grad, 3 * q)
+    # unpacked once for both readers, and not held after the last one read it
+    assert unpacks == [stored[0]] and packed_mod._SHARED[stored[0]].value is None
 
 
 class ConvBN(nn.Module):
@@ -309,3 +314,42 @@ def test_a_batch_norm_after_a_convolution_reads_its_rounded_output_in_place(monk
     assert sum(isinstance(s, Packed) for s in saved) == 2 * n_packed  # the same tensors packed both times
     assert peak_copied - peak_shared >= 8 * 16 * 32 * 32 * 4  # the float32 copy of the conv output
     assert all(torch.equal(a, b) for a, b in zip(grads_shared, grads_copied))
+
+def test_recompute_off_keeps_unrounded_outputs_and_gives_the_same_steps(monkeypatch):
+    """The policy setting recompute=off: each batch-norm's input (an unrounded WRPN convolution output) is saved
+    as the float32 tensor it is, nothing is computed again in backward, and three training steps give the same
+    gradients and weights, bit for bit, as recompute on (the default) and as no packing at all."""
+    policy = lp.Policy.parse("wrpn-4-4+recompute=off")
+    assert lp.Policy.preset("wrpn-4-4").recompute and not policy.recompute
+    assert lp.Policy.parse(policy.spec()) == policy
+    with pytest.raises(ValueError, match="recompute must be on or off"):
+        lp.Policy.parse("wrpn-4-4+recompute=maybe")
+    saved: list = []
+    inner = packed_mod.pack_saved
+    monkeypatch.setattr(packed_mod, "pack_saved", lambda t: saved.append((t, inner(t))) or saved[-1][1])
+
+    def run(recipe: str, packed: bool = True):
+        monkeypatch.setenv("LOWPREC_PACKED", "1" if packed else "0")
+        torch.manual_seed(0)
+        model = lp.convert(ConvBN(), recipe)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+        grads = []
+        for _ in range(3):
+            opt.zero_grad()
+            cross_entropy(model(x), torch.arange(16) % 10).backward()
+            grads += [p.grad.clone() for p in model.parameters()]
+            opt.step()
+        return grads + [p.detach().clone() for p in model.parameters()]
+
+    off = run("wrpn-4-4+recompute=off")
+    kinds = [type(s).__name__ for _, s in saved]
+    assert "_Recomputed" not in kinds and "Codes" in kinds
+    unrounded = [t for t, s in saved if s is t and t.dtype == torch.float32 and type(t.grad_fn).__name__ ==
+                 "QConvFunctionBackward"]
+    assert len(unrounded) >= 2 * 3  # the two quantized convs' outputs, saved by their batch-norms, each step
+    del saved[:]
+    on = run("wrpn-4-4")
+    assert "_Recomputed" in [type(s).__name__ for _, s in saved]
+    unpacked = run("wrpn-4-4", packed=False)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(off, on, unpacked))

@@ -231,6 +231,25 @@ def test_large_float8_unpacks_bit_exact(dtype):
     assert torch.equal(back.isnan(), nan) and torch.equal(back[~nan].view(torch.int32), ref[~nan].view(torch.int32))
 
 
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+def test_large_float8_packs_bit_exact(name):
+    """Above COMPILE_MIN_NUMEL a tensor on a float8 grid is narrowed by a compiled cast: each of the 256 float8
+    values (as float32: -0, NaN, e5m2's infinities, subnormals, the largest values) is stored with the bits of
+    torch's eager cast and comes back as it was."""
+    from lowprec.formats.quantize import COMPILE_MIN_NUMEL
+
+    fmt = parse_format(name)
+    dtype = storage_of(fmt).dtype
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(torch.float32)
+    q = values.repeat(COMPILE_MIN_NUMEL // 256 + 1)
+    packed = pack(q, fmt, verify=False)
+    assert isinstance(packed, Cast) and packed.data.dtype == dtype
+    nan = q.isnan()
+    stored, eager = packed.data.view(torch.uint8), q.to(dtype).view(torch.uint8)
+    assert torch.equal(stored[~nan], eager[~nan]) and bool(packed.data[nan].to(torch.float32).isnan().all())
+    _assert_round_trip(q, fmt, integer_codes=False)
+
+
 def test_dfx_rounding_leaves_its_fixed_point_grid():
     """quantize(x, dfx<b>) marks its result with the fixed<b, frac> it rounded to, and a later dfx<b> mark keeps
     it: packing reads the codes at that exponent (no second max pass), the same codes as finding it again."""

@@ -166,13 +166,14 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     from ..nn import QuantizedModule
     from ..nn.opfunction import observing_recomputed
     from ..nn.packed import (PackedSavedTensors, install_packing, is_packing, pack_saved, packing_enabled,
-                             remove_packing)
+                             recomputes, remove_packing)
 
     stack: list[nn.Module] = []
     saved: list[_Saved] = []
     reruns: list[tuple[int, int, bool]] = []
     shared: set[int] = set()  # storages saved unpacked and packed forms already counted
     packing = is_packing(model) and packing_enabled()
+    recompute = recomputes(model)
 
     def pack(t: Tensor) -> Tensor:
         key = _storage_key(t)
@@ -200,7 +201,8 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     if packing:
         remove_packing(model)  # this function's hook sees every save and packs it as the model's would
     try:
-        saving = PackedSavedTensors if packing else torch.autograd.graph.saved_tensors_hooks
+        saving = (functools.partial(PackedSavedTensors, recompute=recompute) if packing
+                  else torch.autograd.graph.saved_tensors_hooks)
         with saving(pack, lambda t: t), observing_recomputed(
                 lambda operands, out: reruns.append((len(saved), _rerun_workspace(operands, out), False))):
             loss = loss_fn(model, batch)  # packing: as the model's own hooks, recomputable outputs recorded
@@ -209,7 +211,7 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
         for h in hooks:
             h.remove()
         if packing:
-            install_packing(model)
+            install_packing(model, recompute)
     return saved, reruns
 
 
@@ -295,15 +297,16 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
         unpacked = size if item.stored != size else 0
         if _is_weight_copy(t, layer):
             q = layer.policy.get("weight_grad")
-            w = getattr(layer, "weight", None)
+            w = next(p for p in layer.parameters(recurse=False) if p.shape == t.shape)  # its weight (or bias)
             rounded = q is not None or _clipped(layer.policy.get("weight"))
-            if id(layer) not in done and isinstance(w, Tensor) and (rounded or unpacked):
+            key = (id(layer), tuple(t.shape))  # a recurrent layer has several weights; a mask shares its shape
+            if key not in done and (rounded or unpacked):
                 # a packed weight copy is unpacked beside its packed form while dE/dW is computed
                 extra = unpacked + w.numel() * 4 + _rounding_scratch(q, layer.policy, w.numel())
                 moments.append(held + extra)
                 # beside a step's slice (reruns): also the weight's gradient accumulating over the steps
                 weight_extra = max(weight_extra, extra + w.numel() * 4)
-            done.add(id(layer))
+            done.add(key)
             held_before.append(held)  # weight copies are counted apart
             continue
         if t.is_floating_point():

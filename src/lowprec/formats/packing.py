@@ -99,7 +99,7 @@ class Cast(Packed):
         return self.data.shape
 
     def unpack(self) -> Tensor:
-        return _upcast(self.data, self.dtype)
+        return _cast(self.data, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -107,27 +107,28 @@ class Cast(Packed):
 
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_upcast_failed = False
+_cast_failed = False
 
 
 @functools.cache
-def _compiled_upcast() -> Callable[[Tensor, torch.dtype], Tensor]:
+def _compiled_cast() -> Callable[[Tensor, torch.dtype], Tensor]:
     return torch.compile(lambda data, dtype: data.to(dtype), dynamic=True)
 
 
 @torch.compiler.disable  # its own compiled graph: opaque to a user's torch.compile
-def _upcast(data: Tensor, dtype: torch.dtype) -> Tensor:
-    """``data.to(dtype)``; a large float8 tensor through torch.compile, whose generated loop converts several
-    times faster than torch's eager float8 conversion on a CPU (the same values; eager if compiling fails)."""
+def _cast(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """``data.to(dtype)``; a large tensor to or from float8 through torch.compile, whose generated loop
+    converts several times faster than torch's eager float8 conversion on a CPU (packing casts values that
+    lie on the float8 grid: exact either way, the same values; eager if compiling fails)."""
     from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
 
-    global _upcast_failed
-    if (data.dtype in _FP8_DTYPES and data.numel() >= COMPILE_MIN_NUMEL and not _upcast_failed
-            and compile_enabled()):
+    global _cast_failed
+    if ((data.dtype in _FP8_DTYPES or dtype in _FP8_DTYPES) and data.numel() >= COMPILE_MIN_NUMEL
+            and not _cast_failed and compile_enabled()):
         try:
-            return _compiled_upcast()(data, dtype)
+            return _compiled_cast()(data, dtype)
         except Exception:  # no C++ compiler: eager gives the same values
-            _upcast_failed = True
+            _cast_failed = True
     return data.to(dtype)
 
 
@@ -195,9 +196,24 @@ def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
     width = _sub_byte(bits)
     if width is None:
         return codes.to(_code_dtype(bits, signed))
+    if not signed:
+        return _float_lanes(codes, width)
     # two's complement in ``width`` bits: the low bits of the int8 code
-    low = codes.to(torch.int8).view(torch.uint8) if signed else codes.to(torch.uint8)
-    return _to_lanes(low.bitwise_and_(2**width - 1), width)
+    return _to_lanes(codes.to(torch.int8).view(torch.uint8).bitwise_and_(2**width - 1), width)
+
+
+def _float_lanes(codes: Tensor, width: int) -> Tensor:
+    """``_to_lanes`` of integer-valued float ``codes`` in [0, 2**width): each byte's ``8 // width`` codes
+    weighted by their lane's power of two and summed in one small matrix product, then cast: exact in float32
+    (integers below 256), with no full-size integer temporaries (a float-to-uint8 cast of every code is the
+    slow part of the integer route)."""
+    per_byte = 8 // width
+    flat = codes.reshape(-1)
+    pad = -flat.numel() % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([2.0 ** (width * i) for i in range(per_byte)], dtype=flat.dtype, device=flat.device)
+    return (flat.view(-1, per_byte) @ weights).to(torch.uint8)
 
 
 #: Values packed at a time: packing a large tensor holds at most this many values in temporaries (a multiple
@@ -360,7 +376,7 @@ def _pack_float(x: Tensor, fmt: FloatFormat) -> Packed:
     dtype = _float_dtype(fmt)
     if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
         return Raw(x)
-    return Cast(x.to(dtype), x.dtype)
+    return Cast(_cast(x, dtype), x.dtype)
 
 
 def _has_nan(x: Tensor) -> bool:

@@ -161,7 +161,7 @@ def _convert_emulated(model: nn.Module, policy: Policy) -> None:
     _warn_float_accumulation(resolved)
     _wrpn_checks(model, policy, plan)
     if policy.packed and policy.quantizes_anything:
-        install_packing(model)
+        install_packing(model, recompute=policy.recompute)
     else:
         remove_packing(model)
 

@@ -11,9 +11,12 @@ a quantized layer's unrounded output (a layer whose output role is not set, WRPN
 batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
 the layer itself saved packed, and backward computes it again from those, bit for bit where the op is
 deterministic (always on the CPU; on a GPU only with ``torch.use_deterministic_algorithms(True)`` or
-``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is). Backward unpacks each one
-when it needs it, bit for bit (integer codes have one zero: a -0 comes back +0, the same number). Everything
-else is saved as torch saves it.
+``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is; with the policy setting
+``recompute=off`` it is always saved as it is: faster, more memory). Backward unpacks each one when it needs it,
+bit for bit (integer codes have one zero: a -0 comes back +0, the same number); a value several ops saved (or a
+recomputed output's argument) is unpacked once and shared until the last of them has read it. Everything else
+is saved as torch saves it. The hooks run with torch-function modes off (their tensor ops are storage, not model
+ops for a mode such as the op-level emulation to intercept).
 
 Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
 variable ``LOWPREC_PACKED=0`` (read at every forward), for comparison. Packing is for first-order gradients:
@@ -38,7 +41,7 @@ from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
-           "recomputable", "saving_packed", "MIN_NUMEL"]
+           "recomputable", "recomputes", "saving_packed", "MIN_NUMEL"]
 
 #: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
 MIN_NUMEL = 1024
@@ -73,15 +76,17 @@ class _Positive(Packed):
         return self.positive.nbytes
 
 
-#: tensor -> its version when the hook last saw it: the first time a ReLU's result is saved (at that version)
-#: it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
+#: ReLU result -> its version when the hook last saw it: the first time a ReLU's result is saved (at that
+#: version) it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
 _SEEN: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _relu_saving_its_result(t: Tensor) -> bool:
+    if type(t.grad_fn).__name__ != "ReluBackward0" or not t.dtype.is_floating_point:
+        return False  # only a ReLU's results are recorded: one lookup for them, none for every other tensor
     first = _SEEN.get(t) != t._version
     _SEEN[t] = t._version
-    return first and type(t.grad_fn).__name__ == "ReluBackward0" and t.dtype.is_floating_point
+    return first
 
 
 #: tensor -> (its version, its Packed form): a tensor saved by several ops (a recurrent layer's rounded weight,
@@ -89,9 +94,48 @@ def _relu_saving_its_result(t: Tensor) -> bool:
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
+class _Shared:
+    """How a Packed value saved by several ops (or an argument of a recomputed output too) is unpacked: once
+    for all of them. The first unpacking keeps its tensor until the last of the ``uses`` reads it (autograd
+    runs each saving op's backward once), then drops it: the unpacked tensor lives from the first backward that
+    reads it to the last, as the one tensor torch itself would have shared, and each of the saving ops reads
+    the same values."""
+
+    __slots__ = ("uses", "left", "value")
+
+    def __init__(self) -> None:
+        self.uses, self.left, self.value = 1, 1, None
+
+    def add_use(self) -> None:
+        self.uses += 1
+        self.left = self.uses
+
+    def unpack(self, packed: Packed) -> Tensor:
+        value = self.value if self.value is not None else packed.unpack()
+        self.left -= 1
+        if self.left > 0:
+            self.value = value
+        else:  # the last reader (a retained graph's next backward starts again)
+            self.value, self.left = None, self.uses
+        return value
+
+
+#: Packed value -> its _Shared state, for a Packed value that more than one saved slot holds.
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _share(packed: Packed) -> None:
+    """Record one more saved slot holding ``packed`` (its first is implicit)."""
+    state = _SHARED.get(packed)
+    if state is None:
+        state = _SHARED[packed] = _Shared()
+    state.add_use()
+
+
 def _packed_once(t: Tensor, pack_fn: Any) -> Tensor | Packed:
     entry = _PACKED.get(t)
     if entry is not None and entry[0] == t._version:
+        _share(entry[1])
         return entry[1]
     packed = pack_fn(t)
     if packed.nbytes >= t.numel() * t.element_size():
@@ -115,6 +159,11 @@ class _Recomputed(Packed):
     def unpack(self) -> Tensor:
         return self.fn(*(None if a is None else _unpack_saved(a) for a in self.args))
 
+    def __post_init__(self) -> None:
+        for a in self.args:  # its packed arguments are read once more: by this recomputation
+            if isinstance(a, Packed):
+                _share(a)
+
     @property
     def nbytes(self) -> int:
         return 0  # the arguments are the op's own saved tensors, counted there
@@ -127,17 +176,18 @@ _RECOMPUTE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 #: marked argument tensor -> the (argument list, index) slots of the recorded ops waiting for its Packed form.
 _WAITING: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
-#: How many PackedSavedTensors contexts are open (recomputable() records nothing outside them).
-_open = 0
+#: The open PackedSavedTensors contexts, innermost last: whether each records recomputable outputs
+#: (recomputable() records nothing outside them, nor inside one opened with recompute=False).
+_open: list[bool] = []
 
 
 def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -> None:
     """Record that ``out`` is ``fn(*args)``, a deterministic op whose tensor arguments the op that made ``out``
     saves for backward (a quantized layer's rounded input and weight). Saved by a later op (the batch-norm
     after a convolution), ``out`` is then stored as that recipe and the arguments' saved forms alone, and
-    computed again when backward reads it. Recorded only while packing is on; nothing keeps an argument
-    alive."""
-    if not _open:
+    computed again when backward reads it. Recorded only while packing is on, with recomputation (the policy's
+    ``recompute`` setting, default on); nothing keeps an argument alive."""
+    if not _open or not _open[-1]:
         return
     slots: list[Any] = [None if a is None else weakref.ref(a) for a in args]
     for i, a in enumerate(args):
@@ -149,7 +199,7 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
 def saving_packed() -> bool:
     """Whether a PackedSavedTensors context is open: what autograd saves now is stored packed (or recorded by a
     memory estimate standing in for the packing)."""
-    return _open > 0
+    return bool(_open)
 
 
 def _reproducible(t: Tensor) -> bool:
@@ -176,51 +226,67 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
         return t
     if t.dtype == torch.bool:
         return _packed_once(t, pack_bool)
-    if t in _RECOMPUTE:
+    if _RECOMPUTE and t in _RECOMPUTE:
         again = _recipe(t)
         if again is not None:
             return _packed_once(t, lambda _: again)
-    relu = _relu_saving_its_result(t)
     fmt = marked_format(t)
     if fmt is not None:
         return _packed_once(t, lambda x: pack(x, fmt, verify=False))
-    if relu:
+    if _relu_saving_its_result(t):
         return _Positive(pack_bool(t > 0), t.dtype)
     return t
 
 
 def _unpack_saved(p: Tensor | Packed) -> Tensor:
-    return p.unpack() if isinstance(p, Packed) else p
+    if not isinstance(p, Packed):
+        return p
+    shared = _SHARED.get(p)
+    return p.unpack() if shared is None else shared.unpack(p)
+
+
+def _pack_hook(t: Tensor) -> Tensor | Packed:
+    """``pack_saved`` with torch-function modes and subclasses off: a hook runs inside whatever op saves, and
+    its own tensor ops are storage, not model ops for a mode (lowprec's op-level emulation) to intercept."""
+    with torch._C.DisableTorchFunction():
+        return pack_saved(t)
+
+
+def _unpack_hook(p: Tensor | Packed) -> Tensor:
+    with torch._C.DisableTorchFunction():
+        return _unpack_saved(p)
 
 
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
     def __init__(self, pack_hook: Callable[[Tensor], Any] | None = None,
-                 unpack_hook: Callable[[Any], Tensor] | None = None) -> None:
+                 unpack_hook: Callable[[Any], Tensor] | None = None, *, recompute: bool = True) -> None:
         """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
-        unpacking; ``recomputable`` records while any such context is open."""
-        super().__init__(pack_hook or pack_saved, unpack_hook or _unpack_saved)
+        unpacking; ``recomputable`` records while such a context is open innermost, unless ``recompute`` is
+        False (unrounded layer outputs then saved as they are)."""
+        super().__init__(pack_hook or _pack_hook, unpack_hook or _unpack_hook)
+        self.recompute = recompute
 
     def __enter__(self) -> None:
-        global _open
         super().__enter__()
-        _open += 1
+        _open.append(self.recompute)
 
     def __exit__(self, *exc: object) -> None:
-        global _open
-        _open -= 1
+        _open.pop()
         super().__exit__(*exc)
 
 
 class _ForwardHooks:
     """The forward pre-hook and hook pair that keeps PackedSavedTensors open during a model's forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, recompute: bool) -> None:
+        self.recompute = recompute
         self.open: list[PackedSavedTensors | None] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        ctx = PackedSavedTensors() if packing_enabled() and torch.is_grad_enabled() else None
+        ctx = (PackedSavedTensors(recompute=self.recompute) if packing_enabled() and torch.is_grad_enabled()
+               else None)
         if ctx is not None:
             ctx.__enter__()
         self.open.append(ctx)
@@ -231,10 +297,11 @@ class _ForwardHooks:
             ctx.__exit__(None, None, None)
 
 
-def install_packing(model: nn.Module) -> None:
-    """Store what ``model``'s forward saves for backward packed (idempotent: replaces an earlier install)."""
+def install_packing(model: nn.Module, recompute: bool = True) -> None:
+    """Store what ``model``'s forward saves for backward packed (idempotent: replaces an earlier install);
+    ``recompute`` False keeps unrounded layer outputs that a later op saves as they are (``recomputable``)."""
     remove_packing(model)
-    hooks = _ForwardHooks()
+    hooks = _ForwardHooks(recompute)
     model.register_forward_pre_hook(hooks.enter)
     model.register_forward_hook(hooks.exit, always_call=True)
 
@@ -242,6 +309,12 @@ def install_packing(model: nn.Module) -> None:
 def is_packing(model: nn.Module) -> bool:
     """Whether ``install_packing`` hooks are on ``model``."""
     return any(_is_ours(h) for h in model._forward_pre_hooks.values())
+
+
+def recomputes(model: nn.Module) -> bool:
+    """Whether the ``install_packing`` hooks on ``model`` compute unrounded layer outputs again in backward
+    (True where none are installed: the default)."""
+    return all(h.__self__.recompute for h in model._forward_pre_hooks.values() if _is_ours(h))
 
 
 def _is_ours(hook: Any) -> bool:

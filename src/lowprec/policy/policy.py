@@ -31,6 +31,12 @@ A role given no format (``none``) is left in float32. ``grads`` (or ``grad``) se
 ``path=native`` (fp16/bf16 policies only) runs the model in the format's torch dtype instead of emulating it in
 float32 containers: real memory and speed gains, see ``lowprec.nn.native``.
 
+``packed=off`` keeps what a step saves for backward in float32 containers (default on: stored packed in each
+format's width, ``lowprec.nn.packed``). ``recompute=off`` (packed only) keeps a quantized layer's unrounded output
+that a later op saves (the float32 input of the batch-norm after a WRPN convolution) as it is, instead of
+computing it again in backward from the layer's packed operands (default on: the least memory, for one more
+forward op per such layer in backward; off: faster, that output stored in float32).
+
 ``wgrad_rht=on`` (NVIDIA's NVFP4 recipe) computes each linear layer's weight gradient from its operands times a
 16x16 random Hadamard transform along the batch rows (``lowprec.nn.hadamard``), in the layers whose activation
 or output_grad role has a scaled format (NVFP4, MX, scaled<...>); ``rht_seed`` (default 0) seeds its signs.
@@ -74,7 +80,7 @@ __all__ = ["Quant", "Policy", "as_policy", "split_top", "ROLES", "LAYER_ROLES"]
 
 SETTINGS = ("loss_scale", "exponent_rule", "max_overflow_rate", "exponent_interval", "init_int_bits",
             "accumulation_chunk", "classifier_rule", "path", "fill_clip_range", "update_rule", "packed",
-            "wgrad_rht", "rht_seed")
+            "recompute", "wgrad_rht", "rht_seed")
 PATHS = ("emulated", "native")
 UPDATE_RULES = ("optimizer", "courbariaux")
 
@@ -150,6 +156,7 @@ class Policy:
     fill_clip_range: bool = False  # convert scales WRPN's uniform<k> weights to reach +-1 (lowprec.nn.fill_clip_range)
     update_rule: str = "optimizer"  # "optimizer": torch's update, state rounded after | "courbariaux": v <- Q(Mv - LR g)
     packed: bool = True  # what a step saves for backward is stored packed in its format (lowprec.nn.packed)
+    recompute: bool = True  # packed: an unrounded layer output a later op saves is computed again in backward
     wgrad_rht: bool = False  # random Hadamard transform of the wgrad GEMM's operands (NVFP4 recipe, nn.hadamard)
     rht_seed: int = 0  # the seed of its 16 random signs
     name: str | None = field(default=None, compare=False)
@@ -302,6 +309,8 @@ class Policy:
             lines.append("  update rule      courbariaux: v <- Q(M v - LR g), W <- Q(W + v) (SGD)")
         if not self.packed:
             lines.append("  packed           off (saved tensors kept in float32 containers)")
+        elif not self.recompute:
+            lines.append("  recompute        off (unrounded layer outputs a later op saves kept in float32)")
         if self.wgrad_rht:
             lines.append(f"  wgrad RHT        on, seed {self.rht_seed} (16x16 random Hadamard transform of the weight-"
                          "gradient GEMM's operands in linear layers with scaled-format operands)")
@@ -356,7 +365,7 @@ def _setting(key: str, value: Any) -> Any:
         return None
     if key in ("exponent_interval", "init_int_bits", "accumulation_chunk", "rht_seed"):
         return int(value)
-    if key in ("classifier_rule", "fill_clip_range", "packed", "wgrad_rht"):
+    if key in ("classifier_rule", "fill_clip_range", "packed", "recompute", "wgrad_rht"):
         if value.lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
             raise ValueError(f"{key} must be on or off, got {value!r}")
         return value.lower() in ("on", "true", "yes", "1")
