@@ -18,8 +18,10 @@ else is saved as torch saves it.
 Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
 variable ``LOWPREC_PACKED=0`` (read at every forward), for comparison. Packing is for first-order gradients:
 the unpacked tensors carry no autograd history (``create_graph=True`` double backward is not supported while it
-is on). As with any saved-tensor hook, changing a saved tensor in place after forward is not detected: the
-packed copy holds the value it had when it was saved.
+is on). A saved tensor changed in place after it was saved (``torch.sigmoid(h).mul_(2)``: sigmoid saved its
+result) raises the RuntimeError torch raises without hooks when backward reads it, packed or not (a saved-tensor
+hook alone would hide the change: torch checks versions only where no hook is set); one stored packed and no
+longer alive when backward runs cannot be checked, and its packed copy holds the value it had when saved.
 """
 
 from __future__ import annotations
@@ -193,6 +195,35 @@ def _unpack_saved(p: Tensor | Packed) -> Tensor:
     return p.unpack() if isinstance(p, Packed) else p
 
 
+@dataclass(frozen=True, eq=False)
+class _Saved:
+    """What the hook keeps of one save: ``stored`` (``pack_saved``'s answer), the saved tensor (itself when
+    stored as it is, else a weak reference: the packed form must not keep it alive) and its version then."""
+
+    stored: Tensor | Packed
+    tensor: Tensor | weakref.ref
+    version: int
+
+
+def _pack_checked(t: Tensor) -> _Saved:
+    """``pack_saved(t)``, with what ``_unpack_checked`` needs to see whether ``t`` changed in place since."""
+    stored = pack_saved(t)
+    return _Saved(stored, t if stored is t else weakref.ref(t), t._version)
+
+
+def _unpack_checked(saved: _Saved) -> Tensor:
+    """The saved tensor's values; RuntimeError (torch's own check, which its hooks turn off) when the tensor was
+    changed in place after it was saved."""
+    t = saved.tensor if isinstance(saved.tensor, Tensor) else saved.tensor()
+    if t is not None and t._version != saved.version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"a {tuple(t.shape)} {t.dtype} tensor saved for backward at version {saved.version} is now at version "
+            f"{t._version} (lowprec's packed saved tensors check it as torch does). Fix: use the out-of-place op "
+            f"(y = y * 2 in place of y.mul_(2), nn.ReLU(inplace=False)), or clone the tensor before changing it.")
+    return _unpack_saved(saved.stored)
+
+
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
@@ -200,7 +231,7 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
                  unpack_hook: Callable[[Any], Tensor] | None = None) -> None:
         """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
         unpacking; ``recomputable`` records while any such context is open."""
-        super().__init__(pack_hook or pack_saved, unpack_hook or _unpack_saved)
+        super().__init__(pack_hook or _pack_checked, unpack_hook or _unpack_checked)
 
     def __enter__(self) -> None:
         global _open
