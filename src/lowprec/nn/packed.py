@@ -198,23 +198,27 @@ def _unpack_saved(p: Tensor | Packed) -> Tensor:
 @dataclass(frozen=True, eq=False)
 class _Saved:
     """What the hook keeps of one save: ``stored`` (``pack_saved``'s answer), the saved tensor (itself when
-    stored as it is, else a weak reference: the packed form must not keep it alive) and its version then."""
+    stored as it is, else a weak reference: the packed form must not keep it alive; None: not checked) and its
+    version then."""
 
     stored: Tensor | Packed
-    tensor: Tensor | weakref.ref
+    tensor: Tensor | weakref.ref | None
     version: int
 
 
 def _pack_checked(t: Tensor) -> _Saved:
-    """``pack_saved(t)``, with what ``_unpack_checked`` needs to see whether ``t`` changed in place since."""
+    """``pack_saved(t)``, with what ``_unpack_checked`` needs to see whether ``t`` changed in place since (not
+    while torch.compile traces the hook: a traced tensor's version is not the one backward will see)."""
     stored = pack_saved(t)
+    if torch.compiler.is_compiling():
+        return _Saved(stored, None, 0)
     return _Saved(stored, t if stored is t else weakref.ref(t), t._version)
 
 
 def _unpack_checked(saved: _Saved) -> Tensor:
     """The saved tensor's values; RuntimeError (torch's own check, which its hooks turn off) when the tensor was
     changed in place after it was saved."""
-    t = saved.tensor if isinstance(saved.tensor, Tensor) else saved.tensor()
+    t = saved.tensor() if isinstance(saved.tensor, weakref.ref) else saved.tensor
     if t is not None and t._version != saved.version:
         raise RuntimeError(
             f"one of the variables needed for gradient computation has been modified by an inplace operation: "
