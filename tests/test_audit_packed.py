@@ -83,3 +83,75 @@ def test_shared_bn_input_changed_in_place_raises_or_uses_the_saved_values(packed
     twin(x).square().sum().backward()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+# -- a ReLU's result saved by another op first: stored with its values, not as where it is > 0 -----------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: ``nn.ReLU(inplace=True)`` and ``out += identity``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class CheckpointedBlocks(nn.Module):
+    """Two BasicBlocks under non-reentrant activation checkpointing: the second checkpoint saves its input (the
+    first block's ReLU result, which the ReLU itself saved through the checkpoint's hooks) through lowprec's."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem, self.fc = nn.Conv2d(3, c, 3, padding=1), nn.Linear(c, 10)
+        self.blocks = nn.ModuleList([BasicBlock(c), BasicBlock(c)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.fc(x.mean([2, 3]))
+
+
+class ReluBeforeHead(nn.Module):
+    """A plain backbone and ReLU outside the converted head, whose first layer (full precision under WRPN)
+    saves the ReLU's result as it is: the first save of it the hooks see is the layer's, which reads values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.head = nn.Linear(16, 64), nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def _grads(model: nn.Module, loss: torch.Tensor) -> list:
+    loss.backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("recipe", ["mixed-fp16", "int8", "wrpn-4-4"])
+def test_checkpointed_blocks_same_gradients_packed_and_unpacked(recipe, monkeypatch):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed in (True, False):
+        model = _converted(CheckpointedBlocks, recipe, packed, monkeypatch)
+        runs.append(_grads(model, model(x).square().sum()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_relu_result_from_outside_the_model_is_saved_with_its_values(monkeypatch):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed in (True, False):
+        monkeypatch.setenv("LOWPREC_PACKED", "1" if packed else "0")
+        torch.manual_seed(0)
+        model = ReluBeforeHead()
+        lp.convert(model.head, "wrpn-4-4", inplace=True)
+        runs.append(_grads(model, model.head(F.relu(model.backbone(x))).square().sum()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -75,15 +75,19 @@ class _Positive(Packed):
         return self.positive.nbytes
 
 
-#: tensor -> its version when the hook last saw it: the first time a ReLU's result is saved (at that version)
-#: it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
-_SEEN: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
 def _relu_saving_its_result(t: Tensor) -> bool:
-    first = _SEEN.get(t) != t._version
-    _SEEN[t] = t._version
-    return first and type(t.grad_fn).__name__ == "ReluBackward0" and t.dtype.is_floating_point
+    """Whether this save of ``t`` is the ReLU that made it saving its own result (whose backward only reads
+    where it is > 0), not a later op saving the ReLU's output: the ReLU's node is the last autograd node made
+    (the next sequence number follows its own) and its saved result is the one being built now (no data, no
+    hook yet). Telling the two apart by which save the hook sees first is wrong where the ReLU saved through
+    other hooks (an activation checkpoint's, ``torch.autograd.graph.save_on_cpu``) or ran before the model's
+    forward: the first save seen is then another op's (a checkpoint saving its input), which reads the values."""
+    node = t.grad_fn
+    if type(node).__name__ != "ReluBackward0" or not t.dtype.is_floating_point or torch.compiler.is_compiling():
+        return False
+    building = node._raw_saved_result  # type: ignore[union-attr]
+    return (node._sequence_nr() + 1 == torch._C._autograd._get_sequence_nr()  # type: ignore[union-attr]
+            and building.data is None and building.unpack_hook is None)
 
 
 #: tensor -> (its version, its Packed form): a tensor saved by several ops (a recurrent layer's rounded weight,
