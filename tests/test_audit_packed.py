@@ -155,3 +155,42 @@ def test_relu_result_from_outside_the_model_is_saved_with_its_values(monkeypatch
         lp.convert(model.head, "wrpn-4-4", inplace=True)
         runs.append(_grads(model, model.head(F.relu(model.backbone(x))).square().sum()))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm attention written by hand (``softmax(q k^T) v``) and fused (``F.scaled_dot_product_attention``):
+    op-level ops (QOpFunction), which save differently while packing."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.norm, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        written = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v
+        fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.proj(written + fused)
+
+
+class CheckpointedAttention(nn.Module):
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(8, 16), AttentionBlock(), nn.Linear(16, 4)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False) if self.checkpointed else self.block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("recipe", ["mixed-bf16", "int8", "mxfp8"])
+def test_checkpointed_op_level_ops_same_gradients_as_without_checkpoint(recipe, monkeypatch):
+    """Before, QOpFunction saved its rounded operands in the checkpointed forward (packing context open) and its
+    graph in the recomputation (none open): torch.utils.checkpoint raised CheckpointError."""
+    x = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed, checkpointed in ((True, True), (False, True), (True, False)):
+        model = _converted(lambda: CheckpointedAttention(checkpointed), recipe, packed, monkeypatch)
+        runs.append(_grads(model, model(x).square().sum()))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*runs))

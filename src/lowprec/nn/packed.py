@@ -152,10 +152,18 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
     _RECOMPUTE[out] = (out._version, fn, slots)
 
 
+#: The pack hooks of the open PackedSavedTensors contexts (see ``saving_packed``).
+_open_pack_hooks: list[Callable[[Tensor], Any]] = []
+
+
 def saving_packed() -> bool:
-    """Whether a PackedSavedTensors context is open: what autograd saves now is stored packed (or recorded by a
-    memory estimate standing in for the packing)."""
-    return _open > 0
+    """Whether what autograd saves now is stored packed (or recorded by a memory estimate standing in for the
+    packing): a PackedSavedTensors context is open and its hooks are the innermost ones. Under other hooks
+    opened inside it (a non-reentrant activation checkpoint's, in forward and when its backward recomputes the
+    block, where no context is open) it is False both times, so an op that saves differently when packing
+    (QOpFunction) saves the same tensors in the checkpointed forward and in the recomputation."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and any(top[0] is hook for hook in _open_pack_hooks)
 
 
 def _reproducible(t: Tensor) -> bool:
@@ -245,10 +253,12 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         global _open
         super().__enter__()
         _open += 1
+        _open_pack_hooks.append(self.pack_hook)
 
     def __exit__(self, *exc: object) -> None:
         global _open
         _open -= 1
+        _open_pack_hooks.remove(self.pack_hook)
         super().__exit__(*exc)
 
 
