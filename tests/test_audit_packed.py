@@ -89,19 +89,23 @@ def test_shared_bn_input_changed_in_place_raises_or_uses_the_saved_values(packed
 
 
 class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: ``nn.ReLU(inplace=True)`` and ``out += identity``."""
+    """torchvision's ResNet BasicBlock: ``nn.ReLU(inplace=True)`` and ``out += identity`` (``inplace=False``:
+    the same model written out of place)."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, inplace: bool = True) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
         self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu, self.inplace = nn.ReLU(inplace=inplace), inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += identity
+        if self.inplace:
+            out += identity
+        else:
+            out = out + identity
         return self.relu(out)
 
 
@@ -194,3 +198,161 @@ def test_checkpointed_op_level_ops_same_gradients_as_without_checkpoint(recipe, 
         model = _converted(lambda: CheckpointedAttention(checkpointed), recipe, packed, monkeypatch)
         runs.append(_grads(model, model(x).square().sum()))
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*runs))
+
+
+# -- user-style models: packed == unpacked, in place == out of place -----------------------------------------
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet Bottleneck (1x1, 3x3, 1x1 convolutions, ReLU in place, ``out += identity``)."""
+
+    def __init__(self, c: int, inplace: bool = True) -> None:
+        super().__init__()
+        m = c // 2
+        self.convs = nn.ModuleList([nn.Conv2d(c, m, 1, bias=False), nn.Conv2d(m, m, 3, padding=1, bias=False),
+                                    nn.Conv2d(m, c, 1, bias=False)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(m), nn.BatchNorm2d(m), nn.BatchNorm2d(c)])
+        self.relu, self.inplace = nn.ReLU(inplace=inplace), inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bns[0](self.convs[0](x)))
+        out = self.relu(self.bns[1](self.convs[1](out)))
+        out = self.bns[2](self.convs[2](out))
+        out = out.add_(x) if self.inplace else out + x
+        return self.relu(out)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, depthwise 3x3, 1x1 projection, ReLU6 in place, residual."""
+
+    def __init__(self, c: int, inplace: bool = True, expand: int = 4) -> None:
+        super().__init__()
+        h = c * expand
+        self.body = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=inplace),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=inplace),
+            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class FunctionalCNN(nn.Module):
+    """A functional forward: ``F.relu_``, ``y.add_(x)`` on a batch-norm's output, ``y.mul_`` after pooling."""
+
+    def __init__(self, c: int, inplace: bool = True) -> None:
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            x = F.relu_(self.c1(x))
+            y = self.bn(self.c2(x))
+            y.add_(x)
+            y = F.max_pool2d(F.relu_(y), 2)
+            return y.mul_(0.5)
+        x = F.relu(self.c1(x))
+        y = F.max_pool2d(F.relu(self.bn(self.c2(x)) + x), 2)
+        return y * 0.5
+
+
+class Net(nn.Module):
+    """A stem convolution, one ``block`` and a linear classifier (weight layers before and after: the block's
+    layers are neither @first nor @last)."""
+
+    def __init__(self, block, c: int = 8, inplace: bool = True) -> None:
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, c, 3, padding=1), block(c, inplace), nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(F.relu(self.stem(x))).mean([2, 3]))
+
+
+class TiedTransformer(nn.Module):
+    """A decoder block by hand: embedding tied to the output layer, pre-norm attention (fused or written out,
+    causal mask, dropout), GELU MLP, residual adds."""
+
+    def __init__(self, written: bool, vocab: int = 32, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.embed, self.block = nn.Embedding(vocab, d), AttentionBlock(d)
+        self.norm, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.out, self.drop, self.heads, self.written = nn.Linear(d, vocab, bias=False), nn.Dropout(0.1), heads, written
+        self.out.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.embed(idx))
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for z in self.block.qkv(self.block.norm(x)).chunk(3, dim=-1))
+        if self.written:
+            a = (q @ k.transpose(-2, -1)) / (d // self.heads) ** 0.5
+            a = a.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            y = self.drop(torch.softmax(a, dim=-1)) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
+        x = x + self.drop(self.block.proj(y.transpose(1, 2).reshape(b, t, d)))
+        x = x + self.drop(self.mlp(self.norm(x)))
+        return self.out(x)
+
+
+CNNS = {"basic": BasicBlock, "bottleneck": Bottleneck, "inverted-residual": InvertedResidual,
+        "functional": FunctionalCNN}
+#: One recipe of each storage family: fp16 casts, fp8 casts, int8 codes with a moving exponent, 4-bit uniform
+#: codes and masks, block-scaled fp4 (kept as is).
+RECIPES = ["mixed-fp16", "fp8-hybrid", "int8-lazy", "wrpn-4-4", "nvfp4"]
+
+
+def _cnn_grads(block, recipe: str, packed: bool, inplace: bool, monkeypatch, shape=(2, 3, 8, 8)) -> list:
+    model = _converted(lambda: Net(block, inplace=inplace), recipe, packed, monkeypatch)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    return _grads(model, F.cross_entropy(model(x), torch.arange(shape[0])))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", list(CNNS))
+def test_user_cnn_blocks_same_gradients_packed_unpacked_and_out_of_place(name, recipe, monkeypatch):
+    """The in-place model packed, unpacked, and the same model written out of place (unpacked): one gradient."""
+    runs = [_cnn_grads(CNNS[name], recipe, packed, inplace, monkeypatch)
+            for packed, inplace in ((True, True), (False, True), (False, False))]
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*runs))
+
+
+@pytest.mark.parametrize("recipe", ["mixed-bf16", "dfx-10-12"])
+def test_large_saved_tensors_same_gradients_packed_and_unpacked(recipe, monkeypatch):
+    """The inverted residual's expanded activations: 2 x 32 x 36 x 36 = 82944 values a tensor (rounded by the
+    eager kernels here: their compiled form, for tensors this large, is tested equal to them elsewhere)."""
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")
+    runs = [_cnn_grads(InvertedResidual, recipe, packed, True, monkeypatch, shape=(2, 3, 36, 36))
+            for packed in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("written", [True, False], ids=["written-attention", "sdpa"])
+def test_tied_transformer_same_gradients_packed_and_unpacked(written, recipe, monkeypatch):
+    """Dropout draws the same masks in both runs (same seed); the tied weight's gradient sums both uses."""
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed in (True, False):
+        model = _converted(lambda: TiedTransformer(written), recipe, packed, monkeypatch)
+        torch.manual_seed(5)
+        logits = model(idx)
+        runs.append(_grads(model, F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten())))
+    assert model.out.weight is model.embed.weight
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("recipe", ["int8-lazy"])
+def test_tiny_hugging_face_gpt2_same_gradients_packed_and_unpacked(recipe, monkeypatch):
+    """A 2-layer GPT-2 built from its config (random weights, nothing downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed in (True, False):
+        model = _converted(lambda: transformers.GPT2LMHeadModel(config), recipe, packed, monkeypatch)
+        torch.manual_seed(5)
+        runs.append(_grads(model, model(idx, labels=idx).loss))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs))
