@@ -17,8 +17,9 @@ Every quantizer is crossed by the straight-through estimator of ``roles.straight
 
 What forward keeps for backward depends on whether saved tensors are stored packed (``lowprec.nn.packed``, a
 ``PackedSavedTensors`` context open with its hooks innermost: ``saving_packed``; under an activation
-checkpoint's hooks forward and its recomputation both keep the graph, as the checkpoint requires). Unpacked, forward keeps torch's graph of ``op`` (the float32 operands
-``tiq`` and the unrounded ``z``) and backward differentiates it. Packed, forward keeps only the rounded operands
+checkpoint's hooks forward and its recomputation both keep the graph, as the checkpoint requires). Unpacked,
+forward keeps torch's graph of ``op`` (the float32 operands ``tiq`` and the unrounded ``z``) and backward
+differentiates it. Packed, forward keeps only the rounded operands
 ``tiq`` and the straight-through masks, through ``ctx.save_for_backward`` (so the saved-tensor hooks store them
 in their formats' width, a mask one bit a value), and frees ``z``; backward runs ``op`` once more on the
 unpacked operands (bit for bit the same values) and differentiates that: the same gradients, bit for bit where
