@@ -357,3 +357,32 @@ def test_tiny_hugging_face_gpt2_same_gradients_packed_and_unpacked(recipe, monke
         torch.manual_seed(5)
         runs.append(_grads(model, model(idx, labels=idx).loss))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs))
+
+
+class StatefulNorm(nn.Module):
+    """A functional batch-norm with running statistics (an op-level op that keeps its graph even when packing,
+    since running it again would move the statistics), then the attention block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(8, 16), AttentionBlock(), nn.Linear(16, 4)
+        self.scale, self.mean, self.var = nn.Parameter(torch.ones(16)), torch.zeros(16), torch.ones(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.batch_norm(self.embed(x).flatten(0, 1), self.mean, self.var, self.scale, training=True)
+        return self.head(self.block(h.view(*x.shape[:2], 16)))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("recipe", ["mixed-fp16", "int8"])
+def test_backward_twice_with_retain_graph(recipe, packed, monkeypatch):
+    """``loss.backward(retain_graph=True); loss.backward()`` sums two equal gradients, as in plain PyTorch.
+    Before, an op-level op that kept its graph (packing off, or a stateful op) freed it in the first backward
+    and failed in the second with an AttributeError."""
+    x = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = _converted(StatefulNorm, recipe, packed, monkeypatch)
+    loss = model(x).square().sum()
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in model.parameters()]
+    loss.backward()
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.parameters(), once))
