@@ -394,3 +394,46 @@ def test_backward_twice_with_retain_graph(recipe, packed, monkeypatch):
     once = [p.grad.clone() for p in model.parameters()]
     loss.backward()
     assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.parameters(), once))
+
+
+# -- a layer output computed again in backward (packed.recomputable) from arguments changed since ------------
+
+
+class WideConvBN(nn.Module):
+    """Under WRPN no role rounds a convolution's output, so each batch-norm's saved input is computed again in
+    backward from the convolution's arguments: the rounded input and weight it saved, and its bias, which it
+    does not save. The first convolution is full precision: its weight (2304 values) is an argument as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.c0(x)))
+        return self.fc(torch.relu(self.bn1(self.c1(h))).mean([2, 3]))
+
+
+def _step_changing(param: str, packed: bool, monkeypatch) -> list:
+    model = _converted(WideConvBN, "wrpn-4-4", packed, monkeypatch)
+    loss = model(torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))).square().sum()
+    with torch.no_grad():
+        model.get_parameter(param).add_(0.5)
+    return _grads(model, loss)
+
+
+def test_bias_changed_before_backward_same_gradients_packed_and_unpacked(monkeypatch):
+    """The bias changed in place between forward and backward: plain torch (and packing off) differentiate the
+    forward's values; before, packed storage computed the batch-norm's input again with the new bias (a silent
+    wrong gradient). The recorded op now holds a copy of a small argument it does not save."""
+    on, off = (_step_changing("c1.bias", packed, monkeypatch) for packed in (True, False))
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_weight_changed_before_backward_raises(packed, monkeypatch):
+    """The full-precision first convolution's weight, saved as it is: torch's error unpacked, and packed the
+    error of the recomputed batch-norm input (which backward reads first), not values from the new weight."""
+    with pytest.raises(RuntimeError, match="changed in place|modified by an inplace operation"):
+        _step_changing("c0.weight", packed, monkeypatch)

@@ -117,8 +117,17 @@ class _Recomputed(Packed):
     args: tuple[Tensor | Packed | None, ...]
     shape: torch.Size
     dtype: torch.dtype
+    #: (argument, its version when recorded) of the large arguments held as they are (alive, not packed)
+    live: tuple[tuple[Tensor, int], ...] = ()
 
     def unpack(self) -> Tensor:
+        for a, version in self.live:
+            if a._version != version:
+                raise RuntimeError(
+                    f"a {tuple(a.shape)} argument of the op that made a saved {tuple(self.shape)} tensor was "
+                    f"changed in place between forward and backward; packed storage computes that tensor again "
+                    f"from its arguments and would get other values. Fix: change it after backward, or turn "
+                    f"packing off (policy setting packed=off, or LOWPREC_PACKED=0).")
         return self.fn(*(None if a is None else _unpack_saved(a) for a in self.args))
 
     @property
@@ -149,7 +158,7 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
     for i, a in enumerate(args):
         if a is not None and marked_format(a) is not None:  # only a marked tensor is packed (and then dies)
             _WAITING.setdefault(a, []).append((slots, i))
-    _RECOMPUTE[out] = (out._version, fn, slots)
+    _RECOMPUTE[out] = (out._version, fn, slots, [None if a is None else a._version for a in args])
 
 
 #: The pack hooks of the open PackedSavedTensors contexts (see ``saving_packed``).
@@ -181,7 +190,14 @@ def _recipe(t: Tensor) -> _Recomputed | None:
     args = [a() if isinstance(a, weakref.ref) else a for a in entry[2]]
     if any(a is None and slot is not None for a, slot in zip(args, entry[2])):
         return None  # an argument neither packed nor alive: not saved by the op that made t
-    return _Recomputed(entry[1], tuple(args), t.shape, t.dtype)
+    live = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    if any(a._version != entry[3][i] for i, a in live):
+        return None  # an argument alive and changed in place since the op ran: t is saved as it is
+    for i, a in live:  # a small one (a bias, which the op does not save) is copied: later changes do not reach it
+        if a.numel() < MIN_NUMEL:
+            args[i] = a.detach().clone()
+    large = tuple((a, a._version) for a in args if isinstance(a, Tensor) and a.numel() >= MIN_NUMEL)
+    return _Recomputed(entry[1], tuple(args), t.shape, t.dtype, large)
 
 
 def pack_saved(t: Tensor) -> Tensor | Packed:
