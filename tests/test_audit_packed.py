@@ -437,3 +437,33 @@ def test_weight_changed_before_backward_raises(packed, monkeypatch):
     error of the recomputed batch-norm input (which backward reads first), not values from the new weight."""
     with pytest.raises(RuntimeError, match="changed in place|modified by an inplace operation"):
         _step_changing("c0.weight", packed, monkeypatch)
+
+
+# -- an in-place op on an op-level op's output -----------------------------------------------------------------
+
+
+class FunctionalLinearThenInPlace(nn.Module):
+    """``F.linear`` of a 3-d input with a bias (torch's result is a view of a 2-d product), then ``relu_``."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(32, 16) / 4), nn.Parameter(torch.randn(32) / 4)
+        self.fc, self.inplace = nn.Linear(32, 4), inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return self.fc(y.relu_() if self.inplace else y.relu())
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("recipe", ["mxfp8", "int8"])
+def test_in_place_op_on_an_op_level_output(recipe, packed, monkeypatch):
+    """Before, with no output role (mxfp8) QOpFunction returned torch's view and ``relu_`` on it raised
+    autograd's "Output 0 of QOpFunction is a view and is being modified inplace"; now the in-place model gives
+    the gradients of the same model written out of place."""
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for inplace in (True, False):
+        model = _converted(lambda: FunctionalLinearThenInPlace(inplace), recipe, packed, monkeypatch)
+        runs.append(_grads(model, model(x).square().sum()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -42,6 +42,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..policy import Quantizer, Role
+from .functions import _own_output
 from .packed import saving_packed
 from .roles import quantize_roles, straight_through
 
@@ -119,7 +120,7 @@ class QOpFunction(Function):
         if ctx.graph is None:
             for listener in _LISTENERS:
                 listener(operands, zq)
-        return zq
+        return _own_output(zq, *tensors)  # a view (F.linear of a 3-d input, no output role) is copied
 
     @staticmethod
     @once_differentiable
