@@ -467,3 +467,51 @@ def test_in_place_op_on_an_op_level_output(recipe, packed, monkeypatch):
         model = _converted(lambda: FunctionalLinearThenInPlace(inplace), recipe, packed, monkeypatch)
         runs.append(_grads(model, model(x).square().sum()))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# -- a non-contiguous saved tensor comes back in its own layout ------------------------------------------------
+
+
+class TransposedBatchNorm(nn.Module):
+    """A sequence model's batch-norm over channels: ``bn(h.transpose(1, 2))`` saves a transposed input, whose
+    weight gradient is a reduction whose summation order follows the input's layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.bn, self.fc = nn.Embedding(20, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.embed(idx).transpose(1, 2)).relu().transpose(1, 2))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int16", "dfx-10-12", "wrpn-4-4"])
+def test_transposed_saved_input_same_gradients_packed_and_unpacked(recipe, monkeypatch):
+    """Integer codes are stored flat: before, the batch-norm's transposed input came back contiguous and its
+    weight gradient differed from the unpacked run's in the last bits (int8, int16, dfx). Now a saved tensor laid
+    out as a permutation of a contiguous one is packed in its memory order and unpacked with its own strides."""
+    idx = torch.randint(0, 20, (4, 40), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for packed in (True, False):
+        model = _converted(TransposedBatchNorm, recipe, packed, monkeypatch)
+        runs.append(_grads(model, model(idx).square().sum()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16", "uniform<2,unsigned>"])
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_unpacked_saved_tensor_keeps_values_and_layout(fmt, layout, monkeypatch):
+    """pack_saved then unpack: the same bits, and the same strides wherever the layout is a permutation of a
+    contiguous one (a strided slice comes back contiguous)."""
+    from lowprec.formats import parse_format, quantize
+    from lowprec.formats.packing import mark
+    from lowprec.nn import packed as packed_mod
+
+    f = parse_format(fmt)
+    base = quantize(torch.rand(4, 8, 16, 16, generator=torch.Generator().manual_seed(2)), f)
+    t = {"transposed": lambda: base.transpose(1, 3), "sliced": lambda: base[:, ::2],
+         "channels_last": lambda: base.to(memory_format=torch.channels_last)}[layout]()
+    t = mark(t, f)
+    stored = packed_mod.pack_saved(t)
+    back = stored.unpack()
+    assert torch.equal(back, t) and back.shape == t.shape
+    assert back.stride() == t.stride() or layout == "sliced"

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
+from ..formats.packing import Packed, marked_format, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
@@ -60,7 +60,7 @@ class _Positive(Packed):
     ``threshold_backward(grad, result, 0)`` passes ``grad`` where result > 0 and gives 0 elsewhere, so 1.0/0.0 in
     place of the result gives the same gradient, bit for bit."""
 
-    positive: Bits
+    positive: Packed  # Bits, in the result's memory order (_in_memory_order)
     dtype: torch.dtype
 
     @property
@@ -200,12 +200,51 @@ def _recipe(t: Tensor) -> _Recomputed | None:
     return _Recomputed(entry[1], tuple(args), t.shape, t.dtype, large)
 
 
+@dataclass(frozen=True, eq=False)
+class _Permuted(Packed):
+    """A saved tensor laid out as a permutation of a contiguous one (a transpose, channels_last), packed in its
+    memory order: ``unpack()`` gives it back with its own strides (``inner``'s values, dimensions permuted by
+    ``inverse``), so backward's kernels read the layout forward saved. Unpacked contiguous, a reduction over it
+    (a batch-norm's weight gradient over a transposed input) could sum in another order: other bits."""
+
+    inner: Packed
+    inverse: tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        return torch.Size(self.inner.shape[i] for i in self.inverse)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.inner.dtype
+
+    def unpack(self) -> Tensor:
+        return self.inner.unpack().permute(self.inverse)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
+def _in_memory_order(t: Tensor, pack_fn: Callable[[Tensor], Packed]) -> Packed:
+    """``pack_fn(t)``, for a non-contiguous ``t`` that is a permutation of a contiguous layout applied to that
+    contiguous view (no copy) and wrapped in ``_Permuted``; any other layout (a strided slice, an expanded
+    tensor) is packed as it is and comes back contiguous."""
+    if t.is_contiguous():
+        return pack_fn(t)
+    order = sorted(range(t.dim()), key=t.stride, reverse=True)
+    dense = t.permute(order)
+    if not dense.is_contiguous():
+        return pack_fn(t)
+    return _Permuted(pack_fn(dense), tuple(order.index(d) for d in range(t.dim())))
+
+
 def pack_saved(t: Tensor) -> Tensor | Packed:
     """What the hook stores for a saved tensor: a Packed value, or ``t`` itself (module docstring)."""
     if t.numel() < MIN_NUMEL or t.layout != torch.strided:
         return t
     if t.dtype == torch.bool:
-        return _packed_once(t, pack_bool)
+        return _packed_once(t, lambda x: _in_memory_order(x, pack_bool))
     if t in _RECOMPUTE:
         again = _recipe(t)
         if again is not None:
@@ -213,9 +252,9 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
     relu = _relu_saving_its_result(t)
     fmt = marked_format(t)
     if fmt is not None:
-        return _packed_once(t, lambda x: pack(x, fmt, verify=False))
+        return _packed_once(t, lambda x: _in_memory_order(x, lambda y: pack(y, fmt, verify=False)))
     if relu:
-        return _Positive(pack_bool(t > 0), t.dtype)
+        return _Positive(_in_memory_order(t > 0, pack_bool), t.dtype)
     return t
 
 
