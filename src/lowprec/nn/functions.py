@@ -118,12 +118,12 @@ class ConvOp:
         return dx, dw
 
 
-def _own_output(y: Tensor, x: Tensor) -> Tensor:
+def _own_output(y: Tensor, *inputs: Any) -> Tensor:
     """``y`` as a custom Function's output: autograd refuses an in-place op (``nn.ReLU(inplace=True)``) on an
     output that is a view (``F.linear`` of a 3-d input with a bias, before an output role that is not
     quantized) or an input returned as it is (a forward role that is not quantized, or only observed); those
-    two are copied, every other result is returned as it is."""
-    return y.clone() if y is x or y._is_view() else y
+    two are copied, every other result is returned as it is. Also the op-level emulation's (QOpFunction)."""
+    return y.clone() if y._is_view() or any(y is x for x in inputs) else y
 
 
 def _forward(ctx: Any, op: LinearOp | ConvOp, x: Tensor, weight: Tensor, bias: Tensor | None,

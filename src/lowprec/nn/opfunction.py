@@ -16,8 +16,11 @@ dE/dW = gq^T x, a convolution's ``convolution_backward``) multiplies values that
 Every quantizer is crossed by the straight-through estimator of ``roles.straight_through``.
 
 What forward keeps for backward depends on whether saved tensors are stored packed (``lowprec.nn.packed``, a
-``PackedSavedTensors`` context open). Unpacked, forward keeps torch's graph of ``op`` (the float32 operands
-``tiq`` and the unrounded ``z``) and backward differentiates it. Packed, forward keeps only the rounded operands
+``PackedSavedTensors`` context open with its hooks innermost: ``saving_packed``; under an activation
+checkpoint's hooks forward and its recomputation both keep the graph, as the checkpoint requires). Unpacked,
+forward keeps torch's graph of ``op`` (the float32 operands ``tiq`` and the unrounded ``z``) and backward
+differentiates it (then frees it, unless backward runs with ``retain_graph=True``: a second backward uses it
+again). Packed, forward keeps only the rounded operands
 ``tiq`` and the straight-through masks, through ``ctx.save_for_backward`` (so the saved-tensor hooks store them
 in their formats' width, a mask one bit a value), and frees ``z``; backward runs ``op`` once more on the
 unpacked operands (bit for bit the same values) and differentiates that: the same gradients, bit for bit where
@@ -39,6 +42,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from ..policy import Quantizer, Role
+from .functions import _own_output
 from .packed import saving_packed
 from .roles import quantize_roles, straight_through
 
@@ -116,7 +120,7 @@ class QOpFunction(Function):
         if ctx.graph is None:
             for listener in _LISTENERS:
                 listener(operands, zq)
-        return zq
+        return _own_output(zq, *tensors)  # a view (F.linear of a 3-d input, no output role) is copied
 
     @staticmethod
     @once_differentiable
@@ -126,15 +130,18 @@ class QOpFunction(Function):
         if ctx.graph is None:  # packed: run the op again on the unpacked rounded operands
             z, leaves = _differentiable(call, saved[:n], ctx.wanted)
             saved = saved[n:]
-        else:
+        else:  # freed after use, unless backward keeps the graph (retain_graph=True: it may run again)
             z, leaves = ctx.graph
-            ctx.graph = None
+            retain = torch._C._autograd._get_current_graph_task_keep_graph()
+            if not retain:
+                ctx.graph = None
         masks, mask_z = saved[:n], saved[n]
         if call.on_backward is not None:
             call.on_backward()
         gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, mask_z))
         with torch.enable_grad():
-            grads = torch.autograd.grad(z, [leaves[i] for i in ctx.wanted], gq, allow_unused=True)
+            grads = torch.autograd.grad(z, [leaves[i] for i in ctx.wanted], gq, allow_unused=True,
+                                        retain_graph=ctx.graph is not None)
         out: list[Tensor | None] = [None] * n
         for i, g in zip(ctx.wanted, grads):
             role = call.roles[i]

@@ -21,8 +21,10 @@ ops for a mode such as the op-level emulation to intercept).
 Default on; off with the policy setting ``packed=off`` (e.g. ``"int8-lazy+packed=off"``) or the environment
 variable ``LOWPREC_PACKED=0`` (read at every forward), for comparison. Packing is for first-order gradients:
 the unpacked tensors carry no autograd history (``create_graph=True`` double backward is not supported while it
-is on). As with any saved-tensor hook, changing a saved tensor in place after forward is not detected: the
-packed copy holds the value it had when it was saved.
+is on). A saved tensor changed in place after it was saved (``torch.sigmoid(h).mul_(2)``: sigmoid saved its
+result) raises the RuntimeError torch raises without hooks when backward reads it, packed or not (a saved-tensor
+hook alone would hide the change: torch checks versions only where no hook is set); one stored packed and no
+longer alive when backward runs cannot be checked, and its packed copy holds the value it had when saved.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..formats.packing import Bits, Packed, marked_format, pack, pack_bool
+from ..formats.packing import Packed, marked_format, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
@@ -61,7 +63,7 @@ class _Positive(Packed):
     ``threshold_backward(grad, result, 0)`` passes ``grad`` where result > 0 and gives 0 elsewhere, so 1.0/0.0 in
     place of the result gives the same gradient, bit for bit."""
 
-    positive: Bits
+    positive: Packed  # Bits, in the result's memory order (_in_memory_order)
     dtype: torch.dtype
 
     @property
@@ -76,17 +78,19 @@ class _Positive(Packed):
         return self.positive.nbytes
 
 
-#: ReLU result -> its version when the hook last saw it: the first time a ReLU's result is saved (at that
-#: version) it is the ReLU saving it (torch saves an op's result as the op runs, before any other op sees it).
-_SEEN: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
 def _relu_saving_its_result(t: Tensor) -> bool:
-    if type(t.grad_fn).__name__ != "ReluBackward0" or not t.dtype.is_floating_point:
-        return False  # only a ReLU's results are recorded: one lookup for them, none for every other tensor
-    first = _SEEN.get(t) != t._version
-    _SEEN[t] = t._version
-    return first
+    """Whether this save of ``t`` is the ReLU that made it saving its own result (whose backward only reads
+    where it is > 0), not a later op saving the ReLU's output: the ReLU's node is the last autograd node made
+    (the next sequence number follows its own) and its saved result is the one being built now (no data, no
+    hook yet). Telling the two apart by which save the hook sees first is wrong where the ReLU saved through
+    other hooks (an activation checkpoint's, ``torch.autograd.graph.save_on_cpu``) or ran before the model's
+    forward: the first save seen is then another op's (a checkpoint saving its input), which reads the values."""
+    node = t.grad_fn
+    if type(node).__name__ != "ReluBackward0" or not t.dtype.is_floating_point or torch.compiler.is_compiling():
+        return False
+    building = node._raw_saved_result  # type: ignore[union-attr]
+    return (node._sequence_nr() + 1 == torch._C._autograd._get_sequence_nr()  # type: ignore[union-attr]
+            and building.data is None and building.unpack_hook is None)
 
 
 #: tensor -> (its version, its Packed form): a tensor saved by several ops (a recurrent layer's rounded weight,
@@ -155,8 +159,17 @@ class _Recomputed(Packed):
     args: tuple[Tensor | Packed | None, ...]
     shape: torch.Size
     dtype: torch.dtype
+    #: (argument, its version when recorded) of the large arguments held as they are (alive, not packed)
+    live: tuple[tuple[Tensor, int], ...] = ()
 
     def unpack(self) -> Tensor:
+        for a, version in self.live:
+            if a._version != version:
+                raise RuntimeError(
+                    f"a {tuple(a.shape)} argument of the op that made a saved {tuple(self.shape)} tensor was "
+                    f"changed in place between forward and backward; packed storage computes that tensor again "
+                    f"from its arguments and would get other values. Fix: change it after backward, or turn "
+                    f"packing off (policy setting packed=off, or LOWPREC_PACKED=0).")
         return self.fn(*(None if a is None else _unpack_saved(a) for a in self.args))
 
     def __post_init__(self) -> None:
@@ -193,13 +206,21 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
     for i, a in enumerate(args):
         if a is not None and marked_format(a) is not None:  # only a marked tensor is packed (and then dies)
             _WAITING.setdefault(a, []).append((slots, i))
-    _RECOMPUTE[out] = (out._version, fn, slots)
+    _RECOMPUTE[out] = (out._version, fn, slots, [None if a is None else a._version for a in args])
+
+
+#: The pack hooks of the open PackedSavedTensors contexts (see ``saving_packed``).
+_open_pack_hooks: list[Callable[[Tensor], Any]] = []
 
 
 def saving_packed() -> bool:
-    """Whether a PackedSavedTensors context is open: what autograd saves now is stored packed (or recorded by a
-    memory estimate standing in for the packing)."""
-    return bool(_open)
+    """Whether what autograd saves now is stored packed (or recorded by a memory estimate standing in for the
+    packing): a PackedSavedTensors context is open and its hooks are the innermost ones. Under other hooks
+    opened inside it (a non-reentrant activation checkpoint's, in forward and when its backward recomputes the
+    block, where no context is open) it is False both times, so an op that saves differently when packing
+    (QOpFunction) saves the same tensors in the checkpointed forward and in the recomputation."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and any(top[0] is hook for hook in _open_pack_hooks)
 
 
 def _reproducible(t: Tensor) -> bool:
@@ -217,7 +238,53 @@ def _recipe(t: Tensor) -> _Recomputed | None:
     args = [a() if isinstance(a, weakref.ref) else a for a in entry[2]]
     if any(a is None and slot is not None for a, slot in zip(args, entry[2])):
         return None  # an argument neither packed nor alive: not saved by the op that made t
-    return _Recomputed(entry[1], tuple(args), t.shape, t.dtype)
+    live = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    if any(a._version != entry[3][i] for i, a in live):
+        return None  # an argument alive and changed in place since the op ran: t is saved as it is
+    for i, a in live:  # a small one (a bias, which the op does not save) is copied: later changes do not reach it
+        if a.numel() < MIN_NUMEL:
+            args[i] = a.detach().clone()
+    large = tuple((a, a._version) for a in args if isinstance(a, Tensor) and a.numel() >= MIN_NUMEL)
+    return _Recomputed(entry[1], tuple(args), t.shape, t.dtype, large)
+
+
+@dataclass(frozen=True, eq=False)
+class _Permuted(Packed):
+    """A saved tensor laid out as a permutation of a contiguous one (a transpose, channels_last), packed in its
+    memory order: ``unpack()`` gives it back with its own strides (``inner``'s values, dimensions permuted by
+    ``inverse``), so backward's kernels read the layout forward saved. Unpacked contiguous, a reduction over it
+    (a batch-norm's weight gradient over a transposed input) could sum in another order: other bits."""
+
+    inner: Packed
+    inverse: tuple[int, ...]
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        return torch.Size(self.inner.shape[i] for i in self.inverse)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.inner.dtype
+
+    def unpack(self) -> Tensor:
+        return self.inner.unpack().permute(self.inverse)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
+def _in_memory_order(t: Tensor, pack_fn: Callable[[Tensor], Packed]) -> Packed:
+    """``pack_fn(t)``, for a non-contiguous ``t`` that is a permutation of a contiguous layout applied to that
+    contiguous view (no copy) and wrapped in ``_Permuted``; any other layout (a strided slice, an expanded
+    tensor) is packed as it is and comes back contiguous."""
+    if t.is_contiguous():
+        return pack_fn(t)
+    order = sorted(range(t.dim()), key=t.stride, reverse=True)
+    dense = t.permute(order)
+    if not dense.is_contiguous():
+        return pack_fn(t)
+    return _Permuted(pack_fn(dense), tuple(order.index(d) for d in range(t.dim())))
 
 
 def pack_saved(t: Tensor) -> Tensor | Packed:
@@ -225,16 +292,16 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
     if t.numel() < MIN_NUMEL or t.layout != torch.strided:
         return t
     if t.dtype == torch.bool:
-        return _packed_once(t, pack_bool)
+        return _packed_once(t, lambda x: _in_memory_order(x, pack_bool))
     if _RECOMPUTE and t in _RECOMPUTE:
         again = _recipe(t)
         if again is not None:
             return _packed_once(t, lambda _: again)
     fmt = marked_format(t)
     if fmt is not None:
-        return _packed_once(t, lambda x: pack(x, fmt, verify=False))
+        return _packed_once(t, lambda x: _in_memory_order(x, lambda y: pack(y, fmt, verify=False)))
     if _relu_saving_its_result(t):
-        return _Positive(pack_bool(t > 0), t.dtype)
+        return _Positive(_in_memory_order(t > 0, pack_bool), t.dtype)
     return t
 
 
@@ -257,6 +324,39 @@ def _unpack_hook(p: Tensor | Packed) -> Tensor:
         return _unpack_saved(p)
 
 
+@dataclass(frozen=True, eq=False)
+class _Saved:
+    """What the hook keeps of one save: ``stored`` (``pack_saved``'s answer), the saved tensor (itself when
+    stored as it is, else a weak reference: the packed form must not keep it alive; None: not checked) and its
+    version then."""
+
+    stored: Tensor | Packed
+    tensor: Tensor | weakref.ref | None
+    version: int
+
+
+def _pack_checked(t: Tensor) -> _Saved:
+    """``pack_saved(t)``, with what ``_unpack_checked`` needs to see whether ``t`` changed in place since (not
+    while torch.compile traces the hook: a traced tensor's version is not the one backward will see)."""
+    stored = _pack_hook(t)
+    if torch.compiler.is_compiling():
+        return _Saved(stored, None, 0)
+    return _Saved(stored, t if stored is t else weakref.ref(t), t._version)
+
+
+def _unpack_checked(saved: _Saved) -> Tensor:
+    """The saved tensor's values; RuntimeError (torch's own check, which its hooks turn off) when the tensor was
+    changed in place after it was saved."""
+    t = saved.tensor() if isinstance(saved.tensor, weakref.ref) else saved.tensor
+    if t is not None and t._version != saved.version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"a {tuple(t.shape)} {t.dtype} tensor saved for backward at version {saved.version} is now at version "
+            f"{t._version} (lowprec's packed saved tensors check it as torch does). Fix: use the out-of-place op "
+            f"(y = y * 2 in place of y.mul_(2), nn.ReLU(inplace=False)), or clone the tensor before changing it.")
+    return _unpack_hook(saved.stored)
+
+
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: inside it, saved tensors on a format's grid are stored packed (module docstring)."""
 
@@ -265,15 +365,17 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         """Other hooks (a memory estimate that records each save) may stand in for ``pack_saved`` and its
         unpacking; ``recomputable`` records while such a context is open innermost, unless ``recompute`` is
         False (unrounded layer outputs then saved as they are)."""
-        super().__init__(pack_hook or _pack_hook, unpack_hook or _unpack_hook)
+        super().__init__(pack_hook or _pack_checked, unpack_hook or _unpack_checked)
         self.recompute = recompute
 
     def __enter__(self) -> None:
         super().__enter__()
         _open.append(self.recompute)
+        _open_pack_hooks.append(self.pack_hook)
 
     def __exit__(self, *exc: object) -> None:
         _open.pop()
+        _open_pack_hooks.remove(self.pack_hook)
         super().__exit__(*exc)
 
 
