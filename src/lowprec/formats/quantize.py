@@ -1,9 +1,9 @@
 """``quantize()``: round a tensor onto a number format.
 
 Validation and dispatch only; the numerics are in ``kernels.py``. Large tensors run through kernels fused
-by ``torch.compile`` (one pass over memory; on a CPU, MX and NVFP4 as two kernels: ``_run_split``); small ones, and every tensor when no compiler is available or
-``LOWPREC_COMPILE=0``, run the same kernels eagerly. Both give the same bits. Called from code a user compiles,
-these functions are opaque (``torch.compiler.disable``): the user's graph breaks around them and they run as
+by ``torch.compile`` (one pass over memory; on a CPU, MX and NVFP4 as two kernels: ``_run_split``); small ones,
+and every tensor when no compiler is available or ``LOWPREC_COMPILE=0``, run the same kernels eagerly. Both
+give the same bits. Called from code a user compiles, these functions are opaque (``torch.compiler.disable``): the user's graph breaks around them and they run as
 here, since their own compiled kernels cannot nest inside another graph.
 """
 
@@ -100,8 +100,9 @@ def _compiled_apply_static_ints() -> Callable:
 def _run_split(split: tuple[Callable, Callable], xr: Tensor, outr: Tensor, args: tuple) -> bool:
     """A block kernel as its two CPU kernels (``kernel.cpu_split``: e.g. ``scaled_kernels.mx_scales`` and
     ``mx_elements``): per-row scales, then the elements from them (those marked ``reads_bits`` read x as float32
-    and as int32 and write int32: a compiled CPU kernel bitcasts one element at a time, through memory). One fused kernel computing a reduction per row of 32 and the rounding
-    of its elements ran 1.4-1.7x slower than the two (measured on a CPU, MX nearest). False, and nothing written,
+    and as int32 and write int32: a compiled CPU kernel bitcasts one element at a time, through memory). One
+    fused kernel computing a reduction per row and the rounding of its elements ran 1.2-1.9x slower than the two
+    (measured on a CPU: MX nearest, NVFP4). False, and nothing written,
     where the scales' kernel says its rows need the general kernel (``exact``: a scalar read on the CPU, free)."""
     scales, elements = split
     exact, *per_row = _compiled_apply_static_ints()(scales, xr, None, *args)

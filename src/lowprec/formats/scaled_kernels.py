@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, is_below, random_bits, random_bits31
+from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, is_below, random_bits31
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
