@@ -3,8 +3,9 @@
 Validation and dispatch only; the numerics are in ``kernels.py``. Large tensors run through kernels fused
 by ``torch.compile`` (one pass over memory; on a CPU, MX and NVFP4 as two kernels: ``_run_split``); small ones,
 and every tensor when no compiler is available or ``LOWPREC_COMPILE=0``, run the same kernels eagerly. Both
-give the same bits. Called from code a user compiles, these functions are opaque (``torch.compiler.disable``): the user's graph breaks around them and they run as
-here, since their own compiled kernels cannot nest inside another graph.
+give the same bits. Called from code a user compiles, these functions are opaque (``torch.compiler.disable``):
+the user's graph breaks around them and they run as here, since their own compiled kernels cannot nest inside
+another graph.
 """
 
 from __future__ import annotations
