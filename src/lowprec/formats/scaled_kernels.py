@@ -9,12 +9,13 @@ elements are rounded by ``round_element``: exact integer-valued arithmetic on a 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, TOWARD_ZERO, finite_abs, is_below, random_bits
+from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, is_below, random_bits31
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -55,7 +56,7 @@ def round_element(
         small = torch.floor(v.abs() * 2.0**-qmin) * 2.0**qmin
     else:  # one comparison with the random bits: against the discarded fraction of whichever branch applies
         if rand is None:
-            rand = random_bits(v.shape, key, 31, v.device).to(torch.int32)
+            rand = random_bits31(v.shape, key, v.device)
         w = v.abs() * 2.0**-qmin
         low = torch.floor(w)
         frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
@@ -111,6 +112,87 @@ def mx_fp32(
     return torch.where(bad, float("nan"), y + 0.0 if integer else y).view(x.shape)
 
 
+def _f32_bits(value: float) -> int:
+    """The bits of a positive normal float32 ``value`` (plain Python: no tensor, so no graph break when compiled)."""
+    m, e = math.frexp(value)  # value = m * 2**e, m in [0.5, 1)
+    return ((e + 126) << 23) | int((2 * m - 1) * 2**23)
+
+
+#: The bits of the NaN a NaN or inf block becomes (float("nan"), positive).
+NAN_BITS = 0x7FC00000
+
+
+def mx_scales(
+    blocks: Tensor, rule: str, emax: int, man_bits: int, qmin: int, max_value: float, min_value: float,
+    integer: bool, rounding: int, key: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """The first of the two kernels of OCP MX on a CPU (``mx_elements`` is the second; ``mx_fp32`` is the same
+    rounding in one kernel): per row of ``blocks``, the amax and the block exponent e = ``shared_exponent``, given
+    as e * 2**23 (int32: e added to a float32 exponent field), 2**-e and 2**e (float32, ``pow2``), and the bits
+    every element of the row becomes: NAN_BITS where amax is NaN or inf, else 0 (int32). First, ``exact``: a bool
+    scalar, false where a nonzero finite row has e < -126 - (qmin + man_bits): there the element's normal range
+    scaled by 2**e reaches below 2**-126, and float32 subnormals would need the element's normal rounding, which
+    ``mx_elements`` does not do (the caller then runs ``mx_fp32``; only rows with amax below about 2**-96 can:
+    2**-97 for e5m2, 2**-112 for e4m3, 2**-124 for e2m1)."""
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    finite = amax < float("inf")
+    e = shared_exponent(torch.where(finite, amax, 0.0), rule, emax, man_bits, max_value)
+    exact = torch.where((amax > 0) & finite, e, 127).amin() >= -126 - (qmin + man_bits)
+    return exact, e << 23, pow2(-e), pow2(e), torch.where(finite, 0, NAN_BITS).to(torch.int32)
+
+
+def mx_elements(
+    x: Tensor, xi: Tensor, e_bits: Tensor, down: Tensor, up: Tensor, nan_bits: Tensor, rule: str, emax: int,
+    man_bits: int, qmin: int, max_value: float, min_value: float, integer: bool, rounding: int, key: Tensor | None,
+) -> Tensor:
+    """The elements of OCP MX given ``mx_scales`` of their rows, as int32 bits: x as rows (float32) and ``xi``, the
+    same memory viewed as int32 (a compiled CPU kernel bitcasts one element at a time, through memory: reading
+    both views costs nothing, bitcasting did). The same bits as ``mx_fp32`` (``rule`` and ``emax``: unused, the
+    row exponents are given).
+
+    With s = 23 - man_bits and a = the bits of |x|: where |x| >= 2**(qmin + man_bits + e) (the element's normal
+    range, scaled; also x a float32 normal, which ``mx_scales``'s ``exact`` ensures), x * 2**-e and its rounding
+    times 2**e are float32 normals whose bits differ from a's and the rounding's by e * 2**23, so ``round_element``'s
+    integer rounding applies to a as it is (the low s bits are the same; a carry moves into the exponent alike),
+    and saturation is a min with the bits of max_value * 2**e (of -min_value * 2**e for negative x: int8). Below,
+    the element's subnormals: v = |x| * 2**-e rounded to a multiple of 2**qmin as in ``round_element``, times 2**e.
+    Sign from x (int8: not on a zero); NaN rows from ``nan_bits``."""
+    a = xi & 0x7FFFFFFF
+    sign = xi ^ a
+    s = 23 - man_bits
+    keep = -(1 << s)
+    v = x.abs() * down
+    below = a < ((qmin + man_bits + 127) << 23) + e_bits
+    if rounding == NEAREST:
+        r = (a + ((1 << s >> 1) - 1) + ((a >> s) & 1)) & keep
+        big = 2.0 ** (qmin + 23)
+        small = (v + big) - big
+    elif rounding == TOWARD_ZERO:
+        r = a & keep
+        small = torch.floor(v * 2.0**-qmin) * 2.0**qmin
+    else:  # as round_element: one comparison of the random bits with whichever branch's discarded fraction
+        rand = random_bits31(x.shape, key, x.device)
+        w = v * 2.0**-qmin
+        low = torch.floor(w)
+        frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
+        step = is_below(rand, frac)
+        r = (a & keep) + (step << s)
+        small = (low + step) * 2.0**qmin
+    top = _f32_bits(max_value)
+    if min_value != -max_value:  # the negative side saturates at another magnitude
+        top = top - ((xi >> 31) & (top - _f32_bits(-min_value)))
+    r = torch.minimum(r, top + e_bits)
+    mag = torch.where(below, (small * up).view(torch.int32), r)
+    if integer:  # two's complement has no -0
+        sign = sign & -is_below(0, mag)
+    bits = mag | sign
+    return (bits & ((nan_bits - 1) >> 31)) | nan_bits
+
+
+mx_fp32.cpu_split = (mx_scales, mx_elements)  # type: ignore[attr-defined]  # quantize._run: two kernels on a CPU
+mx_elements.reads_bits = True  # type: ignore[attr-defined]  # quantize._run: give it x as int32 too, write int32
+
+
 @functools.cache
 def constant_block(kernel: Callable[..., Tensor], block: int) -> Callable[..., Tensor]:
     """``kernel(x, block, *args)`` with ``block`` fixed: compiled with dynamic shapes, a block size passed as an
@@ -121,6 +203,8 @@ def constant_block(kernel: Callable[..., Tensor], block: int) -> Callable[..., T
     def with_block(x: Tensor, *args: object) -> Tensor:
         return kernel(x, block, *args)
 
+    if hasattr(kernel, "cpu_split"):  # the split kernels take the rows as they are: no block argument
+        with_block.cpu_split = kernel.cpu_split  # type: ignore[attr-defined]
     with_block.static_ints = True  # type: ignore[attr-defined]  # quantize._run: compile with static ints
     with_block.rows = block  # type: ignore[attr-defined]  # quantize._run: pass x and out as rows of the block
     return with_block
@@ -133,12 +217,79 @@ def e4m3_scale(s: Tensor) -> Tensor:
 
 def nvfp4_encode_scale(x: Tensor) -> Tensor:
     """NVFP4's tensor scale: s_enc = min(448 * 6 / amax, FLT_MAX) in float32, amax over x's finite values (an
-    all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped). A correctly rounded division of two tensors: a
-    Python number divided by a tensor is a reciprocal times the number in torch, one rounding too many
-    (2688 / 40 would give 67.20000458 instead of 67.19999695)."""
-    amax = finite_abs(x).amax()
+    all-zero tensor gives FLT_MAX, as 2688 / 0 = inf clamped): ``nvfp4_scale_of_amax``."""
+    return nvfp4_scale_of_amax(finite_abs(x).amax())
+
+
+def nvfp4_scale_of_amax(amax: Tensor) -> Tensor:
+    """min(448 * 6 / amax, FLT_MAX) in float32 for a 0-d amax: a correctly rounded division of two tensors (a Python
+    number divided by a tensor is a reciprocal times the number in torch, one rounding too many: 2688 / 40 would
+    give 67.20000458 instead of 67.19999695)."""
     numerator = torch.tensor(NVFP4_TENSOR_NUMERATOR, dtype=torch.float32, device=amax.device)
     return torch.clamp(numerator / amax, max=FLT_MAX)
+
+
+def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: int, rand: Tensor | None) -> Tensor:
+    """``round_element`` in float32 arithmetic alone, for finite |v| <= the element's max value (the caller clamps)
+    on a grid of a few binades (one comparison per binade; e2m1: two): the quantum is 2**qmin below
+    2**(qmin + man_bits + 1) (the subnormals and the first binade share it), 2**(k - man_bits) in the binade
+    [2**k, 2**(k+1)). Nearest: (|v| + C) - C with C = quantum * 2**23 (the sum's ulp is the quantum: rounded to
+    nearest even, exactly as ``round_element``'s ties to even); toward_zero and stochastic round w = |v| / quantum
+    (exact) to an integer as ``round_element`` does (floor; floor(w) + [R < (w - floor(w)) * 2**31], the discarded
+    bits compared with the same 31 random bits ``rand``), times the quantum. Sign kept. The same bits as
+    ``round_element`` without reading v's bits (a compiled CPU kernel bitcasts one element at a time, through
+    memory)."""
+    av = v.abs()
+    binades = [(2.0**k, k - man_bits) for k in range(qmin + man_bits + 1, emax + 1)]
+    if rounding == NEAREST:
+        magic = torch.full_like(av, 2.0 ** (qmin + 23))
+        for start, q in binades:
+            magic = torch.where(av >= start, 2.0 ** (q + 23), magic)
+        return ((av + magic) - magic).copysign(v)
+    inverse = torch.full_like(av, 2.0**-qmin)
+    quantum = torch.full_like(av, 2.0**qmin)
+    for start, q in binades:
+        upper = av >= start
+        inverse = torch.where(upper, 2.0**-q, inverse)
+        quantum = torch.where(upper, 2.0**q, quantum)
+    w = av * inverse
+    k_int = torch.floor(w)
+    if rounding == STOCHASTIC:
+        k_int = k_int + is_below(rand, ((w - k_int) * 2.0**31).to(torch.int32)).to(torch.float32)
+    return (k_int * quantum).copysign(v)
+
+
+def nvfp4_block_scales(block_amax: Tensor, s_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(enc, d, s_dec) of NVFP4 blocks from their amax and the tensor's encode scale, each step in float32 rounded
+    to nearest: s_dec = 1 / s_enc; d = e4m3(min((amax_b / 6) * s_enc, 448)); enc = min(1 / (d * s_dec), FLT_MAX)."""
+    s_dec = 1.0 / s_enc
+    d = e4m3_scale(torch.clamp((block_amax / 6.0) * s_enc, max=448.0))  # clamp: also FLT_MAX's and inf's
+    enc = torch.clamp(1.0 / (d * s_dec), max=FLT_MAX)
+    return enc, d, s_dec
+
+
+def nvfp4_elements(
+    blocks: Tensor, enc: Tensor, d: Tensor, s_dec: Tensor, rounding: int, key: Tensor | None
+) -> Tensor:
+    """NVFP4 elements of finite ``blocks`` (rows) from ``nvfp4_block_scales``: q = e2m1(clamp(x * enc, -6, 6))
+    (``round_few_binades``), y = (q * d) * s_dec, each product rounded to nearest in float32."""
+    rand = random_bits31(blocks.shape, key, blocks.device) if rounding == STOCHASTIC else None
+    q = round_few_binades(torch.clamp(blocks * enc, -6.0, 6.0), 1, -1, 2, rounding, rand)
+    return (q * d) * s_dec
+
+
+def nvfp4_fp32(
+    blocks: Tensor, block_amax: Tensor, s_enc: Tensor, rounding: int, key: Tensor | None
+) -> Tensor:
+    """NVFP4 on rows ``blocks`` given each row's block amax ``block_amax`` (NaN where the block holds NaN or inf)
+    and the tensor's encode scale ``s_enc`` (``nvfp4_encode_scale``): ``nvfp4_block_scales``, then
+    ``nvfp4_elements``; NaN rows where the block amax is NaN. In float32, each step rounded to nearest:
+
+        s_dec = 1 / s_enc;  d = e4m3(min((amax_b / 6) * s_enc, 448));
+        enc = min(1 / (d * s_dec), FLT_MAX);  q = e2m1(clamp(x * enc, -6, 6));  y = (q * d) * s_dec
+    """
+    y = nvfp4_elements(blocks, *nvfp4_block_scales(block_amax, s_enc), rounding, key)
+    return torch.where(torch.isnan(block_amax), float("nan"), y)
 
 
 def nvfp4_1x16_fp32(x: Tensor, rounding: int, key: Tensor | None) -> Tensor:
@@ -149,21 +300,16 @@ def nvfp4_1x16_fp32(x: Tensor, rounding: int, key: Tensor | None) -> Tensor:
     return nvfp4_fp32(blocks, amax, nvfp4_encode_scale(x), rounding, key).view(x.shape)
 
 
+def nvfp4_1x16_scales(blocks: Tensor, rounding: int, key: Tensor | None) -> tuple[Tensor, ...]:
+    """The first of the two kernels of NVFP4 1x16 on a CPU (``nvfp4_elements`` is the second): per row of 16, the
+    amax, and from them the tensor amax (so x is read once here) and ``nvfp4_block_scales``. First, ``exact``: a
+    bool scalar, false where some block holds NaN or inf (its finite values still count towards the tensor amax,
+    and the block becomes NaN: the caller then runs ``nvfp4_1x16_fp32``)."""
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    finite = amax < float("inf")
+    s_enc = nvfp4_scale_of_amax(torch.where(finite, amax, 0.0).amax())
+    return (finite.all(), *nvfp4_block_scales(amax, s_enc))
+
+
 nvfp4_1x16_fp32.rows = 16  # type: ignore[attr-defined]  # quantize._run: pass x and out as rows of 16
-
-
-def nvfp4_fp32(
-    blocks: Tensor, block_amax: Tensor, s_enc: Tensor, rounding: int, key: Tensor | None
-) -> Tensor:
-    """NVFP4 on rows ``blocks`` given each row's block amax ``block_amax`` (NaN where the block holds NaN or inf)
-    and the tensor's encode scale ``s_enc`` (``nvfp4_encode_scale``). In float32, each step rounded to nearest:
-
-        s_dec = 1 / s_enc;  d = e4m3(min((amax_b / 6) * s_enc, 448));
-        enc = min(1 / (d * s_dec), FLT_MAX);  q = e2m1(clamp(x * enc, -6, 6));  y = (q * d) * s_dec
-    """
-    s_dec = 1.0 / s_enc
-    d = e4m3_scale(torch.clamp((block_amax / 6.0) * s_enc, max=448.0))  # clamp: also FLT_MAX's and inf's
-    enc = torch.clamp(1.0 / (d * s_dec), max=FLT_MAX)
-    v = torch.clamp(blocks * enc, -6.0, 6.0)
-    y = (round_element(v, 1, -1, 6.0, -6.0, rounding, key) * d) * s_dec
-    return torch.where(torch.isnan(block_amax), float("nan"), y)
+nvfp4_1x16_fp32.cpu_split = (nvfp4_1x16_scales, nvfp4_elements)  # type: ignore[attr-defined]
