@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import lowprec as lp
-from lowprec.formats.packing import Codes, Packed
+from lowprec.formats.packing import Codes, Packed, marked_format, pack, storage_of
+from lowprec.policy import Quantizer
+from lowprec.policy.policy import Quant
 from lowprec.train import SGD, AdamW, Trainer, stored
 
 INT8_LAZY = lp.Policy.parse("int8-lazy")
@@ -306,3 +308,39 @@ def test_warmup_restores_the_update_state_packed_with_its_values():
     assert {(n, b) for n, b, _ in after} == set(before)
     for n, b, v in after:
         assert_same(v.unpack(), before[(n, b)])
+
+
+@pytest.mark.parametrize("fmt", ["dfx<8>", "dfx<10>", "dfx<16>", "fixed<16,20>", "fixed<8,-3>", "fixed<4,2>",
+                                 "fixed<20,14>", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_store_gives_the_codes_pack_gives_formed_in_the_rounded_tensor(fmt, dtype):
+    """store forms whole-byte integer codes in the rounded tensor's own memory: the same Codes (payload
+    dtype, bits, frac, every code) as formats.packing.pack, unpacking bit for bit to the rounded values; the
+    other formats go through pack itself."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 11, generator=g, dtype=dtype) * 3.0) ** 3
+    x[0, 0], x[1, 1] = 0.0, -0.0
+    q = Quantizer(Quant.parse(fmt), lp.Policy.parse(""))
+    rounded = q(x)
+    kept = rounded.clone()
+    reference = pack(kept, marked_format(rounded), verify=True)
+    got = stored.store(rounded, True)
+    if storage_of(q.quant.format).bytes_per_value >= x.element_size():
+        assert got is rounded and torch.equal(got, kept)  # fixed<20,14>: int32 codes, no smaller than float32
+        return
+    assert type(got) is type(reference)
+    assert got.unpack().dtype == dtype
+    assert torch.equal(got.unpack(), kept)  # -0 comes back as +0 from integer codes: the same number
+    if isinstance(reference, Codes):
+        assert (got.data.dtype, got.bits, got.frac, got.shape) == \
+            (reference.data.dtype, reference.bits, reference.frac, reference.shape)
+        assert torch.equal(got.codes(), reference.codes())
+
+
+def test_store_keeps_a_rounded_tensor_holding_nan_as_it_is():
+    q = Quantizer(Quant.parse("fixed<16,8>"), lp.Policy.parse(""))
+    x = torch.tensor([1.0, float("nan"), -2.5, 3.0])
+    got = stored.store(q(x), True)
+    assert not isinstance(got, Codes)
+    assert torch.equal(stored.load(got).isnan(), torch.tensor([False, True, False, False]))
+    assert stored.load(got)[[0, 2, 3]].tolist() == [1.0, -2.5, 3.0]

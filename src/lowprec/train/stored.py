@@ -16,13 +16,14 @@ Packing is on where the policy's ``packed`` setting is (the default) and the env
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
 from torch import Tensor
 
-from ..formats import Format
-from ..formats.packing import PACKERS, Packed, marked_format, pack, storage_of
+from ..formats import FixedPoint, Format
+from ..formats.packing import PACKERS, Codes, Packed, Raw, marked_format, pack, storage_of
 from ..nn.packed import packing_enabled
 from ..policy import Policy
 from ..policy.policy import Quant
@@ -43,17 +44,48 @@ def _packable(value: Tensor) -> bool:
     return type(value) is Tensor and value.layout == torch.strided and value.is_floating_point()
 
 
+@functools.cache
+def _bytes_per_value(fmt: Format) -> float:
+    return storage_of(fmt).bytes_per_value
+
+
 def _smaller(fmt: Format, value: Tensor) -> bool:
     """Whether ``fmt``'s packed storage takes fewer bytes than ``value``'s dtype (fixed<20, 14> takes int32
-    codes: no smaller than float32, so such a tensor is kept as it is)."""
-    return storage_of(fmt).bytes_per_value < value.element_size()
+    codes: no smaller than float32, so such a tensor is kept as it is). Cached per format: called per tensor
+    per step."""
+    return _bytes_per_value(fmt) < value.element_size()
+
+
+@functools.cache
+def _code_dtype(fmt: Format) -> torch.dtype | None:
+    """The integer dtype of ``fmt``'s codes where each takes whole bytes (fixed point: int8, int16, ...); None
+    for sub-byte codes (two or four to a byte) and other families, which ``pack`` encodes."""
+    dtype = storage_of(fmt).dtype
+    return dtype if isinstance(fmt, FixedPoint) and dtype.is_signed and not dtype.is_floating_point else None
+
+
+def _codes_in_place(value: Tensor, fmt: FixedPoint, dtype: torch.dtype) -> Packed:
+    """``pack(value, fmt)`` for whole-byte codes, computed in ``value``'s own memory: value * 2**frac in place
+    (exact: every value is k * 2**-frac and 2**frac, |frac| <= 100, is a normal float32/float64), then one cast
+    to the codes' dtype; no float temporary beside ``value``, which is consumed. NaN (no integer code): kept as
+    it is, as ``pack`` does."""
+    if bool(value.sum().isnan()):
+        return Raw(value)
+    codes = value.mul_(2.0**fmt.frac).reshape(-1).to(dtype)
+    return Codes(codes, value.shape, value.dtype, fmt.word, True, fmt.frac)
 
 
 def store(value: Tensor, on: bool) -> Stored:
     """``value`` (a role quantizer's result) packed in the format it is marked with when ``on`` and that is
-    smaller; else ``value``."""
+    smaller; else ``value``. ``value`` is consumed when packed: integer codes are formed in its memory
+    (``_codes_in_place``: the same ``Codes`` as ``pack``), so the caller must not read it afterwards."""
     fmt = marked_format(value) if on and _packable(value) else None
-    return value if fmt is None or not _smaller(fmt, value) else pack(value, fmt, verify=False)
+    if fmt is None or not _smaller(fmt, value):
+        return value
+    dtype = _code_dtype(fmt)
+    if dtype is not None and value.dtype in (torch.float32, torch.float64):
+        return _codes_in_place(value, fmt, dtype)  # type: ignore[arg-type]
+    return pack(value, fmt, verify=False)
 
 
 def load(stored: Stored) -> Tensor:
