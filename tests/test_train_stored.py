@@ -344,3 +344,24 @@ def test_store_keeps_a_rounded_tensor_holding_nan_as_it_is():
     assert not isinstance(got, Codes)
     assert torch.equal(stored.load(got).isnan(), torch.tensor([False, True, False, False]))
     assert stored.load(got)[[0, 2, 3]].tolist() == [1.0, -2.5, 3.0]
+
+
+@pytest.mark.parametrize("fmt", ["dfx<8>", "dfx<16>", "fixed<16,100>", "fixed<12,-20>", "fixed<4,2>", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_load_add_is_the_sum_of_the_unpacked_values_bit_for_bit(fmt, dtype):
+    """load_add sums integer codes into ``other`` in one scaled pass: bit for bit load(stored) + other, -0 and
+    ties included, for codes of every scale; other packings and float tensors as load(...) + other."""
+    g = torch.Generator().manual_seed(7)
+    q = Quantizer(Quant.parse(fmt), lp.Policy.parse(""))
+    scale = {"fixed<16,100>": 2.0**-95, "fixed<12,-20>": 2.0**25}.get(fmt, 1.0)
+    kept = stored.store(q(torch.randn(29, 3, generator=g, dtype=dtype) * scale), True)
+    assert isinstance(kept, Codes) == (fmt != "e5m2")
+    other = torch.randn(29, 3, generator=g, dtype=dtype) * scale
+    other[0, 0], other[1, 1] = -0.0, stored.load(kept)[1, 1]  # a signed zero, an exact double
+    expected = stored.load(kept) + other
+    got = stored.load_add(kept, other)
+    assert got.dtype == dtype and torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                                              expected.view(torch.int64 if dtype == torch.float64 else torch.int32))
+    assert got is not other
+    plain = torch.randn(4, generator=g, dtype=dtype)
+    assert torch.equal(stored.load_add(plain, plain), plain + plain)

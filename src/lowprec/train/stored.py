@@ -28,7 +28,7 @@ from ..nn.packed import packing_enabled
 from ..policy import Policy
 from ..policy.policy import Quant
 
-__all__ = ["Stored", "packing_on", "store", "load", "repack", "nbytes", "bytes_per_value"]
+__all__ = ["Stored", "packing_on", "store", "load", "load_add", "repack", "nbytes", "bytes_per_value"]
 
 #: A tensor as an update keeps it between steps: packed, or a float tensor.
 Stored = Union[Tensor, Packed]
@@ -91,6 +91,17 @@ def store(value: Tensor, on: bool) -> Stored:
 def load(stored: Stored) -> Tensor:
     """The float tensor of ``store``'s result: a new tensor when packed, the tensor itself otherwise."""
     return stored.unpack() if isinstance(stored, Packed) else stored
+
+
+def load_add(stored: Stored, other: Tensor) -> Tensor:
+    """``load(stored) + other`` as a new tensor, bit for bit. Integer codes k of a float32/float64 tensor are
+    cast once and summed in place as ``other + 2**-frac · k`` (one pass: 2**-frac, |frac| <= 126, is a normal
+    number and the product exact, so the sum is rounded once, as the unpacked value's sum is), instead of a cast, a multiply and a sum into a new tensor."""
+    if (isinstance(stored, Codes) and stored.levels is None and abs(stored.frac) <= 126
+            and stored.dtype in (torch.float32, torch.float64) and other.dtype == stored.dtype and other.shape == stored.shape):
+        values = stored.codes().to(stored.dtype)
+        return torch.add(other, values, alpha=2.0**-stored.frac, out=values)
+    return load(stored) + other
 
 
 def repack(value: Tensor, fmt: Format | None, on: bool) -> Stored:

@@ -204,7 +204,7 @@ class ParamSlot:
         """Park's lazy update of θ by Δ (module docstring), in place on θ; the accumulator is unpacked here
         and stored packed again (``stored.py``)."""
         theta = self.param
-        acc = self.accumulator(stored.load(self._acc) + delta)
+        acc = self.accumulator(stored.load_add(self._acc, delta))
         new = self.master(theta + acc)
         acc = self.accumulator.round(acc - (new - theta))
         assign_(theta, new)
