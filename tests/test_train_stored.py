@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import lowprec as lp
 from lowprec.formats.packing import Codes, Packed, marked_format, pack, storage_of
@@ -365,3 +365,30 @@ def test_load_add_is_the_sum_of_the_unpacked_values_bit_for_bit(fmt, dtype):
     assert got is not other
     plain = torch.randn(4, generator=g, dtype=dtype)
     assert torch.equal(stored.load_add(plain, plain), plain + plain)
+
+
+@pytest.mark.parametrize("role", ["dfx<8>", "dfx<16>", "dfx<4>", "fixed<16,8>", "e4m3"])
+@pytest.mark.parametrize("rule", ["maxabs", "overflow"])
+@pytest.mark.parametrize("observe", [True, False])
+def test_store_rounded_keeps_what_store_of_the_rounding_keeps(role, rule, observe):
+    """store_rounded takes the codes from the rounding (max-abs dfx) or rounds and stores: either way the same
+    kept value, codes and exponent as store(quantizer(x)) (quantizer.round(x) with observe=False), and the
+    same exponent statistics."""
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(33, 5, generator=g) * 0.01 for _ in range(3)]
+    xs[2][4, 4] = float("nan")
+    policy = lp.Policy.parse(f"exponent_rule={rule}")
+    a, b = Quantizer(Quant.parse(role), policy), Quantizer(Quant.parse(role), policy)
+    for x in xs:
+        got = stored.store_rounded(a, x.clone(), True, observe=observe)
+        want = stored.store((b if observe else b.round)(x.clone()), True)
+        assert type(got) is type(want)
+        assert torch.equal(stored.load(got).isnan(), stored.load(want).isnan())
+        assert torch.equal(stored.load(got).nan_to_num().view(torch.int32),
+                           stored.load(want).nan_to_num().view(torch.int32))
+        if isinstance(want, Codes):
+            assert (got.data.dtype, got.bits, got.frac) == (want.data.dtype, want.bits, want.frac)
+            assert torch.equal(got.codes(), want.codes())
+        assert repr(a.state_dict()) == repr(b.state_dict())  # the same exponent and statistics
+    off = stored.store_rounded(a, xs[0].clone(), False)
+    assert type(off) is Tensor and torch.equal(off, a(xs[0]))

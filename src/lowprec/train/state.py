@@ -111,6 +111,9 @@ class OptimizerStateFormats:
         in place. The unrounded tensor is dropped before packing and the rounded one after, so that at most one
         buffer's float tensors are alive beside the packing's temporaries."""
         value = state[buffer]
+        if on and not slot.courbariaux:  # rounded and packed, the codes from the rounding where it gives them
+            state[buffer] = stored.store_rounded(self._quantizer(slot, buffer), value, on)
+            return
         rounded = value if slot.courbariaux else self._quantizer(slot, buffer)(value)
         if not on:
             assign_(value, rounded)  # float32 containers, in place

@@ -22,13 +22,13 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ..formats import FixedPoint, Format
+from ..formats import DynamicFixedPoint, FixedPoint, Format
 from ..formats.packing import PACKERS, Codes, Packed, Raw, marked_format, pack, storage_of
 from ..nn.packed import packing_enabled
-from ..policy import Policy
+from ..policy import Policy, Quantizer
 from ..policy.policy import Quant
 
-__all__ = ["Stored", "packing_on", "store", "load", "load_add", "repack", "nbytes", "bytes_per_value"]
+__all__ = ["Stored", "packing_on", "store", "load", "load_add", "store_rounded", "repack", "nbytes", "bytes_per_value"]
 
 #: A tensor as an update keeps it between steps: packed, or a float tensor.
 Stored = Union[Tensor, Packed]
@@ -58,10 +58,11 @@ def _smaller(fmt: Format, value: Tensor) -> bool:
 
 @functools.cache
 def _code_dtype(fmt: Format) -> torch.dtype | None:
-    """The integer dtype of ``fmt``'s codes where each takes whole bytes (fixed point: int8, int16, ...); None
-    for sub-byte codes (two or four to a byte) and other families, which ``pack`` encodes."""
+    """The integer dtype of ``fmt``'s codes where each takes whole bytes (fixed and dynamic fixed point: int8,
+    int16, ...); None for sub-byte codes (two or four to a byte) and other families, which ``pack`` encodes."""
     dtype = storage_of(fmt).dtype
-    return dtype if isinstance(fmt, FixedPoint) and dtype.is_signed and not dtype.is_floating_point else None
+    fixed = isinstance(fmt, (FixedPoint, DynamicFixedPoint))
+    return dtype if fixed and dtype.is_signed and not dtype.is_floating_point else None
 
 
 def _codes_in_place(value: Tensor, fmt: FixedPoint, dtype: torch.dtype) -> Packed:
@@ -83,9 +84,24 @@ def store(value: Tensor, on: bool) -> Stored:
     if fmt is None or not _smaller(fmt, value):
         return value
     dtype = _code_dtype(fmt)
-    if dtype is not None and value.dtype in (torch.float32, torch.float64):
-        return _codes_in_place(value, fmt, dtype)  # type: ignore[arg-type]
+    if dtype is not None and isinstance(fmt, FixedPoint) and value.dtype in (torch.float32, torch.float64):
+        return _codes_in_place(value, fmt, dtype)
     return pack(value, fmt, verify=False)
+
+
+def store_rounded(quantizer: Quantizer, value: Tensor, on: bool, observe: bool = True) -> Stored:
+    """``store(quantizer(value), on)`` (``quantizer.round(value)`` with ``observe=False``), bit for bit. Where
+    the rounding gives the integer codes itself (``Quantizer.codes``: max-abs dynamic fixed point) they are cast
+    once to their width: no rounded float tensor, no scaling back and forth, no NaN check (the rounding found
+    none)."""
+    fmt = quantizer.quant.format if quantizer.quant is not None else None
+    dtype = _code_dtype(fmt) if on and fmt is not None and _packable(value) else None
+    if dtype is not None and _smaller(fmt, value):
+        got = quantizer.codes(value)
+        if got is not None:
+            codes, frac = got
+            return Codes(codes.reshape(-1).to(dtype), value.shape, value.dtype, fmt.bits, True, frac)
+    return store(quantizer(value) if observe else quantizer.round(value), on)
 
 
 def load(stored: Stored) -> Tensor:

@@ -206,9 +206,10 @@ class ParamSlot:
         theta = self.param
         acc = self.accumulator(stored.load_add(self._acc, delta))
         new = self.master(theta + acc)
-        acc = self.accumulator.round(acc - (new - theta))
+        residual = acc - (new - theta)
+        del acc
         assign_(theta, new)
-        self._acc = stored.store(acc, stored.packing_on(self.policy))
+        self._acc = stored.store_rounded(self.accumulator, residual, stored.packing_on(self.policy), observe=False)
 
 
 def unpack_state_of_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
