@@ -5,10 +5,14 @@ gives them a format are rounded once per step by a role ``Quantizer``, whose res
 lies on (``lowprec.formats.packing.mark``: a ``dfx<16>`` rounding leaves the ``fixed<16, frac>`` of the exponent
 it chose). ``store`` packs such a result in that format (int16 or int8 codes with the exponent, fp16/fp8
 casts, sub-byte codes) with no second rounding and no search for the exponent, where the packed width is below
-the tensor's (20-bit fixed point takes int32 codes, no smaller than float32: kept as it is); ``load``
-unpacks it bit for bit (one cast and one multiply; integer codes have one zero, so a -0 comes back as +0, the
-same number). A value that is not marked (a role without a format, a rounding that changed nothing, a format
-family without a packer) or that holds NaN is kept as the float tensor it is.
+the tensor's (20-bit fixed point takes int32 codes, no smaller than float32: kept as it is); whole-byte integer
+codes are formed in the rounded tensor's own memory, which ``store`` consumes. ``store_rounded`` rounds and
+stores in one: a max-abs dynamic fixed point rounding hands over its integer codes (``Quantizer.codes``), cast
+once, with no rounded float tensor at all. ``load`` unpacks bit for bit (one cast and one multiply; integer
+codes have one zero, so a -0 comes back as +0, the same number); ``load_add`` sums packed codes into another
+tensor in one pass (the lazy update's ``acc + Δ``). A value that is not marked (a role without a format, a
+rounding that changed nothing, a format family without a packer) or that holds NaN is kept as the float tensor
+it is.
 
 Packing is on where the policy's ``packed`` setting is (the default) and the environment variable
 ``LOWPREC_PACKED`` is not 0 (read at every store, as the saved tensors read it at every forward).
@@ -112,9 +116,11 @@ def load(stored: Stored) -> Tensor:
 def load_add(stored: Stored, other: Tensor) -> Tensor:
     """``load(stored) + other`` as a new tensor, bit for bit. Integer codes k of a float32/float64 tensor are
     cast once and summed in place as ``other + 2**-frac · k`` (one pass: 2**-frac, |frac| <= 126, is a normal
-    number and the product exact, so the sum is rounded once, as the unpacked value's sum is), instead of a cast, a multiply and a sum into a new tensor."""
+    number and the product exact, so the sum is rounded once, as the unpacked value's sum is), instead of a
+    cast, a multiply and a sum into a new tensor."""
     if (isinstance(stored, Codes) and stored.levels is None and abs(stored.frac) <= 126
-            and stored.dtype in (torch.float32, torch.float64) and other.dtype == stored.dtype and other.shape == stored.shape):
+            and stored.dtype in (torch.float32, torch.float64) and other.dtype == stored.dtype
+            and other.shape == stored.shape):
         values = stored.codes().to(stored.dtype)
         return torch.add(other, values, alpha=2.0**-stored.frac, out=values)
     return load(stored) + other
