@@ -392,3 +392,20 @@ def test_store_rounded_keeps_what_store_of_the_rounding_keeps(role, rule, observ
         assert repr(a.state_dict()) == repr(b.state_dict())  # the same exponent and statistics
     off = stored.store_rounded(a, xs[0].clone(), False)
     assert type(off) is Tensor and torch.equal(off, a(xs[0]))
+
+
+@pytest.mark.parametrize("fmt", ["dfx<10>", "dfx<16>", "fixed<16,100>", "fixed<12,-20>", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [0.9, 1 / 3, 0.0, 1e-30, 3e30, 7.0])
+def test_load_scaled_is_the_product_of_the_unpacked_values_bit_for_bit(fmt, dtype, factor):
+    """load_scaled multiplies integer codes by one combined factor: bit for bit load(stored) * factor (the
+    float32 scalar of torch's own product), tiny and huge factors included (they take the unpacked path)."""
+    g = torch.Generator().manual_seed(13)
+    q = Quantizer(Quant.parse(fmt), lp.Policy.parse(""))
+    scale = {"fixed<16,100>": 2.0**-95, "fixed<12,-20>": 2.0**25}.get(fmt, 1.0)
+    kept = stored.store(q(torch.randn(23, 4, generator=g, dtype=dtype) * scale), True)
+    assert isinstance(kept, Codes) == (fmt != "e4m3")
+    expected = stored.load(kept) * factor
+    got = stored.load_scaled(kept, factor)
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    assert got.dtype == dtype and torch.equal(got.view(bits), expected.view(bits))

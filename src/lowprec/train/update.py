@@ -303,12 +303,13 @@ def courbariaux_step_(
         theta = s.holder
         if theta.grad is None:
             continue
-        unpack_state_of_(optimizer, [theta])
         group = groups[id(theta)]
         lr, mu, wd = float(group["lr"]), float(group.get("momentum", 0.0)), float(group.get("weight_decay", 0.0))
         g = theta.grad if wd == 0 else theta.grad + wd * theta
         state = optimizer.state[theta]
-        v = g * -lr if mu == 0 or "momentum_buffer" not in state else state["momentum_buffer"] * mu - g * lr
+        # the velocity kept packed is read straight into M·v (never unpacked first; not at all where M = 0)
+        v = g * -lr if mu == 0 or "momentum_buffer" not in state else \
+            stored.load_scaled(state["momentum_buffer"], mu) - g * lr
         v = round_velocity(s, v)
         state["momentum_buffer"] = v
         _store_update_(s, v)
