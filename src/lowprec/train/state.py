@@ -108,8 +108,9 @@ class OptimizerStateFormats:
 
     def _round_buffer_(self, slot: ParamSlot, state: dict[str, Any], buffer: str, on: bool) -> None:
         """``state[buffer]`` rounded (unless Courbariaux's update rounded it) and kept packed (``on``), or rounded
-        in place. The unrounded tensor is dropped before packing and the rounded one after, so that at most one
-        buffer's float tensors are alive beside the packing's temporaries."""
+        in place. Packed, the codes come from the rounding where it gives them (``stored.store_rounded``), else
+        are formed in the rounded tensor's memory; the unrounded tensor is dropped before packing, so that at
+        most one buffer's float tensors are alive beside the packing's temporaries."""
         value = state[buffer]
         if on and not slot.courbariaux:  # rounded and packed, the codes from the rounding where it gives them
             state[buffer] = stored.store_rounded(self._quantizer(slot, buffer), value, on)
