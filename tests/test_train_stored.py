@@ -6,10 +6,12 @@ import io
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import lowprec as lp
-from lowprec.formats.packing import Codes, Packed
+from lowprec.formats.packing import Codes, Packed, marked_format, pack, storage_of
+from lowprec.policy import Quantizer
+from lowprec.policy.policy import Quant
 from lowprec.train import SGD, AdamW, Trainer, stored
 
 INT8_LAZY = lp.Policy.parse("int8-lazy")
@@ -306,3 +308,104 @@ def test_warmup_restores_the_update_state_packed_with_its_values():
     assert {(n, b) for n, b, _ in after} == set(before)
     for n, b, v in after:
         assert_same(v.unpack(), before[(n, b)])
+
+
+@pytest.mark.parametrize("fmt", ["dfx<8>", "dfx<10>", "dfx<16>", "fixed<16,20>", "fixed<8,-3>", "fixed<4,2>",
+                                 "fixed<20,14>", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_store_gives_the_codes_pack_gives_formed_in_the_rounded_tensor(fmt, dtype):
+    """store forms whole-byte integer codes in the rounded tensor's own memory: the same Codes (payload
+    dtype, bits, frac, every code) as formats.packing.pack, unpacking bit for bit to the rounded values; the
+    other formats go through pack itself."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 11, generator=g, dtype=dtype) * 3.0) ** 3
+    x[0, 0], x[1, 1] = 0.0, -0.0
+    q = Quantizer(Quant.parse(fmt), lp.Policy.parse(""))
+    rounded = q(x)
+    kept = rounded.clone()
+    reference = pack(kept, marked_format(rounded), verify=True)
+    got = stored.store(rounded, True)
+    if storage_of(q.quant.format).bytes_per_value >= x.element_size():
+        assert got is rounded and torch.equal(got, kept)  # fixed<20,14>: int32 codes, no smaller than float32
+        return
+    assert type(got) is type(reference)
+    assert got.unpack().dtype == dtype
+    assert torch.equal(got.unpack(), kept)  # -0 comes back as +0 from integer codes: the same number
+    if isinstance(reference, Codes):
+        assert (got.data.dtype, got.bits, got.frac, got.shape) == \
+            (reference.data.dtype, reference.bits, reference.frac, reference.shape)
+        assert torch.equal(got.codes(), reference.codes())
+
+
+def test_store_keeps_a_rounded_tensor_holding_nan_as_it_is():
+    q = Quantizer(Quant.parse("fixed<16,8>"), lp.Policy.parse(""))
+    x = torch.tensor([1.0, float("nan"), -2.5, 3.0])
+    got = stored.store(q(x), True)
+    assert not isinstance(got, Codes)
+    assert torch.equal(stored.load(got).isnan(), torch.tensor([False, True, False, False]))
+    assert stored.load(got)[[0, 2, 3]].tolist() == [1.0, -2.5, 3.0]
+
+
+@pytest.mark.parametrize("fmt", ["dfx<8>", "dfx<16>", "fixed<16,100>", "fixed<12,-20>", "fixed<4,2>", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_load_add_is_the_sum_of_the_unpacked_values_bit_for_bit(fmt, dtype):
+    """load_add sums integer codes into ``other`` in one scaled pass: bit for bit load(stored) + other, -0 and
+    ties included, for codes of every scale; other packings and float tensors as load(...) + other."""
+    g = torch.Generator().manual_seed(7)
+    q = Quantizer(Quant.parse(fmt), lp.Policy.parse(""))
+    scale = {"fixed<16,100>": 2.0**-95, "fixed<12,-20>": 2.0**25}.get(fmt, 1.0)
+    kept = stored.store(q(torch.randn(29, 3, generator=g, dtype=dtype) * scale), True)
+    assert isinstance(kept, Codes) == (fmt != "e5m2")
+    other = torch.randn(29, 3, generator=g, dtype=dtype) * scale
+    other[0, 0], other[1, 1] = -0.0, stored.load(kept)[1, 1]  # a signed zero, an exact double
+    expected = stored.load(kept) + other
+    got = stored.load_add(kept, other)
+    assert got.dtype == dtype and torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                                              expected.view(torch.int64 if dtype == torch.float64 else torch.int32))
+    assert got is not other
+    plain = torch.randn(4, generator=g, dtype=dtype)
+    assert torch.equal(stored.load_add(plain, plain), plain + plain)
+
+
+@pytest.mark.parametrize("role", ["dfx<8>", "dfx<16>", "dfx<4>", "fixed<16,8>", "e4m3"])
+@pytest.mark.parametrize("rule", ["maxabs", "overflow"])
+@pytest.mark.parametrize("observe", [True, False])
+def test_store_rounded_keeps_what_store_of_the_rounding_keeps(role, rule, observe):
+    """store_rounded takes the codes from the rounding (max-abs dfx) or rounds and stores: either way the same
+    kept value, codes and exponent as store(quantizer(x)) (quantizer.round(x) with observe=False), and the
+    same exponent statistics."""
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(33, 5, generator=g) * 0.01 for _ in range(3)]
+    xs[2][4, 4] = float("nan")
+    policy = lp.Policy.parse(f"exponent_rule={rule}")
+    a, b = Quantizer(Quant.parse(role), policy), Quantizer(Quant.parse(role), policy)
+    for x in xs:
+        got = stored.store_rounded(a, x.clone(), True, observe=observe)
+        want = stored.store((b if observe else b.round)(x.clone()), True)
+        assert type(got) is type(want)
+        assert torch.equal(stored.load(got).isnan(), stored.load(want).isnan())
+        assert torch.equal(stored.load(got).nan_to_num().view(torch.int32),
+                           stored.load(want).nan_to_num().view(torch.int32))
+        if isinstance(want, Codes):
+            assert (got.data.dtype, got.bits, got.frac) == (want.data.dtype, want.bits, want.frac)
+            assert torch.equal(got.codes(), want.codes())
+        assert repr(a.state_dict()) == repr(b.state_dict())  # the same exponent and statistics
+    off = stored.store_rounded(a, xs[0].clone(), False)
+    assert type(off) is Tensor and torch.equal(off, a(xs[0]))
+
+
+@pytest.mark.parametrize("fmt", ["dfx<10>", "dfx<16>", "fixed<16,100>", "fixed<12,-20>", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [0.9, 1 / 3, 0.0, 1e-30, 3e30, 7.0])
+def test_load_scaled_is_the_product_of_the_unpacked_values_bit_for_bit(fmt, dtype, factor):
+    """load_scaled multiplies integer codes by one combined factor: bit for bit load(stored) * factor (the
+    float32 scalar of torch's own product), tiny and huge factors included (they take the unpacked path)."""
+    g = torch.Generator().manual_seed(13)
+    q = Quantizer(Quant.parse(fmt), lp.Policy.parse(""))
+    scale = {"fixed<16,100>": 2.0**-95, "fixed<12,-20>": 2.0**25}.get(fmt, 1.0)
+    kept = stored.store(q(torch.randn(23, 4, generator=g, dtype=dtype) * scale), True)
+    assert isinstance(kept, Codes) == (fmt != "e4m3")
+    expected = stored.load(kept) * factor
+    got = stored.load_scaled(kept, factor)
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    assert got.dtype == dtype and torch.equal(got.view(bits), expected.view(bits))

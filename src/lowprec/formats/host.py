@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["cast_round_trip", "fixed_scaled", "fixed_counting", "counts_above", "uniform_scaled", "max_abs_exponent"]
+__all__ = ["cast_round_trip", "fixed_scaled", "fixed_codes", "fixed_counting", "counts_above", "uniform_scaled", "max_abs_exponent"]
 
 def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
     """x rounded to ``dtype`` by torch's cast (nearest even), returned in x's dtype; a NaN is returned as it is
@@ -74,12 +74,23 @@ def _scale_(s: Tensor, e: int) -> Tensor:
 
 
 def _round_scaled(s: Tensor, frac: int, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
+    """s = x * 2**frac, in place: its codes (``_round_codes_``) times 2**-frac."""
+    return _scale_(_round_codes_(s, kmin, kmax, scaled_peak), -frac)
+
+
+def _round_codes_(s: Tensor, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
     """s = x * 2**frac, in place: round (ties to even), clamp to [kmin, kmax] unless max|s| = ``scaled_peak``
-    rounds inside (below kmax + 1/2; kmin = -kmax - 1 then holds every negative value), times 2**-frac."""
+    rounds inside (below kmax + 1/2; kmin = -kmax - 1 then holds every negative value)."""
     s.round_()
     if not scaled_peak < kmax + 0.5:
         s.clamp_(kmin, kmax)
-    return _scale_(s, -frac)
+    return s
+
+
+def fixed_codes(x: Tensor, frac: int, kmin: int, kmax: int, peak: float) -> Tensor:
+    """The integer codes k of ``fixed_scaled(x, None, frac, kmin, kmax, peak)`` (which is k * 2**-frac, exact), as
+    a new float tensor: the same ops without the final scaling. ``peak``: the finite max|x|."""
+    return _round_codes_(_times_pow2(x, frac), kmin, kmax, peak * 2.0**frac)
 
 
 def fixed_counting(

@@ -28,7 +28,7 @@ from .scaled_quantize import quantize_scaled
 from .types import (FRAC_RANGE, TORCH_DTYPES, BlockFloat, DynamicFixedPoint, FixedPoint, FloatFormat, Format, Uniform,
                     container_of)
 
-__all__ = ["quantize", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled"]
+__all__ = ["quantize", "quantize_codes", "quantize_counting", "count_above", "max_abs_int_bits", "compile_enabled"]
 
 #: Tensors with at least this many elements use the compiled kernels.
 COMPILE_MIN_NUMEL = 1 << 16
@@ -263,6 +263,27 @@ def _on_grid(y: Tensor, word: int, frac: int) -> Tensor:
     codes then come from that exponent, with no second pass to find it. A step outside what ``fixed<...>``
     allows (FRAC_RANGE: values below 2**-100) leaves ``y`` unmarked: packing finds the exponent itself."""
     return mark(y, FixedPoint(word, frac)) if FRAC_RANGE[0] <= frac <= FRAC_RANGE[1] else y
+
+
+def quantize_codes(x: Tensor, fmt: Format, rounding: str = "nearest") -> tuple[Tensor, int] | None:
+    """``quantize(x, fmt, rounding)`` as (k, frac), its integer codes and fraction bits: the result is k * 2**-frac
+    bit for bit (the ``fixed<bits, frac>`` grid ``quantize`` marks it with). k is a new float tensor of x's dtype
+    and shape, the rounding's own scaled values before their scaling back, so codes cost no second pass.
+    Served for dynamic fixed point with the max-abs exponent (``int_bits`` None) on the host path (a float32 CPU
+    tensor rounded to nearest, no NaN or inf, a step inside ``FRAC_RANGE``); None otherwise, having done
+    nothing: the caller rounds with ``quantize``."""
+    if (not isinstance(fmt, DynamicFixedPoint) or kernels.ROUNDINGS.get(rounding) != kernels.NEAREST
+            or x.numel() == 0 or not _fast(x, kernels.NEAREST)):
+        return None
+    fmt.check_fits(x.dtype)
+    found = host.max_abs_exponent(x)
+    if found is None:
+        return None
+    lo, hi = _frac_range(fmt.bits, x.dtype)
+    frac = min(max(fmt.bits - 1 - found[0], lo), hi)  # as _fixed
+    if not FRAC_RANGE[0] <= frac <= FRAC_RANGE[1]:
+        return None
+    return host.fixed_codes(x, frac, -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1, found[1]), frac
 
 
 def _fast(x: Tensor, rounding: int, limit: int = HOST_MAX_NUMEL) -> bool:

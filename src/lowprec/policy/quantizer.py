@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import Format, quantize, with_block_axis
+from ..formats import Format, quantize, quantize_codes, with_block_axis
 from ..formats.packing import mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
@@ -74,6 +74,18 @@ class Quantizer:
         if self.scale_state is not None:
             return self.scale_state.quantize(x, self.quant.rounding)
         return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding))
+
+    @torch.compiler.disable
+    def codes(self, x: Tensor) -> tuple[Tensor, int] | None:
+        """``self(x)`` as (k, frac), its integer codes (a float tensor) and fraction bits: ``self(x)`` is
+        k * 2**-frac bit for bit. Given where the rounding produces them itself (``formats.quantize_codes``:
+        dynamic fixed point with the max-abs exponent rule, no exponent statistics, on the host path); None
+        otherwise, having done nothing (call the quantizer)."""
+        if self.quant is None or self.observe_only or self.exponent is not None or self.scale_state is not None:
+            return None
+        if self.keeps(x):
+            return None
+        return quantize_codes(x, self._format_for(x), self.quant.rounding)
 
     def keeps(self, x: Tensor) -> bool:
         """Whether rounding ``x`` gives ``x`` bit for bit and records nothing, so that ``__call__`` returns ``x``

@@ -108,9 +108,13 @@ class OptimizerStateFormats:
 
     def _round_buffer_(self, slot: ParamSlot, state: dict[str, Any], buffer: str, on: bool) -> None:
         """``state[buffer]`` rounded (unless Courbariaux's update rounded it) and kept packed (``on``), or rounded
-        in place. The unrounded tensor is dropped before packing and the rounded one after, so that at most one
-        buffer's float tensors are alive beside the packing's temporaries."""
+        in place. Packed, the codes come from the rounding where it gives them (``stored.store_rounded``), else
+        are formed in the rounded tensor's memory: either way at most two float tensors of one buffer (its
+        unrounded value and the rounding's result) are alive at a time, beside the integer codes."""
         value = state[buffer]
+        if on and not slot.courbariaux:  # rounded and packed, the codes from the rounding where it gives them
+            state[buffer] = stored.store_rounded(self._quantizer(slot, buffer), value, on)
+            return
         rounded = value if slot.courbariaux else self._quantizer(slot, buffer)(value)
         if not on:
             assign_(value, rounded)  # float32 containers, in place

@@ -204,11 +204,12 @@ class ParamSlot:
         """Park's lazy update of θ by Δ (module docstring), in place on θ; the accumulator is unpacked here
         and stored packed again (``stored.py``)."""
         theta = self.param
-        acc = self.accumulator(stored.load(self._acc) + delta)
+        acc = self.accumulator(stored.load_add(self._acc, delta))
         new = self.master(theta + acc)
-        acc = self.accumulator.round(acc - (new - theta))
+        residual = acc - (new - theta)
+        del acc
         assign_(theta, new)
-        self._acc = stored.store(acc, stored.packing_on(self.policy))
+        self._acc = stored.store_rounded(self.accumulator, residual, stored.packing_on(self.policy), observe=False)
 
 
 def unpack_state_of_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
@@ -302,12 +303,13 @@ def courbariaux_step_(
         theta = s.holder
         if theta.grad is None:
             continue
-        unpack_state_of_(optimizer, [theta])
         group = groups[id(theta)]
         lr, mu, wd = float(group["lr"]), float(group.get("momentum", 0.0)), float(group.get("weight_decay", 0.0))
         g = theta.grad if wd == 0 else theta.grad + wd * theta
         state = optimizer.state[theta]
-        v = g * -lr if mu == 0 or "momentum_buffer" not in state else state["momentum_buffer"] * mu - g * lr
+        # the velocity kept packed is read straight into M·v (never unpacked first; not at all where M = 0)
+        v = g * -lr if mu == 0 or "momentum_buffer" not in state else \
+            stored.load_scaled(state["momentum_buffer"], mu) - g * lr
         v = round_velocity(s, v)
         state["momentum_buffer"] = v
         _store_update_(s, v)
