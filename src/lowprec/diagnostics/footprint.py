@@ -40,8 +40,9 @@ class MemoryEstimate:
     float32 during the update (its workspace). ``ideal``: every tensor packed at its format's width (int8: 1
     byte, fp16: 2, uniform<4>: half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed
     precision and WRPN appears as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
-    when measured. The total of a view is the larger of its two phases (see ``docs/diagnostics.md``):
-    backward (everything but the update workspace) and update (state, gradients and the update workspace).
+    when measured. The emulated total is the largest of three phases (see ``docs/diagnostics.md``): forward
+    (state and ``forward``, the forward pass's own measured peak), backward (everything but the update
+    workspace) and update (state, gradients and the update workspace); the ideal total has the last two.
     """
 
     model: str
@@ -301,8 +302,9 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
     """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
 
     Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
-    stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
-    the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
+    stored), a packed one unpacked beside its packed form, and its op's output and input gradients are in
+    flight (``outputs``: a quantized layer's output bytes), with the rounded copies its layer makes (see the
+    comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
     (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
     An op-level product that runs its op again and the nodes of ``_graph_workspaces`` (``reruns``) add the
     moment of their backward: the tensors saved up to it held, its own bytes in flight, and, where a weight
@@ -409,8 +411,8 @@ def estimate_memory(
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
     stepped = masters or params  # what the optimizer updates (native path: the fp32 master copies)
     n_state = _STATE_BUFFERS[optimizer]
-    saved, reruns, outputs = _saved_tensors(work, batch, loss_fn,
-                           {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
+    saved, reruns, outputs = _saved_tensors(
+        work, batch, loss_fn, {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
     forward = _forward_peak(work, batch, loss_fn)  # after _saved_tensors' forward: kernels already compiled
     activations = [item for item in saved if not _is_weight_copy(item.tensor, item.layer)]
     workspace = _backward_workspace(saved, pol, reruns, outputs)
