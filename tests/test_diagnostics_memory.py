@@ -1,5 +1,5 @@
 """Memory: the measurement counts what it should; the estimate is within 15 % of the measured peak of a training
-step for every recipe on LeNet and ResNet-20; the WRPN formulas; the bar chart."""
+step for every recipe on LeNet, ResNet-20, the LSTM and the GPT; the WRPN formulas; the bar chart."""
 
 import matplotlib.image as mpimg
 import pytest
@@ -12,7 +12,9 @@ from lowprec.diagnostics.plots import plot_memory
 from lowprec.models import build_model
 
 MB = 1 << 20
-RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "int8", "int8-lazy", "wrpn-4-4", "dfx-10-12"]
+#: benchmarks/training.py's packed-storage recipes, fp32 and int8
+RECIPES = ["fp32", "mixed-fp16", "mixed-bf16", "fp8-hybrid", "fp8-e4m3", "int8", "int8-lazy", "int16", "dfx-10-12",
+           "wrpn-4-4", "wrpn-4-4+recompute=off"]
 
 
 def test_measured_peak_of_known_allocations():
@@ -42,15 +44,28 @@ def test_held_tensors_count_until_freed():
     assert measure_peak_memory(step, held=(model,)) == m.peak
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("name,shape,batch", [("lenet", (1, 28, 28), 16), ("resnet20", (3, 32, 32), 4)])
-def test_estimate_within_15_percent_of_the_measured_peak(name, shape, batch, recipe):
+def _workload(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The four models of the memory claim, each with a small batch (LeNet at the benchmark's batch 64)."""
     torch.manual_seed(0)
-    model = build_model(name)
-    data = (torch.randn(batch, *shape), torch.randint(0, 10, (batch,)))
+    if name == "gpt":
+        from lowprec.models import GPT
+
+        tokens = torch.randint(0, 128, (8, 32))
+        return GPT(128, block_size=32, n_layer=2, n_embd=64, n_head=4), (tokens, tokens.roll(-1, 1))
+    shape, batch = {"lenet": ((1, 28, 28), 64), "resnet20": ((3, 32, 32), 16), "lstm": ((50, 13), 8)}[name]
+    return build_model(name), (torch.randn(batch, *shape), torch.randint(0, 10, (batch,)))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", ["lenet", pytest.param("resnet20", marks=pytest.mark.slow), "lstm", "gpt"])
+def test_estimate_within_15_percent_of_the_measured_peak(name, recipe):
+    """Every recipe of the packed-storage benchmark (and int8), packed storage on (the default), one steady-state
+    step measured. ResNet-20's peak is in forward for WRPN (the float32 activations in flight beside the 4-bit
+    saves: 0.70x of the measured peak while the estimate had no forward phase) and in backward for the others."""
+    model, data = _workload(name)
     estimate = estimate_memory(model, recipe, data)
     measured = measure_step_memory(model, recipe, data).peak
-    assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, measured)
+    assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, estimate.forward, measured)
     params = sum(p.numel() for p in model.parameters())
     assert estimate.emulated["gradients"] == 4 * params
     packed_state = lp.Policy.parse(recipe).get("optimizer_state") is not None  # int8, dfx<10>: kept as codes
@@ -89,32 +104,6 @@ def test_memory_bar_chart(tmp_path):
     path = plot_memory(tmp_path / "memory.png", estimates, "LeNet")
     assert path.stat().st_size > 15_000
     assert mpimg.imread(path).std() > 0.05
-
-
-@pytest.mark.parametrize("recipe", [*RECIPES, "fp8-hybrid"])
-def test_estimate_within_15_percent_on_the_gpt_with_packed_storage(recipe):
-    from lowprec.models import GPT
-
-    torch.manual_seed(0)
-    model = GPT(128, block_size=32, n_layer=2, n_embd=64, n_head=4)
-    tokens = torch.randint(0, 128, (8, 32))
-    batch = (tokens, tokens.roll(-1, 1))
-    estimate = estimate_memory(model, recipe, batch)
-    measured = measure_step_memory(model, recipe, batch).peak
-    assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, measured)
-
-
-@pytest.mark.parametrize("recipe", [*RECIPES, "fp8-hybrid", "int16"])
-def test_estimate_within_15_percent_on_the_lstm(recipe):
-    # fp32 and WRPN (which leaves the LSTM unquantized) run torch's fused LSTM: its backward's scratch is measured
-    # from the graph's node; the other recipes unroll the steps (slice gradients of the gates beside the
-    # recurrent weight's gradient)
-    torch.manual_seed(0)
-    model = build_model("lstm")
-    batch = (torch.randn(8, 50, 13), torch.randint(0, 10, (8,)))
-    estimate = estimate_memory(model, recipe, batch)
-    measured = measure_step_memory(model, recipe, batch).peak
-    assert abs(estimate.total - measured) <= 0.15 * measured, (estimate.emulated, measured)
 
 
 @pytest.mark.parametrize("recipe,optimizer", [("int8-lazy", "sgd"), ("dfx-10-12", "sgd"), ("int16", "adam"),

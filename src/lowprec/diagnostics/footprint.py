@@ -40,8 +40,9 @@ class MemoryEstimate:
     float32 during the update (its workspace). ``ideal``: every tensor packed at its format's width (int8: 1
     byte, fp16: 2, uniform<4>: half a byte), what Park et al.'s Fig. 4 compares: the fp32 master copy of mixed
     precision and WRPN appears as its own component. ``measured``: the measured peak of a steady-state step (``measure_step_memory``),
-    when measured. The total of a view is the larger of its two phases (see ``docs/diagnostics.md``):
-    backward (everything but the update workspace) and update (state, gradients and the update workspace).
+    when measured. The emulated total is the largest of three phases (see ``docs/diagnostics.md``): forward
+    (state and ``forward``, the forward pass's own measured peak), backward (everything but the update
+    workspace) and update (state, gradients and the update workspace); the ideal total has the last two.
     """
 
     model: str
@@ -52,11 +53,12 @@ class MemoryEstimate:
     ideal: dict[str, int]
     update_workspace: int  # emulated bytes of the optimizer step's temporaries (Δ and rounding copies)
     measured: int | None = None
+    forward: int = 0  # emulated bytes the forward pass has alive at its highest point, beyond the state
 
     @property
     def total(self) -> int:
-        """The emulated estimate of the peak: max(backward phase, update phase)."""
-        return _peak(self.emulated, self.update_workspace)
+        """The emulated estimate of the peak: max(forward phase, backward phase, update phase)."""
+        return max(_peak(self.emulated, self.update_workspace), _state(self.emulated) + self.forward)
 
     @property
     def total_ideal(self) -> int:
@@ -68,8 +70,13 @@ class MemoryEstimate:
         return None if self.measured is None else (self.total - self.measured) / self.measured
 
 
+def _state(view: dict[str, int]) -> int:
+    """What a step holds before its forward starts (the gradients were dropped after the last update)."""
+    return view["weights"] + view["master copy"] + view["optimizer state"] + view["accumulators"]
+
+
 def _peak(view: dict[str, int], update_workspace: int) -> int:
-    state = view["weights"] + view["master copy"] + view["optimizer state"] + view["accumulators"]
+    state = _state(view)
     backward = state + view["weight copies"] + view["gradients"] + view["saved activations"] + view[
         "backward workspace"]
     update = state + view["gradients"] + update_workspace
@@ -154,14 +161,15 @@ def _graph_workspaces(loss: Tensor) -> list[tuple[int, bool]]:
 
 
 def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor],
-                   exclude: set[int]) -> tuple[list[_Saved], list[tuple[int, int, bool]]]:
+                   exclude: set[int]) -> tuple[list[_Saved], list[tuple[int, int, bool]], dict[int, int]]:
     """Every tensor autograd saves for backward in one forward + loss (storages in ``exclude``, the parameters,
     left out), in the order saved, with the innermost quantized layer running when it was saved. A model that
     packs its saved tensors (``lowprec.nn.packed``) is counted as it stores them: each packed save at its
     packed size, once however many ops save it; a tensor saved unpacked once per storage, as torch shares it.
     Also returns, for each op-level product that runs its op again in backward, (how many saved tensors
     precede its backward, the bytes it has in flight: ``_rerun_workspace``, False), and likewise for the
-    backward nodes ``_graph_workspaces`` finds (counted with every saved tensor held)."""
+    backward nodes ``_graph_workspaces`` finds (counted with every saved tensor held); and the bytes of each
+    quantized layer's output (id(layer) -> bytes; its last call's)."""
     from ..formats.packing import Packed
     from ..nn import QuantizedModule
     from ..nn.opfunction import observing_recomputed
@@ -172,6 +180,7 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     saved: list[_Saved] = []
     reruns: list[tuple[int, int, bool]] = []
     shared: set[int] = set()  # storages saved unpacked and packed forms already counted
+    outputs: dict[int, int] = {}  # id(quantized layer) -> bytes of its output
     packing = is_packing(model) and packing_enabled()
     recompute = recomputes(model)
 
@@ -193,8 +202,10 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
     def enter(module: nn.Module, _inputs: Any) -> None:
         stack.append(module)
 
-    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+    def leave(module: nn.Module, _inputs: Any, output: Any) -> None:
         stack.pop()
+        if isinstance(output, Tensor):
+            outputs[id(module)] = output.numel() * output.element_size()
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedModule)]
     hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
@@ -212,7 +223,17 @@ def _saved_tensors(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module,
             h.remove()
         if packing:
             install_packing(model, recompute)
-    return saved, reruns
+    return saved, reruns, outputs
+
+
+def _forward_peak(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Tensor]) -> int:
+    """Bytes the forward pass of ``model`` (as converted, with its own saved-tensor storage) has alive at its
+    highest point: the saved tensors stored so far, the activations in flight (a residual block's input kept for
+    its shortcut and a stage's input held by its caller, a layer's float32 output and its rounded copy, an
+    output computed again in backward but float32 while forward uses it) and the kernels' scratch. Measured by
+    running the forward once (``profile_peak_memory``): which float32 tensors are alive together depends on how
+    the model's Python code holds its intermediates, which no saved-tensor hook sees."""
+    return profile_peak_memory(lambda: loss_fn(model, batch)).peak
 
 
 def _is_weight_copy(t: Tensor, layer: nn.Module | None) -> bool:
@@ -276,12 +297,14 @@ def _clipped(quant: Any) -> bool:
     return quant is not None and quant.format.clip_range is not None
 
 
-def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int, int, bool]]) -> int:
+def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int, int, bool]],
+                        outputs: dict[int, int]) -> int:
     """Bytes the backward pass needs beyond the saved tensors (which it frees as it goes, last saved first).
 
     Walking the saved activations in reverse, at activation i the tensors saved up to i are still held (as
-    stored), a packed one unpacked beside its packed form, and two gradients of its size are in flight (see
-    the comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
+    stored), a packed one unpacked beside its packed form, and its op's output and input gradients are in
+    flight (``outputs``: a quantized layer's output bytes), with the rounded copies its layer makes (see the
+    comment below); at a layer whose weight gradient is rounded or masked, the unrounded dE/dW is in flight
     (the result is the gradient, counted as such), beside the unpacked weight copy where it is stored packed.
     An op-level product that runs its op again and the nodes of ``_graph_workspaces`` (``reruns``) add the
     moment of their backward: the tensors saved up to it held, its own bytes in flight, and, where a weight
@@ -311,9 +334,16 @@ def _backward_workspace(saved: list[_Saved], policy: Any, reruns: list[tuple[int
             continue
         if t.is_floating_point():
             # the backward of the op that saved it: its output's and its input's gradients (or, clipping,
-            # the raw and the masked one) side by side, the tensor still held; then, at the layer below, the
-            # gradient and its rounded copy with the kernel's scratch, the tensor freed
-            moments.append(held + item.stored + unpacked + 2 * size)
+            # the raw and the masked one) side by side, the tensor still held (in a quantized layer the output's
+            # gradient has the layer's output size), and the rounded copy of each gradient the layer rounds
+            # (dE/dz before the product, dE/dx after it: the unrounded one still alive); then, at the layer
+            # below, the gradient and its rounded copy with the kernel's scratch, the tensor freed
+            out = size if layer is None else outputs.get(id(layer), size)
+            grads = out + size
+            if layer is not None and not native:
+                grads += out if layer.policy.get("output_grad") is not None else 0
+                grads += size if layer.policy.get("activation_grad") is not None else 0
+            moments.append(held + item.stored + unpacked + grads)
             if rounds is not None:
                 moments.append(held + 2 * size + _rounding_scratch(rounds, policy, t.numel()))
         held += item.stored
@@ -381,10 +411,11 @@ def estimate_memory(
     masters = [s.master_copy for s in trainer.slots if getattr(s, "master_copy", None) is not None]
     stepped = masters or params  # what the optimizer updates (native path: the fp32 master copies)
     n_state = _STATE_BUFFERS[optimizer]
-    saved, reruns = _saved_tensors(work, batch, loss_fn,
-                           {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
+    saved, reruns, outputs = _saved_tensors(
+        work, batch, loss_fn, {_storage_key(t) for t in (*work.parameters(), *work.buffers(), *masters)})
+    forward = _forward_peak(work, batch, loss_fn)  # after _saved_tensors' forward: kernels already compiled
     activations = [item for item in saved if not _is_weight_copy(item.tensor, item.layer)]
-    workspace = _backward_workspace(saved, pol, reruns)
+    workspace = _backward_workspace(saved, pol, reruns, outputs)
     emulated = {
         "weights": _bytes((*work.parameters(), *work.buffers())),
         "master copy": _bytes(masters),
@@ -400,6 +431,7 @@ def estimate_memory(
         model=type(model).__name__, recipe=label or pol.name or pol.spec() or "fp32", batch=len(batch[1]),
         optimizer=optimizer, emulated=emulated, ideal=ideal,
         update_workspace=_update_workspace(trainer, stepped, isinstance(opt, DeltaOptimizer), n_state),
+        forward=forward,
     )
 
 
