@@ -18,8 +18,8 @@ packed again (``apply_to_``) before the next parameter's, so one parameter's flo
 torch's optimizers update all parameters of a group with multi-tensor ops that read ``optimizer.state`` as float
 tensors inside ``step()``: a pre-hook of ``optimizer.step()`` unpacks all of it (``unpack_state_``) and the
 Trainer packs it when it rounds it after the step (``apply_``), so their float32 state exists during the update
-only, not during forward and backward. A buffer not read in a step (its parameter had no gradient, under a
-lowprec optimizer) stays packed and is not rounded again. ``optimizer.state_dict()`` gives
+only, not during forward and backward. A buffer not read in a step (its parameter had no gradient) is
+not rounded again, packed or not, and every other buffer is rounded once a step. ``optimizer.state_dict()`` gives
 float tensors (a state-dict hook unpacks them), so checkpoints keep their form and any ``load_state_dict``
 accepts them; ``Trainer.load_state_dict`` packs the loaded state again (``repack_``). Code that reads
 ``optimizer.state`` directly between steps sees ``lowprec.formats.packing.Packed`` values (``.unpack()``).
@@ -27,7 +27,7 @@ accepts them; ``Trainer.load_state_dict`` packs the loaded state again (``repack
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -88,23 +88,37 @@ class OptimizerStateFormats:
         return self._quantizers[key]
 
     @torch.no_grad()
-    def apply_(self, optimizer: torch.optim.Optimizer) -> None:
+    def apply_(self, optimizer: torch.optim.Optimizer, done: Collection[ParamSlot] = ()) -> None:
         """Round every buffer of the slots under the optimizer's own update rule (Courbariaux's update rounds its
-        velocity itself, through ``round_buffer``) and keep it packed (module docstring)."""
+        velocity itself, through ``round_buffer``) and keep it packed (module docstring). ``done``: slots whose
+        state ``apply_to_`` handled this step already (right after their update), skipped: a buffer is rounded
+        once per step whether it is kept packed or in a float32 container (a second rounding would draw again
+        under stochastic rounding and be observed twice by a moving exponent)."""
+        skip = {id(s) for s in done}
         for slot in self._slots:
-            self.apply_to_(optimizer, slot)
+            if id(slot) not in skip:
+                self.apply_to_(optimizer, slot)
 
     @torch.no_grad()
     def apply_to_(self, optimizer: torch.optim.Optimizer, slot: ParamSlot) -> None:
         """``apply_`` for one parameter (right after its update: one parameter's float state at a time); a
-        buffer already packed (not read this step) is left as it is."""
+        buffer already packed (not read this step) is left as it is. A parameter without a gradient was not
+        stepped: its buffers are not rounded again (no stochastic draw, no observation by a moving exponent),
+        packed or not, and a buffer ``optimizer.step()``'s pre-hook unpacked is packed back as it was
+        (``stored.repack``), so packed and float32 containers round the same buffers."""
         if slot.state_quant is None:
             return
         state = optimizer.state.get(slot.holder, {})
         on = stored.packing_on(slot.policy)
+        stepped = slot.holder.grad is not None
         for buffer in sorted(state):
-            if _is_buffer(buffer, state[buffer]) and not isinstance(state[buffer], Packed):
+            value = state[buffer]
+            if not _is_buffer(buffer, value) or isinstance(value, Packed):
+                continue
+            if stepped:
                 self._round_buffer_(slot, state, buffer, on)
+            else:
+                state[buffer] = stored.repack(value, slot.state_quant.format, on)
 
     def _round_buffer_(self, slot: ParamSlot, state: dict[str, Any], buffer: str, on: bool) -> None:
         """``state[buffer]`` rounded (unless Courbariaux's update rounded it) and kept packed (``on``), or rounded

@@ -336,7 +336,12 @@ class Trainer:
         if self.clip_grad_norm is not None:
             grad_norm = self._clip(self.clip_grad_norm)
         # right after each parameter's update (lowprec's optimizers, Courbariaux's rule): its state rounded, packed
-        state_done = functools.partial(self.state_formats.apply_to_, self.optimizer)
+        done: list[ParamSlot] = []
+
+        def state_done(slot: ParamSlot) -> None:
+            self.state_formats.apply_to_(self.optimizer, slot)
+            done.append(slot)
+
         rule = [s for s in self.slots if s.courbariaux and s.holder.grad is not None]
         held = [s.holder.grad for s in rule]
         for s in rule:  # hidden from the optimizer's own step
@@ -347,7 +352,7 @@ class Trainer:
             for s, grad in zip(rule, held):
                 s.holder.grad = grad
         courbariaux_step_(self.optimizer, rule, self.state_formats.round_buffer, state_done)
-        self.state_formats.apply_(self.optimizer)  # the rest: all of it after a torch optimizer's step()
+        self.state_formats.apply_(self.optimizer, done)  # the rest: all of it after a torch optimizer's step()
         return grad_norm
 
     def requantize_(self) -> None:

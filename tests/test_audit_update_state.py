@@ -1,0 +1,119 @@
+"""The update state kept packed between steps (lowprec.train.stored, train/state.py), used the way users use it
+in loops lowprec did not write: the torch.amp-shaped API with torch's optimizers, an LR scheduler that rewrites
+momentum, clipping, gradient accumulation, ``zero_grad(set_to_none=False)``, a parameter frozen for a few steps,
+``torch.save``/``torch.load(weights_only=True)`` of ``optimizer.state_dict()`` and a resume, and code that reads
+``optimizer.state`` directly. Each check is differential: packed (the default) against ``LOWPREC_PACKED=0``,
+and a resumed run against an uninterrupted one, bit for bit."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowprec as lp
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+_OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+    "lp-sgd": lambda ps: lp.train.SGD(ps, lr=0.05, momentum=0.9),
+    "lp-adamw": lambda ps: lp.train.AdamW(ps, lr=1e-2),
+}
+
+
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _amp_run(recipe: str, optimizer: str, steps: int, resume_at: int | None = None, accumulate: int = 2,
+             frozen: tuple[int, ...] = ()) -> nn.Module:
+    """A hand-written torch.amp-style loop: OneCycleLR (it rewrites momentum/betas every step), gradient
+    accumulation, unscale + clipping, ``zero_grad(set_to_none=False)``; ``model[0].bias`` frozen at the steps
+    in ``frozen``. ``resume_at``: the first ``resume_at`` steps run in another loop whose scaler, optimizer and
+    scheduler state dicts go through torch.save/torch.load(weights_only=True)."""
+    model = _model()
+    opt = _OPTIMIZERS[optimizer](model.parameters())
+    scaler = lp.GradScaler(recipe, model, opt)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=20)
+    batches, start = _batches(steps * accumulate), 0
+    if resume_at is not None:
+        first = _amp_run(recipe, optimizer, resume_at, accumulate=accumulate, frozen=frozen)
+        buf = io.BytesIO()
+        torch.save({k: v.state_dict() for k, v in first._loop.items()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        scaler.load_state_dict(saved["scaler"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        start = resume_at
+    for i in range(start, steps):
+        model[0].bias.requires_grad_(i not in frozen)
+        opt.zero_grad(set_to_none=False)
+        if i in frozen:
+            model[0].bias.grad = None
+        for j in range(accumulate):
+            x, y = batches[i * accumulate + j]
+            with lp.autocast(scaler):
+                loss = F.cross_entropy(model(x), y) / accumulate
+            scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.clip_grad_norm_(1.0)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    model._loop = {"scaler": scaler, "opt": opt, "sched": sched}
+    return model
+
+
+@pytest.mark.parametrize("recipe,optimizer", [
+    ("int8-lazy", "lp-sgd"), ("int16", "adamw"), ("dfx-10-12", "sgd"), ("fp8-hybrid", "sgd"),
+    ("mixed-fp16", "adamw"),
+])
+def test_amp_loop_packed_equals_unpacked_and_resumes_bit_exactly(recipe, optimizer, monkeypatch):
+    got = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        got[packed] = (_weights(_amp_run(recipe, optimizer, 3)), _weights(_amp_run(recipe, optimizer, 3, resume_at=1)))
+    assert torch.equal(got["1"][0], got["0"][0])
+    assert torch.equal(got["1"][0], got["1"][1])
+    assert torch.equal(got["0"][0], got["0"][1])
+
+
+@pytest.mark.parametrize("optimizer", ["lp-sgd", "lp-adamw", "sgd"])
+def test_a_parameter_without_gradient_has_its_state_rounded_alike_packed_or_not(optimizer, monkeypatch):
+    """A stochastic optimizer_state rounding draws from the RNG. Before the fix, under lowprec's optimizers the
+    packed buffer of a parameter that had no gradient this step was left alone while its float32 container was
+    rounded again (a draw, and a moving exponent's observation): the two runs drew different numbers and their
+    weights parted. Now neither rounds a buffer its optimizer did not step."""
+    recipe = "int16+optimizer_state=dfx<16>/stochastic"
+    got = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        torch.manual_seed(5)
+        got[packed] = _weights(_amp_run(recipe, optimizer, 5, accumulate=1, frozen=(1, 2)))
+    assert torch.equal(got["1"], got["0"])
+
+
+@pytest.mark.parametrize("optimizer", ["lp-sgd", "lp-adamw"])
+def test_lowprecs_optimizers_round_each_buffer_once_a_step_packed_or_not(optimizer, monkeypatch):
+    """Under lowprec's optimizers each parameter's state is rounded right after its update; before the fix the
+    Trainer's rounding of "the rest" then rounded every float32 container a second time (a packed buffer was
+    skipped as done). With the overflow exponent rule of dfx-10-12 the state's exponent observed each buffer
+    twice a step unpacked, once packed, and the two runs' weights parted after an exponent interval."""
+    got = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        got[packed] = _weights(_amp_run("dfx-10-12+update_rule=optimizer", optimizer, 12, accumulate=1))
+    assert torch.equal(got["1"], got["0"])
