@@ -117,3 +117,49 @@ def test_lowprecs_optimizers_round_each_buffer_once_a_step_packed_or_not(optimiz
         monkeypatch.setenv("LOWPREC_PACKED", packed)
         got[packed] = _weights(_amp_run("dfx-10-12+update_rule=optimizer", optimizer, 12, accumulate=1))
     assert torch.equal(got["1"], got["0"])
+
+
+def _state_of_first_weight(recipe: str, optimizer: str, steps: int, reset_at: int | None = None) -> nn.Module:
+    """A loop that reads the first weight's optimizer state as users' code does, and at ``reset_at`` resets it
+    by assigning a new tensor in its place (the portable way: packed values cannot be changed in place)."""
+    model = _model()
+    opt = _OPTIMIZERS[optimizer](model.parameters())
+    scaler = lp.GradScaler(recipe, model, opt)
+    for i, (x, y) in enumerate(_batches(steps)):
+        if i == reset_at:
+            state = opt.state[model[0].weight]
+            for name in [k for k in state if k != "step"]:
+                state[name] = torch.zeros_like(opt.state_dict()["state"][0][name])
+        opt.zero_grad()
+        with lp.autocast(scaler):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    model._opt = opt
+    return model
+
+
+@pytest.mark.parametrize("recipe,optimizer,buffer", [
+    ("int16", "adamw", "exp_avg"), ("int8-lazy", "lp-sgd", "momentum_buffer"),
+])
+def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, optimizer, buffer, monkeypatch):
+    """Before: ``optimizer.state[p]["exp_avg"].norm()`` raised Python's bare "'Codes' object has no attribute
+    'norm'". Now the AttributeError names ``.unpack()`` (whose values are state_dict()'s), and a state reset by
+    assignment gives the same weights packed and unpacked."""
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    model = _state_of_first_weight(recipe, optimizer, 2)
+    model_opt = model._opt
+    state = model_opt.state[model[0].weight][buffer]
+    with pytest.raises(AttributeError, match=r"has no attribute 'norm': .*\.unpack\(\) gives its float tensor"):
+        state.norm()
+    with pytest.raises(AttributeError, match="no attribute 'mul_'"):
+        state.mul_(0)
+    assert not hasattr(state, "not_a_tensor_attribute")
+    assert torch.equal(state.unpack(), model_opt.state_dict()["state"][0][buffer])
+    got = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        got[packed] = _weights(_state_of_first_weight(recipe, optimizer, 4, reset_at=2))
+    assert torch.equal(got["1"], got["0"])
+    assert not torch.equal(got["1"], _weights(_state_of_first_weight(recipe, optimizer, 4)))

@@ -64,6 +64,21 @@ class Packed:
         """Bytes of the packed payload (tensors only, not the Python object)."""
         raise NotImplementedError
 
+    def __getattr__(self, name: str) -> object:
+        """A tensor's attribute (``.norm()``, ``.device``, ``.mul_``) asked of a packed
+        value: AttributeError naming the way to the values, instead of Python's bare "object has no attribute"
+        (code written for torch reads ``optimizer.state[p]["exp_avg"]`` as a tensor). Not a silent unpacked
+        copy: an in-place change of a copy would change nothing. Only called for names the object lacks."""
+        if name.startswith("_") or not hasattr(Tensor, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {name!r}: this value is held packed "
+            "(lowprec.formats.packing.Packed, e.g. optimizer state between steps), not as a torch.Tensor. "
+            f".unpack() gives its float tensor (a copy: to change the value, assign a new tensor in its place, "
+            "e.g. optimizer.state[p][name] = t); optimizer.state_dict() gives float tensors; packed=off in the "
+            "policy or LOWPREC_PACKED=0 keeps float32 tensors"
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
         """The same packed value with its tensors on ``device`` (what code that moves an optimizer's state
         between devices calls, e.g. Lightning's ``move_data_to_device``); a new object, bit for bit the same."""
