@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowprec as lp
+from lowprec.formats.packing import Packed
 
 
 def _model() -> nn.Module:
@@ -163,3 +164,48 @@ def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, op
         got[packed] = _weights(_state_of_first_weight(recipe, optimizer, 4, reset_at=2))
     assert torch.equal(got["1"], got["0"])
     assert not torch.equal(got["1"], _weights(_state_of_first_weight(recipe, optimizer, 4)))
+
+
+def _head_joins_at_step_2(recipe: str, optimizer: str, added: bool) -> nn.Module:
+    """The head ``model[2]`` trains from step 2 on. ``added``: frozen until then and added to the optimizer by
+    ``add_param_group`` mid-run (a fine-tuning loop); else in the optimizer from the start, its gradients
+    dropped before steps 0 and 1 (the reference)."""
+    model = _model()
+    head = list(model[2].parameters())
+    for p in head:
+        p.requires_grad_(not added)
+    body = [p for p in model.parameters() if all(p is not q for q in head)]
+    opt = _OPTIMIZERS[optimizer](body if added else [{"params": body}, {"params": head, "lr": 0.01}])
+    scaler = lp.GradScaler(recipe, model, opt)
+    for i, (x, y) in enumerate(_batches(4)):
+        if i == 2 and added:
+            for p in head:
+                p.requires_grad_(True)
+            opt.add_param_group({"params": head, "lr": 0.01})
+        opt.zero_grad()
+        with lp.autocast(scaler):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if i < 2 and not added:
+            for p in head:
+                p.grad = None
+        scaler.step(opt)
+        scaler.update()
+    model._opt = opt
+    return model
+
+
+@pytest.mark.parametrize("recipe,optimizer", [("int8-lazy", "lp-sgd"), ("int16", "adamw"), ("mixed-fp16", "sgd")])
+def test_parameters_added_to_the_optimizer_mid_run_get_their_update_roles(recipe, optimizer, monkeypatch):
+    """Before the fix the Trainer knew only the parameters it was built with: a group added later was a KeyError
+    under lowprec's optimizers, and under torch's it was silently stepped in fp32 with its gradient still
+    multiplied by the loss scale, its weights off the master grid and its state unrounded and unpacked. Now it
+    gets its slot at its first step: the same weights as a head in the optimizer from the start."""
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        late = _head_joins_at_step_2(recipe, optimizer, added=True)
+        assert torch.equal(_weights(late), _weights(_head_joins_at_step_2(recipe, optimizer, added=False)))
+    if recipe != "mixed-fp16":  # its optimizer state has no format
+        monkeypatch.setenv("LOWPREC_PACKED", "1")
+        late = _head_joins_at_step_2(recipe, optimizer, added=True)
+        assert any(isinstance(v, Packed) for v in late._opt.state[late[2].weight].values())

@@ -75,9 +75,15 @@ class OptimizerStateFormats:
     """Rounds optimizer buffers to each parameter's ``optimizer_state`` format (module docstring)."""
 
     def __init__(self, slots: Sequence[ParamSlot]):
-        self._slots = [s for s in slots if s.state_quant is not None]
+        self._slots: list[ParamSlot] = []
+        self.set_slots(slots)
         self._quantizers: dict[str, Quantizer] = {}  # "<param name>:<buffer name>"
         self._observe_only = False
+
+    def set_slots(self, slots: Sequence[ParamSlot]) -> None:
+        """The slots whose buffers are rounded, in this order (parameters added to the optimizer after the
+        Trainer was built join them; the quantizers of the others are kept)."""
+        self._slots = [s for s in slots if s.state_quant is not None]
 
     def _quantizer(self, slot: ParamSlot, buffer: str) -> Quantizer:
         key = f"{slot.name}:{buffer}"

@@ -114,9 +114,9 @@ def _warn_narrow_adam_state(optimizer: torch.optim.Optimizer, slots) -> None:
         )
 
 
-def _watch_accumulation(trainer: Trainer) -> None:
-    """Note, per parameter, every gradient autograd accumulates outside ``trainer.backward`` (a hook after the
-    accumulation; a weak reference, so the hooks keep no trainer alive)."""
+def _watch_accumulation(trainer: Trainer, slots: Iterable[ParamSlot]) -> None:
+    """Note, per parameter of ``slots``, every gradient autograd accumulates outside ``trainer.backward`` (a hook
+    after the accumulation; a weak reference, so the hooks keep no trainer alive)."""
     ref = weakref.ref(trainer)
 
     def note(name: str, _param: Tensor) -> None:
@@ -124,7 +124,7 @@ def _watch_accumulation(trainer: Trainer) -> None:
         if owner is not None and not owner._in_backward:
             owner._outside_backward.append(name)
 
-    for slot in trainer.slots:
+    for slot in slots:
         slot.param.register_post_accumulate_grad_hook(functools.partial(note, slot.name))
 
 
@@ -171,7 +171,7 @@ class Trainer:
         self._unscaled: tuple[bool, list[str]] | None = None
         self._in_backward = False
         self._outside_backward: list[str] = []  # parameters autograd gave a gradient outside self.backward
-        _watch_accumulation(self)
+        _watch_accumulation(self, self.slots)
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
@@ -242,9 +242,45 @@ class Trainer:
             _warn_narrow_adam_state(self.optimizer, self.slots)
         return new
 
+    def _adopt_added_parameters(self) -> list[ParamSlot]:
+        """Trainable parameters of the model added to the optimizer after this Trainer was built
+        (``optimizer.add_param_group``, e.g. layers unfrozen mid-run): each gets its slot now, under its policy's
+        update roles (rounded into its master format now, after the backward and before its first optimizer
+        step, as a functional op's weight is; a native fp16/bf16 one gets its float32 master copy, which the
+        optimizer then holds), so its gradient is unscaled, and its storage rule and optimizer-state format
+        apply, as for every other parameter. Slots stay in ``model.named_parameters()`` order. Returns the new
+        slots. ValueError for a parameter that is not one of the model's."""
+        known = {id(s.holder) for s in self.slots} | {id(s.param) for s in self.slots}
+        added = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in known and p.requires_grad]
+        if not added:
+            return []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        foreign = [p for p in added if id(p) not in names]
+        if foreign:
+            raise ValueError(f"the optimizer was given {len(foreign)} parameter(s) that are not the model's (an "
+                             "add_param_group over another module?): lowprec.Trainer updates the model's parameters")
+        policies = parameter_policies(self.model, self.policy, warn=False)
+        new = [ParamSlot(names[id(p)], p, policies[names[id(p)]]) for p in added]
+        use_master_copies(self.optimizer, new)
+        order = {n: i for i, n in enumerate(names.values())}
+        self.slots = sorted([*self.slots, *new], key=lambda s: order[s.name])
+        self.state_formats.set_slots(self.slots)
+        fused = FusedUpdate.build(self.optimizer, self.slots, clip=self.clip_grad_norm is not None)
+        if fused is not None and self.fused is not None:
+            fused.failed = self.fused.failed
+        self.fused = fused
+        check_courbariaux_optimizer(self.optimizer, self.slots)
+        _warn_narrow_adam_state(self.optimizer, new)
+        _watch_accumulation(self, new)
+        return new
+
+    def _adopt(self) -> list[ParamSlot]:
+        """The slots this step adds: functional ops' weights (first forward), parameters added to the optimizer."""
+        return [*self._adopt_functional_weights(), *self._adopt_added_parameters()]
+
     def unscale_(self) -> tuple[bool, list[str]]:
         """Divide the gradients by S in place (once per step); (any grad inf/NaN, names of those parameters)."""
-        self._adopt_functional_weights()
+        self._adopt()
         if self._unscaled is None:
             self._check_gradients("unscale_()")
             self._gather_grads()
@@ -295,7 +331,7 @@ class Trainer:
         """Unscale (unless done), skip or clip + update + re-quantize, zero grads, advance scale and exponents.
         RuntimeError (nothing changed) without any gradient, or with gradients from a ``loss.backward()`` by hand
         under loss scaling (``_check_gradients``)."""
-        self._adopt_functional_weights()
+        self._adopt()
         if self._unscaled is None:
             self._check_gradients("apply_update()")
         if (self._unscaled is None and self.fused is not None and self.clip_grad_norm is None  # set after build
@@ -406,7 +442,7 @@ class Trainer:
         adopted: list[ParamSlot] = []  # slots the warm-up's first forward showed (functional ops' weights)
 
         def update() -> None:
-            new = self._adopt_functional_weights()
+            new = self._adopt()
             if new:
                 adopted.extend(new)
                 self._set_observe_only(True)  # the new slots' quantizers observe too
@@ -467,7 +503,7 @@ class Trainer:
         if differences:
             raise ValueError(f"checkpoint holds another model: {'; '.join(differences)}")
         self.model.load_state_dict(state["model"])  # the functional ops' exponents too (lowprec.nn.emulate)
-        self._adopt_functional_weights()  # and which parameters they use as weights
+        self._adopt()  # and which parameters they use as weights; parameters added to the optimizer since
         if "ops" in state["quantizers"] and emulation_of(self.model) is not None:  # kept there before they were
             emulation_of(self.model).load_state_dict(state["quantizers"]["ops"])  # in the model's state_dict
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

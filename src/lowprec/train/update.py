@@ -78,7 +78,7 @@ def use_master_copies(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlo
     masters = {id(s.param): s.master_copy for s in slots if s.master_copy is not None}
     if not masters:
         return
-    if optimizer.state:
+    if any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"] if id(p) in masters):
         raise ValueError(
             "the optimizer already holds state for fp16/bf16 parameters; build lowprec.Trainer before the first "
             "optimizer step, so that the optimizer updates float32 master copies from the start"
