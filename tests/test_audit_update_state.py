@@ -209,3 +209,50 @@ def test_parameters_added_to_the_optimizer_mid_run_get_their_update_roles(recipe
         monkeypatch.setenv("LOWPREC_PACKED", "1")
         late = _head_joins_at_step_2(recipe, optimizer, added=True)
         assert any(isinstance(v, Packed) for v in late._opt.state[late[2].weight].values())
+
+
+def test_lightning_checkpoint_resume_with_adamw_onecycle_clipping_and_accumulation(tmp_path, monkeypatch):
+    """Lightning's own loop (ModelCheckpoint, OneCycleLR per step, gradient_clip_val, accumulate_grad_batches)
+    with AdamW under int16, its moments packed: the checkpoint holds float tensors only (torch.load with
+    weights_only=True reads it) and a resume from it ends bit for bit where the uninterrupted run does."""
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lowprec.integrations.lightning import LowprecPrecision
+
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    x = torch.cat([b[0] for b in _batches(4)])
+    y = torch.cat([b[1] for b in _batches(4)])
+
+    def fit(directory, ckpt_path=None):
+        module = Module()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_epochs=2, plugins=[LowprecPrecision("int16")], logger=False,
+            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=directory, save_top_k=-1)],
+            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, accumulate_grad_batches=2)
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), ckpt_path=ckpt_path)
+        return module
+
+    whole = fit(tmp_path / "whole")
+    assert any(isinstance(v, Packed) for s in whole.trainer.optimizers[0].state.values() for v in s.values())
+    first = sorted((tmp_path / "whole").glob("epoch=0*.ckpt"))[0]
+    saved = torch.load(first, weights_only=True)
+    buffers = [v for s in saved["optimizer_states"][0]["state"].values() for k, v in s.items() if k != "step"]
+    assert buffers and all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in buffers)
+    resumed = fit(tmp_path / "resumed", ckpt_path=first)
+    assert torch.equal(_weights(whole), _weights(resumed))
