@@ -137,7 +137,7 @@ def _state_of_first_weight(recipe: str, optimizer: str, steps: int, reset_at: in
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-    model._opt = opt
+    model._opt, model._scaler = opt, scaler
     return model
 
 
@@ -256,3 +256,26 @@ def test_lightning_checkpoint_resume_with_adamw_onecycle_clipping_and_accumulati
     assert buffers and all(type(v) is torch.Tensor and v.dtype == torch.float32 for v in buffers)
     resumed = fit(tmp_path / "resumed", ckpt_path=first)
     assert torch.equal(_weights(whole), _weights(resumed))
+
+
+@pytest.mark.parametrize("recipe,optimizer", [("int16", "adamw"), ("int8-lazy", "lp-sgd")])
+def test_optimizer_load_state_dict_keeps_the_state_packed(recipe, optimizer, monkeypatch):
+    """A loop's own resume loads ``optimizer.state_dict()`` (float tensors) with ``optimizer.load_state_dict``,
+    not through the scaler. Before the fix the state stayed float32 until the next step (the memory packing
+    saves, lost across forward and backward); now it is packed at the load, with the same values."""
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    model = _state_of_first_weight(recipe, optimizer, 2)
+    opt = model._opt
+    saved = torch.load(io.BytesIO(_saved(opt.state_dict())), weights_only=True)
+    opt.load_state_dict(saved)
+    buffers = [(k, v) for s in opt.state.values() for k, v in s.items() if k != "step"]
+    assert buffers and all(isinstance(v, Packed) for _, v in buffers)
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, saved["state"][i][k])
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -21,7 +21,8 @@ Trainer packs it when it rounds it after the step (``apply_``), so their float32
 only, not during forward and backward. A buffer not read in a step (its parameter had no gradient) is
 not rounded again, packed or not, and every other buffer is rounded once a step. ``optimizer.state_dict()`` gives
 float tensors (a state-dict hook unpacks them), so checkpoints keep their form and any ``load_state_dict``
-accepts them; ``Trainer.load_state_dict`` packs the loaded state again (``repack_``). Code that reads
+accepts them; the Trainer packs the loaded state again at every ``optimizer.load_state_dict`` (a post-hook
+calling ``repack_``: its own ``load_state_dict``, Lightning's, a loop's). Code that reads
 ``optimizer.state`` directly between steps sees ``lowprec.formats.packing.Packed`` values (``.unpack()``).
 """
 

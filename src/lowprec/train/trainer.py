@@ -128,6 +128,20 @@ def _watch_accumulation(trainer: Trainer, slots: Iterable[ParamSlot]) -> None:
         slot.param.register_post_accumulate_grad_hook(functools.partial(note, slot.name))
 
 
+def _repack_on_load(trainer: Trainer) -> None:
+    """Pack the optimizer state again after any ``optimizer.load_state_dict`` (a loop's own resume, Lightning's,
+    a checkpoint written by ``torch.save(optimizer.state_dict())``): the state dict holds float tensors, kept
+    packed from the load on rather than until the next step (a weak reference: the hook keeps no trainer alive)."""
+    ref = weakref.ref(trainer)
+
+    def repack(optimizer: torch.optim.Optimizer) -> None:
+        owner = ref()
+        if owner is not None:
+            owner.state_formats.repack_(optimizer)
+
+    trainer.optimizer.register_load_state_dict_post_hook(repack)
+
+
 class Trainer:
     """The training step of one model under one policy (see the module docstring).
 
@@ -164,6 +178,7 @@ class Trainer:
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
         self.state_formats = OptimizerStateFormats(self.slots)
         install_state_hooks(optimizer)  # state kept packed between steps: state_dict() and step() see floats
+        _repack_on_load(self)
         check_courbariaux_optimizer(optimizer, self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -522,8 +537,7 @@ class Trainer:
         for s in self.slots:
             for role, q in s.quantizers():
                 q.load_state_dict(groups[f"{s.name}:{role}"])
-        self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])
-        self.state_formats.repack_(self.optimizer)
+        self.state_formats.load_state_dict(state["quantizers"]["optimizer_state"])  # the state: packed at its load
         set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
