@@ -157,6 +157,9 @@ def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, op
     with pytest.raises(AttributeError, match="no attribute 'mul_'"):
         state.mul_(0)
     assert not hasattr(state, "not_a_tensor_attribute")
+    # printed, it shows the values it holds (before: its integer codes, easy to take for the values)
+    assert repr(state).endswith(f"values={state.unpack()!r})") and f"shape={tuple(state.shape)}" in repr(state)
+    assert f"values={state.unpack()!r}" in str(model_opt.state[model[0].weight])
     assert torch.equal(state.unpack(), model_opt.state_dict()["state"][0][buffer])
     got = {}
     for packed in ("1", "0"):

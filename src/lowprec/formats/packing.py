@@ -79,6 +79,12 @@ class Packed:
             "policy or LOWPREC_PACKED=0 keeps float32 tensors"
         )
 
+    def __repr__(self) -> str:
+        """Its kind, shape, dtype, payload bytes and the values it holds (unpacked), not its raw codes or bytes,
+        which a reader of a printed ``optimizer.state`` could take for the values."""
+        return (f"{type(self).__name__}(packed, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"nbytes={self.nbytes}, values={self.unpack()!r})")
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
         """The same packed value with its tensors on ``device`` (what code that moves an optimizer's state
         between devices calls, e.g. Lightning's ``move_data_to_device``); a new object, bit for bit the same."""
@@ -88,7 +94,7 @@ class Packed:
         return dataclasses.replace(self, **moved)  # type: ignore[type-var]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Raw(Packed):
     """A tensor kept as it is (NaN in an integer format, or no packer)."""
 
@@ -102,7 +108,7 @@ class Raw(Packed):
         return self.tensor.numel() * self.tensor.element_size()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Cast(Packed):
     """Values held in a narrower torch float dtype; unpacked by one cast back to ``dtype``."""
 
@@ -288,7 +294,7 @@ def _scale_rows(x: Tensor, k: Tensor) -> Tensor:
     return out.mul_(torch.exp2((k - half).to(x.dtype))[:, None])
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Codes(Packed):
     """Integer codes: value = code * 2**-frac (``levels`` None) or fl(code / levels) (WRPN's uniform)."""
 
@@ -314,7 +320,7 @@ class Codes(Packed):
         return self.data.numel() * self.data.element_size()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class BlockCodes(Packed):
     """Block floating point: ``bits``-wide codes in blocks of ``block`` (row-major), one int16 ``frac`` a block:
     value = code * 2**-frac[block]."""
@@ -340,7 +346,7 @@ class BlockCodes(Packed):
         return self.data.numel() * self.data.element_size() + self.fracs.numel() * self.fracs.element_size()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Bits(Packed):
     """A boolean tensor, eight values a byte."""
 
