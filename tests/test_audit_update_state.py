@@ -282,3 +282,27 @@ def _saved(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def test_swa_averaged_model_and_swalr_over_packed_state(monkeypatch):
+    """torch.optim.swa_utils in a lowprec amp loop (AveragedModel copies the converted model, SWALR rewrites the
+    learning rate every step): the averaged weights and its forward are the same packed and unpacked."""
+    got = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        model = _model()
+        opt = _OPTIMIZERS["adamw"](model.parameters())
+        scaler = lp.GradScaler("int16", model, opt)
+        swa = torch.optim.swa_utils.AveragedModel(model)
+        sched = torch.optim.swa_utils.SWALR(opt, swa_lr=0.01, anneal_epochs=2)
+        for x, y in _batches(4):
+            opt.zero_grad()
+            with lp.autocast(scaler):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            swa.update_parameters(model)
+        got[packed] = (_weights(swa.module), swa(_batches(1)[0][0]).detach())
+    assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])
