@@ -306,3 +306,34 @@ def test_swa_averaged_model_and_swalr_over_packed_state(monkeypatch):
             swa.update_parameters(model)
         got[packed] = (_weights(swa.module), swa(_batches(1)[0][0]).detach())
     assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])
+
+
+@pytest.mark.parametrize("optimizer,scalars", [
+    (lambda ps: torch.optim.NAdam(ps, lr=1e-2), ("mu_product",)),
+    (lambda ps: torch.optim.ASGD(ps, lr=1e-2, lambd=1e-2), ("eta", "mu")),
+], ids=["NAdam", "ASGD"])
+def test_an_optimizers_scalar_bookkeeping_is_not_rounded_to_the_state_format(optimizer, scalars):
+    """NAdam's ``mu_product`` and ASGD's ``eta``/``mu`` are 0-dim coefficients, not per-element state; they
+    depend on the step count alone, so the same optimizer on a plain float model gives their exact values.
+    Before the fix they were rounded to int8 (int8-lazy's optimizer_state) like the moments: NAdam's bias
+    correction off by up to 2**-7 relative, every step."""
+    model = _model()
+    opt = optimizer(model.parameters())
+    scaler = lp.GradScaler("int8-lazy", model, opt)
+    plain = _model()
+    reference = optimizer(plain.parameters())
+    for x, y in _batches(4):
+        opt.zero_grad()
+        with lp.autocast(scaler):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        reference.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        reference.step()
+    state, expected = opt.state_dict()["state"], reference.state_dict()["state"]
+    for i in expected:
+        for name in scalars:
+            assert state[i][name].dtype == expected[i][name].dtype and torch.equal(state[i][name], expected[i][name])
+    assert any(isinstance(v, Packed) for s in opt.state.values() for v in s.values())  # the moments still are

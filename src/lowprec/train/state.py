@@ -1,7 +1,8 @@
 """Optimizer-state formats: the policy's ``optimizer_state`` role applied to any torch optimizer's buffers.
 
 After every optimizer step, each floating-point tensor in ``optimizer.state[p]`` (``momentum_buffer``,
-``exp_avg``, ``exp_avg_sq``, ...; never the ``step`` counters) of a parameter whose policy sets
+``exp_avg``, ``exp_avg_sq``, ...; never the ``step`` counters, nor a 0-dim scalar of a parameter with dimensions:
+NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``, coefficients kept exact) of a parameter whose policy sets
 ``optimizer_state=F`` is rounded in place to F with the role's rounding. The optimizer computed the new state
 in fp32 from the previous (already rounded) state, so each buffer is rounded once per step, as Courbariaux's
 ``v <- Q(M·v − LR·dE/dW)`` and Park's INT8/INT16 momentum. Each (parameter, buffer) pair has its own
@@ -42,9 +43,14 @@ from .update import ParamSlot, assign_, unpack_state_of_
 __all__ = ["OptimizerStateFormats", "install_state_hooks", "unpack_state_"]
 
 
-def _is_buffer(name: str, value: Any) -> bool:
-    """A floating-point state tensor (not a ``step`` counter), packed or not."""
-    return name != "step" and (isinstance(value, Packed) or isinstance(value, Tensor) and value.is_floating_point())
+def _is_buffer(name: str, value: Any, param: Tensor) -> bool:
+    """A floating-point state tensor of ``param`` with values per element (momentum, moments, Rprop's step
+    sizes), packed or not: not a ``step`` counter, and not a 0-dim scalar of a parameter with dimensions (the
+    optimizer's own bookkeeping: NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``, which enter every element's
+    update as exact coefficients; rounding them to an int8/int16 grid would move every step)."""
+    if name == "step" or not (isinstance(value, Packed) or isinstance(value, Tensor) and value.is_floating_point()):
+        return False
+    return len(value.shape) > 0 or param.dim() == 0
 
 
 def _unpacked_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +126,7 @@ class OptimizerStateFormats:
         stepped = slot.holder.grad is not None
         for buffer in sorted(state):
             value = state[buffer]
-            if not _is_buffer(buffer, value) or isinstance(value, Packed):
+            if not _is_buffer(buffer, value, slot.holder) or isinstance(value, Packed):
                 continue
             if stepped:
                 self._round_buffer_(slot, state, buffer, on)
@@ -152,13 +158,13 @@ class OptimizerStateFormats:
             state = optimizer.state.get(slot.holder, {})
             on = stored.packing_on(slot.policy)
             for buffer, value in state.items():
-                if _is_buffer(buffer, value) and not isinstance(value, Packed):
+                if _is_buffer(buffer, value, slot.holder) and not isinstance(value, Packed):
                     state[buffer] = stored.repack(value, slot.state_quant.format, on)
 
     def nbytes(self, optimizer: torch.optim.Optimizer) -> int:
         """Bytes the slots' buffers hold now (packed, or float tensors)."""
         return sum(stored.nbytes(v) for s in self._slots for b, v in optimizer.state.get(s.holder, {}).items()
-                   if _is_buffer(b, v))
+                   if _is_buffer(b, v, s.holder))
 
     def round_buffer(self, slot: ParamSlot, value: Tensor, buffer: str = "momentum_buffer") -> Tensor:
         """``value`` rounded to the slot's optimizer_state format by that buffer's quantizer (as is without one)."""
