@@ -169,22 +169,25 @@ def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, op
     assert not torch.equal(got["1"], _weights(_state_of_first_weight(recipe, optimizer, 4)))
 
 
-def _head_joins_at_step_2(recipe: str, optimizer: str, added: bool) -> nn.Module:
-    """The head ``model[2]`` trains from step 2 on. ``added``: frozen until then and added to the optimizer by
-    ``add_param_group`` mid-run (a fine-tuning loop); else in the optimizer from the start, its gradients
-    dropped before steps 0 and 1 (the reference)."""
+def _head_joins_at_step_2(recipe: str, optimizer: str, added: bool, how: str = "add_param_group") -> nn.Module:
+    """The head ``model[2]`` trains from step 2 on. ``added``: frozen until then and unfrozen mid-run (a
+    fine-tuning loop), ``how``: added to the optimizer by ``add_param_group`` then, or held by it from the
+    start ("in_optimizer"); else (the reference) trainable and in the optimizer from the start, its gradients
+    dropped before steps 0 and 1."""
     model = _model()
     head = list(model[2].parameters())
     for p in head:
         p.requires_grad_(not added)
     body = [p for p in model.parameters() if all(p is not q for q in head)]
-    opt = _OPTIMIZERS[optimizer](body if added else [{"params": body}, {"params": head, "lr": 0.01}])
+    held = added and how == "add_param_group"
+    opt = _OPTIMIZERS[optimizer](body if held else [{"params": body}, {"params": head, "lr": 0.01}])
     scaler = lp.GradScaler(recipe, model, opt)
     for i, (x, y) in enumerate(_batches(4)):
         if i == 2 and added:
             for p in head:
                 p.requires_grad_(True)
-            opt.add_param_group({"params": head, "lr": 0.01})
+            if held:
+                opt.add_param_group({"params": head, "lr": 0.01})
         opt.zero_grad()
         with lp.autocast(scaler):
             loss = F.cross_entropy(model(x), y)
@@ -196,6 +199,18 @@ def _head_joins_at_step_2(recipe: str, optimizer: str, added: bool) -> nn.Module
         scaler.update()
     model._opt = opt
     return model
+
+
+@pytest.mark.parametrize("recipe,optimizer", [("int8-lazy", "lp-sgd"), ("int16", "adamw")])
+def test_frozen_parameters_the_optimizer_holds_get_their_update_roles_when_unfrozen(recipe, optimizer, monkeypatch):
+    """torch's optimizers accept frozen parameters (they get no gradient); fine-tuning loops build the optimizer
+    over model.parameters() and unfreeze layers by requires_grad_ later. Before the fix lowprec refused such an
+    optimizer ("not trainable parameters of the model (was it built over another model?)"). Now they are
+    accepted and get their slot when unfrozen: the weights of the reference run, packed and unpacked."""
+    for packed in ("1", "0"):
+        monkeypatch.setenv("LOWPREC_PACKED", packed)
+        late = _head_joins_at_step_2(recipe, optimizer, added=True, how="in_optimizer")
+        assert torch.equal(_weights(late), _weights(_head_joins_at_step_2(recipe, optimizer, added=False)))
 
 
 @pytest.mark.parametrize("recipe,optimizer", [("int8-lazy", "lp-sgd"), ("int16", "adamw"), ("mixed-fp16", "sgd")])

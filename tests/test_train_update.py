@@ -198,10 +198,11 @@ def test_optimizer_must_hold_exactly_the_trainable_parameters():
     with pytest.raises(ValueError, match="does not hold 2 trainable parameter.*2.weight, 2.bias"):
         Trainer(model, torch.optim.SGD(model[0].parameters(), lr=0.1))
     other = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="holds 2 parameter.*not trainable parameters of the model"):
+    with pytest.raises(ValueError, match="holds 2 parameter.*not parameters of the model"):
         Trainer(model, torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1))
-    model[2].requires_grad_(False)  # frozen parameters may stay out of the optimizer
+    model[2].requires_grad_(False)  # frozen parameters may stay out of the optimizer, or be in it
     Trainer(model, torch.optim.SGD(model[0].parameters(), lr=0.1))
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 def test_parameters_start_inside_the_master_format():

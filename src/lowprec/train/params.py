@@ -156,11 +156,14 @@ def trainer_policy(model: nn.Module, policy: Policy | str | None) -> Policy:
 
 
 def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """ValueError unless the optimizer's param groups hold exactly the model's trainable parameters; the error
-    says so when they are the parameters of the model before ``convert`` copied it."""
+    """ValueError unless the optimizer's param groups hold every trainable parameter of the model and only
+    parameters of the model; the error says so when they are the parameters of the model before ``convert``
+    copied it. Frozen parameters of the model (``requires_grad=False``) may be held too, as torch allows: they
+    get no gradient, and their update roles when they are unfrozen (``Trainer._adopt_added_parameters``)."""
     held = [p for group in optimizer.param_groups for p in group["params"]]
     trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    foreign = [p for p in held if id(p) not in trainable]
+    owned = {id(p) for p in model.parameters()}
+    foreign = [p for p in held if id(p) not in owned]
     if any(is_replaced(p) for p in foreign):
         raise ValueError(
             f"the optimizer holds {len(foreign)} parameter(s) of the model as it was before lowprec.convert, not "
@@ -177,8 +180,8 @@ def check_optimizer_covers(model: nn.Module, optimizer: torch.optim.Optimizer) -
         )
     if foreign:
         raise ValueError(
-            f"the optimizer holds {len(foreign)} parameter(s) that are not trainable parameters of the model (was "
-            "it built over another model?)"
+            f"the optimizer holds {len(foreign)} parameter(s) that are not parameters of the model (was it built "
+            "over another model?)"
         )
 
 

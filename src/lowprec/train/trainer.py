@@ -146,8 +146,8 @@ class Trainer:
     """The training step of one model under one policy (see the module docstring).
 
     ``model``: usually ``lowprec.convert(model, policy)``; a plain module works too. ``optimizer``: any
-    ``torch.optim`` optimizer over exactly the model's trainable parameters (``lowprec.train.SGD``/``AdamW``
-    avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string;
+    ``torch.optim`` optimizer over the model's trainable parameters, frozen ones may be held too
+    (``lowprec.train.SGD``/``AdamW`` avoid a parameter snapshot in the lazy update). ``policy``: a Policy, preset name or policy string;
     default (None) the policy ``convert`` gave the model (fp32 for a plain model). A policy whose layer roles
     differ from the model's conversion, or that quantizes layer roles of a model without converted layers, is
     refused (ValueError, ``params.trainer_policy``). ``scaler``: default from ``policy.loss_scale``.
