@@ -352,3 +352,43 @@ def test_an_optimizers_scalar_bookkeeping_is_not_rounded_to_the_state_format(opt
         for name in scalars:
             assert state[i][name].dtype == expected[i][name].dtype and torch.equal(state[i][name], expected[i][name])
     assert any(isinstance(v, Packed) for s in opt.state.values() for v in s.values())  # the moments still are
+
+
+def test_lightning_backbone_finetuning_gives_the_unfrozen_backbone_its_update_roles(monkeypatch):
+    """Lightning's BackboneFinetuning freezes the backbone, then unfreezes it and adds it to the optimizer
+    (add_param_group) at epoch 1. Before the fix the backbone was then stepped outside lowprec's update: its
+    AdamW moments neither rounded nor packed, its weights off the int16 master grid."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import BackboneFinetuning
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lowprec.formats import parse_format
+    from lowprec.formats.packing import pack
+    from lowprec.integrations.lightning import LowprecPrecision
+
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            net = _model()
+            self.backbone, self.head = net[:2], net[2]
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.head(self.backbone(batch[0])), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    x = torch.cat([b[0] for b in _batches(2)])
+    y = torch.cat([b[1] for b in _batches(2)])
+    module = Module()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, plugins=[LowprecPrecision("int16")], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    weight = module.backbone[0].weight
+    state = trainer.optimizers[0].state[weight]
+    assert isinstance(state["exp_avg"], Packed) and isinstance(state["exp_avg_sq"], Packed)
+    pack(weight.detach(), parse_format("dfx<16>"), verify=True)  # ValueError off the master grid
