@@ -150,8 +150,8 @@ class Trainer:
     (``lowprec.train.SGD``/``AdamW`` avoid a parameter snapshot in the lazy update). ``policy``: a Policy,
     preset name or policy string; default (None) the policy ``convert`` gave the model (fp32 for a plain
     model). A policy whose layer roles differ from the model's conversion, or that quantizes layer roles of a
-    model without converted layers, is refused (ValueError, ``params.trainer_policy``). ``scaler``: default from ``policy.loss_scale``.
-    ``clip_grad_norm``: max total L2 norm of the unscaled gradients (may be changed between steps). Building
+    model without converted layers, is refused (ValueError, ``params.trainer_policy``). ``scaler``: default
+    from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled gradients (may be changed between steps). Building
     the trainer rounds every parameter once to its master format.
     """
 
