@@ -151,8 +151,8 @@ class Trainer:
     preset name or policy string; default (None) the policy ``convert`` gave the model (fp32 for a plain
     model). A policy whose layer roles differ from the model's conversion, or that quantizes layer roles of a
     model without converted layers, is refused (ValueError, ``params.trainer_policy``). ``scaler``: default
-    from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled gradients (may be changed between steps). Building
-    the trainer rounds every parameter once to its master format.
+    from ``policy.loss_scale``. ``clip_grad_norm``: max total L2 norm of the unscaled gradients (may be
+    changed between steps). Building the trainer rounds every parameter once to its master format.
     """
 
     def __init__(
