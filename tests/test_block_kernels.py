@@ -10,7 +10,7 @@ import torch
 import lowprec as lp
 from lowprec.formats import compile_enabled
 from lowprec.formats import scaled_kernels as sk
-from lowprec.formats.kernels import NEAREST, ROUNDINGS, STOCHASTIC, random_bits, random_bits31
+from lowprec.formats.kernels import NEAREST, ROUNDINGS, STOCHASTIC, hash_below_mask, random_bits, random_bits31
 from lowprec.formats.scaled import ELEMENTS, SCALE_RULES
 
 
@@ -56,6 +56,21 @@ def test_random_bits31_equals_the_int64_hash():
         for shape in ((1,), (1000,), (7, 33)):
             expected = random_bits(torch.Size(shape), k, 31, "cpu").to(torch.int32)
             assert torch.equal(random_bits31(torch.Size(shape), k, "cpu"), expected)
+
+
+def test_hash_below_mask_compares_the_top_31_bits():
+    """-1 exactly where the hash's 31-bit random integer (its top bits, logical shift) is below f, on random hashes
+    of both signs and the edges: f = 0 (never), f = 2**31 - 1, R = f - 1, f, f + 1."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randint(-(2**31), 2**31, (100_000,), generator=gen, dtype=torch.int64)
+    f = torch.randint(0, 2**31, (100_000,), generator=gen, dtype=torch.int64)
+    r = torch.where(h < 0, h + 2**32, h) >> 1  # the 31-bit integer, in int64
+    f = torch.cat([f, torch.zeros(10, dtype=torch.int64), torch.full((10,), 2**31 - 1), r[:10] + 1, r[:10], r[:10] - 1])
+    f = f.clamp(0, 2**31 - 1)
+    h = torch.cat([h, h[:50]])
+    r = torch.cat([r, r[:50]])
+    expected = -(r < f).to(torch.int32)
+    assert torch.equal(hash_below_mask(h.to(torch.int32), f.to(torch.int32)), expected)
 
 
 @pytest.mark.parametrize("element", sorted(ELEMENTS))

@@ -79,16 +79,31 @@ def _mix32_int32(h: Tensor) -> Tensor:
     return h ^ ((h >> 15) & 0x1FFFF)
 
 
-def random_bits31(shape: torch.Size, key: Tensor, device: torch.device) -> Tensor:
-    """``random_bits(shape, key, 31, device)`` as int32, the same integers, computed in int32 lanes where every index
-    fits (fewer than 2**31 elements): half the vector width of the int64 hash (measured on a CPU: 1.3x faster)."""
+def random_hash32(shape: torch.Size, key: Tensor, device: torch.device) -> Tensor:
+    """The 32-bit hash of ``random_bits(shape, key, 32, device)`` in int32 lanes (its bits as int32, values >= 2**31
+    negative): its top 31 bits (a logical right shift by one) are ``random_bits31``. Computed in int32 lanes where
+    every index fits (fewer than 2**31 elements): half the vector width of the int64 hash (measured on a CPU: 1.3x
+    faster)."""
     if shape.numel() > 2**31:
-        return random_bits(shape, key, 31, device).to(torch.int32)
+        return random_bits(shape, key, 32, device).to(torch.int32)  # the low 32 bits: the same bits
     i = torch.arange(shape.numel(), device=device, dtype=torch.int32).view(shape)
     k0 = (key & _M32).to(torch.int32)  # the same 32 bits (values >= 2**31 wrap to negative int32)
     k1 = ((key >> 32) & _M32).to(torch.int32)
-    h = _mix32_int32(_mix32_int32(i ^ k0) ^ k1)  # i >> 32 is 0
-    return (h >> 1) & 0x7FFFFFFF
+    return _mix32_int32(_mix32_int32(i ^ k0) ^ k1)  # i >> 32 is 0
+
+
+def random_bits31(shape: torch.Size, key: Tensor, device: torch.device) -> Tensor:
+    """``random_bits(shape, key, 31, device)`` as int32, the same integers: the top 31 bits of ``random_hash32``."""
+    return (random_hash32(shape, key, device) >> 1) & 0x7FFFFFFF
+
+
+def hash_below_mask(h: Tensor, f: Tensor) -> Tensor:
+    """-1 where R < f, else 0 (int32), for R the 31-bit random integer of the hash h (``random_hash32``: R = h >> 1,
+    logical) and int32 f in [0, 2**31): the sign of ((h >> 1) - f) ^ h, with the arithmetic shift. Where h >= 0 the
+    difference is R - f; where h < 0 the arithmetic shift gives R - 2**31, so the difference wraps to R - f + 2**31
+    (mod 2**32), whose sign is the opposite of R - f's, and the xor with h's sign bit flips it back. Two integer
+    operations fewer per element than ``is_below(random_bits31(...), f)`` (no mask after the shift, no negation)."""
+    return (((h >> 1) - f) ^ h) >> 31
 
 
 def is_nan(x: Tensor) -> Tensor:

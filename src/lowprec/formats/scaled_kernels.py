@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, is_below, random_bits31
+from .kernels import (
+    NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, hash_below_mask, is_below, random_bits31, random_hash32,
+)
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -138,7 +140,7 @@ def mx_scales(
     e5m2, 2**-112 for e4m3, 2**-124 for e2m1); also false, where the elements need it, when a nonzero finite
     row's factor is not a float32: stochastic and toward_zero, 2**-(e + qmin) above 2**127 (e < -127 - qmin:
     amax below about 2**-110 for e4m3, 2**-96 for e5m2); nearest, its magic number 2**(e + qmin + 23) above
-    2**127 (e > 104 - qmin: amax of 2**121 or more for e4m3, 2**107 for e2m1; never for e5m2). The caller then
+    2**127 (e > 104 - qmin: amax of about 2**122 or more for e4m3, 2**108 for e2m1; never for e5m2). The caller then
     runs ``mx_fp32``."""
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     finite = amax < float("inf")
@@ -188,13 +190,12 @@ def mx_elements(
         r = a & keep
         small = torch.floor(x.abs() * inverse) * quantum
     else:  # as round_element: one comparison of the random bits with whichever branch's discarded fraction
-        rand = random_bits31(x.shape, key, x.device)
         w = x.abs() * inverse
         low = torch.floor(w)
         frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
-        step = is_below(rand, frac)
-        r = (a & keep) + (step << s)
-        small = (low + step) * quantum
+        up_mask = hash_below_mask(random_hash32(x.shape, key, x.device), frac)  # -1: one quantum up
+        r = (a & keep) + (up_mask & (1 << s))
+        small = (low - up_mask) * quantum
     top = _f32_bits(max_value)
     if min_value != -max_value:  # the negative side saturates at another magnitude
         top = top - ((xi >> 31) & (top - _f32_bits(-min_value)))
