@@ -246,14 +246,15 @@ def nvfp4_scale_of_amax(amax: Tensor) -> Tensor:
     return torch.clamp(numerator / amax, max=FLT_MAX)
 
 
-def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: int, rand: Tensor | None) -> Tensor:
+def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: int, hashes: Tensor | None) -> Tensor:
     """``round_element`` in float32 arithmetic alone, for finite |v| <= the element's max value (the caller clamps)
     on a grid of a few binades (one comparison per binade; e2m1: two): the quantum is 2**qmin below
     2**(qmin + man_bits + 1) (the subnormals and the first binade share it), 2**(k - man_bits) in the binade
     [2**k, 2**(k+1)). Nearest: (|v| + C) - C with C = quantum * 2**23 (the sum's ulp is the quantum: rounded to
     nearest even, exactly as ``round_element``'s ties to even); toward_zero and stochastic round w = |v| / quantum
     (exact) to an integer as ``round_element`` does (floor; floor(w) + [R < (w - floor(w)) * 2**31], the discarded
-    bits compared with the same 31 random bits ``rand``), times the quantum. Sign kept. The same bits as
+    bits compared with the same 31 random bits R, those of the hashes ``hashes`` of ``kernels.random_hash32``, by
+    ``kernels.hash_below_mask``), times the quantum. Sign kept. The same bits as
     ``round_element`` without reading v's bits (a compiled CPU kernel bitcasts one element at a time, through
     memory)."""
     av = v.abs()
@@ -272,7 +273,7 @@ def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: 
     w = av * inverse
     k_int = torch.floor(w)
     if rounding == STOCHASTIC:
-        k_int = k_int + is_below(rand, ((w - k_int) * 2.0**31).to(torch.int32)).to(torch.float32)
+        k_int = k_int - hash_below_mask(hashes, ((w - k_int) * 2.0**31).to(torch.int32)).to(torch.float32)
     return (k_int * quantum).copysign(v)
 
 
@@ -290,8 +291,8 @@ def nvfp4_elements(
 ) -> Tensor:
     """NVFP4 elements of finite ``blocks`` (rows) from ``nvfp4_block_scales``: q = e2m1(clamp(x * enc, -6, 6))
     (``round_few_binades``), y = (q * d) * s_dec, each product rounded to nearest in float32."""
-    rand = random_bits31(blocks.shape, key, blocks.device) if rounding == STOCHASTIC else None
-    q = round_few_binades(torch.clamp(blocks * enc, -6.0, 6.0), 1, -1, 2, rounding, rand)
+    hashes = random_hash32(blocks.shape, key, blocks.device) if rounding == STOCHASTIC else None
+    q = round_few_binades(torch.clamp(blocks * enc, -6.0, 6.0), 1, -1, 2, rounding, hashes)
     return (q * d) * s_dec
 
 
