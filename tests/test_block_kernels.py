@@ -10,7 +10,7 @@ import torch
 import lowprec as lp
 from lowprec.formats import compile_enabled
 from lowprec.formats import scaled_kernels as sk
-from lowprec.formats.kernels import ROUNDINGS, STOCHASTIC, random_bits, random_bits31
+from lowprec.formats.kernels import NEAREST, ROUNDINGS, STOCHASTIC, hash_below_mask, random_bits, random_bits31
 from lowprec.formats.scaled import ELEMENTS, SCALE_RULES
 
 
@@ -39,6 +39,12 @@ def blocks_of_every_kind(gen: torch.Generator, rows: int = 2048, block: int = 32
     return x
 
 
+def without_huge_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x with every value of magnitude 2**100 or more scaled by 2**-40 (inf stays inf): no block whose MX nearest
+    magic number 2**(e + qmin + 23) overflows (``mx_scales``), so the two kernels take it."""
+    return torch.where(x.abs() >= 2.0**100, x * 2.0**-40, x)
+
+
 def split_mx(x: torch.Tensor, args: tuple) -> tuple[bool, torch.Tensor]:
     exact, *per_row = sk.mx_scales(x, *args)
     return bool(exact), sk.mx_elements(x, x.view(torch.int32), *per_row, *args).view(torch.float32)
@@ -52,6 +58,21 @@ def test_random_bits31_equals_the_int64_hash():
             assert torch.equal(random_bits31(torch.Size(shape), k, "cpu"), expected)
 
 
+def test_hash_below_mask_compares_the_top_31_bits():
+    """-1 exactly where the hash's 31-bit random integer (its top bits, logical shift) is below f, on random hashes
+    of both signs and the edges: f = 0 (never), f = 2**31 - 1, R = f - 1, f, f + 1."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randint(-(2**31), 2**31, (100_000,), generator=gen, dtype=torch.int64)
+    f = torch.randint(0, 2**31, (100_000,), generator=gen, dtype=torch.int64)
+    r = torch.where(h < 0, h + 2**32, h) >> 1  # the 31-bit integer, in int64
+    f = torch.cat([f, torch.zeros(10, dtype=torch.int64), torch.full((10,), 2**31 - 1), r[:10] + 1, r[:10], r[:10] - 1])
+    f = f.clamp(0, 2**31 - 1)
+    h = torch.cat([h, h[:50]])
+    r = torch.cat([r, r[:50]])
+    expected = -(r < f).to(torch.int32)
+    assert torch.equal(hash_below_mask(h.to(torch.int32), f.to(torch.int32)), expected)
+
+
 @pytest.mark.parametrize("element", sorted(ELEMENTS))
 @pytest.mark.parametrize("rule", SCALE_RULES)
 @pytest.mark.parametrize("rounding", sorted(ROUNDINGS))
@@ -63,6 +84,10 @@ def test_mx_two_kernels_equal_one(element, rule, rounding):
     gen = torch.Generator().manual_seed(7)
     x = blocks_of_every_kind(gen, tiny=False)
     exact, y = split_mx(x, args)
+    if mode == NEAREST:  # its magic number 2**(e + qmin + 23) overflows for blocks near FLT_MAX: the one kernel runs
+        assert exact == (128 - el.emax <= 104 - el.qmin)  # only e5m2's largest block exponents stay below the bound
+        x = without_huge_blocks(x)
+        exact, y = split_mx(x, args)
     assert exact
     assert torch.equal(y.view(torch.int32), sk.mx_fp32(x.view(-1), 32, *args).view(x.shape).view(torch.int32))
     assert not split_mx(blocks_of_every_kind(gen), args)[0]  # tiny blocks: the one kernel runs instead
@@ -88,8 +113,8 @@ def test_nvfp4_two_kernels_equal_one(rounding):
                                                ("nvfp4", "stochastic")])
 @pytest.mark.parametrize("tiny", [False, True])
 def test_compiled_block_formats_equal_eager_on_every_kind_of_block(fmt, rounding, tiny, monkeypatch):
-    """Through quantize on a tensor large enough to be compiled: the two kernels (no tiny blocks, and for NVFP4
-    no NaN or inf), or the one kernel they hand back to."""
+    """Through quantize on a tensor large enough to be compiled: the two kernels (no tiny blocks, for NVFP4 no NaN
+    or inf, for MX nearest no block near FLT_MAX), or the one kernel they hand back to."""
     quantize_module = importlib.import_module("lowprec.formats.quantize")
     split_ran = []
     run_split = quantize_module._run_split
@@ -97,6 +122,8 @@ def test_compiled_block_formats_equal_eager_on_every_kind_of_block(fmt, rounding
     x = blocks_of_every_kind(torch.Generator().manual_seed(9), rows=1 << 12, tiny=tiny).view(-1)
     if fmt == "nvfp4" and not tiny:
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if fmt.startswith("mx") and rounding == "nearest":
+        x = without_huge_blocks(x)
     compiled = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(1))
     assert split_ran == [not tiny]
     monkeypatch.setenv("LOWPREC_COMPILE", "0")

@@ -79,16 +79,31 @@ def _mix32_int32(h: Tensor) -> Tensor:
     return h ^ ((h >> 15) & 0x1FFFF)
 
 
-def random_bits31(shape: torch.Size, key: Tensor, device: torch.device) -> Tensor:
-    """``random_bits(shape, key, 31, device)`` as int32, the same integers, computed in int32 lanes where every index
-    fits (fewer than 2**31 elements): half the vector width of the int64 hash (measured on a CPU: 1.3x faster)."""
+def random_hash32(shape: torch.Size, key: Tensor, device: torch.device) -> Tensor:
+    """The 32-bit hash of ``random_bits(shape, key, 32, device)`` in int32 lanes (its bits as int32, values >= 2**31
+    negative): its top 31 bits (a logical right shift by one) are ``random_bits31``. Computed in int32 lanes where
+    every index fits (fewer than 2**31 elements): half the vector width of the int64 hash (measured on a CPU: 1.3x
+    faster)."""
     if shape.numel() > 2**31:
-        return random_bits(shape, key, 31, device).to(torch.int32)
+        return random_bits(shape, key, 32, device).to(torch.int32)  # the low 32 bits: the same bits
     i = torch.arange(shape.numel(), device=device, dtype=torch.int32).view(shape)
     k0 = (key & _M32).to(torch.int32)  # the same 32 bits (values >= 2**31 wrap to negative int32)
     k1 = ((key >> 32) & _M32).to(torch.int32)
-    h = _mix32_int32(_mix32_int32(i ^ k0) ^ k1)  # i >> 32 is 0
-    return (h >> 1) & 0x7FFFFFFF
+    return _mix32_int32(_mix32_int32(i ^ k0) ^ k1)  # i >> 32 is 0
+
+
+def random_bits31(shape: torch.Size, key: Tensor, device: torch.device) -> Tensor:
+    """``random_bits(shape, key, 31, device)`` as int32, the same integers: the top 31 bits of ``random_hash32``."""
+    return (random_hash32(shape, key, device) >> 1) & 0x7FFFFFFF
+
+
+def hash_below_mask(h: Tensor, f: Tensor) -> Tensor:
+    """-1 where R < f, else 0 (int32), for R the 31-bit random integer of the hash h (``random_hash32``: R = h >> 1,
+    logical) and int32 f in [0, 2**31): the sign of ((h >> 1) - f) ^ h, with the arithmetic shift. Where h >= 0 the
+    difference is R - f; where h < 0 the arithmetic shift gives R - 2**31, so the difference wraps to R - f + 2**31
+    (mod 2**32), whose sign is the opposite of R - f's, and the xor with h's sign bit flips it back. Two integer
+    operations fewer per element than ``is_below(random_bits31(...), f)`` (no mask after the shift, no negation)."""
+    return (((h >> 1) - f) ^ h) >> 31
 
 
 def is_nan(x: Tensor) -> Tensor:
@@ -116,9 +131,10 @@ def is_below(r: Tensor, f: Tensor) -> Tensor:
     return -((r - f) >> 31)
 
 
-def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
+def round_integer(v: Tensor, rounding: int, hashes: Tensor | None) -> Tensor:
     """v rounded to an integer (as floats): nearest ties to even, toward_zero truncates, stochastic is
-    floor(v) + [R < floor(frac(v) * 2**31)] with ``rand`` the 31-bit integers R of ``random_bits``.
+    floor(v) + [R < floor(frac(v) * 2**31)] with R the 31-bit integers of ``random_bits``, given as their 32-bit
+    hashes ``hashes`` (``random_hash32``, compared by ``hash_below_mask``).
 
     frac(v) = v - floor(v) is exact for v >= 0 and for v <= -1/2; for a negative v closer to 0 it is 1 - |v|
     rounded in v's dtype (a probability off by less than one ulp of 1). Where that rounding gives 1 (a negative
@@ -129,8 +145,8 @@ def round_integer(v: Tensor, rounding: int, rand: Tensor | None) -> Tensor:
     if rounding == TOWARD_ZERO:
         return torch.trunc(v)
     low = torch.floor(v)
-    frac = torch.clamp((v - low) * 2.0**31, max=_BELOW_2_31[v.dtype])  # is_below needs it in [0, 2**31)
-    return low + is_below(rand, frac.to(torch.int32)).to(v.dtype)
+    frac = torch.clamp((v - low) * 2.0**31, max=_BELOW_2_31[v.dtype])  # hash_below_mask needs it in [0, 2**31)
+    return low - hash_below_mask(hashes, frac.to(torch.int32)).to(v.dtype)
 
 
 def round_to_grid(
@@ -244,11 +260,11 @@ def float_fast_fp32(
     elif rounding == TOWARD_ZERO:
         r = a & keep_mask
     else:
-        rand = random_bits31(x.shape, key, x.device)
-        up = is_below(rand >> rshift, a & discard_mask)
-        r = (a & keep_mask) + (up << shift)
+        hashes = random_hash32(x.shape, key, x.device)
+        up_mask = hash_below_mask(hashes, (a & discard_mask) << rshift)  # R >> rshift < d exactly when R < d << rshift
+        r = (a & keep_mask) + (up_mask & (1 << shift))
     if sub_branch:
-        k = round_integer(x.abs() * sub_scale, rounding, rand if rounding == STOCHASTIC else None)
+        k = round_integer(x.abs() * sub_scale, rounding, hashes if rounding == STOCHASTIC else None)
         r = torch.where(a < min_normal_bits, (k / sub_scale).view(torch.int32), r)
     if flush:
         r = torch.where(r < min_normal_bits, 0, r)
@@ -319,8 +335,8 @@ def fixed_factors(
     """``fixed_fast`` with 2**frac given as ``pow2_factors(frac)`` = (up, up2) and 2**-frac as (down, down2): k =
     the rounding of (|x| * up) * up2 to an integer, y = (clamp(sign(x) * k, kmin, kmax) * down) * down2, x's NaN
     as it is. Float32 arithmetic only (no bits read: a compiled CPU kernel bitcasts one element at a time)."""
-    rand = random_bits31(x.shape, key, x.device) if rounding == STOCHASTIC else None
-    k = round_integer(x.abs() * up * up2, rounding, rand)
+    hashes = random_hash32(x.shape, key, x.device) if rounding == STOCHASTIC else None
+    k = round_integer(x.abs() * up * up2, rounding, hashes)
     return torch.where(is_nan(x), x, torch.clamp(k.copysign(x), kmin, kmax) * down * down2)
 
 
@@ -365,6 +381,6 @@ def uniform_grid(
     +-0 are returned as they are."""
     if binary:
         return torch.where(is_nan(x), x, torch.where(x < 0, -1.0, 1.0).to(x.dtype))
-    rand = random_bits31(x.shape, key, x.device) if rounding == STOCHASTIC else None
-    k = round_integer(torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels, rounding, rand)
+    hashes = random_hash32(x.shape, key, x.device) if rounding == STOCHASTIC else None
+    k = round_integer(torch.clamp(x, -1.0 if signed else 0.0, 1.0) * levels, rounding, hashes)
     return torch.where(is_nan(x) | (x == 0), x, k / levels)  # NaN and -0 as they are (compiled max() drops -0)

@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels import NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, is_below, random_bits31
+from .kernels import (
+    NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, hash_below_mask, is_below, random_bits31, random_hash32,
+)
 
 FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -128,21 +130,35 @@ def mx_scales(
 ) -> tuple[Tensor, ...]:
     """The first of the two kernels of OCP MX on a CPU (``mx_elements`` is the second; ``mx_fp32`` is the same
     rounding in one kernel): per row of ``blocks``, the amax and the block exponent e = ``shared_exponent``, given
-    as e * 2**23 (int32: e added to a float32 exponent field), 2**-e and 2**e (float32, ``pow2``), and the bits
-    every element of the row becomes: NAN_BITS where amax is NaN or inf, else 0 (int32). First, ``exact``: a bool
-    scalar, false where a nonzero finite row has e < -126 - (qmin + man_bits): there the element's normal range
-    scaled by 2**e reaches below 2**-126, and float32 subnormals would need the element's normal rounding, which
-    ``mx_elements`` does not do (the caller then runs ``mx_fp32``; only rows with amax below about 2**-96 can:
-    2**-97 for e5m2, 2**-112 for e4m3, 2**-124 for e2m1)."""
+    as e * 2**23 (int32: e added to a float32 exponent field), 2**-(e + qmin) (float32, ``pow2`` of the exponent
+    clamped at 127: any factor serves an all-zero row) and the quantum 2**(e + qmin) (float32, possibly a float32
+    subnormal: 2**e * 2**qmin, exact), and per row the int32 that every element's bits are max-ed with:
+    NAN_BITS (the NaN the row becomes) where amax is NaN or inf, else -2**31 (no element's bits are below it).
+    First, ``exact``: a bool scalar, false where a nonzero finite row has e < -126 - (qmin + man_bits): there the
+    element's normal range scaled by 2**e reaches below 2**-126, and float32 subnormals would need the element's
+    normal rounding, which ``mx_elements`` does not do (only rows with amax below about 2**-96 can: 2**-97 for
+    e5m2, 2**-112 for e4m3, 2**-124 for e2m1); also false, where the elements need it, when a nonzero finite
+    row's factor is not a float32: stochastic and toward_zero, 2**-(e + qmin) above 2**127 (e < -127 - qmin:
+    amax below about 2**-110 for e4m3, 2**-96 for e5m2); nearest, its magic number 2**(e + qmin + 23) above
+    2**127 (e > 104 - qmin: amax of about 2**122 or more for e4m3, 2**108 for e2m1; never for e5m2). The caller then
+    runs ``mx_fp32``."""
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     finite = amax < float("inf")
     e = shared_exponent(torch.where(finite, amax, 0.0), rule, emax, man_bits, max_value)
-    exact = torch.where((amax > 0) & finite, e, 127).amin() >= -126 - (qmin + man_bits)
-    return exact, e << 23, pow2(-e), pow2(e), torch.where(finite, 0, NAN_BITS).to(torch.int32)
+    nonzero = (amax > 0) & finite
+    if rounding == NEAREST:
+        exact = (torch.where(nonzero, e, 127).amin() >= -126 - (qmin + man_bits)) & (
+            torch.where(nonzero, e, -127).amax() <= 104 - qmin
+        )
+    else:
+        exact = torch.where(nonzero, e, 127).amin() >= max(-126 - (qmin + man_bits), -127 - qmin)
+    inverse = pow2(torch.clamp(-e - qmin, max=127))
+    quantum = pow2(e) * 2.0**qmin
+    return exact, e << 23, inverse, quantum, torch.where(finite, -(2**31), NAN_BITS).to(torch.int32)
 
 
 def mx_elements(
-    x: Tensor, xi: Tensor, e_bits: Tensor, down: Tensor, up: Tensor, nan_bits: Tensor, rule: str, emax: int,
+    x: Tensor, xi: Tensor, e_bits: Tensor, inverse: Tensor, quantum: Tensor, nan_bits: Tensor, rule: str, emax: int,
     man_bits: int, qmin: int, max_value: float, min_value: float, integer: bool, rounding: int, key: Tensor | None,
 ) -> Tensor:
     """The elements of OCP MX given ``mx_scales`` of their rows, as int32 bits: x as rows (float32) and ``xi``, the
@@ -155,38 +171,39 @@ def mx_elements(
     times 2**e are float32 normals whose bits differ from a's and the rounding's by e * 2**23, so ``round_element``'s
     integer rounding applies to a as it is (the low s bits are the same; a carry moves into the exponent alike),
     and saturation is a min with the bits of max_value * 2**e (of -min_value * 2**e for negative x: int8). Below,
-    the element's subnormals: v = |x| * 2**-e rounded to a multiple of 2**qmin as in ``round_element``, times 2**e.
-    Sign from x (int8: not on a zero); NaN rows from ``nan_bits``."""
+    the element's subnormals: |x| rounded to a multiple of the row's quantum q = 2**(e + qmin) directly, the same
+    value as ``round_element``'s rounding of |x| * 2**-e times 2**e: nearest as (|x| + q * 2**23) - q * 2**23 (the
+    sum's ulp is q: ties to even); toward_zero and stochastic on w = |x| * 2**-(e + qmin) (exact where w >=
+    2**-126; below, w and its scaled counterpart both floor to 0 with a fraction under 2**-31 of a quantum), floor(w)
+    (+ 1 where R < floor(frac(w) * 2**31)) times q, exact. Sign from x (int8: not on a zero); NaN rows from
+    ``nan_bits``: the bits are max-ed with it (NAN_BITS exceeds every finite result's bits, -2**31 none)."""
     a = xi & 0x7FFFFFFF
     sign = xi ^ a
     s = 23 - man_bits
     keep = -(1 << s)
-    v = x.abs() * down
     below = a < ((qmin + man_bits + 127) << 23) + e_bits
     if rounding == NEAREST:
         r = (a + ((1 << s >> 1) - 1) + ((a >> s) & 1)) & keep
-        big = 2.0 ** (qmin + 23)
-        small = (v + big) - big
+        magic = quantum * 2.0**23
+        small = (x.abs() + magic) - magic
     elif rounding == TOWARD_ZERO:
         r = a & keep
-        small = torch.floor(v * 2.0**-qmin) * 2.0**qmin
+        small = torch.floor(x.abs() * inverse) * quantum
     else:  # as round_element: one comparison of the random bits with whichever branch's discarded fraction
-        rand = random_bits31(x.shape, key, x.device)
-        w = v * 2.0**-qmin
+        w = x.abs() * inverse
         low = torch.floor(w)
         frac = torch.where(below, ((w - low) * 2.0**31).to(torch.int32), (a & ~keep) << (31 - s))
-        step = is_below(rand, frac)
-        r = (a & keep) + (step << s)
-        small = (low + step) * 2.0**qmin
+        up_mask = hash_below_mask(random_hash32(x.shape, key, x.device), frac)  # -1: one quantum up
+        r = (a & keep) + (up_mask & (1 << s))
+        small = (low - up_mask) * quantum
     top = _f32_bits(max_value)
     if min_value != -max_value:  # the negative side saturates at another magnitude
         top = top - ((xi >> 31) & (top - _f32_bits(-min_value)))
     r = torch.minimum(r, top + e_bits)
-    mag = torch.where(below, (small * up).view(torch.int32), r)
+    mag = torch.where(below, small.view(torch.int32), r)
     if integer:  # two's complement has no -0
         sign = sign & -is_below(0, mag)
-    bits = mag | sign
-    return (bits & ((nan_bits - 1) >> 31)) | nan_bits
+    return torch.maximum(mag | sign, nan_bits)
 
 
 mx_fp32.cpu_split = (mx_scales, mx_elements)  # type: ignore[attr-defined]  # quantize._run: two kernels on a CPU
@@ -229,14 +246,15 @@ def nvfp4_scale_of_amax(amax: Tensor) -> Tensor:
     return torch.clamp(numerator / amax, max=FLT_MAX)
 
 
-def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: int, rand: Tensor | None) -> Tensor:
+def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: int, hashes: Tensor | None) -> Tensor:
     """``round_element`` in float32 arithmetic alone, for finite |v| <= the element's max value (the caller clamps)
     on a grid of a few binades (one comparison per binade; e2m1: two): the quantum is 2**qmin below
     2**(qmin + man_bits + 1) (the subnormals and the first binade share it), 2**(k - man_bits) in the binade
     [2**k, 2**(k+1)). Nearest: (|v| + C) - C with C = quantum * 2**23 (the sum's ulp is the quantum: rounded to
     nearest even, exactly as ``round_element``'s ties to even); toward_zero and stochastic round w = |v| / quantum
     (exact) to an integer as ``round_element`` does (floor; floor(w) + [R < (w - floor(w)) * 2**31], the discarded
-    bits compared with the same 31 random bits ``rand``), times the quantum. Sign kept. The same bits as
+    bits compared with the same 31 random bits R, those of the hashes ``hashes`` of ``kernels.random_hash32``, by
+    ``kernels.hash_below_mask``), times the quantum. Sign kept. The same bits as
     ``round_element`` without reading v's bits (a compiled CPU kernel bitcasts one element at a time, through
     memory)."""
     av = v.abs()
@@ -255,7 +273,7 @@ def round_few_binades(v: Tensor, man_bits: int, qmin: int, emax: int, rounding: 
     w = av * inverse
     k_int = torch.floor(w)
     if rounding == STOCHASTIC:
-        k_int = k_int + is_below(rand, ((w - k_int) * 2.0**31).to(torch.int32)).to(torch.float32)
+        k_int = k_int - hash_below_mask(hashes, ((w - k_int) * 2.0**31).to(torch.int32)).to(torch.float32)
     return (k_int * quantum).copysign(v)
 
 
@@ -273,8 +291,8 @@ def nvfp4_elements(
 ) -> Tensor:
     """NVFP4 elements of finite ``blocks`` (rows) from ``nvfp4_block_scales``: q = e2m1(clamp(x * enc, -6, 6))
     (``round_few_binades``), y = (q * d) * s_dec, each product rounded to nearest in float32."""
-    rand = random_bits31(blocks.shape, key, blocks.device) if rounding == STOCHASTIC else None
-    q = round_few_binades(torch.clamp(blocks * enc, -6.0, 6.0), 1, -1, 2, rounding, rand)
+    hashes = random_hash32(blocks.shape, key, blocks.device) if rounding == STOCHASTIC else None
+    q = round_few_binades(torch.clamp(blocks * enc, -6.0, 6.0), 1, -1, 2, rounding, hashes)
     return (q * d) * s_dec
 
 
