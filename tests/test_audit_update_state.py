@@ -120,6 +120,17 @@ def test_lowprecs_optimizers_round_each_buffer_once_a_step_packed_or_not(optimiz
     assert torch.equal(got["1"], got["0"])
 
 
+def _amp_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: lp.GradScaler, x: torch.Tensor,
+              y: torch.Tensor) -> None:
+    """One step of the torch.amp-style loop: zero_grad, forward under autocast, scaled backward, step, update."""
+    opt.zero_grad()
+    with lp.autocast(scaler):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def _state_of_first_weight(recipe: str, optimizer: str, steps: int, reset_at: int | None = None) -> nn.Module:
     """A loop that reads the first weight's optimizer state as users' code does, and at ``reset_at`` resets it
     by assigning a new tensor in its place (the portable way: packed values cannot be changed in place)."""
@@ -131,12 +142,7 @@ def _state_of_first_weight(recipe: str, optimizer: str, steps: int, reset_at: in
             state = opt.state[model[0].weight]
             for name in [k for k in state if k != "step"]:
                 state[name] = torch.zeros_like(opt.state_dict()["state"][0][name])
-        opt.zero_grad()
-        with lp.autocast(scaler):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        _amp_step(model, opt, scaler, x, y)
     model._opt, model._scaler = opt, scaler
     return model
 
@@ -229,17 +235,36 @@ def test_parameters_added_to_the_optimizer_mid_run_get_their_update_roles(recipe
         assert any(isinstance(v, Packed) for v in late._opt.state[late[2].weight].values())
 
 
-def test_lightning_checkpoint_resume_with_adamw_onecycle_clipping_and_accumulation(tmp_path, monkeypatch):
-    """Lightning's own loop (ModelCheckpoint, OneCycleLR per step, gradient_clip_val, accumulate_grad_batches)
-    with AdamW under int16, its moments packed: the checkpoint holds float tensors only (torch.load with
-    weights_only=True reads it) and a resume from it ends bit for bit where the uninterrupted run does."""
-    L = pytest.importorskip("lightning")
+@pytest.fixture
+def lightning(monkeypatch):
+    """The lightning package (the test is skipped without it), with packing on and compilation off."""
+    module = pytest.importorskip("lightning")
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    return module
+
+
+def _fit_int16(module, batches: int, ckpt_path=None, **trainer_options):
+    """Lightning's own loop over ``batches`` of ``_batches`` (batch 4, 2 epochs) with lowprec's int16 plugin,
+    packing on and compilation off; returns the Lightning Trainer."""
+    import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     from lowprec.integrations.lightning import LowprecPrecision
 
-    monkeypatch.setenv("LOWPREC_COMPILE", "0")
-    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    x = torch.cat([b[0] for b in _batches(batches)])
+    y = torch.cat([b[1] for b in _batches(batches)])
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, plugins=[LowprecPrecision("int16")], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_options)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_lightning_checkpoint_resume_with_adamw_onecycle_clipping_and_accumulation(tmp_path, lightning):
+    """Lightning's own loop (ModelCheckpoint, OneCycleLR per step, gradient_clip_val, accumulate_grad_batches)
+    with AdamW under int16, its moments packed: the checkpoint holds float tensors only (torch.load with
+    weights_only=True reads it) and a resume from it ends bit for bit where the uninterrupted run does."""
+    L = lightning
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -254,16 +279,10 @@ def test_lightning_checkpoint_resume_with_adamw_onecycle_clipping_and_accumulati
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    x = torch.cat([b[0] for b in _batches(4)])
-    y = torch.cat([b[1] for b in _batches(4)])
-
     def fit(directory, ckpt_path=None):
         module = Module()
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_epochs=2, plugins=[LowprecPrecision("int16")], logger=False,
-            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=directory, save_top_k=-1)],
-            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, accumulate_grad_batches=2)
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4), ckpt_path=ckpt_path)
+        _fit_int16(module, 4, ckpt_path, gradient_clip_val=1.0, accumulate_grad_batches=2,
+                   callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=directory, save_top_k=-1)])
         return module
 
     whole = fit(tmp_path / "whole")
@@ -311,12 +330,7 @@ def test_swa_averaged_model_and_swalr_over_packed_state(monkeypatch):
         swa = torch.optim.swa_utils.AveragedModel(model)
         sched = torch.optim.swa_utils.SWALR(opt, swa_lr=0.01, anneal_epochs=2)
         for x, y in _batches(4):
-            opt.zero_grad()
-            with lp.autocast(scaler):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            _amp_step(model, opt, scaler, x, y)
             sched.step()
             swa.update_parameters(model)
         got[packed] = (_weights(swa.module), swa(_batches(1)[0][0]).detach())
@@ -338,12 +352,7 @@ def test_an_optimizers_scalar_bookkeeping_is_not_rounded_to_the_state_format(opt
     plain = _model()
     reference = optimizer(plain.parameters())
     for x, y in _batches(4):
-        opt.zero_grad()
-        with lp.autocast(scaler):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        _amp_step(model, opt, scaler, x, y)
         reference.zero_grad()
         F.cross_entropy(plain(x), y).backward()
         reference.step()
@@ -354,20 +363,15 @@ def test_an_optimizers_scalar_bookkeeping_is_not_rounded_to_the_state_format(opt
     assert any(isinstance(v, Packed) for s in opt.state.values() for v in s.values())  # the moments still are
 
 
-def test_lightning_backbone_finetuning_gives_the_unfrozen_backbone_its_update_roles(monkeypatch):
+def test_lightning_backbone_finetuning_gives_the_unfrozen_backbone_its_update_roles(lightning):
     """Lightning's BackboneFinetuning freezes the backbone, then unfreezes it and adds it to the optimizer
     (add_param_group) at epoch 1. Before the fix the backbone was then stepped outside lowprec's update: its
     AdamW moments neither rounded nor packed, its weights off the int16 master grid."""
-    L = pytest.importorskip("lightning")
+    L = lightning
     from lightning.pytorch.callbacks import BackboneFinetuning
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lowprec.formats import parse_format
     from lowprec.formats.packing import pack
-    from lowprec.integrations.lightning import LowprecPrecision
-
-    monkeypatch.setenv("LOWPREC_COMPILE", "0")
-    monkeypatch.setenv("LOWPREC_PACKED", "1")
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -381,13 +385,9 @@ def test_lightning_backbone_finetuning_gives_the_unfrozen_backbone_its_update_ro
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
-    x = torch.cat([b[0] for b in _batches(2)])
-    y = torch.cat([b[1] for b in _batches(2)])
     module = Module()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, plugins=[LowprecPrecision("int16")], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    trainer = _fit_int16(module, 2, enable_checkpointing=False,
+                         callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
     weight = module.backbone[0].weight
     state = trainer.optimizers[0].state[weight]
     assert isinstance(state["exp_avg"], Packed) and isinstance(state["exp_avg_sq"], Packed)
