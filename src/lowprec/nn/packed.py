@@ -189,9 +189,9 @@ _RECOMPUTE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 #: marked argument tensor -> the (argument list, index) slots of the recorded ops waiting for its Packed form.
 _WAITING: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
-#: The open PackedSavedTensors contexts, innermost last: whether each records recomputable outputs
-#: (recomputable() records nothing outside them, nor inside one opened with recompute=False).
-_open: list[bool] = []
+#: The open PackedSavedTensors contexts, innermost last: ``recomputable`` records nothing outside them, nor
+#: inside one opened with recompute=False; ``saving_packed`` asks whether one of their hooks is innermost.
+_open: list[PackedSavedTensors] = []
 
 
 def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -> None:
@@ -200,17 +200,13 @@ def recomputable(out: Tensor, fn: Callable[..., Tensor], *args: Tensor | None) -
     after a convolution), ``out`` is then stored as that recipe and the arguments' saved forms alone, and
     computed again when backward reads it. Recorded only while packing is on, with recomputation (the policy's
     ``recompute`` setting, default on); nothing keeps an argument alive."""
-    if not _open or not _open[-1]:
+    if not _open or not _open[-1].recompute:
         return
     slots: list[Any] = [None if a is None else weakref.ref(a) for a in args]
     for i, a in enumerate(args):
         if a is not None and marked_format(a) is not None:  # only a marked tensor is packed (and then dies)
             _WAITING.setdefault(a, []).append((slots, i))
     _RECOMPUTE[out] = (out._version, fn, slots, [None if a is None else a._version for a in args])
-
-
-#: The pack hooks of the open PackedSavedTensors contexts (see ``saving_packed``).
-_open_pack_hooks: list[Callable[[Tensor], Any]] = []
 
 
 def saving_packed() -> bool:
@@ -220,7 +216,7 @@ def saving_packed() -> bool:
     block, where no context is open) it is False both times, so an op that saves differently when packing
     (QOpFunction) saves the same tensors in the checkpointed forward and in the recomputation."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and any(top[0] is hook for hook in _open_pack_hooks)
+    return top is not None and any(top[0] is context.pack_hook for context in _open)
 
 
 def _reproducible(t: Tensor) -> bool:
@@ -312,18 +308,6 @@ def _unpack_saved(p: Tensor | Packed) -> Tensor:
     return p.unpack() if shared is None else shared.unpack(p)
 
 
-def _pack_hook(t: Tensor) -> Tensor | Packed:
-    """``pack_saved`` with torch-function modes and subclasses off: a hook runs inside whatever op saves, and
-    its own tensor ops are storage, not model ops for a mode (lowprec's op-level emulation) to intercept."""
-    with torch._C.DisableTorchFunction():
-        return pack_saved(t)
-
-
-def _unpack_hook(p: Tensor | Packed) -> Tensor:
-    with torch._C.DisableTorchFunction():
-        return _unpack_saved(p)
-
-
 @dataclass(frozen=True, eq=False)
 class _Saved:
     """What the hook keeps of one save: ``stored`` (``pack_saved``'s answer), the saved tensor (itself when
@@ -337,8 +321,11 @@ class _Saved:
 
 def _pack_checked(t: Tensor) -> _Saved:
     """``pack_saved(t)``, with what ``_unpack_checked`` needs to see whether ``t`` changed in place since (not
-    while torch.compile traces the hook: a traced tensor's version is not the one backward will see)."""
-    stored = _pack_hook(t)
+    while torch.compile traces the hook: a traced tensor's version is not the one backward will see). Both hooks
+    run with torch-function modes and subclasses off: a hook runs inside whatever op saves, and its own tensor
+    ops are storage, not model ops for a mode (lowprec's op-level emulation) to intercept."""
+    with torch._C.DisableTorchFunction():
+        stored = pack_saved(t)
     if torch.compiler.is_compiling():
         return _Saved(stored, None, 0)
     return _Saved(stored, t if stored is t else weakref.ref(t), t._version)
@@ -354,7 +341,8 @@ def _unpack_checked(saved: _Saved) -> Tensor:
             f"a {tuple(t.shape)} {t.dtype} tensor saved for backward at version {saved.version} is now at version "
             f"{t._version} (lowprec's packed saved tensors check it as torch does). Fix: use the out-of-place op "
             f"(y = y * 2 in place of y.mul_(2), nn.ReLU(inplace=False)), or clone the tensor before changing it.")
-    return _unpack_hook(saved.stored)
+    with torch._C.DisableTorchFunction():
+        return _unpack_saved(saved.stored)
 
 
 class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
@@ -370,12 +358,10 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
 
     def __enter__(self) -> None:
         super().__enter__()
-        _open.append(self.recompute)
-        _open_pack_hooks.append(self.pack_hook)
+        _open.append(self)
 
     def __exit__(self, *exc: object) -> None:
-        _open.pop()
-        _open_pack_hooks.remove(self.pack_hook)
+        _open.remove(self)
         super().__exit__(*exc)
 
 

@@ -147,7 +147,7 @@ class OptimizerStateFormats:
             assign_(value, rounded)  # float32 containers, in place
             return
         del value
-        state[buffer] = rounded
+        state[buffer] = rounded  # the unrounded buffer is released before its codes are formed
         state[buffer] = stored.store(rounded, on)
 
     @torch.no_grad()
