@@ -21,7 +21,8 @@ def _eager(monkeypatch):
 
 
 def test_examples_are_short():
-    assert {p.name for p in EXAMPLES.glob("*.py")} == {"amp_loop.py", "lightning_plugin.py", "hf_model.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == {"amp_loop.py", "lightning_plugin.py", "hf_model.py",
+                                                         "hf_trainer.py"}
     for path in EXAMPLES.glob("*.py"):
         assert len(path.read_text().splitlines()) < 60, path.name
 
@@ -45,3 +46,11 @@ def test_hf_model(capsys):
     losses = load("hf_model").main(["--policy", "mixed-bf16", "--steps", "6"])
     assert losses[-1] < losses[0]
     assert "reloaded and converted again: GPT2LMHeadModel" in capsys.readouterr().out
+
+
+def test_hf_trainer(capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    losses = load("hf_trainer").main(["--policy", "mixed-fp16", "--steps", "5"])
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert "mixed-fp16: loss" in capsys.readouterr().out

@@ -1,7 +1,9 @@
 """Where users already train: a torch.amp-shaped API (``amp``), a Lightning/Fabric precision plugin
-(``lightning``, needs ``pip install lowprec[lightning]``) and notes for Hugging Face models (docs/training.md).
+(``lightning``, needs ``pip install lowprec[lightning]``) and ``transformers.Trainer`` under any policy (``hf``, needs
+``pip install lowprec[hf]``; Hugging Face models themselves need nothing: docs/training.md).
 
-``lowprec.integrations.lightning`` is imported on its own (it imports lightning); this package imports only
+``lowprec.integrations.lightning`` and ``lowprec.integrations.hf`` are imported on their own (they import
+lightning, transformers); this package imports only
 ``amp``, whose ``autocast`` and ``GradScaler`` are also ``lowprec.autocast`` and ``lowprec.GradScaler``.
 """
 

@@ -1,0 +1,179 @@
+"""lowprec under transformers.Trainer (``lowprec.integrations.hf.LowprecTrainer``): the same steps as a
+``lowprec.GradScaler`` loop, clipping on unscaled gradients, skipped steps that hold the LR schedule, bit-exact
+resume from transformers' own checkpoints."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from torch.utils.data import SequentialSampler  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import lowprec as lp  # noqa: E402
+from lowprec.integrations.hf import LowprecTrainer  # noqa: E402
+
+hf_logging.set_verbosity_error()
+pytestmark = pytest.mark.filterwarnings("ignore:optimizer_state=dfx<8> with an Adam-type optimizer")
+
+TOKENS = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+DATA = [{"input_ids": t, "labels": t} for t in TOKENS]
+BATCH = 4
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    monkeypatch.setenv("LOWPREC_COMPILE", "0")
+
+
+def gpt2() -> GPT2LMHeadModel:
+    """A tiny GPT-2 without dropout (its masks would draw from the RNG in a different order in the two loops)."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0))
+
+
+class InOrder(LowprecTrainer):
+    """Batches in dataset order and the model's mean loss (no token-count kwargs), as the reference loop."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # else the loss is divided by a token count of its own
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def hf_args(tmp_path, steps: int, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-3,
+                lr_scheduler_type="constant", report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                seed=0, disable_tqdm=True, max_grad_norm=1.0)
+    return TrainingArguments(**{**base, **kw})
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("policy", ["mixed-fp16", "int8-lazy", "fp8-delayed"])
+def test_steps_are_a_gradscaler_loops_steps_bit_for_bit(tmp_path, policy):
+    model = gpt2()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    trainer = InOrder(model=model, args=hf_args(tmp_path, 6), train_dataset=DATA, policy=policy,
+                      optimizers=(adamw, None))
+    trainer.train()
+    hf_norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+
+    ref = gpt2()
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)
+    scaler = lp.GradScaler(policy, ref, optimizer)
+    norms = []
+    for i in range(6):
+        x = TOKENS[(i * BATCH) % len(TOKENS):][:BATCH]
+        loss = ref(input_ids=x, labels=x).loss
+        scaler.scale(loss).backward()
+        norms.append(float(scaler.clip_grad_norm_(1.0)))
+        scaler.step(optimizer)
+        scaler.update()
+    got, want = weights(model), weights(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert hf_norms == pytest.approx(norms, rel=0, abs=0)
+
+
+def test_gradient_accumulation_scales_each_micro_batch_and_steps_once(tmp_path):
+    model = gpt2()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    args = hf_args(tmp_path, 2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    InOrder(model=model, args=args, train_dataset=DATA, policy="mixed-fp16", optimizers=(adamw, None)).train()
+
+    ref = gpt2()
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)
+    scaler = lp.GradScaler("mixed-fp16", ref, optimizer)
+    for step in range(2):
+        for micro in range(2):
+            x = TOKENS[step * 4 + micro * 2:][:2]
+            scaler.scale(ref(input_ids=x, labels=x).loss / 2).backward()
+        scaler.clip_grad_norm_(1.0)
+        scaler.step(optimizer)
+        scaler.update()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_logged_grad_norm_is_the_unscaled_norm(tmp_path):
+    """Under a loss scale of 2**16 the norm transformers logs (and clips) is the gradients' own, within fp16
+    rounding of a float32 reference, not 65536 times it (what accelerate's clip_grad_norm_ would see)."""
+    model = gpt2()
+    x = TOKENS[:BATCH]
+    ref = gpt2()
+    ref(input_ids=x, labels=x).loss.backward()
+    fp32_norm = float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]))
+    trainer = InOrder(model=model, args=hf_args(tmp_path, 1, max_grad_norm=1e-3), train_dataset=DATA,
+                      policy="mixed-fp16")
+    trainer.train()
+    assert trainer.lowprec_scaler.get_scale() == 2.0**16
+    logged = trainer.state.log_history[0]["grad_norm"]
+    assert logged == pytest.approx(fp32_norm, rel=2e-2)
+
+
+def test_skipped_steps_leave_weights_and_learning_rate_schedule_alone(tmp_path):
+    """A static loss scale of 1e30 overflows every fp16 gradient: each step is skipped, the weights stay as
+    converted, the linear schedule does not advance (accelerate is told the step did not run) and the count is
+    logged."""
+    model = gpt2()
+    args = hf_args(tmp_path, 3, lr_scheduler_type="linear")
+    trainer = InOrder(model=model, args=args, train_dataset=DATA, policy="mixed-fp16+loss_scale=static:1e30")
+    before = None
+
+    def remember(*_):
+        nonlocal before
+        before = before or weights(model)
+
+    model.register_forward_pre_hook(remember)
+    trainer.train()
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["learning_rate"] for h in history] == [1e-3] * 3
+    assert [h["lowprec/skipped_steps"] for h in history] == [1, 2, 3]
+    assert trainer.lowprec_skipped_steps == 3
+
+
+def test_steps_of_lowprecs_own_optimizer_advance_the_learning_rate_schedule(tmp_path):
+    """lowprec's SGD updates without calling its step() (which accelerate watches to tell a skipped step): the
+    schedule still advances on every step taken."""
+    model = gpt2()
+    trainer = InOrder(model=model, args=hf_args(tmp_path, 3, lr_scheduler_type="linear"), train_dataset=DATA,
+                      policy="int8-lazy", optimizers=(lp.train.SGD(model.parameters(), lr=1e-3, momentum=0.9), None))
+    trainer.train()
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert rates == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3], rel=1e-12)
+    assert trainer.lowprec_skipped_steps == 0
+
+
+def test_resume_from_a_transformers_checkpoint_is_bit_exact(tmp_path):
+    straight = gpt2()
+    InOrder(model=straight, args=hf_args(tmp_path / "a", 4), train_dataset=DATA, policy="int8-lazy").train()
+
+    first = gpt2()
+    args = hf_args(tmp_path / "b", 4, save_strategy="steps", save_steps=2)
+    InOrder(model=first, args=args, train_dataset=DATA, policy="int8-lazy").train()
+    resumed = gpt2()
+    trainer = InOrder(model=resumed, args=args, train_dataset=DATA, policy="int8-lazy")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    got, want = weights(resumed), weights(straight)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("flag", ["fp16", "bf16"])
+def test_transformers_own_mixed_precision_is_refused(tmp_path, flag):
+    args = hf_args(tmp_path, 1)
+    setattr(args, flag, True)  # set after construction: TrainingArguments checks the device for these itself
+    with pytest.raises(ValueError, match="policy sets every format"):
+        LowprecTrainer(model=gpt2(), args=args, train_dataset=DATA, policy="mixed-fp16")
