@@ -1,5 +1,7 @@
 """Quantized LSTM/GRU and cells: torch's results when nothing rounds, the papers' roundings otherwise."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,12 @@ CASES = {
     "gru-bidirectional-batch-first": (lambda: nn.GRU(3, 5, bidirectional=True, batch_first=True), (2, 6, 3)),
     "lstm-cell": (lambda: nn.LSTMCell(3, 5), (2, 3)),
     "gru-cell-unbatched": (lambda: nn.GRUCell(3, 5), (3,)),
+    "rnn": (lambda: nn.RNN(3, 5), (6, 2, 3)),
+    "rnn-relu-2layer-bidirectional-batch-first": (
+        lambda: nn.RNN(3, 5, num_layers=2, nonlinearity="relu", bidirectional=True, batch_first=True), (2, 6, 3)),
+    "rnn-no-bias-unbatched": (lambda: nn.RNN(3, 4, bias=False), (5, 3)),
+    "rnn-cell-relu": (lambda: nn.RNNCell(3, 5, nonlinearity="relu"), (2, 3)),
+    "rnn-cell-unbatched": (lambda: nn.RNNCell(3, 5), (3,)),
 }
 
 
@@ -111,6 +119,42 @@ def test_mixed_fp16_gru_weight_gradients_are_fp16_over_the_whole_sequence():
     assert torch.equal(x.grad, _half(x.grad))
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_mixed_fp16_rnn_rounds_inputs_weights_and_preactivations(nonlinearity):
+    """An Elman RNN under mixed-fp16 against the recurrence written here: each matmul's input, weights and result
+    on fp16, the nonlinearity in float32; gradients on fp16; convert warns of nothing."""
+    rnn = nn.RNN(3, 4, num_layers=2, nonlinearity=nonlinearity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = lp.convert(rnn, "mixed-fp16")
+    x = torch.randn(5, 2, 3) * 3
+    out, h_n = q(x)
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    inputs, finals = x, []
+    for layer in range(2):
+        w_ih, w_hh, b_ih, b_hh = (_half(getattr(rnn, f"{n}_l{layer}").detach())
+                                  for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        zx = _half(F.linear(_half(inputs), w_ih, b_ih))
+        h, hs = torch.zeros(2, 4), []
+        for t in range(5):
+            h = act(zx[t] + _half(F.linear(_half(h), w_hh, b_hh)))
+            hs.append(h)
+        inputs = torch.stack(hs)
+        finals.append(h)
+    torch.testing.assert_close(out, inputs, rtol=0, atol=0)
+    torch.testing.assert_close(h_n, torch.stack(finals), rtol=0, atol=0)
+    assert not torch.equal(out, rnn(x)[0])
+    out.sum().backward()
+    for p in q.parameters():
+        assert torch.equal(p.grad, _half(p.grad))
+
+
+def test_widen_keeps_an_rnns_nonlinearity():
+    wide = lp.nn.widen(nn.Sequential(nn.RNN(3, 4, nonlinearity="relu"), nn.RNNCell(4, 2, nonlinearity="relu")), 2)
+    assert (wide[0].hidden_size, wide[1].input_size) == (8, 8)
+    assert wide[0].nonlinearity == wide[1].nonlinearity == "relu"
+
+
 def _packed_batch(batch_first, lengths=(4, 7, 2), features=3):
     """A padded batch with padding that must never be read (NaN), packed out of order (enforce_sorted=False)."""
     x = torch.randn(max(lengths), len(lengths), features, generator=torch.Generator().manual_seed(0))
@@ -124,6 +168,7 @@ def _packed_batch(batch_first, lengths=(4, 7, 2), features=3):
 RNN_CASES = [  # (class, num_layers, bidirectional, batch_first, with h0)
     (nn.LSTM, 1, True, False, False), (nn.LSTM, 2, True, True, True), (nn.LSTM, 2, False, False, True),
     (nn.GRU, 1, True, True, False), (nn.GRU, 2, True, False, True), (nn.GRU, 2, False, True, False),
+    (nn.RNN, 2, True, True, True), (nn.RNN, 1, False, False, False),
 ]
 
 

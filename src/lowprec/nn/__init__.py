@@ -24,7 +24,7 @@ from .plan import Plan, plan
 from .functions import QConvFunction, QLinearFunction, QuantizeFunction
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .packed import PackedSavedTensors
-from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
+from .recurrent import QGRU, QLSTM, QRNN, QGRUCell, QLSTMCell, QRNNCell
 from .state import calibrating, quantizers, update_exponents
 from .unconvert import unconvert
 from .widen import fill_clip_range, widen, zero_weight_shares
@@ -32,7 +32,7 @@ from .widen import fill_clip_range, widen, zero_weight_shares
 __all__ = [
     "convert", "conversion_policy", "unconvert", "widen", "fill_clip_range", "zero_weight_shares", "quantizers",
     "update_exponents", "calibrating", "CONVERSIONS",
-    "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QLSTMCell", "QGRUCell",
+    "QuantizedModule", "QLinear", "QConv1d", "QConv2d", "QLSTM", "QGRU", "QRNN", "QLSTMCell", "QGRUCell", "QRNNCell",
     "QBatchNorm1d", "QBatchNorm2d", "QEmbedding",
     "QLinearFunction", "QConvFunction", "QuantizeFunction", "PackedSavedTensors",
     "plan", "Plan", "OpEmulation", "emulation_of",

@@ -13,7 +13,7 @@ from .native import is_native_layer, to_native
 from .originals import mark_replaced
 from .packed import install_packing, remove_packing
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
-from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
+from .recurrent import QGRU, QLSTM, QRNN, QGRUCell, QLSTMCell, QRNNCell
 from .resolve import Resolution, check_override_roles, is_weight_layer, record_resolution
 from .roles import clips_negatives
 from .swapped import covered_by_ops, swapped_op
@@ -33,6 +33,8 @@ CONVERSIONS: dict[type[nn.Module], type[QuantizedModule]] = {
     nn.GRU: QGRU,
     nn.LSTMCell: QLSTMCell,
     nn.GRUCell: QGRUCell,
+    nn.RNN: QRNN,
+    nn.RNNCell: QRNNCell,
     nn.BatchNorm1d: QBatchNorm1d,
     nn.BatchNorm2d: QBatchNorm2d,
     nn.Embedding: QEmbedding,
@@ -92,7 +94,7 @@ def convert(model: nn.Module, policy: Policy | str, *, inplace: bool = False) ->
     (``lowprec.nn.emulate``): every other GEMM-like op and norm its forward runs (functional F.linear,
     matmul / ``@``, attention, LayerNorm, ConvTranspose, MultiheadAttention's in-projection, ...) is quantized
     per the same resolved policy, with ``op:<kind>`` overrides. torch modules with parameters that neither path
-    covers (InstanceNorm, RNN, ...) run unquantized: one UserWarning names them all; after the
+    covers (InstanceNorm, ...) run unquantized: one UserWarning names them all; after the
     first forward, a warning names every parameter that reached no quantized op. The policy is recorded on
     the result (``conversion_policy``): ``lowprec.Trainer`` takes it by default and refuses another.
 

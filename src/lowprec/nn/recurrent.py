@@ -1,8 +1,8 @@
-"""Quantized recurrent layers: QLSTM and QGRU (any depth, bidirectional, batch_first, PackedSequence input,
-an initial state h0/(h0, c0)) and their cells.
+"""Quantized recurrent layers: QLSTM, QGRU and QRNN (the Elman RNN, tanh or relu; any depth, bidirectional,
+batch_first, PackedSequence input, an initial state h0/(h0, c0)) and their cells.
 
 The recurrence is written out in Python, one time step at a time, with the same parameters (names, shapes,
-gate order i,f,g,o for LSTM and r,z,n for GRU) as torch's layers, and the same inputs and results: a
+gate order i,f,g,o for LSTM and r,z,n for GRU, ``nonlinearity`` for RNN) as torch's layers, and the same inputs and results: a
 PackedSequence in gives a PackedSequence out (same batch_sizes and indices), h0 and h_n in the caller's batch
 order, the two directions' outputs concatenated and their final states interleaved per layer as torch does.
 Each sequence runs on its own rows only (torch's packed algorithm): padding is never read, rounded or counted.
@@ -15,7 +15,8 @@ sums the gate pre-activations in another order. Numerics per forward:
   hidden-to-hidden one at every step. It quantizes its input (activation role: x_t, or h_{t-1}), its result
   (output role: the gate pre-activations W x + b, U h + b), dE/dz (output_grad) and dE/dx or dE/dh
   (activation_grad), and emulates the policy's accumulator if any.
-* The gates, the cell state c and the new h are computed in float32 (MPT: point-wise ops in fp32). The
+* The gates, the cell state c and the new h (an RNN's tanh or relu of its two pre-activations' sum) are computed
+  in float32 (MPT: point-wise ops in fp32). The
   returned hidden states are these float32 values; whatever consumes them (the next step, the next layer)
   quantizes them as its activation.
 
@@ -42,7 +43,7 @@ from .functions import QLinearFunction, quantize_boundary
 from .layers import QuantizedModule
 from .roles import IDENTITY, Accumulator
 
-__all__ = ["QLSTM", "QGRU", "QLSTMCell", "QGRUCell"]
+__all__ = ["QLSTM", "QGRU", "QRNN", "QLSTMCell", "QGRUCell", "QRNNCell"]
 
 State = tuple[Tensor, ...]
 Step = Callable[[Tensor, State, Tensor, "Tensor | None", Mapping[str, Quantizer], "Accumulator | None"], State]
@@ -73,12 +74,21 @@ def gru_step(zx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
     return ((1 - z) * n + z * h,)
 
 
+def rnn_step(zx: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+             roles: Mapping[str, Quantizer], accumulator: Accumulator | None, nonlinearity: str = "tanh") -> State:
+    """One Elman RNN step from the input projection zx = W_ih x_t + b_ih: returns (h_t,), h_t = tanh or relu of
+    zx + W_hh h_{t-1} + b_hh."""
+    (h,) = state
+    z = zx + QLinearFunction.apply(h, w_hh, b_hh, roles, accumulator)
+    return (torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z),)
+
+
 class _QRecurrent(QuantizedModule):
     """What QLSTM, QGRU and the cells share: parameter quantization, state packing, the step."""
 
     ACCUMULATES = True
     SIGNED_INPUTS = True  # the activation role also rounds h_{t-1}, a tanh output in (-1, 1)
-    _STATES: int  # tensors in the recurrent state: 2 for LSTM (h, c), 1 for GRU (h)
+    _STATES: int  # tensors in the recurrent state: 2 for LSTM (h, c), 1 for GRU and RNN (h)
     _step: Step
 
     def _has_bias(self) -> bool:
@@ -249,6 +259,21 @@ class QGRU(_QRNN, nn.GRU):
     _step = staticmethod(gru_step)
 
 
+class _ElmanStep:
+    """The step of QRNN and QRNNCell: ``rnn_step`` with the layer's ``nonlinearity``."""
+
+    nonlinearity: str
+
+    def _step(self, *args: Any) -> State:
+        return rnn_step(*args, nonlinearity=self.nonlinearity)
+
+
+class QRNN(_ElmanStep, _QRNN, nn.RNN):
+    """``nn.RNN`` (tanh or relu) with quantized matmuls (see the module docstring)."""
+
+    _STATES = 1
+
+
 class QLSTMCell(_QCell, nn.LSTMCell):
     """``nn.LSTMCell`` with quantized matmuls."""
 
@@ -261,3 +286,9 @@ class QGRUCell(_QCell, nn.GRUCell):
 
     _STATES = 1
     _step = staticmethod(gru_step)
+
+
+class QRNNCell(_ElmanStep, _QCell, nn.RNNCell):
+    """``nn.RNNCell`` (tanh or relu) with quantized matmuls."""
+
+    _STATES = 1

@@ -13,14 +13,14 @@ from torch import nn
 from ..policy import Role
 from .layers import QBatchNorm1d, QBatchNorm2d, QConv1d, QConv2d, QEmbedding, QLinear, QuantizedModule
 from .records import OperandRecord
-from .recurrent import QGRU, QLSTM, QGRUCell, QLSTMCell
+from .recurrent import QGRU, QLSTM, QRNN, QGRUCell, QLSTMCell, QRNNCell
 
 __all__ = ["swapped_op", "layer_op", "EMULATED_LAYERS", "covered_by_ops", "layer_operands"]
 
 _SWAPPED_OPS: dict[type, str] = {
     QLinear: "linear", QConv1d: "conv1d", QConv2d: "conv2d", QBatchNorm1d: "batch_norm",
     QBatchNorm2d: "batch_norm", QEmbedding: "embedding", QLSTM: "lstm", QGRU: "gru", QLSTMCell: "lstm_cell",
-    QGRUCell: "gru_cell",
+    QGRUCell: "gru_cell", QRNN: "rnn", QRNNCell: "rnn_cell",
 }
 
 #: Weight layers the op-level emulation quantizes (not swapped), and the op each runs.

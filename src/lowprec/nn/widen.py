@@ -1,7 +1,7 @@
 """``widen(model, beta)``: WRPN's wide reduced-precision networks (Mishra et al., spec W4).
 
 "We maintain the depth parameter same as baseline network but widen the filter maps": every weight layer's
-outputs (Linear out_features, Conv out_channels, LSTM/GRU hidden_size) are multiplied by beta, rounded to an
+outputs (Linear out_features, Conv out_channels, LSTM/GRU/RNN hidden_size) are multiplied by beta, rounded to an
 int, at least 1 (``round(width * beta)``, as lowprec.models' ``width`` does), except the last weight
 layer's (the classes). Each layer's inputs follow the widths the layers before it now produce, so the first
 layer's inputs (the data) stay as they are. Batch-norm ``num_features`` follow their input. Embeddings are not
@@ -33,8 +33,8 @@ from .layers import QuantizedModule
 __all__ = ["widen", "fill_clip_range", "zero_weight_shares"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RNNS = (nn.LSTM, nn.GRU)
-_CELLS = (nn.LSTMCell, nn.GRUCell)
+_RNNS = (nn.LSTM, nn.GRU, nn.RNN)
+_CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 _WEIGHT_LAYERS = (nn.Linear, *_CONVS, *_RNNS, *_CELLS)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -88,11 +88,17 @@ def _widen_layer(m: nn.Module, previous: Widths | None, beta: float, last: bool)
         new = type(m)(new_in, new_out, m.kernel_size, m.stride, m.padding, m.dilation, groups,
                       m.bias is not None, m.padding_mode, **fk)
     elif isinstance(m, _RNNS):
-        new = type(m)(new_in, new_out, m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional, **fk)
+        new = type(m)(new_in, new_out, num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+                      dropout=m.dropout, bidirectional=m.bidirectional, **_nonlinearity(m), **fk)
     else:
-        new = type(m)(new_in, new_out, m.bias, **fk)
+        new = type(m)(new_in, new_out, bias=m.bias, **_nonlinearity(m), **fk)
     directions = 2 if getattr(m, "bidirectional", False) else 1
     return new.train(m.training), (old_out * directions, new_out * directions)
+
+
+def _nonlinearity(m: nn.Module) -> dict[str, str]:
+    """An Elman RNN's (or cell's) ``nonlinearity`` as a keyword, for its rebuilt copy."""
+    return {"nonlinearity": m.nonlinearity} if isinstance(m, (nn.RNN, nn.RNNCell)) else {}
 
 
 def widen(model_or_factory: nn.Module | Callable[[], nn.Module], beta: float) -> nn.Module:

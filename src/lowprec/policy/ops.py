@@ -28,7 +28,7 @@ OP_KINDS: dict[str, str] = {
     "attention": "attention",
     **{name: "norm" for name in ("layer_norm", "group_norm", "rms_norm", "batch_norm")},
     **{name: "elementwise" for name in ("mul", "div", "add", "sub", "addcmul", "prelu")},
-    **{name: "recurrent" for name in ("lstm", "gru", "lstm_cell", "gru_cell")},
+    **{name: "recurrent" for name in ("lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell")},
 }
 
 #: The prefix of an override pattern that selects ops rather than modules.
