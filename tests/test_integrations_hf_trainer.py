@@ -58,7 +58,7 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("policy", ["mixed-fp16", "int8-lazy", "fp8-delayed"])
+@pytest.mark.parametrize("policy", ["mixed-fp16", "int8-lazy", "fp8-delayed", "mixed-bf16+path=native"])
 def test_steps_are_a_gradscaler_loops_steps_bit_for_bit(tmp_path, policy):
     model = gpt2()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
