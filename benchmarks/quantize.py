@@ -278,22 +278,26 @@ def gfloat_mx(info: object, x: Tensor) -> Tensor:
     return torch.from_numpy((gfloat.round_ndarray(info.etype, blocks / scale, sat=True) * scale).astype(np.float32)).view(-1)
 
 
-def _block_scale_only(x: Tensor, out: Tensor) -> None:
-    """The structure of a fused block kernel with no element rounding: per block of 32, amax and one multiply."""
-    blocks = x.view(-1, 32)
-    torch.mul(blocks, blocks.abs().amax(dim=-1, keepdim=True), out=out.view(-1, 32))
+def _block_scale_only(block: int) -> Callable[[Tensor, Tensor], None]:
+    """The structure of a fused block kernel with no element rounding: per block, amax and one multiply."""
+
+    def scale_only(x: Tensor, out: Tensor) -> None:
+        blocks = x.view(-1, block)
+        torch.mul(blocks, blocks.abs().amax(dim=-1, keepdim=True), out=out.view(-1, block))
+
+    return scale_only
 
 
 def benchmark_bounds(x: Tensor, repeats: int, ceiling: float) -> list[Row]:
     """What bounds the block kernels: the passes they cannot avoid, timed alone on the same tensor."""
     dst = torch.empty_like(x)
-    scale_only = torch.compile(_block_scale_only)
+    scale_only = {block: torch.compile(_block_scale_only(block)) for block in (16, 32)}
     cases: list[tuple[str, Callable[[], object]]] = [
         ("torch.amax(x.view(-1, 32).abs(), dim=1) (eager: abs pass + reduction)",
          lambda: torch.amax(x.view(-1, 32).abs(), dim=1)),
         ("torch.aminmax(x) (one read: the amax of scaled<...>)", lambda: torch.aminmax(x)),
-        ("compiled: per block of 32, amax then x * amax (a block kernel without rounding)",
-         lambda: scale_only(x, dst)),
+        *((f"compiled: per block of {block}, amax then x * amax (a block kernel without rounding)",
+           lambda block=block: scale_only[block](x, dst)) for block in (16, 32)),
     ]
     rows = []
     for name, fn in cases:
