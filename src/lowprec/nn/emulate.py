@@ -61,7 +61,7 @@ from .attention import emulated_attention
 from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
-from .ops import OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
+from .ops import FACTOR_AXES, OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
 from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
@@ -256,7 +256,7 @@ class OpEmulation:
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
-                      recompute=inv.op not in STATEFUL_OPS)
+                      recompute=inv.op not in STATEFUL_OPS, axes=inv.axes)
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
 
@@ -277,7 +277,8 @@ class OpEmulation:
         on_backward = self._on_backward(frame.name, "attention", index)
 
         def product(name: str, a: Tensor, b: Tensor) -> Tensor:
-            return run_op(OpCall(torch.matmul, ("activation", "activation"), sets[name], on_backward), a, b)
+            return run_op(OpCall(torch.matmul, ("activation", "activation"), sets[name], on_backward,
+                                 axes=FACTOR_AXES), a, b)
 
         self._record(frame.name, "attention", index, self._attention_operands(sets))
         return emulated_attention(*inv.tensors, **inv.options, product=product)
@@ -303,6 +304,8 @@ class OpEmulation:
                                 "layers only")
             for q in found.values():
                 q.observe_only = self.observe_only
+                if kind == "conv":  # blocks along channels, as the converted convolutions (layers._QConv)
+                    q.block_axis = 1
             for role, state in self._pending.pop(_site(key), {}).items():
                 found[role].load_state_dict(state)
             self.quantizer_sets[key] = found
