@@ -3,6 +3,8 @@ operand really holds, seen at the aten level by a dispatch mode independent of l
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,3 +130,49 @@ def test_mx_blocks_of_a_functional_convolution_run_along_channels_as_a_converted
     swapped = forward_operands(lp.convert(layer, "mxfp4"), x)
     assert bits(functional[0][2]) == bits(swapped[0][2]) == along(x, 1)
     assert bits(functional[1][2]) == bits(swapped[1][2]) == along(w, 1)
+
+
+# -- scales at the edges of float32 ----------------------------------------------------------------------------------
+
+def test_pow2_current_scale_of_a_narrow_element_is_a_power_of_two_when_max_over_amax_is_subnormal():
+    """float<e=2,m=1> (largest value 3) scaled for an amax of 3e38: s = fl(3 / 3e38) is a float32 subnormal; pow2
+    rounds it down to the power of two below it (2**-127 here), where clearing the fraction bits gave 0 and the
+    call failed with "a scale must be positive and finite" although no scale was passed."""
+    x = torch.tensor([3.0e38, 1.0, -2.0e38, 2.0**-127 * 3])
+    s = float(torch.tensor(3.0) / x[0])  # float32 division, as the format computes it
+    assert 0 < s < 2.0**-126
+    want_s = 2.0 ** math.floor(math.log2(s))
+    assert want_s == 2.0**-127
+    got = lp.quantize(x, "scaled<float<e=2,m=1>,pow2>")
+    assert bits(got) == bits(lp.quantize(x, "scaled<float<e=2,m=1>>", scale=want_s))
+    # the element (values 0.5, 1, 1.5, 2, 3) rounds x * 2**-127 (exact): 3e38 -> 1.763 -> 2, whose 2 * 2**127 is
+    # beyond float32 (FLT_MAX, below); -2e38 -> -1.175 -> -1; 1 and 3 * 2**-127 -> 0
+    assert got.tolist() == [3.4028234663852886e38, 0.0, -(2.0**127), 0.0]
+
+
+def test_scaled_float_never_turns_a_finite_value_into_inf():
+    """y = fl(q / s) saturates at +-FLT_MAX, as the element saturates (satfinite): amax within half an element
+    step of 2**128 rounds up to a q whose q / s is beyond float32; it was +-inf."""
+    top = 3.4028234663852886e38
+    for name, x in [("scaled<e4m3>", [top, -top, 1.0]), ("scaled<e4m3,pow2>", [top, -1.0]),
+                    ("scaled<float<e=3,m=0>,pow2>", [3.0e38, -3.0e38]), ("scaled<e5m2,rowwise>", [[top, 2.0]])]:
+        y = lp.quantize(torch.tensor(x), name)
+        assert torch.isfinite(y).all(), (name, y)
+        assert y.abs().max() == top
+    # +-inf inputs saturate to +-max / s (here amax 1: s = 448), NaN stays
+    y = lp.quantize(torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0]), "scaled<e4m3>")
+    assert y[:2].tolist() == [1.0, -1.0] and bool(torch.isnan(y[2]))
+
+
+def test_delayed_scale_with_a_large_margin_stays_positive():
+    """s = fl(fl(448 / amax) / 2**margin) underflows to 0 for amax 1e30 and margin 126; the scale is clamped at the
+    smallest float32 subnormal, where 0 made every later quantize fail ("a scale must be positive and finite")."""
+    from lowprec.scaling import DelayedScale
+
+    state = DelayedScale("scaled<e4m3,delayed,margin=126>")
+    state.quantize(torch.tensor([1e30, -3.0]))
+    state.update()
+    assert bits(state.scale) == bits(torch.tensor(2.0**-149))
+    y = state.quantize(torch.tensor([1e30, 3e38, -1.0]))
+    # x * 2**-149 is below half e4m3's least value 2**-9 for every finite float32 x: all flush to (signed) zero
+    assert bits(y) == bits(torch.tensor([0.0, 0.0, -0.0]))
