@@ -4,7 +4,9 @@ operand really holds, seen at the aten level by a dispatch mode independent of l
 from __future__ import annotations
 
 import math
+import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,3 +178,44 @@ def test_delayed_scale_with_a_large_margin_stays_positive():
     y = state.quantize(torch.tensor([1e30, 3e38, -1.0]))
     # x * 2**-149 is below half e4m3's least value 2**-9 for every finite float32 x: all flush to (signed) zero
     assert bits(y) == bits(torch.tensor([0.0, 0.0, -0.0]))
+
+
+# -- @last (the nvfp4 preset's bf16 head) on a model whose head is a functional product ---------------------------
+
+class FunctionalHead(nn.Module):
+    """A convolution, then a head written as F.linear on the module's own Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Parameter(torch.randn(10, 4 * 16) * 0.1)
+
+    def forward(self, x):
+        return F.linear(F.relu(self.conv(x)).flatten(1), self.head)
+
+
+def test_last_override_names_a_functional_head_it_does_not_reach():
+    """nvfp4's "@last: bf16" stands for the last weight layer, here the convolution; the real head, F.linear on
+    ``head``, runs after it in NVFP4. That was silent (the first layer in bf16, the head in fp4); the first forward
+    now warns, naming the op and its parameter."""
+    model = lp.convert(FunctionalHead(), "nvfp4")
+    with pytest.warns(UserWarning, match=r"@last .*'conv'.* linear .*\(root\).*head"):
+        model(torch.randn(2, 3, 4, 4))
+
+
+def test_last_override_on_a_model_whose_head_is_the_last_layer_does_not_warn():
+    class LayerHead(FunctionalHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4 * 16, 10)
+
+        def forward(self, x):  # functional products before @last, the last layer fc
+            h = F.relu(F.conv2d(x, self.conv.weight, padding=1)).flatten(1)
+            side = F.linear(h, self.head).sum()
+            return self.fc(h) + side
+
+    model = lp.convert(LayerHead(), "nvfp4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(2, 3, 4, 4))
+    assert not [w for w in caught if "@last" in str(w.message)]
