@@ -219,3 +219,21 @@ def test_last_override_on_a_model_whose_head_is_the_last_layer_does_not_warn():
         warnings.simplefilter("always")
         model(torch.randn(2, 3, 4, 4))
     assert not [w for w in caught if "@last" in str(w.message)]
+
+
+# -- a converted model under torch.autocast or made bf16 ---------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["mxfp8", "fp8-current", "fp8-delayed"])
+def test_scaled_preset_under_autocast_or_in_bf16_says_what_to_change_in_the_model(preset):
+    """The scaled formats round float32 only; a converted model run under torch.autocast (or made bf16) reached
+    them with bf16 tensors and failed with the advice for a direct call ("quantize(x.float(), ...)"), which a
+    model's user cannot follow. The error now says to keep the model float32 and outside torch.autocast."""
+    torch.manual_seed(0)
+    model = lp.convert(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)), preset)
+    x = torch.randn(3, 32)
+    with pytest.raises(ValueError, match=r"torch\.bfloat16.*Keep the converted model float32 .*torch\.autocast"):
+        with torch.autocast("cpu", torch.bfloat16):
+            model(x)
+    with pytest.raises(ValueError, match=r"torch\.bfloat16.*model\.float\(\)"):
+        model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert torch.isfinite(model.float()(x)).all()

@@ -73,6 +73,7 @@ class Quantizer:
             return x
         if self.keeps(x):
             return x
+        self._check_container(x)
         if self.exponent is not None:
             return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
         if self.scale_state is not None:
@@ -108,6 +109,22 @@ class Quantizer:
         is stored packed); ``x`` itself (a rounding that changed nothing, a parameter) stays unmarked."""
         return y if y is x else mark(y, self.quant.format)  # type: ignore[union-attr]
 
+    def _check_container(self, x: Tensor) -> None:
+        """ValueError, saying what to change in the model, where the role's format cannot round a tensor of
+        x's dtype without rounding twice (a scaled format on anything but float32, ``bf16`` on float16): a
+        converted model run under torch.autocast, or made half precision with ``model.half()`` /
+        ``model.to(torch.bfloat16)``."""
+        fmt = self.quant.format  # type: ignore[union-attr]
+        if not fmt.fits_in(x.dtype):
+            why = ("its scales span 2**-127..2**127: it rounds float32 only" if fmt.scaled
+                   else "not all its values are representable there: it would round twice")
+            raise ValueError(
+                f"a layer converted under this policy got a {x.dtype} tensor for a role in {fmt!r}, which cannot "
+                f"round {x.dtype} tensors ({why}). Keep the converted "
+                "model float32 (model.float(), float32 inputs) and run it outside torch.autocast: the policy sets "
+                "each role's precision (lowprec.autocast / lowprec.GradScaler are the torch.amp-shaped entry points)"
+            )
+
     def _format_for(self, x: Tensor, axis: int | None = None) -> Format:
         """The format with the call's ``axis``, else the layer's ``block_axis``, where it applies (see the class
         docstring)."""
@@ -119,6 +136,7 @@ class Quantizer:
         """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
         if self.quant is None or self.observe_only:
             return x
+        self._check_container(x)
         int_bits = None
         if self.exponent is not None:
             self.exponent.start(x)
