@@ -119,7 +119,7 @@ class Quantizer:
             why = ("its scales span 2**-127..2**127: it rounds float32 only" if fmt.scaled
                    else "not all its values are representable there: it would round twice")
             raise ValueError(
-                f"a layer converted under this policy got a {x.dtype} tensor for a role in {fmt!r}, which cannot "
+                f"a {x.dtype} tensor reached a role this policy rounds onto {fmt!r}, which cannot "
                 f"round {x.dtype} tensors ({why}). Keep the converted "
                 "model float32 (model.float(), float32 inputs) and run it outside torch.autocast: the policy sets "
                 "each role's precision (lowprec.autocast / lowprec.GradScaler are the torch.amp-shaped entry points)"
