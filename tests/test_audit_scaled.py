@@ -134,6 +134,28 @@ def test_mx_blocks_of_a_functional_convolution_run_along_channels_as_a_converted
     assert bits(functional[1][2]) == bits(swapped[1][2]) == along(w, 1)
 
 
+
+def test_mx_blocks_of_a_transposed_convolution_run_along_its_input_channels():
+    """conv_transpose2d reduces over the input channels: dim 1 of its input, dim 0 of its weight (in, out, kh, kw);
+    blocks along the weight's last dimension (the kernel width) mixed input channels' scales."""
+    torch.manual_seed(0)
+    x, w = spread(2, 40, 5, 5), spread(40, 6, 3, 3)
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(40, 6, 3, bias=False)
+            with torch.no_grad():
+                self.up.weight.copy_(w)
+
+        def forward(self, x):
+            return self.up(x)
+
+    seen = forward_operands(lp.convert(Up(), "mxfp4"), x)
+    assert [(op, i) for op, i, _ in seen] == [("aten.convolution.default", 0), ("aten.convolution.default", 1)]
+    assert bits(seen[0][2]) == along(x, 1)
+    assert bits(seen[1][2]) == along(w, 0)
+
 # -- scales at the edges of float32 ----------------------------------------------------------------------------------
 
 def test_pow2_current_scale_of_a_narrow_element_is_a_power_of_two_when_max_over_amax_is_subnormal():
