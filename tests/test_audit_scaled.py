@@ -128,10 +128,20 @@ def test_mx_blocks_of_a_functional_convolution_run_along_channels_as_a_converted
     layer = nn.Conv2d(40, 8, 3, bias=False)
     with torch.no_grad():
         layer.weight.copy_(w)
-    functional = forward_operands(lp.convert(Functional(), "mxfp4"), x)
-    swapped = forward_operands(lp.convert(layer, "mxfp4"), x)
+    functional_model, swapped_model = lp.convert(Functional(), "mxfp4"), lp.convert(layer, "mxfp4")
+    functional = forward_operands(functional_model, x)
+    swapped = forward_operands(swapped_model, x)
     assert bits(functional[0][2]) == bits(swapped[0][2]) == along(x, 1)
     assert bits(functional[1][2]) == bits(swapped[1][2]) == along(w, 1)
+    # and backward: the output gradient, the input's and the weight's gradients blocked as the layer blocks them
+    g = spread(2, 8, 4, 4)
+    grads = []
+    for net in (functional_model, swapped_model):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(1)  # stochastic gradients: the same bits for both
+        net(leaf).backward(g)
+        grads.append((leaf.grad, next(net.parameters()).grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 
@@ -155,6 +165,39 @@ def test_mx_blocks_of_a_transposed_convolution_run_along_its_input_channels():
     assert [(op, i) for op, i, _ in seen] == [("aten.convolution.default", 0), ("aten.convolution.default", 1)]
     assert bits(seen[0][2]) == along(x, 1)
     assert bits(seen[1][2]) == along(w, 0)
+
+
+def test_mx_blocks_of_an_unbatched_functional_convolution_run_along_its_channels():
+    """F.conv1d of an unbatched (C, L) input: the channels are dim 0 of the input and of the result; they were
+    blocked along the length (dim -1), where the converted Conv1d (which adds the batch dimension) blocks along
+    the channels. Forward operands, the result (seen by the next product) and the input's gradient."""
+    torch.manual_seed(0)
+    x, w = spread(40, 7), spread(48, 40, 3)
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(w.clone())
+
+        def forward(self, x):
+            return F.conv1d(x, self.w)
+
+    model = lp.convert(Functional(), "mxfp4")
+    seen = forward_operands(model, x)
+    assert bits(seen[0][2]) == along(x, 0) and bits(seen[1][2]) == along(w, 1)
+    y = model(x)
+    assert bits(y) == along(F.conv1d(lp.quantize(x, MXFormat("e2m1", axis=0)),
+                                     lp.quantize(w, MXFormat("e2m1", axis=1))), 0)
+    swapped = lp.convert(nn.Conv1d(40, 48, 3, bias=False), "mxfp4")
+    with torch.no_grad():
+        swapped.weight.copy_(w)
+    assert bits(swapped(x)) == bits(y)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = spread(48, 5)
+    for net, leaf in ((swapped, xs), (model, xf)):
+        torch.manual_seed(1)  # the gradients round stochastically: the same bits for both
+        net(leaf).backward(g)
+    assert torch.equal(xf.grad, xs.grad)  # the same values (the two convolution kernels may differ in -0)
 
 # -- scales at the edges of float32 ----------------------------------------------------------------------------------
 

@@ -264,7 +264,7 @@ class OpEmulation:
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
-                      recompute=inv.op not in STATEFUL_OPS, axes=inv.axes)
+                      recompute=inv.op not in STATEFUL_OPS, axes=inv.axes, result_axis=inv.result_axis)
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
 
@@ -312,8 +312,6 @@ class OpEmulation:
                                 "layers only")
             for q in found.values():
                 q.observe_only = self.observe_only
-                if kind == "conv":  # blocks along channels, as the converted convolutions (layers._QConv)
-                    q.block_axis = 1
             for role, state in self._pending.pop(_site(key), {}).items():
                 found[role].load_state_dict(state)
             self.quantizer_sets[key] = found

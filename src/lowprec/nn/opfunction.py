@@ -4,7 +4,8 @@ The op-level emulation (``lowprec.nn.emulate``) runs every GEMM-like op and norm
 Function. Numerics, for an op ``z = op(t1, ..., tn)`` whose operand ``ti`` has forward role ``ri``::
 
     forward:   tiq = Q_ri(ti)                 (activation, weight or bias; operands with no role pass as they are;
-                                               block formats along the operand's reduction dimension, ``axes``)
+                                               block formats along the operand's reduction dimension, ``axes``,
+                                               and each gradient as its tensor; the result: ``result_axis``)
                z   = op(t1q, ..., tnq)        torch's own kernel, in the operands' (float32) precision
                zq  = Q_output(z)
     backward:  gq  = Q_output_grad(dE/dzq)
@@ -88,6 +89,7 @@ class OpCall:
     on_backward: Callable[[], None] | None = None
     recompute: bool = True  # whether fn may run again in backward (False: it changes state, see the docstring)
     axes: tuple[int | None, ...] = ()  # per operand: its reduction dimension, where its blocks run (ops.Invocation)
+    result_axis: int | None = None  # the same for the result and its gradient
 
     @property
     def quantizes(self) -> bool:
@@ -120,7 +122,7 @@ class QOpFunction(Function):
         else:
             z, leaves = _differentiable(call, operands, wanted)
             ctx.graph = (z, leaves) if wanted else None
-        zq, mask_z = _quantize(call.quantizers, "output", z.detach())
+        zq, mask_z = _quantize(call.quantizers, "output", z.detach(), call.result_axis)
         ctx.call, ctx.wanted = call, wanted
         _save(ctx, (*operands, *masks, mask_z) if ctx.graph is None else (*masks, mask_z))
         if ctx.graph is None:
@@ -144,15 +146,16 @@ class QOpFunction(Function):
         masks, mask_z = saved[:n], saved[n]
         if call.on_backward is not None:
             call.on_backward()
-        gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, mask_z))
+        gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, mask_z), call.result_axis)
         with torch.enable_grad():
             grads = torch.autograd.grad(z, [leaves[i] for i in ctx.wanted], gq, allow_unused=True,
                                         retain_graph=ctx.graph is not None)
         out: list[Tensor | None] = [None] * n
+        axes = call.axes or (None,) * n
         for i, g in zip(ctx.wanted, grads):
             role = call.roles[i]
             g = straight_through(g, masks[i])
-            out[i] = g if role is None else _quantize(call.quantizers, GRAD_ROLE[role], g)[0]
+            out[i] = g if role is None else _quantize(call.quantizers, GRAD_ROLE[role], g, axes[i])[0]
         return (None, *out)
 
 

@@ -28,9 +28,10 @@ Block formats (MX, NVFP4) and rowwise scaling run along each operand's reduction
 as a GEMM reads its operands: the first factor of matmul, mm, bmm, mv, addmm, baddbmm, addbmm and addmv along
 its last dimension, the second along its dim -2 (a weight stored (in, out), K^T's head dimension, V's keys);
 a two-operand einsum along the one index it contracts (several contracted indices: the last dimension); a
-transposed convolution's weight along dim 0 (its input channels). Convolutions block their 3-D and higher
-tensors along channels (dim 1), as the converted layers (``emulate``). The others (linear, dot, inner,
-vecdot, outer, addr, tensordot, bilinear, embeddings, norms) keep the format's own axis, the last dimension.
+convolution along channels, as the converted layers: the input's and the result's (dim 1, dim 0 unbatched:
+``Invocation.result_axis``) and the weight's input channels (dim 1; dim 0 of a transposed convolution's
+weight). The others (linear, dot, inner, vecdot, outer, addr, tensordot, bilinear, embeddings, norms) keep the
+format's own axis, the last dimension. A gradient is blocked as the tensor it is the gradient of.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Invocation:
     unsupported: str | None = None  # why the call cannot be quantized (it then runs as torch runs it)
     axes: tuple[int | None, ...] = ()  # per operand: the dimension its blocks run along (None, or none given:
     # the format's own), its reduction dimension (module docstring)
+    result_axis: int | None = None  # the same for the result (None: the format's own)
 
 
 # role kinds of an operand slot: a fixed role, or "auto"/"auto_bias" decided by whether it is a Parameter
@@ -124,6 +126,21 @@ def _unsupported(op: str, tensors: tuple[Any, ...], kwargs: dict[str, Any], args
     if op in ("embedding", "embedding_bag") and kwargs.get("sparse"):
         return "sparse embedding gradients (build the Embedding or EmbeddingBag with sparse=False)"
     return None
+
+
+@dataclass(frozen=True)
+class _Conv(_Slots):
+    """A convolution of ``dims`` spatial dimensions: blocks along channels (module docstring), which are dim 1 of
+    a batched input and result, dim 0 of an unbatched one."""
+
+    dims: int = 2
+    transposed: bool = False
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        inv = super().bind(func, args, kwargs)
+        x = inv.tensors[0]
+        channels = 0 if isinstance(x, Tensor) and x.dim() == self.dims + 1 else 1
+        return replace(inv, axes=(channels, 0 if self.transposed else 1, None), result_axis=channels)
 
 
 @dataclass(frozen=True)
@@ -242,8 +259,8 @@ _GEMMS = frozenset({"matmul", "mv", "addmv", "addbmm"})
 #: Intercepted function -> how its calls bind. Tensor methods and operators take ``self`` as position 0.
 OPS: dict[Callable[..., Any], Any] = {
     F.linear: _Slots("linear", _LINEAR),
-    **{getattr(F, f"conv{d}d"): _Slots(f"conv{d}d", _LINEAR) for d in (1, 2, 3)},
-    **{getattr(F, f"conv_transpose{d}d"): _Slots(f"conv_transpose{d}d", _LINEAR, (None, 0, None))
+    **{getattr(F, f"conv{d}d"): _Conv(f"conv{d}d", _LINEAR, dims=d) for d in (1, 2, 3)},
+    **{getattr(F, f"conv_transpose{d}d"): _Conv(f"conv_transpose{d}d", _LINEAR, dims=d, transposed=True)
        for d in (1, 2, 3)},
     **{f: _Slots("matmul", _PRODUCT, FACTOR_AXES) for f in (torch.matmul, _TENSOR.matmul, _TENSOR.__matmul__)},
     _TENSOR.__rmatmul__: _Slots("matmul", _PRODUCT, FACTOR_AXES[::-1]),  # b.__rmatmul__(a) is a @ b
