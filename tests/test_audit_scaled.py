@@ -302,3 +302,57 @@ def test_scaled_preset_under_autocast_or_in_bf16_says_what_to_change_in_the_mode
     with pytest.raises(ValueError, match=r"torch\.bfloat16.*model\.float\(\)"):
         model.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert torch.isfinite(model.float()(x)).all()
+
+
+# -- the non-spec MX scale rules against gfloat with the rule written here ------------------------------------------
+
+def _ceil_log2(v: float) -> int:
+    m, k = math.frexp(v)  # v = m * 2**k, m in [0.5, 1)
+    return k - 1 if m == 0.5 else k
+
+
+def _rule_scale(rule: str, man_bits: int, max_value: float):
+    """gfloat's compute_scale for lowprec's ceil / even / rceil rules, from their definitions (docs/formats.md)."""
+    import numpy as np
+
+    def scale(emax: float, vals) -> float:
+        amax = float(np.max(np.abs(vals)))
+        if amax == 0:
+            e = -127
+        elif rule == "ceil":
+            e = _ceil_log2(amax) - int(emax)
+        elif rule == "even":  # amax to man_bits + 1 significant bits, ties away from zero
+            m, k = math.frexp(amax)
+            e = math.frexp(math.floor(m * 2 ** (man_bits + 1) + 0.5) * 2.0 ** (k - man_bits - 1))[1] - 1 - int(emax)
+        else:  # rceil: the float32 product amax * fl(1 / max), rounded up to a power of two
+            d = float(np.float32(amax) * np.float32(1.0 / max_value))
+            e = _ceil_log2(d) if d > 0 else -127
+        return 2.0 ** min(max(e, -127), 127)
+
+    return scale
+
+
+@pytest.mark.parametrize("rule", ["ceil", "even", "rceil"])
+def test_mx_scale_rules_equal_gfloat_with_the_rule_as_documented(rule):
+    gfloat = pytest.importorskip("gfloat")
+    import numpy as np
+    from gfloat import formats as gf
+
+    infos = {"e4m3": (gf.format_info_mxfp8_e4m3, 3, 448.0), "e5m2": (gf.format_info_mxfp8_e5m2, 2, 57344.0),
+             "e2m3": (gf.format_info_mxfp6_e2m3, 3, 7.5), "e3m2": (gf.format_info_mxfp6_e3m2, 2, 28.0),
+             "e2m1": (gf.format_info_mxfp4_e2m1, 1, 6.0), "int8": (gf.format_info_mxint8, 6, 127 / 64)}
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(48, 32, generator=gen) * torch.exp2(torch.randint(-8, 8, (48, 32), generator=gen).float())
+    x = x * torch.exp2(torch.randint(-150, 110, (48, 1), generator=gen).float())  # subnormal amaxes included
+    x[:12] = (torch.randint(-64, 64, (12, 32), generator=gen).float() / 8) * 2.0 ** torch.arange(-130, 110, 20)[:, None]
+    x[12] = 0.0
+    for element, (info, man_bits, max_value) in infos.items():
+        if rule == "even" and element == "int8":
+            continue  # torchao's EVEN is defined for float elements
+        want = np.stack([gfloat.quantize_block(info, row, _rule_scale(rule, man_bits, max_value))
+                         for row in x.double().numpy()])
+        got = lp.quantize(x, MXFormat(element, scale_rule=rule))
+        want_t = torch.tensor(want, dtype=torch.float32)
+        assert torch.equal(want_t.double(), torch.tensor(want))  # gfloat's values are float32 values
+        # the sign of zero aside (lowprec keeps it for float elements, docs/formats.md): the same bits
+        assert bits(torch.where(got == 0, 0.0, got)) == bits(torch.where(want_t == 0, 0.0, want_t)), element
