@@ -356,3 +356,29 @@ def test_mx_scale_rules_equal_gfloat_with_the_rule_as_documented(rule):
         assert torch.equal(want_t.double(), torch.tensor(want))  # gfloat's values are float32 values
         # the sign of zero aside (lowprec keeps it for float elements, docs/formats.md): the same bits
         assert bits(torch.where(got == 0, 0.0, got)) == bits(torch.where(want_t == 0, 0.0, want_t)), element
+
+
+def test_mx_blocks_of_tensordot_and_vecdot_run_along_the_contracted_dimension():
+    """tensordot(a, b, dims=1) contracts a's last and b's first dimension; dims=([1], [1]) one given dimension a
+    side; vecdot(x, y, dim=0) dimension 0 of both. They were blocked along the last dimension."""
+    torch.manual_seed(0)
+    a, b = spread(16, 64), spread(64, 16)
+
+    class Contract(nn.Module):
+        def forward(self, a, b):
+            return torch.tensordot(a, b, dims=1).sum() + torch.tensordot(a, b.t(), dims=([1], [1])).sum()
+
+    seen = forward_operands(lp.convert(Contract(), "mxfp4"), a, b)
+    assert [t.shape for _, _, t in seen] == [(16, 64), (64, 16)] * 2  # both as one mm
+    assert bits(seen[0][2]) == bits(seen[2][2]) == along(a, -1)
+    assert bits(seen[1][2]) == bits(seen[3][2]) == along(b, 0)
+
+    class VecDot(nn.Module):
+        def forward(self, x, y):
+            return torch.linalg.vecdot(x, y, dim=0)
+
+    with torch.no_grad():
+        got = lp.convert(VecDot(), "mxfp4")(a.t(), b)
+    want = torch.linalg.vecdot(lp.quantize(a.t(), MXFormat("e2m1", axis=0)), lp.quantize(b, MXFormat("e2m1", axis=0)),
+                               dim=0)
+    assert bits(got) == bits(lp.quantize(want, "mxfp4"))  # and the result rounded in the output role

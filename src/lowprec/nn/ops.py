@@ -27,11 +27,12 @@ Every op's result takes the output role; gradients the matching gradient roles (
 Block formats (MX, NVFP4) and rowwise scaling run along each operand's reduction dimension (``Invocation.axes``),
 as a GEMM reads its operands: the first factor of matmul, mm, bmm, mv, addmm, baddbmm, addbmm and addmv along
 its last dimension, the second along its dim -2 (a weight stored (in, out), K^T's head dimension, V's keys);
-a two-operand einsum along the one index it contracts (several contracted indices: the last dimension); a
-convolution along channels, as the converted layers: the input's and the result's (dim 1, dim 0 unbatched:
-``Invocation.result_axis``) and the weight's input channels (dim 1; dim 0 of a transposed convolution's
-weight). The others (linear, dot, inner, vecdot, outer, addr, tensordot, bilinear, embeddings, norms) keep the
-format's own axis, the last dimension. A gradient is blocked as the tensor it is the gradient of.
+a two-operand einsum along the one index it contracts (several contracted indices: the last dimension),
+tensordot and vecdot along the one dimension they contract; a convolution along channels, as the converted
+layers: the input's and the result's (dim 1, dim 0 unbatched: ``Invocation.result_axis``) and the weight's
+input channels (dim 1; dim 0 of a transposed convolution's weight). The others (linear, dot, inner, outer,
+addr, bilinear, embeddings, norms; a tensordot contracting several dimensions) keep the format's own axis, the
+last dimension. A gradient is blocked as the tensor it is the gradient of.
 """
 
 from __future__ import annotations
@@ -144,6 +145,29 @@ class _Conv(_Slots):
 
 
 @dataclass(frozen=True)
+class _Contraction(_Slots):
+    """``torch.tensordot(a, b, dims)`` and ``torch.linalg.vecdot(x, y, dim=)``: each operand along the one
+    dimension the call contracts (tensordot: ``dims=1``, or one dimension a side); several contracted dimensions
+    keep the format's own axis."""
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        inv = super().bind(func, args, kwargs)
+        if self.op == "vecdot":
+            dim = kwargs.get("dim", -1)
+            return replace(inv, axes=(dim, dim))
+        dims = args[2] if len(args) > 2 else kwargs.get("dims", 2)
+        if isinstance(dims, Tensor):
+            dims = dims.tolist()
+        if dims == 1:
+            return replace(inv, axes=(-1, 0))
+        if isinstance(dims, (list, tuple)) and len(dims) == 2:
+            a, b = ([d] if isinstance(d, int) else list(d) for d in dims)
+            if len(a) == 1 and len(b) == 1:
+                return replace(inv, axes=(a[0], b[0]))
+        return inv
+
+
+@dataclass(frozen=True)
 class _Embedding(_Slots):
     """``F.embedding`` / ``F.embedding_bag`` (their parameters in ``signature`` order): bound by name; a
     ``max_norm`` renormalises the stored table first (in place, as torch does), then the lookup runs on the
@@ -245,15 +269,15 @@ _TENSOR = torch.Tensor
 _PRODUCTS = {
     "matmul": (torch.linalg.matmul,), "mv": (torch.mv, _TENSOR.mv), "dot": (torch.dot, _TENSOR.dot),
     "inner": (torch.inner, _TENSOR.inner), "outer": (torch.outer, _TENSOR.outer, torch.ger, _TENSOR.ger),
-    "tensordot": (torch.tensordot,), "vecdot": (torch.linalg.vecdot,),
 }
 _ADDED_PRODUCTS = {
     "addmv": (torch.addmv, _TENSOR.addmv), "addr": (torch.addr, _TENSOR.addr),
     "addbmm": (torch.addbmm, _TENSOR.addbmm),
 }
 
-#: The products whose second factor is read along its dim -2 (``FACTOR_AXES``); dot, inner, vecdot reduce
-#: along both operands' last dimension, outer and addr reduce nothing, tensordot over its ``dims``.
+#: The products whose second factor is read along its dim -2 (``FACTOR_AXES``); dot and inner reduce along both
+#: operands' last dimension, outer and addr reduce nothing, tensordot and vecdot over their ``dims`` / ``dim``
+#: (``_Contraction``).
 _GEMMS = frozenset({"matmul", "mv", "addmv", "addbmm"})
 
 #: Intercepted function -> how its calls bind. Tensor methods and operators take ``self`` as position 0.
@@ -270,6 +294,8 @@ OPS: dict[Callable[..., Any], Any] = {
     **{f: _Slots("baddbmm", _ADDED, (None, *FACTOR_AXES)) for f in (torch.baddbmm, _TENSOR.baddbmm)},
     **{f: _Slots(name, _PRODUCT, FACTOR_AXES if name in _GEMMS else ()) for name, fs in _PRODUCTS.items()
        for f in fs},
+    torch.tensordot: _Contraction("tensordot", _PRODUCT),
+    torch.linalg.vecdot: _Contraction("vecdot", _PRODUCT),
     **{f: _Slots(name, _ADDED, (None, *FACTOR_AXES) if name in _GEMMS else ()) for name, fs in _ADDED_PRODUCTS.items()
        for f in fs},
     F.bilinear: _Slots("bilinear", ((0, "input1", "activation"), (1, "input2", "activation"),
