@@ -1,5 +1,7 @@
-"""Outside checks of the scaled formats (MX, NVFP4, scaled<...>) on models lowprec never saw: what each GEMM
-operand really holds, seen at the aten level by a dispatch mode independent of lowprec's own records."""
+"""Outside checks of the scaled formats (MX, NVFP4, scaled<...>) and their presets: what each GEMM operand of a
+model lowprec never saw really holds (seen at the aten level by a dispatch mode, independent of lowprec's own
+records), the scales at float32's edges, @first/@last on a functional head, half containers, and the MX scale
+rules against gfloat."""
 
 from __future__ import annotations
 
