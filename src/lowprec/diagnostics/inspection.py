@@ -65,7 +65,7 @@ class _Recorder(Quantizer):
     def enabled(self) -> bool:  # the layer must call it even for roles the policy leaves in float32
         return True
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
         self._record(x)
         return x
 

@@ -72,8 +72,8 @@ class _Checking(Quantizer):
     def enabled(self) -> bool:
         return self._inner.enabled
 
-    def __call__(self, x: Tensor) -> Tensor:
-        y = self._inner(x)
+    def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
+        y = self._inner(x, axis)
         if not bool(torch.isfinite(y).all()):
             self._report(bool(torch.isfinite(x).all()))
         return y

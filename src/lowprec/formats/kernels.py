@@ -276,9 +276,16 @@ def float_fast_fp32(
 
 def scaled_float_fp32(x: Tensor, s: Tensor, rounding: int, key: Tensor | None, *params: object) -> Tensor:
     """A per-tensor (or per-row) scaled float: fl(q / s) with q = ``float_fast_fp32(fl(x * s), rounding, key,
-    *params)``; a NaN input is returned as it is. One pass when compiled."""
+    *params)``, clamped to +-FLT_MAX (the dequantization saturates as the element does: a q / s beyond float32's
+    range, reached by rounding up near 2**128, is never inf); a NaN input is returned as it is. One pass when
+    compiled."""
     q = float_fast_fp32(x * s, rounding, key, *params)  # type: ignore[arg-type]
-    return torch.where(is_nan(x), x, q / s)
+    return torch.where(is_nan(x), x, descale(q, s))
+
+
+def descale(q: Tensor, s: Tensor) -> Tensor:
+    """fl(q / s) clamped to +-FLT_MAX: a scaled float's dequantization, saturating as its element does."""
+    return torch.clamp(q / s, -3.4028234663852886e38, 3.4028234663852886e38)
 
 
 def fixed_grid(

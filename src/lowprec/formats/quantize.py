@@ -312,7 +312,8 @@ def _round_scaled_float(x: Tensor, s: Tensor, out: Tensor | None, fmt: FloatForm
     ``s`` broadcasting against it): one fused pass (``kernels.scaled_float_fp32``), or, for small CPU tensors
     rounded to nearest onto a torch dtype, the cast's few ops."""
     if fmt in _CASTS and _fast(x, rounding, COMPILE_MIN_NUMEL):
-        return torch.where(torch.isnan(x), x, host.cast_round_trip(x * s, None, _CASTS[fmt]) / s, out=out)
+        return torch.where(torch.isnan(x), x, kernels.descale(host.cast_round_trip(x * s, None, _CASTS[fmt]), s),
+                           out=out)
     return _run(kernels.scaled_float_fp32, x, out, s, rounding, key, *_float_fp32_params(fmt, rounding))
 
 

@@ -19,7 +19,8 @@ import torch
 
 from .types import E4M3, FloatFormat, Format, _check_int
 
-__all__ = ["Element", "ELEMENTS", "MXFormat", "NVFP4", "ScaledFloat", "SCALE_RULES", "ScaledFormat", "with_block_axis"]
+__all__ = ["Element", "ELEMENTS", "MXFormat", "NVFP4", "ScaledFloat", "SCALE_RULES", "ScaledFormat", "with_block_axis",
+           "with_operand_axis"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,16 @@ def with_block_axis(fmt: Format, block_axis: int | None, x: torch.Tensor) -> For
     for ``block_axis`` None and for formats without an axis."""
     if block_axis is not None and x.dim() >= 3 and isinstance(fmt, ScaledFormat):
         return replace(fmt, axis=block_axis)
+    return fmt
+
+
+def with_operand_axis(fmt: Format, axis: int | None, x: torch.Tensor) -> Format:
+    """``fmt`` with its blocks (rows) along ``axis`` for an operand ``x`` that has that dimension (an op's
+    choice per operand: its reduction dimension, e.g. -2 for the second factor of a matmul); ``fmt`` itself for
+    ``axis`` None, formats without an axis, and tensors without that dimension (a 1-D factor of ``mv``, whose
+    only dimension, the format's own axis -1, is then its reduction dimension)."""
+    if axis is not None and isinstance(fmt, ScaledFormat) and -max(x.dim(), 1) <= axis < max(x.dim(), 1):
+        return replace(fmt, axis=axis)
     return fmt
 
 

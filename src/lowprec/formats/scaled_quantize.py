@@ -96,8 +96,12 @@ def current_scale(amax: Tensor, fmt: ScaledFloat) -> Tensor:
 
 
 def pow2_floor(s: Tensor) -> Tensor:
-    """The largest power of two <= s (s positive, finite, normal float32): s with its fraction bits cleared."""
-    return (s.view(torch.int32) & -(1 << 23)).view(torch.float32)
+    """The largest power of two <= s (s positive, finite float32): s with its fraction bits cleared; a subnormal
+    s (an element whose largest value is below 4 scaled for an amax near FLT_MAX) first times 2**64, the result
+    times 2**-64 (both exact), since a subnormal's highest set bit lies in its fraction field."""
+    normal = s >= 2.0**-126
+    p = (torch.where(normal, s, s * 2.0**64).view(torch.int32) & -(1 << 23)).view(torch.float32)
+    return torch.where(normal, p, p * 2.0**-64)
 
 
 def scaled_float_scale(x: Tensor, fmt: ScaledFloat) -> Tensor:

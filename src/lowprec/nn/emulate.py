@@ -58,10 +58,11 @@ from torch.overrides import TorchFunctionMode
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role
 from ..policy.ops import OP_KINDS
 from .attention import emulated_attention
+from .edges import EdgeCheck
 from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
-from .ops import OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
+from .ops import FACTOR_AXES, OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
 from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
@@ -166,11 +167,12 @@ class OpEmulation:
         self._weights: set[int] = set()  # the parameters weight-layer ops reached (layer_parameters)
         self._carried: dict[int, tuple[Tensor, set[int]]] = {}  # a carrier's result: (it, the parameters it holds)
         self._checking = True  # the first forward looks for parameters that reach no quantized op
+        self._edges = EdgeCheck(self.resolution)  # and for products with a weight beyond @first / @last
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
         for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_checking",
-                    "records"):
+                    "_edges", "records"):
             state.pop(key, None)
         return state
 
@@ -189,9 +191,11 @@ class OpEmulation:
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if not self._stack:
             self._used, self._covered, self._weights = {}, set(), set()
+            self._edges.start()
             self._mode = _Mode(self)
             self._mode.__enter__()
         self._stack.append(_Frame(name, module))
+        self._edges.enter(name)
         if isinstance(module, QuantizedModule):
             self._swapped += 1
             if self._tracking:  # its own parameters, and any its input carries (``_CARRIERS``)
@@ -204,6 +208,7 @@ class OpEmulation:
         if not self._stack or self._stack[-1].module is not module:
             return  # a module called outside the converted model's forward
         self._stack.pop()
+        self._edges.exit(name)
         if isinstance(module, QuantizedModule):
             self._swapped -= 1
         if not self._stack:
@@ -249,6 +254,9 @@ class OpEmulation:
                 self._weights.update(id(t if isinstance(t, nn.Parameter) else t._base)
                                      for t, r in zip(inv.tensors, inv.roles) if r in ("weight", "bias")
                                      and is_parameter(t))
+            if OP_KINDS[inv.op] in _CLIP_KINDS:
+                self._edges.product(frame.name, inv.op, set().union(
+                    *(self._parameters_in(t) for t, r in zip(inv.tensors, inv.roles) if r == "weight")))
         if inv.unsupported is not None:
             self._unquantized(frame.name, inv, index)
             return func(*args, **kwargs)
@@ -256,7 +264,7 @@ class OpEmulation:
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
-                      recompute=inv.op not in STATEFUL_OPS)
+                      recompute=inv.op not in STATEFUL_OPS, axes=inv.axes, result_axis=inv.result_axis)
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
 
@@ -277,7 +285,8 @@ class OpEmulation:
         on_backward = self._on_backward(frame.name, "attention", index)
 
         def product(name: str, a: Tensor, b: Tensor) -> Tensor:
-            return run_op(OpCall(torch.matmul, ("activation", "activation"), sets[name], on_backward), a, b)
+            return run_op(OpCall(torch.matmul, ("activation", "activation"), sets[name], on_backward,
+                                 axes=FACTOR_AXES), a, b)
 
         self._record(frame.name, "attention", index, self._attention_operands(sets))
         return emulated_attention(*inv.tensors, **inv.options, product=product)
@@ -427,6 +436,8 @@ class OpEmulation:
                     n.rpartition(".")[0], f"parameter {n.rpartition('.')[2]}", "unquantized",
                     [OperandRecord(n, "-", "fp32")], "used by no quantized op (transformed before use, used "
                     "elementwise by another module, or by an op lowprec does not quantize)", calls=1))
+        for message in self._edges.messages(names):
+            self._warn_once(message)
         fresh = [n for n in missing if n not in self._warned]
         if fresh:
             self._warned.update(fresh)

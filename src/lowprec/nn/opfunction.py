@@ -3,7 +3,9 @@
 The op-level emulation (``lowprec.nn.emulate``) runs every GEMM-like op and norm through this one autograd
 Function. Numerics, for an op ``z = op(t1, ..., tn)`` whose operand ``ti`` has forward role ``ri``::
 
-    forward:   tiq = Q_ri(ti)                 (activation, weight or bias; operands with no role pass as they are)
+    forward:   tiq = Q_ri(ti)                 (activation, weight or bias; operands with no role pass as they are;
+                                               block formats along the operand's reduction dimension, ``axes``,
+                                               and each gradient as its tensor; the result: ``result_axis``)
                z   = op(t1q, ..., tnq)        torch's own kernel, in the operands' (float32) precision
                zq  = Q_output(z)
     backward:  gq  = Q_output_grad(dE/dzq)
@@ -44,7 +46,7 @@ from torch.autograd.function import once_differentiable
 from ..policy import Quantizer, Role
 from .functions import _own_output
 from .packed import saving_packed
-from .roles import quantize_roles, straight_through
+from .roles import clip_mask, straight_through
 
 __all__ = ["OpCall", "QOpFunction", "GRAD_ROLE", "run_op", "observing_recomputed"]
 
@@ -86,6 +88,8 @@ class OpCall:
     quantizers: Mapping[str, Quantizer]
     on_backward: Callable[[], None] | None = None
     recompute: bool = True  # whether fn may run again in backward (False: it changes state, see the docstring)
+    axes: tuple[int | None, ...] = ()  # per operand: its reduction dimension, where its blocks run (ops.Invocation)
+    result_axis: int | None = None  # the same for the result and its gradient
 
     @property
     def quantizes(self) -> bool:
@@ -93,11 +97,13 @@ class OpCall:
         return any(self.quantizers[r].enabled for r in _used_roles(self.roles))
 
 
-def _quantize(quantizers: Mapping[str, Quantizer], role: str | None, x: Any) -> tuple[Any, Tensor | None]:
+def _quantize(quantizers: Mapping[str, Quantizer], role: str | None, x: Any,
+              axis: int | None = None) -> tuple[Any, Tensor | None]:
+    """x rounded by its role's quantizer (blocks along ``axis`` where given), with its straight-through mask."""
     if role is None or not isinstance(x, Tensor):
         return x, None
-    ((q, mask),) = quantize_roles(quantizers, **{role: x})
-    return q, mask
+    quantizer = quantizers[role]
+    return quantizer(x, axis), clip_mask(quantizer, x)
 
 
 class QOpFunction(Function):
@@ -105,7 +111,9 @@ class QOpFunction(Function):
 
     @staticmethod
     def forward(ctx: Any, call: OpCall, *tensors: Any) -> Tensor:
-        operands, masks = zip(*(_quantize(call.quantizers, role, t) for role, t in zip(call.roles, tensors)))
+        axes = call.axes or (None,) * len(tensors)
+        operands, masks = zip(*(_quantize(call.quantizers, role, t, axis)
+                                for role, t, axis in zip(call.roles, tensors, axes)))
         wanted = [i for i, q in enumerate(operands) if ctx.needs_input_grad[1 + i] and isinstance(q, Tensor)]
         if call.recompute and saving_packed():
             with torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):  # the graph is not kept
@@ -114,7 +122,7 @@ class QOpFunction(Function):
         else:
             z, leaves = _differentiable(call, operands, wanted)
             ctx.graph = (z, leaves) if wanted else None
-        zq, mask_z = _quantize(call.quantizers, "output", z.detach())
+        zq, mask_z = _quantize(call.quantizers, "output", z.detach(), call.result_axis)
         ctx.call, ctx.wanted = call, wanted
         _save(ctx, (*operands, *masks, mask_z) if ctx.graph is None else (*masks, mask_z))
         if ctx.graph is None:
@@ -138,15 +146,16 @@ class QOpFunction(Function):
         masks, mask_z = saved[:n], saved[n]
         if call.on_backward is not None:
             call.on_backward()
-        gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, mask_z))
+        gq, _ = _quantize(call.quantizers, "output_grad", straight_through(grad, mask_z), call.result_axis)
         with torch.enable_grad():
             grads = torch.autograd.grad(z, [leaves[i] for i in ctx.wanted], gq, allow_unused=True,
                                         retain_graph=ctx.graph is not None)
         out: list[Tensor | None] = [None] * n
+        axes = call.axes or (None,) * n
         for i, g in zip(ctx.wanted, grads):
             role = call.roles[i]
             g = straight_through(g, masks[i])
-            out[i] = g if role is None else _quantize(call.quantizers, GRAD_ROLE[role], g)[0]
+            out[i] = g if role is None else _quantize(call.quantizers, GRAD_ROLE[role], g, axes[i])[0]
         return (None, *out)
 
 

@@ -23,6 +23,16 @@ mul, div, add, sub, addcmul, prelu           a Parameter operand only (``PARAMET
 ==========================================  =================================================================
 
 Every op's result takes the output role; gradients the matching gradient roles (``opfunction.GRAD_ROLE``).
+
+Block formats (MX, NVFP4) and rowwise scaling run along each operand's reduction dimension (``Invocation.axes``),
+as a GEMM reads its operands: the first factor of matmul, mm, bmm, mv, addmm, baddbmm, addbmm and addmv along
+its last dimension, the second along its dim -2 (a weight stored (in, out), K^T's head dimension, V's keys);
+a two-operand einsum along the one index it contracts (several contracted indices: the last dimension),
+tensordot and vecdot along the one dimension they contract; a convolution along channels, as the converted
+layers: the input's and the result's (dim 1, dim 0 unbatched: ``Invocation.result_axis``) and the weight's
+input channels (dim 1; dim 0 of a transposed convolution's weight). The others (linear, dot, inner, outer,
+addr, bilinear, embeddings, norms; a tensordot contracting several dimensions) keep the format's own axis, the
+last dimension. A gradient is blocked as the tensor it is the gradient of.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Invocation", "bind", "OPS", "OPENED", "PARAMETER_OPS", "STATEFUL_OPS", "is_parameter"]
+__all__ = ["Invocation", "bind", "OPS", "FACTOR_AXES", "OPENED", "PARAMETER_OPS", "STATEFUL_OPS", "is_parameter"]
 
 #: Ops whose call changes state besides computing its result (batch_norm updates its running statistics in
 #: training): never run a second time to recompute the result in backward.
@@ -58,6 +68,9 @@ class Invocation:
     fn: Callable[..., Tensor]
     options: dict[str, Any] = field(default_factory=dict)  # attention: attn_mask, dropout_p, is_causal, ...
     unsupported: str | None = None  # why the call cannot be quantized (it then runs as torch runs it)
+    axes: tuple[int | None, ...] = ()  # per operand: the dimension its blocks run along (None, or none given:
+    # the format's own), its reduction dimension (module docstring)
+    result_axis: int | None = None  # the same for the result (None: the format's own)
 
 
 # role kinds of an operand slot: a fixed role, or "auto"/"auto_bias" decided by whether it is a Parameter
@@ -82,6 +95,7 @@ class _Slots:
 
     op: str
     slots: tuple[tuple[int, str, str | None], ...]
+    axes: tuple[int | None, ...] = ()  # per slot: the operand's reduction dimension (``Invocation.axes``)
 
     def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
         where = [(pos < len(args), pos, name) for pos, name, _ in self.slots]
@@ -103,7 +117,8 @@ class _Slots:
 
         roles = tuple(_role(kind, x) for (_, _, kind), x in zip(self.slots, tensors))
         names = tuple(name for _, name, _ in self.slots)
-        return Invocation(self.op, names, tensors, roles, fn, unsupported=_unsupported(self.op, tensors, kwargs, args))
+        return Invocation(self.op, names, tensors, roles, fn, unsupported=_unsupported(self.op, tensors, kwargs, args),
+                          axes=self.axes)
 
 
 def _unsupported(op: str, tensors: tuple[Any, ...], kwargs: dict[str, Any], args: tuple[Any, ...]) -> str | None:
@@ -112,6 +127,44 @@ def _unsupported(op: str, tensors: tuple[Any, ...], kwargs: dict[str, Any], args
     if op in ("embedding", "embedding_bag") and kwargs.get("sparse"):
         return "sparse embedding gradients (build the Embedding or EmbeddingBag with sparse=False)"
     return None
+
+
+@dataclass(frozen=True)
+class _Conv(_Slots):
+    """A convolution of ``dims`` spatial dimensions: blocks along channels (module docstring), which are dim 1 of
+    a batched input and result, dim 0 of an unbatched one."""
+
+    dims: int = 2
+    transposed: bool = False
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        inv = super().bind(func, args, kwargs)
+        x = inv.tensors[0]
+        channels = 0 if isinstance(x, Tensor) and x.dim() == self.dims + 1 else 1
+        return replace(inv, axes=(channels, 0 if self.transposed else 1, None), result_axis=channels)
+
+
+@dataclass(frozen=True)
+class _Contraction(_Slots):
+    """``torch.tensordot(a, b, dims)`` and ``torch.linalg.vecdot(x, y, dim=)``: each operand along the one
+    dimension the call contracts (tensordot: ``dims=1``, or one dimension a side); several contracted dimensions
+    keep the format's own axis."""
+
+    def bind(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Invocation:
+        inv = super().bind(func, args, kwargs)
+        if self.op == "vecdot":
+            dim = kwargs.get("dim", -1)
+            return replace(inv, axes=(dim, dim))
+        dims = args[2] if len(args) > 2 else kwargs.get("dims", 2)
+        if isinstance(dims, Tensor):
+            dims = dims.tolist()
+        if dims == 1:
+            return replace(inv, axes=(-1, 0))
+        if isinstance(dims, (list, tuple)) and len(dims) == 2:
+            a, b = ([d] if isinstance(d, int) else list(d) for d in dims)
+            if len(a) == 1 and len(b) == 1:
+                return replace(inv, axes=(a[0], b[0]))
+        return inv
 
 
 @dataclass(frozen=True)
@@ -161,8 +214,38 @@ class _Einsum:
         def fn(*new: Any) -> Tensor:
             return func(*head, list(new), **kwargs) if listed else func(*head, *new, **kwargs)
 
+        axes = _contracted_axes(head[0], tensors) if self.op == "einsum" and why is None else ()
+        if self.op == "multi_dot" and why is None:
+            axes = FACTOR_AXES
         return Invocation(self.op, tuple(f"operand{i}" for i in range(len(tensors))), tensors, roles, fn,
-                          unsupported=why)
+                          unsupported=why, axes=axes)
+
+
+def _contracted_axes(equation: Any, tensors: tuple[Any, ...]) -> tuple[int | None, ...]:
+    """Per operand of a two-operand einsum, the dimension of the one index it contracts (an index of both
+    operands that the result does not keep), counted from the end after an ellipsis; () where the equation
+    contracts no index or several (or is not a string): the operands then keep the format's own axis."""
+    if not isinstance(equation, str):
+        return ()
+    spec = equation.replace(" ", "")
+    inputs, arrow, result = spec.partition("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return ()
+    letters = [t.replace("...", "") for t in terms]
+    if not arrow:  # implicit result: the indices that appear once, in alphabetical order
+        joined = "".join(letters)
+        result = "".join(sorted(c for c in set(joined) if joined.count(c) == 1))
+    contracted = (set(letters[0]) & set(letters[1])) - set(result)
+    if len(contracted) != 1:
+        return ()
+    (index,) = contracted
+    axes: list[int | None] = []
+    for term, t in zip(terms, tensors):
+        head, dots, tail = term.partition("...")
+        axes.append(head.index(index) if index in head else tail.index(index) - len(tail))
+    return tuple(axes)
+
 
 
 @dataclass(frozen=True)
@@ -178,32 +261,43 @@ class _Elementwise(_Slots):
 
 _LINEAR = ((0, "input", "activation"), (1, "weight", "weight"), (2, "bias", "bias"))
 _PRODUCT = ((0, "input", "auto"), (1, "other", "auto"))
+#: A product's factors as a GEMM reads them: the first along its last dimension, the second along dim -2.
+FACTOR_AXES = (-1, -2)
 _ADDED = ((0, "input", "auto_bias"), (1, "mat1", "auto"), (2, "mat2", "auto"))
 _TENSOR = torch.Tensor
 #: Other products of two operands (roles as matmul) and of an added term and two factors (as addmm).
 _PRODUCTS = {
     "matmul": (torch.linalg.matmul,), "mv": (torch.mv, _TENSOR.mv), "dot": (torch.dot, _TENSOR.dot),
     "inner": (torch.inner, _TENSOR.inner), "outer": (torch.outer, _TENSOR.outer, torch.ger, _TENSOR.ger),
-    "tensordot": (torch.tensordot,), "vecdot": (torch.linalg.vecdot,),
 }
 _ADDED_PRODUCTS = {
     "addmv": (torch.addmv, _TENSOR.addmv), "addr": (torch.addr, _TENSOR.addr),
     "addbmm": (torch.addbmm, _TENSOR.addbmm),
 }
 
+#: The products whose second factor is read along its dim -2 (``FACTOR_AXES``); dot and inner reduce along both
+#: operands' last dimension, outer and addr reduce nothing, tensordot and vecdot over their ``dims`` / ``dim``
+#: (``_Contraction``).
+_GEMMS = frozenset({"matmul", "mv", "addmv", "addbmm"})
+
 #: Intercepted function -> how its calls bind. Tensor methods and operators take ``self`` as position 0.
 OPS: dict[Callable[..., Any], Any] = {
     F.linear: _Slots("linear", _LINEAR),
-    **{getattr(F, f"conv{d}d"): _Slots(f"conv{d}d", _LINEAR) for d in (1, 2, 3)},
-    **{getattr(F, f"conv_transpose{d}d"): _Slots(f"conv_transpose{d}d", _LINEAR) for d in (1, 2, 3)},
-    **{f: _Slots("matmul", _PRODUCT) for f in (torch.matmul, _TENSOR.matmul, _TENSOR.__matmul__,
-                                                 _TENSOR.__rmatmul__)},
-    **{f: _Slots("mm", _PRODUCT) for f in (torch.mm, _TENSOR.mm)},
-    **{f: _Slots("bmm", _PRODUCT) for f in (torch.bmm, _TENSOR.bmm)},
-    **{f: _Slots("addmm", _ADDED) for f in (torch.addmm, _TENSOR.addmm)},
-    **{f: _Slots("baddbmm", _ADDED) for f in (torch.baddbmm, _TENSOR.baddbmm)},
-    **{f: _Slots(name, _PRODUCT) for name, fs in _PRODUCTS.items() for f in fs},
-    **{f: _Slots(name, _ADDED) for name, fs in _ADDED_PRODUCTS.items() for f in fs},
+    **{getattr(F, f"conv{d}d"): _Conv(f"conv{d}d", _LINEAR, dims=d) for d in (1, 2, 3)},
+    **{getattr(F, f"conv_transpose{d}d"): _Conv(f"conv_transpose{d}d", _LINEAR, dims=d, transposed=True)
+       for d in (1, 2, 3)},
+    **{f: _Slots("matmul", _PRODUCT, FACTOR_AXES) for f in (torch.matmul, _TENSOR.matmul, _TENSOR.__matmul__)},
+    _TENSOR.__rmatmul__: _Slots("matmul", _PRODUCT, FACTOR_AXES[::-1]),  # b.__rmatmul__(a) is a @ b
+    **{f: _Slots("mm", _PRODUCT, FACTOR_AXES) for f in (torch.mm, _TENSOR.mm)},
+    **{f: _Slots("bmm", _PRODUCT, FACTOR_AXES) for f in (torch.bmm, _TENSOR.bmm)},
+    **{f: _Slots("addmm", _ADDED, (None, *FACTOR_AXES)) for f in (torch.addmm, _TENSOR.addmm)},
+    **{f: _Slots("baddbmm", _ADDED, (None, *FACTOR_AXES)) for f in (torch.baddbmm, _TENSOR.baddbmm)},
+    **{f: _Slots(name, _PRODUCT, FACTOR_AXES if name in _GEMMS else ()) for name, fs in _PRODUCTS.items()
+       for f in fs},
+    torch.tensordot: _Contraction("tensordot", _PRODUCT),
+    torch.linalg.vecdot: _Contraction("vecdot", _PRODUCT),
+    **{f: _Slots(name, _ADDED, (None, *FACTOR_AXES) if name in _GEMMS else ()) for name, fs in _ADDED_PRODUCTS.items()
+       for f in fs},
     F.bilinear: _Slots("bilinear", ((0, "input1", "activation"), (1, "input2", "activation"),
                                     (2, "weight", "weight"), (3, "bias", "bias"))),
     torch.linalg.multi_dot: _Einsum("multi_dot"),

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import Format, quantize, quantize_codes, with_block_axis
+from ..formats import Format, quantize, quantize_codes, with_block_axis, with_operand_axis
 from ..formats.packing import mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
@@ -35,7 +35,9 @@ class Quantizer:
 
     ``block_axis`` (set by a layer, e.g. 1 for a convolution's channels): the dimension the blocks or rows of a
     scaled format (MX, NVFP4, rowwise scaling) run along for tensors of 3 or more dimensions, in place of the
-    format's own axis; lower-dimensional tensors (a bias) keep the format's axis.
+    format's own axis; lower-dimensional tensors (a bias) keep the format's axis. A call's ``axis`` (an op's
+    choice for one operand, its reduction dimension: ``lowprec.nn.ops``) takes precedence over both, for any
+    tensor that has that dimension.
     """
 
     def __init__(self, quant: Quant | None, policy: Policy | None = None):
@@ -57,8 +59,10 @@ class Quantizer:
     def enabled(self) -> bool:
         return self.quant is not None
 
-    @torch.compiler.disable  # stateful (exponent statistics) and runs its own compiled kernels: opaque to a
-    def __call__(self, x: Tensor) -> Tensor:  # user's torch.compile, which graph-breaks around it
+    # stateful (exponent statistics) and runs its own compiled kernels: opaque to a user's torch.compile, which
+    # graph-breaks around it
+    @torch.compiler.disable
+    def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
         if self.quant is None:
             return x
         if self.observe_only:
@@ -69,11 +73,12 @@ class Quantizer:
             return x
         if self.keeps(x):
             return x
+        self._check_container(x)
         if self.exponent is not None:
             return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
         if self.scale_state is not None:
             return self.scale_state.quantize(x, self.quant.rounding)
-        return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding))
+        return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding))
 
     @torch.compiler.disable
     def codes(self, x: Tensor) -> tuple[Tensor, int] | None:
@@ -104,15 +109,34 @@ class Quantizer:
         is stored packed); ``x`` itself (a rounding that changed nothing, a parameter) stays unmarked."""
         return y if y is x else mark(y, self.quant.format)  # type: ignore[union-attr]
 
-    def _format_for(self, x: Tensor) -> Format:
-        """The format with the layer's ``block_axis`` where it applies (see the class docstring)."""
-        return with_block_axis(self.quant.format, self.block_axis, x)
+    def _check_container(self, x: Tensor) -> None:
+        """ValueError, saying what to change in the model, where the role's format cannot round a tensor of
+        x's dtype without rounding twice (a scaled format on anything but float32, ``bf16`` on float16): a
+        converted model run under torch.autocast, or made half precision with ``model.half()`` /
+        ``model.to(torch.bfloat16)``."""
+        fmt = self.quant.format  # type: ignore[union-attr]
+        if not fmt.fits_in(x.dtype):
+            why = ("its scales span 2**-127..2**127: it rounds float32 only" if fmt.scaled
+                   else "not all its values are representable there: it would round twice")
+            raise ValueError(
+                f"a {x.dtype} tensor reached a role this policy rounds onto {fmt!r}, which cannot "
+                f"round {x.dtype} tensors ({why}). Keep the converted "
+                "model float32 (model.float(), float32 inputs) and run it outside torch.autocast: the policy sets "
+                "each role's precision (lowprec.autocast / lowprec.GradScaler are the torch.amp-shaped entry points)"
+            )
+
+    def _format_for(self, x: Tensor, axis: int | None = None) -> Format:
+        """The format with the call's ``axis``, else the layer's ``block_axis``, where it applies (see the class
+        docstring)."""
+        fmt = self.quant.format  # type: ignore[union-attr]
+        return with_operand_axis(fmt, axis, x) if axis is not None else with_block_axis(fmt, self.block_axis, x)
 
     @torch.compiler.disable
     def round(self, x: Tensor) -> Tensor:
         """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
         if self.quant is None or self.observe_only:
             return x
+        self._check_container(x)
         int_bits = None
         if self.exponent is not None:
             self.exponent.start(x)

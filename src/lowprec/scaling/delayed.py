@@ -6,7 +6,8 @@ recorded. ``update()`` (once per step) pushes that amax into a history of ``fmt.
 zeros before the first step), combines it (``fmt.algo``: "max" of the whole history, or "most_recent"), and
 sets, in float32,
 
-    s = element max / amax / 2**margin     (``fmt.pow2``: rounded down to a power of two; capped at FLT_MAX)
+    s = element max / amax / 2**margin     (``fmt.pow2``: rounded down to a power of two; clamped to
+                                            [2**-149, FLT_MAX]: a large margin never makes it 0)
 
 keeping the previous s when that amax is 0 or not finite. s starts at 1. A step that quantized nothing does not
 move the history.
@@ -30,6 +31,9 @@ from ..formats.scaled_kernels import FLT_MAX
 from ..formats.scaled_quantize import pow2_floor
 
 __all__ = ["DelayedScale"]
+
+#: The smallest positive float32 (a subnormal): the least scale a margin can push s down to.
+FLT_TRUE_MIN = 2.0**-149
 
 
 class DelayedScale:
@@ -80,7 +84,7 @@ class DelayedScale:
         self.history[0] = amax
         combined = self.history.amax() if self.fmt.algo == "max" else self.history[0]
         s = torch.tensor(self.fmt.max_value, dtype=torch.float32, device=combined.device) / combined
-        s = torch.clamp(s * 2.0 ** -self.fmt.margin, max=FLT_MAX)
+        s = torch.clamp(s * 2.0 ** -self.fmt.margin, min=FLT_TRUE_MIN, max=FLT_MAX)
         if self.fmt.pow2:
             s = pow2_floor(s)
         self.scale = torch.where((combined > 0) & torch.isfinite(combined), s, self.scale)
