@@ -47,7 +47,8 @@ from .types import (
 )
 
 __all__ = ["Packed", "Raw", "Cast", "Codes", "BlockCodes", "Bits", "pack", "pack_bool", "PACKERS", "storage_of",
-           "Storage", "mark", "marked_format"]
+           "Storage", "mark", "marked_format", "marked_packed", "RoundingPacks", "rounding_packs", "cast_form",
+           "codes_form", "MIN_NUMEL"]
 
 
 class Packed:
@@ -438,10 +439,15 @@ def _pack_dfx(x: Tensor, fmt: DynamicFixedPoint) -> Packed:
     return _pack_fixed_at(x, fmt.bits, frac)
 
 
+def _uniform_bits(fmt: Uniform) -> int:
+    """The width of a uniform format's level codes: its bits, two for signed k=1 (codes -1/+1)."""
+    return max(fmt.bits, 2) if fmt.signed else fmt.bits
+
+
 def _pack_uniform(x: Tensor, fmt: Uniform) -> Packed:
     if _has_nan(x):
         return Raw(x)
-    bits = max(fmt.bits, 2) if fmt.signed else fmt.bits  # signed k=1 codes are -1/+1: two bits
+    bits = _uniform_bits(fmt)
     codes = _encode_chunked(x, lambda c: (c * fmt.levels).round_(), bits, fmt.signed)
     return Codes(codes, x.shape, x.dtype, bits, fmt.signed, levels=fmt.levels)
 
@@ -497,8 +503,8 @@ def storage_of(fmt: Format) -> Storage:
     if isinstance(fmt, (FixedPoint, DynamicFixedPoint, BlockFloat, Uniform)):
         bits = fmt.word if isinstance(fmt, FixedPoint) else fmt.bits
         signed = not isinstance(fmt, Uniform) or fmt.signed
-        if isinstance(fmt, Uniform) and signed:
-            bits = max(bits, 2)
+        if isinstance(fmt, Uniform):
+            bits = _uniform_bits(fmt)
         overhead = 16 / fmt.block if isinstance(fmt, BlockFloat) else 0.0
         width = _sub_byte(bits)
         if width is not None:
@@ -533,21 +539,26 @@ def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
 
 # -- marks: which tensors the rounding produced, and on which grid ------------------------------------------
 
-#: tensor -> (format, the tensor's version counter when marked); weak keys: a mark dies with its tensor.
+#: tensor -> (format, the tensor's version counter when marked, its packed form when the rounding made it);
+#: weak keys: a mark dies with its tensor.
 _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
-def mark(x: Tensor, fmt: Format) -> Tensor:
+def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
     """Record that ``x`` (the output of a rounding onto ``fmt``) lies on ``fmt``'s grid; returns ``x``. A format
     family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are. A ``dfx<b>`` mark
     keeps the ``fixed<b, frac>`` mark its rounding already left (the exponent it chose), which is packed as it
-    is, without finding the exponent again."""
+    is, without finding the exponent again. ``packed``: ``x`` in packed storage, made by the rounding itself
+    while it produced ``x`` (``rounding_packs``; ``pack(x, fmt)`` bit for bit in the values it unpacks to),
+    which ``marked_packed`` hands out in place of packing ``x`` again; marking ``x`` again with the same format
+    keeps it."""
     entry = _MARKS.get(x)
-    if (isinstance(fmt, DynamicFixedPoint) and entry is not None and entry[1] == x._version
-            and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits):
+    if entry is not None and entry[1] == x._version and packed is None and (
+            (entry[0] == fmt and entry[2] is not None)
+            or (isinstance(fmt, DynamicFixedPoint) and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits)):
         return x
     if type(fmt) in PACKERS:
-        _MARKS[x] = (fmt, x._version)
+        _MARKS[x] = (fmt, x._version, packed)
     return x
 
 
@@ -557,3 +568,62 @@ def marked_format(x: Tensor) -> Format | None:
     if entry is None or entry[1] != x._version:
         return None
     return entry[0]
+
+
+def marked_packed(x: Tensor) -> Packed | None:
+    """``x`` in packed storage as the rounding that produced it made it (``mark``), or None: none made, or ``x``
+    changed in place since (its version moved: the packed form holds the values it had then)."""
+    entry = _MARKS.get(x)
+    if entry is None or entry[1] != x._version:
+        return None
+    return entry[2]
+
+
+# -- the rounding's own packed form ---------------------------------------------------------------------------
+
+#: Saved tensors smaller than this are stored as they are (packing them saves less than it costs).
+MIN_NUMEL = 1024
+
+_rounding_packs = 0
+
+
+def rounding_packs(x: Tensor) -> bool:
+    """Whether a rounding of ``x`` should make the packed form of its result as it produces it, for ``mark``:
+    inside ``RoundingPacks`` (while a model's forward stores what it saves packed), for a tensor large enough to
+    be stored packed (``MIN_NUMEL``)."""
+    return _rounding_packs > 0 and x.numel() >= MIN_NUMEL
+
+
+class RoundingPacks:
+    """Context manager (nestable): inside it, roundings that can produce their packed form in the same pass
+    (``cast_form``, ``codes_form``) do, and leave it with their mark. Outside it they make none: a packed form
+    nobody packs would only hold memory while the rounded tensor lives."""
+
+    def __enter__(self) -> None:
+        global _rounding_packs
+        _rounding_packs += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _rounding_packs
+        _rounding_packs -= 1
+
+
+def cast_form(narrow: Tensor, rounded: Tensor) -> Cast | None:
+    """The packed form of ``rounded``, a rounding onto a torch float format (fp16, bf16, e4m3, e5m2) in a wider
+    dtype, from ``narrow``, the rounding's own cast of the same values to that format's dtype (``_float_dtype``;
+    NaN as the cast makes it, as ``pack`` keeps it). None where ``narrow`` has another layout than ``rounded``
+    (unpacking must give back ``rounded``'s strides)."""
+    return Cast(narrow, rounded.dtype) if narrow.stride() == rounded.stride() else None
+
+
+def codes_form(codes: Tensor, fmt: FixedPoint | Uniform, dtype: torch.dtype) -> Codes | None:
+    """The packed form of a rounding onto ``fmt`` from its integer codes (integer-valued floats, contiguous, no
+    NaN): k with value k * 2**-frac (fixed point) or fl(k / levels) (uniform), encoded as ``pack`` encodes
+    them (whole-byte integers, or 4- and 2-bit codes two or four a byte); ``dtype``: the rounded tensor's. None
+    for non-contiguous codes (``pack`` keeps such a tensor's layout: see lowprec.nn.packed)."""
+    if not codes.is_contiguous():
+        return None
+    if isinstance(fmt, Uniform):
+        bits = _uniform_bits(fmt)
+        return Codes(_encode(codes, bits, fmt.signed), codes.shape, dtype, bits, fmt.signed, levels=fmt.levels)
+    return Codes(_encode(codes, fmt.word, True), codes.shape, dtype, fmt.word, True, fmt.frac)

@@ -39,14 +39,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..formats.packing import Packed, marked_format, pack, pack_bool
+from ..formats.packing import MIN_NUMEL, Packed, RoundingPacks, marked_format, marked_packed, pack, pack_bool
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
            "recomputable", "recomputes", "saving_packed", "MIN_NUMEL"]
-
-#: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
-MIN_NUMEL = 1024
 
 _ENV = "LOWPREC_PACKED"
 
@@ -295,7 +292,9 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
             return _packed_once(t, lambda _: again)
     fmt = marked_format(t)
     if fmt is not None:
-        return _packed_once(t, lambda x: _in_memory_order(x, lambda y: pack(y, fmt, verify=False)))
+        made = marked_packed(t)  # the rounding's own packed form: no pass of its own
+        return _packed_once(t, lambda x: made if made is not None else _in_memory_order(
+            x, lambda y: pack(y, fmt, verify=False)))
     if _relu_saving_its_result(t):
         return _Positive(_in_memory_order(t > 0, pack_bool), t.dtype)
     return t
@@ -355,12 +354,18 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         False (unrounded layer outputs then saved as they are)."""
         super().__init__(pack_hook or _pack_checked, unpack_hook or _unpack_checked)
         self.recompute = recompute
+        #: with the default hooks, the roundings inside make their results' packed forms as they go
+        self._roundings = RoundingPacks() if pack_hook is None else None
 
     def __enter__(self) -> None:
         super().__enter__()
         _open.append(self)
+        if self._roundings is not None:
+            self._roundings.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        if self._roundings is not None:
+            self._roundings.__exit__(*exc)
         _open.remove(self)
         super().__exit__(*exc)
 

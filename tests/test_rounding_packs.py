@@ -1,0 +1,197 @@
+"""The rounding's own packed form (lowprec.formats.packing.RoundingPacks): inside a packing forward, a rounding
+onto a cast format keeps the narrow tensor of its cast and a fixed-point, dfx or uniform rounding encodes its
+integer codes on the way; the packed saved tensors then use that form instead of packing the result again. The
+form unpacks to the rounded tensor bit for bit and holds what ``pack`` would have stored."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowprec as lp
+from lowprec.formats import parse_format, quantize
+from lowprec.formats import packing
+from lowprec.formats.packing import Cast, Codes, RoundingPacks, marked_format, marked_packed, pack
+from lowprec.nn import packed as packed_mod
+from lowprec.train import cross_entropy
+
+#: formats whose rounding makes its packed form, and the kind of form
+FORMS = {"e4m3": Cast, "e5m2": Cast, "fp16": Cast, "bf16": Cast, "fixed<8,4>": Codes, "fixed<16,10>": Codes,
+         "dfx<8>": Codes, "dfx<16>": Codes, "uniform<4,unsigned>": Codes, "uniform<2,unsigned>": Codes,
+         "uniform<4>": Codes, "uniform<8>": Codes}
+#: small (the few-op host paths) and large (the compiled kernels for casts: COMPILE_MIN_NUMEL = 65536)
+SIZES = [4096, 70001]
+
+
+def _inputs(n: int, special: bool) -> torch.Tensor:
+    """N(0, 1) scaled over many binades, with -0, subnormals, values past every format's range and (``special``)
+    NaN and infinities in it."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-12, 6, (n,), generator=g).float())
+    x[:8] = torch.tensor([-0.0, 0.0, 1e-40, -3e-39, 7e5, -7e5, 0.5, -1.0])
+    if special:
+        x[8:11] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    return x
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as numbers (integer codes have one zero), NaN where the other has NaN."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", list(FORMS))
+def test_the_rounding_packs_its_result_as_pack_would(spec, n):
+    fmt = parse_format(spec)
+    x = _inputs(n, special=False)
+    plain = quantize(x, fmt)
+    assert marked_packed(plain) is None  # outside a packing forward: no packed form is made
+    with RoundingPacks():
+        y = quantize(x, fmt)
+    assert torch.equal(_bits(y), _bits(plain))  # the rounding itself is unchanged
+    made = marked_packed(y)
+    assert isinstance(made, FORMS[spec])
+    again = pack(y, marked_format(y) or fmt)  # verify=True: the tensor is on the grid
+    assert type(again) is type(made) and made.nbytes == again.nbytes
+    if isinstance(made, Cast):  # the same narrow bits, and back the same float32 bits (-0, subnormals)
+        assert made.data.dtype == again.data.dtype
+        assert torch.equal(made.data.view(torch.uint8), again.data.view(torch.uint8))
+        assert torch.equal(_bits(made.unpack()), _bits(y))
+    else:  # the same codes and scale; values back exactly (a -0 comes back +0, the same number)
+        assert (made.bits, made.signed, made.frac, made.levels) == (again.bits, again.signed, again.frac,
+                                                                   again.levels)
+        assert torch.equal(made.codes().reshape(-1), again.codes().reshape(-1))
+        back = made.unpack()
+        assert back.shape == y.shape and torch.equal(back, y)
+        nonzero = y != 0
+        assert torch.equal(_bits(back)[nonzero], _bits(y)[nonzero])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", ["e4m3", "bf16", "fp16", "fixed<8,4>", "uniform<4,unsigned>", "uniform<4>"])
+def test_nan_and_infinities(spec, n):
+    """A cast keeps NaN (as the cast makes it) and inf in its narrow form; integer codes cannot hold NaN: the
+    rounding then makes no form (the saved tensor is packed, or kept, as without it)."""
+    fmt = parse_format(spec)
+    x = _inputs(n, special=True)
+    with RoundingPacks():
+        y = quantize(x, fmt)
+    assert torch.equal(_bits(y), _bits(quantize(x, fmt)))
+    made = marked_packed(y)
+    if FORMS[spec] is Cast:
+        assert _same_values(made.unpack(), y)
+        finite = ~y.isnan()
+        assert torch.equal(_bits(made.unpack())[finite], _bits(y)[finite])
+    elif fmt.__class__.__name__ == "Uniform":  # the clip takes inf into range: only NaN remains
+        assert made is None
+    else:
+        assert made is None
+
+
+def test_an_in_place_change_after_rounding_drops_the_form():
+    with RoundingPacks():
+        y = quantize(_inputs(4096, False), "e4m3")
+        z = quantize(_inputs(4096, False), "dfx<8>")
+    y.mul_(3)
+    z.add_(1)
+    assert marked_packed(y) is None and marked_format(y) is None
+    assert marked_packed(z) is None and marked_format(z) is None
+
+
+def test_small_tensors_and_other_layouts_make_none():
+    """Below MIN_NUMEL the hook stores a tensor as it is: no form is made; a non-contiguous result of integer
+    codes is packed by the hook in its memory order (no form either)."""
+    with RoundingPacks():
+        small = quantize(torch.randn(packing.MIN_NUMEL - 1), "e4m3")
+        codes_t = quantize(torch.randn(64, 128).t(), "dfx<8>")
+        cast_t = quantize(torch.randn(64, 128).t(), "e4m3")
+    assert marked_packed(small) is None
+    assert marked_packed(codes_t) is None and marked_format(codes_t) is not None
+    made = marked_packed(cast_t)  # a cast keeps the input's layout: unpacked with the same strides
+    assert made is not None and made.unpack().stride() == cast_t.stride()
+    assert torch.equal(_bits(made.unpack()), _bits(cast_t))
+
+
+class Wide(nn.Module):
+    """Activations above 65536 elements (the compiled kernels), a ReLU changed in place after the rounding of
+    the next layer's input read it, and a rounded tensor that a later op changes in place before saving it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu_(self.bn(self.conv1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+def _steps(recipe: str, on: bool, monkeypatch, compiled: bool = False):
+    monkeypatch.setenv("LOWPREC_PACKED", "1" if on else "0")
+    torch.manual_seed(0)
+    model = lp.convert(Wide(), recipe)
+    lazy = lp.Policy.preset(recipe).get("accumulator") is not None
+    trainer = lp.Trainer(model, (lp.train.SGD if lazy else torch.optim.SGD)(model.parameters(), lr=0.05,
+                                                                             momentum=0.9), recipe)
+    run = torch.compile(model) if compiled else model
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    grads = []
+    for _ in range(2):
+        trainer.backward(cross_entropy(run(x), y))
+        grads.append([p.grad.clone() for p in model.parameters()])
+        trainer.apply_update()
+    return grads, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("recipe", ["fp8-e4m3", "mixed-bf16", "int8-lazy", "wrpn-4-4"])
+def test_large_steps_identical_and_the_roundings_forms_used(recipe, monkeypatch):
+    used: list[int] = []
+    inner = packed_mod.marked_packed
+
+    def counting(t):
+        made = inner(t)
+        if made is not None:
+            used.append(t.numel())
+        return made
+
+    monkeypatch.setattr(packed_mod, "marked_packed", counting)
+    on = _steps(recipe, True, monkeypatch)
+    assert any(n >= 65536 for n in used)  # the large activations' forms came from the rounding
+    off = _steps(recipe, False, monkeypatch)
+    for a, b in zip(on[0] + [on[1]], off[0] + [off[1]]):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_compiled_model_steps_identical(monkeypatch):
+    """Under torch.compile the quantizers run eagerly between graphs (opaque to the user's graph): the same
+    forms, the same steps."""
+    on = _steps("fp8-e4m3", True, monkeypatch, compiled=True)
+    off = _steps("fp8-e4m3", False, monkeypatch, compiled=True)
+    for a, b in zip(on[0] + [on[1]], off[0] + [off[1]]):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_a_rounded_tensor_changed_in_place_before_it_is_saved_is_saved_as_it_is_now():
+    """The rounding's form holds the values of the rounding; a tensor changed after it (``y.mul_(2)``) and then
+    saved by an op is stored from its values now (its mark is gone): the same gradient as without packing."""
+
+    def grad(packed: bool) -> torch.Tensor:
+        y0 = _inputs(4096, False).reshape(64, 64)
+        hooks = packed_mod.PackedSavedTensors() if packed else torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t)
+        with hooks:
+            y = quantize(y0 * 1.5, "e4m3")
+            assert (marked_packed(y) is not None) == packed
+            y.mul_(2)
+            assert marked_packed(y) is None
+            y.requires_grad_()
+            out = (y.sigmoid() * y).sum()  # mul saves y, sigmoid its result
+        out.backward()
+        return y.grad
+
+    assert torch.equal(grad(True), grad(False))
