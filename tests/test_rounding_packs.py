@@ -151,7 +151,7 @@ def _steps(recipe: str, on: bool, monkeypatch, compiled: bool = False):
 @pytest.mark.parametrize("recipe", ["fp8-e4m3", "mixed-bf16", "int8-lazy", "wrpn-4-4"])
 def test_large_steps_identical_and_the_roundings_forms_used(recipe, monkeypatch):
     used: list[int] = []
-    inner = packed_mod.marked_packed
+    inner = packed_mod.take_packed
 
     def counting(t):
         made = inner(t)
@@ -159,7 +159,7 @@ def test_large_steps_identical_and_the_roundings_forms_used(recipe, monkeypatch)
             used.append(t.numel())
         return made
 
-    monkeypatch.setattr(packed_mod, "marked_packed", counting)
+    monkeypatch.setattr(packed_mod, "take_packed", counting)
     on = _steps(recipe, True, monkeypatch)
     assert any(n >= 65536 for n in used)  # the large activations' forms came from the rounding
     off = _steps(recipe, False, monkeypatch)
@@ -195,3 +195,30 @@ def test_a_rounded_tensor_changed_in_place_before_it_is_saved_is_saved_as_it_is_
         return y.grad
 
     assert torch.equal(grad(True), grad(False))
+
+
+def test_a_call_site_whose_results_nobody_saves_stops_making_forms(monkeypatch):
+    """A layer's output that only a ReLU reads (the ReLU saves its own result): its quantizer made a form at
+    the first forward, none was taken, so it makes none from then on; the layer's input, which the layer saves,
+    keeps getting its form, taken at every step."""
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    model = lp.convert(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), "activation=e4m3,"
+                       "output=e4m3")
+    first = model[0]
+    x = torch.randn(64, 64)
+    for step in range(3):
+        model(x).sum().backward()
+        out, inp = first.quantizers["output"]._forms.demand, first.quantizers["activation"]._forms.demand
+        assert (out.made, out.taken) == (1, 0)  # made once, never taken: not made again
+        assert (inp.made, inp.taken) == (step + 1, step + 1)
+
+
+def test_a_copy_carries_the_form_only_with_the_same_layout():
+    with RoundingPacks():
+        y = quantize(torch.randn(64, 128), "e4m3")
+    same = packing.copy_mark(y, y.clone())
+    assert marked_packed(same) is marked_packed(y) and marked_format(same) == marked_format(y)
+    other = packing.copy_mark(y, y.t().contiguous().t())  # the same values, column-major
+    assert marked_packed(other) is None and marked_format(other) == marked_format(y)
+    y.mul_(2)  # changed since its rounding: a copy of it now is not marked
+    assert marked_format(packing.copy_mark(y, y.clone())) is None

@@ -47,8 +47,8 @@ from .types import (
 )
 
 __all__ = ["Packed", "Raw", "Cast", "Codes", "BlockCodes", "Bits", "pack", "pack_bool", "PACKERS", "storage_of",
-           "Storage", "mark", "marked_format", "marked_packed", "RoundingPacks", "rounding_packs", "cast_form",
-           "codes_form", "MIN_NUMEL"]
+           "Storage", "mark", "marked_format", "marked_packed", "take_packed", "copy_mark", "RoundingPacks",
+           "rounding_packs", "FormDemand", "FormsFor", "cast_form", "codes_form", "MIN_NUMEL"]
 
 
 class Packed:
@@ -539,8 +539,8 @@ def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
 
 # -- marks: which tensors the rounding produced, and on which grid ------------------------------------------
 
-#: tensor -> (format, the tensor's version counter when marked, its packed form when the rounding made it);
-#: weak keys: a mark dies with its tensor.
+#: tensor -> (format, the tensor's version counter when marked, its packed form when the rounding made it, the
+#: FormDemand of the call site that made it); weak keys: a mark dies with its tensor.
 _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
@@ -550,7 +550,7 @@ def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
     keeps the ``fixed<b, frac>`` mark its rounding already left (the exponent it chose), which is packed as it
     is, without finding the exponent again. ``packed``: ``x`` in packed storage, made by the rounding itself
     while it produced ``x`` (``rounding_packs``; ``pack(x, fmt)`` bit for bit in the values it unpacks to),
-    which ``marked_packed`` hands out in place of packing ``x`` again; marking ``x`` again with the same format
+    which ``take_packed`` hands out in place of packing ``x`` again; marking ``x`` again with the same format
     keeps it."""
     entry = _MARKS.get(x)
     if entry is not None and entry[1] == x._version and packed is None and (
@@ -558,7 +558,19 @@ def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
             or (isinstance(fmt, DynamicFixedPoint) and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits)):
         return x
     if type(fmt) in PACKERS:
-        _MARKS[x] = (fmt, x._version, packed)
+        if packed is not None and _demand is not None:
+            _demand.made += 1
+        _MARKS[x] = (fmt, x._version, packed, _demand if packed is not None else None)
+    return x
+
+
+def copy_mark(source: Tensor, x: Tensor) -> Tensor:
+    """``x`` (the same values as ``source``: a copy, or ``source.detach()``) marked as ``source`` is, with the
+    packed form ``source``'s rounding made where ``x`` has ``source``'s layout; returns ``x``."""
+    entry = _MARKS.get(source)
+    if entry is not None and entry[1] == source._version:
+        same = entry[2] is not None and x.stride() == source.stride()
+        _MARKS[x] = (entry[0], x._version, *(entry[2:] if same else (None, None)))
     return x
 
 
@@ -579,6 +591,17 @@ def marked_packed(x: Tensor) -> Packed | None:
     return entry[2]
 
 
+def take_packed(x: Tensor) -> Packed | None:
+    """``marked_packed(x)``, for storing it: the call site whose rounding made it learns that its forms are used
+    (``FormDemand``)."""
+    entry = _MARKS.get(x)
+    if entry is None or entry[1] != x._version or entry[2] is None:
+        return None
+    if entry[3] is not None:
+        entry[3].taken += 1
+    return entry[2]
+
+
 # -- the rounding's own packed form ---------------------------------------------------------------------------
 
 #: Saved tensors smaller than this are stored as they are (packing them saves less than it costs).
@@ -587,12 +610,48 @@ MIN_NUMEL = 1024
 _rounding_packs = 0
 
 
+@dataclass
+class FormDemand:
+    """Whether the results of one rounding call site (a role's quantizer) are stored packed: how many packed
+    forms its roundings made (``rounding_packs``) and how many of them a saved tensor took (``take_packed``).
+    It wants forms until some were made and none taken: a result no op saves (a layer's output that a ReLU
+    reads, whose own result is what it saves) then costs no encoding, and holds no packed form beside it while
+    it lives. Such results are still stored packed if an op saves them later (packed at the save, as any
+    marked tensor)."""
+
+    made: int = 0
+    taken: int = 0
+
+    @property
+    def wanted(self) -> bool:
+        return self.taken > 0 or self.made == 0
+
+
+_demand: FormDemand | None = None
+
+
+class FormsFor:
+    """Context manager: the roundings inside are ``demand``'s call site (see FormDemand)."""
+
+    def __init__(self, demand: FormDemand) -> None:
+        self.demand = demand
+        self.outer: FormDemand | None = None
+
+    def __enter__(self) -> None:
+        global _demand
+        self.outer, _demand = _demand, self.demand
+
+    def __exit__(self, *exc: object) -> None:
+        global _demand
+        _demand = self.outer
+
+
 def rounding_packs(x: Tensor) -> bool:
     """Whether a rounding of ``x`` should make the packed form of its result as it produces it, for ``mark``:
     inside ``RoundingPacks`` (while a model's forward stores what it saves packed), for a tensor large enough to
-    be stored packed (``MIN_NUMEL``)."""
-    return _rounding_packs > 0 and x.numel() >= MIN_NUMEL
-
+    be stored packed (``MIN_NUMEL``), at a call site whose forms are wanted (``FormDemand``; any outside
+    ``FormsFor``)."""
+    return _rounding_packs > 0 and x.numel() >= MIN_NUMEL and (_demand is None or _demand.wanted)
 
 class RoundingPacks:
     """Context manager (nestable): inside it, roundings that can produce their packed form in the same pass

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..formats.packing import MIN_NUMEL, Packed, RoundingPacks, marked_format, marked_packed, pack, pack_bool
+from ..formats.packing import MIN_NUMEL, Packed, RoundingPacks, marked_format, pack, pack_bool, take_packed
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
@@ -292,7 +292,7 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
             return _packed_once(t, lambda _: again)
     fmt = marked_format(t)
     if fmt is not None:
-        made = marked_packed(t)  # the rounding's own packed form: no pass of its own
+        made = take_packed(t)  # the rounding's own packed form: no pass of its own
         return _packed_once(t, lambda x: made if made is not None else _in_memory_order(
             x, lambda y: pack(y, fmt, verify=False)))
     if _relu_saving_its_result(t):

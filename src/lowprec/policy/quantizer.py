@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..formats import Format, quantize, quantize_codes, with_block_axis
-from ..formats.packing import mark, marked_format
+from ..formats.packing import FormDemand, FormsFor, mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
@@ -44,6 +44,8 @@ class Quantizer:
         self.exponent: DynamicExponent | None = None
         self.scale_state: DelayedScale | None = None
         self.block_axis: int | None = None
+        #: this role's roundings as one call site for the packed forms they make (formats.packing.FormDemand)
+        self._forms = FormsFor(FormDemand())
         p = policy or Policy()
         if quant is not None and quant.format.outside_state == "amax_history":
             self.scale_state = DelayedScale(quant.format)
@@ -69,11 +71,12 @@ class Quantizer:
             return x
         if self.keeps(x):
             return x
-        if self.exponent is not None:
-            return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
-        if self.scale_state is not None:
-            return self.scale_state.quantize(x, self.quant.rounding)
-        return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding))
+        with self._forms:
+            if self.exponent is not None:
+                return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
+            if self.scale_state is not None:
+                return self.scale_state.quantize(x, self.quant.rounding)
+            return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding))
 
     @torch.compiler.disable
     def codes(self, x: Tensor) -> tuple[Tensor, int] | None:
@@ -119,7 +122,8 @@ class Quantizer:
             int_bits = self.exponent.int_bits
         if self.scale_state is not None:
             return self.scale_state.round(x, self.quant.rounding)
-        return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
+        with self._forms:
+            return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
 
     @torch.no_grad()
     def update(self) -> None:
