@@ -26,10 +26,9 @@ vectorised ops:
   reach, the clamp when no value can round past the word, and the NaN check (a finite peak has no NaN).
 * ``uniform_scaled``: WRPN's round(clip(x) * n) / n.
 
-``cast_rounded``, ``fixed_scaled_coded`` and ``uniform_scaled_coded`` are the same roundings handing out what they
-pass through on the way, for packed storage to keep (``lowprec.formats.packing.cast_form``, ``codes_form``): the
-narrow tensor of the cast, or the integer codes before their scaling back (given to ``encode``, one pass that
-reads them while they are there; no NaN check of their own: the rounding's serves).
+``fixed_scaled_coded`` is ``fixed_scaled`` handing out the integer codes it passes through on the way, for packed
+storage to keep (``lowprec.formats.packing.codes_form``): given to ``encode`` before their scaling back, one pass
+that reads them while they are there (no NaN check of its own: the rounding's serves).
 
 Only round-to-nearest comes here: ``torch.trunc`` is not vectorised on CPUs and stochastic rounding needs the
 kernels' random bits.
@@ -43,8 +42,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["cast_round_trip", "cast_rounded", "fixed_scaled", "fixed_scaled_coded", "fixed_codes", "fixed_counting",
-           "counts_above", "uniform_scaled", "uniform_scaled_coded", "max_abs_exponent"]
+__all__ = ["cast_round_trip", "fixed_scaled", "fixed_scaled_coded", "fixed_codes", "fixed_counting", "counts_above",
+           "uniform_scaled", "max_abs_exponent"]
 
 #: What ``encode`` makes of the integer codes (a packed form: any type).
 Coded = TypeVar("Coded")
@@ -53,15 +52,10 @@ Coded = TypeVar("Coded")
 def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
     """x rounded to ``dtype`` by torch's cast (nearest even), returned in x's dtype; a NaN is returned as it is
     (the cast would make every NaN the canonical one)."""
-    return cast_rounded(x, out, dtype)[0]
-
-
-def cast_rounded(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(``cast_round_trip(x, out, dtype)``, ``x.to(dtype)``): the rounded tensor and the narrow one it was
-    widened from (x's layout; a NaN as the cast makes it)."""
-    narrow = x.to(dtype)
-    y = narrow.to(x.dtype) if dtype.itemsize == 1 else narrow  # torch does not promote float8 in where()
-    return torch.where(torch.isnan(x), x, y, out=out), narrow
+    y = x.to(dtype)
+    if dtype.itemsize == 1:  # torch does not promote float8 in where()
+        y = y.to(x.dtype)
+    return torch.where(torch.isnan(x), x, y, out=out)
 
 
 def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, peak: float | None = None) -> Tensor:
@@ -165,16 +159,8 @@ def max_abs_exponent(x: Tensor) -> tuple[int, float] | None:
 
 def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool) -> Tensor:
     """round(clamp(x, -1 or 0, 1) * levels) / levels, ties to even, as ``kernels.uniform_grid`` (NaN propagates)."""
-    return uniform_scaled_coded(x, out, levels, signed)[0]
-
-
-def uniform_scaled_coded(x: Tensor, out: Tensor | None, levels: int, signed: bool,
-                         encode: Callable[[Tensor], Coded] | None = None) -> tuple[Tensor, Coded | None]:
-    """(``uniform_scaled(x, out, levels, signed)``, ``encode(k)``), k = round(clamp(x) * levels) the level codes
-    (read by ``encode`` before the division in place gives the result); None as in ``fixed_scaled_coded``."""
     lo = -1.0 if signed else 0.0
-    k = torch.clamp(x, lo, 1.0) if out is None else torch.clamp(x, lo, 1.0, out=out)
-    k.mul_(levels).round_()
-    coded = None if encode is None else encode(k)
-    y = k.div_(levels)
-    return y, (None if _keep_nan(x, y) else coded)
+    y = torch.clamp(x, lo, 1.0) if out is None else torch.clamp(x, lo, 1.0, out=out)
+    y.mul_(levels).round_().div_(levels)
+    _keep_nan(x, y)
+    return y

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import host, kernels
-from .packing import cast_form, codes_form, mark, rounding_packs
+from .packing import codes_form, mark, rounding_packs
 from .parse import parse_format
 from .scaled import ScaledFloat, ScaledFormat
 from .scaled_kernels import constant_block
@@ -34,7 +34,6 @@ __all__ = ["quantize", "quantize_codes", "quantize_counting", "count_above", "ma
 COMPILE_MIN_NUMEL = 1 << 16
 
 _compile_failed = False
-_narrowing_failed = False
 
 #: Whether float32 tensors rounded to nearest take the few-op paths of ``host.py`` (the same bits; tests switch
 #: them off to check the kernels themselves): fixed point, dfx and uniform below HOST_MAX_NUMEL elements, casts
@@ -117,40 +116,6 @@ def _run_split(split: tuple[Callable, Callable], xr: Tensor, outr: Tensor, args:
         per_row = [xi, *per_row]
     _compiled_apply_static_ints()(elements, xr, outr, *per_row, *args)
     return True
-
-
-def _apply_narrowing(kernel: Callable, x: Tensor, out: Tensor, dtype: torch.dtype, *args) -> Tensor:
-    """``_apply(kernel, x, out, *args)`` (float32 ``x``) that also returns its result cast to ``dtype``, the
-    torch dtype of the format it rounds onto (exact: the result is on that grid): one pass writing both."""
-    y = kernel(x, *args)
-    out.copy_(y)
-    return y.to(dtype)
-
-
-@functools.cache
-def _compiled_narrowing() -> Callable:
-    _compiled_apply()  # the recompile limit
-    return torch.compile(_apply_narrowing, dynamic=True)
-
-
-def _run_narrowing(x: Tensor, out: Tensor | None, dtype: torch.dtype, rounding: int, key: Tensor | None,
-                   params: tuple) -> tuple[Tensor, Tensor] | None:
-    """(the rounding of the float32 ``x`` by ``kernels.float_fast_fp32``, the same values in ``dtype``), for
-    packed storage (``packing.cast_form``), from the compiled kernel writing both in one pass; None, having done
-    nothing, where ``_run`` would not compile (a small or non-contiguous tensor, no compiler)."""
-    if (x.numel() < COMPILE_MIN_NUMEL or not compile_enabled() or not x.is_contiguous()
-            or (out is not None and not out.is_contiguous())):
-        return None
-    global _narrowing_failed
-    if _narrowing_failed:
-        return None
-    y = torch.empty_like(x) if out is None else out
-    try:
-        narrow = _compiled_narrowing()(kernels.float_fast_fp32, x.view(-1), y.view(-1), dtype, rounding, key, *params)
-    except Exception:  # rounded by ``_run`` from now on (which warns if it fails too); packing casts the result
-        _narrowing_failed = True
-        return None
-    return y, narrow.view(x.shape)
 
 
 def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
@@ -359,17 +324,9 @@ def _dispatch(
 ) -> Tensor:
     if isinstance(fmt, FloatFormat):
         if fmt in _CASTS and _fast(x, rounding, COMPILE_MIN_NUMEL):
-            if rounding_packs(x):
-                y, narrow = host.cast_rounded(x, out, _CASTS[fmt])
-                return mark(y, fmt, cast_form(narrow, y))
             return host.cast_round_trip(x, out, _CASTS[fmt])
         if _wide(x.dtype) == torch.float32:
-            params = _float_fp32_params(fmt, rounding)
-            if fmt in _CASTS and rounding_packs(x):
-                got = _run_narrowing(x, out, _CASTS[fmt], rounding, key, params)
-                if got is not None:
-                    return mark(got[0], fmt, cast_form(got[1], got[0]))
-            return _run(kernels.float_fast_fp32, x, out, rounding, key, *params)
+            return _run(kernels.float_fast_fp32, x, out, rounding, key, *_float_fp32_params(fmt, rounding))
         saturate = fmt.overflow == "saturate"
         max_value = torch.tensor(fmt.max_value, dtype=_wide(x.dtype), device=x.device)
         return _run(
@@ -410,9 +367,7 @@ def _dispatch(
     if isinstance(fmt, Uniform):
         binary = fmt.signed and fmt.bits == 1
         if not binary and _fast(x, rounding):
-            encode = (lambda k: codes_form(k, fmt, x.dtype)) if rounding_packs(x) else None
-            y, codes = host.uniform_scaled_coded(x, out, fmt.levels, fmt.signed, encode)
-            return y if codes is None else mark(y, fmt, codes)
+            return host.uniform_scaled(x, out, fmt.levels, fmt.signed)
         return _run(kernels.uniform_grid, x, out, fmt.levels, fmt.signed, binary, rounding, key)
     raise TypeError(f"not a lowprec format: {fmt!r}")
 
