@@ -225,3 +225,29 @@ def test_a_copy_carries_the_form_only_with_the_same_layout():
     assert marked_packed(other) is None and marked_format(other) == marked_format(y)
     y.mul_(2)  # changed since its rounding: a copy of it now is not marked
     assert marked_format(packing.copy_mark(y, y.clone())) is None
+
+
+@pytest.mark.parametrize("n", [4099, 70001])
+def test_a_relus_saved_result_as_bits_gives_torchs_gradient_nan_included(n):
+    """ReLU's backward passes the gradient where its result is not <= 0, a NaN result included (torch's
+    threshold_backward); its result stored as one bit a value gives those same bits, unpacked from the bytes
+    (compiled for a large tensor) as eagerly."""
+    g = torch.Generator().manual_seed(n)
+    x0 = torch.randn(n, generator=g)
+    x0[:6] = torch.tensor([float("nan"), -float("nan"), 0.0, -0.0, float("inf"), -float("inf")])
+    grad_out = torch.randn(n, generator=g)
+
+    def grad(packed: bool) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        hooks = packed_mod.PackedSavedTensors() if packed else torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t)
+        with hooks:
+            y = torch.relu(x * 1.0)
+        y.backward(grad_out)
+        return x.grad
+
+    got, want = grad(True), grad(False)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert got[0] == grad_out[0] and got[1] == grad_out[1]  # NaN results pass the gradient
+    bits = packing.pack_bool(x0 != 0)
+    assert torch.equal(bits.unpack_as(torch.float32), bits.unpack().float())

@@ -129,12 +129,30 @@ class Cast(Packed):
 
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_cast_failed = False
+_compile_failed = False
 
 
 @functools.cache
-def _compiled_cast() -> Callable[[Tensor, torch.dtype], Tensor]:
-    return torch.compile(lambda data, dtype: data.to(dtype), dynamic=True)
+def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    return torch.compile(fn, dynamic=True)
+
+
+def _fused(fn: Callable[..., Tensor], data: Tensor, *args: object) -> Tensor:
+    """``fn(data, *args)``, for a large ``data`` through torch.compile (one generated loop: the same values,
+    elementwise integer and conversion ops), eagerly if compiling is off or fails."""
+    from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
+
+    global _compile_failed
+    if data.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and compile_enabled():
+        try:
+            return _compiled(fn)(data, *args)
+        except Exception:  # no C++ compiler: eager gives the same values
+            _compile_failed = True
+    return fn(data, *args)
+
+
+def _to(data: Tensor, dtype: torch.dtype) -> Tensor:
+    return data.to(dtype)
 
 
 @torch.compiler.disable  # its own compiled graph: opaque to a user's torch.compile
@@ -142,15 +160,8 @@ def _cast(data: Tensor, dtype: torch.dtype) -> Tensor:
     """``data.to(dtype)``; a large tensor to or from float8 through torch.compile, whose generated loop
     converts several times faster than torch's eager float8 conversion on a CPU (packing casts values that
     lie on the float8 grid: exact either way, the same values; eager if compiling fails)."""
-    from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
-
-    global _cast_failed
-    if ((data.dtype in _FP8_DTYPES or dtype in _FP8_DTYPES) and data.numel() >= COMPILE_MIN_NUMEL
-            and not _cast_failed and compile_enabled()):
-        try:
-            return _compiled_cast()(data, dtype)
-        except Exception:  # no C++ compiler: eager gives the same values
-            _cast_failed = True
+    if data.dtype in _FP8_DTYPES or dtype in _FP8_DTYPES:
+        return _fused(_to, data, dtype)
     return data.to(dtype)
 
 
@@ -351,6 +362,12 @@ class BlockCodes(Packed):
         return self.data.numel() * self.data.element_size() + self.fracs.numel() * self.fracs.element_size()
 
 
+def _bits_as(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each byte of ``data`` as its eight bits, lowest first, as 0/1 values of ``dtype`` (flat)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=data.device)
+    return ((data[:, None] >> shifts) & 1).to(dtype).view(-1)
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class Bits(Packed):
     """A boolean tensor, eight values a byte."""
@@ -361,6 +378,12 @@ class Bits(Packed):
 
     def unpack(self) -> Tensor:
         return _from_lanes(self.data, 1, self.shape.numel()).view(torch.bool).reshape(self.shape)
+
+    @torch.compiler.disable
+    def unpack_as(self, dtype: torch.dtype) -> Tensor:
+        """``unpack().to(dtype)`` (1 for True, 0 for False): from the bytes in one pass (compiled) for a large
+        tensor, not through a boolean tensor and a second cast."""
+        return _fused(_bits_as, self.data, dtype)[: self.shape.numel()].view(self.shape)
 
     @property
     def nbytes(self) -> int:

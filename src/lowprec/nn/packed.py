@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..formats.packing import MIN_NUMEL, Packed, RoundingPacks, marked_format, pack, pack_bool, take_packed
+from ..formats.packing import MIN_NUMEL, Bits, Packed, RoundingPacks, marked_format, pack, pack_bool, take_packed
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
@@ -55,10 +55,11 @@ def packing_enabled() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class _Positive(Packed):
-    """What ReLU's backward reads of its saved result: where it is > 0 (as 1.0, else 0.0), one bit a value.
+    """What ReLU's backward reads of its saved result: where it is not <= 0 (as 1.0, else 0.0), one bit a value.
 
-    ``threshold_backward(grad, result, 0)`` passes ``grad`` where result > 0 and gives 0 elsewhere, so 1.0/0.0 in
-    place of the result gives the same gradient, bit for bit."""
+    ``threshold_backward(grad, result, 0)`` gives 0 where result <= 0 and passes ``grad`` elsewhere (a NaN result
+    included), so 1.0/0.0 in place of the result gives the same gradient, bit for bit. A ReLU's result is never
+    negative: ``result != 0`` is that bit."""
 
     positive: Packed  # Bits, in the result's memory order (_in_memory_order)
     dtype: torch.dtype
@@ -68,7 +69,9 @@ class _Positive(Packed):
         return self.positive.shape
 
     def unpack(self) -> Tensor:
-        return self.positive.unpack().to(self.dtype)
+        if isinstance(self.positive, Bits):
+            return self.positive.unpack_as(self.dtype)
+        return self.positive.unpack().to(self.dtype)  # a permuted layout (_Permuted)
 
     @property
     def nbytes(self) -> int:
@@ -296,7 +299,7 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
         return _packed_once(t, lambda x: made if made is not None else _in_memory_order(
             x, lambda y: pack(y, fmt, verify=False)))
     if _relu_saving_its_result(t):
-        return _Positive(_in_memory_order(t > 0, pack_bool), t.dtype)
+        return _Positive(_in_memory_order(t != 0, pack_bool), t.dtype)
     return t
 
 
