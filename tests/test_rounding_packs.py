@@ -17,7 +17,8 @@ from lowprec.train import cross_entropy
 
 #: formats whose rounding makes its packed form (integer codes: whole bytes, and 4- and 2-bit codes a byte holds
 #: two or four of)
-FORMS = ["fixed<8,4>", "fixed<16,10>", "fixed<4,2>", "fixed<2,0>", "fixed<12,100>", "fixed<8,-4>", "dfx<8>", "dfx<16>", "dfx<4>"]
+FORMS = ["fixed<8,4>", "fixed<16,10>", "fixed<4,2>", "fixed<2,0>", "fixed<12,100>", "fixed<8,-4>", "dfx<8>", "dfx<16>",
+         "dfx<4>"]
 #: formats whose rounding makes none
 NO_FORMS = ["e4m3", "e5m2", "fp16", "bf16", "uniform<4,unsigned>", "uniform<4>"]
 #: a small and a large tensor (one odd, not a whole number of bytes of sub-byte codes)

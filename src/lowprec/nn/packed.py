@@ -4,11 +4,12 @@ While a converted model runs forward, ``torch.autograd.graph.saved_tensors_hooks
 saves for backward (lowprec's own Functions, torch's convolutions, norms, activations, matmuls: no op needs to
 know). A saved tensor that a role quantizer produced (marked by ``lowprec.formats.packing.mark``, unchanged
 since) is stored packed in its format (``lowprec.formats.packing.pack``: fp16/bf16/fp8 casts, int8/int16 codes,
-4- and 2-bit codes two or four a byte, block codes); a saved boolean mask (WRPN's clipped-STE masks, dropout)
-eight values a byte; the result a ReLU saves for its own backward, which only reads where it is positive, as
-that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above); and
-a quantized layer's unrounded output (a layer whose output role is not set, WRPN's convolutions: what the
-batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
+4- and 2-bit codes two or four a byte, block codes; a fixed-point or dfx rounding makes that form itself as it
+rounds: ``lowprec.formats.packing.take_packed``); a saved boolean mask (WRPN's clipped-STE masks, dropout)
+eight values a byte; the result a ReLU saves for its own backward, which only reads where it is not <= 0
+(positive or NaN), as that one bit a value (a ReLU's output that another op saves is that op's saved tensor,
+stored as above); and a quantized layer's unrounded output (a layer whose output role is not set, WRPN's
+convolutions: what the batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
 the layer itself saved packed, and backward computes it again from those, bit for bit where the op is
 deterministic (always on the CPU; on a GPU only with ``torch.use_deterministic_algorithms(True)`` or
 ``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is; with the policy setting
