@@ -252,3 +252,16 @@ def test_a_relus_saved_result_as_bits_gives_torchs_gradient_nan_included(n):
     assert got[0] == grad_out[0] and got[1] == grad_out[1]  # NaN results pass the gradient
     bits = packing.pack_bool(x0 != 0)
     assert torch.equal(bits.unpack_as(torch.float32), bits.unpack().float())
+
+
+def test_a_quantizer_pickled_without_its_form_demand_gets_one():
+    import pickle
+
+    q = lp.policy.Quantizer(lp.Policy.parse("activation=int8").get("activation"))
+    state = dict(q.__dict__)
+    del state["_forms"]  # as pickled before quantizers had one
+    old = lp.policy.Quantizer.__new__(lp.policy.Quantizer)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    x = torch.randn(4096)
+    assert torch.equal(again(x), q(x)) and again._forms.demand.made == 0

@@ -55,6 +55,11 @@ class Quantizer:
                 quant.format, p.init_int_bits, max_overflow_rate=p.max_overflow_rate, interval=p.exponent_interval
             )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling: a quantizer pickled before it had a FormDemand gets a new one."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_forms", FormsFor(FormDemand()))
+
     @property
     def enabled(self) -> bool:
         return self.quant is not None
