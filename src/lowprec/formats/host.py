@@ -26,6 +26,10 @@ vectorised ops:
   reach, the clamp when no value can round past the word, and the NaN check (a finite peak has no NaN).
 * ``uniform_scaled``: WRPN's round(clip(x) * n) / n.
 
+``fixed_scaled_coded`` is ``fixed_scaled`` handing out the integer codes it passes through on the way, for packed
+storage to keep (``lowprec.formats.packing.codes_form``): given to ``encode`` before their scaling back, one pass
+that reads them while they are there (no NaN check of its own: the rounding's serves).
+
 Only round-to-nearest comes here: ``torch.trunc`` is not vectorised on CPUs and stochastic rounding needs the
 kernels' random bits.
 """
@@ -33,11 +37,17 @@ kernels' random bits.
 from __future__ import annotations
 
 import math
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["cast_round_trip", "fixed_scaled", "fixed_codes", "fixed_counting", "counts_above", "uniform_scaled", "max_abs_exponent"]
+__all__ = ["cast_round_trip", "fixed_scaled", "fixed_scaled_coded", "fixed_codes", "fixed_counting", "counts_above",
+           "uniform_scaled", "max_abs_exponent"]
+
+#: What ``encode`` makes of the integer codes (a packed form: any type).
+Coded = TypeVar("Coded")
+
 
 def cast_round_trip(x: Tensor, out: Tensor | None, dtype: torch.dtype) -> Tensor:
     """x rounded to ``dtype`` by torch's cast (nearest even), returned in x's dtype; a NaN is returned as it is
@@ -52,9 +62,18 @@ def fixed_scaled(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int,
     """clamp(round(x * 2**frac), kmin, kmax) * 2**-frac (module docstring), ties to even; frac in [-126, 149]
     (steps down to float32's smallest subnormal). ``peak``, a finite max|x| the caller already knows, drops the
     NaN check and (when no value can round past the word) the clamp."""
-    y = _times_pow2(x, frac, out)
-    y = _round_scaled(y, frac, kmin, kmax, math.inf if peak is None else peak * 2.0**frac)
-    return y if peak is not None else _keep_nan(x, y)
+    return fixed_scaled_coded(x, out, frac, kmin, kmax, peak)[0]
+
+
+def fixed_scaled_coded(x: Tensor, out: Tensor | None, frac: int, kmin: int, kmax: int, peak: float | None = None,
+                       encode: Callable[[Tensor], Coded] | None = None) -> tuple[Tensor, Coded | None]:
+    """(``fixed_scaled(x, out, frac, kmin, kmax, peak)``, ``encode(k)``) with k the integer codes (a float tensor
+    of x's layout, read by ``encode`` before it is scaled back in place into the result); None in place of
+    ``encode(k)`` where x holds NaN (no integer codes) or no ``encode`` is given."""
+    k = _round_codes_(_times_pow2(x, frac, out), kmin, kmax, math.inf if peak is None else peak * 2.0**frac)
+    coded = None if encode is None else encode(k)
+    y = _scale_(k, -frac)
+    return y, (coded if peak is not None or not _keep_nan(x, y) else None)
 
 
 def _times_pow2(x: Tensor, e: int, out: Tensor | None = None) -> Tensor:
@@ -120,12 +139,13 @@ def counts_above(a: Tensor, thresholds: list[float], peak: float) -> list[Tensor
     return counts
 
 
-def _keep_nan(x: Tensor, y: Tensor) -> Tensor:
-    """y with x's NaNs put back bit for bit (arithmetic quiets a signalling NaN); one fast sum finds whether
-    there are any (y is finite elsewhere; an inf-inf false alarm only costs the where())."""
-    if torch.isnan(y.sum()):
-        torch.where(torch.isnan(x), x, y, out=y)
-    return y
+def _keep_nan(x: Tensor, y: Tensor) -> bool:
+    """Put x's NaNs back into y bit for bit (arithmetic quiets a signalling NaN); whether y may hold any: one
+    fast sum finds out (y is finite elsewhere; an inf-inf false alarm only costs the where() and reads as NaN)."""
+    if not torch.isnan(y.sum()):
+        return False
+    torch.where(torch.isnan(x), x, y, out=y)
+    return True
 
 
 def max_abs_exponent(x: Tensor) -> tuple[int, float] | None:
@@ -141,4 +161,6 @@ def uniform_scaled(x: Tensor, out: Tensor | None, levels: int, signed: bool) -> 
     """round(clamp(x, -1 or 0, 1) * levels) / levels, ties to even, as ``kernels.uniform_grid`` (NaN propagates)."""
     lo = -1.0 if signed else 0.0
     y = torch.clamp(x, lo, 1.0) if out is None else torch.clamp(x, lo, 1.0, out=out)
-    return _keep_nan(x, y.mul_(levels).round_().div_(levels))
+    y.mul_(levels).round_().div_(levels)
+    _keep_nan(x, y)
+    return y

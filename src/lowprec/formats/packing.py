@@ -47,7 +47,8 @@ from .types import (
 )
 
 __all__ = ["Packed", "Raw", "Cast", "Codes", "BlockCodes", "Bits", "pack", "pack_bool", "PACKERS", "storage_of",
-           "Storage", "mark", "marked_format"]
+           "Storage", "mark", "marked_format", "marked_packed", "take_packed", "copy_mark", "RoundingPacks",
+           "rounding_packs", "FormDemand", "FormsFor", "codes_form", "MIN_NUMEL"]
 
 
 class Packed:
@@ -128,12 +129,30 @@ class Cast(Packed):
 
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_cast_failed = False
+_compile_failed = False
 
 
 @functools.cache
-def _compiled_cast() -> Callable[[Tensor, torch.dtype], Tensor]:
-    return torch.compile(lambda data, dtype: data.to(dtype), dynamic=True)
+def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    return torch.compile(fn, dynamic=True)
+
+
+def _fused(fn: Callable[..., Tensor], data: Tensor, *args: object) -> Tensor:
+    """``fn(data, *args)``, for a large ``data`` through torch.compile (one generated loop: the same values,
+    elementwise integer and conversion ops), eagerly if compiling is off or fails."""
+    from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
+
+    global _compile_failed
+    if data.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and compile_enabled():
+        try:
+            return _compiled(fn)(data, *args)
+        except Exception:  # no C++ compiler: eager gives the same values
+            _compile_failed = True
+    return fn(data, *args)
+
+
+def _to(data: Tensor, dtype: torch.dtype) -> Tensor:
+    return data.to(dtype)
 
 
 @torch.compiler.disable  # its own compiled graph: opaque to a user's torch.compile
@@ -141,15 +160,8 @@ def _cast(data: Tensor, dtype: torch.dtype) -> Tensor:
     """``data.to(dtype)``; a large tensor to or from float8 through torch.compile, whose generated loop
     converts several times faster than torch's eager float8 conversion on a CPU (packing casts values that
     lie on the float8 grid: exact either way, the same values; eager if compiling fails)."""
-    from .quantize import COMPILE_MIN_NUMEL, compile_enabled  # quantize marks its results: it imports packing
-
-    global _cast_failed
-    if ((data.dtype in _FP8_DTYPES or dtype in _FP8_DTYPES) and data.numel() >= COMPILE_MIN_NUMEL
-            and not _cast_failed and compile_enabled()):
-        try:
-            return _compiled_cast()(data, dtype)
-        except Exception:  # no C++ compiler: eager gives the same values
-            _cast_failed = True
+    if data.dtype in _FP8_DTYPES or dtype in _FP8_DTYPES:
+        return _fused(_to, data, dtype)
     return data.to(dtype)
 
 
@@ -225,16 +237,20 @@ def _encode(codes: Tensor, bits: int, signed: bool) -> Tensor:
 
 def _float_lanes(codes: Tensor, width: int) -> Tensor:
     """``_to_lanes`` of integer-valued float ``codes`` in [0, 2**width): each byte's ``8 // width`` codes
-    weighted by their lane's power of two and summed in one small matrix product, then cast: exact in float32
-    (integers below 256), with no full-size integer temporaries (a float-to-uint8 cast of every code is the
-    slow part of the integer route)."""
+    weighted by their lane's power of two and summed, neighbouring lanes pairwise (``a + b * 2**width``, then
+    the same of those pairs at twice the width: one add for two 4-bit codes, faster on CPUs than a small matrix
+    product), then cast: exact in float32 (integers below 256), with no full-size integer temporaries (a
+    float-to-uint8 cast of every code is the slow part of the integer route)."""
     per_byte = 8 // width
     flat = codes.reshape(-1)
     pad = -flat.numel() % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([2.0 ** (width * i) for i in range(per_byte)], dtype=flat.dtype, device=flat.device)
-    return (flat.view(-1, per_byte) @ weights).to(torch.uint8)
+    lanes = flat.view(-1, per_byte)
+    while lanes.shape[1] > 1:
+        lanes = torch.add(lanes[:, 0::2], lanes[:, 1::2], alpha=2.0**width)
+        width *= 2
+    return lanes.reshape(-1).to(torch.uint8)
 
 
 #: Values packed at a time: packing a large tensor holds at most this many values in temporaries (a multiple
@@ -346,6 +362,12 @@ class BlockCodes(Packed):
         return self.data.numel() * self.data.element_size() + self.fracs.numel() * self.fracs.element_size()
 
 
+def _bits_as(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each byte of ``data`` as its eight bits, lowest first, as 0/1 values of ``dtype`` (flat)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=data.device)
+    return ((data[:, None] >> shifts) & 1).to(dtype).view(-1)
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class Bits(Packed):
     """A boolean tensor, eight values a byte."""
@@ -356,6 +378,12 @@ class Bits(Packed):
 
     def unpack(self) -> Tensor:
         return _from_lanes(self.data, 1, self.shape.numel()).view(torch.bool).reshape(self.shape)
+
+    @torch.compiler.disable
+    def unpack_as(self, dtype: torch.dtype) -> Tensor:
+        """``unpack().to(dtype)`` (1 for True, 0 for False): from the bytes in one pass (compiled) for a large
+        tensor, not through a boolean tensor and a second cast."""
+        return _fused(_bits_as, self.data, dtype)[: self.shape.numel()].view(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -438,10 +466,15 @@ def _pack_dfx(x: Tensor, fmt: DynamicFixedPoint) -> Packed:
     return _pack_fixed_at(x, fmt.bits, frac)
 
 
+def _uniform_bits(fmt: Uniform) -> int:
+    """The width of a uniform format's level codes: its bits, two for signed k=1 (codes -1/+1)."""
+    return max(fmt.bits, 2) if fmt.signed else fmt.bits
+
+
 def _pack_uniform(x: Tensor, fmt: Uniform) -> Packed:
     if _has_nan(x):
         return Raw(x)
-    bits = max(fmt.bits, 2) if fmt.signed else fmt.bits  # signed k=1 codes are -1/+1: two bits
+    bits = _uniform_bits(fmt)
     codes = _encode_chunked(x, lambda c: (c * fmt.levels).round_(), bits, fmt.signed)
     return Codes(codes, x.shape, x.dtype, bits, fmt.signed, levels=fmt.levels)
 
@@ -497,8 +530,8 @@ def storage_of(fmt: Format) -> Storage:
     if isinstance(fmt, (FixedPoint, DynamicFixedPoint, BlockFloat, Uniform)):
         bits = fmt.word if isinstance(fmt, FixedPoint) else fmt.bits
         signed = not isinstance(fmt, Uniform) or fmt.signed
-        if isinstance(fmt, Uniform) and signed:
-            bits = max(bits, 2)
+        if isinstance(fmt, Uniform):
+            bits = _uniform_bits(fmt)
         overhead = 16 / fmt.block if isinstance(fmt, BlockFloat) else 0.0
         width = _sub_byte(bits)
         if width is not None:
@@ -533,21 +566,38 @@ def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
 
 # -- marks: which tensors the rounding produced, and on which grid ------------------------------------------
 
-#: tensor -> (format, the tensor's version counter when marked); weak keys: a mark dies with its tensor.
+#: tensor -> (format, the tensor's version counter when marked, its packed form when the rounding made it, the
+#: FormDemand of the call site that made it); weak keys: a mark dies with its tensor.
 _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
-def mark(x: Tensor, fmt: Format) -> Tensor:
+def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
     """Record that ``x`` (the output of a rounding onto ``fmt``) lies on ``fmt``'s grid; returns ``x``. A format
     family without a packer (``PACKERS``) is not recorded: such tensors are saved as they are. A ``dfx<b>`` mark
     keeps the ``fixed<b, frac>`` mark its rounding already left (the exponent it chose), which is packed as it
-    is, without finding the exponent again."""
+    is, without finding the exponent again. ``packed``: ``x`` in packed storage, made by the rounding itself
+    while it produced ``x`` (``rounding_packs``; ``pack(x, fmt)`` bit for bit in the values it unpacks to),
+    which ``take_packed`` hands out in place of packing ``x`` again; marking ``x`` again with the same format
+    keeps it."""
     entry = _MARKS.get(x)
-    if (isinstance(fmt, DynamicFixedPoint) and entry is not None and entry[1] == x._version
-            and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits):
+    if entry is not None and entry[1] == x._version and packed is None and (
+            (entry[0] == fmt and entry[2] is not None)
+            or (isinstance(fmt, DynamicFixedPoint) and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits)):
         return x
     if type(fmt) in PACKERS:
-        _MARKS[x] = (fmt, x._version)
+        if packed is not None and _demand is not None:
+            _demand.made += 1
+        _MARKS[x] = (fmt, x._version, packed, _demand if packed is not None else None)
+    return x
+
+
+def copy_mark(source: Tensor, x: Tensor) -> Tensor:
+    """``x`` (the same values as ``source``: a copy, or ``source.detach()``) marked as ``source`` is, with the
+    packed form ``source``'s rounding made where ``x`` has ``source``'s layout; returns ``x``."""
+    entry = _MARKS.get(source)
+    if entry is not None and entry[1] == source._version:
+        same = entry[2] is not None and x.stride() == source.stride()
+        _MARKS[x] = (entry[0], x._version, *(entry[2:] if same else (None, None)))
     return x
 
 
@@ -557,3 +607,99 @@ def marked_format(x: Tensor) -> Format | None:
     if entry is None or entry[1] != x._version:
         return None
     return entry[0]
+
+
+def marked_packed(x: Tensor) -> Packed | None:
+    """``x`` in packed storage as the rounding that produced it made it (``mark``), or None: none made, or ``x``
+    changed in place since (its version moved: the packed form holds the values it had then)."""
+    entry = _MARKS.get(x)
+    if entry is None or entry[1] != x._version:
+        return None
+    return entry[2]
+
+
+def take_packed(x: Tensor) -> Packed | None:
+    """``marked_packed(x)``, for storing it: the call site whose rounding made it learns that its forms are used
+    (``FormDemand``)."""
+    entry = _MARKS.get(x)
+    if entry is None or entry[1] != x._version or entry[2] is None:
+        return None
+    if entry[3] is not None:
+        entry[3].taken += 1
+    return entry[2]
+
+
+# -- the rounding's own packed form ---------------------------------------------------------------------------
+
+#: Saved tensors smaller than this are stored as they are (packing them saves less than it costs).
+MIN_NUMEL = 1024
+
+_rounding_packs = 0
+
+
+@dataclass
+class FormDemand:
+    """Whether the results of one rounding call site (a role's quantizer) are stored packed: how many packed
+    forms its roundings made (``rounding_packs``) and how many of them a saved tensor took (``take_packed``).
+    It wants forms until some were made and none taken: a result no op saves (a layer's output that a ReLU
+    reads, whose own result is what it saves) then costs no encoding, and holds no packed form beside it while
+    it lives. Such results are still stored packed if an op saves them later (packed at the save, as any
+    marked tensor)."""
+
+    made: int = 0
+    taken: int = 0
+
+    @property
+    def wanted(self) -> bool:
+        return self.taken > 0 or self.made == 0
+
+
+_demand: FormDemand | None = None
+
+
+class FormsFor:
+    """Context manager: the roundings inside are ``demand``'s call site (see FormDemand)."""
+
+    def __init__(self, demand: FormDemand) -> None:
+        self.demand = demand
+        self.outer: FormDemand | None = None
+
+    def __enter__(self) -> None:
+        global _demand
+        self.outer, _demand = _demand, self.demand
+
+    def __exit__(self, *exc: object) -> None:
+        global _demand
+        _demand = self.outer
+
+
+def rounding_packs(x: Tensor) -> bool:
+    """Whether a rounding of ``x`` should make the packed form of its result as it produces it, for ``mark``:
+    inside ``RoundingPacks`` (while a model's forward stores what it saves packed), for a tensor large enough to
+    be stored packed (``MIN_NUMEL``), at a call site whose forms are wanted (``FormDemand``; any outside
+    ``FormsFor``)."""
+    return _rounding_packs > 0 and x.numel() >= MIN_NUMEL and (_demand is None or _demand.wanted)
+
+class RoundingPacks:
+    """Context manager (nestable): inside it, roundings that can produce their packed form in the same pass
+    (fixed point and dfx on the host path: ``codes_form``) do, and leave it with their mark. Outside it they make
+    none: a packed form nobody packs would only hold memory while the rounded tensor lives."""
+
+    def __enter__(self) -> None:
+        global _rounding_packs
+        _rounding_packs += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _rounding_packs
+        _rounding_packs -= 1
+
+
+def codes_form(codes: Tensor, fmt: FixedPoint, dtype: torch.dtype) -> Codes | None:
+    """The packed form of a rounding onto the fixed-point grid ``fmt`` (a ``fixed<b, f>``, or the grid a ``dfx<b>``
+    rounding chose) from its integer codes (integer-valued floats, no NaN): k with value k * 2**-frac, encoded
+    as ``pack`` encodes them (whole-byte integers, or 4- and 2-bit codes two or four a byte); ``dtype``: the
+    rounded tensor's. None for non-contiguous codes (``pack`` keeps such a tensor's layout: see
+    lowprec.nn.packed)."""
+    if not codes.is_contiguous():
+        return None
+    return Codes(_encode(codes, fmt.word, True), codes.shape, dtype, fmt.word, True, fmt.frac)

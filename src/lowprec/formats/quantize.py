@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import host, kernels
-from .packing import mark
+from .packing import codes_form, mark, rounding_packs
 from .parse import parse_format
 from .scaled import ScaledFloat, ScaledFormat
 from .scaled_kernels import constant_block
@@ -249,7 +249,10 @@ def _fixed(
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
         frac = min(max(int(frac), lo), hi)
-        return _on_grid(host.fixed_scaled(x, out, frac, kmin, kmax, peak), word, frac)
+        grid = FixedPoint(word, frac) if FRAC_RANGE[0] <= frac <= FRAC_RANGE[1] else None
+        encode = (lambda k: codes_form(k, grid, x.dtype)) if grid is not None and rounding_packs(x) else None
+        y, codes = host.fixed_scaled_coded(x, out, frac, kmin, kmax, peak, encode)
+        return y if grid is None else mark(y, grid, codes)  # as _on_grid, with the codes the rounding made
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     if wide == torch.float32:
         return _run(kernels.fixed_fast, x, out, frac_t, kmin, kmax, rounding, key)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from ..formats.packing import mark, marked_format
+from ..formats.packing import copy_mark
 from ..policy import Quantizer
 from .hadamard import rht_weight_grad
 from .packed import recomputable
@@ -226,10 +226,9 @@ class QuantizeFunction(Function):
 def _as_output(x: Tensor, share: bool) -> Tensor:
     """``x``'s values as a new tensor (autograd refuses an in-place op on a custom Function's input returned as
     it is): ``x``'s own storage (``share``) or a copy, with ``x``'s mark, so that what a later op saves of it is
-    stored packed as ``x`` would be."""
-    y = x.detach() if share else x.clone()
-    fmt = marked_format(x)
-    return y if fmt is None else mark(y, fmt)
+    stored packed as ``x`` would be (from the packed form ``x``'s rounding made, if it made one: the same values,
+    the same layout)."""
+    return copy_mark(x, x.detach() if share else x.clone())
 
 
 def quantize_boundary(x: Tensor, quantizers: Mapping[str, Quantizer], forward_role: str,

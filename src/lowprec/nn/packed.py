@@ -4,11 +4,12 @@ While a converted model runs forward, ``torch.autograd.graph.saved_tensors_hooks
 saves for backward (lowprec's own Functions, torch's convolutions, norms, activations, matmuls: no op needs to
 know). A saved tensor that a role quantizer produced (marked by ``lowprec.formats.packing.mark``, unchanged
 since) is stored packed in its format (``lowprec.formats.packing.pack``: fp16/bf16/fp8 casts, int8/int16 codes,
-4- and 2-bit codes two or four a byte, block codes); a saved boolean mask (WRPN's clipped-STE masks, dropout)
-eight values a byte; the result a ReLU saves for its own backward, which only reads where it is positive, as
-that one bit a value (a ReLU's output that another op saves is that op's saved tensor, stored as above); and
-a quantized layer's unrounded output (a layer whose output role is not set, WRPN's convolutions: what the
-batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
+4- and 2-bit codes two or four a byte, block codes; a fixed-point or dfx rounding makes that form itself as it
+rounds: ``lowprec.formats.packing.take_packed``); a saved boolean mask (WRPN's clipped-STE masks, dropout)
+eight values a byte; the result a ReLU saves for its own backward, which only reads where it is not <= 0
+(positive or NaN), as that one bit a value (a ReLU's output that another op saves is that op's saved tensor,
+stored as above); and a quantized layer's unrounded output (a layer whose output role is not set, WRPN's
+convolutions: what the batch-norm after it saves), as nothing at all: it is ``op(xq, wq, bq)`` of the rounded input and weight that
 the layer itself saved packed, and backward computes it again from those, bit for bit where the op is
 deterministic (always on the CPU; on a GPU only with ``torch.use_deterministic_algorithms(True)`` or
 ``torch.backends.cudnn.deterministic``, otherwise such an output is saved as it is; with the policy setting
@@ -39,14 +40,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..formats.packing import Packed, marked_format, pack, pack_bool
+from ..formats.packing import MIN_NUMEL, Bits, Packed, RoundingPacks, marked_format, pack, pack_bool, take_packed
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
            "recomputable", "recomputes", "saving_packed", "MIN_NUMEL"]
-
-#: Saved tensors smaller than this stay as they are (packing them saves less than it costs).
-MIN_NUMEL = 1024
 
 _ENV = "LOWPREC_PACKED"
 
@@ -58,10 +56,11 @@ def packing_enabled() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class _Positive(Packed):
-    """What ReLU's backward reads of its saved result: where it is > 0 (as 1.0, else 0.0), one bit a value.
+    """What ReLU's backward reads of its saved result: where it is not <= 0 (as 1.0, else 0.0), one bit a value.
 
-    ``threshold_backward(grad, result, 0)`` passes ``grad`` where result > 0 and gives 0 elsewhere, so 1.0/0.0 in
-    place of the result gives the same gradient, bit for bit."""
+    ``threshold_backward(grad, result, 0)`` gives 0 where result <= 0 and passes ``grad`` elsewhere (a NaN result
+    included), so 1.0/0.0 in place of the result gives the same gradient, bit for bit. A ReLU's result is never
+    negative: ``result != 0`` is that bit."""
 
     positive: Packed  # Bits, in the result's memory order (_in_memory_order)
     dtype: torch.dtype
@@ -71,7 +70,9 @@ class _Positive(Packed):
         return self.positive.shape
 
     def unpack(self) -> Tensor:
-        return self.positive.unpack().to(self.dtype)
+        if isinstance(self.positive, Bits):
+            return self.positive.unpack_as(self.dtype)
+        return self.positive.unpack().to(self.dtype)  # a permuted layout (_Permuted)
 
     @property
     def nbytes(self) -> int:
@@ -295,9 +296,11 @@ def pack_saved(t: Tensor) -> Tensor | Packed:
             return _packed_once(t, lambda _: again)
     fmt = marked_format(t)
     if fmt is not None:
-        return _packed_once(t, lambda x: _in_memory_order(x, lambda y: pack(y, fmt, verify=False)))
+        made = take_packed(t)  # the rounding's own packed form: no pass of its own
+        return _packed_once(t, lambda x: made if made is not None else _in_memory_order(
+            x, lambda y: pack(y, fmt, verify=False)))
     if _relu_saving_its_result(t):
-        return _Positive(_in_memory_order(t > 0, pack_bool), t.dtype)
+        return _Positive(_in_memory_order(t != 0, pack_bool), t.dtype)
     return t
 
 
@@ -355,12 +358,18 @@ class PackedSavedTensors(torch.autograd.graph.saved_tensors_hooks):
         False (unrounded layer outputs then saved as they are)."""
         super().__init__(pack_hook or _pack_checked, unpack_hook or _unpack_checked)
         self.recompute = recompute
+        #: with the default hooks, the roundings inside make their results' packed forms as they go
+        self._roundings = RoundingPacks() if pack_hook is None else None
 
     def __enter__(self) -> None:
         super().__enter__()
         _open.append(self)
+        if self._roundings is not None:
+            self._roundings.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        if self._roundings is not None:
+            self._roundings.__exit__(*exc)
         _open.remove(self)
         super().__exit__(*exc)
 

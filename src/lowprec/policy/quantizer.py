@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..formats import Format, quantize, quantize_codes, with_block_axis, with_operand_axis
-from ..formats.packing import mark, marked_format
+from ..formats.packing import FormDemand, FormsFor, mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
@@ -46,6 +46,8 @@ class Quantizer:
         self.exponent: DynamicExponent | None = None
         self.scale_state: DelayedScale | None = None
         self.block_axis: int | None = None
+        #: this role's roundings as one call site for the packed forms they make (formats.packing.FormDemand)
+        self._forms = FormsFor(FormDemand())
         p = policy or Policy()
         if quant is not None and quant.format.outside_state == "amax_history":
             self.scale_state = DelayedScale(quant.format)
@@ -54,6 +56,11 @@ class Quantizer:
             self.exponent = DynamicExponent(
                 quant.format, p.init_int_bits, max_overflow_rate=p.max_overflow_rate, interval=p.exponent_interval
             )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling: a quantizer pickled before it had a FormDemand gets a new one."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_forms", FormsFor(FormDemand()))
 
     @property
     def enabled(self) -> bool:
@@ -74,11 +81,12 @@ class Quantizer:
         if self.keeps(x):
             return x
         self._check_container(x)
-        if self.exponent is not None:
-            return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
-        if self.scale_state is not None:
-            return self.scale_state.quantize(x, self.quant.rounding)
-        return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding))
+        with self._forms:
+            if self.exponent is not None:
+                return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
+            if self.scale_state is not None:
+                return self.scale_state.quantize(x, self.quant.rounding)
+            return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding))
 
     @torch.compiler.disable
     def codes(self, x: Tensor) -> tuple[Tensor, int] | None:
@@ -143,7 +151,8 @@ class Quantizer:
             int_bits = self.exponent.int_bits
         if self.scale_state is not None:
             return self.scale_state.round(x, self.quant.rounding)
-        return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
+        with self._forms:
+            return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
 
     @torch.no_grad()
     def update(self) -> None:
