@@ -20,6 +20,9 @@ from test_scaled_formats import bits
 
 aten = torch.ops.aten
 
+#: MXFP4 in every role (the mxfp4 preset rounds only the GEMMs' operands; these tests read results too)
+MXFP4_EVERY_ROLE = "params=mxfp4,activations=mxfp4,grads=mxfp4/stochastic"
+
 
 class GemmOperands(TorchDispatchMode):
     """Records the float32 operands of every aten GEMM run inside it: (op, operand index, tensor)."""
@@ -72,7 +75,7 @@ def test_mx_blocks_of_a_products_second_operand_run_along_its_reduction_dimensio
     gave each product a scale per output column instead."""
     torch.manual_seed(0)
     q, k, v = spread(2, 16, 64), spread(2, 16, 64), spread(2, 16, 64)
-    model = lp.convert(Products(), "mxfp4")
+    model = lp.convert(Products(), MXFP4_EVERY_ROLE)
     seen = forward_operands(model, q, k, v)
     assert [(op, i) for op, i, _ in seen] == [("aten.bmm.default", 0), ("aten.bmm.default", 1)] * 2 + [
         ("aten.mm.default", 0), ("aten.mm.default", 1), ("aten.addmm.default", 1), ("aten.addmm.default", 2)]
@@ -94,7 +97,7 @@ def test_mx_blocks_of_scaled_dot_product_attention_run_along_each_products_reduc
         def forward(self, q, k, v):
             return F.scaled_dot_product_attention(q, k, v)
 
-    seen = forward_operands(lp.convert(Attention(), "mxfp4"), q, k, v)
+    seen = forward_operands(lp.convert(Attention(), MXFP4_EVERY_ROLE), q, k, v)
     assert len(seen) == 4
     assert bits(seen[0][2]) == along(q, -1) and bits(seen[1][2]) == along(k.transpose(-2, -1), -2)
     assert bits(seen[3][2]) == along(v, -2)
@@ -108,7 +111,7 @@ def test_mx_blocks_of_an_einsum_run_along_its_contracted_index():
         def forward(self, p, v):
             return torch.einsum("bqk,bkd->bqd", p, v)
 
-    seen = forward_operands(lp.convert(Mix(), "mxfp4"), p, v)
+    seen = forward_operands(lp.convert(Mix(), MXFP4_EVERY_ROLE), p, v)
     assert bits(seen[0][2].reshape(p.shape)) == along(p, -1)
     assert bits(seen[1][2].reshape(v.shape)) == along(v, -2)
 
@@ -130,7 +133,7 @@ def test_mx_blocks_of_a_functional_convolution_run_along_channels_as_a_converted
     layer = nn.Conv2d(40, 8, 3, bias=False)
     with torch.no_grad():
         layer.weight.copy_(w)
-    functional_model, swapped_model = lp.convert(Functional(), "mxfp4"), lp.convert(layer, "mxfp4")
+    functional_model, swapped_model = lp.convert(Functional(), MXFP4_EVERY_ROLE), lp.convert(layer, MXFP4_EVERY_ROLE)
     functional = forward_operands(functional_model, x)
     swapped = forward_operands(swapped_model, x)
     assert bits(functional[0][2]) == bits(swapped[0][2]) == along(x, 1)
@@ -163,7 +166,7 @@ def test_mx_blocks_of_a_transposed_convolution_run_along_its_input_channels():
         def forward(self, x):
             return self.up(x)
 
-    seen = forward_operands(lp.convert(Up(), "mxfp4"), x)
+    seen = forward_operands(lp.convert(Up(), MXFP4_EVERY_ROLE), x)
     assert [(op, i) for op, i, _ in seen] == [("aten.convolution.default", 0), ("aten.convolution.default", 1)]
     assert bits(seen[0][2]) == along(x, 1)
     assert bits(seen[1][2]) == along(w, 0)
@@ -184,13 +187,13 @@ def test_mx_blocks_of_an_unbatched_functional_convolution_run_along_its_channels
         def forward(self, x):
             return F.conv1d(x, self.w)
 
-    model = lp.convert(Functional(), "mxfp4")
+    model = lp.convert(Functional(), MXFP4_EVERY_ROLE)
     seen = forward_operands(model, x)
     assert bits(seen[0][2]) == along(x, 0) and bits(seen[1][2]) == along(w, 1)
     y = model(x)
     assert bits(y) == along(F.conv1d(lp.quantize(x, MXFormat("e2m1", axis=0)),
                                      lp.quantize(w, MXFormat("e2m1", axis=1))), 0)
-    swapped = lp.convert(nn.Conv1d(40, 48, 3, bias=False), "mxfp4")
+    swapped = lp.convert(nn.Conv1d(40, 48, 3, bias=False), MXFP4_EVERY_ROLE)
     with torch.no_grad():
         swapped.weight.copy_(w)
     assert bits(swapped(x)) == bits(y)
@@ -370,7 +373,7 @@ def test_mx_blocks_of_tensordot_and_vecdot_run_along_the_contracted_dimension():
         def forward(self, a, b):
             return torch.tensordot(a, b, dims=1).sum() + torch.tensordot(a, b.t(), dims=([1], [1])).sum()
 
-    seen = forward_operands(lp.convert(Contract(), "mxfp4"), a, b)
+    seen = forward_operands(lp.convert(Contract(), MXFP4_EVERY_ROLE), a, b)
     assert [t.shape for _, _, t in seen] == [(16, 64), (64, 16)] * 2  # both as one mm
     assert bits(seen[0][2]) == bits(seen[2][2]) == along(a, -1)
     assert bits(seen[1][2]) == bits(seen[3][2]) == along(b, 0)
@@ -380,7 +383,7 @@ def test_mx_blocks_of_tensordot_and_vecdot_run_along_the_contracted_dimension():
             return torch.linalg.vecdot(x, y, dim=0)
 
     with torch.no_grad():
-        got = lp.convert(VecDot(), "mxfp4")(a.t(), b)
+        got = lp.convert(VecDot(), MXFP4_EVERY_ROLE)(a.t(), b)
     want = torch.linalg.vecdot(lp.quantize(a.t(), MXFormat("e2m1", axis=0)), lp.quantize(b, MXFormat("e2m1", axis=0)),
                                dim=0)
     assert bits(got) == bits(lp.quantize(want, "mxfp4"))  # and the result rounded in the output role

@@ -145,7 +145,7 @@ def test_loss_scale_advice_leaves_scaled_formats_out():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     batch = (torch.randn(16, 32), torch.arange(16) % 4)
-    assert lp.inspect(model, batch, "mxfp8", steps=1).advice.formats == ()
+    assert lp.inspect(model, batch, "params=mxfp8_e4m3,activations=mxfp8_e4m3,grads=mxfp8_e4m3", steps=1).advice.formats == ()
     assert lp.inspect(model, batch, "nvfp4", steps=1).advice.formats == ("bf16",)  # the head (@last) only
 
 

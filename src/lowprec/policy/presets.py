@@ -20,6 +20,18 @@ def _dfx(prop_bits: int, update_bits: int) -> str:
             ",update_rule=courbariaux")
 
 
+def _gemms(weight: str, activation: str, gradient: str, settings: str = "") -> str:
+    """A scaled-format recipe as practice runs it (Transformer Engine, torchao's float8, NVIDIA's NVFP4 recipe): the
+    low format for the GEMMs' operands only, the weight and activation in forward and the output gradient in
+    backward (the operand of both backward GEMMs), and bf16 for everything else: the GEMMs' results (output,
+    activation_grad, weight_grad), biases, and the norms, embeddings and a module's own parameters used
+    elementwise (a hand-written RMSNorm's weight) in every role. A norm's gamma near 1 would otherwise sit still
+    on a coarse grid (MXFP4 rounds every gamma in [0.75, 1.5) to 1) and a residual stream would be kept in 4 bits."""
+    rest = ",".join(f"{role}=bf16" for role in ("bias", "output", "activation_grad", "weight_grad", "bias_grad"))
+    others = "".join(f"; op:{kind}: " + _ALL.format(f="bf16") for kind in ("norm", "embedding", "elementwise"))
+    return f"weight={weight},activation={activation},output_grad={gradient},{rest}{settings}{others}"
+
+
 PRESETS: dict[str, str] = {
     # no quantization at all: identical to plain PyTorch training
     "fp32": "",
@@ -51,22 +63,23 @@ PRESETS: dict[str, str] = {
     "fp8-hybrid": "params=e4m3,activations=e4m3,grads=e5m2,loss_scale=dynamic",
     "fp8-e4m3": _ALL.format(f="e4m3") + ",loss_scale=dynamic",
     "fp8-e5m2": _ALL.format(f="e5m2") + ",loss_scale=dynamic",
-    # Scaled formats (beyond the papers; docs/formats.md "Scaled formats"). Per-tensor scaled fp8, e4m3 forward
+    # Scaled formats (beyond the papers; docs/formats.md "Scaled formats"), the GEMMs' operands only (_gemms: the
+    # rest in bf16). Per-tensor scaled fp8, e4m3 forward
     # and e5m2 gradients: current scaling (torchao's tensorwise recipe) or Transformer Engine's HYBRID delayed
     # scaling (amax history 1024, max). The scale does what a loss scale would: none.
-    "fp8-current": "params=scaled<e4m3>,activations=scaled<e4m3>,grads=scaled<e5m2>",
-    "fp8-delayed": "params=scaled<e4m3,delayed>,activations=scaled<e4m3,delayed>,grads=scaled<e5m2,delayed>",
+    "fp8-current": _gemms("scaled<e4m3>", "scaled<e4m3>", "scaled<e5m2>"),
+    "fp8-delayed": _gemms("scaled<e4m3,delayed>", "scaled<e4m3,delayed>", "scaled<e5m2,delayed>"),
     # OCP MX, blocks of 32 along each tensor's last dimension (a linear layer's input features; a convolution's
     # channels): MXFP8 as Transformer Engine's MXFP8BlockScaling (e4m3 everywhere, RCEIL scales); MXFP6 with
     # e2m3 forward and e3m2 gradients and MXFP4 (gradients rounded stochastically), both with the spec's scales.
-    "mxfp8": _ALL.format(f="mxfp8_e4m3<scale=rceil>"),
-    "mxfp6": "params=mxfp6_e2m3,activations=mxfp6_e2m3,grads=mxfp6_e3m2",
-    "mxfp4": "params=mxfp4,activations=mxfp4,grads=mxfp4/stochastic",
+    "mxfp8": _gemms(*["mxfp8_e4m3<scale=rceil>"] * 3),
+    "mxfp6": _gemms("mxfp6_e2m3", "mxfp6_e2m3", "mxfp6_e3m2"),
+    "mxfp4": _gemms("mxfp4", "mxfp4", "mxfp4/stochastic"),
     # NVFP4 (NVIDIA's recipe): 16x16 block scales for weights, 1x16 for activations and gradients, gradients
     # rounded stochastically, the weight-gradient GEMM's operands through the 16x16 random Hadamard transform
     # (wgrad_rht, seed 0), the last layer kept in bf16 (more of the last layers: an override, docs/formats.md).
-    "nvfp4": "weight=nvfp4<tile=16x16>,bias=nvfp4,activations=nvfp4,grads=nvfp4/stochastic,wgrad_rht=on; "
-             "@last: " + _ALL.format(f="bf16"),
+    "nvfp4": _gemms("nvfp4<tile=16x16>", "nvfp4", "nvfp4/stochastic", ",wgrad_rht=on") + "; @last: "
+    + _ALL.format(f="bf16"),
 }
 
 
