@@ -291,7 +291,7 @@ def _block_scale_only(block: int) -> Callable[[Tensor, Tensor], None]:
 def benchmark_bounds(x: Tensor, repeats: int, ceiling: float) -> list[Row]:
     """What bounds the block kernels: the passes they cannot avoid, timed alone on the same tensor."""
     dst = torch.empty_like(x)
-    scale_only = {block: torch.compile(_block_scale_only(block)) for block in (16, 32)}
+    scale_only = {block: torch.compile(_block_scale_only(block), dynamic=False) for block in (16, 32)}
     cases: list[tuple[str, Callable[[], object]]] = [
         ("torch.amax(x.view(-1, 32).abs(), dim=1) (eager: abs pass + reduction)",
          lambda: torch.amax(x.view(-1, 32).abs(), dim=1)),
