@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -566,9 +566,23 @@ def pack(x: Tensor, fmt: Format, *, verify: bool = True) -> Packed:
 
 # -- marks: which tensors the rounding produced, and on which grid ------------------------------------------
 
-#: tensor -> (format, the tensor's version counter when marked, its packed form when the rounding made it, the
-#: FormDemand of the call site that made it); weak keys: a mark dies with its tensor.
+class _Mark(NamedTuple):
+    """What ``mark`` records of a rounded tensor."""
+
+    format: Format
+    version: int  # the tensor's version counter when marked
+    packed: Packed | None = None  # its packed form, when the rounding made it
+    demand: FormDemand | None = None  # the call site that made that form
+
+
+#: tensor -> its _Mark; weak keys: a mark dies with its tensor.
 _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _current(x: Tensor) -> _Mark | None:
+    """``x``'s mark, or None: never marked, or changed in place since (its version moved)."""
+    entry = _MARKS.get(x)
+    return entry if entry is not None and entry.version == x._version else None
 
 
 def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
@@ -579,54 +593,51 @@ def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
     while it produced ``x`` (``rounding_packs``; ``pack(x, fmt)`` bit for bit in the values it unpacks to),
     which ``take_packed`` hands out in place of packing ``x`` again; marking ``x`` again with the same format
     keeps it."""
-    entry = _MARKS.get(x)
-    if entry is not None and entry[1] == x._version and packed is None and (
-            (entry[0] == fmt and entry[2] is not None)
-            or (isinstance(fmt, DynamicFixedPoint) and isinstance(entry[0], FixedPoint) and entry[0].word == fmt.bits)):
+    entry = _current(x)
+    if entry is not None and packed is None and (
+            (entry.format == fmt and entry.packed is not None)
+            or (isinstance(fmt, DynamicFixedPoint) and isinstance(entry.format, FixedPoint)
+                and entry.format.word == fmt.bits)):
         return x
     if type(fmt) in PACKERS:
         if packed is not None and _demand is not None:
             _demand.made += 1
-        _MARKS[x] = (fmt, x._version, packed, _demand if packed is not None else None)
+        _MARKS[x] = _Mark(fmt, x._version, packed, _demand if packed is not None else None)
     return x
 
 
 def copy_mark(source: Tensor, x: Tensor) -> Tensor:
     """``x`` (the same values as ``source``: a copy, or ``source.detach()``) marked as ``source`` is, with the
     packed form ``source``'s rounding made where ``x`` has ``source``'s layout; returns ``x``."""
-    entry = _MARKS.get(source)
-    if entry is not None and entry[1] == source._version:
-        same = entry[2] is not None and x.stride() == source.stride()
-        _MARKS[x] = (entry[0], x._version, *(entry[2:] if same else (None, None)))
+    entry = _current(source)
+    if entry is not None:
+        same = entry.packed is not None and x.stride() == source.stride()
+        _MARKS[x] = entry._replace(version=x._version) if same else _Mark(entry.format, x._version)
     return x
 
 
 def marked_format(x: Tensor) -> Format | None:
     """The format ``x`` was marked with, or None: never marked, or changed in place since (its version moved)."""
-    entry = _MARKS.get(x)
-    if entry is None or entry[1] != x._version:
-        return None
-    return entry[0]
+    entry = _current(x)
+    return None if entry is None else entry.format
 
 
 def marked_packed(x: Tensor) -> Packed | None:
     """``x`` in packed storage as the rounding that produced it made it (``mark``), or None: none made, or ``x``
     changed in place since (its version moved: the packed form holds the values it had then)."""
-    entry = _MARKS.get(x)
-    if entry is None or entry[1] != x._version:
-        return None
-    return entry[2]
+    entry = _current(x)
+    return None if entry is None else entry.packed
 
 
 def take_packed(x: Tensor) -> Packed | None:
     """``marked_packed(x)``, for storing it: the call site whose rounding made it learns that its forms are used
     (``FormDemand``)."""
-    entry = _MARKS.get(x)
-    if entry is None or entry[1] != x._version or entry[2] is None:
+    entry = _current(x)
+    if entry is None or entry.packed is None:
         return None
-    if entry[3] is not None:
-        entry[3].taken += 1
-    return entry[2]
+    if entry.demand is not None:
+        entry.demand.taken += 1
+    return entry.packed
 
 
 # -- the rounding's own packed form ---------------------------------------------------------------------------

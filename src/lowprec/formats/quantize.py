@@ -249,7 +249,7 @@ def _fixed(
     kmin, kmax = -(2 ** (word - 1)), 2 ** (word - 1) - 1
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
         frac = min(max(int(frac), lo), hi)
-        grid = FixedPoint(word, frac) if FRAC_RANGE[0] <= frac <= FRAC_RANGE[1] else None
+        grid = _grid(word, frac)
         encode = (lambda k: codes_form(k, grid, x.dtype)) if grid is not None and rounding_packs(x) else None
         y, codes = host.fixed_scaled_coded(x, out, frac, kmin, kmax, peak, encode)
         return y if grid is None else mark(y, grid, codes)  # as _on_grid, with the codes the rounding made
@@ -261,11 +261,18 @@ def _fixed(
     return _run(kernels.fixed_grid, x, out, -frac_t.to(torch.int64), lo, hi, rounding, key)
 
 
+def _grid(word: int, frac: int) -> FixedPoint | None:
+    """The ``fixed<word, frac>`` grid a rounding used, or None for a step outside what ``fixed<...>`` allows
+    (FRAC_RANGE: values below 2**-100)."""
+    return FixedPoint(word, frac) if FRAC_RANGE[0] <= frac <= FRAC_RANGE[1] else None
+
+
 def _on_grid(y: Tensor, word: int, frac: int) -> Tensor:
-    """``y``, marked (``packing.mark``) with the fixed-point grid its rounding used: a ``dfx`` tensor's packed
-    codes then come from that exponent, with no second pass to find it. A step outside what ``fixed<...>``
-    allows (FRAC_RANGE: values below 2**-100) leaves ``y`` unmarked: packing finds the exponent itself."""
-    return mark(y, FixedPoint(word, frac)) if FRAC_RANGE[0] <= frac <= FRAC_RANGE[1] else y
+    """``y``, marked (``packing.mark``) with the fixed-point grid its rounding used (``_grid``): a ``dfx``
+    tensor's packed codes then come from that exponent, with no second pass to find it. Outside FRAC_RANGE
+    ``y`` is left unmarked: packing finds the exponent itself."""
+    grid = _grid(word, frac)
+    return y if grid is None else mark(y, grid)
 
 
 def quantize_codes(x: Tensor, fmt: Format, rounding: str = "nearest") -> tuple[Tensor, int] | None:
@@ -284,7 +291,7 @@ def quantize_codes(x: Tensor, fmt: Format, rounding: str = "nearest") -> tuple[T
         return None
     lo, hi = _frac_range(fmt.bits, x.dtype)
     frac = min(max(fmt.bits - 1 - found[0], lo), hi)  # as _fixed
-    if not FRAC_RANGE[0] <= frac <= FRAC_RANGE[1]:
+    if _grid(fmt.bits, frac) is None:
         return None
     return host.fixed_codes(x, frac, -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1, found[1]), frac
 
