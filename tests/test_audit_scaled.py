@@ -57,6 +57,17 @@ def spread(*shape: int) -> torch.Tensor:
             * torch.logspace(-1, 1, shape[-1]))
 
 
+class FunctionalConv(nn.Module):
+    """A convolution called functionally in forward (``fn(x, self.w)``), with a copy of ``w`` as its Parameter."""
+
+    def __init__(self, fn, w: torch.Tensor) -> None:
+        super().__init__()
+        self.fn, self.w = fn, nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return self.fn(x, self.w)
+
+
 class Products(nn.Module):
     """The products of hand-written attention and of a weight stored (in, out), as GPT-2's Conv1D stores it."""
 
@@ -122,18 +133,11 @@ def test_mx_blocks_of_a_functional_convolution_run_along_channels_as_a_converted
     torch.manual_seed(0)
     x, w = spread(2, 40, 6, 6), spread(8, 40, 3, 3)
 
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(w.clone())
-
-        def forward(self, x):
-            return F.conv2d(x, self.w)
-
     layer = nn.Conv2d(40, 8, 3, bias=False)
     with torch.no_grad():
         layer.weight.copy_(w)
-    functional_model, swapped_model = lp.convert(Functional(), MXFP4_EVERY_ROLE), lp.convert(layer, MXFP4_EVERY_ROLE)
+    functional_model = lp.convert(FunctionalConv(F.conv2d, w), MXFP4_EVERY_ROLE)
+    swapped_model = lp.convert(layer, MXFP4_EVERY_ROLE)
     functional = forward_operands(functional_model, x)
     swapped = forward_operands(swapped_model, x)
     assert bits(functional[0][2]) == bits(swapped[0][2]) == along(x, 1)
@@ -179,15 +183,7 @@ def test_mx_blocks_of_an_unbatched_functional_convolution_run_along_its_channels
     torch.manual_seed(0)
     x, w = spread(40, 7), spread(48, 40, 3)
 
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(w.clone())
-
-        def forward(self, x):
-            return F.conv1d(x, self.w)
-
-    model = lp.convert(Functional(), MXFP4_EVERY_ROLE)
+    model = lp.convert(FunctionalConv(F.conv1d, w), MXFP4_EVERY_ROLE)
     seen = forward_operands(model, x)
     assert bits(seen[0][2]) == along(x, 0) and bits(seen[1][2]) == along(w, 1)
     y = model(x)
