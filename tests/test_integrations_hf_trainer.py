@@ -144,6 +144,15 @@ def test_skipped_steps_leave_weights_and_learning_rate_schedule_alone(tmp_path):
     assert trainer.lowprec_skipped_steps == 3
 
 
+def test_the_skipped_step_count_survives_a_resume(tmp_path):
+    args = hf_args(tmp_path, 3, save_strategy="steps", save_steps=2)
+    policy = "mixed-fp16+loss_scale=static:1e30"  # every step skipped
+    InOrder(model=gpt2(), args=args, train_dataset=DATA, policy=policy).train()
+    resumed = InOrder(model=gpt2(), args=args, train_dataset=DATA, policy=policy)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.lowprec_skipped_steps == 3
+
+
 def test_steps_of_lowprecs_own_optimizer_advance_the_learning_rate_schedule(tmp_path):
     """lowprec's SGD updates without calling its step() (which accelerate watches to tell a skipped step): the
     schedule still advances on every step taken."""

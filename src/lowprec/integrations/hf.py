@@ -25,7 +25,8 @@ scaler (through accelerate):
   learning-rate schedule does not advance on it; ``lowprec_skipped_steps`` counts them and each log record
   gets ``lowprec/loss_scale`` and ``lowprec/skipped_steps``;
 * checkpoints: the ``GradScaler``'s state (``Trainer.state_dict()``: loss scale, accumulators, master copies,
-  exponents, RNG states, model and optimizer) is saved and loaded where transformers keeps a scaler's
+  exponents, RNG states, model and optimizer) and the skipped-step count are saved and loaded where transformers
+  keeps a scaler's
   (``scaler.pt``, float tensors only: it loads with ``weights_only=True``), so ``train(resume_from_checkpoint=)``
   continues bit for bit.
 
@@ -85,10 +86,12 @@ class _AccelerateScaler:
         return self.scaler.is_enabled()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.scaler.state_dict()
+        """The GradScaler's state and the running count of skipped steps (as the Lightning plugin keeps it)."""
+        return {"trainer": self.scaler.state_dict(), "skipped_steps": self.owner.lowprec_skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scaler.load_state_dict(state)
+        self.scaler.load_state_dict(state["trainer"])
+        self.owner.lowprec_skipped_steps = int(state["skipped_steps"])
 
 
 class LowprecTrainer(transformers.Trainer):
