@@ -22,6 +22,8 @@ from torch import Tensor
 _M32 = 0xFFFFFFFF
 
 NEAREST, STOCHASTIC, TOWARD_ZERO = 0, 1, 2
+#: The largest finite float32.
+FLT_MAX = 3.4028234663852886e38
 ROUNDINGS = {"nearest": NEAREST, "stochastic": STOCHASTIC, "toward_zero": TOWARD_ZERO}
 
 
@@ -285,7 +287,7 @@ def scaled_float_fp32(x: Tensor, s: Tensor, rounding: int, key: Tensor | None, *
 
 def descale(q: Tensor, s: Tensor) -> Tensor:
     """fl(q / s) clamped to +-FLT_MAX: a scaled float's dequantization, saturating as its element does."""
-    return torch.clamp(q / s, -3.4028234663852886e38, 3.4028234663852886e38)
+    return torch.clamp(q / s, -FLT_MAX, FLT_MAX)
 
 
 def fixed_grid(

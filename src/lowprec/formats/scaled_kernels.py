@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from .kernels import (
-    NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, hash_below_mask, is_below, random_bits31, random_hash32,
+    FLT_MAX, NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, hash_below_mask, is_below, random_bits31, random_hash32,
 )
 
-FLT_MAX = 3.4028234663852886e38
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
 NVFP4_TENSOR_NUMERATOR = 448.0 * 6.0
 
