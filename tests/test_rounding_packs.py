@@ -231,8 +231,9 @@ def test_a_copy_carries_the_form_only_with_the_same_layout():
 @pytest.mark.parametrize("n", [4099, 70001])
 def test_a_relus_saved_result_as_bits_gives_torchs_gradient_nan_included(n):
     """ReLU's backward passes the gradient where its result is not <= 0, a NaN result included (torch's
-    threshold_backward); its result stored as one bit a value gives those same bits, unpacked from the bytes
-    (compiled for a large tensor) as eagerly."""
+    threshold_backward); its result stored as one bit a value (``result.bool()``: NaN true, -0 false) gives
+    those same bits, unpacked to 0/1 values of each float dtype by numpy on a CPU as by the one-pass kernel that
+    other devices run."""
     g = torch.Generator().manual_seed(n)
     x0 = torch.randn(n, generator=g)
     x0[:6] = torch.tensor([float("nan"), -float("nan"), 0.0, -0.0, float("inf"), -float("inf")])
@@ -251,7 +252,10 @@ def test_a_relus_saved_result_as_bits_gives_torchs_gradient_nan_included(n):
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert got[0] == grad_out[0] and got[1] == grad_out[1]  # NaN results pass the gradient
     bits = packing.pack_bool(x0 != 0)
-    assert torch.equal(bits.unpack_as(torch.float32), bits.unpack().float())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        want = (x0 != 0).to(dtype)
+        assert torch.equal(bits.unpack_as(dtype), want)
+        assert torch.equal(packing._bits_as(bits.data, dtype)[:n], want)
 
 
 def test_a_quantizer_pickled_without_its_form_demand_gets_one():

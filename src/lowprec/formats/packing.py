@@ -381,9 +381,14 @@ class Bits(Packed):
 
     @torch.compiler.disable
     def unpack_as(self, dtype: torch.dtype) -> Tensor:
-        """``unpack().to(dtype)`` (1 for True, 0 for False): from the bytes in one pass (compiled) for a large
-        tensor, not through a boolean tensor and a second cast."""
-        return _fused(_bits_as, self.data, dtype)[: self.shape.numel()].view(self.shape)
+        """``unpack().to(dtype)`` (1 for True, 0 for False), not through a boolean tensor (a bool -> float cast
+        runs 7x slower than a uint8 -> float one on a CPU): on a CPU, numpy's unpackbits to one byte a value, then
+        that cast (measured, 524k values: 0.09 ms against 0.15-0.27 ms for the compiled kernel, which reads each
+        byte once per value); elsewhere from the bytes in one pass (compiled for a large tensor)."""
+        numel = self.shape.numel()
+        if self.data.device.type == "cpu":
+            return _from_lanes(self.data, 1, numel).to(dtype).view(self.shape)
+        return _fused(_bits_as, self.data, dtype)[:numel].view(self.shape)
 
     @property
     def nbytes(self) -> int:
