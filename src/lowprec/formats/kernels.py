@@ -16,6 +16,8 @@ and whether or not the kernel is compiled.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,15 @@ NEAREST, STOCHASTIC, TOWARD_ZERO = 0, 1, 2
 #: The largest finite float32.
 FLT_MAX = 3.4028234663852886e38
 ROUNDINGS = {"nearest": NEAREST, "stochastic": STOCHASTIC, "toward_zero": TOWARD_ZERO}
+
+
+def f32_bits(value: float) -> int:
+    """The bits of a positive float32 normal ``value`` (the bits of +inf above FLT_MAX), in plain Python: no
+    tensor made (costly per call, and a graph break where a compiled kernel computes its constants)."""
+    if value > FLT_MAX:
+        return 0x7F800000
+    m, e = math.frexp(value)  # value = m * 2**e, m in [0.5, 1)
+    return ((e + 126) << 23) | int((2 * m - 1) * 2**23)
 
 
 class _Bits:

@@ -137,7 +137,9 @@ def _run(kernel: Callable, x: Tensor, out: Tensor | None, *args) -> Tensor:
                     torch._dynamo.mark_static(xr, 1)
                     torch._dynamo.mark_static(outr, 1)
                 split = getattr(kernel, "cpu_split", None)
-                if split is None or x.device.type != "cpu" or not _run_split(split, xr, outr, args):
+                # the split kernels read and write float32 rows (a half container runs the one kernel)
+                if split is None or x.device.type != "cpu" or x.dtype != torch.float32 or not _run_split(
+                        split, xr, outr, args):
                     compiled()(kernel, xr, outr, *args)
                 return out
             return compiled()(kernel, x, out, *args)
@@ -225,10 +227,6 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _f32_bits(value: float) -> int:
-    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
-
-
 def _frac_range(word: int, dtype: torch.dtype) -> tuple[int, int]:
     """Fraction bits a ``word``-bit fixed point may have in ``dtype``: the step no finer than the dtype's smallest
     subnormal (2**-149 in float32, 2**-1074 in float64, 2**-133 in bfloat16, 2**-24 in float16); the range no
@@ -306,7 +304,7 @@ def _fast(x: Tensor, rounding: int, limit: int = HOST_MAX_NUMEL) -> bool:
 def _float_fp32_params(fmt: FloatFormat, rounding: int) -> tuple:
     """The static parameters of ``kernels.float_fast_fp32`` (after ``rounding`` and ``key``) for ``fmt``."""
     saturate = fmt.overflow == "saturate"
-    max_bits, shift = _f32_bits(fmt.max_value), 23 - fmt.man_bits
+    max_bits, shift = kernels.f32_bits(fmt.max_value), 23 - fmt.man_bits
     big = max_bits if saturate else 0x7F800000
     overflow = max_bits if rounding == kernels.TOWARD_ZERO else big  # truncation never reaches inf
     # m = 0: the lowest kept significand bit is the implicit 1 of every normal (odd), so a normal tie

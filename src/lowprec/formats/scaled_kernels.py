@@ -9,14 +9,14 @@ elements are rounded by ``round_element``: exact integer-valued arithmetic on a 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .kernels import (
-    FLT_MAX, NEAREST, STOCHASTIC, TOWARD_ZERO, finite_abs, hash_below_mask, is_below, random_bits31, random_hash32,
+    FLT_MAX, NEAREST, STOCHASTIC, TOWARD_ZERO, f32_bits, finite_abs, hash_below_mask, is_below, random_bits31,
+    random_hash32,
 )
 
 #: NVFP4: e4m3 max * e2m1 max, the numerator of the tensor scale.
@@ -113,12 +113,6 @@ def mx_fp32(
     return torch.where(bad, float("nan"), y + 0.0 if integer else y).view(x.shape)
 
 
-def _f32_bits(value: float) -> int:
-    """The bits of a positive normal float32 ``value`` (plain Python: no tensor, so no graph break when compiled)."""
-    m, e = math.frexp(value)  # value = m * 2**e, m in [0.5, 1)
-    return ((e + 126) << 23) | int((2 * m - 1) * 2**23)
-
-
 #: The bits of the NaN a NaN or inf block becomes (float("nan"), positive).
 NAN_BITS = 0x7FC00000
 
@@ -195,9 +189,9 @@ def mx_elements(
         up_mask = hash_below_mask(random_hash32(x.shape, key, x.device), frac)  # -1: one quantum up
         r = (a & keep) + (up_mask & (1 << s))
         small = (low - up_mask) * quantum
-    top = _f32_bits(max_value)
+    top = f32_bits(max_value)
     if min_value != -max_value:  # the negative side saturates at another magnitude
-        top = top - ((xi >> 31) & (top - _f32_bits(-min_value)))
+        top = top - ((xi >> 31) & (top - f32_bits(-min_value)))
     r = torch.minimum(r, top + e_bits)
     mag = torch.where(below, small.view(torch.int32), r)
     if integer:  # two's complement has no -0
