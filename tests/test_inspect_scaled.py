@@ -167,3 +167,36 @@ def test_inspect_runs_the_op_level_emulation_in_float32_too():
     a, b = recorded("fp8-e4m3"), recorded("mxfp8")
     assert a.keys() == b.keys() and ("blocks.0.attn.qkv", "output_grad") in a
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class FunctionalProduct(nn.Module):
+    """x @ W through torch.matmul, W a parameter: an op the op-level emulation quantizes, outside any layer. W's
+    rows span 16 binades down each column and one binade along each row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(64, 32, generator=g) * 2.0 ** (torch.arange(64) % 16 - 8.0)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+def test_inspect_censuses_op_level_operands_blocked_as_the_op_rounds_them():
+    """An op outside the converted layers is censused under its call site (``module:op[index]``), each operand
+    blocked where the op's quantizer blocks it, along the product's reduction dimension: W's MX blocks run down
+    its columns (dim -2, 16 binades a block: most of it flushes), x's along its rows."""
+    model = FunctionalProduct()
+    w0 = model.w.detach().clone()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    report = lp.inspect(model, (x, torch.arange(16) % 32), "mxfp4", steps=1)
+    mxfp4 = parse_format("mxfp4")
+    weight = report.entry(":matmul[0]", "weight")
+    assert weight.format == "mxfp4" and report.entry(":matmul[0]", "output").format == "bf16"
+    down, along = census(w0, [mxfp4], axis=-2), census(w0, [mxfp4], axis=-1)
+    assert weight.census == down != along
+    assert down.formats[0].rounding.blocks.flushed > along.formats[0].rounding.blocks.flushed
+    assert report.entry(":matmul[0]", "activation").census == census(x, [mxfp4], axis=-1)
+    assert [(e.role, e.format) for e in report.entries] == [
+        ("weight", "mxfp4"), ("activation", "mxfp4"), ("output", "bf16"), ("output_grad", "mxfp4"),
+        ("weight_grad", "bf16")]

@@ -46,9 +46,9 @@ from torch import Tensor
 from ..formats import (
     Format,
     max_abs_int_bits,
+    operand_format,
     parse_format,
     quantize,
-    with_block_axis,
 )
 from .blocks import Rounding, rounding_of
 
@@ -311,23 +311,25 @@ def _scaled_counts(fmt: Format, rounding: Rounding) -> FormatCounts:
 
 
 def _counts(fmt: Format, x: Tensor, flat: Tensor, hist: _Histogram, counted: Tensor | None,
-            block_axis: int | None) -> FormatCounts:
+            axis: int | None, block_axis: int | None) -> FormatCounts:
     if fmt.scaled:
-        return _scaled_counts(fmt, rounding_of(x, with_block_axis(fmt, block_axis, x)))
+        return _scaled_counts(fmt, rounding_of(x, operand_format(fmt, x, axis, block_axis)))
     counts = _direct_counts(fmt, flat, counted) if _scale_invariant(fmt) else _grid_counts(fmt, hist)
     return replace(counts, rounding=rounding_of(flat, fmt))
 
 
-def census(x: Tensor, formats: Iterable[Format | str] = (), *, block_axis: int | None = None) -> Census:
+def census(x: Tensor, formats: Iterable[Format | str] = (), *, axis: int | None = None,
+           block_axis: int | None = None) -> Census:
     """The census of one tensor (read as float32): its log2 histogram and, for each format, the counts at
-    every loss scale 2**k, k in SCALE_EXPONENTS, and its Rounding (module docstring). ``block_axis``: the
-    dimension a layer runs the blocks of scaled formats along (``Quantizer.block_axis``)."""
+    every loss scale 2**k, k in SCALE_EXPONENTS, and its Rounding (module docstring). ``axis`` (an op's choice
+    for this operand) and ``block_axis`` (a layer's, ``Quantizer.block_axis``): where the blocks of scaled
+    formats run, as the quantizer's call would (``formats.operand_format``)."""
     fmts = [parse_format(f) if isinstance(f, str) else f for f in formats]
     x = x.detach().float()
     flat = x.reshape(-1)
     hist, zeros, nonfinite = _Histogram.of(flat, _cuts(f for f in fmts if not _scale_invariant(f)))
     counted = torch.isfinite(flat) & (flat != 0) if any(map(_scale_invariant, fmts)) else None
-    counts = tuple(_counts(f, x, flat, hist, counted, block_axis) for f in fmts)
+    counts = tuple(_counts(f, x, flat, hist, counted, axis, block_axis) for f in fmts)
     per_exponent = hist.rows.sum(0).diff()[1:]  # elements with exponent _E0 + i, both signs
     return Census(total=flat.numel(), zeros=zeros, nonfinite=nonfinite, log2_counts=tuple(per_exponent.tolist()),
                   formats=counts)

@@ -4,10 +4,13 @@ The model is converted under the policy (a deep copy: the caller's model is unto
 as it would for training, e.g. about the classifier rule), then trained for ``steps`` steps in float32 with
 every quantizer of every converted layer replaced by a recorder: each role's tensor, exactly where the layer
 would round it (its input x, weight W, bias b, output z in forward; dE/dz, dE/dx, dE/dW, dE/db in backward),
-goes into a census (``census.py``) and on unchanged. Ops the op-level emulation quantizes outside the converted
-layers (attention products, functional ops; ``lowprec.nn.emulate``) run in float32 too and are not censused
-(``lowprec inspect --plan`` lists them). After each optimizer step its buffers (momentum, Adam's
-moments) are censused as the parameter's layer's ``optimizer_state``. Nothing is stored but the counts.
+goes into a census (``census.py``) and on unchanged. So does each operand of every op the op-level emulation
+quantizes outside the converted layers (attention products, functional ops, norms: ``lowprec.nn.emulate``),
+recorded under its call site, ``module:op[index]`` (``.scores`` / ``.out`` for an attention's two products),
+with the role it has there and its blocks where that op's call runs them (its reduction dimension); an
+elementwise op's census holds only its parameter's roles, the ones it quantizes. After each optimizer step its
+buffers (momentum, Adam's moments) are censused as the parameter's layer's ``optimizer_state``. Nothing is
+stored but the counts.
 
 The gradients are recorded unscaled (the loss is not multiplied): the census counts them at every loss scale
 2**k at once, as MPT Fig. 3 shows the float32 histogram against the fp16 range. The values are those of
@@ -57,7 +60,7 @@ class _Recorder(Quantizer):
     """A role's quantizer while inspecting: hands every tensor to ``record`` and returns it unchanged (no
     straight-through masking: the run is plain float32)."""
 
-    def __init__(self, record: Callable[[Tensor], None]):
+    def __init__(self, record: Callable[[Tensor, int | None], None]):
         super().__init__(None)
         self._record = record
 
@@ -66,7 +69,7 @@ class _Recorder(Quantizer):
         return True
 
     def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
-        self._record(x)
+        self._record(x, axis)
         return x
 
     def round(self, x: Tensor) -> Tensor:
@@ -107,15 +110,17 @@ class _Sums:
         self.entries: dict[tuple[str, str], tuple[str | None, Census]] = {}
 
     def recorder(self, module: str, role: str, quant: Quant | None,
-                 block_axis: int | None = None) -> Callable[[Tensor], None]:
+                 block_axis: int | None = None) -> Callable[[Tensor, int | None], None]:
+        """``record(x, axis=None)``: add x's census to (module, role); scaled formats blocked as the quantizer's
+        call with that ``axis`` would block them."""
         fmt = None if quant is None else repr(quant.format)
         fmts = list(dict.fromkeys(([quant.format] if quant else []) + list(self.extra)))
 
-        def record(x: Tensor) -> None:
+        def record(x: Tensor, axis: int | None = None) -> None:
             if self.observe is not None:
                 self.observe(module, role, x.detach())
             _, total = self.entries.get((module, role), (fmt, Census()))
-            self.entries[module, role] = (fmt, total + census(x, fmts, block_axis=block_axis))
+            self.entries[module, role] = (fmt, total + census(x, fmts, axis=axis, block_axis=block_axis))
 
         return record
 
@@ -137,14 +142,21 @@ def _record_layers(model: nn.Module, sums: _Sums) -> dict[str, Quant | None]:
     return state_formats
 
 
-def _float32_ops(model: nn.Module) -> None:
+def _record_ops(model: nn.Module, sums: _Sums) -> None:
     """Let the op-level emulation (attention products, functional ops: ``lowprec.nn.emulate``) of ``model`` run
-    its ops in float32, as the swapped layers' recorders do: its quantizers only observe."""
+    its ops in float32 with recorders for quantizers, as the swapped layers do: each op call site's roles
+    censused under the site's name (an elementwise op: only the roles it quantizes, its parameter's)."""
     emulation = emulation_of(model)
-    if emulation is not None:
-        emulation.observe_only = True  # the quantizers it makes from now on
-        for _, _, q in emulation.all_quantizers():
-            q.observe_only = True
+    if emulation is None:
+        return
+
+    def recorder(site: str, role: str, quant: Quant | None, kind: str) -> Quantizer | None:
+        if quant is None and kind == "elementwise":
+            return None  # the op itself is float32: nothing of it is rounded
+        return _Recorder(sums.recorder(site, role, quant))
+
+    emulation.observe_only = True  # no straight-through masks, no exponent statistics
+    emulation.make_quantizer = recorder
 
 
 def inspect(
@@ -179,7 +191,7 @@ def inspect(
     work = convert(model, replace(pol, path="emulated") if getattr(pol, "path", "emulated") != "emulated" else pol)
     sums = _Sums([parse_format(f) if isinstance(f, str) else f for f in formats], observe)
     state_formats = _record_layers(work, sums)
-    _float32_ops(work)
+    _record_ops(work, sums)
     opt = optimizer(work.parameters()) if optimizer else SGD(work.parameters(), lr=0.01, momentum=0.9)
     owners = {p: name.rpartition(".")[0] for name, p in work.named_parameters()}
     work.train()
@@ -196,10 +208,16 @@ def inspect(
                 if buffer != "step" and isinstance(value, Tensor) and value.is_floating_point():
                     record(value)
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
-    entries = tuple(
-        Entry(module, role, fmt, c)
-        for (module, role), (fmt, c) in sorted(sums.entries.items(), key=lambda kv: (order[kv[0][0]], ROLES.index(kv[0][1])))
-    )
+    seen: dict[str, int] = {}  # an op site after its module's layer roles, op sites in the order first called
+    for site, _ in sums.entries:
+        seen.setdefault(site, len(seen))
+
+    def place(key: tuple[str, str]) -> tuple[int, int, int]:
+        site, role = key
+        return order[site.partition(":")[0]], seen[site] if ":" in site else -1, ROLES.index(role)
+
+    entries = tuple(Entry(module, role, fmt, c) for (module, role), (fmt, c) in sorted(sums.entries.items(),
+                                                                                        key=lambda kv: place(kv[0])))
     raw = [(e.module, e.role, e.format, e.census) for e in entries]
     return InspectReport(
         model=type(model).__name__, policy=pol.name or pol.spec() or "fp32", steps=steps, entries=entries,

@@ -2,8 +2,8 @@
 
 from .packing import Packed, Storage, pack, pack_bool
 from .parse import FORMS, parse_format
-from .scaled import (ELEMENTS, NVFP4, SCALE_RULES, MXFormat, ScaledFloat, ScaledFormat, with_block_axis,
-                     with_operand_axis)
+from .scaled import (ELEMENTS, NVFP4, SCALE_RULES, MXFormat, ScaledFloat, ScaledFormat, operand_format,
+                     with_block_axis, with_operand_axis)
 from .quantize import compile_enabled, count_above, max_abs_int_bits, quantize, quantize_codes, quantize_counting
 from .types import (
     BF16,
@@ -26,5 +26,5 @@ __all__ = [
     "Format", "FloatFormat", "FixedPoint", "DynamicFixedPoint", "Uniform", "BlockFloat",
     "FP32", "BF16", "FP16", "E4M3", "E5M2", "TORCH_DTYPES", "pack", "pack_bool", "Packed", "Storage",
     "MXFormat", "NVFP4", "ScaledFloat", "ScaledFormat", "ELEMENTS", "SCALE_RULES", "with_block_axis",
-    "with_operand_axis",
+    "with_operand_axis", "operand_format",
 ]

@@ -20,7 +20,7 @@ import torch
 from .types import E4M3, FloatFormat, Format, _check_int
 
 __all__ = ["Element", "ELEMENTS", "MXFormat", "NVFP4", "ScaledFloat", "SCALE_RULES", "ScaledFormat", "with_block_axis",
-           "with_operand_axis"]
+           "with_operand_axis", "operand_format"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,13 @@ def with_operand_axis(fmt: Format, axis: int | None, x: torch.Tensor) -> Format:
     if axis is not None and isinstance(fmt, ScaledFormat) and -max(x.dim(), 1) <= axis < max(x.dim(), 1):
         return replace(fmt, axis=axis)
     return fmt
+
+
+def operand_format(fmt: Format, x: torch.Tensor, axis: int | None = None, block_axis: int | None = None) -> Format:
+    """The format ``x`` is rounded in: blocks along the call's ``axis`` (``with_operand_axis``: an op's choice for
+    one operand) where given, else along the layer's ``block_axis`` (``with_block_axis``). The one rule that a
+    role's quantizer and the census of what it would round both apply."""
+    return with_operand_axis(fmt, axis, x) if axis is not None else with_block_axis(fmt, block_axis, x)
 
 
 def _check_axis(axis: object) -> None:

@@ -149,6 +149,9 @@ class OpEmulation:
         self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
         self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
+        #: When set, ``make_quantizer(site, role, quant, kind)`` makes each op quantizer in place of
+        #: ``Quantizer(quant, policy)`` (None: that one): ``lowprec.inspect``'s recorders.
+        self.make_quantizer: Callable[[str, str, Quant | None, str], Quantizer | None] | None = None
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
         self._warned: set[str] = set()
@@ -172,13 +175,13 @@ class OpEmulation:
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
         for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_checking",
-                    "_edges", "records"):
+                    "_edges", "records", "make_quantizer"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.records = None
+        self.records, self.make_quantizer = None, None
         self._reset()
 
     @property
@@ -302,7 +305,8 @@ class OpEmulation:
             policy = self.resolution.module_policy(frame.name, frame.module, op=op)
             kind = OP_KINDS[op]
             clips = weight_layer and kind in _CLIP_KINDS
-            found = {role: Quantizer(self._quant(policy, role, clips, kind), policy) for role in LAYER_ROLES}
+            found = {role: self._made(key, role, self._quant(policy, role, clips, kind), policy, kind)
+                     for role in LAYER_ROLES}
             if any((quant := policy.get(role)) is not None and quant.format.clip_range is not None
                    and not q.enabled for role, q in found.items()):
                 self.clip_exempt.add((frame.name, op, index))
@@ -316,6 +320,11 @@ class OpEmulation:
                 found[role].load_state_dict(state)
             self.quantizer_sets[key] = found
         return found
+
+    def _made(self, key: tuple[str, str, int, str], role: str, quant: Quant | None, policy: Policy,
+              kind: str) -> Quantizer:
+        made = None if self.make_quantizer is None else self.make_quantizer(_site(key), role, quant, kind)
+        return made if made is not None else Quantizer(quant, policy)
 
     @staticmethod
     def _quant(policy: Policy, role: str, clips: bool, kind: str) -> Quant | None:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats import Format, quantize, quantize_codes, with_block_axis, with_operand_axis
+from ..formats import Format, operand_format, quantize, quantize_codes
 from ..formats.packing import FormDemand, FormsFor, mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
@@ -136,8 +136,7 @@ class Quantizer:
     def _format_for(self, x: Tensor, axis: int | None = None) -> Format:
         """The format with the call's ``axis``, else the layer's ``block_axis``, where it applies (see the class
         docstring)."""
-        fmt = self.quant.format  # type: ignore[union-attr]
-        return with_operand_axis(fmt, axis, x) if axis is not None else with_block_axis(fmt, self.block_axis, x)
+        return operand_format(self.quant.format, x, axis, self.block_axis)  # type: ignore[union-attr]
 
     @torch.compiler.disable
     def round(self, x: Tensor) -> Tensor:
