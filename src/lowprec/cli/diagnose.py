@@ -141,8 +141,9 @@ def cmd_inspect(args) -> int:
     rows = report.rows(per_module=args.per_module)
     table = Table(title=f"{report.model} under {recipe.label}: {source}, batch {args.batch}, {args.steps} float32 "
                         "steps (lost / subnormal / overflow: % of the non-zero values)")
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column in ("module", "role", "format") else "right")
+    for column in rows[0]:  # a module or op call site (blocks.0.attn:matmul[1].scores) is shown whole
+        table.add_column(column, justify="left" if column in ("module", "role", "format") else "right",
+                         min_width=max(len(r[column]) for r in rows) if column == "module" else None)
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
