@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lowprec as lp
-from lowprec.formats import parse_format, quantize
+from lowprec.formats import parse_format, quantize, quantize_counting
 from lowprec.formats import packing
 from lowprec.formats.packing import RoundingPacks, marked_format, marked_packed, pack
 from lowprec.nn import packed as packed_mod
@@ -65,6 +65,26 @@ def test_the_rounding_packs_its_result_as_pack_would(spec, n):
     assert back.shape == y.shape and torch.equal(back, y)
     nonzero = y != 0
     assert torch.equal(_bits(back)[nonzero], _bits(y)[nonzero])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", ["dfx<10>", "dfx<4>", "dfx<16>"])
+def test_the_overflow_counting_rounding_packs_its_result_too(spec, n):
+    """dfx with the overflow-rate exponent rule (Courbariaux) rounds through ``quantize_counting``, one scaled copy
+    for both the rounding and the overflow counts: it makes the same form as ``pack``, and the same rounding and
+    counts as without forms."""
+    fmt, thresholds = parse_format(spec), (0.25, 1.0, 4.0)
+    x = _inputs(n, special=False)
+    plain, counts = quantize_counting(x, fmt, 2, thresholds)
+    assert marked_packed(plain) is None
+    with RoundingPacks():
+        y, counts_packing = quantize_counting(x, fmt, 2, thresholds)
+    assert torch.equal(_bits(y), _bits(plain)) and torch.equal(counts, counts_packing)
+    made, again = marked_packed(y), pack(y, marked_format(y))
+    assert (made.bits, made.frac, made.data.dtype) == (again.bits, again.frac, again.data.dtype) == (
+        fmt.bits, fmt.bits - 1 - 2, again.data.dtype)
+    assert torch.equal(made.codes().reshape(-1), again.codes().reshape(-1))
+    assert torch.equal(made.unpack(), y)
 
 
 @pytest.mark.parametrize("spec", NO_FORMS)
@@ -163,9 +183,8 @@ def test_large_steps_identical_and_the_roundings_forms_used(recipe, monkeypatch)
 
     monkeypatch.setattr(packed_mod, "take_packed", counting)
     on = _steps(recipe, True, monkeypatch)
-    # the large activations' forms came from the rounding (not for casts and WRPN's uniform; nor for the overflow
-    # exponent rule of dfx-10-12, whose rounding counts overflows in one pass of its own)
-    assert any(n >= 65536 for n in used) == (recipe in ("int8-lazy", "int16", "fixed-20"))
+    # the large activations' forms came from the rounding (not for casts and WRPN's uniform)
+    assert any(n >= 65536 for n in used) == (recipe in ("int8-lazy", "int16", "fixed-20", "dfx-10-12"))
     off = _steps(recipe, False, monkeypatch)
     for a, b in zip(on[0] + [on[1]], off[0] + [off[1]]):
         assert all(torch.equal(p, q) for p, q in zip(a, b))

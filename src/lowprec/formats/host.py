@@ -92,11 +92,6 @@ def _scale_(s: Tensor, e: int) -> Tensor:
     return s if first == e else s.mul_(2.0 ** (e - first))
 
 
-def _round_scaled(s: Tensor, frac: int, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
-    """s = x * 2**frac, in place: its codes (``_round_codes_``) times 2**-frac."""
-    return _scale_(_round_codes_(s, kmin, kmax, scaled_peak), -frac)
-
-
 def _round_codes_(s: Tensor, kmin: int, kmax: int, scaled_peak: float) -> Tensor:
     """s = x * 2**frac, in place: round (ties to even), clamp to [kmin, kmax] unless max|s| = ``scaled_peak``
     rounds inside (below kmax + 1/2; kmin = -kmax - 1 then holds every negative value)."""
@@ -113,10 +108,12 @@ def fixed_codes(x: Tensor, frac: int, kmin: int, kmax: int, peak: float) -> Tens
 
 
 def fixed_counting(
-    x: Tensor, frac: int, kmin: int, kmax: int, thresholds: tuple[float, ...]
-) -> tuple[Tensor, list[float]] | None:
-    """(``fixed_scaled(x, None, frac, kmin, kmax)``, [count of |x| > t for t in thresholds]), or None when x holds
-    NaN or a value whose scaled copy is inf (the caller then takes the general paths)."""
+    x: Tensor, frac: int, kmin: int, kmax: int, thresholds: tuple[float, ...],
+    encode: Callable[[Tensor], Coded] | None = None,
+) -> tuple[Tensor, list[float], Coded | None] | None:
+    """(``fixed_scaled(x, None, frac, kmin, kmax)``, [count of |x| > t for t in thresholds], ``encode(k)`` of the
+    integer codes k before they are scaled back, as ``fixed_scaled_coded``; None without ``encode``), or None
+    when x holds NaN or a value whose scaled copy is inf (the caller then takes the general paths)."""
     scale = 2.0**frac
     s = _times_pow2(x, frac)
     a = s.abs()
@@ -124,7 +121,9 @@ def fixed_counting(
     if not math.isfinite(peak):
         return None
     counts = [0.0 if c is None else c.item() for c in counts_above(a, [t * scale for t in thresholds], peak)]
-    return _round_scaled(s, frac, kmin, kmax, peak), counts
+    k = _round_codes_(s, kmin, kmax, peak)
+    coded = None if encode is None else encode(k)
+    return _scale_(k, -frac), counts, coded
 
 
 def counts_above(a: Tensor, thresholds: list[float], peak: float) -> list[Tensor | None]:

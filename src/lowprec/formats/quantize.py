@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import host, kernels
-from .packing import codes_form, mark, rounding_packs
+from .packing import Codes, codes_form, mark, rounding_packs
 from .parse import parse_format
 from .scaled import ScaledFloat, ScaledFormat
 from .scaled_kernels import constant_block
@@ -189,9 +189,11 @@ def quantize_counting(
         lo, hi = _frac_range(fmt.bits, x.dtype)
         kmax = 2 ** (fmt.bits - 1) - 1
         frac = min(max(fmt.bits - 1 - int_bits, lo), hi)
-        got = host.fixed_counting(x, frac, -kmax - 1, kmax, tuple(thresholds))
+        grid = _grid(fmt.bits, frac)
+        got = host.fixed_counting(x, frac, -kmax - 1, kmax, tuple(thresholds), _encoder(x, grid))
         if got is not None:
-            return _on_grid(got[0], fmt.bits, frac), torch.tensor(got[1])
+            y, counts, codes = got
+            return (y if grid is None else mark(y, grid, codes)), torch.tensor(counts)
     return quantize(x, fmt, rounding, generator=generator, int_bits=int_bits), count_above(x, thresholds)
 
 
@@ -248,8 +250,7 @@ def _fixed(
     if _fast(x, rounding) and (not isinstance(frac, Tensor) or frac.numel() == 1):
         frac = min(max(int(frac), lo), hi)
         grid = _grid(word, frac)
-        encode = (lambda k: codes_form(k, grid, x.dtype)) if grid is not None and rounding_packs(x) else None
-        y, codes = host.fixed_scaled_coded(x, out, frac, kmin, kmax, peak, encode)
+        y, codes = host.fixed_scaled_coded(x, out, frac, kmin, kmax, peak, _encoder(x, grid))
         return y if grid is None else mark(y, grid, codes)  # as _on_grid, with the codes the rounding made
     frac_t = torch.clamp(torch.as_tensor(frac, dtype=torch.int32, device=x.device), lo, hi)
     if wide == torch.float32:
@@ -257,6 +258,15 @@ def _fixed(
     step = torch.ldexp(torch.ones_like(frac_t, dtype=wide), -frac_t)
     lo, hi = kmin * step, kmax * step
     return _run(kernels.fixed_grid, x, out, -frac_t.to(torch.int64), lo, hi, rounding, key)
+
+
+def _encoder(x: Tensor, grid: FixedPoint | None) -> Callable[[Tensor], Codes | None] | None:
+    """What a host-path rounding of ``x`` onto ``grid`` hands its integer codes to, to make the result's packed
+    form as it rounds (``packing.codes_form``): only where a saved-tensor hook will take that form
+    (``packing.rounding_packs``) and the grid is a ``fixed<...>`` one; None otherwise."""
+    if grid is None or not rounding_packs(x):
+        return None
+    return lambda k: codes_form(k, grid, x.dtype)
 
 
 def _grid(word: int, frac: int) -> FixedPoint | None:
