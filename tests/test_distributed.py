@@ -103,6 +103,42 @@ def test_quantized_allreduce_hook_averages_in_the_format(ranks):
         assert torch.equal(reduced, reduced.bfloat16().float())
 
 
+class FunctionalNet(torch.nn.Module):
+    """A linear layer, then a functional matmul by a parameter: the matmul's quantizers are made by the op
+    emulation at the first forward, after the Trainer was built."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Parameter(torch.randn(8, 3) * 0.3)
+
+    def forward(self, x):
+        return torch.relu(self.first(x)) @ self.head
+
+
+def _functional_ops_on_rank(rank: int, policy: str) -> dict:
+    model = lp.convert(FunctionalNet(), policy)
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for x, y in worker.local_batches(rank)[:4]:  # each rank its own data, of its own scale
+        trainer.step(F.cross_entropy(ddp(x).float(), y))
+    return {"quantizers": {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(model)},
+            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("policy", ["fp8-delayed", worker.POLICY], ids=["fp8-delayed", "dfx-overflow-auto"])
+def test_functional_ops_quantizers_made_after_the_trainer_agree_across_ranks(policy):
+    """The amax histories and dfx exponents (start exponents from each rank's first tensor, then the pooled
+    overflow rule) of a functional op's quantizers, which the model makes at its first forward, agree across
+    ranks as the swapped layers' do: on each rank alone they would differ (the ranks' data differ in scale)."""
+    from ranks import assert_identical, run_ranks
+
+    a, b = run_ranks(_functional_ops_on_rank, policy)
+    assert any(":matmul[0]:" in k for k in a["quantizers"])
+    assert_identical(a, b)
+
+
 def test_without_a_process_group_everything_is_local():
     assert not distributed.is_initialized()
     assert (distributed.rank(), distributed.world_size()) == (0, 1)

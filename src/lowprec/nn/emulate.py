@@ -149,6 +149,9 @@ class OpEmulation:
         self.quantizer_sets: dict[tuple[str, str, int, str], dict[str, Quantizer]] = {}
         self.records: dict[tuple[str, str, int], OpRecord] | None = None  # set while a plan records
         self.observe_only = False  # quantizers made inside ``lowprec.nn.calibrating`` start observing
+        #: the cross-process MAX the quantizers made from now on agree through (``Quantizer.set_agree``); set by
+        #: ``lowprec.Trainer`` under torch.distributed, since most call sites are made at the first forward
+        self.agree: Callable[[Tensor], Tensor] | None = None
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
         self._warned: set[str] = set()
@@ -178,6 +181,7 @@ class OpEmulation:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("agree", None)  # pickled before it had one
         self.records = None
         self._reset()
 
@@ -312,6 +316,7 @@ class OpEmulation:
                                 "layers only")
             for q in found.values():
                 q.observe_only = self.observe_only
+                q.set_agree(self.agree)
             for role, state in self._pending.pop(_site(key), {}).items():
                 found[role].load_state_dict(state)
             self.quantizer_sets[key] = found

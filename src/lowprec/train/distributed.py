@@ -16,6 +16,10 @@ every rank's state identical:
   r - 1, batches) are summed over the ranks in one all-reduce (``sum_exponent_counters``); every rank then
   applies Courbariaux's rule to the pooled rate and holds the same exponent. With ``init_int_bits=auto`` the
   start exponent is the MAX over the ranks of each rank's first max-abs exponent.
+* Delayed scaling (``scaled<...,delayed>``): every rank pushes the MAX over the ranks of its pending amax, so
+  every rank holds the same amax history and scale.
+* The quantizers of functional ops, which the op-level emulation makes at the first forward (after the Trainer
+  was built), take the same agreement (``OpEmulation.agree``).
 * Dynamic fixed point, "maxabs" rule: stateless; each tensor takes its exponent from its own max|x|. Weights,
   master weights and optimizer state are the same on every rank, so their exponents are too; activations and
   the gradients each rank computes before the all-reduce take their exponent from that rank's own batch, as

@@ -15,9 +15,10 @@
    trainer's own master / accumulator / optimizer-state groups. They advance on skipped steps too: the
    batch was observed, and an overflow is exactly what the overflow-rate rule must see.
 
-Under torch.distributed (a Trainer built after ``init_process_group``) the inf/NaN verdict and the exponent
-counters are agreed across ranks (``distributed.py``): every rank skips the same steps and holds the same
-loss scale and exponents.
+Under torch.distributed (a Trainer built after ``init_process_group``) the inf/NaN verdict, the exponent
+counters, start exponents and delayed-scaling amaxes are agreed across ranks (``distributed.py``; functional
+ops' quantizers made at the first forward included): every rank skips the same steps and holds the same loss
+scale, exponents and amax histories.
 
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection of ``master_params()``, or ``clip_grad_norm_``), ``apply_update``. The step's
@@ -190,11 +191,10 @@ class Trainer:
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
-            for _, _, q in layer_quantizers(model):
-                if q.exponent is not None:
-                    q.exponent.agree = distributed.all_max
-                if q.scale_state is not None:  # delayed scaling: every rank pushes the largest amax
-                    q.scale_state.agree = distributed.all_max
+            for _, _, q in layer_quantizers(model):  # delayed scaling: every rank pushes the largest amax
+                q.set_agree(distributed.all_max)
+            if emulation is not None:  # and the functional ops' quantizers, made at the first forward
+                emulation.agree = distributed.all_max
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, loss: Tensor) -> TrainStepResult:
