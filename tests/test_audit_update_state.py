@@ -175,6 +175,33 @@ def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, op
     assert not torch.equal(got["1"], _weights(_state_of_first_weight(recipe, optimizer, 4)))
 
 
+def test_state_movers_move_packed_state_bit_for_bit_and_a_cast_is_refused(monkeypatch):
+    """Code that moves an optimizer's state calls ``.to(...)`` on each value as on a tensor: Lightning's
+    ``_optimizer_to_device`` (its teardown and checkpoint restore), accelerate's ``send_to_device``; the state moves
+    and stays packed, bit for bit, and the next steps are those of an unmoved run. A dtype cast (``.to(torch.bfloat16)``,
+    as a loop that shrinks its optimizer state writes) is a TypeError naming ``.unpack()``: before, it cast the int16
+    codes themselves (codes above 256 are not bfloat16 numbers), changing Adam's moments silently."""
+    lightning = pytest.importorskip("lightning.fabric.utilities.optimizer")
+    accelerate = pytest.importorskip("accelerate.utils")
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    moved = _state_of_first_weight("int16", "adamw", 2)
+    state = moved._opt.state[moved[0].weight]
+    before = {k: v.unpack() for k, v in state.items() if isinstance(v, Packed)}
+    assert set(before) == {"exp_avg", "exp_avg_sq"} and state["exp_avg"].codes().abs().max() > 256
+    with pytest.raises(TypeError, match=r"unpacks to torch.float32; .*\.unpack\(\)\.to\(dtype\)"):
+        state["exp_avg"].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="held packed"):
+        state["exp_avg"].to("cpu", dtype=torch.float16)
+    assert state["exp_avg"].to(torch.float32) is state["exp_avg"]  # its own dtype: nothing to do
+    lightning._optimizer_to_device(moved._opt, torch.device("cpu"))
+    state.update(accelerate.send_to_device(dict(state), "cpu", non_blocking=True))
+    for name, values in before.items():
+        assert isinstance(state[name], Packed) and torch.equal(state[name].unpack(), values)
+    for x, y in _batches(4)[2:]:
+        _amp_step(moved, moved._opt, moved._scaler, x, y)
+    assert torch.equal(_weights(moved), _weights(_state_of_first_weight("int16", "adamw", 4)))
+
+
 def _head_joins_at_step_2(recipe: str, optimizer: str, added: bool, how: str = "add_param_group") -> nn.Module:
     """The head ``model[2]`` trains from step 2 on. ``added``: frozen until then and unfrozen mid-run (a
     fine-tuning loop), ``how``: added to the optimizer by ``add_param_group`` then, or held by it from the
