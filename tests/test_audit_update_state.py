@@ -5,7 +5,9 @@ momentum, clipping, gradient accumulation, ``zero_grad(set_to_none=False)``, a p
 ``optimizer.state`` directly. Each check is differential: packed (the default) against ``LOWPREC_PACKED=0``,
 and a resumed run against an uninterrupted one, bit for bit."""
 
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -337,6 +339,46 @@ def test_optimizer_load_state_dict_keeps_the_state_packed(recipe, optimizer, mon
     for i, s in opt.state_dict()["state"].items():
         for k, v in s.items():
             assert torch.equal(v, saved["state"][i][k])
+
+
+def _trained_in_a_function(recipe: str, optimizer: str, steps: int):
+    """A setup function that trains through a GradScaler and returns only the model and the optimizer (and a weak
+    reference to the Trainer, to show nothing else holds it)."""
+    model = _model()
+    opt = _OPTIMIZERS[optimizer](model.parameters())
+    scaler = lp.GradScaler(recipe, model, opt)
+    for x, y in _batches(steps):
+        _amp_step(model, opt, scaler, x, y)
+    return model, opt, weakref.ref(scaler.trainer)
+
+
+@pytest.mark.parametrize("recipe,optimizer", [("int16", "adamw"), ("int8-lazy", "lp-sgd")])
+def test_the_state_is_packed_at_a_load_after_its_trainer_is_gone(recipe, optimizer, monkeypatch):
+    """The load hook reached the Trainer through a weak reference: with the Trainer gone (built inside a function
+    that returned the model and optimizer), ``optimizer.load_state_dict`` left the state as float32 tensors for
+    good. The optimizer now records its state formats itself: packed at the load, the same values."""
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    model, opt, trainer = _trained_in_a_function(recipe, optimizer, 2)
+    gc.collect()
+    assert trainer() is None
+    saved = torch.load(io.BytesIO(_saved(opt.state_dict())), weights_only=True)
+    opt.load_state_dict(saved)
+    buffers = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    assert buffers and all(isinstance(v, Packed) for v in buffers)
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, saved["state"][i][k])
+
+
+def test_a_trainer_over_the_master_copies_of_an_earlier_trainer_is_refused(eager_update):
+    """A native model's optimizer holds the float32 master copies its Trainer pointed it at; a second Trainer over
+    it, the first one gone, was refused as "the optimizer does not hold 4 trainable parameters ... build it over
+    the model after conversion" (it was). Now the error says what happened and both ways out."""
+    model, opt, trainer = _trained_in_a_function("native-bf16", "sgd", 1)
+    gc.collect()
+    assert trainer() is None
+    with pytest.raises(ValueError, match="master copies an earlier lowprec.Trainer pointed it at.* Keep that Trainer"):
+        lp.Trainer(model, opt, "native-bf16")
 
 
 def _saved(obj) -> bytes:

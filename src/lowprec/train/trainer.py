@@ -56,7 +56,7 @@ from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
-from .state import OptimizerStateFormats, install_state_hooks
+from .state import OptimizerStateFormats, bound_masters, install_state_hooks
 from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
@@ -129,18 +129,18 @@ def _watch_accumulation(trainer: Trainer, slots: Iterable[ParamSlot]) -> None:
         slot.param.register_post_accumulate_grad_hook(functools.partial(note, slot.name))
 
 
-def _repack_on_load(trainer: Trainer) -> None:
-    """Pack the optimizer state again after any ``optimizer.load_state_dict`` (a loop's own resume, Lightning's,
-    a checkpoint written by ``torch.save(optimizer.state_dict())``): the state dict holds float tensors, kept
-    packed from the load on rather than until the next step (a weak reference: the hook keeps no trainer alive)."""
-    ref = weakref.ref(trainer)
-
-    def repack(optimizer: torch.optim.Optimizer) -> None:
-        owner = ref()
-        if owner is not None:
-            owner.state_formats.repack_(optimizer)
-
-    trainer.optimizer.register_load_state_dict_post_hook(repack)
+def _refuse_masters_of_an_earlier_trainer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError when ``optimizer`` holds the float32 master copies another Trainer pointed it at (native
+    fp16/bf16 parameters) instead of the model's parameters: that Trainer's master copies, which this one would
+    neither know nor write back into the model."""
+    masters, owned = bound_masters(optimizer), {id(p) for p in model.parameters()}
+    if any(id(p) in masters and id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            "the optimizer holds the float32 master copies an earlier lowprec.Trainer pointed it at (this model's "
+            "fp16/bf16 parameters are updated through them): a Trainer drives its optimizer for good. Keep that "
+            "Trainer (or the GradScaler or plugin holding it), or build a new optimizer over model.parameters() "
+            "and resume with trainer.load_state_dict(earlier_trainer.state_dict())"
+        )
 
 
 class Trainer:
@@ -171,15 +171,15 @@ class Trainer:
         self.policy = trainer_policy(model, policy)
         self.scaler = scaler if scaler is not None else scaler_for(self.policy)
         self.clip_grad_norm = clip_grad_norm
+        _refuse_masters_of_an_earlier_trainer(model, optimizer)
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
         emulation = emulation_of(model)  # its record of the weights functional ops use: after the first forward
         self._awaiting_forward = emulation is not None and emulation.layer_parameters is None
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
-        self.state_formats = OptimizerStateFormats(self.slots)
-        install_state_hooks(optimizer)  # state kept packed between steps: state_dict() and step() see floats
-        _repack_on_load(self)
+        self.state_formats = OptimizerStateFormats(self.slots, optimizer)  # recorded on the optimizer
+        install_state_hooks(optimizer)  # state kept packed between steps: state_dict(), step() see floats
         check_courbariaux_optimizer(optimizer, self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -252,7 +252,7 @@ class Trainer:
         if new:
             made = {s.name: s for s in new}
             self.slots = [made.get(s.name, s) for s in self.slots]
-            self.state_formats = OptimizerStateFormats(self.slots)
+            self.state_formats = OptimizerStateFormats(self.slots, self.optimizer)
             check_courbariaux_optimizer(self.optimizer, self.slots)
             _warn_narrow_adam_state(self.optimizer, self.slots)
         return new
