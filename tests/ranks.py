@@ -5,7 +5,9 @@ A fork starts with torch, lowprec and whatever the test imported already loaded,
 training steps, not two interpreter start-ups (torchrun: tests/test_distributed.py). Each rank also gets the
 environment a launcher gives it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so
 accelerate and Lightning find the group that is already up and use it. A rank that raises fails the test with its
-traceback; one that hangs (a collective its neighbour never joins) is killed at ``timeout``.
+traceback; one that hangs (a collective its neighbour never joins) is killed at ``timeout``. The ranks run lowprec's
+kernels eagerly (``LOWPREC_COMPILE=0``: the same bits as compiled; torch.compile's worker threads and processes do
+not survive a fork).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _free_port() -> int:
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, tmp: str, port: int, args: tuple) -> None:
     torch.set_num_threads(1)  # as DataLoader's forked workers: the parent's OpenMP pool does not survive a fork
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOWPREC_COMPILE="0")  # nor torch.compile's worker pool: the eager kernels, the same bits
     code = 0
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size,
