@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import lowprec as lp
@@ -137,6 +138,33 @@ def test_functional_ops_quantizers_made_after_the_trainer_agree_across_ranks(pol
     a, b = run_ranks(_functional_ops_on_rank, policy)
     assert any(":matmul[0]:" in k for k in a["quantizers"])
     assert_identical(a, b)
+
+
+def _trainer_before_the_group(rank: int, store: str) -> str:
+    """Leave the group run_ranks made, build a Trainer, join a new group, step: the error, then the step of a
+    Trainer built after the group (which agrees)."""
+    dist.destroy_process_group()
+    model = lp.convert(worker.mlp(), "mixed-fp16")
+    early = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mixed-fp16")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    x, y = worker.local_batches(rank)[0]
+    message = "no error"
+    try:
+        early.step(F.cross_entropy(model(x).float(), y))
+    except RuntimeError as err:
+        message = str(err)
+    late = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mixed-fp16")
+    assert late.distributed and not late.step(F.cross_entropy(model(x).float(), y)).skipped
+    return message
+
+
+def test_a_trainer_built_before_the_process_group_is_refused_at_its_step(tmp_path):
+    """Its ranks would each decide alone (no agreement was set up): the step raises, naming the fix."""
+    from ranks import run_ranks
+
+    for message in run_ranks(_trainer_before_the_group, str(tmp_path / "store")):
+        assert message.startswith("apply_update(): this lowprec.Trainer was built before torch.distributed's")
+        assert "its 2 processes would each decide alone" in message and "after init_process_group" in message
 
 
 def test_without_a_process_group_everything_is_local():

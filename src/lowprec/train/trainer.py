@@ -18,7 +18,8 @@
 Under torch.distributed (a Trainer built after ``init_process_group``) the inf/NaN verdict, the exponent
 counters, start exponents and delayed-scaling amaxes are agreed across ranks (``distributed.py``; functional
 ops' quantizers made at the first forward included): every rank skips the same steps and holds the same loss
-scale, exponents and amax histories.
+scale, exponents and amax histories. A Trainer built before a process group of several ranks came up refuses
+to step (RuntimeError): it has no agreement set up.
 
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection of ``master_params()``, or ``clip_grad_norm_``), ``apply_update``. The step's
@@ -324,9 +325,17 @@ class Trainer:
                                               max_norm, norm_type)
 
     def _check_gradients(self, caller: str) -> None:
-        """RuntimeError, changing nothing, when the step has no gradient at all (it would be reported as a normal
-        step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a ``loss.backward()``
+        """RuntimeError, changing nothing, when a process group of several ranks came up after this Trainer was
+        built (the ranks' agreement is set up at construction), when the step has no gradient at all (it would be
+        reported as a normal step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a ``loss.backward()``
         by hand) gave gradients that are not multiplied by S: unscaling would make them S times too small."""
+        if not self.distributed and distributed.world_size() > 1:
+            raise RuntimeError(
+                f"{caller}: this lowprec.Trainer was built before torch.distributed's process group was "
+                f"initialised, so its {distributed.world_size()} processes would each decide alone on skipped "
+                "steps, the loss scale, exponents and amax histories, and their weights would drift apart. Build "
+                "the Trainer after init_process_group (as Lightning, accelerate and lowprec's runner do)."
+            )
         if not any(s.param.grad is not None or s.holder.grad is not None for s in self.slots):
             raise RuntimeError(
                 f"{caller}: no parameter has a gradient, so there is no step to take. Call trainer.backward(loss) "
