@@ -180,9 +180,10 @@ def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, op
 def test_state_movers_move_packed_state_bit_for_bit_and_a_cast_is_refused(monkeypatch):
     """Code that moves an optimizer's state calls ``.to(...)`` on each value as on a tensor: Lightning's
     ``_optimizer_to_device`` (its teardown and checkpoint restore), accelerate's ``send_to_device``; the state moves
-    and stays packed, bit for bit, and the next steps are those of an unmoved run. A dtype cast (``.to(torch.bfloat16)``,
-    as a loop that shrinks its optimizer state writes) is a TypeError naming ``.unpack()``: before, it cast the int16
-    codes themselves (codes above 256 are not bfloat16 numbers), changing Adam's moments silently."""
+    and stays packed, bit for bit, and the next steps are those of an unmoved run. A dtype cast
+    (``.to(torch.bfloat16)``, as a loop that shrinks its optimizer state writes) is a TypeError naming
+    ``.unpack()``: before, it cast the int16 codes themselves (codes above 256 are not bfloat16 numbers), changing
+    Adam's moments silently."""
     lightning = pytest.importorskip("lightning.fabric.utilities.optimizer")
     accelerate = pytest.importorskip("accelerate.utils")
     monkeypatch.setenv("LOWPREC_PACKED", "1")

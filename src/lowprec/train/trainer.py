@@ -327,8 +327,9 @@ class Trainer:
     def _check_gradients(self, caller: str) -> None:
         """RuntimeError, changing nothing, when a process group of several ranks came up after this Trainer was
         built (the ranks' agreement is set up at construction), when the step has no gradient at all (it would be
-        reported as a normal step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a ``loss.backward()``
-        by hand) gave gradients that are not multiplied by S: unscaling would make them S times too small."""
+        reported as a normal step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a
+        ``loss.backward()`` by hand) gave gradients that are not multiplied by S: unscaling would make them S
+        times too small."""
         if not self.distributed and distributed.world_size() > 1:
             raise RuntimeError(
                 f"{caller}: this lowprec.Trainer was built before torch.distributed's process group was "
