@@ -237,7 +237,9 @@ def _ddp_run(out: Path, policy: str, steps: int, resume: str | None = None, **kw
     state = trainer.lowprec_scaler.state_dict()
     assert trainer.lowprec_scaler.trainer.distributed and isinstance(trainer.model_wrapped,
                                                                       torch.nn.parallel.DistributedDataParallel)
+    kinds = sorted({type(v).__name__ for s in trainer.optimizer.state.values() for v in s.values()})
     return {"steps": trainer.steps, "weights": weights(model), "skipped": trainer.lowprec_skipped_steps,
+            "optimizer_state_kinds": kinds,
             "quantizers": {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(model)},
             "trainer": {k: state[k] for k in ("scaler", "optimizer", "master_copies", "accumulators", "quantizers")}}
 
@@ -280,10 +282,16 @@ def _resume_on_rank(rank: int, out: Path, policy: str) -> tuple[dict, dict]:
     return straight, resumed
 
 
+#: every kind of state a resume must restore: loss scale, amax histories, Adam's moments kept packed (fp16)
+RESUME_POLICY = "fp8-delayed+loss_scale=dynamic,optimizer_state=fp16"
+
+
 def test_ddp_resume_from_a_transformers_checkpoint_is_bit_exact(tmp_path):
-    """Rank 0 writes the checkpoint (scaler.pt holds the lowprec state: loss scale, amax histories); both ranks
-    resume from it after step 2 and end where the uninterrupted run ends, bit for bit, with the step after the
-    resume (an inf gradient on rank 1) skipped as before."""
-    for straight, resumed in run_ranks(_resume_on_rank, tmp_path, "fp8-delayed+loss_scale=dynamic"):
+    """Rank 0 writes the checkpoint (scaler.pt holds the lowprec state: loss scale, amax histories; the optimizer's
+    file its packed moments as float tensors); both ranks resume from it after step 2 and end where the
+    uninterrupted run ends, bit for bit, with the step after the resume (an inf gradient on rank 1) skipped as
+    before."""
+    for straight, resumed in run_ranks(_resume_on_rank, tmp_path, RESUME_POLICY):
+        assert straight["optimizer_state_kinds"] == ["Cast", "Tensor"]  # the moments packed, the step counters
         assert resumed["steps"] == straight["steps"][2:]
         assert_identical({**straight, "steps": None}, {**resumed, "steps": None})
