@@ -241,7 +241,8 @@ def _ddp_run(out: Path, policy: str, steps: int, resume: str | None = None, **kw
     return {"steps": trainer.steps, "weights": weights(model), "skipped": trainer.lowprec_skipped_steps,
             "optimizer_state_kinds": kinds,
             "quantizers": {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(model)},
-            "trainer": {k: state[k] for k in ("scaler", "optimizer", "master_copies", "accumulators", "quantizers")}}
+            "trainer": {k: state[k] for k in ("scaler", "optimizer", "master_copies", "accumulators", "quantizers",
+                                              "rng")}}
 
 
 def _fresh_accelerate() -> None:
