@@ -158,6 +158,31 @@ def _trainer_before_the_group(rank: int, store: str) -> str:
     return message
 
 
+def _scaler_before_the_group(rank: int, store: str) -> dict:
+    """A GradScaler without its optimizer built before the group (the Trainer comes at the first step), then a
+    forward under DDP in which each rank's dfx groups choose their start exponents from its own batch."""
+    dist.destroy_process_group()
+    model = lp.convert(FunctionalNet(), worker.POLICY)
+    scaler = lp.GradScaler(worker.POLICY, model)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for x, y in worker.local_batches(rank)[:4]:
+        scaler.scale(F.cross_entropy(ddp(x).float(), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(model)}
+
+
+def test_start_exponents_chosen_before_the_trainer_was_built_agree_across_ranks(tmp_path):
+    """The Trainer built at the first step agrees the start exponents that forward chose (MAX over the ranks)."""
+    from ranks import assert_identical, run_ranks
+
+    a, b = run_ranks(_scaler_before_the_group, str(tmp_path / "store"))
+    assert any(":matmul[0]:" in k for k in a) and any(q["exponent"] is not None for q in a.values())
+    assert_identical(a, b)
+
+
 def test_a_trainer_built_before_the_process_group_is_refused_at_its_step(tmp_path):
     """Its ranks would each decide alone (no agreement was set up): the step raises, naming the fix."""
     from ranks import run_ranks

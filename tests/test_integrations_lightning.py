@@ -252,10 +252,16 @@ def _fabric_on_rank(rank, policy):
         optimizer.step()
         skipped.append(plugin.last_result.skipped)
     assert plugin.scaler.trainer.distributed
-    return {"skipped": skipped, "net": net.state_dict(), "plugin": plugin.state_dict()}
+    return {"skipped": skipped, "net": net.state_dict(), "plugin": plugin.state_dict(),
+            "quantizers": {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(net)}}
 
 
-def test_fabric_ddp_ranks_skip_together_and_stay_identical():
-    a, b = run_ranks(_fabric_on_rank, "mixed-fp16")
+@pytest.mark.parametrize("policy", ["mixed-fp16", DFX_OVERFLOW], ids=["mixed-fp16", "dfx-overflow"])
+def test_fabric_ddp_ranks_skip_together_and_stay_identical(policy):
+    """Fabric shows the plugin the optimizer only at the first step, so the Trainer is built after the first
+    forward: the start exponents that forward chose on each rank from its own batch agree all the same (the
+    plugin's GradScaler sets the agreement up when it converts the model)."""
+    a, b = run_ranks(_fabric_on_rank, policy)
     assert a["skipped"] == [step in (1, INF_STEP) for step in range(4)]
+    assert any(q["exponent"] is not None for q in a["quantizers"].values()) == (policy == DFX_OVERFLOW)
     assert_identical(a, b)

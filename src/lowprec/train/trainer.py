@@ -192,10 +192,7 @@ class Trainer:
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
-            for _, _, q in layer_quantizers(model):  # delayed scaling: every rank pushes the largest amax
-                q.set_agree(distributed.all_max)
-            if emulation is not None:  # and the functional ops' quantizers, made at the first forward
-                emulation.agree = distributed.all_max
+            distributed.agree_quantizers(model)  # start exponents, amaxes: of layers and functional ops
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, loss: Tensor) -> TrainStepResult:
