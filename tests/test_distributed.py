@@ -158,6 +158,35 @@ def _trainer_before_the_group(rank: int, store: str) -> str:
     return message
 
 
+def _accumulated_under_no_sync(rank: int, policy: str) -> dict:
+    """Two steps of two micro-batches each, the first under DDP's ``no_sync()`` (what Lightning, accelerate and
+    transformers do for gradient accumulation): the all-reduce comes with the second backward only."""
+    model = lp.convert(worker.mlp(), policy)
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batches = worker.local_batches(rank)
+    for step in range(2):
+        (x1, y1), (x2, y2) = batches[2 * step], batches[2 * step + 1]
+        with ddp.no_sync():
+            trainer.backward(F.cross_entropy(ddp(x1).float(), y1) / 2)
+        trainer.backward(F.cross_entropy(ddp(x2).float(), y2) / 2)
+        assert not trainer.apply_update().skipped
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+            "masters": [s.holder.detach().clone() for s in trainer.slots]}
+
+
+@pytest.mark.parametrize("policy", ["native-bf16", "mixed-fp16"])
+def test_gradient_accumulation_under_no_sync_keeps_the_ranks_identical(policy):
+    """A native model's micro-batch gradients moved into the fp32 master copies between backward passes: under
+    ``no_sync`` the first pass's never reached the all-reduce, and each rank's weights took its own (they
+    differed after one step). Under torch.distributed they now accumulate on the parameters until the step."""
+    from ranks import assert_identical, run_ranks
+
+    a, b = run_ranks(_accumulated_under_no_sync, policy)
+    assert_identical(a, b)
+    assert not torch.equal(a["weights"]["0.weight"].float(), worker.mlp().state_dict()["0.weight"])
+
+
 def _scaler_before_the_group(rank: int, store: str) -> dict:
     """A GradScaler without its optimizer built before the group (the Trainer comes at the first step), then a
     forward under DDP in which each rank's dfx groups choose their start exponents from its own batch."""

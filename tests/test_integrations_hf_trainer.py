@@ -287,6 +287,20 @@ def _resume_on_rank(rank: int, out: Path, policy: str) -> tuple[dict, dict]:
 RESUME_POLICY = "fp8-delayed+loss_scale=dynamic,optimizer_state=fp16"
 
 
+def _accumulate_on_rank(rank: int, out: Path) -> dict:
+    _fresh_accelerate()
+    return _ddp_run(out, "native-bf16", 4, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+
+
+def test_ddp_gradient_accumulation_of_a_native_model_keeps_the_ranks_identical(tmp_path):
+    """gradient_accumulation_steps under DDP: accelerate runs the first micro-batch's backward in ``no_sync()``;
+    its bf16 gradients reach the all-reduce of the second, so both ranks take the same steps (the two where rank
+    1 alone overflowed skipped)."""
+    a, b = run_ranks(_accumulate_on_rank, tmp_path)
+    assert [s for s, _ in a["steps"]] == [step in (INF_LOSS_STEP, INF_GRAD_STEP) for step in range(4)]
+    assert_identical(a, b)
+
+
 def test_ddp_resume_from_a_transformers_checkpoint_is_bit_exact(tmp_path):
     """Rank 0 writes the checkpoint (scaler.pt holds the lowprec state: loss scale, amax histories; the optimizer's
     file its packed moments as float tensors); both ranks resume from it after step 2 and end where the

@@ -237,6 +237,24 @@ def test_ddp_ranks_skip_together_stay_identical_and_resume_bit_exactly(policy, t
     assert not torch.equal(straight["net"]["0.weight"], tiny_net().state_dict()["0.weight"])  # it trained
 
 
+def _accumulated_on_rank(rank):
+    module, plugin = Module(), LowprecPrecision("native-bf16")
+    L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, accumulate_grad_batches=2,
+              plugins=[plugin], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, ddp_loader())
+    return {"net": net_state(module), "plugin": plugin.state_dict()}
+
+
+def test_ddp_gradient_accumulation_of_a_native_model_keeps_the_ranks_identical():
+    """accumulate_grad_batches under DDP runs the first micro-batch's backward in ``no_sync()``: its gradient
+    must reach the all-reduce of the second (before, the Trainer had moved it into the fp32 master copies, and
+    the ranks' weights differed after the first step)."""
+    a, b = run_ranks(_accumulated_on_rank)
+    assert a["plugin"]["trainer"]["steps"] == 2
+    assert_identical(a, b)
+    assert not torch.equal(a["net"]["0.weight"].float(), tiny_net().state_dict()["0.weight"])  # it trained
+
+
 def _fabric_on_rank(rank, policy):
     plugin = LowprecFabricPrecision(policy)
     fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp", plugins=[plugin])

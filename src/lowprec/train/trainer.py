@@ -208,15 +208,16 @@ class Trainer:
         finally:
             self._in_backward = False
         if self.fused is None:
-            self._gather_grads()
+            self._gather_between_backwards()
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """S·loss (fp32) for the caller's own ``.backward()`` (``backward`` and torch.amp-style loops). Gradients
         an earlier backward of this step left on fp16/bf16 parameters move into their fp32 masters first, so
-        several backward passes sum in fp32; ``unscale_``/``apply_update`` gather the last one."""
+        several backward passes sum in fp32; ``unscale_``/``apply_update`` gather the last one. Under
+        torch.distributed they stay on the parameters (``_gather_between_backwards``)."""
         if self._unscaled is not None:
             raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
-        self._gather_grads()
+        self._gather_between_backwards()
         scaled = self.scaler.scale_loss(loss)
         if scaled.requires_grad:  # the backward pass through it is this trainer's (not a loss.backward() by hand)
             scaled.register_hook(self._backward_started)
@@ -236,6 +237,15 @@ class Trainer:
         """Native fp16/bf16 parameters: move their gradients into the float32 master copies (update.py)."""
         for slot in self.slots:
             slot.gather_grad_()
+
+    def _gather_between_backwards(self) -> None:
+        """``_gather_grads`` between the backward passes of one step, in one process. Under torch.distributed the
+        gradients of the passes accumulate on the fp16/bf16 parameters until ``unscale_``: DDP's ``no_sync()``
+        (gradient accumulation in Lightning, accelerate, transformers) leaves the all-reduce to the last pass,
+        which averages the ``.grad`` the parameters hold then; a gradient moved into a master copy before would
+        miss it and stay each rank's own (the ranks' weights would drift apart)."""
+        if not self.distributed:
+            self._gather_grads()
 
     def _adopt_functional_weights(self) -> list[ParamSlot]:
         """Once the model's first forward has shown which parameters functional ops use as weights
