@@ -5,7 +5,9 @@ momentum, clipping, gradient accumulation, ``zero_grad(set_to_none=False)``, a p
 ``optimizer.state`` directly. Each check is differential: packed (the default) against ``LOWPREC_PACKED=0``,
 and a resumed run against an uninterrupted one, bit for bit."""
 
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -175,6 +177,34 @@ def test_reading_packed_state_as_a_tensor_names_the_way_to_its_values(recipe, op
     assert not torch.equal(got["1"], _weights(_state_of_first_weight(recipe, optimizer, 4)))
 
 
+def test_state_movers_move_packed_state_bit_for_bit_and_a_cast_is_refused(monkeypatch):
+    """Code that moves an optimizer's state calls ``.to(...)`` on each value as on a tensor: Lightning's
+    ``_optimizer_to_device`` (its teardown and checkpoint restore), accelerate's ``send_to_device``; the state moves
+    and stays packed, bit for bit, and the next steps are those of an unmoved run. A dtype cast
+    (``.to(torch.bfloat16)``, as a loop that shrinks its optimizer state writes) is a TypeError naming
+    ``.unpack()``: before, it cast the int16 codes themselves (codes above 256 are not bfloat16 numbers), changing
+    Adam's moments silently."""
+    lightning = pytest.importorskip("lightning.fabric.utilities.optimizer")
+    accelerate = pytest.importorskip("accelerate.utils")
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    moved = _state_of_first_weight("int16", "adamw", 2)
+    state = moved._opt.state[moved[0].weight]
+    before = {k: v.unpack() for k, v in state.items() if isinstance(v, Packed)}
+    assert set(before) == {"exp_avg", "exp_avg_sq"} and state["exp_avg"].codes().abs().max() > 256
+    with pytest.raises(TypeError, match=r"unpacks to torch.float32; .*\.unpack\(\)\.to\(dtype\)"):
+        state["exp_avg"].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="held packed"):
+        state["exp_avg"].to("cpu", dtype=torch.float16)
+    assert state["exp_avg"].to(torch.float32) is state["exp_avg"]  # its own dtype: nothing to do
+    lightning._optimizer_to_device(moved._opt, torch.device("cpu"))
+    state.update(accelerate.send_to_device(dict(state), "cpu", non_blocking=True))
+    for name, values in before.items():
+        assert isinstance(state[name], Packed) and torch.equal(state[name].unpack(), values)
+    for x, y in _batches(4)[2:]:
+        _amp_step(moved, moved._opt, moved._scaler, x, y)
+    assert torch.equal(_weights(moved), _weights(_state_of_first_weight("int16", "adamw", 4)))
+
+
 def _head_joins_at_step_2(recipe: str, optimizer: str, added: bool, how: str = "add_param_group") -> nn.Module:
     """The head ``model[2]`` trains from step 2 on. ``added``: frozen until then and unfrozen mid-run (a
     fine-tuning loop), ``how``: added to the optimizer by ``add_param_group`` then, or held by it from the
@@ -310,6 +340,46 @@ def test_optimizer_load_state_dict_keeps_the_state_packed(recipe, optimizer, mon
     for i, s in opt.state_dict()["state"].items():
         for k, v in s.items():
             assert torch.equal(v, saved["state"][i][k])
+
+
+def _trained_in_a_function(recipe: str, optimizer: str, steps: int):
+    """A setup function that trains through a GradScaler and returns only the model and the optimizer (and a weak
+    reference to the Trainer, to show nothing else holds it)."""
+    model = _model()
+    opt = _OPTIMIZERS[optimizer](model.parameters())
+    scaler = lp.GradScaler(recipe, model, opt)
+    for x, y in _batches(steps):
+        _amp_step(model, opt, scaler, x, y)
+    return model, opt, weakref.ref(scaler.trainer)
+
+
+@pytest.mark.parametrize("recipe,optimizer", [("int16", "adamw"), ("int8-lazy", "lp-sgd")])
+def test_the_state_is_packed_at_a_load_after_its_trainer_is_gone(recipe, optimizer, monkeypatch):
+    """The load hook reached the Trainer through a weak reference: with the Trainer gone (built inside a function
+    that returned the model and optimizer), ``optimizer.load_state_dict`` left the state as float32 tensors for
+    good. The optimizer now records its state formats itself: packed at the load, the same values."""
+    monkeypatch.setenv("LOWPREC_PACKED", "1")
+    model, opt, trainer = _trained_in_a_function(recipe, optimizer, 2)
+    gc.collect()
+    assert trainer() is None
+    saved = torch.load(io.BytesIO(_saved(opt.state_dict())), weights_only=True)
+    opt.load_state_dict(saved)
+    buffers = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    assert buffers and all(isinstance(v, Packed) for v in buffers)
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, saved["state"][i][k])
+
+
+def test_a_trainer_over_the_master_copies_of_an_earlier_trainer_is_refused(eager_update):
+    """A native model's optimizer holds the float32 master copies its Trainer pointed it at; a second Trainer over
+    it, the first one gone, was refused as "the optimizer does not hold 4 trainable parameters ... build it over
+    the model after conversion" (it was). Now the error says what happened and both ways out."""
+    model, opt, trainer = _trained_in_a_function("native-bf16", "sgd", 1)
+    gc.collect()
+    assert trainer() is None
+    with pytest.raises(ValueError, match="master copies an earlier lowprec.Trainer pointed it at.* Keep that Trainer"):
+        lp.Trainer(model, opt, "native-bf16")
 
 
 def _saved(obj) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import lowprec as lp
@@ -101,6 +102,123 @@ def test_quantized_allreduce_hook_averages_in_the_format(ranks):
         assert torch.equal(reduced, expected)
         assert torch.equal(reduced, other)
         assert torch.equal(reduced, reduced.bfloat16().float())
+
+
+class FunctionalNet(torch.nn.Module):
+    """A linear layer, then a functional matmul by a parameter: the matmul's quantizers are made by the op
+    emulation at the first forward, after the Trainer was built."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Parameter(torch.randn(8, 3) * 0.3)
+
+    def forward(self, x):
+        return torch.relu(self.first(x)) @ self.head
+
+
+def _functional_ops_on_rank(rank: int, policy: str) -> dict:
+    model = lp.convert(FunctionalNet(), policy)
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for x, y in worker.local_batches(rank)[:4]:  # each rank its own data, of its own scale
+        trainer.step(F.cross_entropy(ddp(x).float(), y))
+    return {"quantizers": {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(model)},
+            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("policy", ["fp8-delayed", worker.POLICY], ids=["fp8-delayed", "dfx-overflow-auto"])
+def test_functional_ops_quantizers_made_after_the_trainer_agree_across_ranks(policy):
+    """The amax histories and dfx exponents (start exponents from each rank's first tensor, then the pooled
+    overflow rule) of a functional op's quantizers, which the model makes at its first forward, agree across
+    ranks as the swapped layers' do: on each rank alone they would differ (the ranks' data differ in scale)."""
+    from ranks import assert_identical, run_ranks
+
+    a, b = run_ranks(_functional_ops_on_rank, policy)
+    assert any(":matmul[0]:" in k for k in a["quantizers"])
+    assert_identical(a, b)
+
+
+def _trainer_before_the_group(rank: int, store: str) -> str:
+    """Leave the group run_ranks made, build a Trainer, join a new group, step: the error, then the step of a
+    Trainer built after the group (which agrees)."""
+    dist.destroy_process_group()
+    model = lp.convert(worker.mlp(), "mixed-fp16")
+    early = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mixed-fp16")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    x, y = worker.local_batches(rank)[0]
+    message = "no error"
+    try:
+        early.step(F.cross_entropy(model(x).float(), y))
+    except RuntimeError as err:
+        message = str(err)
+    late = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), "mixed-fp16")
+    assert late.distributed and not late.step(F.cross_entropy(model(x).float(), y)).skipped
+    return message
+
+
+def _accumulated_under_no_sync(rank: int, policy: str) -> dict:
+    """Two steps of two micro-batches each, the first under DDP's ``no_sync()`` (what Lightning, accelerate and
+    transformers do for gradient accumulation): the all-reduce comes with the second backward only."""
+    model = lp.convert(worker.mlp(), policy)
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batches = worker.local_batches(rank)
+    for step in range(2):
+        (x1, y1), (x2, y2) = batches[2 * step], batches[2 * step + 1]
+        with ddp.no_sync():
+            trainer.backward(F.cross_entropy(ddp(x1).float(), y1) / 2)
+        trainer.backward(F.cross_entropy(ddp(x2).float(), y2) / 2)
+        assert not trainer.apply_update().skipped
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+            "masters": [s.holder.detach().clone() for s in trainer.slots]}
+
+
+@pytest.mark.parametrize("policy", ["native-bf16", "mixed-fp16"])
+def test_gradient_accumulation_under_no_sync_keeps_the_ranks_identical(policy):
+    """A native model's micro-batch gradients moved into the fp32 master copies between backward passes: under
+    ``no_sync`` the first pass's never reached the all-reduce, and each rank's weights took its own (they
+    differed after one step). Under torch.distributed they now accumulate on the parameters until the step."""
+    from ranks import assert_identical, run_ranks
+
+    a, b = run_ranks(_accumulated_under_no_sync, policy)
+    assert_identical(a, b)
+    assert not torch.equal(a["weights"]["0.weight"].float(), worker.mlp().state_dict()["0.weight"])
+
+
+def _scaler_before_the_group(rank: int, store: str) -> dict:
+    """A GradScaler without its optimizer built before the group (the Trainer comes at the first step), then a
+    forward under DDP in which each rank's dfx groups choose their start exponents from its own batch."""
+    dist.destroy_process_group()
+    model = lp.convert(FunctionalNet(), worker.POLICY)
+    scaler = lp.GradScaler(worker.POLICY, model)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for x, y in worker.local_batches(rank)[:4]:
+        scaler.scale(F.cross_entropy(ddp(x).float(), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return {f"{n}:{r}": q.state_dict() for n, r, q in lp.nn.quantizers(model)}
+
+
+def test_start_exponents_chosen_before_the_trainer_was_built_agree_across_ranks(tmp_path):
+    """The Trainer built at the first step agrees the start exponents that forward chose (MAX over the ranks)."""
+    from ranks import assert_identical, run_ranks
+
+    a, b = run_ranks(_scaler_before_the_group, str(tmp_path / "store"))
+    assert any(":matmul[0]:" in k for k in a) and any(q["exponent"] is not None for q in a.values())
+    assert_identical(a, b)
+
+
+def test_a_trainer_built_before_the_process_group_is_refused_at_its_step(tmp_path):
+    """Its ranks would each decide alone (no agreement was set up): the step raises, naming the fix."""
+    from ranks import run_ranks
+
+    for message in run_ranks(_trainer_before_the_group, str(tmp_path / "store")):
+        assert message.startswith("apply_update(): this lowprec.Trainer was built before torch.distributed's")
+        assert "its 2 processes would each decide alone" in message and "after init_process_group" in message
 
 
 def test_without_a_process_group_everything_is_local():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -86,9 +86,25 @@ class Packed:
         return (f"{type(self).__name__}(packed, shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"nbytes={self.nbytes}, values={self.unpack()!r})")
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
-        """The same packed value with its tensors on ``device`` (what code that moves an optimizer's state
-        between devices calls, e.g. Lightning's ``move_data_to_device``); a new object, bit for bit the same."""
+    def to(self, *args: Any, **kwargs: Any) -> Packed:
+        """The same packed value with its tensors on another device, called as ``Tensor.to`` is (``to(device)``,
+        ``to(device=..., non_blocking=...)``: what code that moves an optimizer's state between devices calls, e.g.
+        Lightning's ``move_data_to_device``, accelerate's ``send_to_device``); a new object, bit for bit the same.
+
+        A dtype other than the unpacked one (``to(torch.bfloat16)``, ``to(dtype=...)``, ``to(other_tensor)``) is
+        refused with a TypeError: the payload is the format's codes, not the values, and casting it (int16 codes
+        to bfloat16) would change the values silently; ``.unpack().to(dtype)`` converts the values."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != self.dtype:
+            raise TypeError(
+                f"{type(self).__name__}.to({dtype}): this value is held packed (lowprec.formats.packing.Packed, e.g. "
+                f"optimizer state between steps) and unpacks to {self.dtype}; its payload is the format's codes, "
+                "which a cast would change. Convert the values: .unpack().to(dtype) (assign the tensor in its "
+                "place, e.g. optimizer.state[p][name] = t), or keep float32 tensors with packed=off in the policy "
+                "or LOWPREC_PACKED=0"
+            )
+        if device is None:
+            return self
         fields = dataclasses.fields(self)  # type: ignore[arg-type]
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                  for f in fields if isinstance(getattr(self, f.name), Tensor)}

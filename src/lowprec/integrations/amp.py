@@ -39,7 +39,7 @@ from ..nn import conversion_policy, convert
 from ..nn.convert import policy_label
 from ..policy import Policy, as_policy
 from ..scaling import LossScaler
-from ..train import Trainer, TrainStepResult, scaler_for
+from ..train import Trainer, TrainStepResult, distributed, scaler_for
 from ..train.trainer import rng_state, set_rng_state
 from ..train.params import parameter_slots
 
@@ -103,6 +103,8 @@ class GradScaler:
             self._bind(optimizer)
         else:
             parameter_slots(self.model, self.policy)  # the rounding into master formats the Trainer's build does
+            if distributed.is_initialized():  # the forwards before the Trainer is built agree across ranks too
+                distributed.agree_quantizers(self.model)
 
     # -- binding ----------------------------------------------------------------------------------------------
     @property

@@ -30,8 +30,11 @@ scaler (through accelerate):
   (``scaler.pt``, float tensors only: it loads with ``weights_only=True``), so ``train(resume_from_checkpoint=)``
   continues bit for bit.
 
-One optimizer, one process (DDP through accelerate is not covered by the tests). The fused native update of
-``lowprec.Trainer`` is not used: gradients are unscaled before clipping, as under accelerate's own fp16.
+One optimizer. Under DDP (accelerate on a process group: ``accelerate launch``, torchrun) the GradScaler is built
+with the optimizer, after the group is up, so the ranks agree on skipped steps, the loss scale, exponents and amax
+histories (``lowprec.train.distributed``); rank 0 writes ``scaler.pt`` and every rank resumes from it. The fused
+native update of ``lowprec.Trainer`` is not used: gradients are unscaled before clipping, as under accelerate's own
+fp16.
 """
 
 from __future__ import annotations

@@ -152,6 +152,9 @@ class OpEmulation:
         #: When set, ``make_quantizer(site, role, quant, kind)`` makes each op quantizer in place of
         #: ``Quantizer(quant, policy)`` (None: that one): ``lowprec.inspect``'s recorders.
         self.make_quantizer: Callable[[str, str, Quant | None, str], Quantizer | None] | None = None
+        #: the cross-process MAX the quantizers made from now on agree through (``Quantizer.set_agree``); set by
+        #: ``lowprec.Trainer`` under torch.distributed, since most call sites are made at the first forward
+        self.agree: Callable[[Tensor], Tensor] | None = None
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
         self._warned: set[str] = set()
@@ -181,6 +184,7 @@ class OpEmulation:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("agree", None)  # pickled before it had one
         self.records, self.make_quantizer = None, None
         self._reset()
 
@@ -316,6 +320,7 @@ class OpEmulation:
                                 "layers only")
             for q in found.values():
                 q.observe_only = self.observe_only
+                q.set_agree(self.agree)
             for role, state in self._pending.pop(_site(key), {}).items():
                 found[role].load_state_dict(state)
             self.quantizer_sets[key] = found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,6 +57,15 @@ class Quantizer:
             self.exponent = DynamicExponent(
                 quant.format, p.init_int_bits, max_overflow_rate=p.max_overflow_rate, interval=p.exponent_interval
             )
+
+    def set_agree(self, agree: Callable[[Tensor], Tensor] | None) -> None:
+        """Have this role's scale state agree across processes: ``agree`` (an element-wise MAX over the ranks,
+        ``lowprec.train.distributed.all_max``; None: each process alone) takes a dynamic fixed point exponent's
+        start exponent and a delayed scale's amax before they are used. A role without such state ignores it."""
+        if self.exponent is not None:
+            self.exponent.agree = agree
+        if self.scale_state is not None:
+            self.scale_state.agree = agree
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling: a quantizer pickled before it had a FormDemand gets a new one."""

@@ -16,6 +16,11 @@ every rank's state identical:
   r - 1, batches) are summed over the ranks in one all-reduce (``sum_exponent_counters``); every rank then
   applies Courbariaux's rule to the pooled rate and holds the same exponent. With ``init_int_bits=auto`` the
   start exponent is the MAX over the ranks of each rank's first max-abs exponent.
+* Delayed scaling (``scaled<...,delayed>``): every rank pushes the MAX over the ranks of its pending amax, so
+  every rank holds the same amax history and scale.
+* The quantizers of functional ops, which the op-level emulation makes at the first forward (after the Trainer
+  was built), take the same agreement (``OpEmulation.agree``); start exponents chosen by a forward before the
+  Trainer was built (a ``GradScaler`` bound at its first step) are agreed when it is (``agree_quantizers``).
 * Dynamic fixed point, "maxabs" rule: stateless; each tensor takes its exponent from its own max|x|. Weights,
   master weights and optimizer state are the same on every rank, so their exponents are too; activations and
   the gradients each rank computes before the all-reduce take their exponent from that rank's own batch, as
@@ -54,13 +59,15 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..formats import Format, parse_format, quantize
+from ..nn import emulation_of
+from ..nn import quantizers as layer_quantizers
 from ..scaling import DynamicExponent
 
 __all__ = [
-    "is_initialized", "rank", "world_size", "all_max", "mean_over_ranks", "sum_exponent_counters",
+    "is_initialized", "rank", "world_size", "all_max", "agree_quantizers", "mean_over_ranks", "sum_exponent_counters",
     "quantized_allreduce_hook", "init_from_env", "shard", "die_with_parent", "leave", "LAUNCHER_PID",
 ]
 
@@ -99,6 +106,27 @@ def all_max(t: Tensor) -> Tensor:
     work = t.to(_device(), torch.uint8 if t.dtype == torch.bool else t.dtype, copy=True)
     dist.all_reduce(work, op=dist.ReduceOp.MAX)
     return work.to(t.device, t.dtype)
+
+
+def agree_quantizers(model: nn.Module) -> None:
+    """Have every quantizer of ``model`` agree across the ranks: its layers' and its functional ops' (also those
+    the op-level emulation makes later, at a first forward: ``OpEmulation.agree``) take ``all_max`` for their
+    dfx start exponents and delayed-scaling amaxes; start exponents already chosen (a forward ran before, e.g.
+    under a ``GradScaler`` bound to its optimizer at the first step) become their MAX over the ranks now, in one
+    all-reduce, which is what the agreement would have given them. Call on every rank, after the same forwards
+    (the same quantizers on each); ``lowprec.Trainer`` does, when built under a process group."""
+    found = [q for _, _, q in layer_quantizers(model)]
+    for q in found:
+        q.set_agree(all_max)
+    emulation = emulation_of(model)
+    if emulation is not None:
+        emulation.agree = all_max
+    exponents = [q.exponent for q in found if q.exponent is not None]
+    if exponents:
+        unset = torch.iinfo(torch.int64).min  # not started yet (no tensor seen): stays so unless another rank's has
+        agreed = all_max(torch.tensor([unset if e.int_bits is None else e.int_bits for e in exponents]))
+        for e, r in zip(exponents, agreed.tolist()):
+            e.int_bits = None if r == unset else r
 
 
 def mean_over_ranks(value: Tensor) -> float:

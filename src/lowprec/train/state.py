@@ -22,25 +22,44 @@ Trainer packs it when it rounds it after the step (``apply_``), so their float32
 only, not during forward and backward. A buffer not read in a step (its parameter had no gradient) is
 not rounded again, packed or not, and every other buffer is rounded once a step. ``optimizer.state_dict()`` gives
 float tensors (a state-dict hook unpacks them), so checkpoints keep their form and any ``load_state_dict``
-accepts them; the Trainer packs the loaded state again at every ``optimizer.load_state_dict`` (a post-hook
-calling ``repack_``: its own ``load_state_dict``, Lightning's, a loop's). Code that reads
+accepts them; the loaded state is packed again at every ``optimizer.load_state_dict`` (a post-hook: the
+Trainer's own ``load_state_dict``, Lightning's, a loop's). That hook reads the formats from the optimizer itself
+(``bind``: which tensors it holds take which ``optimizer_state`` format, set by the Trainer that drives it), not
+from the Trainer, so it packs as long as the optimizer lives, also after that Trainer is gone (built inside a
+function that returned only the model and optimizer). Code that reads
 ``optimizer.state`` directly between steps sees ``lowprec.formats.packing.Packed`` values (``.unpack()``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..formats import Format
 from ..formats.packing import Packed
-from ..policy import Quantizer
+from ..policy import Policy, Quantizer
 from . import stored
 from .update import ParamSlot, assign_, unpack_state_of_
 
-__all__ = ["OptimizerStateFormats", "install_state_hooks", "unpack_state_"]
+__all__ = ["OptimizerStateFormats", "install_state_hooks", "unpack_state_", "bound_masters"]
+
+#: The optimizer attribute recording what the Trainer driving it made of it: one ``_Bound`` per parameter slot.
+_BOUND = "_lowprec_bound"
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """One parameter slot as its optimizer records it: the tensor the optimizer holds for it (the parameter, or
+    its float32 master copy), the parameter, and its ``optimizer_state`` format (None: none) and policy."""
+
+    holder: Tensor
+    param: Tensor
+    state_format: Format | None
+    policy: Policy
 
 
 def _is_buffer(name: str, value: Any, param: Tensor) -> bool:
@@ -69,19 +88,46 @@ def unpack_state_(optimizer: torch.optim.Optimizer, *_: Any) -> None:
     unpack_state_of_(optimizer, list(optimizer.state))
 
 
+def _repack(optimizer: torch.optim.Optimizer, bound: Sequence[_Bound]) -> None:
+    """Pack the float buffers of the ``bound`` slots that have a state format: each in its optimizer_state format
+    where all its values lie on the grid (``stored.repack``)."""
+    for b in bound:
+        if b.state_format is None:
+            continue
+        state = optimizer.state.get(b.holder, {})
+        on = stored.packing_on(b.policy)
+        for buffer, value in state.items():
+            if _is_buffer(buffer, value, b.holder) and not isinstance(value, Packed):
+                state[buffer] = stored.repack(value, b.state_format, on)
+
+
+def _repack_loaded(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.load_state_dict`` post-hook: the loaded state (float tensors) packed in the formats the
+    optimizer records (``OptimizerStateFormats.bind``), whether or not the Trainer that set them is still alive."""
+    _repack(optimizer, optimizer.__dict__.get(_BOUND, ()))
+
+
+def bound_masters(optimizer: torch.optim.Optimizer) -> set[int]:
+    """``id``s of the float32 master copies a Trainer pointed ``optimizer`` at (native fp16/bf16 parameters)."""
+    return {id(b.holder) for b in optimizer.__dict__.get(_BOUND, ()) if b.holder is not b.param}
+
+
 def install_state_hooks(optimizer: torch.optim.Optimizer) -> None:
-    """Make ``optimizer.state_dict()`` give float tensors for buffers kept packed, and ``optimizer.step()`` unpack
-    them first (hooks on the optimizer, installed once)."""
+    """Make ``optimizer.state_dict()`` give float tensors for buffers kept packed, ``optimizer.step()`` unpack
+    them first and ``optimizer.load_state_dict`` pack the loaded state (hooks on the optimizer, installed once)."""
     if _unpacked_state_dict not in getattr(optimizer, "_optimizer_state_dict_post_hooks", {}).values():
         optimizer.register_state_dict_post_hook(_unpacked_state_dict)
     if unpack_state_ not in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values():
         optimizer.register_step_pre_hook(unpack_state_)
+    if _repack_loaded not in getattr(optimizer, "_optimizer_load_state_dict_post_hooks", {}).values():
+        optimizer.register_load_state_dict_post_hook(_repack_loaded)
 
 
 class OptimizerStateFormats:
     """Rounds optimizer buffers to each parameter's ``optimizer_state`` format (module docstring)."""
 
-    def __init__(self, slots: Sequence[ParamSlot]):
+    def __init__(self, slots: Sequence[ParamSlot], optimizer: torch.optim.Optimizer | None = None):
+        self._optimizer = optimizer
         self._slots: list[ParamSlot] = []
         self.set_slots(slots)
         self._quantizers: dict[str, Quantizer] = {}  # "<param name>:<buffer name>"
@@ -89,8 +135,20 @@ class OptimizerStateFormats:
 
     def set_slots(self, slots: Sequence[ParamSlot]) -> None:
         """The slots whose buffers are rounded, in this order (parameters added to the optimizer after the
-        Trainer was built join them; the quantizers of the others are kept)."""
+        Trainer was built join them; the quantizers of the others are kept). With an ``optimizer``, it records
+        them (``bind``)."""
         self._slots = [s for s in slots if s.state_quant is not None]
+        if self._optimizer is not None:
+            self.bind(self._optimizer, slots)
+
+    @staticmethod
+    def bind(optimizer: torch.optim.Optimizer, slots: Sequence[ParamSlot]) -> None:
+        """Record on ``optimizer`` what each slot's parameter is to it (the tensor it holds, the state format, the
+        policy): its load hook packs loaded state from this record, and a later Trainer over the same optimizer
+        finds the master copies an earlier one pointed it at. The last Trainer bound is the one recorded."""
+        setattr(optimizer, _BOUND, tuple(
+            _Bound(s.holder, s.param, None if s.state_quant is None else s.state_quant.format, s.policy)
+            for s in slots))
 
     def _quantizer(self, slot: ParamSlot, buffer: str) -> Quantizer:
         key = f"{slot.name}:{buffer}"
@@ -154,12 +212,7 @@ class OptimizerStateFormats:
     def repack_(self, optimizer: torch.optim.Optimizer) -> None:
         """Pack the float buffers of the slots (state just loaded from a checkpoint): each in its
         optimizer_state format where all its values lie on the grid (``stored.repack``)."""
-        for slot in self._slots:
-            state = optimizer.state.get(slot.holder, {})
-            on = stored.packing_on(slot.policy)
-            for buffer, value in state.items():
-                if _is_buffer(buffer, value, slot.holder) and not isinstance(value, Packed):
-                    state[buffer] = stored.repack(value, slot.state_quant.format, on)
+        _repack(optimizer, [_Bound(s.holder, s.param, s.state_quant.format, s.policy) for s in self._slots])
 
     def nbytes(self, optimizer: torch.optim.Optimizer) -> int:
         """Bytes the slots' buffers hold now (packed, or float tensors)."""

@@ -15,9 +15,11 @@
    trainer's own master / accumulator / optimizer-state groups. They advance on skipped steps too: the
    batch was observed, and an overflow is exactly what the overflow-rate rule must see.
 
-Under torch.distributed (a Trainer built after ``init_process_group``) the inf/NaN verdict and the exponent
-counters are agreed across ranks (``distributed.py``): every rank skips the same steps and holds the same
-loss scale and exponents.
+Under torch.distributed (a Trainer built after ``init_process_group``) the inf/NaN verdict, the exponent
+counters, start exponents and delayed-scaling amaxes are agreed across ranks (``distributed.py``; functional
+ops' quantizers made at the first forward included): every rank skips the same steps and holds the same loss
+scale, exponents and amax histories. A Trainer built before a process group of several ranks came up refuses
+to step (RuntimeError): it has no agreement set up.
 
 Users with their own loop call the pieces, as with torch.amp: ``backward``, ``unscale_`` (then their own
 clipping or gradient inspection of ``master_params()``, or ``clip_grad_norm_``), ``apply_update``. The step's
@@ -55,7 +57,7 @@ from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
-from .state import OptimizerStateFormats, install_state_hooks
+from .state import OptimizerStateFormats, bound_masters, install_state_hooks
 from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
 
@@ -128,18 +130,18 @@ def _watch_accumulation(trainer: Trainer, slots: Iterable[ParamSlot]) -> None:
         slot.param.register_post_accumulate_grad_hook(functools.partial(note, slot.name))
 
 
-def _repack_on_load(trainer: Trainer) -> None:
-    """Pack the optimizer state again after any ``optimizer.load_state_dict`` (a loop's own resume, Lightning's,
-    a checkpoint written by ``torch.save(optimizer.state_dict())``): the state dict holds float tensors, kept
-    packed from the load on rather than until the next step (a weak reference: the hook keeps no trainer alive)."""
-    ref = weakref.ref(trainer)
-
-    def repack(optimizer: torch.optim.Optimizer) -> None:
-        owner = ref()
-        if owner is not None:
-            owner.state_formats.repack_(optimizer)
-
-    trainer.optimizer.register_load_state_dict_post_hook(repack)
+def _refuse_masters_of_an_earlier_trainer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError when ``optimizer`` holds the float32 master copies another Trainer pointed it at (native
+    fp16/bf16 parameters) instead of the model's parameters: that Trainer's master copies, which this one would
+    neither know nor write back into the model."""
+    masters, owned = bound_masters(optimizer), {id(p) for p in model.parameters()}
+    if any(id(p) in masters and id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            "the optimizer holds the float32 master copies an earlier lowprec.Trainer pointed it at (this model's "
+            "fp16/bf16 parameters are updated through them): a Trainer drives its optimizer for good. Keep that "
+            "Trainer (or the GradScaler or plugin holding it), or build a new optimizer over model.parameters() "
+            "and resume with trainer.load_state_dict(earlier_trainer.state_dict())"
+        )
 
 
 class Trainer:
@@ -170,15 +172,15 @@ class Trainer:
         self.policy = trainer_policy(model, policy)
         self.scaler = scaler if scaler is not None else scaler_for(self.policy)
         self.clip_grad_norm = clip_grad_norm
+        _refuse_masters_of_an_earlier_trainer(model, optimizer)
         check_optimizer_covers(model, optimizer)
         self.slots = parameter_slots(model, self.policy)
         emulation = emulation_of(model)  # its record of the weights functional ops use: after the first forward
         self._awaiting_forward = emulation is not None and emulation.layer_parameters is None
         use_master_copies(optimizer, self.slots)
         self.fused = FusedUpdate.build(optimizer, self.slots, clip=clip_grad_norm is not None)
-        self.state_formats = OptimizerStateFormats(self.slots)
-        install_state_hooks(optimizer)  # state kept packed between steps: state_dict() and step() see floats
-        _repack_on_load(self)
+        self.state_formats = OptimizerStateFormats(self.slots, optimizer)  # recorded on the optimizer
+        install_state_hooks(optimizer)  # state kept packed between steps: state_dict(), step() see floats
         check_courbariaux_optimizer(optimizer, self.slots)
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
@@ -190,11 +192,7 @@ class Trainer:
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
-            for _, _, q in layer_quantizers(model):
-                if q.exponent is not None:
-                    q.exponent.agree = distributed.all_max
-                if q.scale_state is not None:  # delayed scaling: every rank pushes the largest amax
-                    q.scale_state.agree = distributed.all_max
+            distributed.agree_quantizers(model)  # start exponents, amaxes: of layers and functional ops
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, loss: Tensor) -> TrainStepResult:
@@ -210,15 +208,16 @@ class Trainer:
         finally:
             self._in_backward = False
         if self.fused is None:
-            self._gather_grads()
+            self._gather_between_backwards()
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """S·loss (fp32) for the caller's own ``.backward()`` (``backward`` and torch.amp-style loops). Gradients
         an earlier backward of this step left on fp16/bf16 parameters move into their fp32 masters first, so
-        several backward passes sum in fp32; ``unscale_``/``apply_update`` gather the last one."""
+        several backward passes sum in fp32; ``unscale_``/``apply_update`` gather the last one. Under
+        torch.distributed they stay on the parameters (``_gather_between_backwards``)."""
         if self._unscaled is not None:
             raise RuntimeError("backward() after unscale_(): call apply_update() first to finish that step")
-        self._gather_grads()
+        self._gather_between_backwards()
         scaled = self.scaler.scale_loss(loss)
         if scaled.requires_grad:  # the backward pass through it is this trainer's (not a loss.backward() by hand)
             scaled.register_hook(self._backward_started)
@@ -239,6 +238,15 @@ class Trainer:
         for slot in self.slots:
             slot.gather_grad_()
 
+    def _gather_between_backwards(self) -> None:
+        """``_gather_grads`` between the backward passes of one step, in one process. Under torch.distributed the
+        gradients of the passes accumulate on the fp16/bf16 parameters until ``unscale_``: DDP's ``no_sync()``
+        (gradient accumulation in Lightning, accelerate, transformers) leaves the all-reduce to the last pass,
+        which averages the ``.grad`` the parameters hold then; a gradient moved into a master copy before would
+        miss it and stay each rank's own (the ranks' weights would drift apart)."""
+        if not self.distributed:
+            self._gather_grads()
+
     def _adopt_functional_weights(self) -> list[ParamSlot]:
         """Once the model's first forward has shown which parameters functional ops use as weights
         (``params.parameter_policies``), give each its layer's update roles: a new slot (rounded into its master
@@ -252,7 +260,7 @@ class Trainer:
         if new:
             made = {s.name: s for s in new}
             self.slots = [made.get(s.name, s) for s in self.slots]
-            self.state_formats = OptimizerStateFormats(self.slots)
+            self.state_formats = OptimizerStateFormats(self.slots, self.optimizer)
             check_courbariaux_optimizer(self.optimizer, self.slots)
             _warn_narrow_adam_state(self.optimizer, self.slots)
         return new
@@ -324,9 +332,18 @@ class Trainer:
                                               max_norm, norm_type)
 
     def _check_gradients(self, caller: str) -> None:
-        """RuntimeError, changing nothing, when the step has no gradient at all (it would be reported as a normal
-        step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a ``loss.backward()``
-        by hand) gave gradients that are not multiplied by S: unscaling would make them S times too small."""
+        """RuntimeError, changing nothing, when a process group of several ranks came up after this Trainer was
+        built (the ranks' agreement is set up at construction), when the step has no gradient at all (it would be
+        reported as a normal step) or when, under a loss scale S != 1, a backward pass outside ``backward()`` (a
+        ``loss.backward()`` by hand) gave gradients that are not multiplied by S: unscaling would make them S
+        times too small."""
+        if not self.distributed and distributed.world_size() > 1:
+            raise RuntimeError(
+                f"{caller}: this lowprec.Trainer was built before torch.distributed's process group was "
+                f"initialised, so its {distributed.world_size()} processes would each decide alone on skipped "
+                "steps, the loss scale, exponents and amax histories, and their weights would drift apart. Build "
+                "the Trainer after init_process_group (as Lightning, accelerate and lowprec's runner do)."
+            )
         if not any(s.param.grad is not None or s.holder.grad is not None for s in self.slots):
             raise RuntimeError(
                 f"{caller}: no parameter has a gradient, so there is no step to take. Call trainer.backward(loss) "
