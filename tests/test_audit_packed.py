@@ -497,6 +497,31 @@ def test_transposed_saved_input_same_gradients_packed_and_unpacked(recipe, monke
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_a_relus_result_in_any_layout_gives_torchs_gradient(layout):
+    """A ReLU's saved result as one bit a value in a permuted layout (channels_last, a transpose) or a strided slice:
+    the same gradient as torch's, bit for bit, NaN results included."""
+    from lowprec.nn import packed as packed_mod
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 8, 16, 16, generator=g)
+    base[0, 0, 0, :3] = torch.tensor([float("nan"), 0.0, -0.0])
+    grad_out = torch.randn(4, 8, 16, 16, generator=g)
+    view = {"transposed": lambda t: t.transpose(1, 3), "sliced": lambda t: t[:, ::2],
+            "channels_last": lambda t: t.to(memory_format=torch.channels_last)}[layout]
+
+    def grad(hooks) -> torch.Tensor:
+        x = base.clone().requires_grad_()
+        with hooks:
+            y = torch.relu(view(x * 1.0))
+        y.backward(view(grad_out))
+        return x.grad
+
+    got = grad(packed_mod.PackedSavedTensors())
+    want = grad(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp16", "uniform<2,unsigned>"])
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
 def test_unpacked_saved_tensor_keeps_values_and_layout(fmt, layout, monkeypatch):

@@ -70,9 +70,8 @@ class _Positive(Packed):
         return self.positive.shape
 
     def unpack(self) -> Tensor:
-        if isinstance(self.positive, Bits):
-            return self.positive.unpack_as(self.dtype)
-        return self.positive.unpack().to(self.dtype)  # a permuted layout (_Permuted)
+        p = self.positive  # Bits, or Bits in a permuted layout (_Permuted): 0/1 values straight from the bytes
+        return p.unpack_as(self.dtype) if isinstance(p, Bits) else p.inner.unpack_as(self.dtype).permute(p.inverse)
 
     @property
     def nbytes(self) -> int:
