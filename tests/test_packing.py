@@ -263,3 +263,27 @@ def test_dfx_rounding_leaves_its_fixed_point_grid():
     assert via_grid.frac == via_range.frac and torch.equal(via_grid.data, via_range.data)
     q.add_(0)  # changed in place: the marks are gone
     assert marked_format(mark(q, fmt)) == fmt
+
+
+@pytest.mark.parametrize("spec, dtypes", [
+    ("fixed<4,2>", (torch.float32, torch.float64, torch.float16, torch.bfloat16)),
+    ("fixed<2,0>", (torch.float32, torch.float16, torch.bfloat16)),
+    ("fixed<4,-3>", (torch.float32, torch.float64)),
+    ("uniform<4>", (torch.float32, torch.float64)), ("uniform<3,unsigned>", (torch.float32,)),
+    ("uniform<2>", (torch.float32,))])
+def test_sub_byte_codes_unpack_bit_exact_in_every_container(spec, dtypes):
+    """2- and 4-bit codes unpack on a CPU by one table gather a byte (``packing._lookup``): the bits of the
+    value-by-value arithmetic (the codes cast to the container, then divided by the levels or scaled), and the
+    rounded tensor's values, in each float container, odd lengths included."""
+    fmt = parse_format(spec)
+    for dtype in dtypes:
+        for n in (1, 37, 4099):
+            x = torch.linspace(-20, 20, n, dtype=torch.float64).to(dtype)
+            q = quantize(x, fmt)
+            packed = pack(q, fmt)
+            assert isinstance(packed, Codes) and packed.data.dtype == torch.uint8
+            back = packed.unpack()
+            slow = packed._values(packed.codes().to(dtype))
+            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[back.element_size()]
+            assert back.dtype == dtype and back.shape == q.shape
+            assert torch.equal(back.view(ints), slow.view(ints)) and torch.equal(back, q)
