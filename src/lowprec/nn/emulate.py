@@ -302,7 +302,8 @@ class OpEmulation:
             policy = self.resolution.module_policy(frame.name, frame.module, op=op)
             kind = OP_KINDS[op]
             clips = weight_layer and kind in _CLIP_KINDS
-            found = {role: Quantizer(self._quant(policy, role, clips, kind), policy) for role in LAYER_ROLES}
+            found = {role: Quantizer(self._quant(policy, role, clips, kind), policy, forward=not Role(role).gradient)
+                     for role in LAYER_ROLES}
             if any((quant := policy.get(role)) is not None and quant.format.clip_range is not None
                    and not q.enabled for role, q in found.items()):
                 self.clip_exempt.add((frame.name, op, index))

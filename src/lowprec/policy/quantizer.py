@@ -12,7 +12,14 @@ from ..formats.packing import FormDemand, FormsFor, mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
-__all__ = ["Quantizer"]
+__all__ = ["Quantizer", "recomputing"]
+
+
+def recomputing() -> bool:
+    """Whether autograd is running a backward pass now: a forward rounding made then is an activation
+    checkpoint's recomputation of the forward (torch.utils.checkpoint runs it inside backward, reentrant or
+    not), not a new batch."""
+    return torch._C._current_graph_task_id() != -1
 
 #: The roundings that leave a value already on the grid as it is, and draw nothing.
 _DETERMINISTIC = ("nearest", "toward_zero")
@@ -29,6 +36,12 @@ class Quantizer:
     Stochastic rounding draws from the device's default generator (seed with torch.manual_seed; checkpoint
     torch's RNG state for a bit-exact resume).
 
+    ``forward=True``: the role rounds forward tensors only (activation, weight, bias, output). Such a rounding
+    made while autograd runs a backward pass is an activation checkpoint (``torch.utils.checkpoint``, reentrant
+    or not) computing the forward again: it rounds at the current exponent or scale, the values of the first
+    forward bit for bit, and records nothing, so that the exponent statistics count each batch once, as without
+    the checkpoint.
+
     A tensor already on the role's grid is returned as it is, not copied (``keeps``): the output of a rounding
     onto the same format (a convolution's fp16 output reaching the fp16 input role of the batch-norm after it),
     which a second rounding would reproduce bit for bit.
@@ -40,8 +53,9 @@ class Quantizer:
     tensor that has that dimension.
     """
 
-    def __init__(self, quant: Quant | None, policy: Policy | None = None):
+    def __init__(self, quant: Quant | None, policy: Policy | None = None, *, forward: bool = False):
         self.quant = quant
+        self.forward = forward  # rounds forward tensors only: see the class docstring
         self.observe_only = False  # calibration: record exponent statistics, return x unchanged
         self.exponent: DynamicExponent | None = None
         self.scale_state: DelayedScale | None = None
@@ -61,6 +75,7 @@ class Quantizer:
         """Unpickling: a quantizer pickled before it had a FormDemand gets a new one."""
         self.__dict__.update(state)
         self.__dict__.setdefault("_forms", FormsFor(FormDemand()))
+        self.__dict__.setdefault("forward", False)
 
     @property
     def enabled(self) -> bool:
@@ -72,10 +87,11 @@ class Quantizer:
     def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
         if self.quant is None:
             return x
+        records = not (self.forward and recomputing())
         if self.observe_only:
-            if self.exponent is not None:
+            if self.exponent is not None and records:
                 self.exponent.observe(x)
-            if self.scale_state is not None:
+            if self.scale_state is not None and records:
                 self.scale_state.observe(x)
             return x
         if self.keeps(x):
@@ -83,9 +99,11 @@ class Quantizer:
         self._check_container(x)
         with self._forms:
             if self.exponent is not None:
-                return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
+                rounding = self.quant.rounding
+                return self._marked(x, self.exponent.quantize(x, rounding) if records
+                                    else self.exponent.round(x, rounding))
             if self.scale_state is not None:
-                return self.scale_state.quantize(x, self.quant.rounding)
+                return (self.scale_state.quantize if records else self.scale_state.round)(x, self.quant.rounding)
             return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding))
 
     @torch.compiler.disable

@@ -161,6 +161,11 @@ class DynamicExponent:
         self._record(counts, x.numel())
         return y
 
+    def round(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
+        """Quantize ``x`` at the current exponent, recording nothing (``quantize``'s values, bit for bit)."""
+        self.start(x)
+        return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
+
     def _bounded(self, r: int) -> int:
         """r clamped so that r and r - 1 (whose rate is measured too) are integer bits of fixed<bits, frac> with
         frac in FRAC_RANGE."""
