@@ -57,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role
 from ..policy.ops import OP_KINDS
+from ..policy.quantizer import forward_ended, forward_started
 from .attention import emulated_attention
 from .edges import EdgeCheck
 from .hooks import remove_forward_hooks, remove_state_dict_hooks
@@ -194,6 +195,7 @@ class OpEmulation:
             self._edges.start()
             self._mode = _Mode(self)
             self._mode.__enter__()
+            forward_started(inference=not module.training and not torch.is_grad_enabled())
         self._stack.append(_Frame(name, module))
         self._edges.enter(name)
         if isinstance(module, QuantizedModule):
@@ -212,6 +214,7 @@ class OpEmulation:
         if isinstance(module, QuantizedModule):
             self._swapped -= 1
         if not self._stack:
+            forward_ended()
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
             self._carried = {}

@@ -12,7 +12,10 @@ from ..formats.packing import FormDemand, FormsFor, mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
-__all__ = ["Quantizer", "recomputing"]
+__all__ = ["Quantizer", "recomputing", "inferring", "forward_started", "forward_ended"]
+
+#: One entry per converted model whose forward runs now (the innermost last): whether it is inference.
+_FORWARDS: list[bool] = []
 
 
 def recomputing() -> bool:
@@ -20,6 +23,23 @@ def recomputing() -> bool:
     checkpoint's recomputation of the forward (torch.utils.checkpoint runs it inside backward, reentrant or
     not), not a new batch."""
     return torch._C._current_graph_task_id() != -1
+
+
+def forward_started(inference: bool) -> None:
+    """A converted model's forward begins (``lowprec.nn``'s outermost module hook); ``inference``: the model is
+    in eval mode and autograd is not recording (``torch.no_grad``, ``torch.inference_mode``)."""
+    _FORWARDS.append(inference)
+
+
+def forward_ended() -> None:
+    """The forward ``forward_started`` began has ended (normally or by an exception)."""
+    if _FORWARDS:
+        _FORWARDS.pop()
+
+
+def inferring() -> bool:
+    """Whether the innermost converted model's forward running now is inference (``forward_started``)."""
+    return bool(_FORWARDS) and _FORWARDS[-1]
 
 #: The roundings that leave a value already on the grid as it is, and draw nothing.
 _DETERMINISTIC = ("nearest", "toward_zero")
@@ -37,10 +57,12 @@ class Quantizer:
     torch's RNG state for a bit-exact resume).
 
     ``forward=True``: the role rounds forward tensors only (activation, weight, bias, output). Such a rounding
-    made while autograd runs a backward pass is an activation checkpoint (``torch.utils.checkpoint``, reentrant
-    or not) computing the forward again: it rounds at the current exponent or scale, the values of the first
-    forward bit for bit, and records nothing, so that the exponent statistics count each batch once, as without
-    the checkpoint.
+    rounds at the current exponent or scale and records nothing (no overflow statistics, no amax) where the
+    tensor is not a new training batch's: made while autograd runs a backward pass, it is an activation
+    checkpoint (``torch.utils.checkpoint``, reentrant or not) computing the forward again (the values of the
+    first forward bit for bit; the statistics count each batch once, as without the checkpoint); made in an
+    inference forward (``inferring``: the model in eval mode under ``torch.no_grad``), it is an evaluation, which
+    must not move the training's exponents or scales. Calibration (``observe_only``) records in inference too.
 
     A tensor already on the role's grid is returned as it is, not copied (``keeps``): the output of a rounding
     onto the same format (a convolution's fp16 output reaching the fp16 input role of the batch-norm after it),
@@ -87,13 +109,14 @@ class Quantizer:
     def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
         if self.quant is None:
             return x
-        records = not (self.forward and recomputing())
+        recomputed = self.forward and recomputing()
         if self.observe_only:
-            if self.exponent is not None and records:
+            if self.exponent is not None and not recomputed:
                 self.exponent.observe(x)
-            if self.scale_state is not None and records:
+            if self.scale_state is not None and not recomputed:
                 self.scale_state.observe(x)
             return x
+        records = not (recomputed or (self.forward and inferring()))
         if self.keeps(x):
             return x
         self._check_container(x)
