@@ -157,6 +157,10 @@ class OpEmulation:
         #: or bias operand of a linear, convolution, matmul or embedding op; None until a forward has run. The
         #: Trainer gives them their layer's update roles (master, accumulator, optimizer_state).
         self.layer_parameters: list[str] | None = None
+        #: Every parameter a functional op rounds in its weight or bias role, by qualified name: its uses, each
+        #: (call site, role, view geometry (size, stride, offset) or None for the whole parameter, axis);
+        #: None until a forward has run (``round_parameters``, the export, reads it)
+        self.rounded_parameters: dict[str, list[tuple[tuple[str, str, int, str], str, Any, Any]]] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -167,13 +171,14 @@ class OpEmulation:
         self._covered: set[int] = set()
         self._weights: set[int] = set()  # the parameters weight-layer ops reached (layer_parameters)
         self._carried: dict[int, tuple[Tensor, set[int]]] = {}  # a carrier's result: (it, the parameters it holds)
+        self._rounded: dict[int, list[tuple[Any, ...]]] = {}  # rounded_parameters by id, while a forward tracks
         self._checking = True  # the first forward looks for parameters that reach no quantized op
         self._edges = EdgeCheck(self.resolution)  # and for products with a weight beyond @first / @last
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
-        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_checking",
-                    "_edges", "records"):
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_rounded",
+                    "_checking", "_edges", "records"):
             state.pop(key, None)
         return state
 
@@ -191,7 +196,7 @@ class OpEmulation:
     # -- module hooks ---------------------------------------------------------------------------------------
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if not self._stack:
-            self._used, self._covered, self._weights = {}, set(), set()
+            self._used, self._covered, self._weights, self._rounded = {}, set(), set(), {}
             self._edges.start()
             self._mode = _Mode(self)
             self._mode.__enter__()
@@ -266,10 +271,39 @@ class OpEmulation:
         if inv.op == "attention":
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
+        if self._tracking:
+            self._note_rounded((frame.name, inv.op, index, ""), inv, quantizers)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
                       recompute=inv.op not in STATEFUL_OPS, axes=inv.axes, result_axis=inv.result_axis)
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
+
+    def _note_rounded(self, key: tuple[str, str, int, str], inv: Invocation,
+                      quantizers: dict[str, Quantizer]) -> None:
+        """Record each parameter operand (or view of one) this call rounds in its weight or bias role."""
+        axes = inv.axes or (None,) * len(inv.tensors)
+        for t, role, axis in zip(inv.tensors, inv.roles, axes):
+            if role in ("weight", "bias") and quantizers[role].enabled and is_parameter(t):
+                base = t if isinstance(t, nn.Parameter) else t._base
+                view = None if t is base else (tuple(t.size()), tuple(t.stride()), t.storage_offset())
+                self._rounded.setdefault(id(base), []).append((key, role, view, axis))
+
+    @torch.no_grad()
+    def round_parameters(self, model: nn.Module) -> None:
+        """Replace every parameter (or view of one) a functional op rounds in its weight or bias role by that
+        rounding (``Quantizer.round``: the site's current exponent or scale, nothing recorded), as the export
+        (``lowprec.unconvert``) does for the swapped layers' weights. A parameter used by several sites is
+        rounded by each in turn (the same value again where they share a deterministic format)."""
+        if self.rounded_parameters is None:
+            raise RuntimeError(
+                "lowprec: which parameters this converted model's functional ops round (LayerNorm's, "
+                "MultiheadAttention's, a Conv1D's, one used elementwise) is known from a forward, and none has "
+                "run yet: run one forward of the converted model (any input of the right shape) first")
+        for name, uses in self.rounded_parameters.items():
+            param = model.get_parameter(name)
+            for key, role, view, axis in uses:
+                t = param if view is None else param.as_strided(*view)
+                t.copy_(self.quantizer_sets[key][role].round(t, axis))
 
     def _parameters_in(self, x: Any) -> set[int]:
         """The ids of the parameters ``x`` is, views or carries (``_CARRIERS``), in a forward that tracks them."""
@@ -433,6 +467,7 @@ class OpEmulation:
     def _warn_uncovered(self, root_name: str, root: nn.Module) -> None:
         names = {id(p): n for n, p in root.named_parameters()}
         self.layer_parameters = sorted(names[i] for i in self._weights if i in names)
+        self.rounded_parameters = {names[i]: uses for i, uses in self._rounded.items() if i in names}
         missing = sorted(names[i] for i in self._used.keys() - self._covered if i in names)
         if self.records is not None:
             for n in missing:

@@ -181,8 +181,9 @@ class Quantizer:
         return with_operand_axis(fmt, axis, x) if axis is not None else with_block_axis(fmt, self.block_axis, x)
 
     @torch.compiler.disable
-    def round(self, x: Tensor) -> Tensor:
-        """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
+    def round(self, x: Tensor, axis: int | None = None) -> Tensor:
+        """Round x like ``__call__`` (``axis`` as there) but without adding it to the exponent statistics (identity
+        when observing)."""
         if self.quant is None or self.observe_only:
             return x
         self._check_container(x)
@@ -193,7 +194,7 @@ class Quantizer:
         if self.scale_state is not None:
             return self.scale_state.round(x, self.quant.rounding)
         with self._forms:
-            return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
+            return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding, int_bits=int_bits))
 
     @torch.no_grad()
     def update(self) -> None:
