@@ -90,3 +90,26 @@ def test_calibration_records_in_inference_too():
     with torch.no_grad(), lp.nn.calibrating(model):
         model(torch.randn(4, 6, 8))
     assert _batches(model) > 20
+
+
+@pytest.mark.parametrize("recipe", ["mixed-fp16", "int8-lazy", "dfx-10-12", "fp8-delayed", "mxfp4", "wrpn-4-4"])
+def test_a_converted_model_runs_under_inference_mode_as_under_no_grad(recipe):
+    """``torch.inference_mode()`` (Hugging Face's pipelines, most inference code): before, every emulated
+    model raised "Inference tensors do not track version counter" at its first rounding (the mark that lets
+    backward store a rounded tensor packed reads the version counter, which inference tensors lack). The
+    outputs are those under ``torch.no_grad()`` bit for bit, and the model trains on afterwards."""
+    torch.manual_seed(0)
+    model = lp.convert(Net(), recipe)
+    trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe)
+    x, y = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    trainer.step(F.cross_entropy(model(x), y))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        got = model(x)
+    assert got.is_inference() and torch.equal(got, expected)
+    model.train()
+    with torch.inference_mode():
+        model(x)  # in train mode too (a delayed scale then records an inference tensor's amax)
+    assert not trainer.step(F.cross_entropy(model(x), y)).skipped
