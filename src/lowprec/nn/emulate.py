@@ -68,7 +68,7 @@ from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
 
-__all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
+__all__ = ["OpEmulation", "attach", "detach", "emulation_of", "ZERO_WEIGHT_WARNING"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
@@ -77,6 +77,8 @@ _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip
 _PARAMETER_ROLES = Role.select(parameter=True, layer=True)  # the roles an elementwise op quantizes
 _LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand of these: a weight layer's
 _T = torch.Tensor
+#: A warning names weights that WRPN's uniform<k> rounds to 0 in more than this share (convert's, the first forward's).
+ZERO_WEIGHT_WARNING = 0.5
 #: Functions that carry values unchanged into a new tensor (a repetition, a concatenation, a copy): a parameter
 #: they carry (MultiheadAttention's bias_k / bias_v, a ViT's class token) reaches the op that quantizes the result.
 _CARRIERS = {torch.cat, torch.concat, torch.stack, torch.repeat_interleave, torch.clone, torch.reshape, _T.repeat,
@@ -161,6 +163,10 @@ class OpEmulation:
         #: (call site, role, view geometry (size, stride, offset) or None for the whole parameter, axis);
         #: None until a forward has run (``round_parameters``, the export, reads it)
         self.rounded_parameters: dict[str, list[tuple[tuple[str, str, int, str], str, Any, Any]]] | None = None
+        #: fill_clip_range=on: the first forward scales each weight a functional op rounds to WRPN's signed
+        #: uniform<k> to reach +-1 before rounding it (as convert does for the swapped layers); off once a forward
+        #: has run or a state dict was loaded into the model (its weights are then not initial ones)
+        self.fill_pending = resolution.policy.fill_clip_range
         self._reset()
 
     def _reset(self) -> None:
@@ -184,6 +190,8 @@ class OpEmulation:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("fill_pending", False)
+        self.__dict__.setdefault("rounded_parameters", None)
         self.records = None
         self._reset()
 
@@ -272,6 +280,8 @@ class OpEmulation:
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
         if self._tracking:
+            if self.fill_pending and self._checking:
+                _fill_clip_range(inv, quantizers)
             self._note_rounded((frame.name, inv.op, index, ""), inv, quantizers)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
                       recompute=inv.op not in STATEFUL_OPS, axes=inv.axes, result_axis=inv.result_axis)
@@ -287,6 +297,17 @@ class OpEmulation:
                 base = t if isinstance(t, nn.Parameter) else t._base
                 view = None if t is base else (tuple(t.size()), tuple(t.stride()), t.storage_offset())
                 self._rounded.setdefault(id(base), []).append((key, role, view, axis))
+
+    def clip_weights(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Callable[[Tensor], Tensor]]]:
+        """``(name, parameter, its rounding)`` for each parameter a functional op rounds in its weight role to
+        WRPN's signed ``uniform<k>`` (GPT-2's Conv1D, MultiheadAttention's projections, ``x @ self.w``): known
+        from a forward, none before."""
+        for name, uses in (self.rounded_parameters or {}).items():
+            for key, role, _, axis in uses:
+                quantizer = self.quantizer_sets[key][role]
+                if role == "weight" and _signed_clip(quantizer):
+                    yield name, model.get_parameter(name), functools.partial(quantizer.round, axis=axis)
+                    break
 
     @torch.no_grad()
     def round_parameters(self, model: nn.Module) -> None:
@@ -395,6 +416,7 @@ class OpEmulation:
                            local_metadata: dict[str, Any], *_: Any) -> None:
         """``load_state_dict`` pre-hook of the model: restore what ``save_to_metadata`` saved (a state dict of the
         plain model has none: the quantizers stay as they are)."""
+        self.fill_pending = False  # the weights loaded are not initial ones: a forward keeps them as they are
         if _METADATA_KEY in local_metadata:
             self.load_state_dict(local_metadata[_METADATA_KEY])
         if _PARAMETERS_KEY in local_metadata and self.layer_parameters is None:
@@ -468,6 +490,9 @@ class OpEmulation:
         names = {id(p): n for n, p in root.named_parameters()}
         self.layer_parameters = sorted(names[i] for i in self._weights if i in names)
         self.rounded_parameters = {names[i]: uses for i, uses in self._rounded.items() if i in names}
+        if self._checking:
+            self.fill_pending = False
+            self._warn_zero_clip_weights(root)
         missing = sorted(names[i] for i in self._used.keys() - self._covered if i in names)
         if self.records is not None:
             for n in missing:
@@ -483,6 +508,45 @@ class OpEmulation:
             warnings.warn(
                 "lowprec: these parameters reach no quantized op and run unquantized, in fp32: "
                 f"{', '.join(fresh)} (lp.plan shows every op and its formats)", UserWarning, stacklevel=3)
+
+
+    @torch.no_grad()
+    def _warn_zero_clip_weights(self, root: nn.Module) -> None:
+        """After the first forward: name the weights of functional ops that WRPN's uniform<k> mostly rounds to 0
+        (convert names the swapped layers' before)."""
+        shares = {}
+        for name, param, rounding in self.clip_weights(root):
+            share = float((rounding(param.detach()) == 0).float().mean())
+            if share > ZERO_WEIGHT_WARNING:
+                shares[name] = share
+        if shares:
+            listed = ", ".join(f"{n} {100 * z:.0f}%" for n, z in shares.items())
+            warnings.warn(
+                f"lowprec: WRPN's uniform<k> weights clip to [-1, 1] in steps of 1/(2**(k-1)-1); these weights of "
+                f"functional ops (the first forward showed them) are far smaller and mostly round to 0, so no signal "
+                f"flows through them: {listed}. Fix: lowprec.nn.fill_clip_range(model) now (scales each weight to "
+                "reach +-1: a change of initialisation, for training from scratch), or fill_clip_range=on in the "
+                "policy before the first forward (the wrpn presets' default)", UserWarning, stacklevel=3)
+
+
+def _signed_clip(quantizer: Quantizer) -> bool:
+    """Whether the quantizer rounds to WRPN's signed clip format (``uniform<k>``)."""
+    quant = quantizer.quant
+    return quant is not None and quant.format.clip_range is not None and quant.format.signed
+
+
+@torch.no_grad()
+def _fill_clip_range(inv: Invocation, quantizers: dict[str, Quantizer]) -> None:
+    """Scale each Parameter this op rounds to WRPN's signed uniform<k> as its weight (the whole parameter, of which
+    the operand may be a view) so that its largest magnitude is 1 (``lowprec.nn.fill_clip_range``)."""
+    if not _signed_clip(quantizers["weight"]):
+        return
+    for t, role in zip(inv.tensors, inv.roles):
+        if role == "weight" and is_parameter(t):
+            param = t if isinstance(t, nn.Parameter) else t._base
+            peak = param.abs().max()
+            if peak > 0:
+                param.div_(peak)
 
 
 def attach(model: nn.Module, resolution: Resolution) -> OpEmulation:
