@@ -214,3 +214,40 @@ def test_wrpn_without_fill_names_functional_weights_that_round_to_zero_at_the_fi
     assert all(name in message for name in FUNCTIONAL_WEIGHTS) and "fill_clip_range(model)" in message
     assert lp.nn.fill_clip_range(model) == FUNCTIONAL_WEIGHTS
     assert all(model.get_parameter(n).abs().max().item() == 1.0 for n in FUNCTIONAL_WEIGHTS)
+
+
+class SignedInputsToFunctionalOps(nn.Module):
+    """A LayerNorm's output (signed) into MultiheadAttention's in-projection and into ``h @ self.w``; the
+    attention's P V (signed) into its out-projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm = nn.Linear(8, 64), nn.LayerNorm(64)
+        self.attn, self.head = nn.MultiheadAttention(64, 4, batch_first=True), nn.Linear(64, 4)
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.inp(x))
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.relu(self.norm(h) @ self.w).mean(1))
+
+
+def test_wrpn_unsigned_clip_on_a_signed_input_of_a_functional_op_warns_naming_the_call_site():
+    """Before, only swapped layers checked their input's sign: the clip to [0, 1] zeroed half of a LayerNorm's
+    output on its way into the attention's in-projection, without a word."""
+    model = lp.convert(SignedInputsToFunctionalOps(), "wrpn-4-4")
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning) as caught:
+        model(x)
+    messages = [str(w.message) for w in caught if "negative" in str(w.message)]
+    normed = model.norm(model.inp(x))
+    share = (normed < 0).float().mean().item()
+    assert any(m.startswith(f"lowprec: attn:linear[0] quantizes its input with uniform<4,unsigned>") and
+               f"{100 * share:.1f}% of that input" in m and "'attn: activation=uniform<k>'" in m for m in messages)
+    assert any(m.startswith("lowprec: (root):matmul[0]") for m in messages)
+    assert any(m.startswith("lowprec: attn:linear[1]") for m in messages)  # the out-projection's: P V, signed
+    assert len(messages) == 3
+    with warnings.catch_warnings():  # the first forward checks; later ones neither check nor warn
+        warnings.simplefilter("error")
+        model(x)

@@ -64,6 +64,7 @@ from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import FACTOR_AXES, OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
+from .roles import clips_negatives
 from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
@@ -280,8 +281,10 @@ class OpEmulation:
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
         if self._tracking:
-            if self.fill_pending and self._checking:
-                _fill_clip_range(inv, quantizers)
+            if self._checking:
+                if self.fill_pending:
+                    _fill_clip_range(inv, quantizers)
+                self._check_input_signs(frame.name, inv, index, quantizers)
             self._note_rounded((frame.name, inv.op, index, ""), inv, quantizers)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
                       recompute=inv.op not in STATEFUL_OPS, axes=inv.axes, result_axis=inv.result_axis)
@@ -297,6 +300,23 @@ class OpEmulation:
                 base = t if isinstance(t, nn.Parameter) else t._base
                 view = None if t is base else (tuple(t.size()), tuple(t.stride()), t.storage_offset())
                 self._rounded.setdefault(id(base), []).append((key, role, view, axis))
+
+    def _check_input_signs(self, name: str, inv: Invocation, index: int, quantizers: dict[str, Quantizer]) -> None:
+        """First forward, where the op's activation role is WRPN's unsigned clip to [0, 1] (a weight layer's
+        input): warn if an input has negative values, which the clip turns into 0, as a swapped layer warns."""
+        quantizer = quantizers["activation"]
+        if not clips_negatives(quantizer):
+            return
+        for t, role in zip(inv.tensors, inv.roles):
+            if role == "activation" and isinstance(t, Tensor) and t.numel():
+                negative = float((t.detach() < 0).float().mean())
+                if negative > 0:
+                    self._warn_once(
+                        f"{name or '(root)'}:{inv.op}[{index}] quantizes its input with {quantizer.quant}, WRPN's "
+                        f"clip to [0, 1] meant for a ReLU's output, but {100 * negative:.1f}% of that input is "
+                        "negative (a signed input, e.g. a LayerNorm's output): the clip turns those values into 0. "
+                        "Fix: put a ReLU in front of it, or give it a signed format or none (an override "
+                        f"'{name or '<name>'}: activation=uniform<k>' or 'op:{inv.op}: activation=none')")
 
     def clip_weights(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Callable[[Tensor], Tensor]]]:
         """``(name, parameter, its rounding)`` for each parameter a functional op rounds in its weight role to
