@@ -168,6 +168,9 @@ class OpEmulation:
         #: uniform<k> to reach +-1 before rounding it (as convert does for the swapped layers); off once a forward
         #: has run or a state dict was loaded into the model (its weights are then not initial ones)
         self.fill_pending = resolution.policy.fill_clip_range
+        #: under torch.distributed (set by the Trainer): the cross-process MAX every quantizer made from now on
+        #: agrees on (``Quantizer.agree_with``); not pickled
+        self.agree: Callable[[Tensor], Tensor] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -185,7 +188,7 @@ class OpEmulation:
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
         for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_rounded",
-                    "_checking", "_edges", "records"):
+                    "_checking", "_edges", "records", "agree"):
             state.pop(key, None)
         return state
 
@@ -193,6 +196,7 @@ class OpEmulation:
         self.__dict__.update(state)
         self.__dict__.setdefault("fill_pending", False)
         self.__dict__.setdefault("rounded_parameters", None)
+        self.agree = None
         self.records = None
         self._reset()
 
@@ -391,6 +395,8 @@ class OpEmulation:
                                 "layers only")
             for q in found.values():
                 q.observe_only = self.observe_only
+                if self.agree is not None:
+                    q.agree_with(self.agree)
             for role, state in self._pending.pop(_site(key), {}).items():
                 found[role].load_state_dict(state)
             self.quantizer_sets[key] = found

@@ -196,6 +196,14 @@ class Quantizer:
         with self._forms:
             return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding, int_bits=int_bits))
 
+    def agree_with(self, agree: Any) -> None:
+        """Under torch.distributed: ``agree`` (a cross-process MAX) decides this role's start exponent
+        (``init_int_bits=auto``) and the amax its delayed scale pushes, so every rank holds the same."""
+        if self.exponent is not None:
+            self.exponent.agree = agree
+        if self.scale_state is not None:
+            self.scale_state.agree = agree
+
     @torch.no_grad()
     def update(self) -> None:
         """Advance the exponent rule or the delayed scale (no-op for static formats)."""

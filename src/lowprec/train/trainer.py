@@ -194,11 +194,10 @@ class Trainer:
         self.distributed = distributed.is_initialized()
         if self.distributed:
             self.scaler.agree = distributed.all_max
-            for _, _, q in layer_quantizers(model):
-                if q.exponent is not None:
-                    q.exponent.agree = distributed.all_max
-                if q.scale_state is not None:  # delayed scaling: every rank pushes the largest amax
-                    q.scale_state.agree = distributed.all_max
+            for _, _, q in layer_quantizers(model):  # delayed scaling: every rank pushes the largest amax
+                q.agree_with(distributed.all_max)
+            if emulation is not None:  # and the functional ops' quantizers, made at the first forward
+                emulation.agree = distributed.all_max
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self, loss: Tensor) -> TrainStepResult:
