@@ -42,6 +42,9 @@ def _train(recipe: str, evaluate: bool, steps: int = 6):
     model = lp.convert(Net(), recipe)
     trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), recipe)
     g, test = torch.Generator().manual_seed(1), torch.randn(32, 6, 8, generator=torch.Generator().manual_seed(2))
+    if evaluate:  # before the first step too: an init_int_bits=auto exponent starts at the first training batch
+        with evaluating(model):
+            model(100 * test)
     for _ in range(steps):
         x, y = torch.randn(4, 6, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
         trainer.step(F.cross_entropy(model(x), y))
@@ -76,7 +79,9 @@ def test_only_an_inference_forward_records_nothing(training, grad, records):
     model.train(training)
     x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(grad):
-        expected = model(x)  # the first forward starts the exponents (init_int_bits=auto)
+        model.train()(x)  # a training forward starts the exponents (init_int_bits=auto)
+        model.train(training)
+        expected = model(x)
         before = _batches(model)
         again = model(x)
     assert torch.equal(again, expected)  # rounded at the same exponents either way
