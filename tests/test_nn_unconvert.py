@@ -142,3 +142,61 @@ def test_unconvert_of_a_native_model_gives_float32_layers_holding_the_bf16_weigh
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), rounded.state_dict().values()))
     assert torch.equal(plain(X), rounded(X))
     pickle.dumps(plain)  # an ordinary model again: whole-model torch.save works
+
+
+class FunctionalWeights(nn.Module):
+    """Parameters only the op-level emulation rounds: LayerNorm's affine pair, MultiheadAttention's packed
+    in-projection (one F.linear, self-attention) and out-projection, cross-attention's chunks of it (views),
+    a Conv1D-style ``addmm`` with raw Parameters, a scale multiplied elementwise and a positional table added;
+    and a swapped Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(16), nn.MultiheadAttention(16, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.w, self.b = nn.Parameter(torch.randn(16, 16) / 4), nn.Parameter(torch.randn(16))
+        self.scale, self.pos = nn.Parameter(torch.randn(16)), nn.Parameter(torch.randn(5, 16))
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            for p in self.parameters():  # off every grid (LayerNorm starts at exact 1 and 0)
+                p.add_(torch.randn_like(p) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x + self.pos)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.cross(h, x, x, need_weights=False)[0]
+        h = torch.addmm(self.b, h.reshape(-1, 16), self.w).view_as(h) * self.scale
+        return self.head(h.mean(1))
+
+
+#: The mxfp4 preset's weight and bias roles alone (its op overrides also round norms' activations): blocks of 32
+#: along each weight's reduction dimension, a views' own blocks (cross-attention's chunks of the in-projection)
+MXFP4_WEIGHTS = "weight=mxfp4,bias=bf16; op:norm: weight=bf16,bias=bf16; op:elementwise: weight=bf16,bias=bf16"
+
+
+@pytest.mark.parametrize("policy", ["mixed-fp16", "int8", "fp8-hybrid", MXFP4_WEIGHTS])
+def test_unconvert_rounds_the_parameters_functional_ops_round(policy):
+    """Before, only swapped layers' weights were rounded in the export: LayerNorm, MultiheadAttention,
+    a Conv1D's addmm and elementwise parameters kept their stored values, and the exported model computed
+    something else than the converted one (any transformer, a Hugging Face GPT-2's save_pretrained)."""
+    torch.manual_seed(0)
+    original = FunctionalWeights().eval()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    converted = lp.convert(original, policy)
+    converted(x)  # the first forward shows which parameters the functional ops round, and how
+    plain = lp.unconvert(converted)
+    reference = lp.convert(original, policy if policy == MXFP4_WEIGHTS else _weights_only(policy))
+    assert torch.equal(plain(x), reference(x))
+    rounded = lambda name: lp.quantize(original.get_parameter(name).detach(), "e4m3")  # noqa: E731
+    if policy == "fp8-hybrid":  # one format, elementwise: each parameter is its own e4m3 rounding
+        for name, p in plain.named_parameters():
+            assert torch.equal(p, rounded(name)), name
+        assert not torch.equal(rounded("attn.in_proj_weight"), original.attn.in_proj_weight)
+
+
+def test_unconvert_before_any_forward_of_functional_weights_is_refused():
+    """Which parameters functional ops round is known from a forward: without one, an error names the fix."""
+    converted = lp.convert(FunctionalWeights(), "mixed-fp16")
+    with pytest.raises(RuntimeError, match="run one forward"):
+        lp.unconvert(converted)
+    assert isinstance(lp.unconvert(lp.convert(nn.Sequential(nn.Linear(4, 4)), "mixed-fp16"))[0], nn.Linear)

@@ -160,3 +160,94 @@ def test_wrpn_activation_clip_on_a_recurrent_hidden_state_warns_at_convert():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lp.convert(Tagger(), "wrpn-4-4; rnn: activation=uniform<4>")
+
+
+class FunctionalWeightsNet(nn.Module):
+    """Weights no layer swap covers: MultiheadAttention's in- and out-projection (F.linear on raw Parameters
+    inside the attention) and ``h @ self.w``, between a first and a last Linear (WRPN keeps those fp32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.attn = nn.Linear(8, 128), nn.MultiheadAttention(128, 4, batch_first=True)
+        self.head = nn.Linear(128, 4)
+        self.w = nn.Parameter(torch.randn(128, 128) / 40)  # |w| mostly below half a 4-bit step, 1/14
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.attn(h, h, h, need_weights=False)[0])
+        return self.head(torch.relu(h @ self.w).mean(1))
+
+
+FUNCTIONAL_WEIGHTS = ["attn.in_proj_weight", "attn.out_proj.weight", "w"]
+X_SEQ = torch.rand(2, 5, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_wrpn_preset_fills_the_weights_functional_ops_round_at_the_first_forward():
+    """Before, fill_clip_range scaled only the swapped layers: MultiheadAttention's projections, a matmul's weight
+    (and GPT-2's Conv1D) kept their initial values, 93-100% of which round to 0 in uniform<4>: no signal went
+    through the attention, silently. The first forward now scales each to reach +-1 before rounding it."""
+    plain = FunctionalWeightsNet()
+    shares = {n: (plain.get_parameter(n).detach().abs() < 1 / 14).double().mean().item() for n in FUNCTIONAL_WEIGHTS}
+    assert all(s > 0.5 for s in shares.values())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = lp.convert(plain, "wrpn-4-4").eval()
+        first = model(X_SEQ)
+    assert not [w for w in caught if "round to 0" in str(w.message)]
+    for name in FUNCTIONAL_WEIGHTS:
+        assert model.get_parameter(name).abs().max().item() == 1.0, name
+        assert lp.nn.zero_weight_shares(model)[name] < 0.5, name
+    assert torch.equal(model(X_SEQ), first)  # the first forward already rounded the filled weights
+    # a state dict loaded before the first forward holds weights that are not initial ones: kept as they are
+    loaded = lp.convert(FunctionalWeightsNet(), "wrpn-4-4")
+    loaded.load_state_dict(plain.state_dict())
+    loaded(X_SEQ)
+    assert all(torch.equal(loaded.get_parameter(n), plain.get_parameter(n)) for n in FUNCTIONAL_WEIGHTS)
+
+
+def test_wrpn_without_fill_names_functional_weights_that_round_to_zero_at_the_first_forward():
+    model = lp.convert(FunctionalWeightsNet(), "wrpn-4-4+fill_clip_range=off")
+    with pytest.warns(UserWarning, match="functional ops") as caught:
+        model(X_SEQ)
+    (message,) = [str(w.message) for w in caught if "round to 0" in str(w.message)]
+    assert all(name in message for name in FUNCTIONAL_WEIGHTS) and "fill_clip_range(model)" in message
+    assert lp.nn.fill_clip_range(model) == FUNCTIONAL_WEIGHTS
+    assert all(model.get_parameter(n).abs().max().item() == 1.0 for n in FUNCTIONAL_WEIGHTS)
+
+
+class SignedInputsToFunctionalOps(nn.Module):
+    """A LayerNorm's output (signed) into MultiheadAttention's in-projection and into ``h @ self.w``; the
+    attention's P V (signed) into its out-projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm = nn.Linear(8, 64), nn.LayerNorm(64)
+        self.attn, self.head = nn.MultiheadAttention(64, 4, batch_first=True), nn.Linear(64, 4)
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.inp(x))
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.relu(self.norm(h) @ self.w).mean(1))
+
+
+def test_wrpn_unsigned_clip_on_a_signed_input_of_a_functional_op_warns_naming_the_call_site():
+    """Before, only swapped layers checked their input's sign: the clip to [0, 1] zeroed half of a LayerNorm's
+    output on its way into the attention's in-projection, without a word."""
+    model = lp.convert(SignedInputsToFunctionalOps(), "wrpn-4-4")
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning) as caught:
+        model(x)
+    messages = [str(w.message) for w in caught if "negative" in str(w.message)]
+    normed = model.norm(model.inp(x))
+    share = (normed < 0).float().mean().item()
+    assert any(m.startswith("lowprec: attn:linear[0] quantizes its input with uniform<4,unsigned>") and
+               f"{100 * share:.1f}% of that input" in m and "'attn: activation=uniform<k>'" in m for m in messages)
+    assert any(m.startswith("lowprec: (root):matmul[0]") for m in messages)
+    assert any(m.startswith("lowprec: attn:linear[1]") for m in messages)  # the out-projection's: P V, signed
+    assert len(messages) == 3
+    with warnings.catch_warnings():  # the first forward checks; later ones neither check nor warn
+        warnings.simplefilter("error")
+        model(x)

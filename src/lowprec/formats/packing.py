@@ -631,6 +631,8 @@ _MARKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 def _current(x: Tensor) -> _Mark | None:
     """``x``'s mark, or None: never marked, or changed in place since (its version moved)."""
+    if x.is_inference():  # never marked (``mark``)
+        return None
     entry = _MARKS.get(x)
     return entry if entry is not None and entry.version == x._version else None
 
@@ -642,7 +644,10 @@ def mark(x: Tensor, fmt: Format, packed: Packed | None = None) -> Tensor:
     is, without finding the exponent again. ``packed``: ``x`` in packed storage, made by the rounding itself
     while it produced ``x`` (``rounding_packs``; ``pack(x, fmt)`` bit for bit in the values it unpacks to),
     which ``take_packed`` hands out in place of packing ``x`` again; marking ``x`` again with the same format
-    keeps it."""
+    keeps it. A tensor made under ``torch.inference_mode`` is not marked: it has no version counter to tell an
+    in-place change, and autograd never saves it (a rounding of it is rounded again, to the same values)."""
+    if x.is_inference():
+        return x
     entry = _current(x)
     if entry is not None and packed is None and (
             (entry.format == fmt and entry.packed is not None)
@@ -660,7 +665,7 @@ def copy_mark(source: Tensor, x: Tensor) -> Tensor:
     """``x`` (the same values as ``source``: a copy, or ``source.detach()``) marked as ``source`` is, with the
     packed form ``source``'s rounding made where ``x`` has ``source``'s layout; returns ``x``."""
     entry = _current(source)
-    if entry is not None:
+    if entry is not None and not x.is_inference():
         same = entry.packed is not None and x.stride() == source.stride()
         _MARKS[x] = entry._replace(version=x._version) if same else _Mark(entry.format, x._version)
     return x

@@ -82,6 +82,9 @@ class GradScaler:
     ):
         self._trainer: Trainer | None = None
         self._pending_state: dict[str, Any] | None = None
+        #: before the Trainer exists: each fp16/bf16 parameter's gradients of the step's earlier backward passes,
+        #: summed in fp32 (``_hold_native_grads``), handed to its master copy when the Trainer is built
+        self._held: dict[int, tuple[Tensor, Tensor]] = {}
         self._stepped = False
         self.last_result: TrainStepResult | None = None  #: what the last ``step`` did (skipped, scale, ...)
         if isinstance(policy, Trainer):
@@ -124,9 +127,16 @@ class GradScaler:
                 # points it at): what a checkpoint loader put there already is dropped, not mis-keyed
                 optimizer.state.clear()
             self._trainer = Trainer(self.model, optimizer, self.policy, scaler=self.loss_scaler)
+            for slot in self._trainer.slots:  # the earlier backward passes' sums, as the Trainer would have formed
+                held = self._held.pop(id(slot.param), None)
+                if held is not None and slot.master_copy is not None:
+                    slot.master_copy.grad = held[1]
+            self._held = {}
             if self._pending_state is not None:
                 drawn = rng_state()  # restored at load_state_dict, drawn from since: keep the stream as it is
-                self._trainer.load_state_dict(self._pending_state)
+                # the model's state was restored at load_state_dict; a forward since has recorded exponent
+                # statistics and amaxes in its quantizers, which loading the checkpoint's model again would undo
+                self._trainer.load_state_dict(dict(self._pending_state, model=self.model.state_dict()))
                 set_rng_state(drawn)
                 self._pending_state = None
         elif optimizer is not self._trainer.optimizer:
@@ -141,8 +151,20 @@ class GradScaler:
         if not isinstance(loss, Tensor):
             raise TypeError(f"scale() takes the loss tensor, got {type(loss).__name__}")
         if self._trainer is None:
+            self._hold_native_grads()
             return self.loss_scaler.scale_loss(loss)
         return self._trainer.scale_loss(loss)
+
+    def _hold_native_grads(self) -> None:
+        """Before the Trainer exists: move each fp16/bf16 parameter's gradient (an earlier backward of this step)
+        into an fp32 sum, as ``Trainer.scale_loss`` moves it into the master copy, so that the backward passes of
+        a step sum in fp32 from the first step on (summed in the parameter's dtype, a resumed run's first step
+        differed from the uninterrupted run's)."""
+        for p in self.model.parameters():
+            if p.grad is not None and p.dtype in (torch.float16, torch.bfloat16):
+                held = self._held.get(id(p))
+                self._held[id(p)] = (p, p.grad.float() if held is None else held[1].add_(p.grad))
+                p.grad = None
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the step's gradients by S in place (at most once per step; a second call does nothing) and

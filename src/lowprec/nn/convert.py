@@ -8,7 +8,7 @@ import warnings
 from torch import nn
 
 from ..policy import Policy, as_policy
-from .emulate import attach, detach
+from .emulate import ZERO_WEIGHT_WARNING, attach, detach
 from .native import is_native_layer, to_native
 from .originals import mark_replaced
 from .packed import install_packing, remove_packing
@@ -168,8 +168,6 @@ def _convert_emulated(model: nn.Module, policy: Policy) -> None:
         remove_packing(model)
 
 
-#: convert warns when more than this share of a layer's weights round to 0 in WRPN's uniform<k>.
-ZERO_WEIGHT_WARNING = 0.5
 
 
 def _wrpn_checks(model: nn.Module, policy: Policy, plan: list[tuple[str, nn.Module, type[QuantizedModule]]]) -> None:

@@ -57,17 +57,19 @@ from torch.overrides import TorchFunctionMode
 
 from ..policy import LAYER_ROLES, Policy, Quant, Quantizer, Role
 from ..policy.ops import OP_KINDS
+from ..policy.quantizer import forward_ended, forward_started
 from .attention import emulated_attention
 from .edges import EdgeCheck
 from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import FACTOR_AXES, OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
+from .roles import clips_negatives
 from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
 
-__all__ = ["OpEmulation", "attach", "detach", "emulation_of"]
+__all__ = ["OpEmulation", "attach", "detach", "emulation_of", "ZERO_WEIGHT_WARNING"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
@@ -76,6 +78,8 @@ _CLIP_KINDS = {"linear", "conv", "matmul"}  # with a weight operand, WRPN's clip
 _PARAMETER_ROLES = Role.select(parameter=True, layer=True)  # the roles an elementwise op quantizes
 _LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand of these: a weight layer's
 _T = torch.Tensor
+#: A warning names weights that WRPN's uniform<k> rounds to 0 in more than this share (convert's, the first forward's).
+ZERO_WEIGHT_WARNING = 0.5
 #: Functions that carry values unchanged into a new tensor (a repetition, a concatenation, a copy): a parameter
 #: they carry (MultiheadAttention's bias_k / bias_v, a ViT's class token) reaches the op that quantizes the result.
 _CARRIERS = {torch.cat, torch.concat, torch.stack, torch.repeat_interleave, torch.clone, torch.reshape, _T.repeat,
@@ -153,7 +157,8 @@ class OpEmulation:
         #: ``Quantizer(quant, policy)`` (None: that one): ``lowprec.inspect``'s recorders.
         self.make_quantizer: Callable[[str, str, Quant | None, str], Quantizer | None] | None = None
         #: the cross-process MAX the quantizers made from now on agree through (``Quantizer.set_agree``); set by
-        #: ``lowprec.Trainer`` under torch.distributed, since most call sites are made at the first forward
+        #: ``lowprec.Trainer`` under torch.distributed, since most call sites are made at the first forward; not
+        #: pickled (a copy in another process has no process group until its own Trainer is built)
         self.agree: Callable[[Tensor], Tensor] | None = None
         self.clip_exempt: set[tuple[str, str, int]] = set()  # call sites where a uniform role was left fp32
         self._pending: dict[str, dict[str, Any]] = {}  # loaded quantizer states of sites not made yet
@@ -162,6 +167,14 @@ class OpEmulation:
         #: or bias operand of a linear, convolution, matmul or embedding op; None until a forward has run. The
         #: Trainer gives them their layer's update roles (master, accumulator, optimizer_state).
         self.layer_parameters: list[str] | None = None
+        #: Every parameter a functional op rounds in its weight or bias role, by qualified name: its uses, each
+        #: (call site, role, view geometry (size, stride, offset) or None for the whole parameter, axis);
+        #: None until a forward has run (``round_parameters``, the export, reads it)
+        self.rounded_parameters: dict[str, list[tuple[tuple[str, str, int, str], str, Any, Any]]] | None = None
+        #: fill_clip_range=on: the first forward scales each weight a functional op rounds to WRPN's signed
+        #: uniform<k> to reach +-1 before rounding it (as convert does for the swapped layers); off once a forward
+        #: has run or a state dict was loaded into the model (its weights are then not initial ones)
+        self.fill_pending = resolution.policy.fill_clip_range
         self._reset()
 
     def _reset(self) -> None:
@@ -172,20 +185,22 @@ class OpEmulation:
         self._covered: set[int] = set()
         self._weights: set[int] = set()  # the parameters weight-layer ops reached (layer_parameters)
         self._carried: dict[int, tuple[Tensor, set[int]]] = {}  # a carrier's result: (it, the parameters it holds)
+        self._rounded: dict[int, list[tuple[Any, ...]]] = {}  # rounded_parameters by id, while a forward tracks
         self._checking = True  # the first forward looks for parameters that reach no quantized op
         self._edges = EdgeCheck(self.resolution)  # and for products with a weight beyond @first / @last
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / deepcopy: the per-forward state is transient
         state = dict(self.__dict__)
-        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_checking",
-                    "_edges", "records", "make_quantizer"):
+        for key in ("_stack", "_mode", "_swapped", "_used", "_covered", "_weights", "_carried", "_rounded",
+                    "_checking", "_edges", "records", "agree", "make_quantizer"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("agree", None)  # pickled before it had one
-        self.records, self.make_quantizer = None, None
+        self.__dict__.setdefault("fill_pending", False)
+        self.__dict__.setdefault("rounded_parameters", None)
+        self.records, self.make_quantizer, self.agree = None, None, None
         self._reset()
 
     @property
@@ -197,10 +212,11 @@ class OpEmulation:
     # -- module hooks ---------------------------------------------------------------------------------------
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if not self._stack:
-            self._used, self._covered, self._weights = {}, set(), set()
+            self._used, self._covered, self._weights, self._rounded = {}, set(), set(), {}
             self._edges.start()
             self._mode = _Mode(self)
             self._mode.__enter__()
+            forward_started(inference=not module.training and not torch.is_grad_enabled())
         self._stack.append(_Frame(name, module))
         self._edges.enter(name)
         if isinstance(module, QuantizedModule):
@@ -219,6 +235,7 @@ class OpEmulation:
         if isinstance(module, QuantizedModule):
             self._swapped -= 1
         if not self._stack:
+            forward_ended()
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
             self._carried = {}
@@ -270,10 +287,71 @@ class OpEmulation:
         if inv.op == "attention":
             return self._attention(frame, inv, index)
         quantizers = self.quantizers(frame, inv.op, index, "", weight_layer="weight" in inv.roles)
+        if self._tracking:
+            if self._checking:
+                if self.fill_pending:
+                    _fill_clip_range(inv, quantizers)
+                self._check_input_signs(frame.name, inv, index, quantizers)
+            self._note_rounded((frame.name, inv.op, index, ""), inv, quantizers)
         call = OpCall(inv.fn, inv.roles, quantizers, self._on_backward(frame.name, inv.op, index),
                       recompute=inv.op not in STATEFUL_OPS, axes=inv.axes, result_axis=inv.result_axis)
         self._record(frame.name, inv.op, index, self._operands(inv.names, inv.roles, quantizers))
         return run_op(call, *inv.tensors)
+
+    def _note_rounded(self, key: tuple[str, str, int, str], inv: Invocation,
+                      quantizers: dict[str, Quantizer]) -> None:
+        """Record each parameter operand (or view of one) this call rounds in its weight or bias role."""
+        axes = inv.axes or (None,) * len(inv.tensors)
+        for t, role, axis in zip(inv.tensors, inv.roles, axes):
+            if role in ("weight", "bias") and quantizers[role].enabled and is_parameter(t):
+                base = t if isinstance(t, nn.Parameter) else t._base
+                view = None if t is base else (tuple(t.size()), tuple(t.stride()), t.storage_offset())
+                self._rounded.setdefault(id(base), []).append((key, role, view, axis))
+
+    def _check_input_signs(self, name: str, inv: Invocation, index: int, quantizers: dict[str, Quantizer]) -> None:
+        """First forward, where the op's activation role is WRPN's unsigned clip to [0, 1] (a weight layer's
+        input): warn if an input has negative values, which the clip turns into 0, as a swapped layer warns."""
+        quantizer = quantizers["activation"]
+        if not clips_negatives(quantizer):
+            return
+        for t, role in zip(inv.tensors, inv.roles):
+            if role == "activation" and isinstance(t, Tensor) and t.numel():
+                negative = float((t.detach() < 0).float().mean())
+                if negative > 0:
+                    self._warn_once(
+                        f"{name or '(root)'}:{inv.op}[{index}] quantizes its input with {quantizer.quant}, WRPN's "
+                        f"clip to [0, 1] meant for a ReLU's output, but {100 * negative:.1f}% of that input is "
+                        "negative (a signed input, e.g. a LayerNorm's output): the clip turns those values into 0. "
+                        "Fix: put a ReLU in front of it, or give it a signed format or none (an override "
+                        f"'{name or '<name>'}: activation=uniform<k>' or 'op:{inv.op}: activation=none')")
+
+    def clip_weights(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Callable[[Tensor], Tensor]]]:
+        """``(name, parameter, its rounding)`` for each parameter a functional op rounds in its weight role to
+        WRPN's signed ``uniform<k>`` (GPT-2's Conv1D, MultiheadAttention's projections, ``x @ self.w``): known
+        from a forward, none before."""
+        for name, uses in (self.rounded_parameters or {}).items():
+            for key, role, _, axis in uses:
+                quantizer = self.quantizer_sets[key][role]
+                if role == "weight" and _signed_clip(quantizer):
+                    yield name, model.get_parameter(name), functools.partial(quantizer.round, axis=axis)
+                    break
+
+    @torch.no_grad()
+    def round_parameters(self, model: nn.Module) -> None:
+        """Replace every parameter (or view of one) a functional op rounds in its weight or bias role by that
+        rounding (``Quantizer.round``: the site's current exponent or scale, nothing recorded), as the export
+        (``lowprec.unconvert``) does for the swapped layers' weights. A parameter used by several sites is
+        rounded by each in turn (the same value again where they share a deterministic format)."""
+        if self.rounded_parameters is None:
+            raise RuntimeError(
+                "lowprec: which parameters this converted model's functional ops round (LayerNorm's, "
+                "MultiheadAttention's, a Conv1D's, one used elementwise) is known from a forward, and none has "
+                "run yet: run one forward of the converted model (any input of the right shape) first")
+        for name, uses in self.rounded_parameters.items():
+            param = model.get_parameter(name)
+            for key, role, view, axis in uses:
+                t = param if view is None else param.as_strided(*view)
+                t.copy_(self.quantizer_sets[key][role].round(t, axis))
 
     def _parameters_in(self, x: Any) -> set[int]:
         """The ids of the parameters ``x`` is, views or carries (``_CARRIERS``), in a forward that tracks them."""
@@ -329,7 +407,7 @@ class OpEmulation:
     def _made(self, key: tuple[str, str, int, str], role: str, quant: Quant | None, policy: Policy,
               kind: str) -> Quantizer:
         made = None if self.make_quantizer is None else self.make_quantizer(_site(key), role, quant, kind)
-        return made if made is not None else Quantizer(quant, policy)
+        return made if made is not None else Quantizer(quant, policy, forward=not Role(role).gradient)
 
     @staticmethod
     def _quant(policy: Policy, role: str, clips: bool, kind: str) -> Quant | None:
@@ -371,6 +449,7 @@ class OpEmulation:
                            local_metadata: dict[str, Any], *_: Any) -> None:
         """``load_state_dict`` pre-hook of the model: restore what ``save_to_metadata`` saved (a state dict of the
         plain model has none: the quantizers stay as they are)."""
+        self.fill_pending = False  # the weights loaded are not initial ones: a forward keeps them as they are
         if _METADATA_KEY in local_metadata:
             self.load_state_dict(local_metadata[_METADATA_KEY])
         if _PARAMETERS_KEY in local_metadata and self.layer_parameters is None:
@@ -443,6 +522,10 @@ class OpEmulation:
     def _warn_uncovered(self, root_name: str, root: nn.Module) -> None:
         names = {id(p): n for n, p in root.named_parameters()}
         self.layer_parameters = sorted(names[i] for i in self._weights if i in names)
+        self.rounded_parameters = {names[i]: uses for i, uses in self._rounded.items() if i in names}
+        if self._checking:
+            self.fill_pending = False
+            self._warn_zero_clip_weights(root)
         missing = sorted(names[i] for i in self._used.keys() - self._covered if i in names)
         if self.records is not None:
             for n in missing:
@@ -458,6 +541,45 @@ class OpEmulation:
             warnings.warn(
                 "lowprec: these parameters reach no quantized op and run unquantized, in fp32: "
                 f"{', '.join(fresh)} (lp.plan shows every op and its formats)", UserWarning, stacklevel=3)
+
+
+    @torch.no_grad()
+    def _warn_zero_clip_weights(self, root: nn.Module) -> None:
+        """After the first forward: name the weights of functional ops that WRPN's uniform<k> mostly rounds to 0
+        (convert names the swapped layers' before)."""
+        shares = {}
+        for name, param, rounding in self.clip_weights(root):
+            share = float((rounding(param.detach()) == 0).float().mean())
+            if share > ZERO_WEIGHT_WARNING:
+                shares[name] = share
+        if shares:
+            listed = ", ".join(f"{n} {100 * z:.0f}%" for n, z in shares.items())
+            warnings.warn(
+                f"lowprec: WRPN's uniform<k> weights clip to [-1, 1] in steps of 1/(2**(k-1)-1); these weights of "
+                f"functional ops (the first forward showed them) are far smaller and mostly round to 0, so no signal "
+                f"flows through them: {listed}. Fix: lowprec.nn.fill_clip_range(model) now (scales each weight to "
+                "reach +-1: a change of initialisation, for training from scratch), or fill_clip_range=on in the "
+                "policy before the first forward (the wrpn presets' default)", UserWarning, stacklevel=3)
+
+
+def _signed_clip(quantizer: Quantizer) -> bool:
+    """Whether the quantizer rounds to WRPN's signed clip format (``uniform<k>``)."""
+    quant = quantizer.quant
+    return quant is not None and quant.format.clip_range is not None and quant.format.signed
+
+
+@torch.no_grad()
+def _fill_clip_range(inv: Invocation, quantizers: dict[str, Quantizer]) -> None:
+    """Scale each Parameter this op rounds to WRPN's signed uniform<k> as its weight (the whole parameter, of which
+    the operand may be a view) so that its largest magnitude is 1 (``lowprec.nn.fill_clip_range``)."""
+    if not _signed_clip(quantizers["weight"]):
+        return
+    for t, role in zip(inv.tensors, inv.roles):
+        if role == "weight" and is_parameter(t):
+            param = t if isinstance(t, nn.Parameter) else t._base
+            peak = param.abs().max()
+            if peak > 0:
+                param.div_(peak)
 
 
 def attach(model: nn.Module, resolution: Resolution) -> OpEmulation:

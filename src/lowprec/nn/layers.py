@@ -92,7 +92,8 @@ class QuantizedModule:
     def configure(self, policy: Policy) -> None:
         """Build the quantizers of a resolved module policy (fresh dynamic-fixed-point exponents)."""
         self.policy = policy
-        self.quantizers = {role: Quantizer(self._role_quant(role), policy) for role in LAYER_ROLES}
+        self.quantizers = {role: Quantizer(self._role_quant(role), policy, forward=not Role(role).gradient)
+                           for role in LAYER_ROLES}
         self.accumulator = None
         # WRPN's unsigned activation clip, until the first input has been checked for negative values
         activation = self.quantizers["activation"]

@@ -17,17 +17,18 @@ rule as QLinearFunction, written once for every op), so every GEMM of the backwa
 dE/dW = gq^T x, a convolution's ``convolution_backward``) multiplies values that lie on their roles' grids.
 Every quantizer is crossed by the straight-through estimator of ``roles.straight_through``.
 
-What forward keeps for backward depends on whether saved tensors are stored packed (``lowprec.nn.packed``, a
-``PackedSavedTensors`` context open with its hooks innermost: ``saving_packed``; under an activation
-checkpoint's hooks forward and its recomputation both keep the graph, as the checkpoint requires). Unpacked,
-forward keeps torch's graph of ``op`` (the float32 operands ``tiq`` and the unrounded ``z``) and backward
-differentiates it (then frees it, unless backward runs with ``retain_graph=True``: a second backward uses it
-again). Packed, forward keeps only the rounded operands
-``tiq`` and the straight-through masks, through ``ctx.save_for_backward`` (so the saved-tensor hooks store them
-in their formats' width, a mask one bit a value), and frees ``z``; backward runs ``op`` once more on the
-unpacked operands (bit for bit the same values) and differentiates that: the same gradients, bit for bit where
-the op is deterministic, for one more forward ``op`` per call. An op that changes state as it runs
-(``OpCall.recompute`` False: batch_norm's running statistics in training) always keeps its graph.
+What forward keeps for backward depends on whether saved-tensor hooks take what autograd saves
+(``lowprec.nn.packed.saving_through_hooks``: the packing's, ``lowprec.nn.packed``, or an activation
+checkpoint's, in its forward and its recomputation alike). Without hooks, forward keeps torch's graph of ``op``
+(the float32 operands ``tiq`` and the unrounded ``z``) and backward differentiates it (then frees it, unless
+backward runs with ``retain_graph=True``: a second backward uses it again). Under hooks, forward keeps only the
+rounded operands ``tiq`` and the straight-through masks, through ``ctx.save_for_backward`` (so the packing stores
+them in their formats' width, a mask one bit a value, and a checkpoint recomputes them), and frees ``z``;
+backward runs ``op`` once more on the unpacked operands (bit for bit the same values) and differentiates that:
+the same gradients, bit for bit where the op is deterministic, for one more forward ``op`` per call. A graph
+kept under a non-reentrant checkpoint's hooks would be differentiated by a backward of its own (a new graph
+task), for which torch recomputes the whole checkpointed block again: once per op. An op that changes state as
+it runs (``OpCall.recompute`` False: batch_norm's running statistics in training) always keeps its graph.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from ..policy import Quantizer, Role
 from .functions import _own_output
-from .packed import saving_packed
+from .packed import saving_through_hooks
 from .roles import clip_mask, straight_through
 
 __all__ = ["OpCall", "QOpFunction", "GRAD_ROLE", "run_op", "observing_recomputed"]
@@ -115,7 +116,7 @@ class QOpFunction(Function):
         operands, masks = zip(*(_quantize(call.quantizers, role, t, axis)
                                 for role, t, axis in zip(call.roles, tensors, axes)))
         wanted = [i for i, q in enumerate(operands) if ctx.needs_input_grad[1 + i] and isinstance(q, Tensor)]
-        if call.recompute and saving_packed():
+        if call.recompute and saving_through_hooks():
             with torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):  # the graph is not kept
                 z = _differentiable(call, operands, wanted)[0].detach()
             ctx.graph = None

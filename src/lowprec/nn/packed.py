@@ -44,7 +44,7 @@ from ..formats.packing import MIN_NUMEL, Bits, Packed, RoundingPacks, marked_for
 from .hooks import remove_forward_hooks
 
 __all__ = ["PackedSavedTensors", "packing_enabled", "install_packing", "remove_packing", "is_packing", "pack_saved",
-           "recomputable", "recomputes", "saving_packed", "MIN_NUMEL"]
+           "recomputable", "recomputes", "saving_packed", "saving_through_hooks", "MIN_NUMEL"]
 
 _ENV = "LOWPREC_PACKED"
 
@@ -213,10 +213,17 @@ def saving_packed() -> bool:
     """Whether what autograd saves now is stored packed (or recorded by a memory estimate standing in for the
     packing): a PackedSavedTensors context is open and its hooks are the innermost ones. Under other hooks
     opened inside it (a non-reentrant activation checkpoint's, in forward and when its backward recomputes the
-    block, where no context is open) it is False both times, so an op that saves differently when packing
-    (QOpFunction) saves the same tensors in the checkpointed forward and in the recomputation."""
+    block, where no context is open) it is False both times."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return top is not None and any(top[0] is context.pack_hook for context in _open)
+
+
+def saving_through_hooks() -> bool:
+    """Whether saved-tensor hooks take what autograd saves now: the packing's (``saving_packed``) or another's (a
+    non-reentrant activation checkpoint's, in its forward and in its recomputation alike;
+    ``torch.autograd.graph.save_on_cpu``). An op that saves differently under hooks (QOpFunction: its rounded
+    operands, not its graph) thus saves the same tensors in a checkpointed forward and in the recomputation."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _reproducible(t: Tensor) -> bool:

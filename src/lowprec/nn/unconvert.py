@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .convert import _POLICY_ATTR, CONVERSIONS
-from .emulate import detach
+from .emulate import detach, emulation_of
 from .layers import QuantizedModule
 from .native import from_native
 from .packed import remove_packing
@@ -36,13 +36,25 @@ def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Each weight and bias a layer rounds is replaced by ``quantizer.round(value)`` of its role (the layer's
     current dynamic-fixed-point exponent, without adding to its statistics; stochastic rounding takes one
-    draw). A model that was never converted comes back unchanged. The stored (master) values are lost in the
-    export: keep the converted model, or its checkpoint, to go on training it.
+    draw); so is each parameter a functional op rounds in its weight or bias role (LayerNorm's affine pair,
+    MultiheadAttention's projections, a Conv1D's ``addmm`` operands, a parameter used elementwise: the op-level
+    emulation records them at a forward, ``OpEmulation.round_parameters``). A model with such parameters whose
+    converted form has not run a forward yet is refused (RuntimeError: run one forward first). A model that was
+    never converted comes back unchanged. The stored (master) values are lost in the export: keep the converted
+    model, or its checkpoint, to go on training it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unconvert takes an nn.Module, got {type(model).__name__}")
+    emulation = emulation_of(model)
+    if (emulation is not None and emulation.rounded_parameters is None
+            and any(not isinstance(m, QuantizedModule) and any(True for _ in m.parameters(recurse=False))
+                    for m in model.modules())):
+        emulation.round_parameters(model)  # raises: no forward has shown which parameters functional ops round
     if not inplace:
         model = copy.deepcopy(model)
+        emulation = emulation_of(model)
+    if emulation is not None and emulation.rounded_parameters is not None:
+        emulation.round_parameters(model)
     detach(model)  # the op-level emulation's hooks
     record_resolution(model, None)
     for module in list(model.modules()):

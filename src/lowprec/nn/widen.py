@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .emulate import emulation_of
 from .layers import QuantizedModule
 
 __all__ = ["widen", "fill_clip_range", "zero_weight_shares"]
@@ -139,17 +140,23 @@ def widen(model_or_factory: nn.Module | Callable[[], nn.Module], beta: float) ->
     return model
 
 
-def _clip_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedModule, nn.Parameter]]:
-    """(layer name, layer, parameter) for every weight a converted layer rounds to WRPN's signed uniform<k>
-    (a Linear's or convolution's weight, each gate matrix of an LSTM/GRU)."""
+def _clip_weights(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(name, parameter, its rounding) for every weight rounded to WRPN's signed uniform<k>: a converted layer's
+    (a Linear's or convolution's weight, each gate matrix of an LSTM/GRU: named by the layer), then each one a
+    functional op rounds as its weight (GPT-2's Conv1D, MultiheadAttention's projections, ``x @ self.w``: named
+    by the parameter; known once the converted model has run a forward, ``OpEmulation.clip_weights``)."""
     for name, module in model.named_modules():
         if not isinstance(module, QuantizedModule):
             continue
-        quant = module.quantizers["weight"].quant
+        quantizer = module.quantizers["weight"]
+        quant = quantizer.quant
         if quant is not None and quant.format.clip_range is not None and quant.format.signed:
             for pname, role in module.parameter_roles().items():
                 if role == "weight":
-                    yield name, module, getattr(module, pname)
+                    yield name, getattr(module, pname), quantizer.round
+    emulation = emulation_of(model)
+    if emulation is not None:
+        yield from emulation.clip_weights(model)
 
 
 @torch.no_grad()
@@ -165,7 +172,7 @@ def fill_clip_range(model: nn.Module) -> list[str]:
     (and no change at all to the function of a layer followed by batch-norm).
     """
     scaled = []
-    for name, _, weight in _clip_weights(model):
+    for name, weight, _ in _clip_weights(model):
         peak = weight.abs().max()
         if peak > 0:
             weight.div_(peak)
@@ -179,8 +186,8 @@ def zero_weight_shares(model: nn.Module) -> dict[str, float]:
     """For each converted layer whose weights WRPN's signed ``uniform<k>`` rounds: the share of those weights
     that round to 0 (|w| below half a step, 1/(2**k - 2))."""
     zeros: dict[str, list[int]] = {}
-    for name, module, weight in _clip_weights(model):
+    for name, weight, rounding in _clip_weights(model):
         counts = zeros.setdefault(name, [0, 0])
-        counts[0] += int((module.quantizers["weight"].round(weight) == 0).sum())
+        counts[0] += int((rounding(weight) == 0).sum())
         counts[1] += weight.numel()
     return {name: z / n for name, (z, n) in zeros.items() if n}

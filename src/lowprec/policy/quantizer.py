@@ -13,7 +13,34 @@ from ..formats.packing import FormDemand, FormsFor, mark, marked_format
 from ..scaling import DelayedScale, DynamicExponent
 from .policy import Policy, Quant
 
-__all__ = ["Quantizer"]
+__all__ = ["Quantizer", "recomputing", "inferring", "forward_started", "forward_ended"]
+
+#: One entry per converted model whose forward runs now (the innermost last): whether it is inference.
+_FORWARDS: list[bool] = []
+
+
+def recomputing() -> bool:
+    """Whether autograd is running a backward pass now: a forward rounding made then is an activation
+    checkpoint's recomputation of the forward (torch.utils.checkpoint runs it inside backward, reentrant or
+    not), not a new batch."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def forward_started(inference: bool) -> None:
+    """A converted model's forward begins (``lowprec.nn``'s outermost module hook); ``inference``: the model is
+    in eval mode and autograd is not recording (``torch.no_grad``, ``torch.inference_mode``)."""
+    _FORWARDS.append(inference)
+
+
+def forward_ended() -> None:
+    """The forward ``forward_started`` began has ended (normally or by an exception)."""
+    if _FORWARDS:
+        _FORWARDS.pop()
+
+
+def inferring() -> bool:
+    """Whether the innermost converted model's forward running now is inference (``forward_started``)."""
+    return bool(_FORWARDS) and _FORWARDS[-1]
 
 #: The roundings that leave a value already on the grid as it is, and draw nothing.
 _DETERMINISTIC = ("nearest", "toward_zero")
@@ -30,6 +57,14 @@ class Quantizer:
     Stochastic rounding draws from the device's default generator (seed with torch.manual_seed; checkpoint
     torch's RNG state for a bit-exact resume).
 
+    ``forward=True``: the role rounds forward tensors only (activation, weight, bias, output). Such a rounding
+    rounds at the current exponent or scale and records nothing (no overflow statistics, no amax) where the
+    tensor is not a new training batch's: made while autograd runs a backward pass, it is an activation
+    checkpoint (``torch.utils.checkpoint``, reentrant or not) computing the forward again (the values of the
+    first forward bit for bit; the statistics count each batch once, as without the checkpoint); made in an
+    inference forward (``inferring``: the model in eval mode under ``torch.no_grad``), it is an evaluation, which
+    must not move the training's exponents or scales. Calibration (``observe_only``) records in inference too.
+
     A tensor already on the role's grid is returned as it is, not copied (``keeps``): the output of a rounding
     onto the same format (a convolution's fp16 output reaching the fp16 input role of the batch-norm after it),
     which a second rounding would reproduce bit for bit.
@@ -41,8 +76,9 @@ class Quantizer:
     tensor that has that dimension.
     """
 
-    def __init__(self, quant: Quant | None, policy: Policy | None = None):
+    def __init__(self, quant: Quant | None, policy: Policy | None = None, *, forward: bool = False):
         self.quant = quant
+        self.forward = forward  # rounds forward tensors only: see the class docstring
         self.observe_only = False  # calibration: record exponent statistics, return x unchanged
         self.exponent: DynamicExponent | None = None
         self.scale_state: DelayedScale | None = None
@@ -71,6 +107,7 @@ class Quantizer:
         """Unpickling: a quantizer pickled before it had a FormDemand gets a new one."""
         self.__dict__.update(state)
         self.__dict__.setdefault("_forms", FormsFor(FormDemand()))
+        self.__dict__.setdefault("forward", False)
 
     @property
     def enabled(self) -> bool:
@@ -82,20 +119,24 @@ class Quantizer:
     def __call__(self, x: Tensor, axis: int | None = None) -> Tensor:
         if self.quant is None:
             return x
+        recomputed = self.forward and recomputing()
         if self.observe_only:
-            if self.exponent is not None:
+            if self.exponent is not None and not recomputed:
                 self.exponent.observe(x)
-            if self.scale_state is not None:
+            if self.scale_state is not None and not recomputed:
                 self.scale_state.observe(x)
             return x
+        records = not (recomputed or (self.forward and inferring()))
         if self.keeps(x):
             return x
         self._check_container(x)
         with self._forms:
             if self.exponent is not None:
-                return self._marked(x, self.exponent.quantize(x, self.quant.rounding))
+                rounding = self.quant.rounding
+                return self._marked(x, self.exponent.quantize(x, rounding) if records
+                                    else self.exponent.round(x, rounding))
             if self.scale_state is not None:
-                return self.scale_state.quantize(x, self.quant.rounding)
+                return (self.scale_state.quantize if records else self.scale_state.round)(x, self.quant.rounding)
             return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding))
 
     @torch.compiler.disable
@@ -149,8 +190,9 @@ class Quantizer:
         return operand_format(self.quant.format, x, axis, self.block_axis)  # type: ignore[union-attr]
 
     @torch.compiler.disable
-    def round(self, x: Tensor) -> Tensor:
-        """Round x like ``__call__`` but without adding it to the exponent statistics (identity when observing)."""
+    def round(self, x: Tensor, axis: int | None = None) -> Tensor:
+        """Round x like ``__call__`` (``axis`` as there) but without adding it to the exponent statistics (identity
+        when observing)."""
         if self.quant is None or self.observe_only:
             return x
         self._check_container(x)
@@ -161,7 +203,7 @@ class Quantizer:
         if self.scale_state is not None:
             return self.scale_state.round(x, self.quant.rounding)
         with self._forms:
-            return self._marked(x, quantize(x, self._format_for(x), self.quant.rounding, int_bits=int_bits))
+            return self._marked(x, quantize(x, self._format_for(x, axis), self.quant.rounding, int_bits=int_bits))
 
     @torch.no_grad()
     def update(self) -> None:

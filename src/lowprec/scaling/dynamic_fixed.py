@@ -161,6 +161,12 @@ class DynamicExponent:
         self._record(counts, x.numel())
         return y
 
+    def round(self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> Tensor:
+        """Quantize ``x`` at the current exponent, recording nothing (``quantize``'s values, bit for bit). Before
+        the exponent has started (``int_bits`` None) it is not started: ``x`` is rounded at its own max-abs
+        exponent."""
+        return quantize(x, self.fmt, rounding, generator=generator, int_bits=self.int_bits)
+
     def _bounded(self, r: int) -> int:
         """r clamped so that r and r - 1 (whose rate is measured too) are integer bits of fixed<bits, frac> with
         frac in FRAC_RANGE."""

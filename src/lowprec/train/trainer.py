@@ -5,7 +5,9 @@
 1. ``backward(loss)``: (S·loss).backward(), S the loss scale (fp32 product, ``LossScaler.scale_loss``).
 2. ``unscale_()``: every gradient divided by S in place, before clipping and weight decay see it (MPT §3.2);
    the inf/NaN check of all gradients (one host sync) names the parameters that overflowed.
-3. If any gradient is inf/NaN: the step is skipped (no optimizer step, no re-quantization), grads are zeroed.
+3. If any gradient is inf/NaN: the step is skipped (no optimizer step, no re-quantization), grads are zeroed;
+   batch-norm running statistics its forward made inf/NaN are put back as the last step taken left them
+   (``norm_statistics.py``).
 4. Otherwise: clip the total gradient norm (``clip_grad_norm``), run the optimizer (its weight decay works on
    unscaled fp32 gradients), store each parameter per its update mode (``update.py``: fp32 master, storage
    in the master format, or Park's lazy update), round the optimizer state to ``optimizer_state``
@@ -57,6 +59,7 @@ from . import distributed
 from .params import check_optimizer_covers, model_differences, parameter_policies, parameter_slots, trainer_policy
 from .fused import FusedUpdate
 from .lagging import LaggingExponents
+from .norm_statistics import RunningStatistics
 from .state import OptimizerStateFormats, bound_masters, install_state_hooks
 from .update import ParamSlot, check_courbariaux_optimizer, courbariaux_step_, step_parameters, use_master_copies
 from .warmup import warmup_exponents
@@ -185,6 +188,7 @@ class Trainer:
         _warn_narrow_adam_state(optimizer, self.slots)
         self.steps = 0
         self.lagging = LaggingExponents()
+        self.norm_statistics = RunningStatistics(model)  # as the last step taken left them
         self._unscaled: tuple[bool, list[str]] | None = None
         self._in_backward = False
         self._outside_backward: list[str] = []  # parameters autograd gave a gradient outside self.backward
@@ -391,6 +395,9 @@ class Trainer:
             # that the optimizer stepped (the flag its wrapped step() sets), so that it does not warn of a
             # scheduler step before any optimizer step
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            self.norm_statistics.keep()
+        else:
+            self.norm_statistics.restore_nonfinite()
         self.zero_grad()
         result = self.scaler.update(found_inf)
         self.update_exponents()
@@ -558,3 +565,4 @@ class Trainer:
         set_rng_state(state["rng"])
         self.steps = state["steps"]
         self._unscaled = None
+        self.norm_statistics.keep()
