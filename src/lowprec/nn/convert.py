@@ -8,7 +8,7 @@ import warnings
 from torch import nn
 
 from ..policy import Policy, as_policy
-from .emulate import ZERO_WEIGHT_WARNING, attach, detach
+from .emulate import attach, detach, warn_zero_weights
 from .native import is_native_layer, to_native
 from .originals import mark_replaced
 from .packed import install_packing, remove_packing
@@ -176,18 +176,11 @@ def _wrpn_checks(model: nn.Module, policy: Policy, plan: list[tuple[str, nn.Modu
     if policy.fill_clip_range:
         fill_clip_range(model)
     else:
-        zeros = {n: z for n, z in zero_weight_shares(model).items() if z > ZERO_WEIGHT_WARNING}
-        if zeros:
-            shares = ", ".join(f"{n} {100 * z:.0f}%" for n, z in zeros.items())
-            warnings.warn(
-                f"lowprec.convert: WRPN's uniform<k> weights clip to [-1, 1] in steps of 1/(2**(k-1)-1); these "
-                f"layers' weights are far smaller and mostly round to 0, so no signal flows through them: "
-                f"{shares}. Fix: lowprec.nn.fill_clip_range(model) after convert (scales each layer's weights "
-                "to reach +-1: a change of initialisation, for training from scratch), or fill_clip_range=on in "
-                "the policy (e.g. 'wrpn-4-4+fill_clip_range=on', the wrpn presets' default)",
-                UserWarning,
-                stacklevel=3,
-            )
+        warn_zero_weights(
+            zero_weight_shares(model), "lowprec.convert", "layers' weights",
+            "lowprec.nn.fill_clip_range(model) after convert (scales each layer's weights to reach +-1: a change of "
+            "initialisation, for training from scratch), or fill_clip_range=on in the policy (e.g. "
+            "'wrpn-4-4+fill_clip_range=on', the wrpn presets' default)", stacklevel=3)
     signed = [name for name, module, cls in plan
               if cls.SIGNED_INPUTS and clips_negatives(module.quantizers["activation"])]
     if signed:

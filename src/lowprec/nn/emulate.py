@@ -69,7 +69,7 @@ from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
 
-__all__ = ["OpEmulation", "attach", "detach", "emulation_of", "ZERO_WEIGHT_WARNING"]
+__all__ = ["OpEmulation", "attach", "detach", "emulation_of", "ZERO_WEIGHT_WARNING", "warn_zero_weights"]
 
 _ATTR = "_lowprec_ops"  # the model attribute holding its OpEmulation
 _METADATA_KEY = "lowprec_ops"  # the op quantizers' states in the model's state-dict metadata
@@ -80,6 +80,17 @@ _LAYER_KINDS = {"linear", "conv", "matmul", "embedding"}  # a Parameter operand 
 _T = torch.Tensor
 #: A warning names weights that WRPN's uniform<k> rounds to 0 in more than this share (convert's, the first forward's).
 ZERO_WEIGHT_WARNING = 0.5
+
+
+def warn_zero_weights(shares: dict[str, float], source: str, whose: str, fix: str, stacklevel: int) -> None:
+    """Warn, from ``source``, naming the weights of ``shares`` (name -> share rounded to 0) above
+    ZERO_WEIGHT_WARNING: WRPN's uniform<k> passes no signal through them; ``fix``: what to do."""
+    listed = ", ".join(f"{n} {100 * z:.0f}%" for n, z in shares.items() if z > ZERO_WEIGHT_WARNING)
+    if listed:
+        warnings.warn(
+            f"{source}: WRPN's uniform<k> weights clip to [-1, 1] in steps of 1/(2**(k-1)-1); these {whose} are far "
+            f"smaller and mostly round to 0, so no signal flows through them: {listed}. Fix: {fix}",
+            UserWarning, stacklevel=stacklevel + 1)
 #: Functions that carry values unchanged into a new tensor (a repetition, a concatenation, a copy): a parameter
 #: they carry (MultiheadAttention's bias_k / bias_v, a ViT's class token) reaches the op that quantizes the result.
 _CARRIERS = {torch.cat, torch.concat, torch.stack, torch.repeat_interleave, torch.clone, torch.reshape, _T.repeat,
@@ -547,19 +558,13 @@ class OpEmulation:
     def _warn_zero_clip_weights(self, root: nn.Module) -> None:
         """After the first forward: name the weights of functional ops that WRPN's uniform<k> mostly rounds to 0
         (convert names the swapped layers' before)."""
-        shares = {}
-        for name, param, rounding in self.clip_weights(root):
-            share = float((rounding(param.detach()) == 0).float().mean())
-            if share > ZERO_WEIGHT_WARNING:
-                shares[name] = share
-        if shares:
-            listed = ", ".join(f"{n} {100 * z:.0f}%" for n, z in shares.items())
-            warnings.warn(
-                f"lowprec: WRPN's uniform<k> weights clip to [-1, 1] in steps of 1/(2**(k-1)-1); these weights of "
-                f"functional ops (the first forward showed them) are far smaller and mostly round to 0, so no signal "
-                f"flows through them: {listed}. Fix: lowprec.nn.fill_clip_range(model) now (scales each weight to "
-                "reach +-1: a change of initialisation, for training from scratch), or fill_clip_range=on in the "
-                "policy before the first forward (the wrpn presets' default)", UserWarning, stacklevel=3)
+        shares = {name: float((rounding(param.detach()) == 0).float().mean())
+                  for name, param, rounding in self.clip_weights(root)}
+        warn_zero_weights(
+            shares, "lowprec", "weights of functional ops (the first forward showed them)",
+            "lowprec.nn.fill_clip_range(model) now (scales each weight to reach +-1: a change of initialisation, for "
+            "training from scratch), or fill_clip_range=on in the policy before the first forward (the wrpn presets' "
+            "default)", stacklevel=3)
 
 
 def _signed_clip(quantizer: Quantizer) -> bool:
