@@ -246,17 +246,13 @@ def _byte_codes(width: int, signed: bool) -> Tensor:
     return _decode(torch.arange(256, dtype=torch.uint8), width, signed, 256 * (8 // width)).view(256, -1)
 
 
-#: The integer dtype of each element size: a float table is gathered as integers of its width (numpy has no
-#: bfloat16), the same bits.
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _lookup(table: Tensor, stored: Tensor) -> Tensor:
     """Row ``b`` of ``table`` (256 rows, one per byte value) for each byte ``b`` of ``stored``, flat: sub-byte
     codes unpacked to their values in one gather a byte (numpy's take). The values are the table's, computed by
     the same arithmetic as value-by-value unpacking: the same bits, measured 3.7x faster on a CPU than
-    separating the lanes, casting and scaling (737k 4-bit codes)."""
-    ints = table.view(_INT_OF_SIZE[table.element_size()]).numpy()
+    separating the lanes, casting and scaling (737k 4-bit codes). The table is gathered as integers of its
+    width (numpy has no bfloat16): the same bits."""
+    ints = table.view(_int_dtype(8 * table.element_size())).numpy()
     return torch.from_numpy(np.take(ints, stored.numpy(), axis=0)).view(table.dtype).reshape(-1)
 
 

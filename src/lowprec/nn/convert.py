@@ -168,8 +168,6 @@ def _convert_emulated(model: nn.Module, policy: Policy) -> None:
         remove_packing(model)
 
 
-
-
 def _wrpn_checks(model: nn.Module, policy: Policy, plan: list[tuple[str, nn.Module, type[QuantizedModule]]]) -> None:
     """WRPN's clip formats: fill the weights' clip range when the policy says so, else warn about layers whose
     weights mostly round to 0; warn about recurrent layers whose unsigned activation clip meets signed values."""

@@ -64,7 +64,7 @@ from .hooks import remove_forward_hooks, remove_state_dict_hooks
 from .layers import QuantizedModule
 from .opfunction import GRAD_ROLE, OpCall, run_op
 from .ops import FACTOR_AXES, OPENED, STATEFUL_OPS, Invocation, bind, is_parameter
-from .roles import clips_negatives
+from .roles import clips_negatives, clips_signed
 from .records import OperandRecord, OpRecord
 from .resolve import Resolution
 from .swapped import layer_operands
@@ -343,7 +343,7 @@ class OpEmulation:
         for name, uses in (self.rounded_parameters or {}).items():
             for key, role, _, axis in uses:
                 quantizer = self.quantizer_sets[key][role]
-                if role == "weight" and _signed_clip(quantizer):
+                if role == "weight" and clips_signed(quantizer):
                     yield name, model.get_parameter(name), functools.partial(quantizer.round, axis=axis)
                     break
 
@@ -553,7 +553,6 @@ class OpEmulation:
                 "lowprec: these parameters reach no quantized op and run unquantized, in fp32: "
                 f"{', '.join(fresh)} (lp.plan shows every op and its formats)", UserWarning, stacklevel=3)
 
-
     @torch.no_grad()
     def _warn_zero_clip_weights(self, root: nn.Module) -> None:
         """After the first forward: name the weights of functional ops that WRPN's uniform<k> mostly rounds to 0
@@ -567,17 +566,11 @@ class OpEmulation:
             "default)", stacklevel=3)
 
 
-def _signed_clip(quantizer: Quantizer) -> bool:
-    """Whether the quantizer rounds to WRPN's signed clip format (``uniform<k>``)."""
-    quant = quantizer.quant
-    return quant is not None and quant.format.clip_range is not None and quant.format.signed
-
-
 @torch.no_grad()
 def _fill_clip_range(inv: Invocation, quantizers: dict[str, Quantizer]) -> None:
     """Scale each Parameter this op rounds to WRPN's signed uniform<k> as its weight (the whole parameter, of which
     the operand may be a view) so that its largest magnitude is 1 (``lowprec.nn.fill_clip_range``)."""
-    if not _signed_clip(quantizers["weight"]):
+    if not clips_signed(quantizers["weight"]):
         return
     for t, role in zip(inv.tensors, inv.roles):
         if role == "weight" and is_parameter(t):

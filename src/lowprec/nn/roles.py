@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..policy import Quantizer
 
-__all__ = ["IDENTITY", "Accumulator", "clip_mask", "clips_negatives", "quantize_roles", "straight_through"]
+__all__ = ["IDENTITY", "Accumulator", "clip_mask", "clips_negatives", "clips_signed", "quantize_roles", "straight_through"]
 
 #: A quantizer for a role that is not quantized.
 IDENTITY = Quantizer(None)
@@ -41,6 +41,12 @@ def clips_negatives(quantizer: Quantizer) -> bool:
     becomes 0."""
     quant = quantizer.quant
     return quant is not None and quant.format.clip_range is not None and not quant.format.signed
+
+
+def clips_signed(quantizer: Quantizer) -> bool:
+    """Whether the quantizer is WRPN's signed clip format (``uniform<k>``): the weights' clip to [-1, 1]."""
+    quant = quantizer.quant
+    return quant is not None and quant.format.clip_range is not None and quant.format.signed
 
 
 def quantize_roles(

@@ -30,6 +30,7 @@ from torch import nn
 
 from .emulate import emulation_of
 from .layers import QuantizedModule
+from .roles import clips_signed
 
 __all__ = ["widen", "fill_clip_range", "zero_weight_shares"]
 
@@ -149,8 +150,7 @@ def _clip_weights(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Callabl
         if not isinstance(module, QuantizedModule):
             continue
         quantizer = module.quantizers["weight"]
-        quant = quantizer.quant
-        if quant is not None and quant.format.clip_range is not None and quant.format.signed:
+        if clips_signed(quantizer):
             for pname, role in module.parameter_roles().items():
                 if role == "weight":
                     yield name, getattr(module, pname), quantizer.round

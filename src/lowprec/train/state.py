@@ -61,6 +61,11 @@ class _Bound:
     state_format: Format | None
     policy: Policy
 
+    @classmethod
+    def of(cls, slot: ParamSlot) -> _Bound:
+        return cls(slot.holder, slot.param, None if slot.state_quant is None else slot.state_quant.format,
+                   slot.policy)
+
 
 def _is_buffer(name: str, value: Any, param: Tensor) -> bool:
     """A floating-point state tensor of ``param`` with values per element (momentum, moments, Rprop's step
@@ -146,9 +151,7 @@ class OptimizerStateFormats:
         """Record on ``optimizer`` what each slot's parameter is to it (the tensor it holds, the state format, the
         policy): its load hook packs loaded state from this record, and a later Trainer over the same optimizer
         finds the master copies an earlier one pointed it at. The last Trainer bound is the one recorded."""
-        setattr(optimizer, _BOUND, tuple(
-            _Bound(s.holder, s.param, None if s.state_quant is None else s.state_quant.format, s.policy)
-            for s in slots))
+        setattr(optimizer, _BOUND, tuple(_Bound.of(s) for s in slots))
 
     def _quantizer(self, slot: ParamSlot, buffer: str) -> Quantizer:
         key = f"{slot.name}:{buffer}"
@@ -212,7 +215,7 @@ class OptimizerStateFormats:
     def repack_(self, optimizer: torch.optim.Optimizer) -> None:
         """Pack the float buffers of the slots (state just loaded from a checkpoint): each in its
         optimizer_state format where all its values lie on the grid (``stored.repack``)."""
-        _repack(optimizer, [_Bound(s.holder, s.param, s.state_quant.format, s.policy) for s in self._slots])
+        _repack(optimizer, [_Bound.of(s) for s in self._slots])
 
     def nbytes(self, optimizer: torch.optim.Optimizer) -> int:
         """Bytes the slots' buffers hold now (packed, or float tensors)."""
