@@ -12,16 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowprec as lp
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.norm, self.qkv, self.head = nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 96), nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(self.norm(self.embed(x))).chunk(3, dim=-1)
-        return self.head((torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v).mean(1))
+from tiny_attention import TinyAttention
 
 
 def _batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +22,7 @@ def _batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(recipe: str, with_optimizer: bool):
     torch.manual_seed(0)
-    model = Net()
+    model = TinyAttention(32)
     if with_optimizer:
         lp.convert(model, recipe, inplace=True)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -14,16 +14,7 @@ from torch import nn
 import lowprec as lp
 from lowprec.nn import emulation_of
 from lowprec.train import distributed
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.norm, self.qkv, self.head = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 48), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(self.norm(self.embed(x))).chunk(3, dim=-1)
-        return self.head(F.scaled_dot_product_attention(q, k, v).mean(1))
+from tiny_attention import TinyAttention
 
 
 def _other_rank(t: torch.Tensor) -> torch.Tensor:
@@ -38,7 +29,7 @@ def _other_rank(t: torch.Tensor) -> torch.Tensor:
 
 def _trained(recipe: str) -> nn.Module:
     torch.manual_seed(0)
-    model = lp.convert(Block(), recipe)
+    model = lp.convert(TinyAttention(16, fused=True), recipe)
     trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe)  # before the first forward
     x, y = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
     trainer.step(F.cross_entropy(model(x), y))

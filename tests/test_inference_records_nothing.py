@@ -11,18 +11,7 @@ from torch import nn
 
 import lowprec as lp
 from lowprec.train.evaluating import evaluating
-
-
-class Net(nn.Module):
-    """Swapped layers (Linear) and op-level ops (layer_norm, the products of a hand-written attention)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.norm, self.qkv, self.head = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 48), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(self.norm(self.embed(x))).chunk(3, dim=-1)
-        return self.head((torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v).mean(1))
+from tiny_attention import TinyAttention
 
 
 def _state(model: nn.Module) -> dict:
@@ -39,7 +28,7 @@ def _state(model: nn.Module) -> dict:
 
 def _train(recipe: str, evaluate: bool, steps: int = 6):
     torch.manual_seed(0)
-    model = lp.convert(Net(), recipe)
+    model = lp.convert(TinyAttention(16), recipe)
     trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), recipe)
     g, test = torch.Generator().manual_seed(1), torch.randn(32, 6, 8, generator=torch.Generator().manual_seed(2))
     if evaluate:  # before the first step too: an init_int_bits=auto exponent starts at the first training batch
@@ -75,7 +64,7 @@ def _batches(model: nn.Module) -> int:
 ])
 def test_only_an_inference_forward_records_nothing(training, grad, records):
     torch.manual_seed(0)
-    model = lp.convert(Net(), "dfx-10-12")
+    model = lp.convert(TinyAttention(16), "dfx-10-12")
     model.train(training)
     x = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(grad):
@@ -91,7 +80,7 @@ def test_only_an_inference_forward_records_nothing(training, grad, records):
 def test_calibration_records_in_inference_too():
     """``lp.nn.calibrating`` (observe only) measures the exponents also under eval mode and no_grad."""
     torch.manual_seed(0)
-    model = lp.convert(Net(), "dfx-10-12").eval()
+    model = lp.convert(TinyAttention(16), "dfx-10-12").eval()
     with torch.no_grad(), lp.nn.calibrating(model):
         model(torch.randn(4, 6, 8))
     assert _batches(model) > 20
@@ -104,7 +93,7 @@ def test_a_converted_model_runs_under_inference_mode_as_under_no_grad(recipe):
     backward store a rounded tensor packed reads the version counter, which inference tensors lack). The
     outputs are those under ``torch.no_grad()`` bit for bit, and the model trains on afterwards."""
     torch.manual_seed(0)
-    model = lp.convert(Net(), recipe)
+    model = lp.convert(TinyAttention(16), recipe)
     trainer = lp.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), recipe)
     x, y = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
     trainer.step(F.cross_entropy(model(x), y))
